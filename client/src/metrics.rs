@@ -1,0 +1,208 @@
+//! Leave-one-out ranking metrics, computed where the data is: on the device.
+//!
+//! A device that holds out one purchase ranks it against the catalogue and
+//! reports only [`EvalCounts`]: how many hits in the top 10 and the NDCG sum.
+
+use rand::{Rng, RngExt};
+
+/// The cut-off of every metric here: HR@10, NDCG@10, coverage@10.
+pub const K: usize = 10;
+
+/// Number of candidates in the sampled protocol: the held-out item and 99
+/// sampled items the user never interacted with.
+pub const SAMPLED_CANDIDATES: usize = 100;
+
+/// Sums of leave-one-out metrics over users; divide by `users` for means.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvalCounts {
+    /// Users (devices) with a held-out item that were evaluated.
+    pub users: u64,
+    /// Hits at 10 under full ranking.
+    pub hits_full: f64,
+    /// Sum of NDCG@10 under full ranking.
+    pub ndcg_full: f64,
+    /// Hits at 10 among 100 sampled candidates.
+    pub hits_sampled: f64,
+    /// Sum of NDCG@10 among 100 sampled candidates.
+    pub ndcg_sampled: f64,
+}
+
+impl EvalCounts {
+    /// Adds another set of counts.
+    pub fn add(&mut self, other: &EvalCounts) {
+        self.users += other.users;
+        self.hits_full += other.hits_full;
+        self.ndcg_full += other.ndcg_full;
+        self.hits_sampled += other.hits_sampled;
+        self.ndcg_sampled += other.ndcg_sampled;
+    }
+
+    /// Mean HR@10 under full ranking (0 when no user was evaluated).
+    pub fn hr_full(&self) -> f64 {
+        self.mean(self.hits_full)
+    }
+    /// Mean NDCG@10 under full ranking.
+    pub fn ndcg_full_mean(&self) -> f64 {
+        self.mean(self.ndcg_full)
+    }
+    /// Mean HR@10 among 100 sampled candidates.
+    pub fn hr_sampled(&self) -> f64 {
+        self.mean(self.hits_sampled)
+    }
+    /// Mean NDCG@10 among 100 sampled candidates.
+    pub fn ndcg_sampled_mean(&self) -> f64 {
+        self.mean(self.ndcg_sampled)
+    }
+
+    fn mean(&self, sum: f64) -> f64 {
+        if self.users == 0 { 0.0 } else { sum / self.users as f64 }
+    }
+}
+
+/// HR@k of one user given the 0-based rank of the held-out item.
+pub fn hit_at(rank: usize, k: usize) -> f64 {
+    if rank < k { 1.0 } else { 0.0 }
+}
+
+/// NDCG@k of one user with one relevant item at 0-based `rank`:
+/// `1 / log2(rank + 2)` inside the cut-off, 0 outside.
+pub fn ndcg_at(rank: usize, k: usize) -> f64 {
+    if rank < k {
+        1.0 / ((rank + 2) as f64).log2()
+    } else {
+        0.0
+    }
+}
+
+/// Whether candidate `j` ranks before `target` (higher score; equal scores
+/// broken by the smaller index, so ties are deterministic).
+fn ahead(scores: &[f32], j: usize, target: usize) -> bool {
+    scores[j] > scores[target] || (scores[j] == scores[target] && j < target)
+}
+
+/// 0-based rank of `target` among all items except those in `train` (sorted);
+/// the target itself always competes, even when it is also in `train`
+/// (a repeat purchase).
+pub fn full_rank(scores: &[f32], train: &[u32], target: u32) -> usize {
+    let t = target as usize;
+    (0..scores.len())
+        .filter(|&j| j != t && train.binary_search(&(j as u32)).is_err())
+        .filter(|&j| ahead(scores, j, t))
+        .count()
+}
+
+/// 0-based rank of `target` among itself and up to 99 distinct items sampled
+/// uniformly from those the user never interacted with.
+pub fn sampled_rank(scores: &[f32], train: &[u32], target: u32, rng: &mut dyn Rng) -> usize {
+    let n = scores.len();
+    let t = target as usize;
+    let eligible = (0..n)
+        .filter(|&j| j != t && train.binary_search(&(j as u32)).is_err())
+        .count();
+    let want = (SAMPLED_CANDIDATES - 1).min(eligible);
+    let mut chosen: Vec<usize> = Vec::with_capacity(want);
+    if want * 2 >= eligible {
+        // Dense case: take a uniform subset by a partial shuffle of the eligible items.
+        let mut pool: Vec<usize> = (0..n)
+            .filter(|&j| j != t && train.binary_search(&(j as u32)).is_err())
+            .collect();
+        for i in 0..want {
+            let r = rng.random_range(i..pool.len());
+            pool.swap(i, r);
+        }
+        chosen.extend_from_slice(&pool[..want]);
+    } else {
+        while chosen.len() < want {
+            let j = rng.random_range(0..n);
+            if j != t && train.binary_search(&(j as u32)).is_err() && !chosen.contains(&j) {
+                chosen.push(j);
+            }
+        }
+    }
+    chosen.iter().filter(|&&j| ahead(scores, j, t)).count()
+}
+
+/// Evaluates one user: ranks the held-out `target` fully and among sampled
+/// candidates.
+pub fn evaluate_user(scores: &[f32], train: &[u32], target: u32, rng: &mut dyn Rng) -> EvalCounts {
+    let full = full_rank(scores, train, target);
+    let sampled = sampled_rank(scores, train, target, rng);
+    EvalCounts {
+        users: 1,
+        hits_full: hit_at(full, K),
+        ndcg_full: ndcg_at(full, K),
+        hits_sampled: hit_at(sampled, K),
+        ndcg_sampled: ndcg_at(sampled, K),
+    }
+}
+
+/// The `k` best-scoring items not in `exclude` (sorted), best first; ties
+/// broken by the smaller index.
+pub fn top_k(scores: &[f32], exclude: &[u32], k: usize) -> Vec<u32> {
+    let mut cands: Vec<u32> = (0..scores.len() as u32)
+        .filter(|j| exclude.binary_search(j).is_err())
+        .collect();
+    let better = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
+    if cands.len() > k {
+        cands.select_nth_unstable_by(k, better);
+        cands.truncate(k);
+    }
+    cands.sort_unstable_by(better);
+    cands
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn hand_computed_metrics() {
+        assert_eq!(hit_at(0, 10), 1.0);
+        assert_eq!(hit_at(9, 10), 1.0);
+        assert_eq!(hit_at(10, 10), 0.0);
+        assert_eq!(ndcg_at(0, 10), 1.0);
+        assert!((ndcg_at(1, 10) - 1.0 / 3f64.log2()).abs() < 1e-12);
+        assert!((ndcg_at(2, 10) - 0.5).abs() < 1e-12);
+        assert_eq!(ndcg_at(10, 10), 0.0);
+    }
+
+    #[test]
+    fn full_rank_excludes_training_items_but_not_the_target() {
+        // scores: item 0 best, then 1, 2, 3, 4
+        let scores = [5.0, 4.0, 3.0, 2.0, 1.0];
+        assert_eq!(full_rank(&scores, &[], 3), 3);
+        assert_eq!(full_rank(&scores, &[0, 1], 3), 1);
+        // repeat purchase: target 1 is also in train and still ranked
+        assert_eq!(full_rank(&scores, &[0, 1], 1), 0);
+        // ties broken by index
+        assert_eq!(full_rank(&[1.0, 1.0, 1.0], &[], 1), 1);
+    }
+
+    #[test]
+    fn sampled_rank_uses_at_most_99_unseen_items() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        // 1000 items, target has the 6th best score overall; items 0..5 are better.
+        let scores: Vec<f32> = (0..1000).map(|i| -(i as f32)).collect();
+        let r = sampled_rank(&scores, &[0, 1, 2, 3, 4], 5, &mut rng);
+        assert_eq!(r, 0, "all better items are in train, so none can be sampled");
+        let r = sampled_rank(&scores, &[], 999, &mut rng);
+        assert_eq!(r, 99, "worst item ranks behind all 99 sampled");
+        // tiny catalogue: fewer candidates than 99
+        let r = sampled_rank(&[3.0, 2.0, 1.0], &[], 2, &mut rng);
+        assert_eq!(r, 2);
+    }
+
+    #[test]
+    fn top_k_orders_and_excludes() {
+        let scores = [0.1, 0.9, 0.5, 0.9, 0.0];
+        assert_eq!(top_k(&scores, &[], 3), vec![1, 3, 2]);
+        assert_eq!(top_k(&scores, &[1], 2), vec![3, 2]);
+        assert_eq!(top_k(&scores, &[], 10).len(), 5);
+    }
+}

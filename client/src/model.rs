@@ -1,0 +1,310 @@
+//! The recommendation model: what is global, what stays private, how it learns.
+//!
+//! [`MatrixFactorization`] is the model of DESIGN.md: global item embeddings
+//! `Q` (items × k) and item biases `b`, and a private user embedding `p_u`
+//! that never leaves the device. It is used through the [`Model`] trait so that
+//! a second model can be added without touching the coordinator, which only
+//! sees a [`Layout`] and a flat vector of global parameters.
+
+use fedrec_proto::Layout;
+use rand::seq::SliceRandom;
+use rand::{Rng, RngExt};
+use rand_distr::{Distribution, Normal};
+
+use crate::error::ClientError;
+
+/// Hyperparameters of one local training task, validated.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingConfig {
+    /// Passes over the device's own purchases per round.
+    pub local_epochs: u32,
+    /// SGD learning rate.
+    pub learning_rate: f32,
+    /// L2 regularization of the parameters a step touches.
+    pub regularization: f32,
+    /// Sampled negatives (items not bought) per purchase.
+    pub negatives: u32,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            local_epochs: 5,
+            learning_rate: 0.05,
+            regularization: 0.01,
+            negatives: 1,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// Checks every field; the error names the field and the value.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        let bad = |what: String| Err(ClientError::InvalidConfig(what));
+        if self.local_epochs == 0 || self.local_epochs > 1000 {
+            return bad(format!("local_epochs must be in 1..=1000, got {}", self.local_epochs));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 10.0) {
+            return bad(format!("learning_rate must be in (0, 10], got {}", self.learning_rate));
+        }
+        if !(self.regularization >= 0.0 && self.regularization <= 10.0) {
+            return bad(format!("regularization must be in [0, 10], got {}", self.regularization));
+        }
+        if self.negatives == 0 || self.negatives > 1000 {
+            return bad(format!("negatives must be in 1..=1000, got {}", self.negatives));
+        }
+        Ok(())
+    }
+}
+
+/// A recommendation model split into global and private parameters.
+///
+/// Global parameters are a flat `f32` vector laid out as [`Model::layout`];
+/// the private state is a flat vector that never leaves the device.
+pub trait Model: Send + Sync + std::fmt::Debug {
+    /// Number of items in the catalogue.
+    fn items(&self) -> usize;
+    /// Names and shapes of the global parameters.
+    fn layout(&self) -> Layout;
+    /// Fresh global parameters (seeded).
+    fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32>;
+    /// Fresh private state for a new device (seeded).
+    fn init_private(&self, rng: &mut dyn Rng) -> Vec<f32>;
+    /// Fits the private state to `history` (sorted distinct item indices) with
+    /// the global parameters held fixed.
+    fn personalize(
+        &self,
+        global: &[f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        rng: &mut dyn Rng,
+    );
+    /// Trains on `history`, moving `params` (global parameters) and `private`
+    /// in place. The centralized baseline calls this on shared parameters.
+    fn train_in_place(
+        &self,
+        params: &mut [f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        rng: &mut dyn Rng,
+    );
+    /// Trains on `history` starting from `global`; updates `private` in place
+    /// and returns the dense change to the global parameters.
+    fn train(
+        &self,
+        global: &[f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        rng: &mut dyn Rng,
+    ) -> Vec<f32> {
+        let mut local = global.to_vec();
+        self.train_in_place(&mut local, private, history, cfg, rng);
+        for (l, g) in local.iter_mut().zip(global) {
+            *l -= g;
+        }
+        local
+    }
+    /// Scores every item for the user into `out` (resized to `items()`).
+    fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>);
+}
+
+/// Matrix factorization on implicit feedback, trained with BPR
+/// (Rendle et al. 2009) over sampled negatives.
+///
+/// Score of item `i` for user `u`: `p_u · q_i + b_i`.
+#[derive(Clone, Debug)]
+pub struct MatrixFactorization {
+    items: usize,
+    factors: usize,
+    init_std: f32,
+}
+
+/// Default number of latent factors.
+pub const DEFAULT_FACTORS: usize = 32;
+/// Default standard deviation of the initial embeddings.
+pub const DEFAULT_INIT_STD: f32 = 0.1;
+
+impl MatrixFactorization {
+    /// A model over `items` items with `factors` latent factors.
+    pub fn new(items: usize, factors: usize, init_std: f32) -> Result<Self, ClientError> {
+        if items == 0 {
+            return Err(ClientError::InvalidConfig("items must be >= 1, got 0".into()));
+        }
+        if factors == 0 || factors > 1024 {
+            return Err(ClientError::InvalidConfig(format!(
+                "factors must be in 1..=1024, got {factors}"
+            )));
+        }
+        if !(init_std > 0.0 && init_std.is_finite()) {
+            return Err(ClientError::InvalidConfig(format!(
+                "init_std must be > 0, got {init_std}"
+            )));
+        }
+        Ok(Self { items, factors, init_std })
+    }
+
+    /// Number of latent factors.
+    pub fn factors(&self) -> usize {
+        self.factors
+    }
+
+    /// Number of global values: `items × factors` embeddings, then `items` biases.
+    pub fn num_values(&self) -> usize {
+        self.items * (self.factors + 1)
+    }
+
+    /// The embedding of `item` within the global parameters.
+    pub fn item_embedding<'a>(&self, global: &'a [f32], item: u32) -> &'a [f32] {
+        let k = self.factors;
+        &global[item as usize * k..(item as usize + 1) * k]
+    }
+
+    fn bias_offset(&self) -> usize {
+        self.items * self.factors
+    }
+
+    fn normal(&self, rng: &mut dyn Rng, n: usize) -> Vec<f32> {
+        // A valid std was checked in `new`, so Normal::new cannot fail.
+        let normal = Normal::new(0.0, self.init_std).expect("init_std validated in new");
+        (0..n).map(|_| normal.sample(rng)).collect()
+    }
+
+    /// Samples an item not in `history` (sorted), or any item if the user has
+    /// bought everything.
+    fn negative(&self, history: &[u32], rng: &mut dyn Rng) -> u32 {
+        for _ in 0..64 {
+            let j = rng.random_range(0..self.items as u32);
+            if history.binary_search(&j).is_err() {
+                return j;
+            }
+        }
+        rng.random_range(0..self.items as u32)
+    }
+
+    /// One pass of BPR over `history`. `params` holds the (local copy of the)
+    /// global parameters; when `update_global` is false only `p` moves.
+    fn bpr_epoch(
+        &self,
+        params: &mut [f32],
+        p: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        update_global: bool,
+        rng: &mut dyn Rng,
+    ) {
+        let k = self.factors;
+        let bias = self.bias_offset();
+        let (lr, reg) = (cfg.learning_rate, cfg.regularization);
+        let mut order: Vec<u32> = history.to_vec();
+        order.shuffle(rng);
+        let mut grad_p = vec![0.0_f32; k];
+        for &i in &order {
+            for _ in 0..cfg.negatives {
+                let j = self.negative(history, rng);
+                if j == i {
+                    continue;
+                }
+                let (i, j) = (i as usize, j as usize);
+                let qi = &params[i * k..(i + 1) * k];
+                let qj = &params[j * k..(j + 1) * k];
+                let x = dot(p, qi) - dot(p, qj) + params[bias + i] - params[bias + j];
+                let g = sigmoid(-x);
+                for f in 0..k {
+                    grad_p[f] = g * (qi[f] - qj[f]) - reg * p[f];
+                }
+                if update_global {
+                    for f in 0..k {
+                        let pf = p[f];
+                        params[i * k + f] += lr * (g * pf - reg * params[i * k + f]);
+                        params[j * k + f] += lr * (-g * pf - reg * params[j * k + f]);
+                    }
+                    params[bias + i] += lr * (g - reg * params[bias + i]);
+                    params[bias + j] += lr * (-g - reg * params[bias + j]);
+                }
+                for f in 0..k {
+                    p[f] += lr * grad_p[f];
+                }
+            }
+        }
+    }
+}
+
+impl Model for MatrixFactorization {
+    fn items(&self) -> usize {
+        self.items
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::new(vec![
+            (
+                "item_factors".into(),
+                vec![self.items as u64, self.factors as u64],
+            ),
+            ("item_bias".into(), vec![self.items as u64]),
+        ])
+    }
+
+    fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32> {
+        let mut v = self.normal(rng, self.items * self.factors);
+        v.resize(self.num_values(), 0.0);
+        v
+    }
+
+    fn init_private(&self, rng: &mut dyn Rng) -> Vec<f32> {
+        self.normal(rng, self.factors)
+    }
+
+    fn personalize(
+        &self,
+        global: &[f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        rng: &mut dyn Rng,
+    ) {
+        if history.is_empty() {
+            return;
+        }
+        // Only `p` moves, so the global parameters are read in place.
+        let mut params = global.to_vec();
+        for _ in 0..cfg.local_epochs {
+            self.bpr_epoch(&mut params, private, history, cfg, false, rng);
+        }
+    }
+
+    fn train_in_place(
+        &self,
+        params: &mut [f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        rng: &mut dyn Rng,
+    ) {
+        for _ in 0..cfg.local_epochs {
+            self.bpr_epoch(params, private, history, cfg, true, rng);
+        }
+    }
+
+    fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
+        let k = self.factors;
+        let bias = self.bias_offset();
+        out.clear();
+        out.extend(
+            global[..bias]
+                .chunks_exact(k)
+                .zip(&global[bias..])
+                .map(|(q, b)| dot(private, q) + b),
+        );
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}

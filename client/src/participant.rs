@@ -1,0 +1,354 @@
+//! The gRPC participant: takes a [`Device`] through rounds with a coordinator.
+//!
+//! The participant only moves bytes. It joins (receiving a pseudonym), checks
+//! in, downloads the global model, lets the device train or evaluate, and
+//! uploads what the device produced. Every message it sends is logged in a
+//! [`SentLog`] (kind, round, bytes), so an app can show what left the device.
+
+use std::time::Duration;
+
+use fedrec_proto::pb::coordinator_client::CoordinatorClient;
+use fedrec_proto::{Layout, PROTOCOL_VERSION, pb, tensor};
+use prost::Message;
+use tonic::transport::Channel;
+
+use crate::device::Device;
+use crate::error::ClientError;
+use crate::metrics::EvalCounts;
+use crate::model::TrainingConfig;
+
+/// One message that left the device.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SentMessage {
+    /// The message kind, e.g. `"UpdateChunk"`.
+    pub kind: &'static str,
+    /// The round it belonged to (0 outside rounds).
+    pub round: u32,
+    /// Its size, protobuf-encoded, in bytes.
+    pub bytes: usize,
+}
+
+/// A hook that sees the encoded bytes of every message the device sends.
+pub type Recorder = Box<dyn FnMut(&'static str, &[u8]) + Send>;
+
+/// What left the device: every message, by kind, round and size.
+#[derive(Default)]
+pub struct SentLog {
+    messages: Vec<SentMessage>,
+    recorder: Option<Recorder>,
+}
+
+impl std::fmt::Debug for SentLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentLog")
+            .field("messages", &self.messages.len())
+            .finish()
+    }
+}
+
+impl SentLog {
+    fn log<M: Message>(&mut self, kind: &'static str, round: u32, msg: &M) {
+        self.messages.push(SentMessage {
+            kind,
+            round,
+            bytes: msg.encoded_len(),
+        });
+        if let Some(rec) = self.recorder.as_mut() {
+            rec(kind, &msg.encode_to_vec());
+        }
+    }
+
+    /// Every message sent so far.
+    pub fn messages(&self) -> &[SentMessage] {
+        &self.messages
+    }
+
+    /// Total bytes sent.
+    pub fn total_bytes(&self) -> usize {
+        self.messages.iter().map(|m| m.bytes).sum()
+    }
+}
+
+/// What a participant did until the coordinator said it had finished.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ParticipationSummary {
+    /// Training tasks completed and accepted.
+    pub trained: u32,
+    /// Evaluation tasks completed and accepted.
+    pub evaluated: u32,
+    /// Submissions the coordinator refused (e.g. the round had closed).
+    pub refused: u32,
+    /// Why the coordinator finished.
+    pub finished_reason: String,
+}
+
+/// A device's connection to a coordinator.
+pub struct Participant {
+    client: CoordinatorClient<Channel>,
+    pseudonym: String,
+    chunk_bytes: usize,
+    cached: Option<(u64, Vec<f32>)>,
+    sent: SentLog,
+}
+
+impl std::fmt::Debug for Participant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Participant")
+            .field("pseudonym", &self.pseudonym)
+            .finish()
+    }
+}
+
+fn rpc(request: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
+    move |status| ClientError::Rpc { request, status }
+}
+
+impl Participant {
+    /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`) and joins.
+    pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
+        let channel = Channel::from_shared(endpoint.to_string())
+            .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+        Self::join(channel, None).await
+    }
+
+    /// Joins over an existing channel. `recorder`, if given, sees the encoded
+    /// bytes of every message sent (for audits and tests).
+    pub async fn join(channel: Channel, recorder: Option<Recorder>) -> Result<Self, ClientError> {
+        let mut client = CoordinatorClient::new(channel);
+        let mut sent = SentLog {
+            messages: Vec::new(),
+            recorder,
+        };
+        let req = pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+        };
+        sent.log("JoinRequest", 0, &req);
+        let resp = client.join(req).await.map_err(rpc("Join"))?.into_inner();
+        Ok(Self {
+            client,
+            pseudonym: resp.pseudonym,
+            chunk_bytes: fedrec_proto::DEFAULT_CHUNK_BYTES,
+            cached: None,
+            sent,
+        })
+    }
+
+    /// The pseudonym the coordinator gave this device.
+    pub fn pseudonym(&self) -> &str {
+        &self.pseudonym
+    }
+
+    /// What left the device so far.
+    pub fn sent(&self) -> &SentLog {
+        &self.sent
+    }
+
+    /// Takes part in rounds until the coordinator finishes. Training runs on a
+    /// blocking thread so that it does not stall the async runtime. Refused
+    /// submissions (a round that closed meanwhile) are counted, not fatal.
+    pub async fn run(&mut self, mut device: Device) -> Result<(Device, ParticipationSummary), ClientError> {
+        let mut summary = ParticipationSummary::default();
+        loop {
+            let req = pb::CheckInRequest {
+                pseudonym: self.pseudonym.clone(),
+            };
+            self.sent.log("CheckInRequest", 0, &req);
+            let resp = self
+                .client
+                .check_in(req)
+                .await
+                .map_err(rpc("CheckIn"))?
+                .into_inner();
+            let task = match resp.outcome {
+                Some(pb::check_in_response::Outcome::Task(task)) => task,
+                Some(pb::check_in_response::Outcome::Wait(w)) => {
+                    if w.retry_after_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(w.retry_after_ms.into())).await;
+                    }
+                    continue;
+                }
+                Some(pb::check_in_response::Outcome::Finished(f)) => {
+                    summary.finished_reason = f.reason;
+                    return Ok((device, summary));
+                }
+                None => return Err(ClientError::Protocol("check-in answer without outcome".into())),
+            };
+            let (back, accepted) = self.do_task(device, &task).await?;
+            device = back;
+            match (accepted, task.kind()) {
+                (false, _) => summary.refused += 1,
+                (true, pb::TaskKind::Evaluate) => summary.evaluated += 1,
+                (true, _) => summary.trained += 1,
+            }
+        }
+    }
+
+    async fn do_task(&mut self, device: Device, task: &pb::Task) -> Result<(Device, bool), ClientError> {
+        let cfg = training_config(task)?;
+        let global = self.download(&device, task).await?;
+        let kind = task.kind();
+        let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
+        let (device, outcome) = tokio::task::spawn_blocking(move || {
+            let mut device = device;
+            let outcome = match kind {
+                pb::TaskKind::Evaluate => device.evaluate(&global, &cfg).map(TaskOutcome::Evaluation),
+                _ => device.train(&global, &cfg, evaluate).map(TaskOutcome::Update),
+            };
+            (device, outcome)
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(format!("local training task failed: {e}")))?;
+        let result = match outcome? {
+            TaskOutcome::Evaluation(counts) => self.submit_evaluation(task, counts).await,
+            TaskOutcome::Update(update) => self.submit_update(task, update).await,
+        };
+        match result {
+            Ok(()) => Ok((device, true)),
+            Err(ClientError::Rpc { request, status }) if status.code() != tonic::Code::Unavailable => {
+                tracing::debug!(pseudonym = %self.pseudonym, round = task.round, request, code = ?status.code(), "submission refused");
+                Ok((device, false))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Downloads the task's model version, reusing the last one if unchanged.
+    async fn download(&mut self, device: &Device, task: &pb::Task) -> Result<Vec<f32>, ClientError> {
+        if let Some((version, values)) = &self.cached {
+            if *version == task.model_version {
+                return Ok(values.clone());
+            }
+        }
+        let req = pb::ModelRequest {
+            pseudonym: self.pseudonym.clone(),
+            round: task.round,
+            model_version: task.model_version,
+        };
+        self.sent.log("ModelRequest", task.round, &req);
+        let mut stream = self
+            .client
+            .download_model(req)
+            .await
+            .map_err(rpc("DownloadModel"))?
+            .into_inner();
+        let want = device.model().layout();
+        let n = want.num_values();
+        let mut values = vec![0.0_f32; n];
+        let mut received = 0usize;
+        while let Some(chunk) = stream.message().await.map_err(rpc("DownloadModel"))? {
+            if chunk.offset == 0 && !chunk.layout.is_empty() && Layout::from_pb(&chunk.layout) != want {
+                return Err(ClientError::ModelMismatch(format!(
+                    "coordinator's model layout {:?} differs from this device's {:?}",
+                    Layout::from_pb(&chunk.layout),
+                    want
+                )));
+            }
+            let start = chunk.offset as usize;
+            let len = chunk.values.len() / 4;
+            let end = start.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
+                ClientError::Protocol(format!("model chunk at {start} with {len} values overruns {n}"))
+            })?;
+            tensor::decode_into(&mut values[start..end], &chunk.values)
+                .map_err(|e| ClientError::Protocol(format!("model chunk: {e}")))?;
+            received += len;
+        }
+        if received != n {
+            return Err(ClientError::Protocol(format!(
+                "model download ended after {received} of {n} values"
+            )));
+        }
+        tensor::check_finite(&values).map_err(|e| ClientError::Protocol(format!("model: {e}")))?;
+        self.cached = Some((task.model_version, values.clone()));
+        Ok(values)
+    }
+
+    async fn submit_update(&mut self, task: &pb::Task, update: crate::device::LocalUpdate) -> Result<(), ClientError> {
+        let header = pb::UpdateHeader {
+            pseudonym: self.pseudonym.clone(),
+            round: task.round,
+            model_version: task.model_version,
+            num_examples: update.num_examples,
+            num_values: update.delta.len() as u64,
+            evaluation: update.evaluation.map(counts_to_pb),
+        };
+        let encoded = tensor::encode(&update.delta);
+        let mut chunks = vec![pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Header(header)),
+        }];
+        chunks.extend(tensor::chunks(&encoded, self.chunk_bytes).map(|(_, values)| pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Values(values)),
+        }));
+        for c in &chunks {
+            self.sent.log("UpdateChunk", task.round, c);
+        }
+        self.client
+            .submit_update(tokio_stream::iter(chunks))
+            .await
+            .map_err(rpc("SubmitUpdate"))?;
+        Ok(())
+    }
+
+    async fn submit_evaluation(&mut self, task: &pb::Task, counts: Option<EvalCounts>) -> Result<(), ClientError> {
+        let req = pb::EvaluationReport {
+            pseudonym: self.pseudonym.clone(),
+            round: task.round,
+            model_version: task.model_version,
+            counts: Some(counts_to_pb(counts.unwrap_or_default())),
+        };
+        self.sent.log("EvaluationReport", task.round, &req);
+        self.client
+            .submit_evaluation(req)
+            .await
+            .map_err(rpc("SubmitEvaluation"))?;
+        Ok(())
+    }
+}
+
+enum TaskOutcome {
+    Update(crate::device::LocalUpdate),
+    Evaluation(Option<EvalCounts>),
+}
+
+/// Converts evaluation counts to their wire form.
+pub fn counts_to_pb(c: EvalCounts) -> pb::EvaluationCounts {
+    pb::EvaluationCounts {
+        users: c.users,
+        hits_full: c.hits_full,
+        ndcg_full: c.ndcg_full,
+        hits_sampled: c.hits_sampled,
+        ndcg_sampled: c.ndcg_sampled,
+    }
+}
+
+/// Converts evaluation counts from their wire form.
+pub fn counts_from_pb(c: &pb::EvaluationCounts) -> EvalCounts {
+    EvalCounts {
+        users: c.users,
+        hits_full: c.hits_full,
+        ndcg_full: c.ndcg_full,
+        hits_sampled: c.hits_sampled,
+        ndcg_sampled: c.ndcg_sampled,
+    }
+}
+
+/// The task's training configuration, validated.
+fn training_config(task: &pb::Task) -> Result<TrainingConfig, ClientError> {
+    let t = task
+        .training
+        .as_ref()
+        .ok_or_else(|| ClientError::Protocol("task without training configuration".into()))?;
+    let cfg = TrainingConfig {
+        local_epochs: t.local_epochs,
+        learning_rate: t.learning_rate,
+        regularization: t.regularization,
+        negatives: t.negatives,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}

@@ -1,0 +1,267 @@
+//! Streaming aggregation: one running weighted sum per round, and summed
+//! evaluation counts.
+//!
+//! Memory does not grow with the cohort: an update is folded into the sum
+//! straight from its encoded bytes (the buffer the service received it in)
+//! and then dropped.
+//!
+//! The sum is kept in `f32`, the same type as the model and the wire, so that
+//! [`tensor::fold_into`] folds without conversion. The rounding error of a
+//! sequential `f32` sum of `n` terms is at most about `n · 6e-8` relative
+//! (typically `√n · 6e-8`): about `1e-4` for a thousand devices, far below the
+//! noise of the devices' local SGD steps. The total weight is exact (an
+//! integer count held in `u64`), and the division by it is done in `f64`.
+
+use serde::{Deserialize, Serialize};
+
+use fedrec_proto::tensor::{self, TensorError};
+
+use crate::CoordinatorError;
+
+/// A running weighted sum of dense updates.
+#[derive(Clone, Debug)]
+pub struct Aggregator {
+    sum: Vec<f32>,
+    total_weight: u64,
+    count: usize,
+}
+
+impl Aggregator {
+    /// An empty sum for updates of `num_values` values.
+    pub fn new(num_values: usize) -> Self {
+        Self {
+            sum: vec![0.0; num_values],
+            total_weight: 0,
+            count: 0,
+        }
+    }
+
+    /// Checks the encoded update and, only if every check passes, adds
+    /// `weight × update` to the sum. A rejected update leaves the sum untouched.
+    ///
+    /// Rejected: a byte length that is not a multiple of 4 or not 4 values per
+    /// parameter, a NaN or infinite value, a value that would make the sum
+    /// overflow, and a zero weight.
+    pub fn add(&mut self, bytes: &[u8], weight: u64) -> Result<(), CoordinatorError> {
+        if weight == 0 {
+            return Err(CoordinatorError::ZeroExamples);
+        }
+        if !bytes.len().is_multiple_of(4) {
+            return Err(TensorError::Misaligned(bytes.len()).into());
+        }
+        if bytes.len() / 4 != self.sum.len() {
+            return Err(TensorError::WrongLength {
+                expected: self.sum.len(),
+                got: bytes.len() / 4,
+            }
+            .into());
+        }
+        let total_weight = self
+            .total_weight
+            .checked_add(weight)
+            .ok_or_else(|| {
+                CoordinatorError::Malformed(format!(
+                    "num_examples {weight} overflows the round's total weight"
+                ))
+            })?;
+        let w = weight as f32;
+        // First pass, read-only: every value finite, and the sum stays finite
+        // (the same expression as `fold_into` computes, so the check is exact).
+        for (index, (s, b)) in self.sum.iter().zip(bytes.chunks_exact(4)).enumerate() {
+            let value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            if !value.is_finite() {
+                return Err(TensorError::NotFinite { index, value }.into());
+            }
+            if !(*s + w * value).is_finite() {
+                return Err(CoordinatorError::Overflow { index, value });
+            }
+        }
+        tensor::fold_into(&mut self.sum, bytes, w)?;
+        self.total_weight = total_weight;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Number of updates folded in.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Sum of the updates' weights.
+    pub fn total_weight(&self) -> u64 {
+        self.total_weight
+    }
+
+    /// The weighted mean of the updates, or `None` when there are none.
+    pub fn mean(&self) -> Option<Vec<f32>> {
+        if self.count == 0 {
+            return None;
+        }
+        let total = self.total_weight as f64;
+        Some(self.sum.iter().map(|s| (f64::from(*s) / total) as f32).collect())
+    }
+
+    /// Empties the sum for the next round, keeping its allocation.
+    pub fn reset(&mut self) {
+        self.sum.fill(0.0);
+        self.total_weight = 0;
+        self.count = 0;
+    }
+}
+
+/// Leave-one-out evaluation counts, summed over devices.
+///
+/// Each device reports counts for its own held-out purchase(s) only; the
+/// coordinator only ever sees these sums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalCounts {
+    /// Devices (users) with a held-out purchase that contributed.
+    pub users: u64,
+    /// Full ranking: hits in the top 10.
+    pub hits_full: f64,
+    /// Full ranking: sum of NDCG@10.
+    pub ndcg_full: f64,
+    /// Among 100 sampled candidates: hits in the top 10.
+    pub hits_sampled: f64,
+    /// Among 100 sampled candidates: sum of NDCG@10.
+    pub ndcg_sampled: f64,
+}
+
+impl EvalCounts {
+    /// Checks that every count is finite, non-negative and at most `users`
+    /// (a user contributes at most one hit and an NDCG of at most 1).
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let users = self.users as f64;
+        for (field, value) in [
+            ("hits_full", self.hits_full),
+            ("ndcg_full", self.ndcg_full),
+            ("hits_sampled", self.hits_sampled),
+            ("ndcg_sampled", self.ndcg_sampled),
+        ] {
+            if !(value.is_finite() && value >= 0.0 && value <= users) {
+                return Err(CoordinatorError::BadEvaluation {
+                    field,
+                    value,
+                    users: self.users,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds another device's (or round's) counts.
+    pub fn add(&mut self, other: &EvalCounts) {
+        self.users = self.users.saturating_add(other.users);
+        self.hits_full += other.hits_full;
+        self.ndcg_full += other.ndcg_full;
+        self.hits_sampled += other.hits_sampled;
+        self.ndcg_sampled += other.ndcg_sampled;
+    }
+
+    /// HR@10 under full ranking, when any user contributed.
+    pub fn hit_rate_full(&self) -> Option<f64> {
+        self.ratio(self.hits_full)
+    }
+
+    /// NDCG@10 under full ranking, when any user contributed.
+    pub fn ndcg_full_mean(&self) -> Option<f64> {
+        self.ratio(self.ndcg_full)
+    }
+
+    /// HR@10 among 100 sampled candidates, when any user contributed.
+    pub fn hit_rate_sampled(&self) -> Option<f64> {
+        self.ratio(self.hits_sampled)
+    }
+
+    /// NDCG@10 among 100 sampled candidates, when any user contributed.
+    pub fn ndcg_sampled_mean(&self) -> Option<f64> {
+        self.ratio(self.ndcg_sampled)
+    }
+
+    fn ratio(&self, value: f64) -> Option<f64> {
+        (self.users > 0).then(|| value / self.users as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedrec_proto::tensor::encode;
+
+    #[test]
+    fn weighted_mean() {
+        let mut agg = Aggregator::new(2);
+        assert_eq!(agg.mean(), None);
+        agg.add(&encode(&[1.0, 2.0]), 1).unwrap();
+        agg.add(&encode(&[-1.0, 0.5]), 3).unwrap();
+        assert_eq!(agg.count(), 2);
+        assert_eq!(agg.total_weight(), 4);
+        // (1·[1, 2] + 3·[-1, 0.5]) / 4 = [-0.5, 0.875]
+        assert_eq!(agg.mean().unwrap(), vec![-0.5, 0.875]);
+        agg.reset();
+        assert_eq!(agg.mean(), None);
+    }
+
+    #[test]
+    fn rejected_updates_leave_the_sum_untouched() {
+        let mut agg = Aggregator::new(2);
+        agg.add(&encode(&[1.0, 1.0]), 2).unwrap();
+        let cases: Vec<(Vec<u8>, u64, &str)> = vec![
+            (encode(&[1.0, 1.0]).to_vec(), 0, "zero_examples"),
+            (vec![0; 7], 1, "misaligned"),
+            (encode(&[1.0]).to_vec(), 1, "wrong_length"),
+            (encode(&[1.0, f32::NAN]).to_vec(), 1, "not_finite"),
+            (encode(&[f32::NEG_INFINITY, 1.0]).to_vec(), 1, "not_finite"),
+            (encode(&[1.0, f32::MAX]).to_vec(), 4, "overflow"),
+            (encode(&[1.0, 1.0]).to_vec(), u64::MAX, "malformed"),
+        ];
+        for (bytes, weight, reason) in cases {
+            let err = agg.add(&bytes, weight).unwrap_err();
+            assert_eq!(err.reason(), reason, "{err}");
+            assert_eq!(agg.count(), 1);
+            assert_eq!(agg.mean().unwrap(), vec![1.0, 1.0]);
+        }
+        agg.add(&encode(&[3.0, -1.0]), 2).unwrap();
+        assert_eq!(agg.mean().unwrap(), vec![2.0, 0.0]);
+    }
+
+    #[test]
+    fn eval_counts() {
+        let mut total = EvalCounts::default();
+        let one = EvalCounts {
+            users: 1,
+            hits_full: 1.0,
+            ndcg_full: 0.5,
+            hits_sampled: 1.0,
+            ndcg_sampled: 1.0,
+        };
+        one.validate().unwrap();
+        total.add(&one);
+        total.add(&EvalCounts {
+            users: 1,
+            ..EvalCounts::default()
+        });
+        assert_eq!(total.hit_rate_full(), Some(0.5));
+        assert_eq!(total.ndcg_full_mean(), Some(0.25));
+        assert_eq!(EvalCounts::default().hit_rate_full(), None);
+
+        let bad = EvalCounts {
+            users: 1,
+            ndcg_full: f64::NAN,
+            ..EvalCounts::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("ndcg_full"));
+        let bad = EvalCounts {
+            users: 1,
+            hits_sampled: -1.0,
+            ..EvalCounts::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().reason(), "bad_evaluation");
+        let bad = EvalCounts {
+            users: 0,
+            hits_full: 1.0,
+            ..EvalCounts::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

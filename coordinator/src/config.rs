@@ -1,0 +1,507 @@
+//! The coordinator's configuration, loaded from a TOML file.
+//!
+//! Every option has a default (a named constant below), so an empty file is a
+//! valid configuration. Unknown keys are rejected, so that a typo does not
+//! silently fall back to a default.
+//!
+//! ```
+//! use fedrec_coordinator::config::{CoordinatorConfig, StrategyName};
+//! let config = CoordinatorConfig::from_toml_str(
+//!     r#"
+//!     [rounds]
+//!     rounds = 20
+//!     clients_per_round = 50
+//!     over_selection = 1.3
+//!     seed = 7
+//!
+//!     [strategy]
+//!     name = "fedadam"
+//!     server_lr = 0.01
+//!     "#,
+//! )
+//! .unwrap();
+//! assert_eq!(config.rounds.clients_per_round, 50);
+//! assert_eq!(config.strategy.name, StrategyName::FedAdam);
+//! assert_eq!(config.training.local_epochs, 5); // a default
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::CoordinatorError;
+
+/// Default `server.listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default `server.long_poll_secs`.
+pub const DEFAULT_LONG_POLL_SECS: f64 = 10.0;
+/// Default `server.max_concurrent_uploads`.
+pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 16;
+
+/// Default `rounds.rounds` (0 = run forever).
+pub const DEFAULT_ROUNDS: u32 = 0;
+/// Default `rounds.clients_per_round`.
+pub const DEFAULT_CLIENTS_PER_ROUND: usize = 10;
+/// Default `rounds.over_selection`.
+pub const DEFAULT_OVER_SELECTION: f64 = 1.0;
+/// Default `rounds.min_updates`.
+pub const DEFAULT_MIN_UPDATES: usize = 1;
+/// Default `rounds.deadline_secs`.
+pub const DEFAULT_DEADLINE_SECS: f64 = 60.0;
+/// Default `rounds.checkin_window_secs`.
+pub const DEFAULT_CHECKIN_WINDOW_SECS: f64 = 30.0;
+/// Default `rounds.evaluate`.
+pub const DEFAULT_EVALUATE: bool = true;
+/// Default `rounds.final_evaluation`.
+pub const DEFAULT_FINAL_EVALUATION: bool = true;
+
+/// Default `training.local_epochs`.
+pub const DEFAULT_LOCAL_EPOCHS: u32 = 5;
+/// Default `training.learning_rate`.
+pub const DEFAULT_LEARNING_RATE: f32 = 0.05;
+/// Default `training.regularization`.
+pub const DEFAULT_REGULARIZATION: f32 = 0.01;
+/// Default `training.negatives`.
+pub const DEFAULT_NEGATIVES: u32 = 1;
+
+/// Default `strategy.server_lr`.
+pub const DEFAULT_SERVER_LR: f32 = 1.0;
+/// Default `strategy.momentum`.
+pub const DEFAULT_MOMENTUM: f32 = 0.9;
+/// Default `strategy.beta1`.
+pub const DEFAULT_BETA1: f32 = 0.9;
+/// Default `strategy.beta2`.
+pub const DEFAULT_BETA2: f32 = 0.99;
+/// Default `strategy.tau`.
+pub const DEFAULT_TAU: f32 = 1e-3;
+
+/// Default `model.factors`.
+pub const DEFAULT_FACTORS: usize = 32;
+/// Default `model.init_std`.
+pub const DEFAULT_INIT_STD: f32 = 0.1;
+/// Default `model.seed`.
+pub const DEFAULT_MODEL_SEED: u64 = 42;
+
+/// The whole configuration: one struct per TOML section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// `[server]`: network and resource limits.
+    pub server: ServerConfig,
+    /// `[rounds]`: how rounds are formed and ended.
+    pub rounds: RoundsConfig,
+    /// `[training]`: hyperparameters sent to devices with each task.
+    pub training: TrainingConfig,
+    /// `[strategy]`: the server optimizer.
+    pub strategy: StrategyConfig,
+    /// `[model]`: how the CLI builds the initial model (not used by the core).
+    pub model: ModelConfig,
+}
+
+/// `[server]`: network and resource limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on, `IP:port`. Default [`DEFAULT_LISTEN`].
+    pub listen: String,
+    /// How long a CheckIn may wait for a task before answering Wait, in
+    /// seconds. Default [`DEFAULT_LONG_POLL_SECS`].
+    pub long_poll_secs: f64,
+    /// How many uploads may stream in at once. Uploads are buffered whole
+    /// before validation (4 bytes per model value each), so this bounds the
+    /// coordinator's memory. Default [`DEFAULT_MAX_CONCURRENT_UPLOADS`].
+    pub max_concurrent_uploads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_owned(),
+            long_poll_secs: DEFAULT_LONG_POLL_SECS,
+            max_concurrent_uploads: DEFAULT_MAX_CONCURRENT_UPLOADS,
+        }
+    }
+}
+
+/// `[rounds]`: how rounds are formed and ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundsConfig {
+    /// Number of training rounds (completed or abandoned) before finishing;
+    /// 0 runs forever. Default [`DEFAULT_ROUNDS`].
+    pub rounds: u32,
+    /// Updates wanted per training round. Default [`DEFAULT_CLIENTS_PER_ROUND`].
+    pub clients_per_round: usize,
+    /// Instead of a count, the fraction (0, 1] of the waiting devices to
+    /// select; the round then starts when the check-in window passes (or every
+    /// joined device is waiting). Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// Over-selection factor (>= 1): select `ceil(wanted * over_selection)`
+    /// devices and complete the round as soon as `wanted` updates arrived, to
+    /// absorb drop-outs. Default [`DEFAULT_OVER_SELECTION`].
+    pub over_selection: f64,
+    /// Fewest updates a round needs: a round still short of it at its deadline
+    /// is abandoned (nothing applied), and a round starts after the check-in
+    /// window only when at least this many devices wait. Default
+    /// [`DEFAULT_MIN_UPDATES`].
+    pub min_updates: usize,
+    /// Seconds from a round's start to its deadline. Default [`DEFAULT_DEADLINE_SECS`].
+    pub deadline_secs: f64,
+    /// Seconds to wait for a full cohort, counted from when the first device
+    /// started waiting (or the previous round ended); past it a round starts
+    /// with the devices waiting, if at least `min_updates`. Default
+    /// [`DEFAULT_CHECKIN_WINDOW_SECS`].
+    pub checkin_window_secs: f64,
+    /// Ask training cohorts to evaluate the received model before training and
+    /// report the counts with their update. Default [`DEFAULT_EVALUATE`].
+    pub evaluate: bool,
+    /// After the last training round, run one evaluation round with every
+    /// joined device. Default [`DEFAULT_FINAL_EVALUATION`].
+    pub final_evaluation: bool,
+    /// Seed of the pseudonym and cohort-sampling RNG; unset = OS entropy.
+    /// Set it for reproducible simulations only: with a known seed, pseudonyms
+    /// (which act as the devices' credentials) are predictable. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl Default for RoundsConfig {
+    fn default() -> Self {
+        Self {
+            rounds: DEFAULT_ROUNDS,
+            clients_per_round: DEFAULT_CLIENTS_PER_ROUND,
+            fraction: None,
+            over_selection: DEFAULT_OVER_SELECTION,
+            min_updates: DEFAULT_MIN_UPDATES,
+            deadline_secs: DEFAULT_DEADLINE_SECS,
+            checkin_window_secs: DEFAULT_CHECKIN_WINDOW_SECS,
+            evaluate: DEFAULT_EVALUATE,
+            final_evaluation: DEFAULT_FINAL_EVALUATION,
+            seed: None,
+        }
+    }
+}
+
+impl RoundsConfig {
+    /// `deadline_secs` as a duration (valid after [`CoordinatorConfig::validate`]).
+    pub fn deadline(&self) -> Duration {
+        secs(self.deadline_secs)
+    }
+
+    /// `checkin_window_secs` as a duration (valid after [`CoordinatorConfig::validate`]).
+    pub fn checkin_window(&self) -> Duration {
+        secs(self.checkin_window_secs)
+    }
+}
+
+/// `[training]`: local-training hyperparameters sent to devices with each task.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Local epochs over the device's purchases. Default [`DEFAULT_LOCAL_EPOCHS`].
+    pub local_epochs: u32,
+    /// Local SGD learning rate. Default [`DEFAULT_LEARNING_RATE`].
+    pub learning_rate: f32,
+    /// L2 regularization. Default [`DEFAULT_REGULARIZATION`].
+    pub regularization: f32,
+    /// Sampled negatives per positive. Default [`DEFAULT_NEGATIVES`].
+    pub negatives: u32,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            local_epochs: DEFAULT_LOCAL_EPOCHS,
+            learning_rate: DEFAULT_LEARNING_RATE,
+            regularization: DEFAULT_REGULARIZATION,
+            negatives: DEFAULT_NEGATIVES,
+        }
+    }
+}
+
+/// Which server optimizer combines the round's mean update into the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StrategyName {
+    /// `x += server_lr * mean_update` (McMahan et al. 2017).
+    #[default]
+    FedAvg,
+    /// FedAvg with server momentum.
+    FedAvgM,
+    /// Adaptive: Adam on the server (Reddi et al. 2021).
+    FedAdam,
+    /// Adaptive: Yogi on the server (Reddi et al. 2021).
+    FedYogi,
+    /// Adaptive: Adagrad on the server (Reddi et al. 2021).
+    FedAdagrad,
+}
+
+/// `[strategy]`: the server optimizer and its hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StrategyConfig {
+    /// The optimizer. Default `fedavg`.
+    pub name: StrategyName,
+    /// Server learning rate η. Default [`DEFAULT_SERVER_LR`].
+    pub server_lr: f32,
+    /// Momentum μ of `fedavgm`. Default [`DEFAULT_MOMENTUM`].
+    pub momentum: f32,
+    /// First-moment decay β1 of the adaptive optimizers. Default [`DEFAULT_BETA1`].
+    pub beta1: f32,
+    /// Second-moment decay β2 of `fedadam` and `fedyogi`. Default [`DEFAULT_BETA2`].
+    pub beta2: f32,
+    /// Adaptivity τ of the adaptive optimizers (also `sqrt` of the initial
+    /// second moment). Default [`DEFAULT_TAU`].
+    pub tau: f32,
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        Self {
+            name: StrategyName::FedAvg,
+            server_lr: DEFAULT_SERVER_LR,
+            momentum: DEFAULT_MOMENTUM,
+            beta1: DEFAULT_BETA1,
+            beta2: DEFAULT_BETA2,
+            tau: DEFAULT_TAU,
+        }
+    }
+}
+
+/// `[model]`: how the CLI builds the initial model. The coordinator core never
+/// reads it: it receives a layout and parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Embedding size k. Default [`DEFAULT_FACTORS`].
+    pub factors: usize,
+    /// Standard deviation of the initial item embeddings. Default [`DEFAULT_INIT_STD`].
+    pub init_std: f32,
+    /// Seed of the initial parameters. Default [`DEFAULT_MODEL_SEED`].
+    pub seed: u64,
+    /// Catalog size; unset = taken from the data set. Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items: Option<usize>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            factors: DEFAULT_FACTORS,
+            init_std: DEFAULT_INIT_STD,
+            seed: DEFAULT_MODEL_SEED,
+            items: None,
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+}
+
+fn invalid(message: String) -> CoordinatorError {
+    CoordinatorError::InvalidConfig(message)
+}
+
+/// Checks that `value` is finite and within `[lo, hi]` (or `(lo, hi]` when `open_lo`).
+fn check_range(name: &str, value: f64, lo: f64, open_lo: bool, hi: f64) -> Result<(), CoordinatorError> {
+    let ok_lo = if open_lo { value > lo } else { value >= lo };
+    if value.is_finite() && ok_lo && value <= hi {
+        return Ok(());
+    }
+    let lo_text = if open_lo { format!("> {lo}") } else { format!(">= {lo}") };
+    let text = if hi.is_finite() {
+        format!("{name} must be {lo_text} and <= {hi}, got {value}")
+    } else {
+        format!("{name} must be finite and {lo_text}, got {value}")
+    };
+    Err(invalid(text))
+}
+
+/// Longest time accepted for the `*_secs` options (one year), so that
+/// deadlines never overflow an `Instant`.
+const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+impl CoordinatorConfig {
+    /// Parses and validates a configuration from TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self, CoordinatorError> {
+        let config: Self = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file; errors name the file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, CoordinatorError> {
+        let path = path.as_ref();
+        let file_error = |message: String| CoordinatorError::ConfigFile {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| file_error(e.to_string()))?;
+        config.validate().map_err(|e| match e {
+            CoordinatorError::InvalidConfig(message) => file_error(message),
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// The configuration as TOML text (every option, defaults included).
+    pub fn to_toml_string(&self) -> Result<String, CoordinatorError> {
+        toml::to_string(self).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Checks every option's range; the first problem found is reported.
+    pub fn validate(&self) -> Result<(), CoordinatorError> {
+        let s = &self.server;
+        s.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(format!(
+                "server.listen must be an IP:port address such as {DEFAULT_LISTEN:?}, got {:?}",
+                s.listen
+            ))
+        })?;
+        check_range("server.long_poll_secs", s.long_poll_secs, 0.0, true, MAX_SECS)?;
+        if s.max_concurrent_uploads < 1 {
+            return Err(invalid(format!(
+                "server.max_concurrent_uploads must be >= 1, got {}",
+                s.max_concurrent_uploads
+            )));
+        }
+
+        let r = &self.rounds;
+        if r.clients_per_round < 1 {
+            return Err(invalid(format!(
+                "rounds.clients_per_round must be >= 1, got {}",
+                r.clients_per_round
+            )));
+        }
+        if let Some(f) = r.fraction {
+            check_range("rounds.fraction", f, 0.0, true, 1.0)?;
+        }
+        check_range("rounds.over_selection", r.over_selection, 1.0, false, 1000.0)?;
+        if r.min_updates < 1 {
+            return Err(invalid(format!(
+                "rounds.min_updates must be >= 1, got {}",
+                r.min_updates
+            )));
+        }
+        if r.fraction.is_none() && r.min_updates > r.clients_per_round {
+            return Err(invalid(format!(
+                "rounds.min_updates ({}) must be <= rounds.clients_per_round ({})",
+                r.min_updates, r.clients_per_round
+            )));
+        }
+        check_range("rounds.deadline_secs", r.deadline_secs, 0.0, true, MAX_SECS)?;
+        check_range("rounds.checkin_window_secs", r.checkin_window_secs, 0.0, false, MAX_SECS)?;
+
+        let t = &self.training;
+        if t.local_epochs < 1 {
+            return Err(invalid(format!(
+                "training.local_epochs must be >= 1, got {}",
+                t.local_epochs
+            )));
+        }
+        check_range("training.learning_rate", t.learning_rate.into(), 0.0, true, f64::INFINITY)?;
+        check_range("training.regularization", t.regularization.into(), 0.0, false, f64::INFINITY)?;
+        if t.negatives < 1 {
+            return Err(invalid(format!(
+                "training.negatives must be >= 1, got {}",
+                t.negatives
+            )));
+        }
+
+        let st = &self.strategy;
+        check_range("strategy.server_lr", st.server_lr.into(), 0.0, true, f64::INFINITY)?;
+        check_range("strategy.momentum", st.momentum.into(), 0.0, false, 0.999_999)?;
+        check_range("strategy.beta1", st.beta1.into(), 0.0, false, 0.999_999)?;
+        check_range("strategy.beta2", st.beta2.into(), 0.0, false, 0.999_999)?;
+        check_range("strategy.tau", st.tau.into(), 0.0, true, f64::INFINITY)?;
+
+        let m = &self.model;
+        if m.factors < 1 {
+            return Err(invalid(format!("model.factors must be >= 1, got {}", m.factors)));
+        }
+        check_range("model.init_std", m.init_std.into(), 0.0, false, f64::INFINITY)?;
+        if m.items == Some(0) {
+            return Err(invalid("model.items must be >= 1 when set, got 0".to_owned()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = CoordinatorConfig::from_toml_str("").unwrap();
+        assert_eq!(config, CoordinatorConfig::default());
+        assert_eq!(config.server.listen, DEFAULT_LISTEN);
+        assert_eq!(config.rounds.deadline(), Duration::from_secs(60));
+        assert_eq!(config.strategy.name, StrategyName::FedAvg);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let mut config = CoordinatorConfig::default();
+        config.rounds.seed = Some(3);
+        config.rounds.fraction = Some(0.5);
+        config.strategy.name = StrategyName::FedYogi;
+        config.model.items = Some(100);
+        let text = config.to_toml_string().unwrap();
+        assert!(text.contains("name = \"fedyogi\""), "{text}");
+        assert_eq!(CoordinatorConfig::from_toml_str(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn integers_are_accepted_for_seconds() {
+        let config = CoordinatorConfig::from_toml_str("[rounds]\ndeadline_secs = 5\ncheckin_window_secs = 0.25\n").unwrap();
+        assert_eq!(config.rounds.deadline(), Duration::from_secs(5));
+        assert_eq!(config.rounds.checkin_window(), Duration::from_millis(250));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = CoordinatorConfig::from_toml_str("[rounds]\nclients_per_round = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: rounds.clients_per_round must be >= 1, got 0"
+        );
+        let err = CoordinatorConfig::from_toml_str("[rounds]\nclient_per_round = 3\n").unwrap_err();
+        assert!(err.to_string().contains("client_per_round"), "{err}");
+        let err = CoordinatorConfig::from_toml_str("[strategy]\nname = \"sgd\"\n").unwrap_err();
+        assert!(err.to_string().contains("sgd"), "{err}");
+        let err = CoordinatorConfig::from_toml_str("[rounds]\nover_selection = 0.5\n").unwrap_err();
+        assert!(err.to_string().contains("rounds.over_selection must be >= 1"), "{err}");
+        let err = CoordinatorConfig::from_toml_str("[strategy]\nbeta2 = 1.0\n").unwrap_err();
+        assert!(err.to_string().contains("strategy.beta2"), "{err}");
+        let err = CoordinatorConfig::from_toml_str("[server]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+        let err = CoordinatorConfig::from_toml_str("[rounds]\nclients_per_round = 2\nmin_updates = 3\n").unwrap_err();
+        assert!(err.to_string().contains("min_updates (3)"), "{err}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        let err = CoordinatorConfig::from_file(&path).unwrap_err();
+        assert!(err.to_string().contains("coordinator.toml"), "{err}");
+
+        std::fs::write(&path, "[rounds]\nmin_updates = 0\n").unwrap();
+        let err = CoordinatorConfig::from_file(&path).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("coordinator.toml") && text.contains("rounds.min_updates must be >= 1, got 0"), "{text}");
+
+        std::fs::write(&path, "[rounds\n").unwrap();
+        let err = CoordinatorConfig::from_file(&path).unwrap_err();
+        assert!(err.to_string().contains("coordinator.toml"), "{err}");
+
+        std::fs::write(&path, "[rounds]\nrounds = 3\n").unwrap();
+        assert_eq!(CoordinatorConfig::from_file(&path).unwrap().rounds.rounds, 3);
+    }
+}

@@ -1,0 +1,240 @@
+//! The coordinator's one error type, and its single mapping to gRPC status codes.
+
+use std::path::PathBuf;
+
+use fedrec_proto::tensor::TensorError;
+
+use crate::round::TaskKind;
+
+/// Everything that can go wrong in the coordinator: bad configuration, and
+/// requests from devices that are refused.
+///
+/// Every message names the offending value. [`CoordinatorError::reason`] gives
+/// a short stable label for counting rejections; `From<CoordinatorError> for
+/// tonic::Status` is the one place that chooses gRPC status codes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoordinatorError {
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// A configuration file could not be read, parsed or validated.
+    #[error("configuration file {}: {message}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The initial model given to the coordinator is unusable.
+    #[error("invalid initial model: {0}")]
+    InvalidModel(String),
+    /// The device speaks another protocol version.
+    #[error("protocol version {got} is not supported; this coordinator speaks version {expected}")]
+    ProtocolVersion {
+        /// The device's version.
+        got: u32,
+        /// The coordinator's version.
+        expected: u32,
+    },
+    /// The pseudonym was never handed out by this coordinator (or is malformed).
+    #[error("unknown pseudonym; join first")]
+    UnknownPseudonym,
+    /// No round is open, and the request names a round that never started.
+    #[error("no round is open (request is for round {round})")]
+    NoRoundOpen {
+        /// The round named by the request.
+        round: u32,
+    },
+    /// The request is for a round that has already completed or been abandoned.
+    #[error("round {round} is closed")]
+    RoundClosed {
+        /// The round named by the request.
+        round: u32,
+    },
+    /// The request is for another round than the open one.
+    #[error("update is for round {got}, but round {open} is open")]
+    WrongRound {
+        /// The round named by the request.
+        got: u32,
+        /// The open round.
+        open: u32,
+    },
+    /// The request is for another model version than the current one.
+    #[error("request is for model version {got}, but the current version is {current}")]
+    WrongModelVersion {
+        /// The version named by the request.
+        got: u64,
+        /// The current version.
+        current: u64,
+    },
+    /// The device was not selected for the open round.
+    #[error("device is not in the cohort of round {round}")]
+    NotInCohort {
+        /// The open round.
+        round: u32,
+    },
+    /// The device already submitted for this round.
+    #[error("device already submitted for round {round}")]
+    Duplicate {
+        /// The open round.
+        round: u32,
+    },
+    /// An update sent to an evaluation round, or an evaluation to a training round.
+    #[error("round {round} is a {expected} round, but a {got} result was sent")]
+    WrongTaskKind {
+        /// The open round.
+        round: u32,
+        /// What the round asks for.
+        expected: TaskKind,
+        /// What was sent.
+        got: TaskKind,
+    },
+    /// The update header announces another number of values than the model has.
+    #[error("update announces {got} values, but the model has {expected}")]
+    WrongNumValues {
+        /// The model's number of values.
+        expected: usize,
+        /// The announced number.
+        got: u64,
+    },
+    /// The update's values are malformed: misaligned, wrong length, NaN or infinite.
+    #[error("bad update values: {0}")]
+    BadValues(#[from] TensorError),
+    /// Adding the (finite) update to the running sum would overflow `f32`.
+    #[error("update value at index {index} ({value}) would overflow the aggregate")]
+    Overflow {
+        /// Index of the first offending value.
+        index: usize,
+        /// The value itself.
+        value: f32,
+    },
+    /// The update claims zero training examples (its FedAvg weight).
+    #[error("num_examples must be >= 1, got 0")]
+    ZeroExamples,
+    /// Evaluation counts that are negative, not finite, or exceed the user count.
+    #[error("evaluation count {field} must be finite, >= 0 and <= users ({users}), got {value}")]
+    BadEvaluation {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+        /// The reported number of users.
+        users: u64,
+    },
+    /// The uploaded values exceed the model's size.
+    #[error("update is larger than the model: {got} bytes received, at most {limit} allowed")]
+    TooLarge {
+        /// The most bytes allowed (4 per model value).
+        limit: usize,
+        /// Bytes received so far.
+        got: usize,
+    },
+    /// The round's deadline passed while the update was still streaming in.
+    #[error("round {round} reached its deadline before the upload finished")]
+    UploadTimeout {
+        /// The round.
+        round: u32,
+    },
+    /// A request is structurally wrong (missing field, header not first, ...).
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// The coordinator's shared state was poisoned by a panic.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// The gRPC server failed.
+    #[error("gRPC transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl CoordinatorError {
+    /// A short, stable label for this error, used to count rejections.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidConfig(_) | Self::ConfigFile { .. } => "invalid_config",
+            Self::InvalidModel(_) => "invalid_model",
+            Self::ProtocolVersion { .. } => "protocol_version",
+            Self::UnknownPseudonym => "unknown_pseudonym",
+            Self::NoRoundOpen { .. } => "no_round_open",
+            Self::RoundClosed { .. } => "round_closed",
+            Self::WrongRound { .. } => "wrong_round",
+            Self::WrongModelVersion { .. } => "wrong_model_version",
+            Self::NotInCohort { .. } => "not_in_cohort",
+            Self::Duplicate { .. } => "duplicate",
+            Self::WrongTaskKind { .. } => "wrong_task_kind",
+            Self::WrongNumValues { .. } => "wrong_num_values",
+            Self::BadValues(TensorError::Misaligned(_)) => "misaligned",
+            Self::BadValues(TensorError::WrongLength { .. }) => "wrong_length",
+            Self::BadValues(TensorError::NotFinite { .. }) => "not_finite",
+            Self::Overflow { .. } => "overflow",
+            Self::ZeroExamples => "zero_examples",
+            Self::BadEvaluation { .. } => "bad_evaluation",
+            Self::TooLarge { .. } => "too_large",
+            Self::UploadTimeout { .. } => "upload_timeout",
+            Self::Malformed(_) => "malformed",
+            Self::Internal(_) => "internal",
+            Self::Transport(_) => "transport",
+        }
+    }
+}
+
+/// The one mapping from coordinator errors to gRPC status codes.
+impl From<CoordinatorError> for tonic::Status {
+    fn from(err: CoordinatorError) -> Self {
+        use tonic::Code;
+        let code = match &err {
+            CoordinatorError::UnknownPseudonym => Code::Unauthenticated,
+            CoordinatorError::NotInCohort { .. } => Code::PermissionDenied,
+            CoordinatorError::Duplicate { .. } => Code::AlreadyExists,
+            CoordinatorError::ProtocolVersion { .. }
+            | CoordinatorError::NoRoundOpen { .. }
+            | CoordinatorError::RoundClosed { .. }
+            | CoordinatorError::WrongRound { .. }
+            | CoordinatorError::WrongModelVersion { .. }
+            | CoordinatorError::WrongTaskKind { .. } => Code::FailedPrecondition,
+            CoordinatorError::WrongNumValues { .. }
+            | CoordinatorError::BadValues(_)
+            | CoordinatorError::Overflow { .. }
+            | CoordinatorError::ZeroExamples
+            | CoordinatorError::BadEvaluation { .. }
+            | CoordinatorError::Malformed(_) => Code::InvalidArgument,
+            CoordinatorError::TooLarge { .. } => Code::ResourceExhausted,
+            CoordinatorError::UploadTimeout { .. } => Code::DeadlineExceeded,
+            CoordinatorError::InvalidConfig(_)
+            | CoordinatorError::ConfigFile { .. }
+            | CoordinatorError::InvalidModel(_)
+            | CoordinatorError::Internal(_)
+            | CoordinatorError::Transport(_) => Code::Internal,
+        };
+        tonic::Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_value_and_codes_match() {
+        let err = CoordinatorError::WrongRound { got: 3, open: 4 };
+        assert_eq!(err.to_string(), "update is for round 3, but round 4 is open");
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("round 3"));
+
+        let err = CoordinatorError::BadValues(TensorError::NotFinite {
+            index: 7,
+            value: f32::NAN,
+        });
+        assert_eq!(err.reason(), "not_finite");
+        assert!(err.to_string().contains("index 7"), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            tonic::Status::from(CoordinatorError::TooLarge { limit: 4, got: 8 }).code(),
+            tonic::Code::ResourceExhausted
+        );
+    }
+}

@@ -1,0 +1,795 @@
+//! The round state machine: joins, check-ins, cohort selection, updates,
+//! deadlines and the global model, with no I/O.
+//!
+//! [`RoundCore`] is driven by method calls that take the current time
+//! (`now: Instant`) from the caller; it never reads a clock, never sleeps and
+//! never touches the network. Its randomness (pseudonyms, cohort sampling)
+//! comes from one ChaCha RNG seeded by `rounds.seed` (or OS entropy), so the
+//! same seed and the same sequence of calls give the same rounds.
+//!
+//! The life of a round:
+//! 1. devices [`join`](RoundCore::join) and [`check_in`](RoundCore::check_in);
+//!    a device without a task waits in the pool;
+//! 2. when the pool holds the wanted cohort (or the check-in window has
+//!    passed with at least `min_updates` waiting), a cohort is sampled from it
+//!    and the round opens; the cohort's next check-in returns a [`Task`];
+//! 3. the cohort submits updates ([`submit_update`](RoundCore::submit_update))
+//!    or, in evaluation rounds, counts ([`submit_evaluation`](RoundCore::submit_evaluation));
+//! 4. the round ends when enough updates arrived, or at its deadline
+//!    ([`poll`](RoundCore::poll)); a completed training round applies the
+//!    strategy to the weighted-mean update and bumps the model version.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+
+use fedrec_proto::{Layout, tensor};
+
+use crate::CoordinatorError;
+use crate::aggregate::{Aggregator, EvalCounts};
+use crate::config::{CoordinatorConfig, TrainingConfig};
+use crate::strategy::{NonFinite, Strategy};
+
+/// A device's random 128-bit pseudonym; nothing else identifies a device.
+///
+/// It acts as the device's credential for every later request, so it is
+/// drawn from a cryptographic RNG. Written as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pseudonym([u8; 16]);
+
+impl fmt::Display for Pseudonym {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Pseudonym {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Pseudonym({self})")
+    }
+}
+
+impl FromStr for Pseudonym {
+    type Err = CoordinatorError;
+
+    /// Parses 32 hex digits; anything else is an unknown pseudonym.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 || !s.is_ascii() {
+            return Err(CoordinatorError::UnknownPseudonym);
+        }
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                .map_err(|_| CoordinatorError::UnknownPseudonym)?;
+        }
+        Ok(Self(out))
+    }
+}
+
+/// What a round asks its cohort to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TaskKind {
+    /// Train locally and submit an update.
+    Train,
+    /// Evaluate the model locally and submit counts.
+    Evaluate,
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Train => "training",
+            Self::Evaluate => "evaluation",
+        })
+    }
+}
+
+/// Work handed to a selected device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Task {
+    /// Train or evaluate.
+    pub kind: TaskKind,
+    /// The round's number (from 1).
+    pub round: u32,
+    /// The model version to download and to name in the submission.
+    pub model_version: u64,
+    /// When the round stops accepting submissions.
+    pub deadline: Instant,
+    /// Local-training hyperparameters.
+    pub training: TrainingConfig,
+    /// Evaluate the downloaded model before training (always true for
+    /// evaluation tasks) and report the counts.
+    pub evaluate: bool,
+}
+
+/// The answer to a check-in.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum CheckIn {
+    /// The device is in the open round's cohort.
+    Task(Task),
+    /// Nothing for this device now; it waits in the pool. Checking in again
+    /// after `retry_after` (the time to the next deadline or window expiry,
+    /// at most `server.long_poll_secs`) is enough not to miss a timed event.
+    Wait {
+        /// Suggested delay before the next check-in.
+        retry_after: Duration,
+    },
+    /// All rounds are done; the device may stop.
+    Finished {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One version of the global model, encoded once and shared by every download.
+#[derive(Debug)]
+pub struct ModelSnapshot {
+    /// Version, from 1; bumped by every completed training round.
+    pub version: u64,
+    /// Names and shapes of the tensors.
+    pub layout: Layout,
+    /// The parameters, tensors concatenated in layout order.
+    pub params: Vec<f32>,
+    /// `params` as little-endian `f32` bytes, ready to stream.
+    pub encoded: Bytes,
+}
+
+impl ModelSnapshot {
+    fn new(version: u64, layout: Layout, params: Vec<f32>) -> Self {
+        Self {
+            version,
+            layout,
+            encoded: tensor::encode(&params),
+            params,
+        }
+    }
+}
+
+/// The header of an update, parsed from the wire.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateHeader {
+    /// The submitting device.
+    pub pseudonym: Pseudonym,
+    /// The round the update belongs to.
+    pub round: u32,
+    /// The model version it was computed from.
+    pub model_version: u64,
+    /// Local examples behind it: its FedAvg weight (>= 1).
+    pub num_examples: u64,
+    /// Number of values announced (must equal the model's).
+    pub num_values: u64,
+    /// Counts from evaluating the downloaded model before training, when asked.
+    pub evaluation: Option<EvalCounts>,
+}
+
+/// A submission was accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpdateAccepted {
+    /// The round.
+    pub round: u32,
+    /// Submissions the round has accepted so far, this one included.
+    pub accepted: usize,
+}
+
+/// What happened in one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    /// The round's number.
+    pub round: u32,
+    /// Training or evaluation.
+    pub kind: TaskKind,
+    /// True when the round completed; false when it was abandoned.
+    pub completed: bool,
+    /// Why it was abandoned.
+    pub abandon_reason: Option<String>,
+    /// The model version after the round.
+    pub model_version: u64,
+    /// Devices selected.
+    pub selected: usize,
+    /// Devices whose submission was accepted.
+    pub participants: usize,
+    /// Duration from start to end.
+    pub seconds: f64,
+    /// Evaluation counts summed over the participants.
+    pub evaluation: EvalCounts,
+}
+
+/// Something that happened, reported by [`RoundCore::poll`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A round opened.
+    RoundStarted {
+        /// Its number.
+        round: u32,
+        /// Training or evaluation.
+        kind: TaskKind,
+        /// The model version its cohort works on.
+        model_version: u64,
+        /// Devices selected.
+        selected: usize,
+    },
+    /// A round completed or was abandoned.
+    RoundEnded(RoundSummary),
+    /// All rounds are done.
+    Finished {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A snapshot of the core's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CoordinatorStatus {
+    /// The open round, or else the last one started (0 before the first).
+    pub round: u32,
+    /// The open round's kind, if a round is open.
+    pub open: Option<TaskKind>,
+    /// The current model version.
+    pub model_version: u64,
+    /// All rounds are done.
+    pub finished: bool,
+    /// Devices that joined.
+    pub joined: usize,
+    /// Devices waiting in the pool.
+    pub waiting: usize,
+    /// Devices selected for the open round.
+    pub selected: usize,
+    /// Submissions accepted in the open round.
+    pub accepted: usize,
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    number: u32,
+    kind: TaskKind,
+    model_version: u64,
+    started: Instant,
+    deadline: Instant,
+    /// Selected devices, and whether each has submitted.
+    cohort: BTreeMap<Pseudonym, bool>,
+    /// Accepted submissions that complete the round before its deadline.
+    needed: usize,
+    accepted: usize,
+    evaluation: EvalCounts,
+}
+
+/// The coordinator's sans-IO core. See the [module docs](self).
+#[derive(Debug)]
+pub struct RoundCore {
+    config: CoordinatorConfig,
+    rng: ChaCha20Rng,
+    joined: BTreeSet<Pseudonym>,
+    /// Devices waiting for a task (always a subset of `joined`).
+    pool: BTreeSet<Pseudonym>,
+    /// When the check-in window started counting: the first check-in into an
+    /// empty pool while no round is open, or the end of the last round.
+    window_start: Option<Instant>,
+    model: Arc<ModelSnapshot>,
+    strategy: Strategy,
+    aggregator: Aggregator,
+    open: Option<OpenRound>,
+    /// Number of the last round started (0 = none).
+    last_round: u32,
+    training_rounds: u32,
+    final_evaluation_done: bool,
+    finished: Option<String>,
+    history: Vec<RoundSummary>,
+    rejections: BTreeMap<&'static str, u64>,
+    events: VecDeque<Event>,
+    generation: u64,
+}
+
+impl RoundCore {
+    /// A core for the model `params` (laid out as `layout`), which becomes
+    /// model version 1. Fails on an invalid configuration, a parameter count
+    /// that does not match the layout, or a non-finite parameter.
+    pub fn new(config: CoordinatorConfig, layout: Layout, params: Vec<f32>) -> Result<Self, CoordinatorError> {
+        config.validate()?;
+        if params.len() != layout.num_values() {
+            return Err(CoordinatorError::InvalidModel(format!(
+                "the layout has {} values, but {} parameters were given",
+                layout.num_values(),
+                params.len()
+            )));
+        }
+        tensor::check_finite(&params).map_err(|e| CoordinatorError::InvalidModel(e.to_string()))?;
+        let rng = match config.rounds.seed {
+            Some(seed) => ChaCha20Rng::seed_from_u64(seed),
+            None => rand::make_rng(),
+        };
+        let n = params.len();
+        Ok(Self {
+            strategy: Strategy::new(config.strategy, n),
+            aggregator: Aggregator::new(n),
+            model: Arc::new(ModelSnapshot::new(1, layout, params)),
+            config,
+            rng,
+            joined: BTreeSet::new(),
+            pool: BTreeSet::new(),
+            window_start: None,
+            open: None,
+            last_round: 0,
+            training_rounds: 0,
+            final_evaluation_done: false,
+            finished: None,
+            history: Vec::new(),
+            rejections: BTreeMap::new(),
+            events: VecDeque::new(),
+            generation: 0,
+        })
+    }
+
+    /// Admits a new device and returns its fresh random pseudonym.
+    pub fn join(&mut self, now: Instant) -> Pseudonym {
+        self.advance(now);
+        loop {
+            let mut bytes = [0u8; 16];
+            self.rng.fill_bytes(&mut bytes);
+            let pseudonym = Pseudonym(bytes);
+            // A collision is astronomically unlikely, but cheap to rule out.
+            if self.joined.insert(pseudonym) {
+                return pseudonym;
+            }
+        }
+    }
+
+    /// A device asks for work: its task if it is in the open round's cohort
+    /// and has not submitted yet; otherwise it joins the waiting pool (which
+    /// may start a round that selects it) and is told to wait, or that all
+    /// rounds are done.
+    pub fn check_in(&mut self, now: Instant, pseudonym: &Pseudonym) -> Result<CheckIn, CoordinatorError> {
+        self.advance(now);
+        if !self.joined.contains(pseudonym) {
+            return Err(self.reject(CoordinatorError::UnknownPseudonym));
+        }
+        if let Some(reason) = &self.finished {
+            return Ok(CheckIn::Finished { reason: reason.clone() });
+        }
+        if let Some(task) = self.pending_task(pseudonym) {
+            return Ok(CheckIn::Task(task));
+        }
+        if self.pool.insert(*pseudonym) && self.open.is_none() && self.window_start.is_none() {
+            self.window_start = Some(now);
+        }
+        self.advance(now);
+        if let Some(task) = self.pending_task(pseudonym) {
+            return Ok(CheckIn::Task(task));
+        }
+        let long_poll = Duration::try_from_secs_f64(self.config.server.long_poll_secs).unwrap_or(Duration::MAX);
+        let retry_after = self
+            .poll_timeout()
+            .map_or(long_poll, |t| t.saturating_duration_since(now).min(long_poll));
+        Ok(CheckIn::Wait { retry_after })
+    }
+
+    /// Checks an update's header against the open round without its values,
+    /// so that a transport can refuse an upload before receiving it. Returns
+    /// the round's deadline. Rejections are counted.
+    pub fn check_update_header(&mut self, now: Instant, header: &UpdateHeader) -> Result<Instant, CoordinatorError> {
+        self.advance(now);
+        match self.check_header(header) {
+            Ok(()) => Ok(self.open.as_ref().map_or(now, |o| o.deadline)),
+            Err(e) => Err(self.reject(e)),
+        }
+    }
+
+    /// A device submits its update: `values` holds `header.num_values`
+    /// little-endian `f32` values (the change to the global parameters).
+    /// Everything is checked before the update touches the round's sum; a
+    /// rejected update changes nothing but the rejection counts.
+    pub fn submit_update(&mut self, now: Instant, header: UpdateHeader, values: &[u8]) -> Result<UpdateAccepted, CoordinatorError> {
+        self.advance(now);
+        let result = self.check_header(&header).and_then(|()| {
+            self.aggregator.add(values, header.num_examples)?;
+            Ok(self.record_submission(&header.pseudonym, header.evaluation.as_ref()))
+        });
+        let result = result.map_err(|e| self.reject(e));
+        self.advance(now);
+        result
+    }
+
+    /// A device selected for an evaluation round reports its counts.
+    pub fn submit_evaluation(
+        &mut self,
+        now: Instant,
+        pseudonym: &Pseudonym,
+        round: u32,
+        model_version: u64,
+        counts: EvalCounts,
+    ) -> Result<UpdateAccepted, CoordinatorError> {
+        self.advance(now);
+        let result = self
+            .check_submission(pseudonym, round, model_version, TaskKind::Evaluate)
+            .and_then(|()| counts.validate())
+            .map(|()| self.record_submission(pseudonym, Some(&counts)))
+            .map_err(|e| self.reject(e));
+        self.advance(now);
+        result
+    }
+
+    /// A device asks for the model: the current snapshot, if the device
+    /// joined and names the current version. Rejections are counted.
+    pub fn download(&mut self, pseudonym: &Pseudonym, model_version: u64) -> Result<Arc<ModelSnapshot>, CoordinatorError> {
+        if !self.joined.contains(pseudonym) {
+            return Err(self.reject(CoordinatorError::UnknownPseudonym));
+        }
+        if model_version != self.model.version {
+            return Err(self.reject(CoordinatorError::WrongModelVersion {
+                got: model_version,
+                current: self.model.version,
+            }));
+        }
+        Ok(self.model())
+    }
+
+    /// Processes what is due at `now` (round completion, deadlines, window
+    /// expiry, the next round's start) and returns every event since the
+    /// last call, including those caused by check-ins and submissions.
+    pub fn poll(&mut self, now: Instant) -> Vec<Event> {
+        self.advance(now);
+        self.events.drain(..).collect()
+    }
+
+    /// When [`poll`](Self::poll) next has something to do by itself: the open
+    /// round's deadline, or the check-in window's expiry. `None` when only a
+    /// device's request can change anything.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.finished.is_some() {
+            return None;
+        }
+        if let Some(open) = &self.open {
+            return Some(open.deadline);
+        }
+        let start = self.window_start?;
+        (self.pool.len() >= self.config.rounds.min_updates).then(|| start + self.config.rounds.checkin_window())
+    }
+
+    /// The current global model.
+    pub fn model(&self) -> Arc<ModelSnapshot> {
+        Arc::clone(&self.model)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The model's layout.
+    pub fn layout(&self) -> &Layout {
+        &self.model.layout
+    }
+
+    /// Summaries of every ended round, oldest first.
+    pub fn history(&self) -> &[RoundSummary] {
+        &self.history
+    }
+
+    /// A snapshot of the current state.
+    pub fn status(&self) -> CoordinatorStatus {
+        CoordinatorStatus {
+            round: self.last_round,
+            open: self.open.as_ref().map(|o| o.kind),
+            model_version: self.model.version,
+            finished: self.finished.is_some(),
+            joined: self.joined.len(),
+            waiting: self.pool.len(),
+            selected: self.open.as_ref().map_or(0, |o| o.cohort.len()),
+            accepted: self.open.as_ref().map_or(0, |o| o.accepted),
+        }
+    }
+
+    /// Rejected requests so far, counted by [`CoordinatorError::reason`].
+    pub fn rejections(&self) -> &BTreeMap<&'static str, u64> {
+        &self.rejections
+    }
+
+    /// Counts a request that a transport rejected before it reached the core
+    /// (malformed, too large, wrong protocol version, ...).
+    pub fn record_rejection(&mut self, err: &CoordinatorError) {
+        *self.rejections.entry(err.reason()).or_insert(0) += 1;
+    }
+
+    /// Number of devices that joined.
+    pub fn joined(&self) -> usize {
+        self.joined.len()
+    }
+
+    /// Why the coordinator finished, once it has.
+    pub fn finished(&self) -> Option<&str> {
+        self.finished.as_deref()
+    }
+
+    /// The optimizer and its state.
+    pub fn strategy(&self) -> &Strategy {
+        &self.strategy
+    }
+
+    /// A counter bumped whenever a round starts or ends (and on finishing):
+    /// the changes that can turn a device's Wait into a Task or Finished.
+    /// Transports compare it to know when to wake waiting check-ins.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn reject(&mut self, err: CoordinatorError) -> CoordinatorError {
+        self.record_rejection(&err);
+        err
+    }
+
+    fn pending_task(&self, pseudonym: &Pseudonym) -> Option<Task> {
+        let open = self.open.as_ref()?;
+        if open.cohort.get(pseudonym) != Some(&false) {
+            return None;
+        }
+        Some(Task {
+            kind: open.kind,
+            round: open.number,
+            model_version: open.model_version,
+            deadline: open.deadline,
+            training: self.config.training,
+            evaluate: open.kind == TaskKind::Evaluate || self.config.rounds.evaluate,
+        })
+    }
+
+    fn check_header(&self, header: &UpdateHeader) -> Result<(), CoordinatorError> {
+        self.check_submission(&header.pseudonym, header.round, header.model_version, TaskKind::Train)?;
+        let expected = self.model.params.len();
+        if header.num_values != expected as u64 {
+            return Err(CoordinatorError::WrongNumValues {
+                expected,
+                got: header.num_values,
+            });
+        }
+        if header.num_examples == 0 {
+            return Err(CoordinatorError::ZeroExamples);
+        }
+        if let Some(counts) = &header.evaluation {
+            counts.validate()?;
+        }
+        Ok(())
+    }
+
+    fn check_submission(&self, pseudonym: &Pseudonym, round: u32, model_version: u64, kind: TaskKind) -> Result<(), CoordinatorError> {
+        if !self.joined.contains(pseudonym) {
+            return Err(CoordinatorError::UnknownPseudonym);
+        }
+        let open = match &self.open {
+            Some(open) if open.number == round => open,
+            Some(open) => {
+                return Err(CoordinatorError::WrongRound {
+                    got: round,
+                    open: open.number,
+                });
+            }
+            None if round >= 1 && round <= self.last_round => {
+                return Err(CoordinatorError::RoundClosed { round });
+            }
+            None => return Err(CoordinatorError::NoRoundOpen { round }),
+        };
+        if model_version != open.model_version {
+            return Err(CoordinatorError::WrongModelVersion {
+                got: model_version,
+                current: open.model_version,
+            });
+        }
+        match open.cohort.get(pseudonym) {
+            None => return Err(CoordinatorError::NotInCohort { round }),
+            Some(true) => return Err(CoordinatorError::Duplicate { round }),
+            Some(false) => {}
+        }
+        if open.kind != kind {
+            return Err(CoordinatorError::WrongTaskKind {
+                round,
+                expected: open.kind,
+                got: kind,
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks a checked submission as accepted.
+    fn record_submission(&mut self, pseudonym: &Pseudonym, counts: Option<&EvalCounts>) -> UpdateAccepted {
+        // Only called after `check_submission` succeeded, so a round is open
+        // and the device is in its cohort.
+        let open = self.open.as_mut().expect("a round is open after a successful check");
+        open.cohort.insert(*pseudonym, true);
+        open.accepted += 1;
+        if let Some(counts) = counts {
+            open.evaluation.add(counts);
+        }
+        UpdateAccepted {
+            round: open.number,
+            accepted: open.accepted,
+        }
+    }
+
+    /// Runs the state machine until nothing more is due at `now`.
+    fn advance(&mut self, now: Instant) {
+        loop {
+            match &self.open {
+                Some(open) if open.accepted >= open.needed => self.close(now, None),
+                Some(open) if now >= open.deadline => {
+                    let min = self.config.rounds.min_updates;
+                    if open.accepted >= min {
+                        self.close(now, None);
+                    } else {
+                        let reason = format!(
+                            "only {} of {} selected devices submitted by the deadline; {} required (rounds.min_updates)",
+                            open.accepted,
+                            open.cohort.len(),
+                            min
+                        );
+                        self.close(now, Some(reason));
+                    }
+                }
+                Some(_) => return,
+                None => {
+                    if !self.try_start(now) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kind of the next round, or `None` when all rounds are done.
+    fn next_kind(&self) -> Option<TaskKind> {
+        let rounds = self.config.rounds.rounds;
+        if rounds == 0 || self.training_rounds < rounds {
+            Some(TaskKind::Train)
+        } else if self.config.rounds.final_evaluation && !self.final_evaluation_done {
+            Some(TaskKind::Evaluate)
+        } else {
+            None
+        }
+    }
+
+    /// Opens the next round if its start condition holds.
+    fn try_start(&mut self, now: Instant) -> bool {
+        if self.finished.is_some() || self.pool.is_empty() {
+            return false;
+        }
+        let Some(kind) = self.next_kind() else {
+            return false;
+        };
+        let r = &self.config.rounds;
+        let waiting = self.pool.len();
+        let window_passed = self.window_start.is_some_and(|t| now >= t + r.checkin_window());
+        let enough_after_window = window_passed && waiting >= r.min_updates;
+        let everyone_waits = waiting == self.joined.len();
+        let over = |n: usize| ((n as f64) * r.over_selection).ceil() as usize;
+        let (selected, needed) = match (kind, r.fraction) {
+            (TaskKind::Evaluate, _) => {
+                if !(everyone_waits || enough_after_window) {
+                    return false;
+                }
+                (waiting, waiting)
+            }
+            (TaskKind::Train, Some(fraction)) => {
+                if !((everyone_waits && waiting >= r.min_updates) || enough_after_window) {
+                    return false;
+                }
+                let wanted = ((waiting as f64 * fraction).ceil() as usize).max(r.min_updates).min(waiting);
+                let selected = over(wanted).min(waiting);
+                (selected, wanted.min(selected))
+            }
+            (TaskKind::Train, None) => {
+                let target = over(r.clients_per_round);
+                if !(waiting >= target || enough_after_window) {
+                    return false;
+                }
+                let selected = target.min(waiting);
+                (selected, r.clients_per_round.min(selected))
+            }
+        };
+        let cohort: BTreeMap<Pseudonym, bool> = if selected == waiting {
+            std::mem::take(&mut self.pool).into_iter().map(|p| (p, false)).collect()
+        } else {
+            let candidates: Vec<Pseudonym> = self.pool.iter().copied().collect();
+            rand::seq::index::sample(&mut self.rng, waiting, selected)
+                .into_iter()
+                .map(|i| (candidates[i], false))
+                .collect()
+        };
+        for p in cohort.keys() {
+            self.pool.remove(p);
+        }
+        self.last_round += 1;
+        if kind == TaskKind::Train {
+            self.training_rounds += 1;
+        }
+        self.window_start = None;
+        self.aggregator.reset();
+        self.open = Some(OpenRound {
+            number: self.last_round,
+            kind,
+            model_version: self.model.version,
+            started: now,
+            deadline: now + self.config.rounds.deadline(),
+            cohort,
+            needed,
+            accepted: 0,
+            evaluation: EvalCounts::default(),
+        });
+        self.generation += 1;
+        self.events.push_back(Event::RoundStarted {
+            round: self.last_round,
+            kind,
+            model_version: self.model.version,
+            selected,
+        });
+        true
+    }
+
+    /// Ends the open round: completes it (applying the strategy for a
+    /// training round) unless `abandon` gives a reason.
+    fn close(&mut self, now: Instant, mut abandon: Option<String>) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        if abandon.is_none() && open.kind == TaskKind::Train {
+            // The round completed, so at least min_updates >= 1 updates were added.
+            match self.aggregator.mean() {
+                Some(mean) => match self.strategy.step(&self.model.params, &mean) {
+                    Ok(params) => {
+                        let layout = self.model.layout.clone();
+                        self.model = Arc::new(ModelSnapshot::new(self.model.version + 1, layout, params));
+                    }
+                    Err(NonFinite { index }) => {
+                        abandon = Some(format!(
+                            "the strategy produced a non-finite parameter at index {index}; the model was not changed"
+                        ));
+                    }
+                },
+                None => abandon = Some("no update to apply".to_owned()),
+            }
+        }
+        self.aggregator.reset();
+        if open.kind == TaskKind::Evaluate {
+            self.final_evaluation_done = true;
+        }
+        let summary = RoundSummary {
+            round: open.number,
+            kind: open.kind,
+            completed: abandon.is_none(),
+            abandon_reason: abandon,
+            model_version: self.model.version,
+            selected: open.cohort.len(),
+            participants: open.accepted,
+            seconds: now.saturating_duration_since(open.started).as_secs_f64(),
+            evaluation: open.evaluation,
+        };
+        self.history.push(summary.clone());
+        self.events.push_back(Event::RoundEnded(summary));
+        self.window_start = (!self.pool.is_empty()).then_some(now);
+        self.generation += 1;
+        if self.next_kind().is_none() {
+            let rounds = self.config.rounds.rounds;
+            let reason = if self.final_evaluation_done {
+                format!("completed {rounds} training rounds and the final evaluation")
+            } else {
+                format!("completed {rounds} training rounds")
+            };
+            self.finished = Some(reason.clone());
+            self.pool.clear();
+            self.window_start = None;
+            self.events.push_back(Event::Finished { reason });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

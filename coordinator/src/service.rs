@@ -1,0 +1,608 @@
+//! The gRPC adapter: a thin tonic service around [`RoundCore`].
+//!
+//! It translates only: protobuf messages become domain types at the edge
+//! (`TryFrom`), the current time is read here (`tokio::time::Instant`) and
+//! passed into the core, and [`CoordinatorError`] becomes a `tonic::Status`
+//! through its one `From` impl.
+//!
+//! Concurrency: the core sits in a `std::sync::Mutex`, locked briefly for each
+//! call and never across an `.await`. Whenever a round starts or ends, a
+//! [`Progress`] value is published on a `tokio::sync::watch` channel; waiting
+//! check-ins (long polls) and the driver task wake on it. The driver calls
+//! [`RoundCore::poll`] at [`RoundCore::poll_timeout`], so a round reaches its
+//! deadline even when every device has fallen silent.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
+use fedrec_proto::pb::{self, update_chunk::Part};
+use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, tensor};
+
+use crate::aggregate::EvalCounts;
+use crate::round::{
+    CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, TaskKind,
+    UpdateAccepted, UpdateHeader,
+};
+use crate::CoordinatorError;
+
+/// Extra room in the server's receive limit beyond one chunk of values, for
+/// the protobuf framing of an upload chunk.
+pub const DECODING_SLACK_BYTES: usize = 64 * 1024;
+
+/// Options of the gRPC adapter that are not part of the coordinator's
+/// configuration file.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// Bytes of values per streamed model chunk. Default [`DEFAULT_CHUNK_BYTES`].
+    pub chunk_bytes: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Sets the model chunk size in bytes (at least 4). Default [`DEFAULT_CHUNK_BYTES`].
+    pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
+        self.chunk_bytes = chunk_bytes.max(4);
+        self
+    }
+}
+
+/// What an in-process observer sees of the coordinator, published whenever a
+/// round starts or ends and when it finishes.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// The state at the time of publication.
+    pub status: CoordinatorStatus,
+    /// Every ended round, oldest first.
+    pub history: Arc<Vec<RoundSummary>>,
+    /// Why the coordinator finished, once it has.
+    pub finished: Option<String>,
+    /// The core's [`RoundCore::generation`] at publication.
+    pub generation: u64,
+}
+
+impl Progress {
+    fn of(core: &RoundCore) -> Self {
+        Self {
+            status: core.status(),
+            history: Arc::new(core.history().to_vec()),
+            finished: core.finished().map(str::to_owned),
+            generation: core.generation(),
+        }
+    }
+}
+
+struct Shared {
+    core: Mutex<RoundCore>,
+    progress: watch::Sender<Progress>,
+    /// Bounds the uploads buffered at once (each holds 4 bytes per model value).
+    uploads: Arc<Semaphore>,
+    long_poll: Duration,
+    chunk_bytes: usize,
+    stop_driver: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, RoundCore>, CoordinatorError> {
+        self.core
+            .lock()
+            .map_err(|_| CoordinatorError::Internal("coordinator state poisoned by an earlier panic".to_owned()))
+    }
+
+    /// Runs `f` on the core, then publishes progress if a round started or ended.
+    fn with_core<R>(&self, f: impl FnOnce(&mut RoundCore) -> R) -> Result<R, CoordinatorError> {
+        let mut core = self.lock()?;
+        let result = f(&mut core);
+        self.progress.send_if_modified(|p| {
+            if p.generation == core.generation() {
+                return false;
+            }
+            *p = Progress::of(&core);
+            true
+        });
+        Ok(result)
+    }
+
+    /// Counts and logs a request rejected at the edge, before the core saw it.
+    fn reject_at_edge(&self, err: CoordinatorError) -> Status {
+        if let Ok(mut core) = self.lock() {
+            core.record_rejection(&err);
+        }
+        rejected(err)
+    }
+}
+
+/// Logs a rejection and turns it into a gRPC status.
+fn rejected(err: CoordinatorError) -> Status {
+    tracing::debug!(reason = err.reason(), error = %err, "request rejected");
+    err.into()
+}
+
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// The tonic service: implements the generated `Coordinator` trait.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Arc<Shared>,
+}
+
+/// A handle for in-process users (a simulation, the CLI): watch progress,
+/// wait for the end, read the model.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServiceHandle {
+    /// A receiver of [`Progress`], updated whenever a round starts or ends.
+    pub fn subscribe(&self) -> watch::Receiver<Progress> {
+        self.shared.progress.subscribe()
+    }
+
+    /// The latest published progress.
+    pub fn progress(&self) -> Progress {
+        self.shared.progress.borrow().clone()
+    }
+
+    /// Waits until the coordinator has finished all its rounds; returns why.
+    pub async fn finished(&self) -> String {
+        let mut rx = self.subscribe();
+        match rx.wait_for(|p| p.finished.is_some()).await {
+            Ok(p) => p.finished.clone().unwrap_or_default(),
+            // The sender lives as long as `self`, so the channel cannot close here.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// The current global model.
+    pub fn model(&self) -> Result<Arc<ModelSnapshot>, CoordinatorError> {
+        self.with_core(|core| core.model())
+    }
+
+    /// Runs `f` on the core under its lock (keep it short), then publishes
+    /// progress if a round started or ended.
+    pub fn with_core<R>(&self, f: impl FnOnce(&mut RoundCore) -> R) -> Result<R, CoordinatorError> {
+        self.shared.with_core(f)
+    }
+}
+
+impl CoordinatorService {
+    /// Wraps `core`. Nothing runs until [`serve`](Self::serve) (or
+    /// [`spawn_driver`](Self::spawn_driver) with [`into_server`](Self::into_server)).
+    pub fn new(core: RoundCore, opts: ServeOptions) -> Self {
+        let server = &core.config().server;
+        let long_poll = Duration::try_from_secs_f64(server.long_poll_secs).unwrap_or(Duration::MAX);
+        let uploads = Arc::new(Semaphore::new(server.max_concurrent_uploads));
+        let (progress, _) = watch::channel(Progress::of(&core));
+        Self {
+            shared: Arc::new(Shared {
+                core: Mutex::new(core),
+                progress,
+                uploads,
+                long_poll,
+                chunk_bytes: opts.chunk_bytes.max(4),
+                stop_driver: Notify::new(),
+            }),
+        }
+    }
+
+    /// A handle for watching progress from the same process.
+    pub fn handle(&self) -> ServiceHandle {
+        ServiceHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Spawns the driver task, which polls the core at its timeouts and when
+    /// its state changes, and logs round events. It ends when the coordinator
+    /// finishes or [`serve`](Self::serve) returns. Call it only when not
+    /// using `serve` (which spawns its own).
+    pub fn spawn_driver(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(drive(Arc::clone(&self.shared)))
+    }
+
+    /// The tonic server for this service, with the receive limit raised to
+    /// one chunk plus [`DECODING_SLACK_BYTES`].
+    pub fn into_server(self) -> CoordinatorServer<Self> {
+        let limit = self.shared.chunk_bytes.max(DEFAULT_CHUNK_BYTES) + DECODING_SLACK_BYTES;
+        CoordinatorServer::new(self).max_decoding_message_size(limit)
+    }
+
+    /// Serves on `listener` until `shutdown` completes, with the driver task
+    /// running alongside.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "coordinator listening");
+        }
+        let shared = Arc::clone(&self.shared);
+        let driver = self.spawn_driver();
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            conn.inspect(|stream| {
+                // Small request/response messages: do not wait to coalesce.
+                let _ = stream.set_nodelay(true);
+            })
+        });
+        let result = tonic::transport::Server::builder()
+            .add_service(self.into_server())
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        shared.stop_driver.notify_one();
+        let _ = driver.await;
+        tracing::info!("coordinator stopped");
+        result.map_err(CoordinatorError::from)
+    }
+
+    fn check_in_response(outcome: CheckIn, now: std::time::Instant) -> pb::CheckInResponse {
+        use pb::check_in_response::Outcome;
+        let outcome = match outcome {
+            CheckIn::Task(task) => Outcome::Task(pb::Task {
+                kind: task_kind_to_pb(task.kind) as i32,
+                round: task.round,
+                model_version: task.model_version,
+                deadline_ms: millis(task.deadline.saturating_duration_since(now)),
+                training: Some(pb::TrainingConfig {
+                    local_epochs: task.training.local_epochs,
+                    learning_rate: task.training.learning_rate,
+                    regularization: task.training.regularization,
+                    negatives: task.training.negatives,
+                    evaluate: task.evaluate,
+                }),
+            }),
+            CheckIn::Wait { retry_after } => Outcome::Wait(pb::Wait {
+                retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
+            }),
+            CheckIn::Finished { reason } => Outcome::Finished(pb::Finished { reason }),
+        };
+        pb::CheckInResponse {
+            outcome: Some(outcome),
+        }
+    }
+
+    /// Receives an upload: header first (checked before any value is read),
+    /// then the values into one buffer of at most 4 bytes per model value.
+    async fn receive_update(&self, stream: &mut Streaming<pb::UpdateChunk>) -> Result<UpdateAccepted, Status> {
+        let shared = &self.shared;
+        let header = match stream.message().await? {
+            Some(pb::UpdateChunk {
+                part: Some(Part::Header(header)),
+            }) => UpdateHeader::try_from(header).map_err(|e| shared.reject_at_edge(e))?,
+            _ => {
+                return Err(shared.reject_at_edge(CoordinatorError::Malformed(
+                    "the first message of an upload must be its header".to_owned(),
+                )));
+            }
+        };
+        let deadline = shared
+            .with_core(|core| core.check_update_header(now(), &header))?
+            .map_err(rejected)?;
+        // The header matched the model's size, so this is the model's byte length.
+        let limit = usize::try_from(header.num_values)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(4);
+        let _permit = Arc::clone(&shared.uploads)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let mut values = Vec::with_capacity(limit);
+        let read = async {
+            while let Some(chunk) = stream.message().await? {
+                match chunk.part {
+                    Some(Part::Values(bytes)) => {
+                        let got = values.len() + bytes.len();
+                        if got > limit {
+                            return Err(shared.reject_at_edge(CoordinatorError::TooLarge { limit, got }));
+                        }
+                        values.extend_from_slice(&bytes);
+                    }
+                    Some(Part::Header(_)) => {
+                        return Err(shared.reject_at_edge(CoordinatorError::Malformed(
+                            "an upload must have exactly one header".to_owned(),
+                        )));
+                    }
+                    None => {
+                        return Err(shared.reject_at_edge(CoordinatorError::Malformed(
+                            "upload chunk without header or values".to_owned(),
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        };
+        let round = header.round;
+        tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read)
+            .await
+            .map_err(|_| shared.reject_at_edge(CoordinatorError::UploadTimeout { round }))??;
+        shared
+            .with_core(|core| core.submit_update(now(), header, &values))?
+            .map_err(rejected)
+    }
+}
+
+/// Starts the coordinator on `listener` with `core` and serves until
+/// `shutdown` completes. For progress callbacks, use [`CoordinatorService`]
+/// and its [`handle`](CoordinatorService::handle) instead.
+pub async fn serve(
+    listener: TcpListener,
+    core: RoundCore,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    CoordinatorService::new(core, opts).serve(listener, shutdown).await
+}
+
+/// The driver: polls the core when a timer is due or its state changed.
+async fn drive(shared: Arc<Shared>) {
+    let mut changes = shared.progress.subscribe();
+    loop {
+        // Mark changes seen *before* polling, so a change made after the poll
+        // wakes the next iteration.
+        changes.borrow_and_update();
+        let step = shared.with_core(|core| {
+            let events = core.poll(now());
+            (events, core.poll_timeout(), core.finished().is_some())
+        });
+        let Ok((events, timeout, finished)) = step else {
+            tracing::error!("driver stopped: coordinator state poisoned");
+            return;
+        };
+        events.iter().for_each(log_event);
+        if finished {
+            return;
+        }
+        let timer = async {
+            match timeout {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = timer => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = shared.stop_driver.notified() => return,
+        }
+    }
+}
+
+fn log_event(event: &Event) {
+    match event {
+        Event::RoundStarted {
+            round,
+            kind,
+            model_version,
+            selected,
+        } => tracing::info!(round, %kind, model_version, selected, "round started"),
+        Event::RoundEnded(s) if s.completed => tracing::info!(
+            round = s.round,
+            kind = %s.kind,
+            model_version = s.model_version,
+            selected = s.selected,
+            participants = s.participants,
+            seconds = s.seconds,
+            "round completed"
+        ),
+        Event::RoundEnded(s) => tracing::warn!(
+            round = s.round,
+            kind = %s.kind,
+            selected = s.selected,
+            participants = s.participants,
+            reason = s.abandon_reason.as_deref().unwrap_or(""),
+            "round abandoned"
+        ),
+        Event::Finished { reason } => tracing::info!(%reason, "coordinator finished"),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn parse_pseudonym(shared: &Shared, text: &str) -> Result<Pseudonym, Status> {
+    text.parse().map_err(|e| shared.reject_at_edge(e))
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let got = request.into_inner().protocol_version;
+        if got != PROTOCOL_VERSION {
+            return Err(self.shared.reject_at_edge(CoordinatorError::ProtocolVersion {
+                got,
+                expected: PROTOCOL_VERSION,
+            }));
+        }
+        let pseudonym = self.shared.with_core(|core| core.join(now()))?;
+        tracing::debug!(%pseudonym, "device joined");
+        Ok(Response::new(pb::JoinResponse {
+            pseudonym: pseudonym.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+        }))
+    }
+
+    async fn check_in(&self, request: Request<pb::CheckInRequest>) -> Result<Response<pb::CheckInResponse>, Status> {
+        let shared = &self.shared;
+        let pseudonym = parse_pseudonym(shared, &request.into_inner().pseudonym)?;
+        let until = tokio::time::Instant::now() + shared.long_poll;
+        let mut changes = shared.progress.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let now = now();
+            let outcome = shared.with_core(|core| core.check_in(now, &pseudonym))?.map_err(rejected)?;
+            if let CheckIn::Wait { .. } = outcome {
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_ok() {
+                            continue;
+                        }
+                    }
+                    () = tokio::time::sleep_until(until) => {}
+                }
+                return Ok(Response::new(Self::check_in_response(
+                    CheckIn::Wait {
+                        retry_after: Duration::ZERO,
+                    },
+                    now,
+                )));
+            }
+            if let CheckIn::Task(task) = &outcome {
+                tracing::debug!(%pseudonym, round = task.round, kind = %task.kind, "task assigned");
+            }
+            return Ok(Response::new(Self::check_in_response(outcome, now)));
+        }
+    }
+
+    type DownloadModelStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::ModelChunk, Status>>>;
+
+    async fn download_model(&self, request: Request<pb::ModelRequest>) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let shared = &self.shared;
+        let request = request.into_inner();
+        let pseudonym = parse_pseudonym(shared, &request.pseudonym)?;
+        let snapshot = shared
+            .with_core(|core| core.download(&pseudonym, request.model_version))?
+            .map_err(rejected)?;
+        let mut layout = Some(snapshot.layout.to_pb());
+        let mut chunks: Vec<Result<pb::ModelChunk, Status>> = tensor::chunks(&snapshot.encoded, shared.chunk_bytes)
+            .map(|(offset, values)| {
+                Ok(pb::ModelChunk {
+                    model_version: snapshot.version,
+                    layout: layout.take().unwrap_or_default(),
+                    offset: offset as u64,
+                    values,
+                })
+            })
+            .collect();
+        if let Some(layout) = layout {
+            // An empty model still sends its layout.
+            chunks.push(Ok(pb::ModelChunk {
+                model_version: snapshot.version,
+                layout,
+                offset: 0,
+                values: bytes::Bytes::new(),
+            }));
+        }
+        tracing::debug!(%pseudonym, model_version = snapshot.version, chunks = chunks.len(), "model download");
+        Ok(Response::new(tokio_stream::iter(chunks)))
+    }
+
+    async fn submit_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::UpdateAck>, Status> {
+        let mut stream = request.into_inner();
+        let accepted = self.receive_update(&mut stream).await?;
+        tracing::debug!(round = accepted.round, accepted = accepted.accepted, "update accepted");
+        Ok(Response::new(pb::UpdateAck {
+            round: accepted.round,
+            accepted: u32::try_from(accepted.accepted).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn submit_evaluation(&self, request: Request<pb::EvaluationReport>) -> Result<Response<pb::EvaluationAck>, Status> {
+        let shared = &self.shared;
+        let report = request.into_inner();
+        let pseudonym = parse_pseudonym(shared, &report.pseudonym)?;
+        let counts = report.counts.map(EvalCounts::from).ok_or_else(|| {
+            shared.reject_at_edge(CoordinatorError::Malformed("evaluation report without counts".to_owned()))
+        })?;
+        let accepted = shared
+            .with_core(|core| core.submit_evaluation(now(), &pseudonym, report.round, report.model_version, counts))?
+            .map_err(rejected)?;
+        tracing::debug!(%pseudonym, round = accepted.round, accepted = accepted.accepted, "evaluation accepted");
+        Ok(Response::new(pb::EvaluationAck { round: accepted.round }))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let response = self.shared.with_core(|core| {
+            let status = core.status();
+            pb::StatusResponse {
+                round: status.round,
+                model_version: status.model_version,
+                finished: status.finished,
+                rounds: core.history().iter().map(summary_to_pb).collect(),
+                devices: status.joined as u64,
+            }
+        })?;
+        Ok(Response::new(response))
+    }
+}
+
+// Conversions between protobuf messages and domain types, at the edge only.
+
+impl TryFrom<pb::UpdateHeader> for UpdateHeader {
+    type Error = CoordinatorError;
+
+    fn try_from(header: pb::UpdateHeader) -> Result<Self, Self::Error> {
+        Ok(Self {
+            pseudonym: header.pseudonym.parse()?,
+            round: header.round,
+            model_version: header.model_version,
+            num_examples: header.num_examples,
+            num_values: header.num_values,
+            evaluation: header.evaluation.map(EvalCounts::from),
+        })
+    }
+}
+
+impl From<pb::EvaluationCounts> for EvalCounts {
+    fn from(c: pb::EvaluationCounts) -> Self {
+        Self {
+            users: c.users,
+            hits_full: c.hits_full,
+            ndcg_full: c.ndcg_full,
+            hits_sampled: c.hits_sampled,
+            ndcg_sampled: c.ndcg_sampled,
+        }
+    }
+}
+
+impl From<&EvalCounts> for pb::EvaluationCounts {
+    fn from(c: &EvalCounts) -> Self {
+        Self {
+            users: c.users,
+            hits_full: c.hits_full,
+            ndcg_full: c.ndcg_full,
+            hits_sampled: c.hits_sampled,
+            ndcg_sampled: c.ndcg_sampled,
+        }
+    }
+}
+
+/// The protobuf twin of a task kind.
+pub fn task_kind_to_pb(kind: TaskKind) -> pb::TaskKind {
+    match kind {
+        TaskKind::Train => pb::TaskKind::Train,
+        TaskKind::Evaluate => pb::TaskKind::Evaluate,
+    }
+}
+
+/// A round summary as its protobuf twin.
+pub fn summary_to_pb(s: &RoundSummary) -> pb::RoundSummary {
+    pb::RoundSummary {
+        round: s.round,
+        kind: task_kind_to_pb(s.kind) as i32,
+        completed: s.completed,
+        abandon_reason: s.abandon_reason.clone().unwrap_or_default(),
+        model_version: s.model_version,
+        participants: u32::try_from(s.participants).unwrap_or(u32::MAX),
+        selected: u32::try_from(s.selected).unwrap_or(u32::MAX),
+        seconds: s.seconds,
+        evaluation: Some(pb::EvaluationCounts::from(&s.evaluation)),
+    }
+}

@@ -1,0 +1,243 @@
+//! Server optimizers: how a round's mean update moves the global model.
+//!
+//! From Reddi et al. 2021, "Adaptive Federated Optimization" (Algorithm 2).
+//! With parameters `x`, the round's weighted-mean update `Δ` (the mean of the
+//! devices' changes, weighted by their example counts) and server learning
+//! rate `η`:
+//!
+//! | strategy | update |
+//! |---|---|
+//! | FedAvg | `x += η Δ` |
+//! | FedAvgM | `m = μ m + Δ`; `x += η m` |
+//! | FedAdagrad | `v += Δ²` |
+//! | FedAdam | `v = β2 v + (1−β2) Δ²` |
+//! | FedYogi | `v = v − (1−β2) Δ² sign(v − Δ²)` |
+//!
+//! and for the three adaptive ones `m = β1 m + (1−β1) Δ`, `x += η m / (√v + τ)`,
+//! with `m` initialised to 0 and `v` to `τ²`; no bias correction, as in the paper.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{StrategyConfig, StrategyName};
+
+/// A server optimizer with its state (moments), serialisable for checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Strategy {
+    config: StrategyConfig,
+    /// First moment (FedAvgM: momentum buffer); empty for FedAvg.
+    m: Vec<f32>,
+    /// Second moment of the adaptive optimizers; empty otherwise.
+    v: Vec<f32>,
+}
+
+/// The strategy's result was not finite; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonFinite {
+    /// Index of the first non-finite parameter or moment.
+    pub index: usize,
+}
+
+impl Strategy {
+    /// A fresh optimizer for a model of `num_values` parameters.
+    pub fn new(config: StrategyConfig, num_values: usize) -> Self {
+        let (m_len, v_len) = match config.name {
+            StrategyName::FedAvg => (0, 0),
+            StrategyName::FedAvgM => (num_values, 0),
+            StrategyName::FedAdam | StrategyName::FedYogi | StrategyName::FedAdagrad => {
+                (num_values, num_values)
+            }
+        };
+        Self {
+            config,
+            m: vec![0.0; m_len],
+            v: vec![config.tau * config.tau; v_len],
+        }
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &StrategyConfig {
+        &self.config
+    }
+
+    /// Computes the next parameters from `params` and the mean update `delta`
+    /// (same length). On success the optimizer state advances and the new
+    /// parameters are returned; when any new parameter or moment would not be
+    /// finite, nothing changes and the first offending index is returned.
+    pub fn step(&mut self, params: &[f32], delta: &[f32]) -> Result<Vec<f32>, NonFinite> {
+        assert_eq!(params.len(), delta.len(), "params and delta lengths differ");
+        let c = self.config;
+        let eta = c.server_lr;
+        let mut x = params.to_vec();
+        match c.name {
+            StrategyName::FedAvg => {
+                for (xi, d) in x.iter_mut().zip(delta) {
+                    *xi += eta * d;
+                }
+                check(&x)?;
+            }
+            StrategyName::FedAvgM => {
+                let mut m = self.m.clone();
+                for ((xi, mi), d) in x.iter_mut().zip(m.iter_mut()).zip(delta) {
+                    *mi = c.momentum * *mi + d;
+                    *xi += eta * *mi;
+                }
+                check(&x)?;
+                check(&m)?;
+                self.m = m;
+            }
+            StrategyName::FedAdam | StrategyName::FedYogi | StrategyName::FedAdagrad => {
+                let mut m = self.m.clone();
+                let mut v = self.v.clone();
+                for (((xi, mi), vi), &d) in x.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                    let d2 = d * d;
+                    *vi = match c.name {
+                        StrategyName::FedAdagrad => *vi + d2,
+                        StrategyName::FedAdam => c.beta2 * *vi + (1.0 - c.beta2) * d2,
+                        _ => *vi - (1.0 - c.beta2) * d2 * sign(*vi - d2),
+                    };
+                    *mi = c.beta1 * *mi + (1.0 - c.beta1) * d;
+                    *xi += eta * *mi / (vi.sqrt() + c.tau);
+                }
+                check(&x)?;
+                check(&m)?;
+                check(&v)?;
+                self.m = m;
+                self.v = v;
+            }
+        }
+        Ok(x)
+    }
+}
+
+/// The sign function with `sign(0) = 0` (unlike `f32::signum`).
+fn sign(value: f32) -> f32 {
+    if value > 0.0 {
+        1.0
+    } else if value < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+fn check(values: &[f32]) -> Result<(), NonFinite> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(NonFinite { index }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(name: StrategyName) -> StrategyConfig {
+        StrategyConfig {
+            name,
+            server_lr: 0.5,
+            momentum: 0.5,
+            beta1: 0.5,
+            beta2: 0.75,
+            tau: 0.5,
+        }
+    }
+
+    /// Runs two steps from x = [1, -2] with Δ1 = [1, 0] and Δ2 = [-1, 2].
+    fn two_steps(name: StrategyName) -> (Vec<f32>, Vec<f32>) {
+        let mut s = Strategy::new(config(name), 2);
+        let x1 = s.step(&[1.0, -2.0], &[1.0, 0.0]).unwrap();
+        let x2 = s.step(&x1, &[-1.0, 2.0]).unwrap();
+        (x1, x2)
+    }
+
+    fn assert_close(got: &[f32], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-6, "got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn fedavg() {
+        // x1 = x0 + 0.5 Δ1 = [1.5, -2]; x2 = [1.5 - 0.5, -2 + 1] = [1, -1]
+        let (x1, x2) = two_steps(StrategyName::FedAvg);
+        assert_eq!(x1, vec![1.5, -2.0]);
+        assert_eq!(x2, vec![1.0, -1.0]);
+    }
+
+    #[test]
+    fn fedavgm() {
+        // m1 = Δ1 = [1, 0]; x1 = [1.5, -2]
+        // m2 = 0.5 m1 + Δ2 = [-0.5, 2]; x2 = x1 + 0.5 m2 = [1.25, -1]
+        let (x1, x2) = two_steps(StrategyName::FedAvgM);
+        assert_eq!(x1, vec![1.5, -2.0]);
+        assert_eq!(x2, vec![1.25, -1.0]);
+    }
+
+    #[test]
+    fn fedadagrad() {
+        // v0 = τ² = 0.25, m0 = 0
+        // step 1: v1 = [1.25, 0.25]; m1 = 0.5 Δ1 = [0.5, 0]
+        //   x1 = [1 + 0.5·0.5/(√1.25 + 0.5), -2] = [1.154508497, -2]
+        // step 2: v2 = [2.25, 4.25]; m2 = 0.5 m1 + 0.5 Δ2 = [-0.25, 1]
+        //   x2 = [x1₀ - 0.125/(1.5 + 0.5), -2 + 0.5/(√4.25 + 0.5)]
+        //      = [1.092008497, -1.804805898]
+        let (x1, x2) = two_steps(StrategyName::FedAdagrad);
+        assert_close(&x1, &[1.154_508_497, -2.0]);
+        assert_close(&x2, &[1.092_008_497, -1.804_805_898]);
+    }
+
+    #[test]
+    fn fedadam() {
+        // step 1: v1 = 0.75 v0 + 0.25 Δ1² = [0.4375, 0.1875]; m1 = [0.5, 0]
+        //   x1 = [1 + 0.25/(√0.4375 + 0.5), -2] = [1.215250437, -2]
+        // step 2: v2 = [0.578125, 1.140625]; m2 = [-0.25, 1]
+        //   x2 = [x1₀ - 0.125/(√0.578125 + 0.5), -2 + 0.5/(√1.140625 + 0.5)]
+        //      = [1.116071269, -1.681122544]
+        let (x1, x2) = two_steps(StrategyName::FedAdam);
+        assert_close(&x1, &[1.215_250_437, -2.0]);
+        assert_close(&x2, &[1.116_071_269, -1.681_122_544]);
+    }
+
+    #[test]
+    fn fedyogi() {
+        // step 1: Δ1² = [1, 0]; sign(v0 - Δ1²) = [-1, +1]
+        //   v1 = [0.25 + 0.25, 0.25 - 0] = [0.5, 0.25]; m1 = [0.5, 0]
+        //   x1 = [1 + 0.25/(√0.5 + 0.5), -2] = [1.207106781, -2]
+        // step 2: Δ2² = [1, 4]; sign(v1 - Δ2²) = [-1, -1]
+        //   v2 = [0.5 + 0.25, 0.25 + 1] = [0.75, 1.25]; m2 = [-0.25, 1]
+        //   x2 = [x1₀ - 0.125/(√0.75 + 0.5), -2 + 0.5/(√1.25 + 0.5)]
+        //      = [1.115600430, -1.690983006]
+        let (x1, x2) = two_steps(StrategyName::FedYogi);
+        assert_close(&x1, &[1.207_106_781, -2.0]);
+        assert_close(&x2, &[1.115_600_430, -1.690_983_006]);
+    }
+
+    #[test]
+    fn yogi_sign_of_zero_is_zero() {
+        // v0 = τ² = 0.25 = Δ²: sign(0) = 0, so v stays 0.25.
+        let mut s = Strategy::new(config(StrategyName::FedYogi), 1);
+        s.step(&[0.0], &[0.5]).unwrap();
+        assert_eq!(s.v, vec![0.25]);
+    }
+
+    #[test]
+    fn non_finite_result_changes_nothing() {
+        let mut s = Strategy::new(config(StrategyName::FedAvgM), 2);
+        let before = s.clone();
+        let err = s.step(&[f32::MAX, 0.0], &[f32::MAX, 1.0]).unwrap_err();
+        assert_eq!(err, NonFinite { index: 0 });
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn state_serialises() {
+        let mut s = Strategy::new(config(StrategyName::FedAdam), 2);
+        s.step(&[1.0, -2.0], &[1.0, 0.0]).unwrap();
+        // TOML is the crate's only serde format; checkpoints may use another.
+        let text = toml::to_string(&s).unwrap();
+        assert!(text.contains("fedadam"), "{text}");
+        let back: Strategy = toml::from_str(&text).unwrap();
+        assert_eq!(back, s);
+    }
+}

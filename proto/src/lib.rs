@@ -1,0 +1,81 @@
+//! The fedrec wire protocol, shared byte for byte by devices and the coordinator.
+//!
+//! - [`pb`]: the gRPC messages and services generated from `proto/fedrec.proto`
+//!   (compiled in `build.rs` by protox, a pure-Rust protobuf compiler).
+//! - [`tensor`]: the flat little-endian `f32` encoding of models and updates,
+//!   chunking for streams, and zero-copy folding of encoded values into a sum.
+//! - [`Layout`]: the names and shapes of the model's tensors.
+//!
+//! ```
+//! use fedrec_proto::{tensor, Layout};
+//! let layout = Layout::new(vec![("item_factors".into(), vec![3, 2]), ("item_bias".into(), vec![3])]);
+//! assert_eq!(layout.num_values(), 9);
+//! let values = vec![0.5_f32; 9];
+//! let bytes = tensor::encode(&values);
+//! let mut sum = vec![0.0_f32; 9];
+//! tensor::fold_into(&mut sum, &bytes, 2.0).unwrap();
+//! assert_eq!(sum[0], 1.0);
+//! ```
+
+pub mod tensor;
+
+/// Messages and services generated from `proto/fedrec.proto`.
+pub mod pb {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("fedrec.v1");
+}
+
+/// The protocol version; a device and a coordinator must agree on it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default size of one chunk of a streamed model or update, in bytes (1 MiB,
+/// well below tonic's default 4 MiB receive limit).
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Names and shapes of a model's tensors, in the order their values are
+/// concatenated on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    tensors: Vec<(String, Vec<u64>)>,
+}
+
+impl Layout {
+    /// A layout from `(name, shape)` pairs.
+    pub fn new(tensors: Vec<(String, Vec<u64>)>) -> Self {
+        Self { tensors }
+    }
+
+    /// The `(name, shape)` pairs.
+    pub fn tensors(&self) -> &[(String, Vec<u64>)] {
+        &self.tensors
+    }
+
+    /// Total number of `f32` values across all tensors.
+    pub fn num_values(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<u64>() as usize)
+            .sum()
+    }
+
+    /// The layout as protobuf messages.
+    pub fn to_pb(&self) -> Vec<pb::TensorSpec> {
+        self.tensors
+            .iter()
+            .map(|(name, shape)| pb::TensorSpec {
+                name: name.clone(),
+                shape: shape.clone(),
+            })
+            .collect()
+    }
+
+    /// The layout from protobuf messages.
+    pub fn from_pb(specs: &[pb::TensorSpec]) -> Self {
+        Self::new(
+            specs
+                .iter()
+                .map(|s| (s.name.clone(), s.shape.clone()))
+                .collect(),
+        )
+    }
+}

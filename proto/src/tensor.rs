@@ -1,0 +1,153 @@
+//! Flat little-endian `f32` encoding of models and updates.
+//!
+//! Values travel as raw little-endian `f32` bytes: no per-value framing, so a
+//! model of `n` values is exactly `4 n` bytes. Decoding never copies into an
+//! intermediate vector: [`fold_into`] adds encoded values straight into a
+//! running sum, and [`decode_into`] writes them into a caller's buffer.
+
+use bytes::Bytes;
+
+/// Why encoded values could not be used.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TensorError {
+    /// The byte length is not a multiple of 4.
+    #[error("encoded values must be a multiple of 4 bytes, got {0} bytes")]
+    Misaligned(usize),
+    /// The number of values differs from the expected one.
+    #[error("expected {expected} values, got {got}")]
+    WrongLength {
+        /// Values expected.
+        expected: usize,
+        /// Values received.
+        got: usize,
+    },
+    /// A value is NaN or infinite.
+    #[error("value at index {index} is not finite ({value})")]
+    NotFinite {
+        /// Index of the first offending value.
+        index: usize,
+        /// The value itself.
+        value: f32,
+    },
+}
+
+/// Encodes values as little-endian `f32` bytes.
+pub fn encode(values: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(out)
+}
+
+/// Splits encoded values into chunks of at most `chunk_bytes` bytes (rounded
+/// down to whole values, at least one value). Chunks share the input's memory.
+pub fn chunks(encoded: &Bytes, chunk_bytes: usize) -> impl Iterator<Item = (usize, Bytes)> + '_ {
+    let step = (chunk_bytes / 4).max(1) * 4;
+    (0..encoded.len())
+        .step_by(step)
+        .map(move |start| (start / 4, encoded.slice(start..(start + step).min(encoded.len()))))
+}
+
+fn values(bytes: &[u8]) -> Result<impl Iterator<Item = f32> + '_, TensorError> {
+    if bytes.len() % 4 != 0 {
+        return Err(TensorError::Misaligned(bytes.len()));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+}
+
+/// Decodes `bytes` into `out`, which must have exactly the right length.
+pub fn decode_into(out: &mut [f32], bytes: &[u8]) -> Result<(), TensorError> {
+    let got = bytes.len() / 4;
+    if got != out.len() || bytes.len() % 4 != 0 {
+        if bytes.len() % 4 != 0 {
+            return Err(TensorError::Misaligned(bytes.len()));
+        }
+        return Err(TensorError::WrongLength {
+            expected: out.len(),
+            got,
+        });
+    }
+    for (o, v) in out.iter_mut().zip(values(bytes)?) {
+        *o = v;
+    }
+    Ok(())
+}
+
+/// Decodes `bytes` into a new vector.
+pub fn decode(bytes: &[u8]) -> Result<Vec<f32>, TensorError> {
+    Ok(values(bytes)?.collect())
+}
+
+/// Checks that every value is finite; returns the first offender otherwise.
+pub fn check_finite(values: &[f32]) -> Result<(), TensorError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(TensorError::NotFinite {
+            index,
+            value: values[index],
+        }),
+    }
+}
+
+/// Adds `weight * value` for every encoded value into `sum`, which must have
+/// the same length as the encoded values.
+pub fn fold_into(sum: &mut [f32], bytes: &[u8], weight: f32) -> Result<(), TensorError> {
+    if bytes.len() % 4 != 0 {
+        return Err(TensorError::Misaligned(bytes.len()));
+    }
+    if bytes.len() / 4 != sum.len() {
+        return Err(TensorError::WrongLength {
+            expected: sum.len(),
+            got: bytes.len() / 4,
+        });
+    }
+    for (s, v) in sum.iter_mut().zip(values(bytes)?) {
+        *s += weight * v;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_chunks() {
+        let v: Vec<f32> = (0..1001).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let enc = encode(&v);
+        assert_eq!(enc.len(), 4004);
+        assert_eq!(decode(&enc).unwrap(), v);
+        let mut joined = Vec::new();
+        let mut next = 0;
+        for (offset, chunk) in chunks(&enc, 1000) {
+            assert_eq!(offset, next);
+            assert!(chunk.len() <= 1000);
+            next += chunk.len() / 4;
+            joined.extend_from_slice(&chunk);
+        }
+        assert_eq!(decode(&joined).unwrap(), v);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert_eq!(decode(&[0, 0, 0]), Err(TensorError::Misaligned(3)));
+        let mut out = [0.0; 2];
+        assert_eq!(
+            decode_into(&mut out, &encode(&[1.0])),
+            Err(TensorError::WrongLength { expected: 2, got: 1 })
+        );
+        let err = check_finite(&[1.0, f32::NAN]).unwrap_err();
+        assert!(err.to_string().contains("index 1"), "{err}");
+    }
+
+    #[test]
+    fn fold_adds_weighted() {
+        let mut sum = vec![1.0, 2.0];
+        fold_into(&mut sum, &encode(&[0.5, -1.0]), 2.0).unwrap();
+        assert_eq!(sum, vec![2.0, 0.0]);
+        assert!(fold_into(&mut sum, &encode(&[0.5]), 1.0).is_err());
+    }
+}

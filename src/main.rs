@@ -1,0 +1,426 @@
+//! The `fedrec` command line: simulate, serve, client, gen-data.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
+use fedrec::eval::Metrics;
+use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
+use fedrec_coordinator::config::{CoordinatorConfig, StrategyName};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Federated recommendation: devices train on their own purchases; a
+/// coordinator combines only their model updates.
+#[derive(Parser, Debug)]
+#[command(name = "fedrec", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Simulate federated training: one virtual device per user, a real
+    /// coordinator, and a comparison with centralized and popularity baselines.
+    Simulate(SimulateArgs),
+    /// Run a standalone coordinator until Ctrl-C.
+    Serve(ServeArgs),
+    /// Run one device: take part in rounds with a coordinator using one
+    /// user's history from a data file.
+    Client(ClientArgs),
+    /// Write a synthetic data set (MovieLens u.data layout: user, item, 1, time).
+    GenData(GenDataArgs),
+}
+
+/// Where interactions come from.
+#[derive(Args, Debug, Clone)]
+struct DataArgs {
+    /// Interaction file or directory (MovieLens u.data / ratings.dat /
+    /// ratings.csv, UCI Online Retail CSV, or any CSV/TSV with --user-col and
+    /// --item-col). Without it: generated data (the embedded default).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Force the format instead of detecting it: movielens, movielens-dat,
+    /// movielens-csv, retail, columns.
+    #[arg(long)]
+    format: Option<Format>,
+    /// Name of the user column (generic CSV/TSV).
+    #[arg(long)]
+    user_col: Option<String>,
+    /// Name of the item column (generic CSV/TSV).
+    #[arg(long)]
+    item_col: Option<String>,
+    /// Name of the time column (generic CSV/TSV; Unix seconds or a date/time).
+    #[arg(long)]
+    time_col: Option<String>,
+    /// Users of the generated data set (without --data).
+    #[arg(long, default_value_t = SyntheticConfig::default().users)]
+    synthetic_users: usize,
+    /// Items of the generated data set (without --data).
+    #[arg(long, default_value_t = SyntheticConfig::default().items)]
+    synthetic_items: usize,
+}
+
+impl DataArgs {
+    fn load(&self, seed: u64) -> anyhow::Result<Dataset> {
+        match &self.data {
+            Some(path) => {
+                let opts = LoadOptions {
+                    format: self.format,
+                    user_col: self.user_col.clone(),
+                    item_col: self.item_col.clone(),
+                    time_col: self.time_col.clone(),
+                };
+                Ok(data::load(path, &opts)?)
+            }
+            None => Ok(data::synthetic(&SyntheticConfig {
+                users: self.synthetic_users,
+                items: self.synthetic_items,
+                seed,
+                ..SyntheticConfig::default()
+            })?),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct SimulateArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Coordinator configuration file (TOML); the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Training rounds.
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Devices selected per round.
+    #[arg(long)]
+    clients_per_round: Option<usize>,
+    /// Local epochs per round on each device.
+    #[arg(long)]
+    local_epochs: Option<u32>,
+    /// Latent factors of the model.
+    #[arg(long)]
+    factors: Option<usize>,
+    /// Local learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// L2 regularization.
+    #[arg(long)]
+    reg: Option<f32>,
+    /// Server-side strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad.
+    #[arg(long, value_parser = parse_strategy)]
+    strategy: Option<StrategyName>,
+    /// Server learning rate of the strategy.
+    #[arg(long)]
+    server_lr: Option<f32>,
+    /// Epochs of the centralized baseline.
+    #[arg(long, default_value_t = sim::DEFAULT_CENTRALIZED_EPOCHS)]
+    centralized_epochs: u32,
+    /// Seed of everything random.
+    #[arg(long, default_value_t = sim::DEFAULT_SEED)]
+    seed: u64,
+    /// grpc: real gRPC over loopback; inproc: the same core without sockets.
+    #[arg(long, value_enum, default_value_t = Transport::Grpc)]
+    transport: Transport,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Coordinator configuration file (TOML). Without it: the defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:50051 (overrides server.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Items in the catalogue (overrides model.items).
+    #[arg(long)]
+    items: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct ClientArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// The coordinator's address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// The user (external id in the data) whose history this device holds.
+    #[arg(long)]
+    user: String,
+    /// Latent factors (must match the coordinator's model.factors).
+    #[arg(long, default_value_t = fedrec_client::model::DEFAULT_FACTORS)]
+    factors: usize,
+    /// Seed of the device's local randomness.
+    #[arg(long, default_value_t = sim::DEFAULT_SEED)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct GenDataArgs {
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Users.
+    #[arg(long, default_value_t = SyntheticConfig::default().users)]
+    users: usize,
+    /// Items.
+    #[arg(long, default_value_t = SyntheticConfig::default().items)]
+    items: usize,
+    /// Seed.
+    #[arg(long, default_value_t = SyntheticConfig::default().seed)]
+    seed: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Simulate(args) => simulate(args),
+        Command::Serve(args) => serve(args),
+        Command::Client(args) => client(args),
+        Command::GenData(args) => gen_data(args),
+    }
+}
+
+fn parse_strategy(s: &str) -> Result<StrategyName, String> {
+    use serde::Deserialize;
+    use serde::de::value::{Error, StrDeserializer};
+    StrategyName::deserialize(StrDeserializer::<Error>::new(s)).map_err(|e| e.to_string())
+}
+
+fn coordinator_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> {
+    Ok(match path {
+        Some(p) => CoordinatorConfig::from_file(p)?,
+        None => CoordinatorConfig::default(),
+    })
+}
+
+fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let mut coord = match &args.config {
+        Some(p) => CoordinatorConfig::from_file(p)?,
+        None => sim::default_coordinator_config(),
+    };
+    let r = &mut coord.rounds;
+    if let Some(v) = args.rounds { r.rounds = v; }
+    if let Some(v) = args.clients_per_round { r.clients_per_round = v; }
+    let t = &mut coord.training;
+    if let Some(v) = args.local_epochs { t.local_epochs = v; }
+    if let Some(v) = args.lr { t.learning_rate = v; }
+    if let Some(v) = args.reg { t.regularization = v; }
+    if let Some(v) = args.factors { coord.model.factors = v; }
+    if let Some(v) = args.strategy { coord.strategy.name = v; }
+    if let Some(v) = args.server_lr { coord.strategy.server_lr = v; }
+    if coord.rounds.rounds == 0 {
+        bail!("a simulation needs a finite number of rounds (rounds.rounds = 0 means forever)");
+    }
+    let ds = args.data.load(args.seed)?;
+    eprintln!(
+        "data: {} — {} users, {} items, {} interactions{}",
+        ds.name,
+        ds.n_users(),
+        ds.n_items(),
+        ds.interactions.len(),
+        skipped_note(&ds)
+    );
+    let cfg = SimConfig {
+        coordinator: coord,
+        transport: args.transport,
+        seed: args.seed,
+        centralized_epochs: args.centralized_epochs,
+    };
+    let mut bar = Bar::default();
+    let report = sim::run(&ds, &cfg, &mut bar)?;
+    bar.finish();
+    print_table(&report);
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("cannot write the report to {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn skipped_note(ds: &Dataset) -> String {
+    if ds.skipped.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = ds.skipped.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    format!(" (skipped rows: {})", parts.join(", "))
+}
+
+/// A progress bar over rounds.
+#[derive(Default)]
+struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Observer for Bar {
+    fn start(&mut self, rounds: u32) {
+        let bar = ProgressBar::new(rounds.into());
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} rounds {elapsed} {msg}")
+                .expect("static template is valid")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix("federated");
+        self.bar = Some(bar);
+    }
+
+    fn round(&mut self, row: &RoundRow) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            bar.set_message(format!(
+                "round {}: {} devices, cohort HR@10 {:.3}{}",
+                row.round,
+                row.participants,
+                row.hr_at_10,
+                if row.completed { "" } else { " (abandoned)" }
+            ));
+        }
+    }
+
+    fn phase(&mut self, name: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{name}…"));
+        }
+    }
+}
+
+impl Bar {
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn print_table(report: &Report) {
+    let f = &report.final_;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\n{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s",
+        report.data.name,
+        report.data.users,
+        report.data.test_users,
+        report.data.items,
+        report.rounds.len(),
+        report.timing.total_seconds
+    );
+    let _ = writeln!(out, "{:<12} {:>8} {:>9} {:>12} {:>13} {:>12}", "method", "HR@10", "NDCG@10", "HR@10 (100)", "NDCG@10 (100)", "coverage@10");
+    let line = |out: &mut std::io::StdoutLock, name: &str, m: &Metrics| {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>8.4} {:>9.4} {:>12.4} {:>13.4} {:>12.3}",
+            name, m.full.hr_at_10, m.full.ndcg_at_10, m.sampled100.hr_at_10, m.sampled100.ndcg_at_10, m.coverage_at_10
+        );
+    };
+    line(&mut out, "federated", &f.federated);
+    line(&mut out, "centralized", &f.centralized);
+    line(&mut out, "popularity", &f.popularity);
+    let _ = writeln!(out, "(HR/NDCG: full ranking; (100): among 100 sampled candidates)");
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = coordinator_config(args.config.as_deref())?;
+    if let Some(listen) = args.listen { cfg.server.listen = listen; }
+    if let Some(items) = args.items { cfg.model.items = Some(items); }
+    let Some(items) = cfg.model.items else {
+        bail!("the coordinator needs the catalogue size: set model.items in the config or pass --items");
+    };
+    let model = fedrec_client::model::MatrixFactorization::new(items, cfg.model.factors, cfg.model.init_std)?;
+    let params = {
+        use fedrec_client::model::Model;
+        use rand::SeedableRng;
+        model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed))
+    };
+    let layout = fedrec_client::model::Model::layout(&model);
+    let listen = cfg.server.listen.clone();
+    let core = fedrec_coordinator::round::RoundCore::new(cfg, layout, params)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        eprintln!("coordinator listening on {} (Ctrl-C to stop)", listener.local_addr()?);
+        let service = fedrec_coordinator::service::CoordinatorService::new(core, Default::default());
+        let handle = service.handle();
+        service
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+                eprintln!("shutting down");
+            })
+            .await?;
+        let p = handle.progress();
+        eprintln!(
+            "stopped after {} rounds; model version {}",
+            p.history.len(),
+            p.status.model_version
+        );
+        anyhow::Ok(())
+    })
+}
+
+fn client(args: ClientArgs) -> anyhow::Result<()> {
+    let ds = args.data.load(args.seed)?;
+    let user = ds
+        .user_ids
+        .iter()
+        .position(|u| *u == args.user)
+        .with_context(|| format!("user {:?} is not in {}", args.user, ds.name))?;
+    let split = data::leave_one_out(&ds);
+    let model: Arc<dyn fedrec_client::model::Model> =
+        Arc::new(fedrec_client::model::MatrixFactorization::new(ds.n_items(), args.factors, fedrec_client::model::DEFAULT_INIT_STD)?);
+    let mut device = fedrec_client::device::Device::new(Arc::clone(&model), args.seed);
+    for &item in &split.train[user] {
+        device.record(fedrec_client::store::Purchase { item, time: 0, quantity: 1.0 })?;
+    }
+    if let Some(target) = split.test[user] {
+        device.hold_out(target, fedrec::eval::candidate_seed(args.seed, user))?;
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let mut participant = fedrec_client::participant::Participant::connect(&args.coordinator).await?;
+        eprintln!("joined {} as {}", args.coordinator, participant.pseudonym());
+        let (_device, summary) = participant.run(device).await?;
+        eprintln!(
+            "done: {} training rounds, {} evaluations, {} refused; {} bytes sent; coordinator: {}",
+            summary.trained,
+            summary.evaluated,
+            summary.refused,
+            participant.sent().total_bytes(),
+            summary.finished_reason
+        );
+        anyhow::Ok(())
+    })
+}
+
+fn gen_data(args: GenDataArgs) -> anyhow::Result<()> {
+    let ds = data::synthetic(&SyntheticConfig {
+        users: args.users,
+        items: args.items,
+        seed: args.seed,
+        ..SyntheticConfig::default()
+    })?;
+    let file = std::fs::File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    for it in &ds.interactions {
+        writeln!(w, "{}\t{}\t1\t{}", ds.user_ids[it.user as usize], ds.item_ids[it.item as usize], it.time)?;
+    }
+    w.flush()?;
+    eprintln!("wrote {} interactions of {} users to {}", ds.interactions.len(), ds.n_users(), args.out.display());
+    Ok(())
+}

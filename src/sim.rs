@@ -1,0 +1,501 @@
+//! Simulations: one virtual device per user of a data set, against a real
+//! coordinator core.
+//!
+//! Two transports run the same coordinator core and the same device code:
+//! - [`Transport::Grpc`]: a coordinator served on 127.0.0.1 (port 0), every
+//!   device a [`Participant`] with its own connection, as in a deployment;
+//! - [`Transport::Inproc`]: the core driven by direct method calls with a
+//!   virtual clock, devices trained in parallel on all cores. Deterministic:
+//!   the same seed gives the same numbers.
+//!
+//! Both end with a federated evaluation round in which every device ranks its
+//! held-out purchase locally and reports only counts; the report sets those
+//! beside the centralized and popularity baselines on the same split.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fedrec_client::device::Device;
+use fedrec_client::metrics::{EvalCounts, K};
+use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
+use fedrec_client::participant::Participant;
+use fedrec_client::store::Purchase;
+use fedrec_coordinator::config::CoordinatorConfig;
+use fedrec_coordinator::round::{CheckIn, Pseudonym, RoundCore, RoundSummary, TaskKind, UpdateHeader};
+use fedrec_coordinator::service::{CoordinatorService, ServeOptions};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::data::{Dataset, Split, leave_one_out};
+use crate::eval::{self, Coverage, Metrics};
+
+/// How devices reach the coordinator in a simulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Real gRPC over loopback.
+    Grpc,
+    /// The same core without sockets (deterministic, for large runs).
+    Inproc,
+}
+
+/// Everything a simulation needs besides the data.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimConfig {
+    /// The coordinator's configuration (rounds, cohort, training, strategy, model).
+    pub coordinator: CoordinatorConfig,
+    /// Transport between devices and coordinator.
+    pub transport: Transport,
+    /// Seed of everything random: model init, devices, cohorts, evaluation.
+    pub seed: u64,
+    /// Epochs of the centralized baseline over all users' data.
+    pub centralized_epochs: u32,
+}
+
+/// One row of the per-round report.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundRow {
+    /// Round number.
+    pub round: u32,
+    /// Devices whose update was accepted.
+    pub participants: usize,
+    /// Wall-clock seconds of the round.
+    pub seconds: f64,
+    /// HR@10 (full ranking) of the model the cohort received, measured by
+    /// the cohort on its own held-out purchases.
+    pub hr_at_10: f64,
+    /// NDCG@10 (full ranking), likewise.
+    pub ndcg_at_10: f64,
+    /// Whether the round completed (false: abandoned, nothing applied).
+    pub completed: bool,
+}
+
+/// Final metrics of each method on the same split.
+#[derive(Clone, Debug, Serialize)]
+pub struct Final {
+    /// The federated model, evaluated by the devices themselves.
+    pub federated: Metrics,
+    /// The same model trained on all data in one place.
+    pub centralized: Metrics,
+    /// Ranking by global popularity.
+    pub popularity: Metrics,
+}
+
+/// What the data looked like.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataSummary {
+    /// Data set name.
+    pub name: String,
+    /// Users (devices).
+    pub users: usize,
+    /// Items in the catalogue.
+    pub items: usize,
+    /// Interactions loaded.
+    pub interactions: usize,
+    /// Users with a held-out item.
+    pub test_users: usize,
+    /// Users skipped for evaluation (fewer than 2 interactions).
+    pub skipped_users: usize,
+    /// Rows skipped while loading, by reason.
+    pub skipped_rows: std::collections::BTreeMap<String, u64>,
+}
+
+/// Wall-clock timing.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timing {
+    /// Whole simulation, baselines included.
+    pub total_seconds: f64,
+    /// Federated training and evaluation.
+    pub federated_seconds: f64,
+    /// Centralized baseline.
+    pub centralized_seconds: f64,
+}
+
+/// The simulation's report (written as JSON by `--report`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The configuration used.
+    pub config: SimConfig,
+    /// The data.
+    pub data: DataSummary,
+    /// Every round.
+    pub rounds: Vec<RoundRow>,
+    /// Final metrics.
+    #[serde(rename = "final")]
+    pub final_: Final,
+    /// Timing.
+    pub timing: Timing,
+}
+
+/// Receives progress while a simulation runs.
+pub trait Observer {
+    /// The simulation starts `rounds` training rounds (0 if unknown).
+    fn start(&mut self, _rounds: u32) {}
+    /// A round ended.
+    fn round(&mut self, _row: &RoundRow) {}
+    /// A phase begins (e.g. "centralized baseline").
+    fn phase(&mut self, _name: &str) {}
+}
+
+/// An observer that ignores everything.
+impl Observer for () {}
+
+fn row(s: &RoundSummary, seconds: f64) -> RoundRow {
+    RoundRow {
+        round: s.round,
+        participants: s.participants,
+        seconds,
+        hr_at_10: if s.evaluation.users == 0 { 0.0 } else { s.evaluation.hits_full / s.evaluation.users as f64 },
+        ndcg_at_10: if s.evaluation.users == 0 { 0.0 } else { s.evaluation.ndcg_full / s.evaluation.users as f64 },
+        completed: s.completed,
+    }
+}
+
+fn counts_from_round(s: &RoundSummary) -> EvalCounts {
+    EvalCounts {
+        users: s.evaluation.users,
+        hits_full: s.evaluation.hits_full,
+        ndcg_full: s.evaluation.ndcg_full,
+        hits_sampled: s.evaluation.hits_sampled,
+        ndcg_sampled: s.evaluation.ndcg_sampled,
+    }
+}
+
+/// The devices of a split: one per user with training data, each holding
+/// its training purchases and its held-out purchase.
+pub fn make_devices(model: &Arc<dyn Model>, split: &Split, seed: u64) -> anyhow::Result<Vec<(usize, Device)>> {
+    let mut devices = Vec::new();
+    for (user, items) in split.train.iter().enumerate() {
+        if items.is_empty() {
+            continue;
+        }
+        let mut device = Device::new(Arc::clone(model), seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        for &item in items {
+            device.record(Purchase { item, time: 0, quantity: 1.0 })?;
+        }
+        if let Some(target) = split.test[user] {
+            device.hold_out(target, eval::candidate_seed(seed, user))?;
+        }
+        devices.push((user, device));
+    }
+    Ok(devices)
+}
+
+fn device_training(cfg: &CoordinatorConfig) -> TrainingConfig {
+    TrainingConfig {
+        local_epochs: cfg.training.local_epochs,
+        learning_rate: cfg.training.learning_rate,
+        regularization: cfg.training.regularization,
+        negatives: cfg.training.negatives,
+    }
+}
+
+/// Runs a whole simulation on `ds`: federated training over the chosen
+/// transport, federated evaluation, and both baselines.
+pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow::Result<Report> {
+    let start = Instant::now();
+    let split = leave_one_out(ds);
+    let n_items = ds.n_items();
+    let mut coord = cfg.coordinator.clone();
+    coord.rounds.seed = Some(cfg.seed);
+    coord.model.items = Some(n_items);
+    coord.rounds.final_evaluation = true;
+    let model: Arc<dyn Model> = Arc::new(
+        MatrixFactorization::new(n_items, coord.model.factors, coord.model.init_std)
+            .context("invalid model configuration")?,
+    );
+    let devices = make_devices(&model, &split, cfg.seed)?;
+    if devices.is_empty() {
+        bail!("the data set has no user with training data");
+    }
+    // Never ask for more devices than exist.
+    coord.rounds.clients_per_round = coord.rounds.clients_per_round.min(devices.len());
+    coord.rounds.min_updates = coord.rounds.min_updates.min(coord.rounds.clients_per_round);
+    coord.validate().context("invalid coordinator configuration")?;
+    let params = model.init_global(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
+    let core = RoundCore::new(coord.clone(), model.layout(), params).context("cannot start the coordinator")?;
+
+    observer.start(coord.rounds.rounds);
+    let fed_start = Instant::now();
+    let (rounds, final_counts, global, devices) = match cfg.transport {
+        Transport::Inproc => run_inproc(core, devices, observer)?,
+        Transport::Grpc => run_grpc(core, devices, observer)?,
+    };
+    // Coverage of the federated model: each device's own top 10 (computed on
+    // the device; a simulation can look, a deployment would aggregate it).
+    let mut coverage = Coverage::new(n_items);
+    let mut devices = devices;
+    for (_, device) in devices.iter_mut() {
+        coverage.add(&device.recommend(&global, K)?);
+    }
+    let federated = Metrics::from_counts(&final_counts, coverage.covered(), n_items);
+    let federated_seconds = fed_start.elapsed().as_secs_f64();
+
+    observer.phase("centralized baseline");
+    let cen_start = Instant::now();
+    let centralized = eval::centralized(&model, &split, &TrainingConfig { local_epochs: 1, ..device_training(&coord) }, cfg.centralized_epochs, cfg.seed);
+    let centralized_seconds = cen_start.elapsed().as_secs_f64();
+    let popularity = eval::popularity(&split, cfg.seed);
+
+    Ok(Report {
+        config: SimConfig { coordinator: coord, ..cfg.clone() },
+        data: DataSummary {
+            name: ds.name.clone(),
+            users: ds.n_users(),
+            items: n_items,
+            interactions: ds.interactions.len(),
+            test_users: split.test.iter().flatten().count(),
+            skipped_users: split.skipped_users,
+            skipped_rows: ds.skipped.clone(),
+        },
+        rounds,
+        final_: Final { federated, centralized, popularity },
+        timing: Timing {
+            total_seconds: start.elapsed().as_secs_f64(),
+            federated_seconds,
+            centralized_seconds,
+        },
+    })
+}
+
+type Outcome = (Vec<RoundRow>, EvalCounts, Vec<f32>, Vec<(usize, Device)>);
+
+/// Drives the core directly. The clock is virtual and stands still while
+/// devices train, so no deadline ever depends on the machine's speed.
+fn run_inproc(mut core: RoundCore, mut devices: Vec<(usize, Device)>, observer: &mut dyn Observer) -> anyhow::Result<Outcome> {
+    let base = Instant::now();
+    let mut clock = base;
+    let pseudonyms: Vec<Pseudonym> = devices.iter().map(|_| core.join(clock)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+    let mut final_counts = EvalCounts::default();
+    let mut round_start = Instant::now();
+    loop {
+        let mut tasks = Vec::new();
+        let mut finished = false;
+        for (i, p) in pseudonyms.iter().enumerate() {
+            match core.check_in(clock, p)? {
+                CheckIn::Task(task) => tasks.push((i, task)),
+                CheckIn::Finished { .. } => finished = true,
+                _ => {}
+            }
+        }
+        if finished {
+            break;
+        }
+        if tasks.is_empty() {
+            // Nothing to do until a timer fires: jump the virtual clock to it.
+            match core.poll_timeout() {
+                Some(t) if t > clock => clock = t,
+                _ => clock += Duration::from_secs(1),
+            }
+            for event in core.poll(clock) {
+                record_event(&event, &mut rows, &mut final_counts, &mut round_start, observer);
+            }
+            continue;
+        }
+        let snapshot = core.model();
+        let global = &snapshot.params;
+        // Train the cohort in parallel; results come back in task order, so
+        // the sum is formed in the same order every run.
+        let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> = Vec::with_capacity(tasks.len());
+        {
+            let mut it = devices.iter_mut().enumerate();
+            for (i, task) in &tasks {
+                let (_, (_, d)) = it.by_ref().find(|(j, _)| j == i).context("task for an unknown device")?;
+                selected.push((d, task));
+            }
+        }
+        let chunk = selected.len().div_ceil(threads).max(1);
+        let results: Vec<anyhow::Result<TaskResult>> = std::thread::scope(|s| {
+            let handles: Vec<_> = selected
+                .chunks_mut(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        part.iter_mut()
+                            .map(|(device, task)| run_task(device, task, global))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("device thread panicked")).collect()
+        });
+        for ((i, task), result) in tasks.iter().zip(results) {
+            let who = pseudonyms[*i];
+            match result? {
+                TaskResult::Update(update) => {
+                    let header = UpdateHeader {
+                        pseudonym: who,
+                        round: task.round,
+                        model_version: task.model_version,
+                        num_examples: update.num_examples,
+                        num_values: update.delta.len() as u64,
+                        evaluation: update.evaluation.map(to_coord_counts),
+                    };
+                    let bytes = fedrec_proto::tensor::encode(&update.delta);
+                    core.submit_update(clock, header, &bytes)?;
+                }
+                TaskResult::Evaluation(counts) => {
+                    core.submit_evaluation(clock, &who, task.round, task.model_version, to_coord_counts(counts.unwrap_or_default()))?;
+                }
+            }
+        }
+        for event in core.poll(clock) {
+            record_event(&event, &mut rows, &mut final_counts, &mut round_start, observer);
+        }
+    }
+    let global = core.model().params.clone();
+    Ok((rows, final_counts, global, devices))
+}
+
+enum TaskResult {
+    Update(fedrec_client::device::LocalUpdate),
+    Evaluation(Option<EvalCounts>),
+}
+
+fn run_task(device: &mut Device, task: &fedrec_coordinator::round::Task, global: &[f32]) -> anyhow::Result<TaskResult> {
+    let cfg = TrainingConfig {
+        local_epochs: task.training.local_epochs,
+        learning_rate: task.training.learning_rate,
+        regularization: task.training.regularization,
+        negatives: task.training.negatives,
+    };
+    Ok(match task.kind {
+        TaskKind::Evaluate => TaskResult::Evaluation(device.evaluate(global, &cfg)?),
+        _ => TaskResult::Update(device.train(global, &cfg, task.evaluate)?),
+    })
+}
+
+fn to_coord_counts(c: EvalCounts) -> fedrec_coordinator::aggregate::EvalCounts {
+    fedrec_coordinator::aggregate::EvalCounts {
+        users: c.users,
+        hits_full: c.hits_full,
+        ndcg_full: c.ndcg_full,
+        hits_sampled: c.hits_sampled,
+        ndcg_sampled: c.ndcg_sampled,
+    }
+}
+
+fn record_event(
+    event: &fedrec_coordinator::round::Event,
+    rows: &mut Vec<RoundRow>,
+    final_counts: &mut EvalCounts,
+    round_start: &mut Instant,
+    observer: &mut dyn Observer,
+) {
+    use fedrec_coordinator::round::Event;
+    match event {
+        Event::RoundStarted { .. } => *round_start = Instant::now(),
+        Event::RoundEnded(s) => record_summary(s, round_start.elapsed().as_secs_f64(), rows, final_counts, observer),
+        _ => {}
+    }
+}
+
+fn record_summary(s: &RoundSummary, seconds: f64, rows: &mut Vec<RoundRow>, final_counts: &mut EvalCounts, observer: &mut dyn Observer) {
+    match s.kind {
+        TaskKind::Evaluate => *final_counts = counts_from_round(s),
+        _ => {
+            let r = row(s, seconds);
+            observer.round(&r);
+            rows.push(r);
+        }
+    }
+}
+
+/// Serves the core on 127.0.0.1 (port 0) and runs every device as a
+/// [`Participant`] over its own connection.
+fn run_grpc(core: RoundCore, devices: Vec<(usize, Device)>, observer: &mut dyn Observer) -> anyhow::Result<Outcome> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot bind 127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let service = CoordinatorService::new(core, ServeOptions::default());
+        let handle = service.handle();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(service.serve(listener, async {
+            let _ = stop_rx.await;
+        }));
+        let endpoint = format!("http://{addr}");
+        let mut participants = tokio::task::JoinSet::new();
+        // Connect a bounded number at a time, so that a thousand devices do
+        // not overflow the listener's accept queue.
+        let connecting = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+        for (user, device) in devices {
+            let endpoint = endpoint.clone();
+            let connecting = Arc::clone(&connecting);
+            participants.spawn(async move {
+                let permit = connecting.acquire_owned().await?;
+                let channel = tonic::transport::Channel::from_shared(endpoint)?.connect().await?;
+                let mut participant = Participant::join(channel, None).await?;
+                drop(permit);
+                let (device, _summary) = participant.run(device).await?;
+                anyhow::Ok((user, device))
+            });
+        }
+        // Report rounds as they end.
+        let mut progress = handle.subscribe();
+        let mut seen = 0usize;
+        let mut rows = Vec::new();
+        let mut final_counts = EvalCounts::default();
+        let mut last = Instant::now();
+        let mut returned = Vec::new();
+        loop {
+            tokio::select! {
+                changed = progress.changed() => {
+                    if changed.is_err() { break; }
+                    let history = progress.borrow_and_update().history.clone();
+                    for s in &history[seen..] {
+                        record_summary(s, last.elapsed().as_secs_f64(), &mut rows, &mut final_counts, observer);
+                        last = Instant::now();
+                    }
+                    seen = history.len();
+                }
+                joined = participants.join_next() => {
+                    match joined {
+                        Some(result) => returned.push(result.context("device task panicked")??),
+                        None => break,
+                    }
+                }
+            }
+        }
+        let history = handle.progress().history;
+        for s in &history[seen..] {
+            record_summary(s, last.elapsed().as_secs_f64(), &mut rows, &mut final_counts, observer);
+        }
+        let global = handle.model()?.params.clone();
+        let _ = stop_tx.send(());
+        server.await.context("coordinator task panicked")??;
+        returned.sort_by_key(|(user, _)| *user);
+        Ok((rows, final_counts, global, returned))
+    })
+}
+
+/// Devices connecting to the coordinator at once in a gRPC simulation.
+pub const CONNECT_CONCURRENCY: usize = 64;
+
+/// Default seed of simulations.
+pub const DEFAULT_SEED: u64 = 42;
+/// Default epochs of the centralized baseline: enough for SGD over all users
+/// to converge on data of MovieLens-100K's size.
+pub const DEFAULT_CENTRALIZED_EPOCHS: u32 = 40;
+/// Default training rounds of a simulation.
+pub const DEFAULT_ROUNDS: u32 = 100;
+/// Default devices per round of a simulation.
+pub const DEFAULT_CLIENTS_PER_ROUND: usize = 100;
+
+/// The coordinator configuration a simulation starts from: the coordinator's
+/// defaults with a finite number of rounds, a larger cohort, and deadlines
+/// generous enough that no healthy virtual device misses one.
+pub fn default_coordinator_config() -> CoordinatorConfig {
+    let mut cfg = CoordinatorConfig::default();
+    cfg.rounds.rounds = DEFAULT_ROUNDS;
+    cfg.rounds.clients_per_round = DEFAULT_CLIENTS_PER_ROUND;
+    cfg.rounds.deadline_secs = 600.0;
+    cfg.rounds.checkin_window_secs = 600.0;
+    cfg
+}
