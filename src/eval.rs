@@ -147,7 +147,13 @@ pub fn train_centralized(
     for _ in 0..epochs {
         order.shuffle(&mut rng);
         for &u in &order {
-            model.train_in_place(&mut params, &mut users[u], &split.train[u], &one_epoch, &mut rng);
+            model.train_in_place(
+                &mut params,
+                &mut users[u],
+                &split.train[u],
+                &one_epoch,
+                &mut rng,
+            );
         }
     }
     (params, users)
@@ -162,7 +168,9 @@ pub fn centralized(
     seed: u64,
 ) -> Metrics {
     let (params, users) = train_centralized(model, split, cfg, epochs, seed);
-    evaluate(split, seed, |u, out| model.score_all(&params, &users[u], out))
+    evaluate(split, seed, |u, out| {
+        model.score_all(&params, &users[u], out)
+    })
 }
 
 #[cfg(test)]

@@ -31,7 +31,8 @@ enum Command {
     /// Run one device: take part in rounds with a coordinator using one
     /// user's history from a data file.
     Client(ClientArgs),
-    /// Write a synthetic data set (MovieLens u.data layout: user, item, 1, time).
+    /// Write a synthetic data set in MovieLens u.data layout (user, item, 1, time;
+    /// numeric ids from 1).
     GenData(GenDataArgs),
 }
 
@@ -214,15 +215,31 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         None => sim::default_coordinator_config(),
     };
     let r = &mut coord.rounds;
-    if let Some(v) = args.rounds { r.rounds = v; }
-    if let Some(v) = args.clients_per_round { r.clients_per_round = v; }
+    if let Some(v) = args.rounds {
+        r.rounds = v;
+    }
+    if let Some(v) = args.clients_per_round {
+        r.clients_per_round = v;
+    }
     let t = &mut coord.training;
-    if let Some(v) = args.local_epochs { t.local_epochs = v; }
-    if let Some(v) = args.lr { t.learning_rate = v; }
-    if let Some(v) = args.reg { t.regularization = v; }
-    if let Some(v) = args.factors { coord.model.factors = v; }
-    if let Some(v) = args.strategy { coord.strategy.name = v; }
-    if let Some(v) = args.server_lr { coord.strategy.server_lr = v; }
+    if let Some(v) = args.local_epochs {
+        t.local_epochs = v;
+    }
+    if let Some(v) = args.lr {
+        t.learning_rate = v;
+    }
+    if let Some(v) = args.reg {
+        t.regularization = v;
+    }
+    if let Some(v) = args.factors {
+        coord.model.factors = v;
+    }
+    if let Some(v) = args.strategy {
+        coord.strategy.name = v;
+    }
+    if let Some(v) = args.server_lr {
+        coord.strategy.server_lr = v;
+    }
     if coord.rounds.rounds == 0 {
         bail!("a simulation needs a finite number of rounds (rounds.rounds = 0 means forever)");
     }
@@ -247,7 +264,8 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     print_table(&report);
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json).with_context(|| format!("cannot write the report to {}", path.display()))?;
+        std::fs::write(path, json)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
         eprintln!("report written to {}", path.display());
     }
     Ok(())
@@ -320,28 +338,50 @@ fn print_table(report: &Report) {
         report.rounds.len(),
         report.timing.total_seconds
     );
-    let _ = writeln!(out, "{:<12} {:>8} {:>9} {:>12} {:>13} {:>12}", "method", "HR@10", "NDCG@10", "HR@10 (100)", "NDCG@10 (100)", "coverage@10");
+    let _ = writeln!(
+        out,
+        "{:<12} {:>8} {:>9} {:>12} {:>13} {:>12}",
+        "method", "HR@10", "NDCG@10", "HR@10 (100)", "NDCG@10 (100)", "coverage@10"
+    );
     let line = |out: &mut std::io::StdoutLock, name: &str, m: &Metrics| {
         let _ = writeln!(
             out,
             "{:<12} {:>8.4} {:>9.4} {:>12.4} {:>13.4} {:>12.3}",
-            name, m.full.hr_at_10, m.full.ndcg_at_10, m.sampled100.hr_at_10, m.sampled100.ndcg_at_10, m.coverage_at_10
+            name,
+            m.full.hr_at_10,
+            m.full.ndcg_at_10,
+            m.sampled100.hr_at_10,
+            m.sampled100.ndcg_at_10,
+            m.coverage_at_10
         );
     };
     line(&mut out, "federated", &f.federated);
     line(&mut out, "centralized", &f.centralized);
     line(&mut out, "popularity", &f.popularity);
-    let _ = writeln!(out, "(HR/NDCG: full ranking; (100): among 100 sampled candidates)");
+    let _ = writeln!(
+        out,
+        "(HR/NDCG: full ranking; (100): among 100 sampled candidates)"
+    );
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = coordinator_config(args.config.as_deref())?;
-    if let Some(listen) = args.listen { cfg.server.listen = listen; }
-    if let Some(items) = args.items { cfg.model.items = Some(items); }
+    if let Some(listen) = args.listen {
+        cfg.server.listen = listen;
+    }
+    if let Some(items) = args.items {
+        cfg.model.items = Some(items);
+    }
     let Some(items) = cfg.model.items else {
-        bail!("the coordinator needs the catalogue size: set model.items in the config or pass --items");
+        bail!(
+            "the coordinator needs the catalogue size: set model.items in the config or pass --items"
+        );
     };
-    let model = fedrec_client::model::MatrixFactorization::new(items, cfg.model.factors, cfg.model.init_std)?;
+    let model = fedrec_client::model::MatrixFactorization::new(
+        items,
+        cfg.model.factors,
+        cfg.model.init_std,
+    )?;
     let params = {
         use fedrec_client::model::Model;
         use rand::SeedableRng;
@@ -355,8 +395,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        eprintln!("coordinator listening on {} (Ctrl-C to stop)", listener.local_addr()?);
-        let service = fedrec_coordinator::service::CoordinatorService::new(core, Default::default());
+        eprintln!(
+            "coordinator listening on {} (Ctrl-C to stop)",
+            listener.local_addr()?
+        );
+        let service =
+            fedrec_coordinator::service::CoordinatorService::new(core, Default::default());
         let handle = service.handle();
         service
             .serve(listener, async {
@@ -383,17 +427,26 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         .with_context(|| format!("user {:?} is not in {}", args.user, ds.name))?;
     let split = data::leave_one_out(&ds);
     let model: Arc<dyn fedrec_client::model::Model> =
-        Arc::new(fedrec_client::model::MatrixFactorization::new(ds.n_items(), args.factors, fedrec_client::model::DEFAULT_INIT_STD)?);
+        Arc::new(fedrec_client::model::MatrixFactorization::new(
+            ds.n_items(),
+            args.factors,
+            fedrec_client::model::DEFAULT_INIT_STD,
+        )?);
     let mut device = fedrec_client::device::Device::new(Arc::clone(&model), args.seed);
     for &item in &split.train[user] {
-        device.record(fedrec_client::store::Purchase { item, time: 0, quantity: 1.0 })?;
+        device.record(fedrec_client::store::Purchase {
+            item,
+            time: 0,
+            quantity: 1.0,
+        })?;
     }
     if let Some(target) = split.test[user] {
         device.hold_out(target, fedrec::eval::candidate_seed(args.seed, user))?;
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let mut participant = fedrec_client::participant::Participant::connect(&args.coordinator).await?;
+        let mut participant =
+            fedrec_client::participant::Participant::connect(&args.coordinator).await?;
         eprintln!("joined {} as {}", args.coordinator, participant.pseudonym());
         let (_device, summary) = participant.run(device).await?;
         eprintln!(
@@ -415,12 +468,19 @@ fn gen_data(args: GenDataArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..SyntheticConfig::default()
     })?;
-    let file = std::fs::File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let file = std::fs::File::create(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
     let mut w = std::io::BufWriter::new(file);
     for it in &ds.interactions {
-        writeln!(w, "{}\t{}\t1\t{}", ds.user_ids[it.user as usize], ds.item_ids[it.item as usize], it.time)?;
+        // Numeric ids from 1, as in MovieLens, so that the format is detected.
+        writeln!(w, "{}\t{}\t1\t{}", it.user + 1, it.item + 1, it.time)?;
     }
     w.flush()?;
-    eprintln!("wrote {} interactions of {} users to {}", ds.interactions.len(), ds.n_users(), args.out.display());
+    eprintln!(
+        "wrote {} interactions of {} users to {}",
+        ds.interactions.len(),
+        ds.n_users(),
+        args.out.display()
+    );
     Ok(())
 }

@@ -22,7 +22,9 @@ use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
 use fedrec_client::store::Purchase;
 use fedrec_coordinator::config::CoordinatorConfig;
-use fedrec_coordinator::round::{CheckIn, Pseudonym, RoundCore, RoundSummary, TaskKind, UpdateHeader};
+use fedrec_coordinator::round::{
+    CheckIn, Pseudonym, RoundCore, RoundSummary, TaskKind, UpdateHeader,
+};
 use fedrec_coordinator::service::{CoordinatorService, ServeOptions};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -147,8 +149,16 @@ fn row(s: &RoundSummary, seconds: f64) -> RoundRow {
         round: s.round,
         participants: s.participants,
         seconds,
-        hr_at_10: if s.evaluation.users == 0 { 0.0 } else { s.evaluation.hits_full / s.evaluation.users as f64 },
-        ndcg_at_10: if s.evaluation.users == 0 { 0.0 } else { s.evaluation.ndcg_full / s.evaluation.users as f64 },
+        hr_at_10: if s.evaluation.users == 0 {
+            0.0
+        } else {
+            s.evaluation.hits_full / s.evaluation.users as f64
+        },
+        ndcg_at_10: if s.evaluation.users == 0 {
+            0.0
+        } else {
+            s.evaluation.ndcg_full / s.evaluation.users as f64
+        },
         completed: s.completed,
     }
 }
@@ -165,15 +175,26 @@ fn counts_from_round(s: &RoundSummary) -> EvalCounts {
 
 /// The devices of a split: one per user with training data, each holding
 /// its training purchases and its held-out purchase.
-pub fn make_devices(model: &Arc<dyn Model>, split: &Split, seed: u64) -> anyhow::Result<Vec<(usize, Device)>> {
+pub fn make_devices(
+    model: &Arc<dyn Model>,
+    split: &Split,
+    seed: u64,
+) -> anyhow::Result<Vec<(usize, Device)>> {
     let mut devices = Vec::new();
     for (user, items) in split.train.iter().enumerate() {
         if items.is_empty() {
             continue;
         }
-        let mut device = Device::new(Arc::clone(model), seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+        let mut device = Device::new(
+            Arc::clone(model),
+            seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+        );
         for &item in items {
-            device.record(Purchase { item, time: 0, quantity: 1.0 })?;
+            device.record(Purchase {
+                item,
+                time: 0,
+                quantity: 1.0,
+            })?;
         }
         if let Some(target) = split.test[user] {
             device.hold_out(target, eval::candidate_seed(seed, user))?;
@@ -213,9 +234,12 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     // Never ask for more devices than exist.
     coord.rounds.clients_per_round = coord.rounds.clients_per_round.min(devices.len());
     coord.rounds.min_updates = coord.rounds.min_updates.min(coord.rounds.clients_per_round);
-    coord.validate().context("invalid coordinator configuration")?;
+    coord
+        .validate()
+        .context("invalid coordinator configuration")?;
     let params = model.init_global(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-    let core = RoundCore::new(coord.clone(), model.layout(), params).context("cannot start the coordinator")?;
+    let core = RoundCore::new(coord.clone(), model.layout(), params)
+        .context("cannot start the coordinator")?;
 
     observer.start(coord.rounds.rounds);
     let fed_start = Instant::now();
@@ -235,12 +259,24 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
 
     observer.phase("centralized baseline");
     let cen_start = Instant::now();
-    let centralized = eval::centralized(&model, &split, &TrainingConfig { local_epochs: 1, ..device_training(&coord) }, cfg.centralized_epochs, cfg.seed);
+    let centralized = eval::centralized(
+        &model,
+        &split,
+        &TrainingConfig {
+            local_epochs: 1,
+            ..device_training(&coord)
+        },
+        cfg.centralized_epochs,
+        cfg.seed,
+    );
     let centralized_seconds = cen_start.elapsed().as_secs_f64();
     let popularity = eval::popularity(&split, cfg.seed);
 
     Ok(Report {
-        config: SimConfig { coordinator: coord, ..cfg.clone() },
+        config: SimConfig {
+            coordinator: coord,
+            ..cfg.clone()
+        },
         data: DataSummary {
             name: ds.name.clone(),
             users: ds.n_users(),
@@ -251,7 +287,11 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             skipped_rows: ds.skipped.clone(),
         },
         rounds,
-        final_: Final { federated, centralized, popularity },
+        final_: Final {
+            federated,
+            centralized,
+            popularity,
+        },
         timing: Timing {
             total_seconds: start.elapsed().as_secs_f64(),
             federated_seconds,
@@ -264,7 +304,11 @@ type Outcome = (Vec<RoundRow>, EvalCounts, Vec<f32>, Vec<(usize, Device)>);
 
 /// Drives the core directly. The clock is virtual and stands still while
 /// devices train, so no deadline ever depends on the machine's speed.
-fn run_inproc(mut core: RoundCore, mut devices: Vec<(usize, Device)>, observer: &mut dyn Observer) -> anyhow::Result<Outcome> {
+fn run_inproc(
+    mut core: RoundCore,
+    mut devices: Vec<(usize, Device)>,
+    observer: &mut dyn Observer,
+) -> anyhow::Result<Outcome> {
     let base = Instant::now();
     let mut clock = base;
     let pseudonyms: Vec<Pseudonym> = devices.iter().map(|_| core.join(clock)).collect();
@@ -292,7 +336,13 @@ fn run_inproc(mut core: RoundCore, mut devices: Vec<(usize, Device)>, observer: 
                 _ => clock += Duration::from_secs(1),
             }
             for event in core.poll(clock) {
-                record_event(&event, &mut rows, &mut final_counts, &mut round_start, observer);
+                record_event(
+                    &event,
+                    &mut rows,
+                    &mut final_counts,
+                    &mut round_start,
+                    observer,
+                );
             }
             continue;
         }
@@ -300,11 +350,15 @@ fn run_inproc(mut core: RoundCore, mut devices: Vec<(usize, Device)>, observer: 
         let global = &snapshot.params;
         // Train the cohort in parallel; results come back in task order, so
         // the sum is formed in the same order every run.
-        let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> = Vec::with_capacity(tasks.len());
+        let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> =
+            Vec::with_capacity(tasks.len());
         {
             let mut it = devices.iter_mut().enumerate();
             for (i, task) in &tasks {
-                let (_, (_, d)) = it.by_ref().find(|(j, _)| j == i).context("task for an unknown device")?;
+                let (_, (_, d)) = it
+                    .by_ref()
+                    .find(|(j, _)| j == i)
+                    .context("task for an unknown device")?;
                 selected.push((d, task));
             }
         }
@@ -320,7 +374,10 @@ fn run_inproc(mut core: RoundCore, mut devices: Vec<(usize, Device)>, observer: 
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("device thread panicked")).collect()
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("device thread panicked"))
+                .collect()
         });
         for ((i, task), result) in tasks.iter().zip(results) {
             let who = pseudonyms[*i];
@@ -338,12 +395,24 @@ fn run_inproc(mut core: RoundCore, mut devices: Vec<(usize, Device)>, observer: 
                     core.submit_update(clock, header, &bytes)?;
                 }
                 TaskResult::Evaluation(counts) => {
-                    core.submit_evaluation(clock, &who, task.round, task.model_version, to_coord_counts(counts.unwrap_or_default()))?;
+                    core.submit_evaluation(
+                        clock,
+                        &who,
+                        task.round,
+                        task.model_version,
+                        to_coord_counts(counts.unwrap_or_default()),
+                    )?;
                 }
             }
         }
         for event in core.poll(clock) {
-            record_event(&event, &mut rows, &mut final_counts, &mut round_start, observer);
+            record_event(
+                &event,
+                &mut rows,
+                &mut final_counts,
+                &mut round_start,
+                observer,
+            );
         }
     }
     let global = core.model().params.clone();
@@ -355,7 +424,11 @@ enum TaskResult {
     Evaluation(Option<EvalCounts>),
 }
 
-fn run_task(device: &mut Device, task: &fedrec_coordinator::round::Task, global: &[f32]) -> anyhow::Result<TaskResult> {
+fn run_task(
+    device: &mut Device,
+    task: &fedrec_coordinator::round::Task,
+    global: &[f32],
+) -> anyhow::Result<TaskResult> {
     let cfg = TrainingConfig {
         local_epochs: task.training.local_epochs,
         learning_rate: task.training.learning_rate,
@@ -388,12 +461,24 @@ fn record_event(
     use fedrec_coordinator::round::Event;
     match event {
         Event::RoundStarted { .. } => *round_start = Instant::now(),
-        Event::RoundEnded(s) => record_summary(s, round_start.elapsed().as_secs_f64(), rows, final_counts, observer),
+        Event::RoundEnded(s) => record_summary(
+            s,
+            round_start.elapsed().as_secs_f64(),
+            rows,
+            final_counts,
+            observer,
+        ),
         _ => {}
     }
 }
 
-fn record_summary(s: &RoundSummary, seconds: f64, rows: &mut Vec<RoundRow>, final_counts: &mut EvalCounts, observer: &mut dyn Observer) {
+fn record_summary(
+    s: &RoundSummary,
+    seconds: f64,
+    rows: &mut Vec<RoundRow>,
+    final_counts: &mut EvalCounts,
+    observer: &mut dyn Observer,
+) {
     match s.kind {
         TaskKind::Evaluate => *final_counts = counts_from_round(s),
         _ => {
@@ -406,7 +491,11 @@ fn record_summary(s: &RoundSummary, seconds: f64, rows: &mut Vec<RoundRow>, fina
 
 /// Serves the core on 127.0.0.1 (port 0) and runs every device as a
 /// [`Participant`] over its own connection.
-fn run_grpc(core: RoundCore, devices: Vec<(usize, Device)>, observer: &mut dyn Observer) -> anyhow::Result<Outcome> {
+fn run_grpc(
+    core: RoundCore,
+    devices: Vec<(usize, Device)>,
+    observer: &mut dyn Observer,
+) -> anyhow::Result<Outcome> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

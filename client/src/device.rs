@@ -37,7 +37,6 @@ pub struct Device {
     /// A purchase kept out of training to evaluate the model on, and the seed
     /// of its sampled candidates (fixed, so every evaluation uses the same ones).
     held_out: Option<(u32, u64)>,
-    scores: Vec<f32>,
 }
 
 impl Device {
@@ -51,7 +50,6 @@ impl Device {
             private,
             rng,
             held_out: None,
-            scores: Vec::new(),
         }
     }
 
@@ -118,7 +116,11 @@ impl Device {
             cfg,
             &mut self.rng,
         );
-        let evaluation = if evaluate { self.score_held_out(global) } else { None };
+        let evaluation = if evaluate {
+            self.score_held_out(global)
+        } else {
+            None
+        };
         let history = self.store.items();
         let delta = self
             .model
@@ -149,11 +151,17 @@ impl Device {
         Ok(self.score_held_out(global))
     }
 
-    fn score_held_out(&mut self, global: &[f32]) -> Option<EvalCounts> {
+    /// Scores of every item. Not kept: an idle device holds no per-item buffer.
+    fn scores(&self, global: &[f32]) -> Vec<f32> {
+        let mut scores = Vec::with_capacity(self.model.items());
+        self.model.score_all(global, &self.private, &mut scores);
+        scores
+    }
+
+    fn score_held_out(&self, global: &[f32]) -> Option<EvalCounts> {
         let (target, seed) = self.held_out?;
-        self.model.score_all(global, &self.private, &mut self.scores);
         Some(metrics::evaluate_user(
-            &self.scores,
+            &self.scores(global),
             self.store.items(),
             target,
             &mut ChaCha8Rng::seed_from_u64(seed),
@@ -164,7 +172,6 @@ impl Device {
     /// already bought, best first. Uses the private embedding as it is.
     pub fn recommend(&mut self, global: &[f32], k: usize) -> Result<Vec<u32>, ClientError> {
         self.check_global(global)?;
-        self.model.score_all(global, &self.private, &mut self.scores);
-        Ok(metrics::top_k(&self.scores, self.store.items(), k))
+        Ok(metrics::top_k(&self.scores(global), self.store.items(), k))
     }
 }

@@ -55,7 +55,11 @@ impl EvalCounts {
     }
 
     fn mean(&self, sum: f64) -> f64 {
-        if self.users == 0 { 0.0 } else { sum / self.users as f64 }
+        if self.users == 0 {
+            0.0
+        } else {
+            sum / self.users as f64
+        }
     }
 }
 
@@ -190,7 +194,10 @@ mod tests {
         // 1000 items, target has the 6th best score overall; items 0..5 are better.
         let scores: Vec<f32> = (0..1000).map(|i| -(i as f32)).collect();
         let r = sampled_rank(&scores, &[0, 1, 2, 3, 4], 5, &mut rng);
-        assert_eq!(r, 0, "all better items are in train, so none can be sampled");
+        assert_eq!(
+            r, 0,
+            "all better items are in train, so none can be sampled"
+        );
         let r = sampled_rank(&scores, &[], 999, &mut rng);
         assert_eq!(r, 99, "worst item ranks behind all 99 sampled");
         // tiny catalogue: fewer candidates than 99

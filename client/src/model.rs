@@ -42,16 +42,28 @@ impl TrainingConfig {
     pub fn validate(&self) -> Result<(), ClientError> {
         let bad = |what: String| Err(ClientError::InvalidConfig(what));
         if self.local_epochs == 0 || self.local_epochs > 1000 {
-            return bad(format!("local_epochs must be in 1..=1000, got {}", self.local_epochs));
+            return bad(format!(
+                "local_epochs must be in 1..=1000, got {}",
+                self.local_epochs
+            ));
         }
         if !(self.learning_rate > 0.0 && self.learning_rate <= 10.0) {
-            return bad(format!("learning_rate must be in (0, 10], got {}", self.learning_rate));
+            return bad(format!(
+                "learning_rate must be in (0, 10], got {}",
+                self.learning_rate
+            ));
         }
         if !(self.regularization >= 0.0 && self.regularization <= 10.0) {
-            return bad(format!("regularization must be in [0, 10], got {}", self.regularization));
+            return bad(format!(
+                "regularization must be in [0, 10], got {}",
+                self.regularization
+            ));
         }
         if self.negatives == 0 || self.negatives > 1000 {
-            return bad(format!("negatives must be in 1..=1000, got {}", self.negatives));
+            return bad(format!(
+                "negatives must be in 1..=1000, got {}",
+                self.negatives
+            ));
         }
         Ok(())
     }
@@ -131,7 +143,9 @@ impl MatrixFactorization {
     /// A model over `items` items with `factors` latent factors.
     pub fn new(items: usize, factors: usize, init_std: f32) -> Result<Self, ClientError> {
         if items == 0 {
-            return Err(ClientError::InvalidConfig("items must be >= 1, got 0".into()));
+            return Err(ClientError::InvalidConfig(
+                "items must be >= 1, got 0".into(),
+            ));
         }
         if factors == 0 || factors > 1024 {
             return Err(ClientError::InvalidConfig(format!(
@@ -143,7 +157,11 @@ impl MatrixFactorization {
                 "init_std must be > 0, got {init_std}"
             )));
         }
-        Ok(Self { items, factors, init_std })
+        Ok(Self {
+            items,
+            factors,
+            init_std,
+        })
     }
 
     /// Number of latent factors.

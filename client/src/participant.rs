@@ -87,7 +87,6 @@ pub struct Participant {
     client: CoordinatorClient<Channel>,
     pseudonym: String,
     chunk_bytes: usize,
-    cached: Option<(u64, Vec<f32>)>,
     sent: SentLog,
 }
 
@@ -134,7 +133,6 @@ impl Participant {
             client,
             pseudonym: resp.pseudonym,
             chunk_bytes: fedrec_proto::DEFAULT_CHUNK_BYTES,
-            cached: None,
             sent,
         })
     }
@@ -152,7 +150,10 @@ impl Participant {
     /// Takes part in rounds until the coordinator finishes. Training runs on a
     /// blocking thread so that it does not stall the async runtime. Refused
     /// submissions (a round that closed meanwhile) are counted, not fatal.
-    pub async fn run(&mut self, mut device: Device) -> Result<(Device, ParticipationSummary), ClientError> {
+    pub async fn run(
+        &mut self,
+        mut device: Device,
+    ) -> Result<(Device, ParticipationSummary), ClientError> {
         let mut summary = ParticipationSummary::default();
         loop {
             let req = pb::CheckInRequest {
@@ -177,7 +178,11 @@ impl Participant {
                     summary.finished_reason = f.reason;
                     return Ok((device, summary));
                 }
-                None => return Err(ClientError::Protocol("check-in answer without outcome".into())),
+                None => {
+                    return Err(ClientError::Protocol(
+                        "check-in answer without outcome".into(),
+                    ));
+                }
             };
             let (back, accepted) = self.do_task(device, &task).await?;
             device = back;
@@ -189,7 +194,11 @@ impl Participant {
         }
     }
 
-    async fn do_task(&mut self, device: Device, task: &pb::Task) -> Result<(Device, bool), ClientError> {
+    async fn do_task(
+        &mut self,
+        device: Device,
+        task: &pb::Task,
+    ) -> Result<(Device, bool), ClientError> {
         let cfg = training_config(task)?;
         let global = self.download(&device, task).await?;
         let kind = task.kind();
@@ -197,8 +206,12 @@ impl Participant {
         let (device, outcome) = tokio::task::spawn_blocking(move || {
             let mut device = device;
             let outcome = match kind {
-                pb::TaskKind::Evaluate => device.evaluate(&global, &cfg).map(TaskOutcome::Evaluation),
-                _ => device.train(&global, &cfg, evaluate).map(TaskOutcome::Update),
+                pb::TaskKind::Evaluate => {
+                    device.evaluate(&global, &cfg).map(TaskOutcome::Evaluation)
+                }
+                _ => device
+                    .train(&global, &cfg, evaluate)
+                    .map(TaskOutcome::Update),
             };
             (device, outcome)
         })
@@ -210,7 +223,9 @@ impl Participant {
         };
         match result {
             Ok(()) => Ok((device, true)),
-            Err(ClientError::Rpc { request, status }) if status.code() != tonic::Code::Unavailable => {
+            Err(ClientError::Rpc { request, status })
+                if status.code() != tonic::Code::Unavailable =>
+            {
                 tracing::debug!(pseudonym = %self.pseudonym, round = task.round, request, code = ?status.code(), "submission refused");
                 Ok((device, false))
             }
@@ -218,13 +233,13 @@ impl Participant {
         }
     }
 
-    /// Downloads the task's model version, reusing the last one if unchanged.
-    async fn download(&mut self, device: &Device, task: &pb::Task) -> Result<Vec<f32>, ClientError> {
-        if let Some((version, values)) = &self.cached {
-            if *version == task.model_version {
-                return Ok(values.clone());
-            }
-        }
+    /// Downloads the task's model version. Nothing is kept between tasks, so
+    /// an idle device holds no copy of the model.
+    async fn download(
+        &mut self,
+        device: &Device,
+        task: &pb::Task,
+    ) -> Result<Vec<f32>, ClientError> {
         let req = pb::ModelRequest {
             pseudonym: self.pseudonym.clone(),
             round: task.round,
@@ -242,7 +257,10 @@ impl Participant {
         let mut values = vec![0.0_f32; n];
         let mut received = 0usize;
         while let Some(chunk) = stream.message().await.map_err(rpc("DownloadModel"))? {
-            if chunk.offset == 0 && !chunk.layout.is_empty() && Layout::from_pb(&chunk.layout) != want {
+            if chunk.offset == 0
+                && !chunk.layout.is_empty()
+                && Layout::from_pb(&chunk.layout) != want
+            {
                 return Err(ClientError::ModelMismatch(format!(
                     "coordinator's model layout {:?} differs from this device's {:?}",
                     Layout::from_pb(&chunk.layout),
@@ -252,7 +270,9 @@ impl Participant {
             let start = chunk.offset as usize;
             let len = chunk.values.len() / 4;
             let end = start.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
-                ClientError::Protocol(format!("model chunk at {start} with {len} values overruns {n}"))
+                ClientError::Protocol(format!(
+                    "model chunk at {start} with {len} values overruns {n}"
+                ))
             })?;
             tensor::decode_into(&mut values[start..end], &chunk.values)
                 .map_err(|e| ClientError::Protocol(format!("model chunk: {e}")))?;
@@ -264,11 +284,14 @@ impl Participant {
             )));
         }
         tensor::check_finite(&values).map_err(|e| ClientError::Protocol(format!("model: {e}")))?;
-        self.cached = Some((task.model_version, values.clone()));
         Ok(values)
     }
 
-    async fn submit_update(&mut self, task: &pb::Task, update: crate::device::LocalUpdate) -> Result<(), ClientError> {
+    async fn submit_update(
+        &mut self,
+        task: &pb::Task,
+        update: crate::device::LocalUpdate,
+    ) -> Result<(), ClientError> {
         let header = pb::UpdateHeader {
             pseudonym: self.pseudonym.clone(),
             round: task.round,
@@ -281,9 +304,11 @@ impl Participant {
         let mut chunks = vec![pb::UpdateChunk {
             part: Some(pb::update_chunk::Part::Header(header)),
         }];
-        chunks.extend(tensor::chunks(&encoded, self.chunk_bytes).map(|(_, values)| pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Values(values)),
-        }));
+        chunks.extend(
+            tensor::chunks(&encoded, self.chunk_bytes).map(|(_, values)| pb::UpdateChunk {
+                part: Some(pb::update_chunk::Part::Values(values)),
+            }),
+        );
         for c in &chunks {
             self.sent.log("UpdateChunk", task.round, c);
         }
@@ -294,7 +319,11 @@ impl Participant {
         Ok(())
     }
 
-    async fn submit_evaluation(&mut self, task: &pb::Task, counts: Option<EvalCounts>) -> Result<(), ClientError> {
+    async fn submit_evaluation(
+        &mut self,
+        task: &pb::Task,
+        counts: Option<EvalCounts>,
+    ) -> Result<(), ClientError> {
         let req = pb::EvaluationReport {
             pseudonym: self.pseudonym.clone(),
             round: task.round,

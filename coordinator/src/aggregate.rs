@@ -56,14 +56,11 @@ impl Aggregator {
             }
             .into());
         }
-        let total_weight = self
-            .total_weight
-            .checked_add(weight)
-            .ok_or_else(|| {
-                CoordinatorError::Malformed(format!(
-                    "num_examples {weight} overflows the round's total weight"
-                ))
-            })?;
+        let total_weight = self.total_weight.checked_add(weight).ok_or_else(|| {
+            CoordinatorError::Malformed(format!(
+                "num_examples {weight} overflows the round's total weight"
+            ))
+        })?;
         let w = weight as f32;
         // First pass, read-only: every value finite, and the sum stays finite
         // (the same expression as `fold_into` computes, so the check is exact).
@@ -98,7 +95,12 @@ impl Aggregator {
             return None;
         }
         let total = self.total_weight as f64;
-        Some(self.sum.iter().map(|s| (f64::from(*s) / total) as f32).collect())
+        Some(
+            self.sum
+                .iter()
+                .map(|s| (f64::from(*s) / total) as f32)
+                .collect(),
+        )
     }
 
     /// Empties the sum for the next round, keeping its allocation.
@@ -250,7 +252,12 @@ mod tests {
             ndcg_full: f64::NAN,
             ..EvalCounts::default()
         };
-        assert!(bad.validate().unwrap_err().to_string().contains("ndcg_full"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ndcg_full")
+        );
         let bad = EvalCounts {
             users: 1,
             hits_sampled: -1.0,

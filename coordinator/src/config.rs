@@ -307,12 +307,22 @@ fn invalid(message: String) -> CoordinatorError {
 }
 
 /// Checks that `value` is finite and within `[lo, hi]` (or `(lo, hi]` when `open_lo`).
-fn check_range(name: &str, value: f64, lo: f64, open_lo: bool, hi: f64) -> Result<(), CoordinatorError> {
+fn check_range(
+    name: &str,
+    value: f64,
+    lo: f64,
+    open_lo: bool,
+    hi: f64,
+) -> Result<(), CoordinatorError> {
     let ok_lo = if open_lo { value > lo } else { value >= lo };
     if value.is_finite() && ok_lo && value <= hi {
         return Ok(());
     }
-    let lo_text = if open_lo { format!("> {lo}") } else { format!(">= {lo}") };
+    let lo_text = if open_lo {
+        format!("> {lo}")
+    } else {
+        format!(">= {lo}")
+    };
     let text = if hi.is_finite() {
         format!("{name} must be {lo_text} and <= {hi}, got {value}")
     } else {
@@ -363,7 +373,13 @@ impl CoordinatorConfig {
                 s.listen
             ))
         })?;
-        check_range("server.long_poll_secs", s.long_poll_secs, 0.0, true, MAX_SECS)?;
+        check_range(
+            "server.long_poll_secs",
+            s.long_poll_secs,
+            0.0,
+            true,
+            MAX_SECS,
+        )?;
         if s.max_concurrent_uploads < 1 {
             return Err(invalid(format!(
                 "server.max_concurrent_uploads must be >= 1, got {}",
@@ -381,7 +397,13 @@ impl CoordinatorConfig {
         if let Some(f) = r.fraction {
             check_range("rounds.fraction", f, 0.0, true, 1.0)?;
         }
-        check_range("rounds.over_selection", r.over_selection, 1.0, false, 1000.0)?;
+        check_range(
+            "rounds.over_selection",
+            r.over_selection,
+            1.0,
+            false,
+            1000.0,
+        )?;
         if r.min_updates < 1 {
             return Err(invalid(format!(
                 "rounds.min_updates must be >= 1, got {}",
@@ -395,7 +417,13 @@ impl CoordinatorConfig {
             )));
         }
         check_range("rounds.deadline_secs", r.deadline_secs, 0.0, true, MAX_SECS)?;
-        check_range("rounds.checkin_window_secs", r.checkin_window_secs, 0.0, false, MAX_SECS)?;
+        check_range(
+            "rounds.checkin_window_secs",
+            r.checkin_window_secs,
+            0.0,
+            false,
+            MAX_SECS,
+        )?;
 
         let t = &self.training;
         if t.local_epochs < 1 {
@@ -404,8 +432,20 @@ impl CoordinatorConfig {
                 t.local_epochs
             )));
         }
-        check_range("training.learning_rate", t.learning_rate.into(), 0.0, true, f64::INFINITY)?;
-        check_range("training.regularization", t.regularization.into(), 0.0, false, f64::INFINITY)?;
+        check_range(
+            "training.learning_rate",
+            t.learning_rate.into(),
+            0.0,
+            true,
+            f64::INFINITY,
+        )?;
+        check_range(
+            "training.regularization",
+            t.regularization.into(),
+            0.0,
+            false,
+            f64::INFINITY,
+        )?;
         if t.negatives < 1 {
             return Err(invalid(format!(
                 "training.negatives must be >= 1, got {}",
@@ -414,19 +454,42 @@ impl CoordinatorConfig {
         }
 
         let st = &self.strategy;
-        check_range("strategy.server_lr", st.server_lr.into(), 0.0, true, f64::INFINITY)?;
-        check_range("strategy.momentum", st.momentum.into(), 0.0, false, 0.999_999)?;
+        check_range(
+            "strategy.server_lr",
+            st.server_lr.into(),
+            0.0,
+            true,
+            f64::INFINITY,
+        )?;
+        check_range(
+            "strategy.momentum",
+            st.momentum.into(),
+            0.0,
+            false,
+            0.999_999,
+        )?;
         check_range("strategy.beta1", st.beta1.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.beta2", st.beta2.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.tau", st.tau.into(), 0.0, true, f64::INFINITY)?;
 
         let m = &self.model;
         if m.factors < 1 {
-            return Err(invalid(format!("model.factors must be >= 1, got {}", m.factors)));
+            return Err(invalid(format!(
+                "model.factors must be >= 1, got {}",
+                m.factors
+            )));
         }
-        check_range("model.init_std", m.init_std.into(), 0.0, false, f64::INFINITY)?;
+        check_range(
+            "model.init_std",
+            m.init_std.into(),
+            0.0,
+            false,
+            f64::INFINITY,
+        )?;
         if m.items == Some(0) {
-            return Err(invalid("model.items must be >= 1 when set, got 0".to_owned()));
+            return Err(invalid(
+                "model.items must be >= 1 when set, got 0".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -459,14 +522,18 @@ mod tests {
 
     #[test]
     fn integers_are_accepted_for_seconds() {
-        let config = CoordinatorConfig::from_toml_str("[rounds]\ndeadline_secs = 5\ncheckin_window_secs = 0.25\n").unwrap();
+        let config = CoordinatorConfig::from_toml_str(
+            "[rounds]\ndeadline_secs = 5\ncheckin_window_secs = 0.25\n",
+        )
+        .unwrap();
         assert_eq!(config.rounds.deadline(), Duration::from_secs(5));
         assert_eq!(config.rounds.checkin_window(), Duration::from_millis(250));
     }
 
     #[test]
     fn errors_name_the_problem() {
-        let err = CoordinatorConfig::from_toml_str("[rounds]\nclients_per_round = 0\n").unwrap_err();
+        let err =
+            CoordinatorConfig::from_toml_str("[rounds]\nclients_per_round = 0\n").unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid configuration: rounds.clients_per_round must be >= 1, got 0"
@@ -476,12 +543,18 @@ mod tests {
         let err = CoordinatorConfig::from_toml_str("[strategy]\nname = \"sgd\"\n").unwrap_err();
         assert!(err.to_string().contains("sgd"), "{err}");
         let err = CoordinatorConfig::from_toml_str("[rounds]\nover_selection = 0.5\n").unwrap_err();
-        assert!(err.to_string().contains("rounds.over_selection must be >= 1"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("rounds.over_selection must be >= 1"),
+            "{err}"
+        );
         let err = CoordinatorConfig::from_toml_str("[strategy]\nbeta2 = 1.0\n").unwrap_err();
         assert!(err.to_string().contains("strategy.beta2"), "{err}");
         let err = CoordinatorConfig::from_toml_str("[server]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(err.to_string().contains("server.listen"), "{err}");
-        let err = CoordinatorConfig::from_toml_str("[rounds]\nclients_per_round = 2\nmin_updates = 3\n").unwrap_err();
+        let err =
+            CoordinatorConfig::from_toml_str("[rounds]\nclients_per_round = 2\nmin_updates = 3\n")
+                .unwrap_err();
         assert!(err.to_string().contains("min_updates (3)"), "{err}");
     }
 
@@ -495,13 +568,20 @@ mod tests {
         std::fs::write(&path, "[rounds]\nmin_updates = 0\n").unwrap();
         let err = CoordinatorConfig::from_file(&path).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("coordinator.toml") && text.contains("rounds.min_updates must be >= 1, got 0"), "{text}");
+        assert!(
+            text.contains("coordinator.toml")
+                && text.contains("rounds.min_updates must be >= 1, got 0"),
+            "{text}"
+        );
 
         std::fs::write(&path, "[rounds\n").unwrap();
         let err = CoordinatorConfig::from_file(&path).unwrap_err();
         assert!(err.to_string().contains("coordinator.toml"), "{err}");
 
         std::fs::write(&path, "[rounds]\nrounds = 3\n").unwrap();
-        assert_eq!(CoordinatorConfig::from_file(&path).unwrap().rounds.rounds, 3);
+        assert_eq!(
+            CoordinatorConfig::from_file(&path).unwrap().rounds.rounds,
+            3
+        );
     }
 }

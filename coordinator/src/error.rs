@@ -217,7 +217,10 @@ mod tests {
     #[test]
     fn messages_name_the_value_and_codes_match() {
         let err = CoordinatorError::WrongRound { got: 3, open: 4 };
-        assert_eq!(err.to_string(), "update is for round 3, but round 4 is open");
+        assert_eq!(
+            err.to_string(),
+            "update is for round 3, but round 4 is open"
+        );
         let status = tonic::Status::from(err);
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
         assert!(status.message().contains("round 3"));

@@ -64,7 +64,7 @@ impl FromStr for Pseudonym {
 
     /// Parses 32 hex digits; anything else is an unknown pseudonym.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 32 || !s.is_ascii() {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(CoordinatorError::UnknownPseudonym);
         }
         let mut out = [0u8; 16];
@@ -296,7 +296,11 @@ impl RoundCore {
     /// A core for the model `params` (laid out as `layout`), which becomes
     /// model version 1. Fails on an invalid configuration, a parameter count
     /// that does not match the layout, or a non-finite parameter.
-    pub fn new(config: CoordinatorConfig, layout: Layout, params: Vec<f32>) -> Result<Self, CoordinatorError> {
+    pub fn new(
+        config: CoordinatorConfig,
+        layout: Layout,
+        params: Vec<f32>,
+    ) -> Result<Self, CoordinatorError> {
         config.validate()?;
         if params.len() != layout.num_values() {
             return Err(CoordinatorError::InvalidModel(format!(
@@ -350,13 +354,19 @@ impl RoundCore {
     /// and has not submitted yet; otherwise it joins the waiting pool (which
     /// may start a round that selects it) and is told to wait, or that all
     /// rounds are done.
-    pub fn check_in(&mut self, now: Instant, pseudonym: &Pseudonym) -> Result<CheckIn, CoordinatorError> {
+    pub fn check_in(
+        &mut self,
+        now: Instant,
+        pseudonym: &Pseudonym,
+    ) -> Result<CheckIn, CoordinatorError> {
         self.advance(now);
         if !self.joined.contains(pseudonym) {
             return Err(self.reject(CoordinatorError::UnknownPseudonym));
         }
         if let Some(reason) = &self.finished {
-            return Ok(CheckIn::Finished { reason: reason.clone() });
+            return Ok(CheckIn::Finished {
+                reason: reason.clone(),
+            });
         }
         if let Some(task) = self.pending_task(pseudonym) {
             return Ok(CheckIn::Task(task));
@@ -368,17 +378,22 @@ impl RoundCore {
         if let Some(task) = self.pending_task(pseudonym) {
             return Ok(CheckIn::Task(task));
         }
-        let long_poll = Duration::try_from_secs_f64(self.config.server.long_poll_secs).unwrap_or(Duration::MAX);
-        let retry_after = self
-            .poll_timeout()
-            .map_or(long_poll, |t| t.saturating_duration_since(now).min(long_poll));
+        let long_poll =
+            Duration::try_from_secs_f64(self.config.server.long_poll_secs).unwrap_or(Duration::MAX);
+        let retry_after = self.poll_timeout().map_or(long_poll, |t| {
+            t.saturating_duration_since(now).min(long_poll)
+        });
         Ok(CheckIn::Wait { retry_after })
     }
 
     /// Checks an update's header against the open round without its values,
     /// so that a transport can refuse an upload before receiving it. Returns
     /// the round's deadline. Rejections are counted.
-    pub fn check_update_header(&mut self, now: Instant, header: &UpdateHeader) -> Result<Instant, CoordinatorError> {
+    pub fn check_update_header(
+        &mut self,
+        now: Instant,
+        header: &UpdateHeader,
+    ) -> Result<Instant, CoordinatorError> {
         self.advance(now);
         match self.check_header(header) {
             Ok(()) => Ok(self.open.as_ref().map_or(now, |o| o.deadline)),
@@ -390,7 +405,12 @@ impl RoundCore {
     /// little-endian `f32` values (the change to the global parameters).
     /// Everything is checked before the update touches the round's sum; a
     /// rejected update changes nothing but the rejection counts.
-    pub fn submit_update(&mut self, now: Instant, header: UpdateHeader, values: &[u8]) -> Result<UpdateAccepted, CoordinatorError> {
+    pub fn submit_update(
+        &mut self,
+        now: Instant,
+        header: UpdateHeader,
+        values: &[u8],
+    ) -> Result<UpdateAccepted, CoordinatorError> {
         self.advance(now);
         let result = self.check_header(&header).and_then(|()| {
             self.aggregator.add(values, header.num_examples)?;
@@ -422,7 +442,11 @@ impl RoundCore {
 
     /// A device asks for the model: the current snapshot, if the device
     /// joined and names the current version. Rejections are counted.
-    pub fn download(&mut self, pseudonym: &Pseudonym, model_version: u64) -> Result<Arc<ModelSnapshot>, CoordinatorError> {
+    pub fn download(
+        &mut self,
+        pseudonym: &Pseudonym,
+        model_version: u64,
+    ) -> Result<Arc<ModelSnapshot>, CoordinatorError> {
         if !self.joined.contains(pseudonym) {
             return Err(self.reject(CoordinatorError::UnknownPseudonym));
         }
@@ -454,7 +478,8 @@ impl RoundCore {
             return Some(open.deadline);
         }
         let start = self.window_start?;
-        (self.pool.len() >= self.config.rounds.min_updates).then(|| start + self.config.rounds.checkin_window())
+        (self.pool.len() >= self.config.rounds.min_updates)
+            .then(|| start + self.config.rounds.checkin_window())
     }
 
     /// The current global model.
@@ -545,7 +570,12 @@ impl RoundCore {
     }
 
     fn check_header(&self, header: &UpdateHeader) -> Result<(), CoordinatorError> {
-        self.check_submission(&header.pseudonym, header.round, header.model_version, TaskKind::Train)?;
+        self.check_submission(
+            &header.pseudonym,
+            header.round,
+            header.model_version,
+            TaskKind::Train,
+        )?;
         let expected = self.model.params.len();
         if header.num_values != expected as u64 {
             return Err(CoordinatorError::WrongNumValues {
@@ -562,7 +592,13 @@ impl RoundCore {
         Ok(())
     }
 
-    fn check_submission(&self, pseudonym: &Pseudonym, round: u32, model_version: u64, kind: TaskKind) -> Result<(), CoordinatorError> {
+    fn check_submission(
+        &self,
+        pseudonym: &Pseudonym,
+        round: u32,
+        model_version: u64,
+        kind: TaskKind,
+    ) -> Result<(), CoordinatorError> {
         if !self.joined.contains(pseudonym) {
             return Err(CoordinatorError::UnknownPseudonym);
         }
@@ -601,10 +637,17 @@ impl RoundCore {
     }
 
     /// Marks a checked submission as accepted.
-    fn record_submission(&mut self, pseudonym: &Pseudonym, counts: Option<&EvalCounts>) -> UpdateAccepted {
+    fn record_submission(
+        &mut self,
+        pseudonym: &Pseudonym,
+        counts: Option<&EvalCounts>,
+    ) -> UpdateAccepted {
         // Only called after `check_submission` succeeded, so a round is open
         // and the device is in its cohort.
-        let open = self.open.as_mut().expect("a round is open after a successful check");
+        let open = self
+            .open
+            .as_mut()
+            .expect("a round is open after a successful check");
         open.cohort.insert(*pseudonym, true);
         open.accepted += 1;
         if let Some(counts) = counts {
@@ -667,7 +710,9 @@ impl RoundCore {
         };
         let r = &self.config.rounds;
         let waiting = self.pool.len();
-        let window_passed = self.window_start.is_some_and(|t| now >= t + r.checkin_window());
+        let window_passed = self
+            .window_start
+            .is_some_and(|t| now >= t + r.checkin_window());
         let enough_after_window = window_passed && waiting >= r.min_updates;
         let everyone_waits = waiting == self.joined.len();
         let over = |n: usize| ((n as f64) * r.over_selection).ceil() as usize;
@@ -682,7 +727,9 @@ impl RoundCore {
                 if !((everyone_waits && waiting >= r.min_updates) || enough_after_window) {
                     return false;
                 }
-                let wanted = ((waiting as f64 * fraction).ceil() as usize).max(r.min_updates).min(waiting);
+                let wanted = ((waiting as f64 * fraction).ceil() as usize)
+                    .max(r.min_updates)
+                    .min(waiting);
                 let selected = over(wanted).min(waiting);
                 (selected, wanted.min(selected))
             }
@@ -696,7 +743,10 @@ impl RoundCore {
             }
         };
         let cohort: BTreeMap<Pseudonym, bool> = if selected == waiting {
-            std::mem::take(&mut self.pool).into_iter().map(|p| (p, false)).collect()
+            std::mem::take(&mut self.pool)
+                .into_iter()
+                .map(|p| (p, false))
+                .collect()
         } else {
             let candidates: Vec<Pseudonym> = self.pool.iter().copied().collect();
             rand::seq::index::sample(&mut self.rng, waiting, selected)
@@ -746,7 +796,8 @@ impl RoundCore {
                 Some(mean) => match self.strategy.step(&self.model.params, &mean) {
                     Ok(params) => {
                         let layout = self.model.layout.clone();
-                        self.model = Arc::new(ModelSnapshot::new(self.model.version + 1, layout, params));
+                        self.model =
+                            Arc::new(ModelSnapshot::new(self.model.version + 1, layout, params));
                     }
                     Err(NonFinite { index }) => {
                         abandon = Some(format!(

@@ -26,12 +26,12 @@ use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, update_chunk::Part};
 use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, tensor};
 
+use crate::CoordinatorError;
 use crate::aggregate::EvalCounts;
 use crate::round::{
     CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, TaskKind,
     UpdateAccepted, UpdateHeader,
 };
-use crate::CoordinatorError;
 
 /// Extra room in the server's receive limit beyond one chunk of values, for
 /// the protobuf framing of an upload chunk.
@@ -99,9 +99,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> Result<MutexGuard<'_, RoundCore>, CoordinatorError> {
-        self.core
-            .lock()
-            .map_err(|_| CoordinatorError::Internal("coordinator state poisoned by an earlier panic".to_owned()))
+        self.core.lock().map_err(|_| {
+            CoordinatorError::Internal("coordinator state poisoned by an earlier panic".to_owned())
+        })
     }
 
     /// Runs `f` on the core, then publishes progress if a round started or ended.
@@ -227,7 +227,11 @@ impl CoordinatorService {
 
     /// Serves on `listener` until `shutdown` completes, with the driver task
     /// running alongside.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), CoordinatorError> {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "coordinator listening");
         }
@@ -277,7 +281,10 @@ impl CoordinatorService {
 
     /// Receives an upload: header first (checked before any value is read),
     /// then the values into one buffer of at most 4 bytes per model value.
-    async fn receive_update(&self, stream: &mut Streaming<pb::UpdateChunk>) -> Result<UpdateAccepted, Status> {
+    async fn receive_update(
+        &self,
+        stream: &mut Streaming<pb::UpdateChunk>,
+    ) -> Result<UpdateAccepted, Status> {
         let shared = &self.shared;
         let header = match stream.message().await? {
             Some(pb::UpdateChunk {
@@ -307,7 +314,9 @@ impl CoordinatorService {
                     Some(Part::Values(bytes)) => {
                         let got = values.len() + bytes.len();
                         if got > limit {
-                            return Err(shared.reject_at_edge(CoordinatorError::TooLarge { limit, got }));
+                            return Err(
+                                shared.reject_at_edge(CoordinatorError::TooLarge { limit, got })
+                            );
                         }
                         values.extend_from_slice(&bytes);
                     }
@@ -344,7 +353,9 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
-    CoordinatorService::new(core, opts).serve(listener, shutdown).await
+    CoordinatorService::new(core, opts)
+        .serve(listener, shutdown)
+        .await
 }
 
 /// The driver: polls the core when a timer is due or its state changed.
@@ -423,13 +434,18 @@ fn parse_pseudonym(shared: &Shared, text: &str) -> Result<Pseudonym, Status> {
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let got = request.into_inner().protocol_version;
         if got != PROTOCOL_VERSION {
-            return Err(self.shared.reject_at_edge(CoordinatorError::ProtocolVersion {
-                got,
-                expected: PROTOCOL_VERSION,
-            }));
+            return Err(self
+                .shared
+                .reject_at_edge(CoordinatorError::ProtocolVersion {
+                    got,
+                    expected: PROTOCOL_VERSION,
+                }));
         }
         let pseudonym = self.shared.with_core(|core| core.join(now()))?;
         tracing::debug!(%pseudonym, "device joined");
@@ -439,7 +455,10 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn check_in(&self, request: Request<pb::CheckInRequest>) -> Result<Response<pb::CheckInResponse>, Status> {
+    async fn check_in(
+        &self,
+        request: Request<pb::CheckInRequest>,
+    ) -> Result<Response<pb::CheckInResponse>, Status> {
         let shared = &self.shared;
         let pseudonym = parse_pseudonym(shared, &request.into_inner().pseudonym)?;
         let until = tokio::time::Instant::now() + shared.long_poll;
@@ -447,7 +466,9 @@ impl Coordinator for CoordinatorService {
         loop {
             changes.borrow_and_update();
             let now = now();
-            let outcome = shared.with_core(|core| core.check_in(now, &pseudonym))?.map_err(rejected)?;
+            let outcome = shared
+                .with_core(|core| core.check_in(now, &pseudonym))?
+                .map_err(rejected)?;
             if let CheckIn::Wait { .. } = outcome {
                 tokio::select! {
                     changed = changes.changed() => {
@@ -471,9 +492,13 @@ impl Coordinator for CoordinatorService {
         }
     }
 
-    type DownloadModelStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::ModelChunk, Status>>>;
+    type DownloadModelStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<pb::ModelChunk, Status>>>;
 
-    async fn download_model(&self, request: Request<pb::ModelRequest>) -> Result<Response<Self::DownloadModelStream>, Status> {
+    async fn download_model(
+        &self,
+        request: Request<pb::ModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let shared = &self.shared;
         let request = request.into_inner();
         let pseudonym = parse_pseudonym(shared, &request.pseudonym)?;
@@ -481,16 +506,17 @@ impl Coordinator for CoordinatorService {
             .with_core(|core| core.download(&pseudonym, request.model_version))?
             .map_err(rejected)?;
         let mut layout = Some(snapshot.layout.to_pb());
-        let mut chunks: Vec<Result<pb::ModelChunk, Status>> = tensor::chunks(&snapshot.encoded, shared.chunk_bytes)
-            .map(|(offset, values)| {
-                Ok(pb::ModelChunk {
-                    model_version: snapshot.version,
-                    layout: layout.take().unwrap_or_default(),
-                    offset: offset as u64,
-                    values,
+        let mut chunks: Vec<Result<pb::ModelChunk, Status>> =
+            tensor::chunks(&snapshot.encoded, shared.chunk_bytes)
+                .map(|(offset, values)| {
+                    Ok(pb::ModelChunk {
+                        model_version: snapshot.version,
+                        layout: layout.take().unwrap_or_default(),
+                        offset: offset as u64,
+                        values,
+                    })
                 })
-            })
-            .collect();
+                .collect();
         if let Some(layout) = layout {
             // An empty model still sends its layout.
             chunks.push(Ok(pb::ModelChunk {
@@ -504,31 +530,56 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(tokio_stream::iter(chunks)))
     }
 
-    async fn submit_update(&self, request: Request<Streaming<pb::UpdateChunk>>) -> Result<Response<pb::UpdateAck>, Status> {
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::UpdateAck>, Status> {
         let mut stream = request.into_inner();
         let accepted = self.receive_update(&mut stream).await?;
-        tracing::debug!(round = accepted.round, accepted = accepted.accepted, "update accepted");
+        tracing::debug!(
+            round = accepted.round,
+            accepted = accepted.accepted,
+            "update accepted"
+        );
         Ok(Response::new(pb::UpdateAck {
             round: accepted.round,
             accepted: u32::try_from(accepted.accepted).unwrap_or(u32::MAX),
         }))
     }
 
-    async fn submit_evaluation(&self, request: Request<pb::EvaluationReport>) -> Result<Response<pb::EvaluationAck>, Status> {
+    async fn submit_evaluation(
+        &self,
+        request: Request<pb::EvaluationReport>,
+    ) -> Result<Response<pb::EvaluationAck>, Status> {
         let shared = &self.shared;
         let report = request.into_inner();
         let pseudonym = parse_pseudonym(shared, &report.pseudonym)?;
         let counts = report.counts.map(EvalCounts::from).ok_or_else(|| {
-            shared.reject_at_edge(CoordinatorError::Malformed("evaluation report without counts".to_owned()))
+            shared.reject_at_edge(CoordinatorError::Malformed(
+                "evaluation report without counts".to_owned(),
+            ))
         })?;
         let accepted = shared
-            .with_core(|core| core.submit_evaluation(now(), &pseudonym, report.round, report.model_version, counts))?
+            .with_core(|core| {
+                core.submit_evaluation(
+                    now(),
+                    &pseudonym,
+                    report.round,
+                    report.model_version,
+                    counts,
+                )
+            })?
             .map_err(rejected)?;
         tracing::debug!(%pseudonym, round = accepted.round, accepted = accepted.accepted, "evaluation accepted");
-        Ok(Response::new(pb::EvaluationAck { round: accepted.round }))
+        Ok(Response::new(pb::EvaluationAck {
+            round: accepted.round,
+        }))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let response = self.shared.with_core(|core| {
             let status = core.status();
             pb::StatusResponse {

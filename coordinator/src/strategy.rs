@@ -63,6 +63,11 @@ impl Strategy {
     /// (same length). On success the optimizer state advances and the new
     /// parameters are returned; when any new parameter or moment would not be
     /// finite, nothing changes and the first offending index is returned.
+    ///
+    /// # Panics
+    ///
+    /// When `params` and `delta` differ in length (the core always passes the
+    /// model and its round's mean, which have the same length).
     pub fn step(&mut self, params: &[f32], delta: &[f32]) -> Result<Vec<f32>, NonFinite> {
         assert_eq!(params.len(), delta.len(), "params and delta lengths differ");
         let c = self.config;
@@ -88,7 +93,9 @@ impl Strategy {
             StrategyName::FedAdam | StrategyName::FedYogi | StrategyName::FedAdagrad => {
                 let mut m = self.m.clone();
                 let mut v = self.v.clone();
-                for (((xi, mi), vi), &d) in x.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                for (((xi, mi), vi), &d) in
+                    x.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta)
+                {
                     let d2 = d * d;
                     *vi = match c.name {
                         StrategyName::FedAdagrad => *vi + d2,
@@ -153,7 +160,10 @@ mod tests {
     fn assert_close(got: &[f32], want: &[f64]) {
         assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(want) {
-            assert!((f64::from(*g) - w).abs() < 1e-6, "got {got:?}, want {want:?}");
+            assert!(
+                (f64::from(*g) - w).abs() < 1e-6,
+                "got {got:?}, want {want:?}"
+            );
         }
     }
 

@@ -44,14 +44,27 @@ pub fn encode(values: &[f32]) -> Bytes {
 /// down to whole values, at least one value). Chunks share the input's memory.
 pub fn chunks(encoded: &Bytes, chunk_bytes: usize) -> impl Iterator<Item = (usize, Bytes)> + '_ {
     let step = (chunk_bytes / 4).max(1) * 4;
-    (0..encoded.len())
-        .step_by(step)
-        .map(move |start| (start / 4, encoded.slice(start..(start + step).min(encoded.len()))))
+    (0..encoded.len()).step_by(step).map(move |start| {
+        (
+            start / 4,
+            encoded.slice(start..(start + step).min(encoded.len())),
+        )
+    })
 }
 
-fn values(bytes: &[u8]) -> Result<impl Iterator<Item = f32> + '_, TensorError> {
-    if bytes.len() % 4 != 0 {
+/// The values encoded in `bytes`, checked to be exactly `expected` when given.
+fn values(
+    bytes: &[u8],
+    expected: Option<usize>,
+) -> Result<impl Iterator<Item = f32> + '_, TensorError> {
+    if !bytes.len().is_multiple_of(4) {
         return Err(TensorError::Misaligned(bytes.len()));
+    }
+    if let Some(expected) = expected.filter(|&e| e != bytes.len() / 4) {
+        return Err(TensorError::WrongLength {
+            expected,
+            got: bytes.len() / 4,
+        });
     }
     Ok(bytes
         .chunks_exact(4)
@@ -60,17 +73,8 @@ fn values(bytes: &[u8]) -> Result<impl Iterator<Item = f32> + '_, TensorError> {
 
 /// Decodes `bytes` into `out`, which must have exactly the right length.
 pub fn decode_into(out: &mut [f32], bytes: &[u8]) -> Result<(), TensorError> {
-    let got = bytes.len() / 4;
-    if got != out.len() || bytes.len() % 4 != 0 {
-        if bytes.len() % 4 != 0 {
-            return Err(TensorError::Misaligned(bytes.len()));
-        }
-        return Err(TensorError::WrongLength {
-            expected: out.len(),
-            got,
-        });
-    }
-    for (o, v) in out.iter_mut().zip(values(bytes)?) {
+    let decoded = values(bytes, Some(out.len()))?;
+    for (o, v) in out.iter_mut().zip(decoded) {
         *o = v;
     }
     Ok(())
@@ -78,7 +82,7 @@ pub fn decode_into(out: &mut [f32], bytes: &[u8]) -> Result<(), TensorError> {
 
 /// Decodes `bytes` into a new vector.
 pub fn decode(bytes: &[u8]) -> Result<Vec<f32>, TensorError> {
-    Ok(values(bytes)?.collect())
+    Ok(values(bytes, None)?.collect())
 }
 
 /// Checks that every value is finite; returns the first offender otherwise.
@@ -95,16 +99,8 @@ pub fn check_finite(values: &[f32]) -> Result<(), TensorError> {
 /// Adds `weight * value` for every encoded value into `sum`, which must have
 /// the same length as the encoded values.
 pub fn fold_into(sum: &mut [f32], bytes: &[u8], weight: f32) -> Result<(), TensorError> {
-    if bytes.len() % 4 != 0 {
-        return Err(TensorError::Misaligned(bytes.len()));
-    }
-    if bytes.len() / 4 != sum.len() {
-        return Err(TensorError::WrongLength {
-            expected: sum.len(),
-            got: bytes.len() / 4,
-        });
-    }
-    for (s, v) in sum.iter_mut().zip(values(bytes)?) {
+    let decoded = values(bytes, Some(sum.len()))?;
+    for (s, v) in sum.iter_mut().zip(decoded) {
         *s += weight * v;
     }
     Ok(())
@@ -137,7 +133,10 @@ mod tests {
         let mut out = [0.0; 2];
         assert_eq!(
             decode_into(&mut out, &encode(&[1.0])),
-            Err(TensorError::WrongLength { expected: 2, got: 1 })
+            Err(TensorError::WrongLength {
+                expected: 2,
+                got: 1
+            })
         );
         let err = check_finite(&[1.0, f32::NAN]).unwrap_err();
         assert!(err.to_string().contains("index 1"), "{err}");

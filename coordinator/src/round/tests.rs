@@ -35,7 +35,11 @@ fn join(core: &mut RoundCore, now: Instant, n: usize) -> Vec<Pseudonym> {
 }
 
 /// Checks every device in; returns the tasks of those selected.
-fn check_in_all(core: &mut RoundCore, now: Instant, devices: &[Pseudonym]) -> Vec<(Pseudonym, Task)> {
+fn check_in_all(
+    core: &mut RoundCore,
+    now: Instant,
+    devices: &[Pseudonym],
+) -> Vec<(Pseudonym, Task)> {
     for d in devices {
         core.check_in(now, d).unwrap();
     }
@@ -75,17 +79,25 @@ fn pseudonyms_are_hex_and_parse_back() {
     let p = core.join(Instant::now());
     let text = p.to_string();
     assert_eq!(text.len(), 32);
-    assert!(text.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    assert!(
+        text.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
     assert_eq!(text.parse::<Pseudonym>().unwrap(), p);
     assert!("xyz".parse::<Pseudonym>().is_err());
     assert!("zz".repeat(16).parse::<Pseudonym>().is_err());
     assert!("é".repeat(16).parse::<Pseudonym>().is_err());
+    // `from_str_radix` alone would accept a sign.
+    assert!("+f".repeat(16).parse::<Pseudonym>().is_err());
 }
 
 #[test]
 fn new_rejects_bad_models() {
     let err = RoundCore::new(config(1, 0), layout(3), vec![0.0; 2]).unwrap_err();
-    assert!(err.to_string().contains("3 values, but 2 parameters"), "{err}");
+    assert!(
+        err.to_string().contains("3 values, but 2 parameters"),
+        "{err}"
+    );
     let err = RoundCore::new(config(1, 0), layout(2), vec![0.0, f32::NAN]).unwrap_err();
     assert!(err.to_string().contains("index 1"), "{err}");
     let mut bad = config(1, 0);
@@ -99,29 +111,55 @@ fn full_round_applies_the_weighted_mean_exactly() {
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 3);
     // The first two wait; the third fills the cohort.
-    assert!(matches!(core.check_in(t0, &devices[0]).unwrap(), CheckIn::Wait { .. }));
-    assert!(matches!(core.check_in(t0, &devices[1]).unwrap(), CheckIn::Wait { .. }));
+    assert!(matches!(
+        core.check_in(t0, &devices[0]).unwrap(),
+        CheckIn::Wait { .. }
+    ));
+    assert!(matches!(
+        core.check_in(t0, &devices[1]).unwrap(),
+        CheckIn::Wait { .. }
+    ));
     let tasks = check_in_all(&mut core, t0, &devices);
     assert_eq!(tasks.len(), 3);
     let task = &tasks[0].1;
-    assert_eq!((task.kind, task.round, task.model_version), (TaskKind::Train, 1, 1));
+    assert_eq!(
+        (task.kind, task.round, task.model_version),
+        (TaskKind::Train, 1, 1)
+    );
     assert_eq!(task.deadline, t0 + 60 * SECOND);
     assert_eq!(task.training, config(3, 0).training);
     assert!(!task.evaluate);
 
-    let deltas = [[1.0, 0.0, -1.0, 0.5], [0.0, 2.0, 1.0, 0.5], [-1.0, 1.0, 0.0, 0.5]];
+    let deltas = [
+        [1.0, 0.0, -1.0, 0.5],
+        [0.0, 2.0, 1.0, 0.5],
+        [-1.0, 1.0, 0.0, 0.5],
+    ];
     let weights = [1, 2, 1];
     let t1 = t0 + 5 * SECOND;
-    for (i, ((device, task), (delta, weight))) in tasks.iter().zip(deltas.iter().zip(weights)).enumerate() {
-        let accepted = core.submit_update(t1, header(*device, task, weight, 4), &encode(delta)).unwrap();
-        assert_eq!(accepted, UpdateAccepted { round: 1, accepted: i + 1 });
+    for (i, ((device, task), (delta, weight))) in
+        tasks.iter().zip(deltas.iter().zip(weights)).enumerate()
+    {
+        let accepted = core
+            .submit_update(t1, header(*device, task, weight, 4), &encode(delta))
+            .unwrap();
+        assert_eq!(
+            accepted,
+            UpdateAccepted {
+                round: 1,
+                accepted: i + 1
+            }
+        );
     }
     let events = core.poll(t1);
     let summaries = ended(&events);
     assert_eq!(summaries.len(), 1);
     let s = &summaries[0];
     assert!(s.completed, "{s:?}");
-    assert_eq!((s.round, s.kind, s.model_version, s.selected, s.participants), (1, TaskKind::Train, 2, 3, 3));
+    assert_eq!(
+        (s.round, s.kind, s.model_version, s.selected, s.participants),
+        (1, TaskKind::Train, 2, 3, 3)
+    );
     assert_eq!(s.seconds, 5.0);
     assert_eq!(s.abandon_reason, None);
     // Mean = (1·d0 + 2·d1 + 1·d2) / 4 = [0, 1.25, 0.25, 0.5]
@@ -149,10 +187,14 @@ fn cohort_sampling_is_deterministic_per_seed() {
         let first = check_in_all(&mut core, t0, &devices[..5]);
         assert_eq!(first.len(), 5);
         for d in &devices[5..] {
-            assert!(matches!(core.check_in(t0, d).unwrap(), CheckIn::Wait { .. }));
+            assert!(matches!(
+                core.check_in(t0, d).unwrap(),
+                CheckIn::Wait { .. }
+            ));
         }
         for (device, task) in &first {
-            core.submit_update(t0, header(*device, task, 1, 1), &encode(&[0.0])).unwrap();
+            core.submit_update(t0, header(*device, task, 1, 1), &encode(&[0.0]))
+                .unwrap();
         }
         let second = check_in_all(&mut core, t0, &devices[5..]);
         assert!(second.iter().all(|(_, t)| t.round == 2));
@@ -177,7 +219,10 @@ fn fraction_mode_starts_when_everyone_waits() {
         let t0 = Instant::now();
         let devices = join(&mut core, t0, 10);
         for d in &devices[..9] {
-            assert!(matches!(core.check_in(t0, d).unwrap(), CheckIn::Wait { .. }));
+            assert!(matches!(
+                core.check_in(t0, d).unwrap(),
+                CheckIn::Wait { .. }
+            ));
         }
         // The tenth check-in: every joined device waits; ceil(0.4 · 10) = 4 selected.
         let tasks = check_in_all(&mut core, t0, &devices);
@@ -201,7 +246,12 @@ fn silent_device_round_completes_at_the_deadline() {
     let tasks = check_in_all(&mut core, t0, &devices);
     assert_eq!(tasks.len(), 3);
     for (device, task) in &tasks[..2] {
-        core.submit_update(t0 + SECOND, header(*device, task, 1, 2), &encode(&[1.0, -1.0])).unwrap();
+        core.submit_update(
+            t0 + SECOND,
+            header(*device, task, 1, 2),
+            &encode(&[1.0, -1.0]),
+        )
+        .unwrap();
     }
     assert!(ended(&core.poll(t0 + 59 * SECOND)).is_empty());
     assert_eq!(core.poll_timeout(), Some(t0 + 60 * SECOND));
@@ -213,7 +263,13 @@ fn silent_device_round_completes_at_the_deadline() {
 
     // The silent device comes back late: the round is closed.
     let (late, task) = &tasks[2];
-    let err = core.submit_update(t0 + 61 * SECOND, header(*late, task, 1, 2), &encode(&[5.0, 5.0])).unwrap_err();
+    let err = core
+        .submit_update(
+            t0 + 61 * SECOND,
+            header(*late, task, 1, 2),
+            &encode(&[5.0, 5.0]),
+        )
+        .unwrap_err();
     assert_eq!(err.reason(), "round_closed");
     assert_eq!(core.model().params, vec![1.0, -1.0]);
 }
@@ -227,7 +283,8 @@ fn too_few_updates_at_the_deadline_abandon_the_round_and_the_next_starts() {
     let devices = join(&mut core, t0, 2);
     let tasks = check_in_all(&mut core, t0, &devices);
     let (device, task) = &tasks[0];
-    core.submit_update(t0 + SECOND, header(*device, task, 3, 1), &encode(&[1.0])).unwrap();
+    core.submit_update(t0 + SECOND, header(*device, task, 3, 1), &encode(&[1.0]))
+        .unwrap();
     let events = core.poll(t0 + 60 * SECOND);
     let s = &ended(&events)[0];
     assert!(!s.completed);
@@ -254,7 +311,8 @@ fn over_selection_completes_at_clients_per_round() {
     let tasks = check_in_all(&mut core, t0, &devices);
     assert_eq!(tasks.len(), 3, "ceil(2 · 1.5) = 3 selected");
     for (device, task) in &tasks[..2] {
-        core.submit_update(t0 + SECOND, header(*device, task, 1, 1), &encode(&[2.0])).unwrap();
+        core.submit_update(t0 + SECOND, header(*device, task, 1, 1), &encode(&[2.0]))
+            .unwrap();
     }
     // Completed by the second update, without waiting for the deadline.
     let s = &core.history()[0];
@@ -262,8 +320,17 @@ fn over_selection_completes_at_clients_per_round() {
     assert_eq!((s.selected, s.participants), (3, 2));
     assert_eq!(core.model().params, vec![2.0]);
     let (straggler, task) = &tasks[2];
-    let err = core.submit_update(t0 + 2 * SECOND, header(*straggler, task, 1, 1), &encode(&[9.0])).unwrap_err();
-    assert!(matches!(err, CoordinatorError::RoundClosed { round: 1 }), "{err}");
+    let err = core
+        .submit_update(
+            t0 + 2 * SECOND,
+            header(*straggler, task, 1, 1),
+            &encode(&[9.0]),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::RoundClosed { round: 1 }),
+        "{err}"
+    );
     assert_eq!(core.rejections().get("round_closed"), Some(&1));
 }
 
@@ -275,18 +342,32 @@ fn window_starts_a_smaller_round() {
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 3);
     core.check_in(t0, &devices[0]).unwrap();
-    assert_eq!(core.poll_timeout(), None, "one waiting device is below min_updates");
+    assert_eq!(
+        core.poll_timeout(),
+        None,
+        "one waiting device is below min_updates"
+    );
     core.check_in(t0 + 10 * SECOND, &devices[1]).unwrap();
     // The window counts from the first waiting device.
     assert_eq!(core.poll_timeout(), Some(t0 + 30 * SECOND));
     assert!(core.poll(t0 + 29 * SECOND).is_empty());
     let events = core.poll(t0 + 30 * SECOND);
     assert!(
-        matches!(events[..], [Event::RoundStarted { round: 1, selected: 2, .. }]),
+        matches!(
+            events[..],
+            [Event::RoundStarted {
+                round: 1,
+                selected: 2,
+                ..
+            }]
+        ),
         "{events:?}"
     );
     // The third device arrives during the round and waits for the next one.
-    assert!(matches!(core.check_in(t0 + 31 * SECOND, &devices[2]).unwrap(), CheckIn::Wait { .. }));
+    assert!(matches!(
+        core.check_in(t0 + 31 * SECOND, &devices[2]).unwrap(),
+        CheckIn::Wait { .. }
+    ));
 }
 
 #[test]
@@ -343,21 +424,35 @@ fn final_evaluation_with_everyone_then_finished() {
     let tasks = check_in_all(&mut core, now, &devices);
     assert_eq!(tasks.len(), 3);
     for (device, task) in &tasks {
-        assert_eq!((task.round, task.kind, task.model_version), (3, TaskKind::Evaluate, 3));
+        assert_eq!(
+            (task.round, task.kind, task.model_version),
+            (3, TaskKind::Evaluate, 3)
+        );
         // An update is the wrong kind of result in an evaluation round.
-        let err = core.submit_update(now, header(*device, task, 1, 1), &encode(&[1.0])).unwrap_err();
+        let err = core
+            .submit_update(now, header(*device, task, 1, 1), &encode(&[1.0]))
+            .unwrap_err();
         assert_eq!(err.reason(), "wrong_task_kind");
-        core.submit_evaluation(now, device, task.round, task.model_version, counts).unwrap();
+        core.submit_evaluation(now, device, task.round, task.model_version, counts)
+            .unwrap();
     }
     let events = core.poll(now);
     let s = core.history().last().unwrap();
-    assert_eq!((s.kind, s.completed, s.participants, s.model_version), (TaskKind::Evaluate, true, 3, 3));
+    assert_eq!(
+        (s.kind, s.completed, s.participants, s.model_version),
+        (TaskKind::Evaluate, true, 3, 3)
+    );
     assert_eq!(s.evaluation.users, 3);
     assert_eq!(s.evaluation.hit_rate_full(), Some(1.0));
     let reason = core.finished().unwrap().to_owned();
     assert!(reason.contains("final evaluation"), "{reason}");
-    assert!(events.contains(&Event::Finished { reason: reason.clone() }));
-    assert!(matches!(core.check_in(now, &devices[0]).unwrap(), CheckIn::Finished { .. }));
+    assert!(events.contains(&Event::Finished {
+        reason: reason.clone()
+    }));
+    assert!(matches!(
+        core.check_in(now, &devices[0]).unwrap(),
+        CheckIn::Finished { .. }
+    ));
     assert_eq!(core.poll_timeout(), None);
     assert!(core.status().finished);
 }
@@ -370,7 +465,8 @@ fn finished_after_rounds_without_final_evaluation() {
     for _ in 0..2 {
         let tasks = check_in_all(&mut core, t0, &devices);
         let (device, task) = &tasks[0];
-        core.submit_update(t0, header(*device, task, 1, 1), &encode(&[1.0])).unwrap();
+        core.submit_update(t0, header(*device, task, 1, 1), &encode(&[1.0]))
+            .unwrap();
     }
     assert_eq!(core.finished(), Some("completed 2 training rounds"));
     assert_eq!(core.model().params, vec![2.0]);
@@ -385,10 +481,14 @@ fn final_evaluation_starts_after_the_window_without_absent_devices() {
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 2);
     for (device, task) in check_in_all(&mut core, t0, &devices) {
-        core.submit_update(t0, header(device, &task, 1, 1), &encode(&[1.0])).unwrap();
+        core.submit_update(t0, header(device, &task, 1, 1), &encode(&[1.0]))
+            .unwrap();
     }
     // Only device 0 comes back; the evaluation round waits for device 1 until the window passes.
-    assert!(matches!(core.check_in(t0, &devices[0]).unwrap(), CheckIn::Wait { .. }));
+    assert!(matches!(
+        core.check_in(t0, &devices[0]).unwrap(),
+        CheckIn::Wait { .. }
+    ));
     assert_eq!(core.poll_timeout(), Some(t0 + 30 * SECOND));
     let events = core.poll(t0 + 30 * SECOND);
     assert!(
@@ -423,32 +523,69 @@ fn bad_updates_are_rejected_with_their_reason_and_change_nothing() {
     let nan = encode(&[1.0, f32::NAN, 1.0]);
     let inf = encode(&[f32::INFINITY, 1.0, 1.0]);
     let cases: Vec<(UpdateHeader, Vec<u8>, &str, &str)> = vec![
-        (h(stranger), good.to_vec(), "unknown_pseudonym", "unknown pseudonym"),
         (
-            UpdateHeader { round: 2, ..h(devices[0]) },
+            h(stranger),
+            good.to_vec(),
+            "unknown_pseudonym",
+            "unknown pseudonym",
+        ),
+        (
+            UpdateHeader {
+                round: 2,
+                ..h(devices[0])
+            },
             good.to_vec(),
             "wrong_round",
             "update is for round 2, but round 1 is open",
         ),
         (
-            UpdateHeader { model_version: 7, ..h(devices[0]) },
+            UpdateHeader {
+                model_version: 7,
+                ..h(devices[0])
+            },
             good.to_vec(),
             "wrong_model_version",
             "model version 7, but the current version is 1",
         ),
-        (h(devices[2]), good.to_vec(), "not_in_cohort", "not in the cohort of round 1"),
         (
-            UpdateHeader { num_values: 4, ..h(devices[0]) },
+            h(devices[2]),
+            good.to_vec(),
+            "not_in_cohort",
+            "not in the cohort of round 1",
+        ),
+        (
+            UpdateHeader {
+                num_values: 4,
+                ..h(devices[0])
+            },
             good.to_vec(),
             "wrong_num_values",
             "announces 4 values, but the model has 3",
         ),
-        (h(devices[0]), encode(&[1.0, 1.0]).to_vec(), "wrong_length", "expected 3 values, got 2"),
-        (h(devices[0]), good[..11].to_vec(), "misaligned", "11 bytes"),
-        (h(devices[0]), nan.to_vec(), "not_finite", "index 1 is not finite (NaN)"),
-        (h(devices[0]), inf.to_vec(), "not_finite", "index 0 is not finite (inf)"),
         (
-            UpdateHeader { num_examples: 0, ..h(devices[0]) },
+            h(devices[0]),
+            encode(&[1.0, 1.0]).to_vec(),
+            "wrong_length",
+            "expected 3 values, got 2",
+        ),
+        (h(devices[0]), good[..11].to_vec(), "misaligned", "11 bytes"),
+        (
+            h(devices[0]),
+            nan.to_vec(),
+            "not_finite",
+            "index 1 is not finite (NaN)",
+        ),
+        (
+            h(devices[0]),
+            inf.to_vec(),
+            "not_finite",
+            "index 0 is not finite (inf)",
+        ),
+        (
+            UpdateHeader {
+                num_examples: 0,
+                ..h(devices[0])
+            },
             good.to_vec(),
             "zero_examples",
             "num_examples must be >= 1, got 0",
@@ -469,24 +606,40 @@ fn bad_updates_are_rejected_with_their_reason_and_change_nothing() {
     ];
     let n = cases.len();
     for (header, values, reason, message) in cases {
-        let err = core.submit_update(t0 + SECOND, header, &values).unwrap_err();
+        let err = core
+            .submit_update(t0 + SECOND, header, &values)
+            .unwrap_err();
         assert_eq!(err.reason(), reason, "{err}");
-        assert!(err.to_string().contains(message), "{err:?} should mention {message:?}");
+        assert!(
+            err.to_string().contains(message),
+            "{err:?} should mention {message:?}"
+        );
         assert_eq!(core.status().accepted, 0);
     }
     assert_eq!(core.rejections().values().sum::<u64>(), n as u64);
     assert_eq!(core.rejections().get("not_finite"), Some(&2));
 
     // A good update after the bad ones counts; a second one is a duplicate.
-    assert_eq!(core.submit_update(t0 + SECOND, h(devices[0]), &good).unwrap().accepted, 1);
-    let err = core.submit_update(t0 + SECOND, h(devices[0]), &good).unwrap_err();
-    assert!(matches!(err, CoordinatorError::Duplicate { round: 1 }), "{err}");
+    assert_eq!(
+        core.submit_update(t0 + SECOND, h(devices[0]), &good)
+            .unwrap()
+            .accepted,
+        1
+    );
+    let err = core
+        .submit_update(t0 + SECOND, h(devices[0]), &good)
+        .unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::Duplicate { round: 1 }),
+        "{err}"
+    );
     // An evaluation report in a training round is the wrong kind.
     let err = core
         .submit_evaluation(t0 + SECOND, &devices[1], 1, 1, EvalCounts::default())
         .unwrap_err();
     assert_eq!(err.reason(), "wrong_task_kind");
-    core.submit_update(t0 + SECOND, h(devices[1]), &encode(&[3.0, 3.0, 3.0])).unwrap();
+    core.submit_update(t0 + SECOND, h(devices[1]), &encode(&[3.0, 3.0, 3.0]))
+        .unwrap();
     let model = core.model();
     // Only the two good updates count: mean [2, 2, 2].
     assert_eq!(model.params, vec![3.0, 4.0, 5.0]);
@@ -507,12 +660,16 @@ fn no_round_open_and_closed_round() {
         num_values: 1,
         evaluation: None,
     };
-    let err = core.submit_update(t0, h.clone(), &encode(&[1.0])).unwrap_err();
+    let err = core
+        .submit_update(t0, h.clone(), &encode(&[1.0]))
+        .unwrap_err();
     assert_eq!(err.to_string(), "no round is open (request is for round 1)");
     let err = core.check_update_header(t0, &h).unwrap_err();
     assert_eq!(err.reason(), "no_round_open");
     assert_eq!(core.rejections().get("no_round_open"), Some(&2));
-    let err = core.check_in(t0, &"ab".repeat(16).parse().unwrap()).unwrap_err();
+    let err = core
+        .check_in(t0, &"ab".repeat(16).parse().unwrap())
+        .unwrap_err();
     assert_eq!(err.reason(), "unknown_pseudonym");
     let err = core.download(&devices[0], 2).unwrap_err();
     assert_eq!(err.reason(), "wrong_model_version");
@@ -522,9 +679,13 @@ fn no_round_open_and_closed_round() {
 #[test]
 fn check_update_header_gives_the_deadline() {
     let (mut core, devices, task, t0) = open_round();
-    let deadline = core.check_update_header(t0, &header(devices[0], &task, 1, 3)).unwrap();
+    let deadline = core
+        .check_update_header(t0, &header(devices[0], &task, 1, 3))
+        .unwrap();
     assert_eq!(deadline, t0 + 60 * SECOND);
-    let err = core.check_update_header(t0, &header(devices[0], &task, 1, 2)).unwrap_err();
+    let err = core
+        .check_update_header(t0, &header(devices[0], &task, 1, 2))
+        .unwrap_err();
     assert_eq!(err.reason(), "wrong_num_values");
 }
 
@@ -535,12 +696,21 @@ fn non_finite_strategy_result_abandons_the_round() {
     let devices = join(&mut core, t0, 1);
     let (device, task) = check_in_all(&mut core, t0, &devices).remove(0);
     // Finite, and the sum is finite, but x + Δ overflows.
-    core.submit_update(t0, header(device, &task, 1, 2), &encode(&[f32::MAX, 1.0])).unwrap();
+    core.submit_update(t0, header(device, &task, 1, 2), &encode(&[f32::MAX, 1.0]))
+        .unwrap();
     let s = &core.history()[0];
     assert!(!s.completed);
-    assert!(s.abandon_reason.as_deref().unwrap().contains("non-finite parameter at index 0"));
+    assert!(
+        s.abandon_reason
+            .as_deref()
+            .unwrap()
+            .contains("non-finite parameter at index 0")
+    );
     let model = core.model();
-    assert_eq!((model.version, model.params.clone()), (1, vec![f32::MAX, 0.0]));
+    assert_eq!(
+        (model.version, model.params.clone()),
+        (1, vec![f32::MAX, 0.0])
+    );
 }
 
 #[test]
@@ -550,9 +720,17 @@ fn resubmitted_check_in_returns_the_same_task_and_after_submitting_waits() {
         CheckIn::Task(again) => assert_eq!(again, task),
         other => panic!("{other:?}"),
     }
-    core.submit_update(t0 + SECOND, header(devices[0], &task, 1, 3), &encode(&[0.0; 3])).unwrap();
+    core.submit_update(
+        t0 + SECOND,
+        header(devices[0], &task, 1, 3),
+        &encode(&[0.0; 3]),
+    )
+    .unwrap();
     // Submitted, so no task any more: it waits for the next round.
-    assert!(matches!(core.check_in(t0 + SECOND, &devices[0]).unwrap(), CheckIn::Wait { .. }));
+    assert!(matches!(
+        core.check_in(t0 + SECOND, &devices[0]).unwrap(),
+        CheckIn::Wait { .. }
+    ));
     assert_eq!(core.status().waiting, 1);
 }
 
@@ -566,14 +744,25 @@ fn fraction_selects_a_share_of_the_waiting_devices() {
     let devices = join(&mut core, t0, 4);
     // Not everyone waits yet: wait for the window.
     for d in &devices[..3] {
-        assert!(matches!(core.check_in(t0, d).unwrap(), CheckIn::Wait { .. }));
+        assert!(matches!(
+            core.check_in(t0, d).unwrap(),
+            CheckIn::Wait { .. }
+        ));
     }
     let events = core.poll(t0 + 30 * SECOND);
     // ceil(0.5 · 3) = 2 wanted, ceil(2 · 1.5) = 3 selected.
-    assert!(matches!(events[..], [Event::RoundStarted { selected: 3, .. }]), "{events:?}");
+    assert!(
+        matches!(events[..], [Event::RoundStarted { selected: 3, .. }]),
+        "{events:?}"
+    );
     let tasks = check_in_all(&mut core, t0 + 30 * SECOND, &devices[..3]);
     for (device, task) in &tasks[..2] {
-        core.submit_update(t0 + 31 * SECOND, header(*device, task, 1, 1), &encode(&[1.0])).unwrap();
+        core.submit_update(
+            t0 + 31 * SECOND,
+            header(*device, task, 1, 1),
+            &encode(&[1.0]),
+        )
+        .unwrap();
     }
     assert!(core.history()[0].completed);
 }

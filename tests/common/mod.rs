@@ -1,0 +1,91 @@
+//! Fixtures shared by the integration tests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedrec::data::{Split, SyntheticConfig, leave_one_out, synthetic};
+use fedrec_client::model::{MatrixFactorization, Model};
+use fedrec_coordinator::config::CoordinatorConfig;
+use fedrec_coordinator::round::RoundCore;
+use fedrec_coordinator::service::{CoordinatorService, ServeOptions, ServiceHandle};
+use rand::SeedableRng;
+
+/// Upper bound for anything a test awaits.
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A small synthetic data set with planted taste clusters, and its split.
+pub fn small_split(users: usize, items: usize, seed: u64) -> (fedrec::data::Dataset, Split) {
+    let ds = synthetic(&SyntheticConfig {
+        users,
+        items,
+        seed,
+        ..SyntheticConfig::default()
+    })
+    .expect("valid synthetic config");
+    let split = leave_one_out(&ds);
+    (ds, split)
+}
+
+/// A matrix-factorization model over `items` items.
+pub fn model(items: usize, factors: usize) -> Arc<dyn Model> {
+    Arc::new(MatrixFactorization::new(items, factors, 0.1).expect("valid model"))
+}
+
+/// A coordinator serving `cfg` on 127.0.0.1 (port 0).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub handle: ServiceHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), fedrec_coordinator::CoordinatorError>>,
+}
+
+impl Running {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(TIMEOUT, self.task)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+            .expect("server ran cleanly");
+    }
+}
+
+/// Starts a coordinator for `model` with `cfg`.
+pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) -> Running {
+    let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let core = RoundCore::new(cfg, model.layout(), params).expect("valid coordinator");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = CoordinatorService::new(core, ServeOptions::default());
+    let handle = service.handle();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(service.serve(listener, async {
+        let _ = rx.await;
+    }));
+    Running {
+        addr,
+        handle,
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// A channel to `running`.
+pub async fn channel(running: &Running) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(running.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
+}

@@ -1,0 +1,618 @@
+//! The coordinator over real loopback gRPC: a server on 127.0.0.1:0, devices
+//! as generated tonic clients, shutdown through a oneshot. Every wait is
+//! bounded by a timeout; nothing sleeps to wait.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use fedrec_coordinator::{
+    CoordinatorConfig, CoordinatorService, RoundCore, ServeOptions, ServiceHandle,
+};
+use fedrec_proto::pb::coordinator_client::CoordinatorClient;
+use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
+use fedrec_proto::{DEFAULT_CHUNK_BYTES, Layout, PROTOCOL_VERSION, tensor};
+
+/// Upper bound for any single wait in these tests.
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(LIMIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+struct Server {
+    addr: SocketAddr,
+    handle: ServiceHandle,
+    shutdown: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), fedrec_coordinator::CoordinatorError>>,
+}
+
+impl Server {
+    async fn start(config: CoordinatorConfig, layout: Layout, params: Vec<f32>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let core = RoundCore::new(config, layout, params).unwrap();
+        let service = CoordinatorService::new(core, ServeOptions::default());
+        let handle = service.handle();
+        let (shutdown, signal) = oneshot::channel();
+        let task = tokio::spawn(service.serve(listener, async {
+            let _ = signal.await;
+        }));
+        Self {
+            addr,
+            handle,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn client(&self) -> CoordinatorClient<Channel> {
+        within(
+            "connect",
+            CoordinatorClient::connect(format!("http://{}", self.addr)),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        self.shutdown.send(()).unwrap();
+        within("shutdown", self.task).await.unwrap().unwrap();
+    }
+}
+
+fn config(clients_per_round: usize, rounds: u32) -> CoordinatorConfig {
+    let mut config = CoordinatorConfig::default();
+    config.rounds.clients_per_round = clients_per_round;
+    config.rounds.rounds = rounds;
+    config.rounds.evaluate = false;
+    config.rounds.final_evaluation = false;
+    config.rounds.seed = Some(5);
+    config
+}
+
+async fn join(client: &mut CoordinatorClient<Channel>) -> String {
+    let response = client
+        .join(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.protocol_version, PROTOCOL_VERSION);
+    response.pseudonym
+}
+
+async fn check_in(
+    mut client: CoordinatorClient<Channel>,
+    pseudonym: String,
+) -> Result<Outcome, tonic::Status> {
+    let response = client.check_in(pb::CheckInRequest { pseudonym }).await?;
+    Ok(response.into_inner().outcome.expect("check-in outcome"))
+}
+
+/// Checks `devices` in concurrently (long polls) and returns their tasks.
+async fn tasks(client: &CoordinatorClient<Channel>, devices: &[String]) -> Vec<pb::Task> {
+    let polls: Vec<_> = devices
+        .iter()
+        .map(|d| tokio::spawn(check_in(client.clone(), d.clone())))
+        .collect();
+    let mut tasks = Vec::new();
+    for poll in polls {
+        match within("check-in", poll).await.unwrap().unwrap() {
+            Outcome::Task(task) => tasks.push(task),
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+    tasks
+}
+
+async fn download(
+    client: &mut CoordinatorClient<Channel>,
+    pseudonym: &str,
+    task: &pb::Task,
+) -> Result<(Vec<pb::TensorSpec>, Vec<f32>, usize), tonic::Status> {
+    let mut stream = client
+        .download_model(pb::ModelRequest {
+            pseudonym: pseudonym.to_owned(),
+            round: task.round,
+            model_version: task.model_version,
+        })
+        .await?
+        .into_inner();
+    let mut layout = Vec::new();
+    let mut bytes = Vec::new();
+    let mut chunks = 0;
+    while let Some(chunk) = within("model chunk", stream.message()).await? {
+        if chunks == 0 {
+            layout = chunk.layout;
+        } else {
+            assert!(chunk.layout.is_empty(), "layout only in the first chunk");
+        }
+        assert_eq!(chunk.model_version, task.model_version);
+        assert_eq!(
+            chunk.offset as usize,
+            bytes.len() / 4,
+            "chunks arrive in order"
+        );
+        bytes.extend_from_slice(&chunk.values);
+        chunks += 1;
+    }
+    Ok((layout, tensor::decode(&bytes).unwrap(), chunks))
+}
+
+fn header(
+    pseudonym: &str,
+    task: &pb::Task,
+    num_examples: u64,
+    num_values: u64,
+) -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        pseudonym: pseudonym.to_owned(),
+        round: task.round,
+        model_version: task.model_version,
+        num_examples,
+        num_values,
+        evaluation: None,
+    }
+}
+
+/// Uploads a header (if any) and then `values` in chunks.
+async fn upload(
+    client: &mut CoordinatorClient<Channel>,
+    header: Option<pb::UpdateHeader>,
+    values: Bytes,
+) -> Result<pb::UpdateAck, tonic::Status> {
+    let mut messages: Vec<pb::UpdateChunk> = header
+        .map(|h| pb::UpdateChunk {
+            part: Some(Part::Header(h)),
+        })
+        .into_iter()
+        .collect();
+    messages.extend(
+        tensor::chunks(&values, DEFAULT_CHUNK_BYTES).map(|(_, chunk)| pb::UpdateChunk {
+            part: Some(Part::Values(chunk)),
+        }),
+    );
+    within("upload", client.submit_update(tokio_stream::iter(messages)))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
+    let status = result.expect_err("request should fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "{:?} should mention {needle:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn full_round_with_a_large_model_in_chunks() {
+    const ROWS: u64 = 500_000;
+    let layout = Layout::new(vec![("item_factors".into(), vec![ROWS, 3])]);
+    let n = layout.num_values();
+    assert_eq!(n, 1_500_000);
+    let params: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.25 - 100.0).collect();
+    let server = Server::start(config(2, 1), layout.clone(), params.clone()).await;
+    let mut progress = server.handle.subscribe();
+    let mut client = server.client().await;
+    let devices = vec![join(&mut client).await, join(&mut client).await];
+
+    // Both long-poll; the second check-in fills the cohort and wakes the first.
+    let tasks = tasks(&client, &devices).await;
+    for task in &tasks {
+        assert_eq!(
+            (task.round, task.model_version, task.kind),
+            (1, 1, pb::TaskKind::Train as i32)
+        );
+        assert!(task.deadline_ms > 0 && task.deadline_ms <= 60_000);
+        let training = task.training.unwrap();
+        assert_eq!(training.local_epochs, 5);
+        assert!(!training.evaluate);
+    }
+
+    // A 6 MB model arrives in 1 MiB chunks and reassembles exactly.
+    let (specs, values, chunks) = download(&mut client, &devices[0], &tasks[0]).await.unwrap();
+    assert_eq!(Layout::from_pb(&specs), layout);
+    assert_eq!(chunks, (n * 4).div_ceil(DEFAULT_CHUNK_BYTES));
+    assert!(chunks > 4);
+    assert_eq!(values, params);
+
+    // Updates go up in chunks too: weights 1 and 3, mean (1·1 + 3·(-0.5)) / 4 = -0.125.
+    let ack = upload(
+        &mut client,
+        Some(header(&devices[0], &tasks[0], 1, n as u64)),
+        tensor::encode(&vec![1.0; n]),
+    )
+    .await
+    .unwrap();
+    assert_eq!((ack.round, ack.accepted), (1, 1));
+    let ack = upload(
+        &mut client,
+        Some(header(&devices[1], &tasks[1], 3, n as u64)),
+        tensor::encode(&vec![-0.5; n]),
+    )
+    .await
+    .unwrap();
+    assert_eq!((ack.round, ack.accepted), (1, 2));
+
+    let reason = within("finish", server.handle.finished()).await;
+    assert!(reason.contains("1 training rounds"), "{reason}");
+    let latest = within("progress", progress.wait_for(|p| p.finished.is_some()))
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(latest.history.len(), 1);
+    assert!(latest.history[0].completed);
+    assert_eq!(latest.status.model_version, 2);
+
+    let model = server.handle.model().unwrap();
+    assert_eq!(model.version, 2);
+    let expected: Vec<f32> = params.iter().map(|p| p - 0.125).collect();
+    assert_eq!(model.params, expected);
+
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            status.round,
+            status.model_version,
+            status.finished,
+            status.devices
+        ),
+        (1, 2, true, 2)
+    );
+    assert_eq!(status.rounds.len(), 1);
+    let summary = &status.rounds[0];
+    assert!(summary.completed);
+    assert_eq!(
+        (
+            summary.participants,
+            summary.selected,
+            summary.model_version
+        ),
+        (2, 2, 2)
+    );
+
+    // The old version is gone; the new one downloads.
+    let stale = download(&mut client, &devices[0], &tasks[0]).await;
+    assert_status(stale, Code::FailedPrecondition, "current version is 2");
+    let next = pb::Task {
+        model_version: 2,
+        ..tasks[0]
+    };
+    let (_, values, _) = download(&mut client, &devices[0], &next).await.unwrap();
+    assert_eq!(values, expected);
+
+    match within("check-in", check_in(client.clone(), devices[0].clone()))
+        .await
+        .unwrap()
+    {
+        Outcome::Finished(f) => assert!(f.reason.contains("training rounds")),
+        other => panic!("expected Finished, got {other:?}"),
+    }
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_status() {
+    let layout = Layout::new(vec![("item_bias".into(), vec![4])]);
+    let server = Server::start(config(2, 0), layout, vec![1.0, 2.0, 3.0, 4.0]).await;
+    let mut client = server.client().await;
+
+    let err = client
+        .join(pb::JoinRequest {
+            protocol_version: 99,
+        })
+        .await;
+    assert_status(err, Code::FailedPrecondition, "protocol version 99");
+    let err = check_in(client.clone(), "not-a-pseudonym".to_owned()).await;
+    assert_status(err, Code::Unauthenticated, "unknown pseudonym");
+    let err = check_in(client.clone(), "0".repeat(32)).await;
+    assert_status(err, Code::Unauthenticated, "unknown pseudonym");
+
+    let devices = vec![join(&mut client).await, join(&mut client).await];
+    let outsider = join(&mut client).await;
+    let tasks = tasks(&client, &devices).await;
+    let (a, b) = (&devices[0], &devices[1]);
+    let task = tasks[0];
+    let good = tensor::encode(&[1.0, 1.0, 1.0, 1.0]);
+
+    let wrong_version = pb::Task {
+        model_version: 5,
+        ..task
+    };
+    assert_status(
+        download(&mut client, a, &wrong_version).await,
+        Code::FailedPrecondition,
+        "model version 5",
+    );
+    assert_status(
+        download(&mut client, "ff", &task).await,
+        Code::Unauthenticated,
+        "unknown pseudonym",
+    );
+
+    let cases: Vec<(Option<pb::UpdateHeader>, Bytes, Code, &str)> = vec![
+        (
+            Some(header(&outsider, &task, 1, 4)),
+            good.clone(),
+            Code::PermissionDenied,
+            "not in the cohort of round 1",
+        ),
+        (
+            Some(header("nobody", &task, 1, 4)),
+            good.clone(),
+            Code::Unauthenticated,
+            "unknown pseudonym",
+        ),
+        (
+            None,
+            good.clone(),
+            Code::InvalidArgument,
+            "first message of an upload must be its header",
+        ),
+        (
+            Some(header(a, &task, 1, 5)),
+            good.clone(),
+            Code::InvalidArgument,
+            "announces 5 values, but the model has 4",
+        ),
+        (
+            Some(pb::UpdateHeader {
+                round: 2,
+                ..header(a, &task, 1, 4)
+            }),
+            good.clone(),
+            Code::FailedPrecondition,
+            "update is for round 2, but round 1 is open",
+        ),
+        (
+            Some(pb::UpdateHeader {
+                model_version: 3,
+                ..header(a, &task, 1, 4)
+            }),
+            good.clone(),
+            Code::FailedPrecondition,
+            "model version 3",
+        ),
+        (
+            Some(header(a, &task, 0, 4)),
+            good.clone(),
+            Code::InvalidArgument,
+            "num_examples must be >= 1, got 0",
+        ),
+        (
+            Some(header(a, &task, 1, 4)),
+            tensor::encode(&[1.0, f32::NAN, 1.0, 1.0]),
+            Code::InvalidArgument,
+            "index 1 is not finite (NaN)",
+        ),
+        (
+            Some(header(a, &task, 1, 4)),
+            tensor::encode(&[1.0, 1.0, 1.0, f32::INFINITY]),
+            Code::InvalidArgument,
+            "index 3 is not finite (inf)",
+        ),
+        (
+            Some(header(a, &task, 1, 4)),
+            good.slice(..15),
+            Code::InvalidArgument,
+            "15 bytes",
+        ),
+        (
+            Some(header(a, &task, 1, 4)),
+            good.slice(..12),
+            Code::InvalidArgument,
+            "expected 4 values, got 3",
+        ),
+        (
+            Some(header(a, &task, 1, 4)),
+            tensor::encode(&[1.0; 5]),
+            Code::ResourceExhausted,
+            "20 bytes received, at most 16 allowed",
+        ),
+    ];
+    for (header, values, code, needle) in cases {
+        assert_status(upload(&mut client, header, values).await, code, needle);
+    }
+
+    // An evaluation report is the wrong kind of result in a training round.
+    let report = pb::EvaluationReport {
+        pseudonym: b.clone(),
+        round: 1,
+        model_version: 1,
+        counts: Some(pb::EvaluationCounts::default()),
+    };
+    assert_status(
+        client.submit_evaluation(report.clone()).await,
+        Code::FailedPrecondition,
+        "training round",
+    );
+    let no_counts = pb::EvaluationReport {
+        counts: None,
+        ..report
+    };
+    assert_status(
+        client.submit_evaluation(no_counts).await,
+        Code::InvalidArgument,
+        "without counts",
+    );
+
+    // After all that, good updates still count; a second one is a duplicate.
+    assert_eq!(
+        upload(&mut client, Some(header(a, &task, 1, 4)), good.clone())
+            .await
+            .unwrap()
+            .accepted,
+        1
+    );
+    assert_status(
+        upload(&mut client, Some(header(a, &task, 1, 4)), good.clone()).await,
+        Code::AlreadyExists,
+        "already submitted for round 1",
+    );
+    let mut progress = server.handle.subscribe();
+    upload(
+        &mut client,
+        Some(header(b, &tasks[1], 1, 4)),
+        tensor::encode(&[3.0; 4]),
+    )
+    .await
+    .unwrap();
+    let history = within("round end", progress.wait_for(|p| !p.history.is_empty()))
+        .await
+        .unwrap()
+        .history
+        .clone();
+    assert!(history[0].completed);
+    let model = server.handle.model().unwrap();
+    assert_eq!(model.params, vec![3.0, 4.0, 5.0, 6.0]);
+
+    let rejections = server
+        .handle
+        .with_core(|core| core.rejections().clone())
+        .unwrap();
+    for (reason, count) in [
+        ("protocol_version", 1),
+        ("unknown_pseudonym", 4),
+        ("wrong_model_version", 2),
+        ("not_in_cohort", 1),
+        ("malformed", 2),
+        ("wrong_num_values", 1),
+        ("wrong_round", 1),
+        ("zero_examples", 1),
+        ("not_finite", 2),
+        ("misaligned", 1),
+        ("wrong_length", 1),
+        ("too_large", 1),
+        ("wrong_task_kind", 1),
+        ("duplicate", 1),
+    ] {
+        assert_eq!(
+            rejections.get(reason),
+            Some(&count),
+            "{reason}: {rejections:?}"
+        );
+    }
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn check_in_long_poll_times_out_with_wait() {
+    let mut config = config(2, 0);
+    config.server.long_poll_secs = 0.2;
+    let server = Server::start(config, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
+    let mut client = server.client().await;
+    let device = join(&mut client).await;
+    // Alone, the device cannot fill the cohort of 2: the long poll ends in Wait.
+    match within("long poll", check_in(client.clone(), device))
+        .await
+        .unwrap()
+    {
+        Outcome::Wait(wait) => assert_eq!(wait.retry_after_ms, 0),
+        other => panic!("expected Wait, got {other:?}"),
+    }
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_driver_ends_a_round_at_its_deadline_without_any_request() {
+    let mut config = config(2, 0);
+    config.rounds.deadline_secs = 0.3;
+    let server = Server::start(
+        config,
+        Layout::new(vec![("b".into(), vec![2])]),
+        vec![0.0, 0.0],
+    )
+    .await;
+    let mut client = server.client().await;
+    let devices = vec![join(&mut client).await, join(&mut client).await];
+    let tasks = tasks(&client, &devices).await;
+    let mut progress = server.handle.subscribe();
+    upload(
+        &mut client,
+        Some(header(&devices[0], &tasks[0], 2, 2)),
+        tensor::encode(&[0.5, -0.5]),
+    )
+    .await
+    .unwrap();
+    // The other device stays silent; the driver closes the round at its deadline.
+    let history = within("deadline", progress.wait_for(|p| !p.history.is_empty()))
+        .await
+        .unwrap()
+        .history
+        .clone();
+    assert!(history[0].completed);
+    assert_eq!((history[0].selected, history[0].participants), (2, 1));
+    assert_eq!(server.handle.model().unwrap().params, vec![0.5, -0.5]);
+    // The silent device is now too late.
+    assert_status(
+        upload(
+            &mut client,
+            Some(header(&devices[1], &tasks[1], 1, 2)),
+            tensor::encode(&[1.0, 1.0]),
+        )
+        .await,
+        Code::FailedPrecondition,
+        "round 1 is closed",
+    );
+    drop(client);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn serve_function_runs_until_shutdown() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let core = RoundCore::new(
+        config(1, 0),
+        Layout::new(vec![("b".into(), vec![1])]),
+        vec![0.0],
+    )
+    .unwrap();
+    let (stop, signal) = oneshot::channel::<()>();
+    let server = tokio::spawn(fedrec_coordinator::serve(
+        listener,
+        core,
+        ServeOptions::default(),
+        async {
+            let _ = signal.await;
+        },
+    ));
+    let mut client = within(
+        "connect",
+        CoordinatorClient::connect(format!("http://{addr}")),
+    )
+    .await
+    .unwrap();
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (status.round, status.model_version, status.finished),
+        (0, 1, false)
+    );
+    drop(client);
+    stop.send(()).unwrap();
+    within("shutdown", server).await.unwrap().unwrap();
+}
