@@ -42,12 +42,12 @@ impl Metrics {
     pub fn from_counts(c: &EvalCounts, covered: usize, n_items: usize) -> Self {
         Self {
             full: Ranking {
-                hr_at_10: c.hr_full(),
-                ndcg_at_10: c.ndcg_full_mean(),
+                hr_at_10: c.hit_rate_full().unwrap_or(0.0),
+                ndcg_at_10: c.ndcg_full_mean().unwrap_or(0.0),
             },
             sampled100: Ranking {
-                hr_at_10: c.hr_sampled(),
-                ndcg_at_10: c.ndcg_sampled_mean(),
+                hr_at_10: c.hit_rate_sampled().unwrap_or(0.0),
+                ndcg_at_10: c.ndcg_sampled_mean().unwrap_or(0.0),
             },
             coverage_at_10: covered as f64 / n_items.max(1) as f64,
             users: c.users,

@@ -149,27 +149,9 @@ fn row(s: &RoundSummary, seconds: f64) -> RoundRow {
         round: s.round,
         participants: s.participants,
         seconds,
-        hr_at_10: if s.evaluation.users == 0 {
-            0.0
-        } else {
-            s.evaluation.hits_full / s.evaluation.users as f64
-        },
-        ndcg_at_10: if s.evaluation.users == 0 {
-            0.0
-        } else {
-            s.evaluation.ndcg_full / s.evaluation.users as f64
-        },
+        hr_at_10: s.evaluation.hit_rate_full().unwrap_or(0.0),
+        ndcg_at_10: s.evaluation.ndcg_full_mean().unwrap_or(0.0),
         completed: s.completed,
-    }
-}
-
-fn counts_from_round(s: &RoundSummary) -> EvalCounts {
-    EvalCounts {
-        users: s.evaluation.users,
-        hits_full: s.evaluation.hits_full,
-        ndcg_full: s.evaluation.ndcg_full,
-        hits_sampled: s.evaluation.hits_sampled,
-        ndcg_sampled: s.evaluation.ndcg_sampled,
     }
 }
 
@@ -389,7 +371,7 @@ fn run_inproc(
                         model_version: task.model_version,
                         num_examples: update.num_examples,
                         num_values: update.delta.len() as u64,
-                        evaluation: update.evaluation.map(to_coord_counts),
+                        evaluation: update.evaluation,
                     };
                     let bytes = fedrec_proto::tensor::encode(&update.delta);
                     core.submit_update(clock, header, &bytes)?;
@@ -400,7 +382,7 @@ fn run_inproc(
                         &who,
                         task.round,
                         task.model_version,
-                        to_coord_counts(counts.unwrap_or_default()),
+                        counts.unwrap_or_default(),
                     )?;
                 }
             }
@@ -441,16 +423,6 @@ fn run_task(
     })
 }
 
-fn to_coord_counts(c: EvalCounts) -> fedrec_coordinator::aggregate::EvalCounts {
-    fedrec_coordinator::aggregate::EvalCounts {
-        users: c.users,
-        hits_full: c.hits_full,
-        ndcg_full: c.ndcg_full,
-        hits_sampled: c.hits_sampled,
-        ndcg_sampled: c.ndcg_sampled,
-    }
-}
-
 fn record_event(
     event: &fedrec_coordinator::round::Event,
     rows: &mut Vec<RoundRow>,
@@ -480,7 +452,7 @@ fn record_summary(
     observer: &mut dyn Observer,
 ) {
     match s.kind {
-        TaskKind::Evaluate => *final_counts = counts_from_round(s),
+        TaskKind::Evaluate => *final_counts = s.evaluation,
         _ => {
             let r = row(s, seconds);
             observer.round(&r);

@@ -12,56 +12,7 @@ pub const K: usize = 10;
 /// sampled items the user never interacted with.
 pub const SAMPLED_CANDIDATES: usize = 100;
 
-/// Sums of leave-one-out metrics over users; divide by `users` for means.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct EvalCounts {
-    /// Users (devices) with a held-out item that were evaluated.
-    pub users: u64,
-    /// Hits at 10 under full ranking.
-    pub hits_full: f64,
-    /// Sum of NDCG@10 under full ranking.
-    pub ndcg_full: f64,
-    /// Hits at 10 among 100 sampled candidates.
-    pub hits_sampled: f64,
-    /// Sum of NDCG@10 among 100 sampled candidates.
-    pub ndcg_sampled: f64,
-}
-
-impl EvalCounts {
-    /// Adds another set of counts.
-    pub fn add(&mut self, other: &EvalCounts) {
-        self.users += other.users;
-        self.hits_full += other.hits_full;
-        self.ndcg_full += other.ndcg_full;
-        self.hits_sampled += other.hits_sampled;
-        self.ndcg_sampled += other.ndcg_sampled;
-    }
-
-    /// Mean HR@10 under full ranking (0 when no user was evaluated).
-    pub fn hr_full(&self) -> f64 {
-        self.mean(self.hits_full)
-    }
-    /// Mean NDCG@10 under full ranking.
-    pub fn ndcg_full_mean(&self) -> f64 {
-        self.mean(self.ndcg_full)
-    }
-    /// Mean HR@10 among 100 sampled candidates.
-    pub fn hr_sampled(&self) -> f64 {
-        self.mean(self.hits_sampled)
-    }
-    /// Mean NDCG@10 among 100 sampled candidates.
-    pub fn ndcg_sampled_mean(&self) -> f64 {
-        self.mean(self.ndcg_sampled)
-    }
-
-    fn mean(&self, sum: f64) -> f64 {
-        if self.users == 0 {
-            0.0
-        } else {
-            sum / self.users as f64
-        }
-    }
-}
+pub use fedrec_proto::EvalCounts;
 
 /// HR@k of one user given the 0-based rank of the held-out item.
 pub fn hit_at(rank: usize, k: usize) -> f64 {

@@ -298,7 +298,7 @@ impl Participant {
             model_version: task.model_version,
             num_examples: update.num_examples,
             num_values: update.delta.len() as u64,
-            evaluation: update.evaluation.map(counts_to_pb),
+            evaluation: update.evaluation.as_ref().map(pb::EvaluationCounts::from),
         };
         let encoded = tensor::encode(&update.delta);
         let mut chunks = vec![pb::UpdateChunk {
@@ -328,7 +328,7 @@ impl Participant {
             pseudonym: self.pseudonym.clone(),
             round: task.round,
             model_version: task.model_version,
-            counts: Some(counts_to_pb(counts.unwrap_or_default())),
+            counts: Some(pb::EvaluationCounts::from(&counts.unwrap_or_default())),
         };
         self.sent.log("EvaluationReport", task.round, &req);
         self.client
@@ -342,28 +342,6 @@ impl Participant {
 enum TaskOutcome {
     Update(crate::device::LocalUpdate),
     Evaluation(Option<EvalCounts>),
-}
-
-/// Converts evaluation counts to their wire form.
-pub fn counts_to_pb(c: EvalCounts) -> pb::EvaluationCounts {
-    pb::EvaluationCounts {
-        users: c.users,
-        hits_full: c.hits_full,
-        ndcg_full: c.ndcg_full,
-        hits_sampled: c.hits_sampled,
-        ndcg_sampled: c.ndcg_sampled,
-    }
-}
-
-/// Converts evaluation counts from their wire form.
-pub fn counts_from_pb(c: &pb::EvaluationCounts) -> EvalCounts {
-    EvalCounts {
-        users: c.users,
-        hits_full: c.hits_full,
-        ndcg_full: c.ndcg_full,
-        hits_sampled: c.hits_sampled,
-        ndcg_sampled: c.ndcg_sampled,
-    }
 }
 
 /// The task's training configuration, validated.

@@ -12,8 +12,6 @@
 //! noise of the devices' local SGD steps. The total weight is exact (an
 //! integer count held in `u64`), and the division by it is done in `f64`.
 
-use serde::{Deserialize, Serialize};
-
 use fedrec_proto::tensor::{self, TensorError};
 
 use crate::CoordinatorError;
@@ -111,78 +109,27 @@ impl Aggregator {
     }
 }
 
-/// Leave-one-out evaluation counts, summed over devices.
-///
-/// Each device reports counts for its own held-out purchase(s) only; the
-/// coordinator only ever sees these sums.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct EvalCounts {
-    /// Devices (users) with a held-out purchase that contributed.
-    pub users: u64,
-    /// Full ranking: hits in the top 10.
-    pub hits_full: f64,
-    /// Full ranking: sum of NDCG@10.
-    pub ndcg_full: f64,
-    /// Among 100 sampled candidates: hits in the top 10.
-    pub hits_sampled: f64,
-    /// Among 100 sampled candidates: sum of NDCG@10.
-    pub ndcg_sampled: f64,
-}
+pub use fedrec_proto::EvalCounts;
 
-impl EvalCounts {
-    /// Checks that every count is finite, non-negative and at most `users`
-    /// (a user contributes at most one hit and an NDCG of at most 1).
-    pub fn validate(&self) -> Result<(), CoordinatorError> {
-        let users = self.users as f64;
-        for (field, value) in [
-            ("hits_full", self.hits_full),
-            ("ndcg_full", self.ndcg_full),
-            ("hits_sampled", self.hits_sampled),
-            ("ndcg_sampled", self.ndcg_sampled),
-        ] {
-            if !(value.is_finite() && value >= 0.0 && value <= users) {
-                return Err(CoordinatorError::BadEvaluation {
-                    field,
-                    value,
-                    users: self.users,
-                });
-            }
+/// Checks that every count is finite, non-negative and at most `users`
+/// (a user contributes at most one hit and an NDCG of at most 1).
+pub fn validate_counts(counts: &EvalCounts) -> Result<(), CoordinatorError> {
+    let users = counts.users as f64;
+    for (field, value) in [
+        ("hits_full", counts.hits_full),
+        ("ndcg_full", counts.ndcg_full),
+        ("hits_sampled", counts.hits_sampled),
+        ("ndcg_sampled", counts.ndcg_sampled),
+    ] {
+        if !(value.is_finite() && value >= 0.0 && value <= users) {
+            return Err(CoordinatorError::BadEvaluation {
+                field,
+                value,
+                users: counts.users,
+            });
         }
-        Ok(())
     }
-
-    /// Adds another device's (or round's) counts.
-    pub fn add(&mut self, other: &EvalCounts) {
-        self.users = self.users.saturating_add(other.users);
-        self.hits_full += other.hits_full;
-        self.ndcg_full += other.ndcg_full;
-        self.hits_sampled += other.hits_sampled;
-        self.ndcg_sampled += other.ndcg_sampled;
-    }
-
-    /// HR@10 under full ranking, when any user contributed.
-    pub fn hit_rate_full(&self) -> Option<f64> {
-        self.ratio(self.hits_full)
-    }
-
-    /// NDCG@10 under full ranking, when any user contributed.
-    pub fn ndcg_full_mean(&self) -> Option<f64> {
-        self.ratio(self.ndcg_full)
-    }
-
-    /// HR@10 among 100 sampled candidates, when any user contributed.
-    pub fn hit_rate_sampled(&self) -> Option<f64> {
-        self.ratio(self.hits_sampled)
-    }
-
-    /// NDCG@10 among 100 sampled candidates, when any user contributed.
-    pub fn ndcg_sampled_mean(&self) -> Option<f64> {
-        self.ratio(self.ndcg_sampled)
-    }
-
-    fn ratio(&self, value: f64) -> Option<f64> {
-        (self.users > 0).then(|| value / self.users as f64)
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -237,7 +184,7 @@ mod tests {
             hits_sampled: 1.0,
             ndcg_sampled: 1.0,
         };
-        one.validate().unwrap();
+        validate_counts(&one).unwrap();
         total.add(&one);
         total.add(&EvalCounts {
             users: 1,
@@ -253,7 +200,7 @@ mod tests {
             ..EvalCounts::default()
         };
         assert!(
-            bad.validate()
+            validate_counts(&bad)
                 .unwrap_err()
                 .to_string()
                 .contains("ndcg_full")
@@ -263,12 +210,15 @@ mod tests {
             hits_sampled: -1.0,
             ..EvalCounts::default()
         };
-        assert_eq!(bad.validate().unwrap_err().reason(), "bad_evaluation");
+        assert_eq!(
+            validate_counts(&bad).unwrap_err().reason(),
+            "bad_evaluation"
+        );
         let bad = EvalCounts {
             users: 0,
             hits_full: 1.0,
             ..EvalCounts::default()
         };
-        assert!(bad.validate().is_err());
+        assert!(validate_counts(&bad).is_err());
     }
 }

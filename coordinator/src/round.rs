@@ -433,7 +433,7 @@ impl RoundCore {
         self.advance(now);
         let result = self
             .check_submission(pseudonym, round, model_version, TaskKind::Evaluate)
-            .and_then(|()| counts.validate())
+            .and_then(|()| crate::aggregate::validate_counts(&counts))
             .map(|()| self.record_submission(pseudonym, Some(&counts)))
             .map_err(|e| self.reject(e));
         self.advance(now);
@@ -587,7 +587,7 @@ impl RoundCore {
             return Err(CoordinatorError::ZeroExamples);
         }
         if let Some(counts) = &header.evaluation {
-            counts.validate()?;
+            crate::aggregate::validate_counts(counts)?;
         }
         Ok(())
     }

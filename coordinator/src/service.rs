@@ -611,30 +611,6 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
     }
 }
 
-impl From<pb::EvaluationCounts> for EvalCounts {
-    fn from(c: pb::EvaluationCounts) -> Self {
-        Self {
-            users: c.users,
-            hits_full: c.hits_full,
-            ndcg_full: c.ndcg_full,
-            hits_sampled: c.hits_sampled,
-            ndcg_sampled: c.ndcg_sampled,
-        }
-    }
-}
-
-impl From<&EvalCounts> for pb::EvaluationCounts {
-    fn from(c: &EvalCounts) -> Self {
-        Self {
-            users: c.users,
-            hits_full: c.hits_full,
-            ndcg_full: c.ndcg_full,
-            hits_sampled: c.hits_sampled,
-            ndcg_sampled: c.ndcg_sampled,
-        }
-    }
-}
-
 /// The protobuf twin of a task kind.
 pub fn task_kind_to_pb(kind: TaskKind) -> pb::TaskKind {
     match kind {

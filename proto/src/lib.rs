@@ -17,7 +17,10 @@
 //! assert_eq!(sum[0], 1.0);
 //! ```
 
+pub mod eval;
 pub mod tensor;
+
+pub use eval::EvalCounts;
 
 /// Messages and services generated from `proto/fedrec.proto`.
 pub mod pb {
