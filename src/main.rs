@@ -432,17 +432,7 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
             args.factors,
             fedrec_client::model::DEFAULT_INIT_STD,
         )?);
-    let mut device = fedrec_client::device::Device::new(Arc::clone(&model), args.seed);
-    for &item in &split.train[user] {
-        device.record(fedrec_client::store::Purchase {
-            item,
-            time: 0,
-            quantity: 1.0,
-        })?;
-    }
-    if let Some(target) = split.test[user] {
-        device.hold_out(target, fedrec::eval::candidate_seed(args.seed, user))?;
-    }
+    let device = sim::make_device(&model, &split, user, args.seed)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let mut participant =

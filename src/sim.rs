@@ -163,35 +163,47 @@ pub fn make_devices(
     seed: u64,
 ) -> anyhow::Result<Vec<(usize, Device)>> {
     let mut devices = Vec::new();
-    for (user, items) in split.train.iter().enumerate() {
-        if items.is_empty() {
-            continue;
+    for user in 0..split.train.len() {
+        if !split.train[user].is_empty() {
+            devices.push((user, make_device(model, split, user, seed)?));
         }
-        let mut device = Device::new(
-            Arc::clone(model),
-            seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407),
-        );
-        for &item in items {
-            device.record(Purchase {
-                item,
-                time: 0,
-                quantity: 1.0,
-            })?;
-        }
-        if let Some(target) = split.test[user] {
-            device.hold_out(target, eval::candidate_seed(seed, user))?;
-        }
-        devices.push((user, device));
     }
     Ok(devices)
 }
 
-fn device_training(cfg: &CoordinatorConfig) -> TrainingConfig {
+/// The device of `user`: its training purchases in the store and its
+/// held-out purchase (if any) as evaluation target, with the same sampled
+/// candidates as every other method under `seed`.
+pub fn make_device(
+    model: &Arc<dyn Model>,
+    split: &Split,
+    user: usize,
+    seed: u64,
+) -> anyhow::Result<Device> {
+    let mut device = Device::new(
+        Arc::clone(model),
+        seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+    );
+    for &item in &split.train[user] {
+        device.record(Purchase {
+            item,
+            time: 0,
+            quantity: 1.0,
+        })?;
+    }
+    if let Some(target) = split.test[user] {
+        device.hold_out(target, eval::candidate_seed(seed, user))?;
+    }
+    Ok(device)
+}
+
+/// The device-side form of the coordinator's training configuration.
+fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> TrainingConfig {
     TrainingConfig {
-        local_epochs: cfg.training.local_epochs,
-        learning_rate: cfg.training.learning_rate,
-        regularization: cfg.training.regularization,
-        negatives: cfg.training.negatives,
+        local_epochs: t.local_epochs,
+        learning_rate: t.learning_rate,
+        regularization: t.regularization,
+        negatives: t.negatives,
     }
 }
 
@@ -246,7 +258,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         &split,
         &TrainingConfig {
             local_epochs: 1,
-            ..device_training(&coord)
+            ..device_training(&coord.training)
         },
         cfg.centralized_epochs,
         cfg.seed,
@@ -317,75 +329,8 @@ fn run_inproc(
                 Some(t) if t > clock => clock = t,
                 _ => clock += Duration::from_secs(1),
             }
-            for event in core.poll(clock) {
-                record_event(
-                    &event,
-                    &mut rows,
-                    &mut final_counts,
-                    &mut round_start,
-                    observer,
-                );
-            }
-            continue;
-        }
-        let snapshot = core.model();
-        let global = &snapshot.params;
-        // Train the cohort in parallel; results come back in task order, so
-        // the sum is formed in the same order every run.
-        let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> =
-            Vec::with_capacity(tasks.len());
-        {
-            let mut it = devices.iter_mut().enumerate();
-            for (i, task) in &tasks {
-                let (_, (_, d)) = it
-                    .by_ref()
-                    .find(|(j, _)| j == i)
-                    .context("task for an unknown device")?;
-                selected.push((d, task));
-            }
-        }
-        let chunk = selected.len().div_ceil(threads).max(1);
-        let results: Vec<anyhow::Result<TaskResult>> = std::thread::scope(|s| {
-            let handles: Vec<_> = selected
-                .chunks_mut(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter_mut()
-                            .map(|(device, task)| run_task(device, task, global))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("device thread panicked"))
-                .collect()
-        });
-        for ((i, task), result) in tasks.iter().zip(results) {
-            let who = pseudonyms[*i];
-            match result? {
-                TaskResult::Update(update) => {
-                    let header = UpdateHeader {
-                        pseudonym: who,
-                        round: task.round,
-                        model_version: task.model_version,
-                        num_examples: update.num_examples,
-                        num_values: update.delta.len() as u64,
-                        evaluation: update.evaluation,
-                    };
-                    let bytes = fedrec_proto::tensor::encode(&update.delta);
-                    core.submit_update(clock, header, &bytes)?;
-                }
-                TaskResult::Evaluation(counts) => {
-                    core.submit_evaluation(
-                        clock,
-                        &who,
-                        task.round,
-                        task.model_version,
-                        counts.unwrap_or_default(),
-                    )?;
-                }
-            }
+        } else {
+            run_cohort(&mut core, clock, &mut devices, &pseudonyms, &tasks, threads)?;
         }
         for event in core.poll(clock) {
             record_event(
@@ -401,6 +346,76 @@ fn run_inproc(
     Ok((rows, final_counts, global, devices))
 }
 
+/// Trains or evaluates the cohort in parallel and submits the results in
+/// task order, so the sum is formed in the same order every run.
+fn run_cohort(
+    core: &mut RoundCore,
+    clock: Instant,
+    devices: &mut [(usize, Device)],
+    pseudonyms: &[Pseudonym],
+    tasks: &[(usize, fedrec_coordinator::round::Task)],
+    threads: usize,
+) -> anyhow::Result<()> {
+    let snapshot = core.model();
+    let global = &snapshot.params;
+    let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> =
+        Vec::with_capacity(tasks.len());
+    {
+        let mut it = devices.iter_mut().enumerate();
+        for (i, task) in tasks {
+            let (_, (_, d)) = it
+                .by_ref()
+                .find(|(j, _)| j == i)
+                .context("task for an unknown device")?;
+            selected.push((d, task));
+        }
+    }
+    let chunk = selected.len().div_ceil(threads).max(1);
+    let results: Vec<anyhow::Result<TaskResult>> = std::thread::scope(|s| {
+        let handles: Vec<_> = selected
+            .chunks_mut(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter_mut()
+                        .map(|(device, task)| run_task(device, task, global))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("device thread panicked"))
+            .collect()
+    });
+    for ((i, task), result) in tasks.iter().zip(results) {
+        let who = pseudonyms[*i];
+        match result? {
+            TaskResult::Update(update) => {
+                let header = UpdateHeader {
+                    pseudonym: who,
+                    round: task.round,
+                    model_version: task.model_version,
+                    num_examples: update.num_examples,
+                    num_values: update.delta.len() as u64,
+                    evaluation: update.evaluation,
+                };
+                let bytes = fedrec_proto::tensor::encode(&update.delta);
+                core.submit_update(clock, header, &bytes)?;
+            }
+            TaskResult::Evaluation(counts) => {
+                core.submit_evaluation(
+                    clock,
+                    &who,
+                    task.round,
+                    task.model_version,
+                    counts.unwrap_or_default(),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
 enum TaskResult {
     Update(fedrec_client::device::LocalUpdate),
     Evaluation(Option<EvalCounts>),
@@ -411,12 +426,7 @@ fn run_task(
     task: &fedrec_coordinator::round::Task,
     global: &[f32],
 ) -> anyhow::Result<TaskResult> {
-    let cfg = TrainingConfig {
-        local_epochs: task.training.local_epochs,
-        learning_rate: task.training.learning_rate,
-        regularization: task.training.regularization,
-        negatives: task.training.negatives,
-    };
+    let cfg = device_training(&task.training);
     Ok(match task.kind {
         TaskKind::Evaluate => TaskResult::Evaluation(device.evaluate(global, &cfg)?),
         _ => TaskResult::Update(device.train(global, &cfg, task.evaluate)?),

@@ -2,9 +2,7 @@
 //! as generated tonic clients, shutdown through a oneshot. Every wait is
 //! bounded by a timeout; nothing sleeps to wait.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::time::Duration;
+mod common;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -12,62 +10,10 @@ use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use fedrec_coordinator::{
-    CoordinatorConfig, CoordinatorService, RoundCore, ServeOptions, ServiceHandle,
-};
+use fedrec_coordinator::{CoordinatorConfig, RoundCore, ServeOptions};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
 use fedrec_proto::{DEFAULT_CHUNK_BYTES, Layout, PROTOCOL_VERSION, tensor};
-
-/// Upper bound for any single wait in these tests.
-const LIMIT: Duration = Duration::from_secs(30);
-
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    tokio::time::timeout(LIMIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
-struct Server {
-    addr: SocketAddr,
-    handle: ServiceHandle,
-    shutdown: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), fedrec_coordinator::CoordinatorError>>,
-}
-
-impl Server {
-    async fn start(config: CoordinatorConfig, layout: Layout, params: Vec<f32>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let core = RoundCore::new(config, layout, params).unwrap();
-        let service = CoordinatorService::new(core, ServeOptions::default());
-        let handle = service.handle();
-        let (shutdown, signal) = oneshot::channel();
-        let task = tokio::spawn(service.serve(listener, async {
-            let _ = signal.await;
-        }));
-        Self {
-            addr,
-            handle,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn client(&self) -> CoordinatorClient<Channel> {
-        within(
-            "connect",
-            CoordinatorClient::connect(format!("http://{}", self.addr)),
-        )
-        .await
-        .unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.send(()).unwrap();
-        within("shutdown", self.task).await.unwrap().unwrap();
-    }
-}
 
 fn config(clients_per_round: usize, rounds: u32) -> CoordinatorConfig {
     let mut config = CoordinatorConfig::default();
@@ -107,7 +53,7 @@ async fn tasks(client: &CoordinatorClient<Channel>, devices: &[String]) -> Vec<p
         .collect();
     let mut tasks = Vec::new();
     for poll in polls {
-        match within("check-in", poll).await.unwrap().unwrap() {
+        match common::within("check-in", poll).await.unwrap().unwrap() {
             Outcome::Task(task) => tasks.push(task),
             other => panic!("expected a task, got {other:?}"),
         }
@@ -131,7 +77,7 @@ async fn download(
     let mut layout = Vec::new();
     let mut bytes = Vec::new();
     let mut chunks = 0;
-    while let Some(chunk) = within("model chunk", stream.message()).await? {
+    while let Some(chunk) = common::within("model chunk", stream.message()).await? {
         if chunks == 0 {
             layout = chunk.layout;
         } else {
@@ -182,7 +128,7 @@ async fn upload(
             part: Some(Part::Values(chunk)),
         }),
     );
-    within("upload", client.submit_update(tokio_stream::iter(messages)))
+    common::within("upload", client.submit_update(tokio_stream::iter(messages)))
         .await
         .map(tonic::Response::into_inner)
 }
@@ -204,7 +150,7 @@ async fn full_round_with_a_large_model_in_chunks() {
     let n = layout.num_values();
     assert_eq!(n, 1_500_000);
     let params: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.25 - 100.0).collect();
-    let server = Server::start(config(2, 1), layout.clone(), params.clone()).await;
+    let server = common::serve(config(2, 1), layout.clone(), params.clone()).await;
     let mut progress = server.handle.subscribe();
     let mut client = server.client().await;
     let devices = vec![join(&mut client).await, join(&mut client).await];
@@ -247,9 +193,9 @@ async fn full_round_with_a_large_model_in_chunks() {
     .unwrap();
     assert_eq!((ack.round, ack.accepted), (1, 2));
 
-    let reason = within("finish", server.handle.finished()).await;
+    let reason = common::within("finish", server.handle.finished()).await;
     assert!(reason.contains("1 training rounds"), "{reason}");
-    let latest = within("progress", progress.wait_for(|p| p.finished.is_some()))
+    let latest = common::within("progress", progress.wait_for(|p| p.finished.is_some()))
         .await
         .unwrap()
         .clone();
@@ -298,7 +244,7 @@ async fn full_round_with_a_large_model_in_chunks() {
     let (_, values, _) = download(&mut client, &devices[0], &next).await.unwrap();
     assert_eq!(values, expected);
 
-    match within("check-in", check_in(client.clone(), devices[0].clone()))
+    match common::within("check-in", check_in(client.clone(), devices[0].clone()))
         .await
         .unwrap()
     {
@@ -312,7 +258,7 @@ async fn full_round_with_a_large_model_in_chunks() {
 #[tokio::test]
 async fn bad_requests_get_the_right_status() {
     let layout = Layout::new(vec![("item_bias".into(), vec![4])]);
-    let server = Server::start(config(2, 0), layout, vec![1.0, 2.0, 3.0, 4.0]).await;
+    let server = common::serve(config(2, 0), layout, vec![1.0, 2.0, 3.0, 4.0]).await;
     let mut client = server.client().await;
 
     let err = client
@@ -475,7 +421,7 @@ async fn bad_requests_get_the_right_status() {
     )
     .await
     .unwrap();
-    let history = within("round end", progress.wait_for(|p| !p.history.is_empty()))
+    let history = common::within("round end", progress.wait_for(|p| !p.history.is_empty()))
         .await
         .unwrap()
         .history
@@ -518,11 +464,11 @@ async fn bad_requests_get_the_right_status() {
 async fn check_in_long_poll_times_out_with_wait() {
     let mut config = config(2, 0);
     config.server.long_poll_secs = 0.2;
-    let server = Server::start(config, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
+    let server = common::serve(config, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
     let mut client = server.client().await;
     let device = join(&mut client).await;
     // Alone, the device cannot fill the cohort of 2: the long poll ends in Wait.
-    match within("long poll", check_in(client.clone(), device))
+    match common::within("long poll", check_in(client.clone(), device))
         .await
         .unwrap()
     {
@@ -537,7 +483,7 @@ async fn check_in_long_poll_times_out_with_wait() {
 async fn the_driver_ends_a_round_at_its_deadline_without_any_request() {
     let mut config = config(2, 0);
     config.rounds.deadline_secs = 0.3;
-    let server = Server::start(
+    let server = common::serve(
         config,
         Layout::new(vec![("b".into(), vec![2])]),
         vec![0.0, 0.0],
@@ -555,7 +501,7 @@ async fn the_driver_ends_a_round_at_its_deadline_without_any_request() {
     .await
     .unwrap();
     // The other device stays silent; the driver closes the round at its deadline.
-    let history = within("deadline", progress.wait_for(|p| !p.history.is_empty()))
+    let history = common::within("deadline", progress.wait_for(|p| !p.history.is_empty()))
         .await
         .unwrap()
         .history
@@ -597,7 +543,7 @@ async fn serve_function_runs_until_shutdown() {
             let _ = signal.await;
         },
     ));
-    let mut client = within(
+    let mut client = common::within(
         "connect",
         CoordinatorClient::connect(format!("http://{addr}")),
     )
@@ -614,5 +560,5 @@ async fn serve_function_runs_until_shutdown() {
     );
     drop(client);
     stop.send(()).unwrap();
-    within("shutdown", server).await.unwrap().unwrap();
+    common::within("shutdown", server).await.unwrap().unwrap();
 }

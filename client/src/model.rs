@@ -202,15 +202,14 @@ impl MatrixFactorization {
         rng.random_range(0..self.items as u32)
     }
 
-    /// One pass of BPR over `history`. `params` holds the (local copy of the)
-    /// global parameters; when `update_global` is false only `p` moves.
-    fn bpr_epoch(
+    /// One pass of BPR over `history`. `p` always moves; the global
+    /// parameters move only when `params` is writable (`&mut [f32]`).
+    fn bpr_epoch<P: Params>(
         &self,
-        params: &mut [f32],
+        mut params: P,
         p: &mut [f32],
         history: &[u32],
         cfg: &TrainingConfig,
-        update_global: bool,
         rng: &mut dyn Rng,
     ) {
         let k = self.factors;
@@ -226,14 +225,15 @@ impl MatrixFactorization {
                     continue;
                 }
                 let (i, j) = (i as usize, j as usize);
-                let qi = &params[i * k..(i + 1) * k];
-                let qj = &params[j * k..(j + 1) * k];
-                let x = dot(p, qi) - dot(p, qj) + params[bias + i] - params[bias + j];
+                let values = params.values();
+                let qi = &values[i * k..(i + 1) * k];
+                let qj = &values[j * k..(j + 1) * k];
+                let x = dot(p, qi) - dot(p, qj) + values[bias + i] - values[bias + j];
                 let g = sigmoid(-x);
                 for f in 0..k {
                     grad_p[f] = g * (qi[f] - qj[f]) - reg * p[f];
                 }
-                if update_global {
+                if let Some(params) = params.values_mut() {
                     for f in 0..k {
                         let pf = p[f];
                         params[i * k + f] += lr * (g * pf - reg * params[i * k + f]);
@@ -247,6 +247,31 @@ impl MatrixFactorization {
                 }
             }
         }
+    }
+}
+
+/// Global parameters as a training pass sees them: read-only while only the
+/// private embedding is fitted, writable during local training.
+trait Params {
+    fn values(&self) -> &[f32];
+    fn values_mut(&mut self) -> Option<&mut [f32]>;
+}
+
+impl Params for &[f32] {
+    fn values(&self) -> &[f32] {
+        self
+    }
+    fn values_mut(&mut self) -> Option<&mut [f32]> {
+        None
+    }
+}
+
+impl Params for &mut [f32] {
+    fn values(&self) -> &[f32] {
+        self
+    }
+    fn values_mut(&mut self) -> Option<&mut [f32]> {
+        Some(self)
     }
 }
 
@@ -287,9 +312,8 @@ impl Model for MatrixFactorization {
             return;
         }
         // Only `p` moves, so the global parameters are read in place.
-        let mut params = global.to_vec();
         for _ in 0..cfg.local_epochs {
-            self.bpr_epoch(&mut params, private, history, cfg, false, rng);
+            self.bpr_epoch(global, private, history, cfg, rng);
         }
     }
 
@@ -302,7 +326,7 @@ impl Model for MatrixFactorization {
         rng: &mut dyn Rng,
     ) {
         for _ in 0..cfg.local_epochs {
-            self.bpr_epoch(params, private, history, cfg, true, rng);
+            self.bpr_epoch(&mut *params, private, history, cfg, rng);
         }
     }
 

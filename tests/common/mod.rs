@@ -1,6 +1,7 @@
 //! Fixtures shared by the integration tests.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +11,20 @@ use fedrec_client::model::{MatrixFactorization, Model};
 use fedrec_coordinator::config::CoordinatorConfig;
 use fedrec_coordinator::round::RoundCore;
 use fedrec_coordinator::service::{CoordinatorService, ServeOptions, ServiceHandle};
+use fedrec_proto::Layout;
+use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use rand::SeedableRng;
+use tonic::transport::Channel;
 
 /// Upper bound for anything a test awaits.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Awaits `future`, failing the test with `what` if it takes longer than [`TIMEOUT`].
+pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
 
 /// A small synthetic data set with planted taste clusters, and its split.
 pub fn small_split(users: usize, items: usize, seed: u64) -> (fedrec::data::Dataset, Split) {
@@ -46,23 +57,34 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
+    /// A raw protocol client connected to the coordinator.
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        within("connect", CoordinatorClient::connect(self.endpoint()))
+            .await
+            .expect("connect")
+    }
+
     /// Stops the server and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
-        tokio::time::timeout(TIMEOUT, self.task)
+        within("shutdown", self.task)
             .await
-            .expect("server stops in time")
             .expect("server task")
             .expect("server ran cleanly");
     }
 }
 
-/// Starts a coordinator for `model` with `cfg`.
+/// Starts a coordinator for `model` (initialised from `seed`) with `cfg`.
 pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) -> Running {
     let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    let core = RoundCore::new(cfg, model.layout(), params).expect("valid coordinator");
+    serve(cfg, model.layout(), params).await
+}
+
+/// Serves a coordinator with `cfg` and the given parameters on 127.0.0.1 (port 0).
+pub async fn serve(cfg: CoordinatorConfig, layout: Layout, params: Vec<f32>) -> Running {
+    let core = RoundCore::new(cfg, layout, params).expect("valid coordinator");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -82,10 +104,13 @@ pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) ->
 }
 
 /// A channel to `running`.
-pub async fn channel(running: &Running) -> tonic::transport::Channel {
-    tonic::transport::Channel::from_shared(running.endpoint())
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect")
+pub async fn channel(running: &Running) -> Channel {
+    within(
+        "connect",
+        Channel::from_shared(running.endpoint())
+            .expect("endpoint")
+            .connect(),
+    )
+    .await
+    .expect("connect")
 }
