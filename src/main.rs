@@ -87,13 +87,9 @@ impl DataArgs {
     }
 }
 
+/// Flags that override the coordinator configuration file.
 #[derive(Args, Debug)]
-struct SimulateArgs {
-    #[command(flatten)]
-    data: DataArgs,
-    /// Coordinator configuration file (TOML); the flags below override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
+struct ConfigOverrides {
     /// Training rounds.
     #[arg(long)]
     rounds: Option<u32>,
@@ -118,6 +114,48 @@ struct SimulateArgs {
     /// Server learning rate of the strategy.
     #[arg(long)]
     server_lr: Option<f32>,
+}
+
+impl ConfigOverrides {
+    fn apply(&self, cfg: &mut CoordinatorConfig) {
+        let r = &mut cfg.rounds;
+        if let Some(v) = self.rounds {
+            r.rounds = v;
+        }
+        if let Some(v) = self.clients_per_round {
+            r.clients_per_round = v;
+        }
+        let t = &mut cfg.training;
+        if let Some(v) = self.local_epochs {
+            t.local_epochs = v;
+        }
+        if let Some(v) = self.lr {
+            t.learning_rate = v;
+        }
+        if let Some(v) = self.reg {
+            t.regularization = v;
+        }
+        if let Some(v) = self.factors {
+            cfg.model.factors = v;
+        }
+        if let Some(v) = self.strategy {
+            cfg.strategy.name = v;
+        }
+        if let Some(v) = self.server_lr {
+            cfg.strategy.server_lr = v;
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+struct SimulateArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Coordinator configuration file (TOML); the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: ConfigOverrides,
     /// Epochs of the centralized baseline.
     #[arg(long, default_value_t = sim::DEFAULT_CENTRALIZED_EPOCHS)]
     centralized_epochs: u32,
@@ -143,6 +181,8 @@ struct ServeArgs {
     /// Items in the catalogue (overrides model.items).
     #[arg(long)]
     items: Option<usize>,
+    #[command(flatten)]
+    overrides: ConfigOverrides,
 }
 
 #[derive(Args, Debug)]
@@ -214,32 +254,7 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         Some(p) => CoordinatorConfig::from_file(p)?,
         None => sim::default_coordinator_config(),
     };
-    let r = &mut coord.rounds;
-    if let Some(v) = args.rounds {
-        r.rounds = v;
-    }
-    if let Some(v) = args.clients_per_round {
-        r.clients_per_round = v;
-    }
-    let t = &mut coord.training;
-    if let Some(v) = args.local_epochs {
-        t.local_epochs = v;
-    }
-    if let Some(v) = args.lr {
-        t.learning_rate = v;
-    }
-    if let Some(v) = args.reg {
-        t.regularization = v;
-    }
-    if let Some(v) = args.factors {
-        coord.model.factors = v;
-    }
-    if let Some(v) = args.strategy {
-        coord.strategy.name = v;
-    }
-    if let Some(v) = args.server_lr {
-        coord.strategy.server_lr = v;
-    }
+    args.overrides.apply(&mut coord);
     if coord.rounds.rounds == 0 {
         bail!("a simulation needs a finite number of rounds (rounds.rounds = 0 means forever)");
     }
@@ -372,6 +387,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(items) = args.items {
         cfg.model.items = Some(items);
     }
+    args.overrides.apply(&mut cfg);
+    cfg.validate()?;
     let Some(items) = cfg.model.items else {
         bail!(
             "the coordinator needs the catalogue size: set model.items in the config or pass --items"

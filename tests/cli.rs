@@ -40,14 +40,24 @@ fn serve_and_three_client_processes_then_ctrl_c() {
     std::fs::write(
         &config,
         format!(
-            "[rounds]\nrounds = 2\nclients_per_round = 3\nmin_updates = 3\nseed = 1\n\n[model]\nitems = {}\nfactors = 8\n",
+            "[rounds]\nrounds = 5\nclients_per_round = 4\nmin_updates = 3\nseed = 1\n\n[model]\nitems = {}\nfactors = 8\n",
             ds.n_items()
         ),
     )
     .unwrap();
 
     let mut serve = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        // Flags override the file: 2 rounds of 3 devices.
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rounds",
+            "2",
+            "--clients-per-round",
+            "3",
+            "--config",
+        ])
         .arg(&config)
         .stderr(Stdio::piped())
         .spawn()
