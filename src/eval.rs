@@ -173,6 +173,43 @@ pub fn centralized(
     })
 }
 
+/// Writes `split` for external baselines (e.g. `scripts/implicit_peer.py`):
+/// `train.tsv` (`user<TAB>item`, each pair once), `test.tsv`
+/// (`user<TAB>held_out<TAB>c1,…,c99`: the sampled candidates every method
+/// here uses under `seed`) and `meta.json`. Indices are dense, from 0.
+pub fn write_split(
+    split: &Split,
+    seed: u64,
+    name: &str,
+    dir: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let mut train = std::io::BufWriter::new(std::fs::File::create(dir.join("train.tsv"))?);
+    for (user, items) in split.train.iter().enumerate() {
+        for item in items {
+            writeln!(train, "{user}\t{item}")?;
+        }
+    }
+    train.flush()?;
+    let mut test = std::io::BufWriter::new(std::fs::File::create(dir.join("test.tsv"))?);
+    for (user, target) in split.test.iter().enumerate() {
+        let Some(target) = *target else { continue };
+        let mut rng = ChaCha8Rng::seed_from_u64(candidate_seed(seed, user));
+        let cands = metrics::sample_candidates(split.n_items, &split.train[user], target, &mut rng);
+        let cands: Vec<String> = cands.iter().map(ToString::to_string).collect();
+        writeln!(test, "{user}\t{target}\t{}", cands.join(","))?;
+    }
+    test.flush()?;
+    let meta = serde_json::json!({
+        "users": split.train.len(),
+        "items": split.n_items,
+        "data": name,
+        "seed": seed,
+    });
+    std::fs::write(dir.join("meta.json"), meta.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +234,40 @@ mod tests {
             "centralized {cen:?} vs popularity {pop:?}"
         );
         assert!(cen.coverage_at_10 > pop.coverage_at_10);
+    }
+
+    #[test]
+    fn written_split_has_the_evaluation_candidates() {
+        let ds = synthetic(&SyntheticConfig {
+            users: 30,
+            items: 150,
+            ..Default::default()
+        })
+        .unwrap();
+        let split = leave_one_out(&ds);
+        let dir = tempfile::tempdir().unwrap();
+        write_split(&split, 3, "synthetic", dir.path()).unwrap();
+        let train = std::fs::read_to_string(dir.path().join("train.tsv")).unwrap();
+        let pairs: usize = split.train.iter().map(Vec::len).sum();
+        assert_eq!(train.lines().count(), pairs);
+        let test = std::fs::read_to_string(dir.path().join("test.tsv")).unwrap();
+        assert_eq!(test.lines().count(), split.test.iter().flatten().count());
+        // The candidates written are those the evaluation ranks against:
+        // ranking with scores that favour exactly them puts the target last.
+        for line in test.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            let (user, target): (usize, u32) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+            let cands: Vec<usize> = f[2].split(',').map(|c| c.parse().unwrap()).collect();
+            assert!(cands.len() <= 99);
+            let mut scores = vec![0.0_f32; split.n_items];
+            for &c in &cands {
+                scores[c] = 1.0;
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(candidate_seed(3, user));
+            assert_eq!(
+                metrics::sampled_rank(&scores, &split.train[user], target, &mut rng),
+                cands.len()
+            );
+        }
     }
 }

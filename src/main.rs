@@ -31,6 +31,9 @@ enum Command {
     /// Run one device: take part in rounds with a coordinator using one
     /// user's history from a data file.
     Client(ClientArgs),
+    /// Write the leave-one-out split (training pairs, held-out items and the
+    /// sampled candidates) for comparing external baselines on it.
+    Split(SplitArgs),
     /// Write a synthetic data set in MovieLens u.data layout (user, item, 1, time;
     /// numeric ids from 1).
     GenData(GenDataArgs),
@@ -204,6 +207,18 @@ struct ClientArgs {
 }
 
 #[derive(Args, Debug)]
+struct SplitArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Output directory (train.tsv, test.tsv, meta.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Evaluation seed (must equal the simulation's --seed to share candidates).
+    #[arg(long, default_value_t = sim::DEFAULT_SEED)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
 struct GenDataArgs {
     /// Output file.
     #[arg(long)]
@@ -232,6 +247,7 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(args) => simulate(args),
         Command::Serve(args) => serve(args),
         Command::Client(args) => client(args),
+        Command::Split(args) => split(args),
         Command::GenData(args) => gen_data(args),
     }
 }
@@ -466,6 +482,21 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+fn split(args: SplitArgs) -> anyhow::Result<()> {
+    let ds = args.data.load(args.seed)?;
+    let split = data::leave_one_out(&ds);
+    fedrec::eval::write_split(&split, args.seed, &ds.name, &args.out)
+        .with_context(|| format!("cannot write the split to {}", args.out.display()))?;
+    eprintln!(
+        "wrote the split of {} ({} users, {} evaluated) to {}",
+        ds.name,
+        split.train.len(),
+        split.test.iter().flatten().count(),
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn gen_data(args: GenDataArgs) -> anyhow::Result<()> {

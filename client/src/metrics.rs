@@ -46,35 +46,46 @@ pub fn full_rank(scores: &[f32], train: &[u32], target: u32) -> usize {
         .count()
 }
 
-/// 0-based rank of `target` among itself and up to 99 distinct items sampled
-/// uniformly from those the user never interacted with.
-pub fn sampled_rank(scores: &[f32], train: &[u32], target: u32, rng: &mut dyn Rng) -> usize {
-    let n = scores.len();
+/// Up to 99 distinct items sampled uniformly from those the user never
+/// interacted with (not in `train`, not `target`): the competitors of the
+/// held-out item in the sampled protocol.
+pub fn sample_candidates(
+    n_items: usize,
+    train: &[u32],
+    target: u32,
+    rng: &mut dyn Rng,
+) -> Vec<usize> {
     let t = target as usize;
-    let eligible = (0..n)
-        .filter(|&j| j != t && train.binary_search(&(j as u32)).is_err())
-        .count();
-    let want = (SAMPLED_CANDIDATES - 1).min(eligible);
-    let mut chosen: Vec<usize> = Vec::with_capacity(want);
-    if want * 2 >= eligible {
-        // Dense case: take a uniform subset by a partial shuffle of the eligible items.
-        let mut pool: Vec<usize> = (0..n)
-            .filter(|&j| j != t && train.binary_search(&(j as u32)).is_err())
-            .collect();
+    let eligible = |j: &usize| *j != t && train.binary_search(&(*j as u32)).is_err();
+    let count = (0..n_items).filter(eligible).count();
+    let want = (SAMPLED_CANDIDATES - 1).min(count);
+    if want * 2 >= count {
+        // Dense case: a uniform subset by a partial shuffle of the eligible items.
+        let mut pool: Vec<usize> = (0..n_items).filter(eligible).collect();
         for i in 0..want {
             let r = rng.random_range(i..pool.len());
             pool.swap(i, r);
         }
-        chosen.extend_from_slice(&pool[..want]);
+        pool.truncate(want);
+        pool
     } else {
+        let mut chosen: Vec<usize> = Vec::with_capacity(want);
         while chosen.len() < want {
-            let j = rng.random_range(0..n);
-            if j != t && train.binary_search(&(j as u32)).is_err() && !chosen.contains(&j) {
+            let j = rng.random_range(0..n_items);
+            if eligible(&j) && !chosen.contains(&j) {
                 chosen.push(j);
             }
         }
+        chosen
     }
-    chosen.iter().filter(|&&j| ahead(scores, j, t)).count()
+}
+
+/// 0-based rank of `target` among itself and the [`sample_candidates`].
+pub fn sampled_rank(scores: &[f32], train: &[u32], target: u32, rng: &mut dyn Rng) -> usize {
+    sample_candidates(scores.len(), train, target, rng)
+        .into_iter()
+        .filter(|&j| ahead(scores, j, target as usize))
+        .count()
 }
 
 /// Evaluates one user: ranks the held-out `target` fully and among sampled
