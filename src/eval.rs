@@ -149,6 +149,7 @@ pub fn train_centralized(
         for &u in &order {
             model.train_in_place(
                 &mut params,
+                None,
                 &mut users[u],
                 &split.train[u],
                 &one_epoch,

@@ -117,6 +117,9 @@ struct ConfigOverrides {
     /// Server learning rate of the strategy.
     #[arg(long)]
     server_lr: Option<f32>,
+    /// FedProx proximal weight mu for local training (0 = off).
+    #[arg(long)]
+    proximal_mu: Option<f32>,
 }
 
 impl ConfigOverrides {
@@ -137,6 +140,9 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.reg {
             t.regularization = v;
+        }
+        if let Some(v) = self.proximal_mu {
+            t.proximal_mu = v;
         }
         if let Some(v) = self.factors {
             cfg.model.factors = v;

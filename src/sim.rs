@@ -204,6 +204,7 @@ fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> TrainingCo
         learning_rate: t.learning_rate,
         regularization: t.regularization,
         negatives: t.negatives,
+        proximal_mu: t.proximal_mu,
     }
 }
 

@@ -102,3 +102,41 @@ fn report_has_the_documented_fields() {
         assert!(v.pointer(path).is_some(), "report lacks {path}: {v}");
     }
 }
+
+/// Every server optimizer (and FedProx on the devices) converges on data
+/// with planted taste clusters: well above popularity, near centralized.
+#[test]
+fn every_server_optimizer_converges() {
+    use fedrec_coordinator::config::StrategyName;
+    let (ds, _) = common::small_split(200, 200, 3);
+    for (name, server_lr, proximal_mu) in [
+        (StrategyName::FedAvg, 1.0, 0.0),
+        (StrategyName::FedAvg, 1.0, 0.1),
+        (StrategyName::FedAvgM, 0.3, 0.0),
+        (StrategyName::FedAdam, 0.01, 0.0),
+        (StrategyName::FedYogi, 0.01, 0.0),
+        (StrategyName::FedAdagrad, 0.1, 0.0),
+    ] {
+        let mut cfg = config(Transport::Inproc, 40, 50, 3);
+        cfg.coordinator.strategy.name = name;
+        cfg.coordinator.strategy.server_lr = server_lr;
+        cfg.coordinator.training.proximal_mu = proximal_mu;
+        let f = sim::run(&ds, &cfg, &mut ())
+            .expect("simulation runs")
+            .final_;
+        let (fed, cen, pop) = (
+            f.federated.full.hr_at_10,
+            f.centralized.full.hr_at_10,
+            f.popularity.full.hr_at_10,
+        );
+        let what = format!("{name:?} lr {server_lr} mu {proximal_mu}");
+        assert!(
+            fed > 1.5 * pop,
+            "{what}: federated {fed} vs popularity {pop}"
+        );
+        assert!(
+            fed >= 0.85 * cen,
+            "{what}: federated {fed} vs centralized {cen}"
+        );
+    }
+}

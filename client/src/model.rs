@@ -24,6 +24,9 @@ pub struct TrainingConfig {
     pub regularization: f32,
     /// Sampled negatives (items not bought) per purchase.
     pub negatives: u32,
+    /// FedProx proximal weight: local training minimizes the loss plus
+    /// `mu/2 ||w - w_global||^2`. 0 = plain local SGD.
+    pub proximal_mu: f32,
 }
 
 impl Default for TrainingConfig {
@@ -33,6 +36,7 @@ impl Default for TrainingConfig {
             learning_rate: 0.05,
             regularization: 0.01,
             negatives: 1,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -57,6 +61,12 @@ impl TrainingConfig {
             return bad(format!(
                 "regularization must be in [0, 10], got {}",
                 self.regularization
+            ));
+        }
+        if !(self.proximal_mu >= 0.0 && self.proximal_mu <= 100.0) {
+            return bad(format!(
+                "proximal_mu must be in [0, 100], got {}",
+                self.proximal_mu
             ));
         }
         if self.negatives == 0 || self.negatives > 1000 {
@@ -93,10 +103,13 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         rng: &mut dyn Rng,
     );
     /// Trains on `history`, moving `params` (global parameters) and `private`
-    /// in place. The centralized baseline calls this on shared parameters.
+    /// in place. With `anchor` (the global model the device received) and
+    /// `cfg.proximal_mu > 0`, the FedProx term pulls `params` towards it. The
+    /// centralized baseline calls this on shared parameters without anchor.
     fn train_in_place(
         &self,
         params: &mut [f32],
+        anchor: Option<&[f32]>,
         private: &mut [f32],
         history: &[u32],
         cfg: &TrainingConfig,
@@ -113,7 +126,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         rng: &mut dyn Rng,
     ) -> Vec<f32> {
         let mut local = global.to_vec();
-        self.train_in_place(&mut local, private, history, cfg, rng);
+        self.train_in_place(&mut local, Some(global), private, history, cfg, rng);
         for (l, g) in local.iter_mut().zip(global) {
             *l -= g;
         }
@@ -207,6 +220,7 @@ impl MatrixFactorization {
     fn bpr_epoch<P: Params>(
         &self,
         mut params: P,
+        anchor: Option<&[f32]>,
         p: &mut [f32],
         history: &[u32],
         cfg: &TrainingConfig,
@@ -215,6 +229,10 @@ impl MatrixFactorization {
         let k = self.factors;
         let bias = self.bias_offset();
         let (lr, reg) = (cfg.learning_rate, cfg.regularization);
+        // FedProx: the gradient of mu/2 ||w - anchor||^2 is mu (w - anchor).
+        let anchor = anchor.filter(|_| cfg.proximal_mu > 0.0);
+        let mu = cfg.proximal_mu;
+        let prox = |w: &[f32], at: usize| anchor.map_or(0.0, |a| mu * (w[at] - a[at]));
         let mut order: Vec<u32> = history.to_vec();
         order.shuffle(rng);
         let mut grad_p = vec![0.0_f32; k];
@@ -233,14 +251,15 @@ impl MatrixFactorization {
                 for f in 0..k {
                     grad_p[f] = g * (qi[f] - qj[f]) - reg * p[f];
                 }
-                if let Some(params) = params.values_mut() {
-                    for f in 0..k {
-                        let pf = p[f];
-                        params[i * k + f] += lr * (g * pf - reg * params[i * k + f]);
-                        params[j * k + f] += lr * (-g * pf - reg * params[j * k + f]);
+                if let Some(w) = params.values_mut() {
+                    for (f, &pf) in p.iter().enumerate() {
+                        let (a, b) = (i * k + f, j * k + f);
+                        w[a] += lr * (g * pf - reg * w[a] - prox(w, a));
+                        w[b] += lr * (-g * pf - reg * w[b] - prox(w, b));
                     }
-                    params[bias + i] += lr * (g - reg * params[bias + i]);
-                    params[bias + j] += lr * (-g - reg * params[bias + j]);
+                    let (a, b) = (bias + i, bias + j);
+                    w[a] += lr * (g - reg * w[a] - prox(w, a));
+                    w[b] += lr * (-g - reg * w[b] - prox(w, b));
                 }
                 for f in 0..k {
                     p[f] += lr * grad_p[f];
@@ -313,20 +332,21 @@ impl Model for MatrixFactorization {
         }
         // Only `p` moves, so the global parameters are read in place.
         for _ in 0..cfg.local_epochs {
-            self.bpr_epoch(global, private, history, cfg, rng);
+            self.bpr_epoch(global, None, private, history, cfg, rng);
         }
     }
 
     fn train_in_place(
         &self,
         params: &mut [f32],
+        anchor: Option<&[f32]>,
         private: &mut [f32],
         history: &[u32],
         cfg: &TrainingConfig,
         rng: &mut dyn Rng,
     ) {
         for _ in 0..cfg.local_epochs {
-            self.bpr_epoch(&mut *params, private, history, cfg, rng);
+            self.bpr_epoch(&mut *params, anchor, private, history, cfg, rng);
         }
     }
 
@@ -349,4 +369,44 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn update_norm(mu: f32) -> f32 {
+        let model = MatrixFactorization::new(40, 8, 0.1).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let global = model.init_global(&mut rng);
+        let mut p = model.init_private(&mut rng);
+        let cfg = TrainingConfig {
+            local_epochs: 20,
+            learning_rate: 0.1,
+            proximal_mu: mu,
+            ..TrainingConfig::default()
+        };
+        let delta = model.train(&global, &mut p, &[1, 2, 3, 4, 5], &cfg, &mut rng);
+        delta.iter().map(|d| d * d).sum::<f32>().sqrt()
+    }
+
+    #[test]
+    fn the_proximal_term_keeps_local_training_near_the_global_model() {
+        let plain = update_norm(0.0);
+        let prox = update_norm(1.0);
+        assert!(plain > 0.0);
+        assert!(prox < 0.8 * plain, "FedProx update {prox} vs plain {plain}");
+    }
+
+    #[test]
+    fn invalid_hyperparameters_are_named() {
+        let cfg = TrainingConfig {
+            proximal_mu: -1.0,
+            ..TrainingConfig::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("proximal_mu") && err.contains("-1"), "{err}");
+    }
 }

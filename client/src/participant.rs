@@ -355,6 +355,7 @@ fn training_config(task: &pb::Task) -> Result<TrainingConfig, ClientError> {
         learning_rate: t.learning_rate,
         regularization: t.regularization,
         negatives: t.negatives,
+        proximal_mu: t.proximal_mu,
     };
     cfg.validate()?;
     Ok(cfg)

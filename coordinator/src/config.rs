@@ -65,6 +65,8 @@ pub const DEFAULT_LEARNING_RATE: f32 = 0.05;
 pub const DEFAULT_REGULARIZATION: f32 = 0.01;
 /// Default `training.negatives`.
 pub const DEFAULT_NEGATIVES: u32 = 1;
+/// Default `training.proximal_mu`: no proximal term (FedAvg's local SGD).
+pub const DEFAULT_PROXIMAL_MU: f32 = 0.0;
 
 /// Default `strategy.server_lr`.
 pub const DEFAULT_SERVER_LR: f32 = 1.0;
@@ -209,6 +211,10 @@ pub struct TrainingConfig {
     pub regularization: f32,
     /// Sampled negatives per positive. Default [`DEFAULT_NEGATIVES`].
     pub negatives: u32,
+    /// FedProx proximal weight mu on the devices: the local objective gains
+    /// `mu/2 ||w - w_global||^2`, which keeps local training near the global
+    /// model. 0 = plain local SGD. Default [`DEFAULT_PROXIMAL_MU`].
+    pub proximal_mu: f32,
 }
 
 impl Default for TrainingConfig {
@@ -218,6 +224,7 @@ impl Default for TrainingConfig {
             learning_rate: DEFAULT_LEARNING_RATE,
             regularization: DEFAULT_REGULARIZATION,
             negatives: DEFAULT_NEGATIVES,
+            proximal_mu: DEFAULT_PROXIMAL_MU,
         }
     }
 }
@@ -442,6 +449,13 @@ impl CoordinatorConfig {
         check_range(
             "training.regularization",
             t.regularization.into(),
+            0.0,
+            false,
+            f64::INFINITY,
+        )?;
+        check_range(
+            "training.proximal_mu",
+            t.proximal_mu.into(),
             0.0,
             false,
             f64::INFINITY,

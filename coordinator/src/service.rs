@@ -266,6 +266,7 @@ impl CoordinatorService {
                     learning_rate: task.training.learning_rate,
                     regularization: task.training.regularization,
                     negatives: task.training.negatives,
+                    proximal_mu: task.training.proximal_mu,
                     evaluate: task.evaluate,
                 }),
             }),
