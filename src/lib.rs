@@ -7,4 +7,5 @@
 
 pub mod data;
 pub mod eval;
+pub mod plot;
 pub mod sim;

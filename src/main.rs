@@ -177,6 +177,9 @@ struct SimulateArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Draw HR@10 and NDCG@10 per round, with the baselines, into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -304,6 +307,10 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         std::fs::write(path, json)
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
         eprintln!("report written to {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        fedrec::plot::write_svg(&report, path)?;
+        eprintln!("plot written to {}", path.display());
     }
     Ok(())
 }

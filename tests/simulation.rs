@@ -101,6 +101,22 @@ fn report_has_the_documented_fields() {
     ] {
         assert!(v.pointer(path).is_some(), "report lacks {path}: {v}");
     }
+    // The plot of the same report: an SVG with labelled axes and every line.
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("rounds.svg");
+    fedrec::plot::write_svg(&report, &svg).expect("plot drawn");
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(svg.starts_with("<svg"), "not an SVG");
+    for label in [
+        "round",
+        "HR@10",
+        "NDCG@10",
+        "centralized",
+        "popularity",
+        "federated",
+    ] {
+        assert!(svg.contains(label), "plot lacks {label:?}");
+    }
 }
 
 /// Every server optimizer (and FedProx on the devices) converges on data
