@@ -9,7 +9,6 @@ use std::sync::Arc;
 use fedrec_client::metrics::{self, EvalCounts, K};
 use fedrec_client::model::{Model, TrainingConfig};
 use rand::SeedableRng;
-use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -125,8 +124,9 @@ pub fn popularity(split: &Split, seed: u64) -> Metrics {
 }
 
 /// The centralized baseline: the same model trained on all users' data in one
-/// process, by SGD over users in a fresh random order each epoch. Returns the
-/// global parameters and every user's embedding.
+/// process ([`Model::fit_centralized`]: SGD passes for BPR, alternating least
+/// squares for the ALS loss). Returns the global parameters and every user's
+/// embedding.
 pub fn train_centralized(
     model: &Arc<dyn Model>,
     split: &Split,
@@ -139,24 +139,7 @@ pub fn train_centralized(
     let mut users: Vec<Vec<f32>> = (0..split.train.len())
         .map(|_| model.init_private(&mut rng))
         .collect();
-    let one_epoch = TrainingConfig {
-        local_epochs: 1,
-        ..*cfg
-    };
-    let mut order: Vec<usize> = (0..split.train.len()).collect();
-    for _ in 0..epochs {
-        order.shuffle(&mut rng);
-        for &u in &order {
-            model.train_in_place(
-                &mut params,
-                None,
-                &mut users[u],
-                &split.train[u],
-                &one_epoch,
-                &mut rng,
-            );
-        }
-    }
+    model.fit_centralized(&mut params, &mut users, &split.train, cfg, epochs, &mut rng);
     (params, users)
 }
 

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
 use fedrec::eval::Metrics;
 use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
-use fedrec_coordinator::config::{CoordinatorConfig, StrategyName};
+use fedrec_coordinator::config::{CoordinatorConfig, LossName, StrategyName, Weighting};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Federated recommendation: devices train on their own purchases; a
@@ -112,7 +112,7 @@ struct ConfigOverrides {
     #[arg(long)]
     reg: Option<f32>,
     /// Server-side strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad.
-    #[arg(long, value_parser = parse_strategy)]
+    #[arg(long, value_parser = parse_name::<StrategyName>)]
     strategy: Option<StrategyName>,
     /// Server learning rate of the strategy.
     #[arg(long)]
@@ -120,6 +120,15 @@ struct ConfigOverrides {
     /// FedProx proximal weight mu for local training (0 = off).
     #[arg(long)]
     proximal_mu: Option<f32>,
+    /// Training objective on the devices: bpr or als.
+    #[arg(long, value_parser = parse_name::<LossName>)]
+    loss: Option<LossName>,
+    /// Confidence of a purchase under the als loss.
+    #[arg(long)]
+    confidence: Option<f32>,
+    /// Weight of each update in the round's mean: examples or uniform.
+    #[arg(long, value_parser = parse_name::<Weighting>)]
+    weighting: Option<Weighting>,
 }
 
 impl ConfigOverrides {
@@ -143,6 +152,15 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.proximal_mu {
             t.proximal_mu = v;
+        }
+        if let Some(v) = self.loss {
+            t.loss = v;
+        }
+        if let Some(v) = self.confidence {
+            t.confidence = v;
+        }
+        if let Some(v) = self.weighting {
+            cfg.strategy.weighting = v;
         }
         if let Some(v) = self.factors {
             cfg.model.factors = v;
@@ -261,10 +279,10 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn parse_strategy(s: &str) -> Result<StrategyName, String> {
-    use serde::Deserialize;
+/// Parses a configuration enum by its name in the TOML file.
+fn parse_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     use serde::de::value::{Error, StrDeserializer};
-    StrategyName::deserialize(StrDeserializer::<Error>::new(s)).map_err(|e| e.to_string())
+    T::deserialize(StrDeserializer::<Error>::new(s)).map_err(|e| e.to_string())
 }
 
 fn coordinator_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> {

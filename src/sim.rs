@@ -205,6 +205,11 @@ fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> TrainingCo
         regularization: t.regularization,
         negatives: t.negatives,
         proximal_mu: t.proximal_mu,
+        loss: match t.loss {
+            fedrec_coordinator::config::LossName::Bpr => fedrec_client::model::Loss::Bpr,
+            fedrec_coordinator::config::LossName::Als => fedrec_client::model::Loss::Als,
+        },
+        confidence: t.confidence,
     }
 }
 
@@ -257,10 +262,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let centralized = eval::centralized(
         &model,
         &split,
-        &TrainingConfig {
-            local_epochs: 1,
-            ..device_training(&coord.training)
-        },
+        &device_training(&coord.training),
         cfg.centralized_epochs,
         cfg.seed,
     );

@@ -30,6 +30,7 @@
 //! assert!(!recs.contains(&3)); // already bought
 //! ```
 
+mod als;
 pub mod device;
 pub mod error;
 pub mod metrics;

@@ -11,7 +11,27 @@ use rand::seq::SliceRandom;
 use rand::{Rng, RngExt};
 use rand_distr::{Distribution, Normal};
 
+use std::sync::{Arc, Mutex};
+
+use crate::als;
 use crate::error::ClientError;
+
+/// The training objective of [`MatrixFactorization`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Loss {
+    /// Bayesian personalized ranking over sampled negatives, by local SGD
+    /// (Rendle et al. 2009): several local epochs, the private vector
+    /// trained alongside.
+    #[default]
+    Bpr,
+    /// Confidence-weighted least squares over all items (Hu, Koren &
+    /// Volinsky 2008, as implicit ALS): the private vector is solved exactly
+    /// on the device and the update is one exact gradient step of the
+    /// global parameters (`local_epochs` is not used).
+    Als,
+}
 
 /// Hyperparameters of one local training task, validated.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -25,8 +45,13 @@ pub struct TrainingConfig {
     /// Sampled negatives (items not bought) per purchase.
     pub negatives: u32,
     /// FedProx proximal weight: local training minimizes the loss plus
-    /// `mu/2 ||w - w_global||^2`. 0 = plain local SGD.
+    /// `mu/2 ||w - w_global||^2`. 0 = plain local SGD. (BPR only.)
     pub proximal_mu: f32,
+    /// The training objective.
+    pub loss: Loss,
+    /// Confidence α of a purchase under [`Loss::Als`] (items not bought
+    /// have confidence 1).
+    pub confidence: f32,
 }
 
 impl Default for TrainingConfig {
@@ -37,6 +62,8 @@ impl Default for TrainingConfig {
             regularization: 0.01,
             negatives: 1,
             proximal_mu: 0.0,
+            loss: Loss::Bpr,
+            confidence: 5.0,
         }
     }
 }
@@ -67,6 +94,12 @@ impl TrainingConfig {
             return bad(format!(
                 "proximal_mu must be in [0, 100], got {}",
                 self.proximal_mu
+            ));
+        }
+        if !(self.confidence >= 1.0 && self.confidence <= 1e4) {
+            return bad(format!(
+                "confidence must be in [1, 10000], got {}",
+                self.confidence
             ));
         }
         if self.negatives == 0 || self.negatives > 1000 {
@@ -115,6 +148,19 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         cfg: &TrainingConfig,
         rng: &mut dyn Rng,
     );
+    /// Trains the model on every user's history in one place (the
+    /// centralized baseline); by default [`fit_by_sgd`].
+    fn fit_centralized(
+        &self,
+        params: &mut [f32],
+        users: &mut [Vec<f32>],
+        histories: &[Vec<u32>],
+        cfg: &TrainingConfig,
+        epochs: u32,
+        rng: &mut dyn Rng,
+    ) {
+        fit_by_sgd(self, params, users, histories, cfg, epochs, rng);
+    }
     /// Trains on `history` starting from `global`; updates `private` in place
     /// and returns the dense change to the global parameters.
     fn train(
@@ -136,6 +182,30 @@ pub trait Model: Send + Sync + std::fmt::Debug {
     fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>);
 }
 
+/// Centralized training by SGD: `epochs` passes of one local epoch per user,
+/// users in a fresh random order each pass.
+pub fn fit_by_sgd<M: Model + ?Sized>(
+    model: &M,
+    params: &mut [f32],
+    users: &mut [Vec<f32>],
+    histories: &[Vec<u32>],
+    cfg: &TrainingConfig,
+    epochs: u32,
+    rng: &mut dyn Rng,
+) {
+    let one_epoch = TrainingConfig {
+        local_epochs: 1,
+        ..*cfg
+    };
+    let mut order: Vec<usize> = (0..histories.len()).collect();
+    for _ in 0..epochs {
+        order.shuffle(rng);
+        for &u in &order {
+            model.train_in_place(params, None, &mut users[u], &histories[u], &one_epoch, rng);
+        }
+    }
+}
+
 /// Matrix factorization on implicit feedback, trained with BPR
 /// (Rendle et al. 2009) over sampled negatives.
 ///
@@ -145,7 +215,15 @@ pub struct MatrixFactorization {
     items: usize,
     factors: usize,
     init_std: f32,
+    /// The [`als::Gram`] of the last global model seen, with that model: the
+    /// Gram depends on the global model only, so devices sharing this model
+    /// object (a simulation) compute it once per model version. Exact: a hit
+    /// needs the very same parameters.
+    gram_cache: Arc<GramCache>,
 }
+
+/// The last global model seen and its Gram.
+type GramCache = Mutex<Option<(Vec<f32>, Arc<als::Gram>)>>;
 
 /// Default number of latent factors.
 pub const DEFAULT_FACTORS: usize = 32;
@@ -174,6 +252,7 @@ impl MatrixFactorization {
             items,
             factors,
             init_std,
+            gram_cache: Arc::default(),
         })
     }
 
@@ -191,6 +270,30 @@ impl MatrixFactorization {
     pub fn item_embedding<'a>(&self, global: &'a [f32], item: u32) -> &'a [f32] {
         let k = self.factors;
         &global[item as usize * k..(item as usize + 1) * k]
+    }
+
+    fn view<'a>(&self, params: &'a [f32]) -> als::Items<'a> {
+        als::Items {
+            params,
+            items: self.items,
+            k: self.factors,
+        }
+    }
+
+    /// The Gram of `global`, from the cache when `global` is the model it
+    /// was computed for.
+    fn gram(&self, global: &[f32]) -> Arc<als::Gram> {
+        // A poisoned cache only means another thread panicked mid-update;
+        // the value is then recomputed, so poisoning is ignored.
+        let mut cache = self.gram_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((params, gram)) = cache.as_ref()
+            && params.as_slice() == global
+        {
+            return Arc::clone(gram);
+        }
+        let gram = Arc::new(als::gram(self.view(global)));
+        *cache = Some((global.to_vec(), Arc::clone(&gram)));
+        gram
     }
 
     fn bias_offset(&self) -> usize {
@@ -330,6 +433,17 @@ impl Model for MatrixFactorization {
         if history.is_empty() {
             return;
         }
+        if cfg.loss == Loss::Als {
+            let x = als::solve_user(
+                self.view(global),
+                &self.gram(global),
+                history,
+                cfg.confidence.into(),
+                cfg.regularization.into(),
+            );
+            private.copy_from_slice(&x);
+            return;
+        }
         // Only `p` moves, so the global parameters are read in place.
         for _ in 0..cfg.local_epochs {
             self.bpr_epoch(global, None, private, history, cfg, rng);
@@ -345,8 +459,55 @@ impl Model for MatrixFactorization {
         cfg: &TrainingConfig,
         rng: &mut dyn Rng,
     ) {
+        if cfg.loss == Loss::Als {
+            // One exact gradient step at the exactly solved private vector.
+            self.personalize(params, private, history, cfg, rng);
+            let grad = als::gradient(self.view(params), private, history, cfg.confidence);
+            for (w, g) in params.iter_mut().zip(grad) {
+                *w -= cfg.learning_rate * g;
+            }
+            return;
+        }
         for _ in 0..cfg.local_epochs {
             self.bpr_epoch(&mut *params, anchor, private, history, cfg, rng);
+        }
+    }
+
+    fn fit_centralized(
+        &self,
+        params: &mut [f32],
+        users: &mut [Vec<f32>],
+        histories: &[Vec<u32>],
+        cfg: &TrainingConfig,
+        epochs: u32,
+        rng: &mut dyn Rng,
+    ) {
+        if cfg.loss != Loss::Als {
+            return fit_by_sgd(self, params, users, histories, cfg, epochs, rng);
+        }
+        // Alternating least squares: exact user steps, exact item steps.
+        let (alpha, lambda) = (f64::from(cfg.confidence), f64::from(cfg.regularization));
+        let mut buyers = vec![Vec::new(); self.items];
+        for (u, h) in histories.iter().enumerate() {
+            for &i in h {
+                buyers[i as usize].push(u as u32);
+            }
+        }
+        for _ in 0..epochs {
+            let w = self.view(params);
+            let g = als::gram(w);
+            for (x, h) in users.iter_mut().zip(histories) {
+                *x = als::solve_user(w, &g, h, alpha, lambda);
+            }
+            als::item_step(
+                params,
+                self.items,
+                self.factors,
+                users,
+                &buyers,
+                alpha,
+                lambda,
+            );
         }
     }
 

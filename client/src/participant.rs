@@ -356,6 +356,11 @@ fn training_config(task: &pb::Task) -> Result<TrainingConfig, ClientError> {
         regularization: t.regularization,
         negatives: t.negatives,
         proximal_mu: t.proximal_mu,
+        loss: match t.loss() {
+            pb::Loss::Bpr => crate::model::Loss::Bpr,
+            pb::Loss::Als => crate::model::Loss::Als,
+        },
+        confidence: t.confidence,
     };
     cfg.validate()?;
     Ok(cfg)

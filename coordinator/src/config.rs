@@ -67,6 +67,8 @@ pub const DEFAULT_REGULARIZATION: f32 = 0.01;
 pub const DEFAULT_NEGATIVES: u32 = 1;
 /// Default `training.proximal_mu`: no proximal term (FedAvg's local SGD).
 pub const DEFAULT_PROXIMAL_MU: f32 = 0.0;
+/// Default `training.confidence`: a purchase weighs 5 times an item not bought.
+pub const DEFAULT_CONFIDENCE: f32 = 5.0;
 
 /// Default `strategy.server_lr`.
 pub const DEFAULT_SERVER_LR: f32 = 1.0;
@@ -215,6 +217,23 @@ pub struct TrainingConfig {
     /// `mu/2 ||w - w_global||^2`, which keeps local training near the global
     /// model. 0 = plain local SGD. Default [`DEFAULT_PROXIMAL_MU`].
     pub proximal_mu: f32,
+    /// The devices' training objective: "bpr" (sampled negatives, local SGD)
+    /// or "als" (weighted least squares over all items, exact private
+    /// vector, one exact gradient per round). Default "bpr".
+    pub loss: LossName,
+    /// Confidence of a purchase under "als". Default [`DEFAULT_CONFIDENCE`].
+    pub confidence: f32,
+}
+
+/// The devices' training objective (see the client's `model::Loss`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossName {
+    /// BPR over sampled negatives.
+    #[default]
+    Bpr,
+    /// Weighted least squares over all items.
+    Als,
 }
 
 impl Default for TrainingConfig {
@@ -225,6 +244,8 @@ impl Default for TrainingConfig {
             regularization: DEFAULT_REGULARIZATION,
             negatives: DEFAULT_NEGATIVES,
             proximal_mu: DEFAULT_PROXIMAL_MU,
+            loss: LossName::Bpr,
+            confidence: DEFAULT_CONFIDENCE,
         }
     }
 }
@@ -263,6 +284,20 @@ pub struct StrategyConfig {
     /// Adaptivity τ of the adaptive optimizers (also `sqrt` of the initial
     /// second moment). Default [`DEFAULT_TAU`].
     pub tau: f32,
+    /// How updates are weighted in the round's mean. Default `examples`.
+    pub weighting: Weighting,
+}
+
+/// The weight of each device's update in the round's mean.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weighting {
+    /// By the device's number of examples (FedAvg, McMahan et al. 2017).
+    #[default]
+    Examples,
+    /// Every device equally: the mean of per-device gradients, which is the
+    /// gradient of the sum of the users' losses (right for the "als" loss).
+    Uniform,
 }
 
 impl Default for StrategyConfig {
@@ -274,6 +309,7 @@ impl Default for StrategyConfig {
             beta1: DEFAULT_BETA1,
             beta2: DEFAULT_BETA2,
             tau: DEFAULT_TAU,
+            weighting: Weighting::Examples,
         }
     }
 }
@@ -460,6 +496,7 @@ impl CoordinatorConfig {
             false,
             f64::INFINITY,
         )?;
+        check_range("training.confidence", t.confidence.into(), 1.0, false, 1e4)?;
         if t.negatives < 1 {
             return Err(invalid(format!(
                 "training.negatives must be >= 1, got {}",

@@ -413,7 +413,11 @@ impl RoundCore {
     ) -> Result<UpdateAccepted, CoordinatorError> {
         self.advance(now);
         let result = self.check_header(&header).and_then(|()| {
-            self.aggregator.add(values, header.num_examples)?;
+            let weight = match self.config.strategy.weighting {
+                crate::config::Weighting::Examples => header.num_examples,
+                crate::config::Weighting::Uniform => 1,
+            };
+            self.aggregator.add(values, weight)?;
             Ok(self.record_submission(&header.pseudonym, header.evaluation.as_ref()))
         });
         let result = result.map_err(|e| self.reject(e));

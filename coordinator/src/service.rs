@@ -267,6 +267,11 @@ impl CoordinatorService {
                     regularization: task.training.regularization,
                     negatives: task.training.negatives,
                     proximal_mu: task.training.proximal_mu,
+                    loss: match task.training.loss {
+                        crate::config::LossName::Bpr => pb::Loss::Bpr,
+                        crate::config::LossName::Als => pb::Loss::Als,
+                    } as i32,
+                    confidence: task.training.confidence,
                     evaluate: task.evaluate,
                 }),
             }),

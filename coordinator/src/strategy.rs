@@ -146,6 +146,7 @@ mod tests {
             beta1: 0.5,
             beta2: 0.75,
             tau: 0.5,
+            ..StrategyConfig::default()
         }
     }
 

@@ -1,0 +1,362 @@
+//! Weighted least squares on implicit feedback (Hu, Koren & Volinsky 2008,
+//! the loss of "implicit ALS"), split between device and coordinator.
+//!
+//! For a user with purchases `I` and the global item parameters `w_i = [q_i;
+//! b_i]`, the loss is `Σ_i c_i (y_i − x·q_i − b_i)² + λ‖x‖²` over *all* items,
+//! with `y_i = 1, c_i = α` for purchased items and `y_i = 0, c_i = 1`
+//! otherwise: every item not bought is a weighted negative, no sampling.
+//!
+//! On the device, [`solve_user`] finds the private `x` exactly (a k×k
+//! solve, as the user step of ALS does), and [`gradient`] gives the loss's
+//! gradient with respect to every item's parameters at that `x` — dense, the
+//! same size whatever was bought. The coordinator averages these gradients
+//! and takes an optimizer step. [`item_step`] is the exact item step of
+//! centralized ALS, used by the centralized baseline only.
+//!
+//! The sum over all items is never formed item by item for the user solve:
+//! `Σ_i q_i q_iᵀ` and `Σ_i b_i q_i` ([`Gram`]) depend on the global model
+//! only, and the purchases add a correction.
+
+/// Quantities of the global model that every user solve needs.
+#[derive(Clone, Debug)]
+pub(crate) struct Gram {
+    /// `Σ_i q_i q_iᵀ`, k×k row-major.
+    qq: Vec<f64>,
+    /// `Σ_i b_i q_i`.
+    bq: Vec<f64>,
+}
+
+/// A view of the global parameters: `items × k` embeddings, then `items` biases.
+#[derive(Clone, Copy)]
+pub(crate) struct Items<'a> {
+    pub params: &'a [f32],
+    pub items: usize,
+    pub k: usize,
+}
+
+impl Items<'_> {
+    fn q(&self, i: usize) -> &[f32] {
+        &self.params[i * self.k..(i + 1) * self.k]
+    }
+    fn b(&self, i: usize) -> f32 {
+        self.params[self.items * self.k + i]
+    }
+}
+
+/// The [`Gram`] of the global model.
+pub(crate) fn gram(w: Items<'_>) -> Gram {
+    let k = w.k;
+    let mut qq = vec![0.0_f64; k * k];
+    let mut bq = vec![0.0_f64; k];
+    for i in 0..w.items {
+        let q = w.q(i);
+        let b = f64::from(w.b(i));
+        for a in 0..k {
+            let qa = f64::from(q[a]);
+            bq[a] += b * qa;
+            // Upper triangle only; mirrored below.
+            for c in a..k {
+                qq[a * k + c] += qa * f64::from(q[c]);
+            }
+        }
+    }
+    for a in 0..k {
+        for c in 0..a {
+            qq[a * k + c] = qq[c * k + a];
+        }
+    }
+    Gram { qq, bq }
+}
+
+/// The user vector minimizing the loss for `history` (sorted distinct items)
+/// with the item parameters fixed.
+pub(crate) fn solve_user(
+    w: Items<'_>,
+    g: &Gram,
+    history: &[u32],
+    alpha: f64,
+    lambda: f64,
+) -> Vec<f32> {
+    let k = w.k;
+    let mut a = g.qq.clone();
+    for d in 0..k {
+        a[d * k + d] += lambda;
+    }
+    // Right-hand side Σ_i c_i (y_i − b_i) q_i: −Σ_i b_i q_i over all items,
+    // corrected for the purchased ones.
+    let mut rhs: Vec<f64> = g.bq.iter().map(|v| -v).collect();
+    for &i in history {
+        let q = w.q(i as usize);
+        let b = f64::from(w.b(i as usize));
+        let coef = alpha * (1.0 - b) + b;
+        for r in 0..k {
+            let qr = f64::from(q[r]);
+            rhs[r] += coef * qr;
+            for c in 0..k {
+                a[r * k + c] += (alpha - 1.0) * qr * f64::from(q[c]);
+            }
+        }
+    }
+    cholesky_solve(&mut a, &mut rhs, k);
+    rhs.iter().map(|&v| v as f32).collect()
+}
+
+/// Gradient of one user's loss with respect to every item's `[q_i; b_i]` at
+/// the user vector `x`, laid out like the global parameters.
+pub(crate) fn gradient(w: Items<'_>, x: &[f32], history: &[u32], alpha: f32) -> Vec<f32> {
+    let (k, n) = (w.k, w.items);
+    let mut grad = vec![0.0_f32; n * (k + 1)];
+    let (embeddings, biases) = grad.split_at_mut(n * k);
+    let mut purchased = history.iter().peekable();
+    for i in 0..n {
+        let q = w.q(i);
+        let s: f32 = x.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() + w.b(i);
+        // d/dw of c (y − s)² is −2 c (y − s) [x; 1].
+        let bought = purchased.next_if(|&&j| j as usize == i).is_some();
+        let coef = if bought {
+            -2.0 * alpha * (1.0 - s)
+        } else {
+            2.0 * s
+        };
+        for (g, xf) in embeddings[i * k..(i + 1) * k].iter_mut().zip(x) {
+            *g = coef * xf;
+        }
+        biases[i] = coef;
+    }
+    grad
+}
+
+/// The exact item step of centralized ALS: every item's `[q_i; b_i]` solved
+/// given all user vectors. `buyers[i]` lists the users who bought item `i`.
+pub(crate) fn item_step(
+    params: &mut [f32],
+    items: usize,
+    k: usize,
+    users: &[Vec<f32>],
+    buyers: &[Vec<u32>],
+    alpha: f64,
+    lambda: f64,
+) {
+    let d = k + 1;
+    let z = |x: &[f32], a: usize| if a < k { f64::from(x[a]) } else { 1.0 };
+    let mut zz = vec![0.0_f64; d * d];
+    for x in users {
+        for a in 0..d {
+            for c in 0..d {
+                zz[a * d + c] += z(x, a) * z(x, c);
+            }
+        }
+    }
+    for i in 0..items {
+        let mut a = zz.clone();
+        for j in 0..d {
+            a[j * d + j] += lambda;
+        }
+        let mut rhs = vec![0.0_f64; d];
+        for &u in &buyers[i] {
+            let x = &users[u as usize];
+            for p in 0..d {
+                rhs[p] += alpha * z(x, p);
+                for c in 0..d {
+                    a[p * d + c] += (alpha - 1.0) * z(x, p) * z(x, c);
+                }
+            }
+        }
+        cholesky_solve(&mut a, &mut rhs, d);
+        for p in 0..k {
+            params[i * k + p] = rhs[p] as f32;
+        }
+        params[items * k + i] = rhs[k] as f32;
+    }
+}
+
+/// Solves `a x = b` for a symmetric positive definite `a` (n×n, row-major)
+/// by Cholesky factorization in place; `b` becomes `x`. A non-positive pivot
+/// (only possible through rounding, as every caller adds λI) is clamped.
+pub(crate) fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) {
+    for j in 0..n {
+        let mut d = a[j * n + j];
+        for p in 0..j {
+            d -= a[j * n + p] * a[j * n + p];
+        }
+        let d = d.max(1e-12).sqrt();
+        a[j * n + j] = d;
+        for i in j + 1..n {
+            let mut s = a[i * n + j];
+            for p in 0..j {
+                s -= a[i * n + p] * a[j * n + p];
+            }
+            a[i * n + j] = s / d;
+        }
+    }
+    for i in 0..n {
+        let mut s = b[i];
+        for p in 0..i {
+            s -= a[i * n + p] * b[p];
+        }
+        b[i] = s / a[i * n + i];
+    }
+    for i in (0..n).rev() {
+        let mut s = b[i];
+        for p in i + 1..n {
+            s -= a[p * n + i] * b[p];
+        }
+        b[i] = s / a[i * n + i];
+    }
+}
+
+/// One user's loss (for tests): `Σ_i c_i (y_i − x·q_i − b_i)² + λ‖x‖²`.
+#[cfg(test)]
+fn loss(w: Items<'_>, x: &[f32], history: &[u32], alpha: f64, lambda: f64) -> f64 {
+    let mut total = lambda * x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
+    for i in 0..w.items {
+        let s: f64 = x
+            .iter()
+            .zip(w.q(i))
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum::<f64>()
+            + f64::from(w.b(i));
+        let bought = history.contains(&(i as u32));
+        let (y, c) = if bought { (1.0, alpha) } else { (0.0, 1.0) };
+        total += c * (y - s).powi(2);
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn params(items: usize, k: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..items * (k + 1))
+            .map(|_| rng.random_range(-0.5..0.5))
+            .collect()
+    }
+
+    #[test]
+    fn cholesky_solves_a_known_system() {
+        // [[4,2],[2,3]] x = [2,1]  =>  x = [0.5, 0]
+        let mut a = vec![4.0, 2.0, 2.0, 3.0];
+        let mut b = vec![2.0, 1.0];
+        cholesky_solve(&mut a, &mut b, 2);
+        assert!((b[0] - 0.5).abs() < 1e-12 && b[1].abs() < 1e-12, "{b:?}");
+    }
+
+    #[test]
+    fn the_user_solve_is_the_minimum() {
+        let (n, k) = (30, 4);
+        let p = params(n, k, 1);
+        let w = Items {
+            params: &p,
+            items: n,
+            k,
+        };
+        let history = [2, 5, 11, 17];
+        let x = solve_user(w, &gram(w), &history, 5.0, 0.1);
+        let best = loss(w, &x, &history, 5.0, 0.1);
+        for d in 0..k {
+            for step in [-1e-2, 1e-2] {
+                let mut y = x.clone();
+                y[d] += step;
+                assert!(
+                    loss(w, &y, &history, 5.0, 0.1) > best,
+                    "moving x[{d}] by {step} lowers the loss"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_gradient_matches_finite_differences() {
+        let (n, k) = (12, 3);
+        let p = params(n, k, 2);
+        let history = [1, 4, 7];
+        let x = [0.3_f32, -0.2, 0.5];
+        let g = gradient(
+            Items {
+                params: &p,
+                items: n,
+                k,
+            },
+            &x,
+            &history,
+            4.0,
+        );
+        for idx in [0, 4, 5, 13, 22, n * k + 1, n * k + 4] {
+            let h = 1e-3_f32;
+            let (mut up, mut down) = (p.clone(), p.clone());
+            up[idx] += h;
+            down[idx] -= h;
+            let fu = loss(
+                Items {
+                    params: &up,
+                    items: n,
+                    k,
+                },
+                &x,
+                &history,
+                4.0,
+                0.0,
+            );
+            let fd = loss(
+                Items {
+                    params: &down,
+                    items: n,
+                    k,
+                },
+                &x,
+                &history,
+                4.0,
+                0.0,
+            );
+            let numeric = (fu - fd) / (2.0 * f64::from(h));
+            assert!(
+                (numeric - f64::from(g[idx])).abs() < 1e-2,
+                "index {idx}: numeric {numeric}, analytic {}",
+                g[idx]
+            );
+        }
+    }
+
+    #[test]
+    fn the_item_step_lowers_the_total_loss() {
+        let (n, k) = (20, 3);
+        let mut p = params(n, k, 3);
+        let histories: Vec<Vec<u32>> =
+            vec![vec![0, 1, 2], vec![1, 2, 3], vec![10, 11], vec![0, 10, 19]];
+        let total = |p: &[f32], xs: &[Vec<f32>]| {
+            let w = Items {
+                params: p,
+                items: n,
+                k,
+            };
+            histories
+                .iter()
+                .zip(xs)
+                .map(|(h, x)| loss(w, x, h, 5.0, 0.1))
+                .sum::<f64>()
+        };
+        let w = Items {
+            params: &p,
+            items: n,
+            k,
+        };
+        let g = gram(w);
+        let xs: Vec<Vec<f32>> = histories
+            .iter()
+            .map(|h| solve_user(w, &g, h, 5.0, 0.1))
+            .collect();
+        let before = total(&p, &xs);
+        let mut buyers = vec![Vec::new(); n];
+        for (u, h) in histories.iter().enumerate() {
+            for &i in h {
+                buyers[i as usize].push(u as u32);
+            }
+        }
+        item_step(&mut p, n, k, &xs, &buyers, 5.0, 0.1);
+        assert!(total(&p, &xs) < before);
+    }
+}
