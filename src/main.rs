@@ -183,9 +183,15 @@ struct SimulateArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     overrides: ConfigOverrides,
-    /// Epochs of the centralized baseline.
-    #[arg(long, default_value_t = sim::DEFAULT_CENTRALIZED_EPOCHS)]
-    centralized_epochs: u32,
+    /// Epochs of the centralized baseline (ALS iterations under the als
+    /// loss). Default: 40, or the preset's.
+    #[arg(long)]
+    centralized_epochs: Option<u32>,
+    /// Start from a named configuration that reaches centralized quality on
+    /// that kind of data (movielens, retail); --config cannot be combined
+    /// with it, the flags above still override it.
+    #[arg(long, value_enum, conflicts_with = "config")]
+    preset: Option<sim::Preset>,
     /// Seed of everything random.
     #[arg(long, default_value_t = sim::DEFAULT_SEED)]
     seed: u64,
@@ -293,9 +299,16 @@ fn coordinator_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> 
 }
 
 fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    let mut coord = match &args.config {
-        Some(p) => CoordinatorConfig::from_file(p)?,
-        None => sim::default_coordinator_config(),
+    let (mut coord, centralized_epochs) = match (&args.config, args.preset) {
+        (Some(p), _) => (
+            CoordinatorConfig::from_file(p)?,
+            sim::DEFAULT_CENTRALIZED_EPOCHS,
+        ),
+        (None, Some(preset)) => preset.config(),
+        (None, None) => (
+            sim::default_coordinator_config(),
+            sim::DEFAULT_CENTRALIZED_EPOCHS,
+        ),
     };
     args.overrides.apply(&mut coord);
     if coord.rounds.rounds == 0 {
@@ -314,7 +327,7 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         coordinator: coord,
         transport: args.transport,
         seed: args.seed,
-        centralized_epochs: args.centralized_epochs,
+        centralized_epochs: args.centralized_epochs.unwrap_or(centralized_epochs),
     };
     let mut bar = Bar::default();
     let report = sim::run(&ds, &cfg, &mut bar)?;

@@ -70,7 +70,7 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), PlotError> {
             .map(value)
             .chain([fed, cen, pop])
             .fold(0.0_f64, f64::max)
-            * 1.15;
+            * 1.6; // headroom for the legend above the curves
         let mut chart = ChartBuilder::on(panel)
             .caption(format!("{metric} (full ranking)"), ("sans-serif", 16))
             .margin(12)

@@ -162,19 +162,12 @@ fn every_server_optimizer_converges() {
 /// (alternating exact solves on all data).
 #[test]
 fn als_loss_federated_matches_centralized_als() {
-    use fedrec_coordinator::config::{LossName, StrategyName, Weighting};
     let (ds, _) = common::small_split(200, 200, 3);
     let mut cfg = config(Transport::Inproc, 30, 200, 3);
-    cfg.centralized_epochs = 15;
-    let c = &mut cfg.coordinator;
-    c.training.loss = LossName::Als;
-    c.training.learning_rate = 1.0;
-    c.training.regularization = 0.1;
-    c.strategy.name = StrategyName::FedAdam;
-    c.strategy.server_lr = 0.01;
-    c.strategy.tau = 1e-6;
-    c.strategy.weighting = Weighting::Uniform;
-    c.model.init_std = 0.01;
+    cfg.coordinator = sim::als_recipe();
+    cfg.coordinator.rounds.rounds = 30;
+    cfg.coordinator.model.factors = 16;
+    cfg.centralized_epochs = sim::ALS_CENTRALIZED_ITERATIONS;
     let f = sim::run(&ds, &cfg, &mut ())
         .expect("simulation runs")
         .final_;
