@@ -143,3 +143,12 @@ fn a_malformed_line_is_reported_with_file_and_line() {
         "error names the file and line: {err}"
     );
 }
+
+/// The documented example configuration is valid.
+#[test]
+fn the_shipped_coordinator_toml_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/coordinator.toml");
+    let cfg = fedrec_coordinator::config::CoordinatorConfig::from_file(path)
+        .expect("coordinator.toml parses and validates");
+    assert_eq!(cfg.model.items, Some(1682));
+}
