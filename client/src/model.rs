@@ -71,45 +71,32 @@ impl Default for TrainingConfig {
 impl TrainingConfig {
     /// Checks every field; the error names the field and the value.
     pub fn validate(&self) -> Result<(), ClientError> {
-        let bad = |what: String| Err(ClientError::InvalidConfig(what));
-        if self.local_epochs == 0 || self.local_epochs > 1000 {
-            return bad(format!(
-                "local_epochs must be in 1..=1000, got {}",
-                self.local_epochs
-            ));
-        }
-        if !(self.learning_rate > 0.0 && self.learning_rate <= 10.0) {
-            return bad(format!(
-                "learning_rate must be in (0, 10], got {}",
-                self.learning_rate
-            ));
-        }
-        if !(self.regularization >= 0.0 && self.regularization <= 10.0) {
-            return bad(format!(
-                "regularization must be in [0, 10], got {}",
-                self.regularization
-            ));
-        }
-        if !(self.proximal_mu >= 0.0 && self.proximal_mu <= 100.0) {
-            return bad(format!(
-                "proximal_mu must be in [0, 100], got {}",
-                self.proximal_mu
-            ));
-        }
-        if !(self.confidence >= 1.0 && self.confidence <= 1e4) {
-            return bad(format!(
-                "confidence must be in [1, 10000], got {}",
-                self.confidence
-            ));
-        }
-        if self.negatives == 0 || self.negatives > 1000 {
-            return bad(format!(
-                "negatives must be in 1..=1000, got {}",
-                self.negatives
-            ));
-        }
+        in_range("local_epochs", self.local_epochs.into(), 1.0, false, 1000.0)?;
+        in_range("learning_rate", self.learning_rate.into(), 0.0, true, 10.0)?;
+        in_range(
+            "regularization",
+            self.regularization.into(),
+            0.0,
+            false,
+            10.0,
+        )?;
+        in_range("proximal_mu", self.proximal_mu.into(), 0.0, false, 100.0)?;
+        in_range("confidence", self.confidence.into(), 1.0, false, 1e4)?;
+        in_range("negatives", self.negatives.into(), 1.0, false, 1000.0)?;
         Ok(())
     }
+}
+
+/// Checks `lo <(=) value <= hi`; the error names the field, the range and the value.
+fn in_range(name: &str, value: f64, lo: f64, open_lo: bool, hi: f64) -> Result<(), ClientError> {
+    let above = if open_lo { value > lo } else { value >= lo };
+    if above && value <= hi {
+        return Ok(());
+    }
+    let open = if open_lo { '(' } else { '[' };
+    Err(ClientError::InvalidConfig(format!(
+        "{name} must be in {open}{lo}, {hi}], got {value}"
+    )))
 }
 
 /// A recommendation model split into global and private parameters.
