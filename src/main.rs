@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
 use fedrec::eval::Metrics;
 use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
-use fedrec_coordinator::config::{CoordinatorConfig, LossName, StrategyName, Weighting};
+use fedrec_coordinator::config::{CoordinatorConfig, LossName, Schedule, StrategyName, Weighting};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Federated recommendation: devices train on their own purchases; a
@@ -129,6 +129,9 @@ struct ConfigOverrides {
     /// Weight of each update in the round's mean: examples or uniform.
     #[arg(long, value_parser = parse_name::<Weighting>)]
     weighting: Option<Weighting>,
+    /// Server learning-rate schedule over the rounds: constant or cosine.
+    #[arg(long, value_parser = parse_name::<Schedule>)]
+    schedule: Option<Schedule>,
 }
 
 impl ConfigOverrides {
@@ -161,6 +164,9 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.weighting {
             cfg.strategy.weighting = v;
+        }
+        if let Some(v) = self.schedule {
+            cfg.strategy.schedule = v;
         }
         if let Some(v) = self.factors {
             cfg.model.factors = v;

@@ -349,8 +349,14 @@ fn run_inproc(
     Ok((rows, final_counts, global, devices))
 }
 
-/// Trains or evaluates the cohort in parallel and submits the results in
-/// task order, so the sum is formed in the same order every run.
+/// Updates in flight per worker thread: the cohort is trained in batches of
+/// `threads × IN_FLIGHT_PER_THREAD` devices, so memory holds that many
+/// updates, not one per device of the cohort.
+const IN_FLIGHT_PER_THREAD: usize = 4;
+
+/// Trains or evaluates the cohort in parallel, batch by batch, and submits
+/// the results in task order, so the sum is formed in the same order every
+/// run.
 fn run_cohort(
     core: &mut RoundCore,
     clock: Instant,
@@ -373,47 +379,62 @@ fn run_cohort(
             selected.push((d, task));
         }
     }
-    let chunk = selected.len().div_ceil(threads).max(1);
-    let results: Vec<anyhow::Result<TaskResult>> = std::thread::scope(|s| {
-        let handles: Vec<_> = selected
-            .chunks_mut(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter_mut()
-                        .map(|(device, task)| run_task(device, task, global))
-                        .collect::<Vec<_>>()
+    let batch = threads * IN_FLIGHT_PER_THREAD;
+    for (part, part_tasks) in selected.chunks_mut(batch).zip(tasks.chunks(batch)) {
+        let chunk = part.len().div_ceil(threads).max(1);
+        let results: Vec<anyhow::Result<TaskResult>> = std::thread::scope(|s| {
+            let handles: Vec<_> = part
+                .chunks_mut(chunk)
+                .map(|share| {
+                    s.spawn(move || {
+                        share
+                            .iter_mut()
+                            .map(|(device, task)| run_task(device, task, global))
+                            .collect::<Vec<_>>()
+                    })
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("device thread panicked"))
-            .collect()
-    });
-    for ((i, task), result) in tasks.iter().zip(results) {
-        let who = pseudonyms[*i];
-        match result? {
-            TaskResult::Update(update) => {
-                let header = UpdateHeader {
-                    pseudonym: who,
-                    round: task.round,
-                    model_version: task.model_version,
-                    num_examples: update.num_examples,
-                    num_values: update.delta.len() as u64,
-                    evaluation: update.evaluation,
-                };
-                let bytes = fedrec_proto::tensor::encode(&update.delta);
-                core.submit_update(clock, header, &bytes)?;
-            }
-            TaskResult::Evaluation(counts) => {
-                core.submit_evaluation(
-                    clock,
-                    &who,
-                    task.round,
-                    task.model_version,
-                    counts.unwrap_or_default(),
-                )?;
-            }
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("device thread panicked"))
+                .collect()
+        });
+        for ((i, task), result) in part_tasks.iter().zip(results) {
+            submit(core, clock, pseudonyms[*i], task, result?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Hands one device's result to the coordinator core.
+fn submit(
+    core: &mut RoundCore,
+    clock: Instant,
+    who: Pseudonym,
+    task: &fedrec_coordinator::round::Task,
+    result: TaskResult,
+) -> anyhow::Result<()> {
+    match result {
+        TaskResult::Update(update) => {
+            let header = UpdateHeader {
+                pseudonym: who,
+                round: task.round,
+                model_version: task.model_version,
+                num_examples: update.num_examples,
+                num_values: update.delta.len() as u64,
+                evaluation: update.evaluation,
+            };
+            let bytes = fedrec_proto::tensor::encode(&update.delta);
+            core.submit_update(clock, header, &bytes)?;
+        }
+        TaskResult::Evaluation(counts) => {
+            core.submit_evaluation(
+                clock,
+                &who,
+                task.round,
+                task.model_version,
+                counts.unwrap_or_default(),
+            )?;
         }
     }
     Ok(())
@@ -603,10 +624,14 @@ pub const ALS_CENTRALIZED_ITERATIONS: u32 = 15;
 ///   the gradients so it does not damp them).
 /// - `weighting = uniform`: the mean of per-device gradients is the gradient
 ///   of the sum of the users' losses, the objective of centralized ALS.
+/// - `schedule = cosine`: with a constant rate the model keeps moving by
+///   about `server_lr` per round around the optimum, and the last round's
+///   cohort decides where it stops; decaying the rate to 0 lets the final
+///   rounds average over many cohorts.
 /// - up to 1,000 devices per round, `init_std = 0.01`, `learning_rate = 1`
 ///   (the update is the gradient itself; Adam sets the step).
 pub fn als_recipe() -> CoordinatorConfig {
-    use fedrec_coordinator::config::{LossName, StrategyName, Weighting};
+    use fedrec_coordinator::config::{LossName, Schedule, StrategyName, Weighting};
     let mut cfg = default_coordinator_config();
     cfg.rounds.clients_per_round = 1000;
     cfg.training.loss = LossName::Als;
@@ -617,6 +642,7 @@ pub fn als_recipe() -> CoordinatorConfig {
     cfg.strategy.server_lr = 0.01;
     cfg.strategy.tau = 1e-6;
     cfg.strategy.weighting = Weighting::Uniform;
+    cfg.strategy.schedule = Schedule::Cosine;
     cfg.model.init_std = 0.01;
     cfg
 }

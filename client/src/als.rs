@@ -48,23 +48,18 @@ pub(crate) fn gram(w: Items<'_>) -> Gram {
     let k = w.k;
     let mut qq = vec![0.0_f64; k * k];
     let mut bq = vec![0.0_f64; k];
+    let mut q = vec![0.0_f64; k];
     for i in 0..w.items {
-        let q = w.q(i);
+        for (d, s) in q.iter_mut().zip(w.q(i)) {
+            *d = f64::from(*s);
+        }
         let b = f64::from(w.b(i));
-        for a in 0..k {
-            let qa = f64::from(q[a]);
-            bq[a] += b * qa;
-            // Upper triangle only; mirrored below.
-            for c in a..k {
-                qq[a * k + c] += qa * f64::from(q[c]);
-            }
+        for (acc, qa) in bq.iter_mut().zip(&q) {
+            *acc += b * qa;
         }
+        rank_one_upper(&mut qq, &q, 1.0);
     }
-    for a in 0..k {
-        for c in 0..a {
-            qq[a * k + c] = qq[c * k + a];
-        }
-    }
+    mirror_upper(&mut qq, k);
     Gram { qq, bq }
 }
 
@@ -85,20 +80,41 @@ pub(crate) fn solve_user(
     // Right-hand side Σ_i c_i (y_i − b_i) q_i: −Σ_i b_i q_i over all items,
     // corrected for the purchased ones.
     let mut rhs: Vec<f64> = g.bq.iter().map(|v| -v).collect();
+    let mut q = vec![0.0_f64; k];
     for &i in history {
-        let q = w.q(i as usize);
+        for (d, s) in q.iter_mut().zip(w.q(i as usize)) {
+            *d = f64::from(*s);
+        }
         let b = f64::from(w.b(i as usize));
         let coef = alpha * (1.0 - b) + b;
-        for r in 0..k {
-            let qr = f64::from(q[r]);
-            rhs[r] += coef * qr;
-            for c in 0..k {
-                a[r * k + c] += (alpha - 1.0) * qr * f64::from(q[c]);
-            }
+        for (r, qr) in rhs.iter_mut().zip(&q) {
+            *r += coef * qr;
         }
+        rank_one_upper(&mut a, &q, alpha - 1.0);
     }
+    mirror_upper(&mut a, k);
     cholesky_solve(&mut a, &mut rhs, k);
     rhs.iter().map(|&v| v as f32).collect()
+}
+
+/// `a += c · v vᵀ` on the upper triangle of the n×n row-major `a` (n = v.len()).
+fn rank_one_upper(a: &mut [f64], v: &[f64], c: f64) {
+    let n = v.len();
+    for (r, &vr) in v.iter().enumerate() {
+        let cv = c * vr;
+        for (x, &vc) in a[r * n + r..(r + 1) * n].iter_mut().zip(&v[r..]) {
+            *x += cv * vc;
+        }
+    }
+}
+
+/// Copies the upper triangle of the n×n row-major `a` onto its lower one.
+fn mirror_upper(a: &mut [f64], n: usize) {
+    for r in 0..n {
+        for c in 0..r {
+            a[r * n + c] = a[c * n + r];
+        }
+    }
 }
 
 /// Gradient of one user's loss with respect to every item's `[q_i; b_i]` at
@@ -127,7 +143,9 @@ pub(crate) fn gradient(w: Items<'_>, x: &[f32], history: &[u32], alpha: f32) -> 
 }
 
 /// The exact item step of centralized ALS: every item's `[q_i; b_i]` solved
-/// given all user vectors. `buyers[i]` lists the users who bought item `i`.
+/// given all user vectors, the items split across `threads` threads.
+/// `buyers[i]` lists the users who bought item `i`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn item_step(
     params: &mut [f32],
     items: usize,
@@ -136,37 +154,58 @@ pub(crate) fn item_step(
     buyers: &[Vec<u32>],
     alpha: f64,
     lambda: f64,
+    threads: usize,
 ) {
     let d = k + 1;
-    let z = |x: &[f32], a: usize| if a < k { f64::from(x[a]) } else { 1.0 };
+    // Each user's [x; 1] in f64, and Σ_u z zᵀ over all users (upper triangle).
+    let z: Vec<f64> = users
+        .iter()
+        .flat_map(|x| x.iter().map(|&v| f64::from(v)).chain([1.0]))
+        .collect();
     let mut zz = vec![0.0_f64; d * d];
-    for x in users {
-        for a in 0..d {
-            for c in 0..d {
-                zz[a * d + c] += z(x, a) * z(x, c);
-            }
-        }
+    for zu in z.chunks_exact(d) {
+        rank_one_upper(&mut zz, zu, 1.0);
     }
-    for i in 0..items {
+    let solve = |i: usize| -> Vec<f64> {
         let mut a = zz.clone();
         for j in 0..d {
             a[j * d + j] += lambda;
         }
         let mut rhs = vec![0.0_f64; d];
         for &u in &buyers[i] {
-            let x = &users[u as usize];
-            for p in 0..d {
-                rhs[p] += alpha * z(x, p);
-                for c in 0..d {
-                    a[p * d + c] += (alpha - 1.0) * z(x, p) * z(x, c);
-                }
+            let zu = &z[u as usize * d..(u as usize + 1) * d];
+            for (r, v) in rhs.iter_mut().zip(zu) {
+                *r += alpha * v;
             }
+            rank_one_upper(&mut a, zu, alpha - 1.0);
         }
+        mirror_upper(&mut a, d);
         cholesky_solve(&mut a, &mut rhs, d);
+        rhs
+    };
+    let per_thread = items.div_ceil(threads.max(1)).max(1);
+    let solved: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let solve = &solve;
+        let handles: Vec<_> = (0..items)
+            .step_by(per_thread)
+            .map(|start| {
+                s.spawn(move || {
+                    (start..(start + per_thread).min(items))
+                        .map(solve)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("item solve thread panicked"))
+            .collect()
+    });
+    for (i, w) in solved.iter().enumerate() {
         for p in 0..k {
-            params[i * k + p] = rhs[p] as f32;
+            params[i * k + p] = w[p] as f32;
         }
-        params[items * k + i] = rhs[k] as f32;
+        params[items * k + i] = w[k] as f32;
     }
 }
 
@@ -174,27 +213,20 @@ pub(crate) fn item_step(
 /// by Cholesky factorization in place; `b` becomes `x`. A non-positive pivot
 /// (only possible through rounding, as every caller adds λI) is clamped.
 pub(crate) fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) {
+    // Lower factor L in place, row by row: row j's entries before the
+    // diagonal are final when row i > j needs them.
     for j in 0..n {
-        let mut d = a[j * n + j];
-        for p in 0..j {
-            d -= a[j * n + p] * a[j * n + p];
+        let (done, rest) = a.split_at_mut(j * n);
+        let row_j = &mut rest[..n];
+        for i in 0..j {
+            let row_i = &done[i * n..i * n + n];
+            row_j[i] = (row_j[i] - dot(&row_j[..i], &row_i[..i])) / row_i[i];
         }
-        let d = d.max(1e-12).sqrt();
-        a[j * n + j] = d;
-        for i in j + 1..n {
-            let mut s = a[i * n + j];
-            for p in 0..j {
-                s -= a[i * n + p] * a[j * n + p];
-            }
-            a[i * n + j] = s / d;
-        }
+        let d = row_j[j] - dot(&row_j[..j], &row_j[..j]);
+        row_j[j] = d.max(1e-12).sqrt();
     }
     for i in 0..n {
-        let mut s = b[i];
-        for p in 0..i {
-            s -= a[i * n + p] * b[p];
-        }
-        b[i] = s / a[i * n + i];
+        b[i] = (b[i] - dot(&a[i * n..i * n + i], &b[..i])) / a[i * n + i];
     }
     for i in (0..n).rev() {
         let mut s = b[i];
@@ -203,6 +235,24 @@ pub(crate) fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) {
         }
         b[i] = s / a[i * n + i];
     }
+}
+
+/// `Σ x_i y_i` over four partial sums (so the compiler can vectorize it).
+fn dot(x: &[f64], y: &[f64]) -> f64 {
+    let mut acc = [0.0_f64; 4];
+    let (xc, yc) = (x.chunks_exact(4), y.chunks_exact(4));
+    let tail: f64 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (xs, ys) in xc.zip(yc) {
+        for l in 0..4 {
+            acc[l] += xs[l] * ys[l];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 /// One user's loss (for tests): `Σ_i c_i (y_i − x·q_i − b_i)² + λ‖x‖²`.
@@ -356,7 +406,7 @@ mod tests {
                 buyers[i as usize].push(u as u32);
             }
         }
-        item_step(&mut p, n, k, &xs, &buyers, 5.0, 0.1);
+        item_step(&mut p, n, k, &xs, &buyers, 5.0, 0.1, 2);
         assert!(total(&p, &xs) < before);
     }
 }

@@ -286,6 +286,35 @@ pub struct StrategyConfig {
     pub tau: f32,
     /// How updates are weighted in the round's mean. Default `examples`.
     pub weighting: Weighting,
+    /// How the server learning rate changes over the rounds. Default `constant`.
+    pub schedule: Schedule,
+}
+
+/// The server learning rate of each round, as a multiple of `server_lr`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// `server_lr` in every round.
+    #[default]
+    Constant,
+    /// Cosine decay from `server_lr` in the first round towards 0 after the
+    /// last (`rounds.rounds` must be finite): late rounds take small steps,
+    /// so the final model is an average over many cohorts rather than the
+    /// last cohort's noisy step (Loshchilov & Hutter 2017).
+    Cosine,
+}
+
+impl Schedule {
+    /// The multiplier of `server_lr` in round `round` (1-based) of `total`.
+    pub fn factor(self, round: u64, total: u64) -> f32 {
+        match self {
+            Self::Constant => 1.0,
+            Self::Cosine => {
+                let progress = round.saturating_sub(1) as f64 / total.max(1) as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())) as f32
+            }
+        }
+    }
 }
 
 /// The weight of each device's update in the round's mean.
@@ -310,6 +339,7 @@ impl Default for StrategyConfig {
             beta2: DEFAULT_BETA2,
             tau: DEFAULT_TAU,
             weighting: Weighting::Examples,
+            schedule: Schedule::Constant,
         }
     }
 }
@@ -522,6 +552,12 @@ impl CoordinatorConfig {
         check_range("strategy.beta1", st.beta1.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.beta2", st.beta2.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.tau", st.tau.into(), 0.0, true, f64::INFINITY)?;
+        if st.schedule == Schedule::Cosine && self.rounds.rounds == 0 {
+            return Err(invalid(
+                "strategy.schedule = \"cosine\" decays over rounds.rounds, which must then be finite (not 0)"
+                    .to_owned(),
+            ));
+        }
 
         let m = &self.model;
         if m.factors < 1 {

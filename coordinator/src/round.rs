@@ -797,7 +797,14 @@ impl RoundCore {
         if abandon.is_none() && open.kind == TaskKind::Train {
             // The round completed, so at least min_updates >= 1 updates were added.
             match self.aggregator.mean() {
-                Some(mean) => match self.strategy.step(&self.model.params, &mean) {
+                Some(mean) => match self.strategy.step(
+                    &self.model.params,
+                    &mean,
+                    self.config
+                        .strategy
+                        .schedule
+                        .factor(open.number.into(), self.config.rounds.rounds.into()),
+                ) {
                     Ok(params) => {
                         let layout = self.model.layout.clone();
                         self.model =

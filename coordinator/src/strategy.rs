@@ -60,7 +60,8 @@ impl Strategy {
     }
 
     /// Computes the next parameters from `params` and the mean update `delta`
-    /// (same length). On success the optimizer state advances and the new
+    /// (same length), with the server learning rate scaled by `lr_factor`
+    /// (the round's [`Schedule`](crate::config::Schedule) factor). On success the optimizer state advances and the new
     /// parameters are returned; when any new parameter or moment would not be
     /// finite, nothing changes and the first offending index is returned.
     ///
@@ -68,10 +69,15 @@ impl Strategy {
     ///
     /// When `params` and `delta` differ in length (the core always passes the
     /// model and its round's mean, which have the same length).
-    pub fn step(&mut self, params: &[f32], delta: &[f32]) -> Result<Vec<f32>, NonFinite> {
+    pub fn step(
+        &mut self,
+        params: &[f32],
+        delta: &[f32],
+        lr_factor: f32,
+    ) -> Result<Vec<f32>, NonFinite> {
         assert_eq!(params.len(), delta.len(), "params and delta lengths differ");
         let c = self.config;
-        let eta = c.server_lr;
+        let eta = c.server_lr * lr_factor;
         let mut x = params.to_vec();
         match c.name {
             StrategyName::FedAvg => {
@@ -153,8 +159,8 @@ mod tests {
     /// Runs two steps from x = [1, -2] with Δ1 = [1, 0] and Δ2 = [-1, 2].
     fn two_steps(name: StrategyName) -> (Vec<f32>, Vec<f32>) {
         let mut s = Strategy::new(config(name), 2);
-        let x1 = s.step(&[1.0, -2.0], &[1.0, 0.0]).unwrap();
-        let x2 = s.step(&x1, &[-1.0, 2.0]).unwrap();
+        let x1 = s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0).unwrap();
+        let x2 = s.step(&x1, &[-1.0, 2.0], 1.0).unwrap();
         (x1, x2)
     }
 
@@ -225,10 +231,30 @@ mod tests {
     }
 
     #[test]
+    fn lr_factor_scales_the_step() {
+        // FedAvg at half the rate: x = 1 + 0.25·2 = 1.5.
+        let mut s = Strategy::new(config(StrategyName::FedAvg), 1);
+        assert_eq!(s.step(&[1.0], &[2.0], 0.5).unwrap(), vec![1.5]);
+    }
+
+    #[test]
+    fn cosine_schedule_decays_from_one_towards_zero() {
+        use crate::config::Schedule;
+        assert_eq!(Schedule::Constant.factor(7, 10), 1.0);
+        assert_eq!(Schedule::Cosine.factor(1, 10), 1.0);
+        // Round 6 of 10 is halfway: cos(π/2) = 0 → 0.5.
+        assert!((Schedule::Cosine.factor(6, 10) - 0.5).abs() < 1e-6);
+        // The last round: 0.5(1 + cos(0.9π)) = 0.024471742.
+        assert!((Schedule::Cosine.factor(10, 10) - 0.024_471_742).abs() < 1e-6);
+        let f: Vec<f32> = (1..=10).map(|r| Schedule::Cosine.factor(r, 10)).collect();
+        assert!(f.windows(2).all(|w| w[1] < w[0]), "{f:?}");
+    }
+
+    #[test]
     fn yogi_sign_of_zero_is_zero() {
         // v0 = τ² = 0.25 = Δ²: sign(0) = 0, so v stays 0.25.
         let mut s = Strategy::new(config(StrategyName::FedYogi), 1);
-        s.step(&[0.0], &[0.5]).unwrap();
+        s.step(&[0.0], &[0.5], 1.0).unwrap();
         assert_eq!(s.v, vec![0.25]);
     }
 
@@ -236,7 +262,7 @@ mod tests {
     fn non_finite_result_changes_nothing() {
         let mut s = Strategy::new(config(StrategyName::FedAvgM), 2);
         let before = s.clone();
-        let err = s.step(&[f32::MAX, 0.0], &[f32::MAX, 1.0]).unwrap_err();
+        let err = s.step(&[f32::MAX, 0.0], &[f32::MAX, 1.0], 1.0).unwrap_err();
         assert_eq!(err, NonFinite { index: 0 });
         assert_eq!(s, before);
     }
@@ -244,7 +270,7 @@ mod tests {
     #[test]
     fn state_serialises() {
         let mut s = Strategy::new(config(StrategyName::FedAdam), 2);
-        s.step(&[1.0, -2.0], &[1.0, 0.0]).unwrap();
+        s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0).unwrap();
         // TOML is the crate's only serde format; checkpoints may use another.
         let text = toml::to_string(&s).unwrap();
         assert!(text.contains("fedadam"), "{text}");
