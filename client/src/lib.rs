@@ -36,6 +36,7 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod participant;
+pub mod secagg;
 pub mod store;
 
 pub use error::ClientError;

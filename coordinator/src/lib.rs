@@ -87,7 +87,9 @@
 pub mod aggregate;
 pub mod config;
 pub mod error;
+pub mod privacy;
 pub mod round;
+pub mod secagg;
 pub mod service;
 pub mod strategy;
 

@@ -18,6 +18,7 @@
 //! ```
 
 pub mod eval;
+pub mod secagg;
 pub mod tensor;
 
 pub use eval::EvalCounts;
