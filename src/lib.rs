@@ -5,6 +5,7 @@
 //! [`eval`] (metrics and the centralized and popularity baselines) and
 //! [`sim`] (simulations of many devices against a real coordinator).
 
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod plot;

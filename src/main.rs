@@ -37,6 +37,54 @@ enum Command {
     /// Write a synthetic data set in MovieLens u.data layout (user, item, 1, time;
     /// numeric ids from 1).
     GenData(GenDataArgs),
+    /// Measure speed and memory next to their limits (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Aggregation throughput for 100 and 1,000 updates of 118,592 and
+    /// 1,000,000 values, next to a plain read-and-add pass.
+    Aggregate,
+    /// Rounds of FedAvg over loopback gRPC with a coordinator process and
+    /// devices that train in no time; prints one JSON line last.
+    Round(BenchRoundArgs),
+    /// Local training time per device per round and peak memory, on
+    /// generated data of MovieLens-1M's size under the movielens preset.
+    Device(BenchDeviceArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchRoundArgs {
+    /// Devices per round (all connect before the timing starts).
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Values in the model and in each update.
+    #[arg(long, default_value_t = 118_592)]
+    dim: usize,
+    /// Timed rounds.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Also time the same bytes through a plain tonic stream.
+    #[arg(long)]
+    loopback: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchDeviceArgs {
+    /// Users of the generated data (MovieLens-1M: 6,040).
+    #[arg(long, default_value_t = 6040)]
+    users: usize,
+    /// Items (MovieLens-1M: 3,706).
+    #[arg(long, default_value_t = 3706)]
+    items: usize,
+    /// Mean interactions per user (MovieLens-1M: 165.6).
+    #[arg(long, default_value_t = 165.6)]
+    history: f64,
+    /// Devices timed.
+    #[arg(long, default_value_t = 200)]
+    devices: usize,
 }
 
 /// Where interactions come from.
@@ -66,6 +114,9 @@ struct DataArgs {
     /// Items of the generated data set (without --data).
     #[arg(long, default_value_t = SyntheticConfig::default().items)]
     synthetic_items: usize,
+    /// Mean purchases per user of the generated data set (without --data).
+    #[arg(long, default_value_t = SyntheticConfig::default().mean_history)]
+    synthetic_history: f64,
 }
 
 impl DataArgs {
@@ -83,6 +134,7 @@ impl DataArgs {
             None => Ok(data::synthetic(&SyntheticConfig {
                 users: self.synthetic_users,
                 items: self.synthetic_items,
+                mean_history: self.synthetic_history,
                 seed,
                 ..SyntheticConfig::default()
             })?),
@@ -288,7 +340,60 @@ fn main() -> anyhow::Result<()> {
         Command::Client(args) => client(args),
         Command::Split(args) => split(args),
         Command::GenData(args) => gen_data(args),
+        Command::Bench(cmd) => bench(cmd),
     }
+}
+
+fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Aggregate => {
+            println!("| updates | values | aggregate GB/s | plain read-and-add GB/s | ratio |");
+            println!("|---|---|---|---|---|");
+            for values in [118_592, 1_000_000] {
+                for updates in [100, 1000] {
+                    let r = fedrec::bench::aggregate(updates, values)?;
+                    println!(
+                        "| {} | {} | {:.2} | {:.2} | {:.0}% |",
+                        r.updates,
+                        r.values,
+                        r.aggregate_bytes_per_sec / 1e9,
+                        r.plain_bytes_per_sec / 1e9,
+                        100.0 * r.ratio()
+                    );
+                }
+            }
+        }
+        BenchCommand::Round(a) => {
+            let row = fedrec::bench::round(a.clients, a.dim, a.rounds, a.loopback)?;
+            eprintln!(
+                "{} devices x {} values: {:.3} s per round, {:.0} MB/s, coordinator peak {:.0} MB{}",
+                row.clients,
+                row.dim,
+                row.sec_per_round,
+                row.bytes_per_sec / 1e6,
+                row.coordinator_peak_rss_mb,
+                row.loopback_sec_per_round
+                    .map(|l| format!("; plain tonic stream of the same bytes: {l:.3} s"))
+                    .unwrap_or_default()
+            );
+            println!("{}", serde_json::to_string(&row)?);
+        }
+        BenchCommand::Device(a) => {
+            let row = fedrec::bench::device(a.users, a.items, a.history, a.devices)?;
+            eprintln!(
+                "{} devices of {} timed: mean {:.1} ms, p50 {:.1} ms, p99 {:.1} ms per local training; model {} values; process peak {:.0} MB",
+                row.devices,
+                row.users,
+                row.mean_ms,
+                row.p50_ms,
+                row.p99_ms,
+                row.model_values,
+                row.process_peak_rss_mb
+            );
+            println!("{}", serde_json::to_string(&row)?);
+        }
+    }
+    Ok(())
 }
 
 /// Parses a configuration enum by its name in the TOML file.

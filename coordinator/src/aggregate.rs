@@ -16,6 +16,34 @@ use fedrec_proto::tensor::{self, TensorError};
 
 use crate::CoordinatorError;
 
+/// Updates one sum can hold (2^20): with [`MAX_WEIGHTED_VALUE`], the bound
+/// that keeps the `f32` sum finite.
+pub const MAX_UPDATES: usize = 1 << 20;
+
+/// Largest magnitude of `weight × value` accepted (about 1.6e32): `MAX_UPDATES`
+/// such terms sum to at most half of `f32::MAX`. Real updates are many orders
+/// of magnitude smaller.
+pub const MAX_WEIGHTED_VALUE: f32 = f32::MAX / (2.0 * MAX_UPDATES as f32);
+
+fn decode(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The error for the first value of `bytes` that fails the check of
+/// [`Aggregator::add`] (only called once the check has failed).
+fn first_bad_value(bytes: &[u8], w: f32) -> CoordinatorError {
+    for (index, b) in bytes.chunks_exact(4).enumerate() {
+        let value = decode(b);
+        if !value.is_finite() {
+            return TensorError::NotFinite { index, value }.into();
+        }
+        if (w * value).abs() > MAX_WEIGHTED_VALUE {
+            return CoordinatorError::Overflow { index, value };
+        }
+    }
+    CoordinatorError::Internal("a value failed the range check but none is out of range".into())
+}
+
 /// A running weighted sum of dense updates.
 #[derive(Clone, Debug)]
 pub struct Aggregator {
@@ -38,8 +66,14 @@ impl Aggregator {
     /// `weight × update` to the sum. A rejected update leaves the sum untouched.
     ///
     /// Rejected: a byte length that is not a multiple of 4 or not 4 values per
-    /// parameter, a NaN or infinite value, a value that would make the sum
-    /// overflow, and a zero weight.
+    /// parameter, a NaN or infinite value, a weighted value beyond
+    /// [`MAX_WEIGHTED_VALUE`] (which could make the sum overflow), a zero
+    /// weight, and more than [`MAX_UPDATES`] updates in one sum.
+    ///
+    /// Two passes over the bytes, neither with a branch per value, so both
+    /// vectorize: a check of every weighted value against the bound, then the
+    /// fold. The bound makes the second pass safe without looking at the sum:
+    /// `MAX_UPDATES` terms of at most `MAX_WEIGHTED_VALUE` cannot overflow `f32`.
     pub fn add(&mut self, bytes: &[u8], weight: u64) -> Result<(), CoordinatorError> {
         if weight == 0 {
             return Err(CoordinatorError::ZeroExamples);
@@ -54,22 +88,23 @@ impl Aggregator {
             }
             .into());
         }
+        if self.count >= MAX_UPDATES {
+            return Err(CoordinatorError::Malformed(format!(
+                "the round already holds the maximum of {MAX_UPDATES} updates"
+            )));
+        }
         let total_weight = self.total_weight.checked_add(weight).ok_or_else(|| {
             CoordinatorError::Malformed(format!(
                 "num_examples {weight} overflows the round's total weight"
             ))
         })?;
         let w = weight as f32;
-        // First pass, read-only: every value finite, and the sum stays finite
-        // (the same expression as `fold_into` computes, so the check is exact).
-        for (index, (s, b)) in self.sum.iter().zip(bytes.chunks_exact(4)).enumerate() {
-            let value = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            if !value.is_finite() {
-                return Err(TensorError::NotFinite { index, value }.into());
-            }
-            if !(*s + w * value).is_finite() {
-                return Err(CoordinatorError::Overflow { index, value });
-            }
+        // `!(x <= bound)` also catches NaN, and ±inf exceeds any bound.
+        let in_range = bytes.chunks_exact(4).fold(true, |ok, b| {
+            ok & ((w * decode(b)).abs() <= MAX_WEIGHTED_VALUE)
+        });
+        if !in_range {
+            return Err(first_bad_value(bytes, w));
         }
         tensor::fold_into(&mut self.sum, bytes, w)?;
         self.total_weight = total_weight;

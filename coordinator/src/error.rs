@@ -101,8 +101,8 @@ pub enum CoordinatorError {
     /// The update's values are malformed: misaligned, wrong length, NaN or infinite.
     #[error("bad update values: {0}")]
     BadValues(#[from] TensorError),
-    /// Adding the (finite) update to the running sum would overflow `f32`.
-    #[error("update value at index {index} ({value}) would overflow the aggregate")]
+    /// A (finite) value whose weighted size could make the running sum overflow.
+    #[error("update value at index {index} ({value}) is out of range: weighted by the example count it exceeds the bound {bound:e} that keeps the aggregate finite", bound = crate::aggregate::MAX_WEIGHTED_VALUE)]
     Overflow {
         /// Index of the first offending value.
         index: usize,

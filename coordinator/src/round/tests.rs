@@ -695,8 +695,8 @@ fn non_finite_strategy_result_abandons_the_round() {
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 1);
     let (device, task) = check_in_all(&mut core, t0, &devices).remove(0);
-    // Finite, and the sum is finite, but x + Δ overflows.
-    core.submit_update(t0, header(device, &task, 1, 2), &encode(&[f32::MAX, 1.0]))
+    // Finite and within the aggregator's bound, but x + Δ overflows.
+    core.submit_update(t0, header(device, &task, 1, 2), &encode(&[1e32, 1.0]))
         .unwrap();
     let s = &core.history()[0];
     assert!(!s.completed);

@@ -1,0 +1,544 @@
+//! `fedrec bench`: speed and memory, each measured next to its limit in the
+//! same run (these machines are noisy, so only ratios within one run count).
+//!
+//! - [`aggregate`]: updates folded into the coordinator's running sum per
+//!   second, against a plain read-and-add pass over the same bytes.
+//! - [`round`]: whole rounds over loopback gRPC with a real coordinator
+//!   process (`fedrec serve`, so its memory is its own) and devices whose
+//!   local training takes no time, against a plain tonic stream of the
+//!   same bytes ([`loopback`]).
+//! - [`device`]: one device's local training time and the process's peak
+//!   memory.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use fedrec_coordinator::aggregate::Aggregator;
+use fedrec_coordinator::config::CoordinatorConfig;
+use fedrec_proto::pb::coordinator_client::CoordinatorClient;
+use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
+use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
+use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, tensor};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Throughput of folding updates into the running sum.
+#[derive(Clone, Debug, Serialize)]
+pub struct AggregateRow {
+    /// Updates folded.
+    pub updates: usize,
+    /// Values per update.
+    pub values: usize,
+    /// Bytes of updates folded per second by the coordinator's [`Aggregator`].
+    pub aggregate_bytes_per_sec: f64,
+    /// Bytes per second of a plain loop adding the same bytes into a sum.
+    pub plain_bytes_per_sec: f64,
+}
+
+impl AggregateRow {
+    /// Aggregation speed as a fraction of the plain pass.
+    pub fn ratio(&self) -> f64 {
+        self.aggregate_bytes_per_sec / self.plain_bytes_per_sec
+    }
+}
+
+/// Bytes of distinct encoded updates cycled through: more than the caches
+/// hold, so every pass reads from memory, as updates arriving from the
+/// network would.
+const DISTINCT_BYTES: usize = 64 << 20;
+
+/// Folds `updates` updates of `values` values into an [`Aggregator`], and
+/// the same bytes into a sum with a plain read-and-add loop.
+pub fn aggregate(updates: usize, values: usize) -> anyhow::Result<AggregateRow> {
+    let distinct = (DISTINCT_BYTES / (values * 4)).clamp(2, updates);
+    let encoded: Vec<Bytes> = (0..distinct)
+        .map(|u| {
+            let v: Vec<f32> = (0..values).map(|i| ((i + u) % 97) as f32 * 1e-3).collect();
+            tensor::encode(&v)
+        })
+        .collect();
+    let bytes = (updates * values * 4) as f64;
+
+    let mut agg = Aggregator::new(values);
+    let start = Instant::now();
+    for u in 0..updates {
+        agg.add(&encoded[u % distinct], 1)?;
+    }
+    let mean = agg.mean().context("no update aggregated")?;
+    let aggregate_secs = start.elapsed().as_secs_f64();
+
+    let mut sum = vec![0.0_f32; values];
+    let start = Instant::now();
+    for u in 0..updates {
+        let b = &encoded[u % distinct];
+        for (s, c) in sum.iter_mut().zip(b.chunks_exact(4)) {
+            *s += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+    let plain_secs = start.elapsed().as_secs_f64();
+    // Both results are used, so neither loop can be optimized away.
+    anyhow::ensure!(
+        mean.len() == sum.len() && sum.iter().all(|v| v.is_finite()),
+        "aggregation produced a wrong result"
+    );
+    Ok(AggregateRow {
+        updates,
+        values,
+        aggregate_bytes_per_sec: bytes / aggregate_secs,
+        plain_bytes_per_sec: bytes / plain_secs,
+    })
+}
+
+/// One round-benchmark result: the JSON line `fedrec bench round` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundRow {
+    /// Devices per round.
+    pub clients: usize,
+    /// Values in the model and in each update.
+    pub dim: usize,
+    /// Timed rounds.
+    pub rounds: u32,
+    /// Wall-clock seconds per round, from the first task to the last device's `Finished`.
+    pub sec_per_round: f64,
+    /// The coordinator process's peak resident memory (VmHWM).
+    pub coordinator_peak_rss_mb: f64,
+    /// Model and update bytes moved per second during the timed rounds.
+    pub bytes_per_sec: f64,
+    /// Seconds the same bytes take through a plain tonic stream ([`loopback`]).
+    pub loopback_sec_per_round: Option<f64>,
+}
+
+/// Picks `factors` with `items × (factors + 1) = dim`, preferring 32 values
+/// per item (ML-1M × 32 factors is 3,706 × 32 = 118,592).
+fn shape(dim: usize) -> anyhow::Result<(usize, usize)> {
+    (2..=64)
+        .rev()
+        .find(|per_item| dim.is_multiple_of(*per_item))
+        .map(|per_item| (dim / per_item, per_item - 1))
+        .with_context(|| format!("--dim {dim} must be a multiple of some number from 2 to 64"))
+}
+
+/// A coordinator process, killed when dropped.
+struct ServeProcess {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ServeProcess {
+    fn start(clients: usize, dim: usize, rounds: u32) -> anyhow::Result<Self> {
+        let (items, factors) = shape(dim)?;
+        let mut cfg = CoordinatorConfig::default();
+        cfg.server.listen = "127.0.0.1:0".into();
+        cfg.rounds.rounds = rounds;
+        cfg.rounds.clients_per_round = clients;
+        cfg.rounds.over_selection = 1.0;
+        cfg.rounds.min_updates = clients;
+        cfg.rounds.deadline_secs = 3600.0;
+        cfg.rounds.checkin_window_secs = 3600.0;
+        cfg.rounds.evaluate = false;
+        cfg.rounds.final_evaluation = false;
+        cfg.model.items = Some(items);
+        cfg.model.factors = factors;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("bench.toml");
+        std::fs::write(&path, toml::to_string(&cfg)?)?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start the coordinator process")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .context("the coordinator exited before listening")??;
+            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+        };
+        // Keep draining its stderr so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self {
+            child,
+            addr,
+            _dir: dir,
+        })
+    }
+
+    /// The process's peak resident memory (VmHWM), in MB.
+    fn peak_rss_mb(&self) -> anyhow::Result<f64> {
+        peak_rss_mb(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Peak resident memory (VmHWM) from a `/proc/*/status` file, in MB.
+pub fn peak_rss_mb(status_path: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(status_path)
+        .with_context(|| format!("cannot read {status_path} (Linux only)"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM line")?;
+    Ok(kb / 1024.0)
+}
+
+/// Channels the simulated devices share (HTTP/2 connections).
+const CONNECTIONS: usize = 16;
+
+async fn connect(addr: &str) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        channels.push(
+            Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?,
+        );
+    }
+    Ok(channels)
+}
+
+/// When one device saw its first task and its `Finished`.
+struct DeviceTimes {
+    first_task: Instant,
+    finished: Instant,
+}
+
+/// A device whose local training takes no time: it downloads the model,
+/// uploads `zero` (an encoded update of zeros) and checks in again.
+async fn zero_training_device(
+    mut client: CoordinatorClient<Channel>,
+    zero: Bytes,
+) -> anyhow::Result<DeviceTimes> {
+    let joined = client
+        .join(pb::JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+        })
+        .await?
+        .into_inner();
+    let pseudonym = joined.pseudonym;
+    let mut first_task = None;
+    loop {
+        let reply = client
+            .check_in(pb::CheckInRequest {
+                pseudonym: pseudonym.clone(),
+            })
+            .await?
+            .into_inner();
+        match reply.outcome {
+            Some(Outcome::Task(task)) => {
+                first_task.get_or_insert_with(Instant::now);
+                let mut stream = client
+                    .download_model(pb::ModelRequest {
+                        pseudonym: pseudonym.clone(),
+                        round: task.round,
+                        model_version: task.model_version,
+                    })
+                    .await?
+                    .into_inner();
+                let mut received = 0;
+                while let Some(chunk) = stream.message().await? {
+                    received += chunk.values.len();
+                }
+                anyhow::ensure!(received == zero.len(), "model of {received} bytes");
+                let header = pb::UpdateHeader {
+                    pseudonym: pseudonym.clone(),
+                    round: task.round,
+                    model_version: task.model_version,
+                    num_examples: 1,
+                    num_values: (zero.len() / 4) as u64,
+                    evaluation: None,
+                };
+                let chunks = std::iter::once(pb::UpdateChunk {
+                    part: Some(Part::Header(header)),
+                })
+                .chain(
+                    tensor::chunks(&zero, DEFAULT_CHUNK_BYTES).map(|(_, values)| pb::UpdateChunk {
+                        part: Some(Part::Values(values)),
+                    }),
+                )
+                .collect::<Vec<_>>();
+                client.submit_update(tokio_stream::iter(chunks)).await?;
+            }
+            Some(Outcome::Wait(w)) => {
+                tokio::time::sleep(Duration::from_millis(w.retry_after_ms.into())).await;
+            }
+            Some(Outcome::Finished(_)) | None => break,
+        }
+    }
+    Ok(DeviceTimes {
+        first_task: first_task.context("the device never got a task")?,
+        finished: Instant::now(),
+    })
+}
+
+/// Runs `rounds` rounds of FedAvg with `clients` zero-training devices and a
+/// model of `dim` values against a coordinator in its own process.
+pub fn round(
+    clients: usize,
+    dim: usize,
+    rounds: u32,
+    with_loopback: bool,
+) -> anyhow::Result<RoundRow> {
+    if clients == 0 || rounds == 0 {
+        bail!("--clients and --rounds must be >= 1");
+    }
+    let server = ServeProcess::start(clients, dim, rounds)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let times = runtime.block_on(async {
+        let channels = connect(&server.addr).await?;
+        let zero = tensor::encode(&vec![0.0_f32; dim]);
+        let tasks: Vec<_> = (0..clients)
+            .map(|i| {
+                let client = CoordinatorClient::new(channels[i % channels.len()].clone());
+                tokio::spawn(zero_training_device(client, zero.clone()))
+            })
+            .collect();
+        let mut times = Vec::with_capacity(clients);
+        for t in tasks {
+            times.push(t.await??);
+        }
+        anyhow::Ok(times)
+    })?;
+    let start = times
+        .iter()
+        .map(|t| t.first_task)
+        .min()
+        .context("no device")?;
+    let end = times
+        .iter()
+        .map(|t| t.finished)
+        .max()
+        .context("no device")?;
+    let sec_per_round = (end - start).as_secs_f64() / f64::from(rounds);
+    let coordinator_peak_rss_mb = server.peak_rss_mb()?;
+    drop(server);
+    let bytes_per_round = (2 * clients * dim * 4) as f64;
+    let loopback_sec_per_round = if with_loopback {
+        Some(runtime.block_on(loopback(clients, dim))?)
+    } else {
+        None
+    };
+    Ok(RoundRow {
+        clients,
+        dim,
+        rounds,
+        sec_per_round,
+        coordinator_peak_rss_mb,
+        bytes_per_sec: bytes_per_round / sec_per_round,
+        loopback_sec_per_round,
+    })
+}
+
+/// A tonic service that only streams bytes: `DownloadModel` sends the same
+/// chunks to everyone, `SubmitUpdate` reads and drops what it gets.
+struct Sink {
+    model: Bytes,
+}
+
+#[tonic::async_trait]
+impl Coordinator for Sink {
+    async fn join(
+        &self,
+        _: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    async fn check_in(
+        &self,
+        _: Request<pb::CheckInRequest>,
+    ) -> Result<Response<pb::CheckInResponse>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    type DownloadModelStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+    async fn download_model(
+        &self,
+        _: Request<pb::ModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let chunks: Vec<Result<pb::ModelChunk, Status>> =
+            tensor::chunks(&self.model, DEFAULT_CHUNK_BYTES)
+                .map(|(offset, values)| {
+                    Ok(pb::ModelChunk {
+                        offset: offset as u64,
+                        values,
+                        ..Default::default()
+                    })
+                })
+                .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::UpdateAck>, Status> {
+        let mut stream = request.into_inner();
+        while let Some(chunk) = stream.next().await {
+            chunk?;
+        }
+        Ok(Response::new(pb::UpdateAck::default()))
+    }
+    async fn submit_evaluation(
+        &self,
+        _: Request<pb::EvaluationReport>,
+    ) -> Result<Response<pb::EvaluationAck>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+}
+
+/// Seconds for `clients` devices to download and upload `dim` values each
+/// through a plain tonic stream (the same messages and chunking as a round,
+/// with no coordinator logic): the network limit of a round.
+pub async fn loopback(clients: usize, dim: usize) -> anyhow::Result<f64> {
+    let model = tensor::encode(&vec![0.0_f32; dim]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let server = CoordinatorServer::new(Sink {
+        model: model.clone(),
+    })
+    .max_decoding_message_size(DEFAULT_CHUNK_BYTES + 64 * 1024);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let channels = connect(&addr).await?;
+    let model = Arc::new(model);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let mut client = CoordinatorClient::new(channels[i % channels.len()].clone());
+            let model = Arc::clone(&model);
+            tokio::spawn(async move {
+                let mut stream = client
+                    .download_model(pb::ModelRequest::default())
+                    .await?
+                    .into_inner();
+                let mut received = 0;
+                while let Some(chunk) = stream.message().await? {
+                    received += chunk.values.len();
+                }
+                anyhow::ensure!(received == model.len(), "short download");
+                let chunks: Vec<pb::UpdateChunk> = tensor::chunks(&model, DEFAULT_CHUNK_BYTES)
+                    .map(|(_, values)| pb::UpdateChunk {
+                        part: Some(Part::Values(values)),
+                    })
+                    .collect();
+                client.submit_update(tokio_stream::iter(chunks)).await?;
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    serving.await??;
+    Ok(secs)
+}
+
+/// Local training time of one device per round.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceRow {
+    /// Users of the generated data set.
+    pub users: usize,
+    /// Items of the generated data set.
+    pub items: usize,
+    /// Devices timed.
+    pub devices: usize,
+    /// Values of the global model.
+    pub model_values: usize,
+    /// Mean milliseconds of one local training.
+    pub mean_ms: f64,
+    /// Median milliseconds.
+    pub p50_ms: f64,
+    /// 99th-percentile milliseconds.
+    pub p99_ms: f64,
+    /// Peak memory of this whole process (generated data set, every timed
+    /// device and the model): an upper bound for one device's.
+    pub process_peak_rss_mb: f64,
+}
+
+/// Times one round of local training (the movielens preset: ALS loss, 32
+/// factors) on `devices` devices of a generated data set of the given size.
+pub fn device(
+    users: usize,
+    items: usize,
+    history: f64,
+    devices: usize,
+) -> anyhow::Result<DeviceRow> {
+    use fedrec_client::model::{MatrixFactorization, Model};
+    use rand::SeedableRng;
+    let ds = crate::data::synthetic(&crate::data::SyntheticConfig {
+        users,
+        items,
+        mean_history: history,
+        ..crate::data::SyntheticConfig::default()
+    })?;
+    let split = crate::data::leave_one_out(&ds);
+    let (cfg, _) = crate::sim::Preset::Movielens.config();
+    let mf = MatrixFactorization::new(ds.n_items(), cfg.model.factors, cfg.model.init_std)?;
+    let global = mf.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed));
+    let model: Arc<dyn Model> = Arc::new(mf);
+    let training = crate::sim::device_training(&cfg.training);
+    let step = (split.train.len() / devices.max(1)).max(1);
+    let mut ms = Vec::with_capacity(devices);
+    for user in (0..split.train.len()).step_by(step).take(devices) {
+        let mut device = crate::sim::make_device(&model, &split, user, 7)?;
+        let start = Instant::now();
+        let update = device.train(&global, &training, false)?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            update.delta.len() == global.len(),
+            "update of the wrong size"
+        );
+    }
+    ms.sort_by(f64::total_cmp);
+    let pick = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+    Ok(DeviceRow {
+        users,
+        items,
+        devices: ms.len(),
+        model_values: global.len(),
+        mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        process_peak_rss_mb: peak_rss_mb("/proc/self/status")?,
+    })
+}
