@@ -212,7 +212,7 @@ async fn connect(addr: &str) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
         channels.push(
-            Channel::from_shared(format!("http://{addr}"))?
+            fedrec_proto::endpoint(format!("http://{addr}"))?
                 .connect()
                 .await
                 .with_context(|| format!("cannot connect to {addr}"))?,
@@ -428,7 +428,7 @@ pub async fn loopback(clients: usize, dim: usize) -> anyhow::Result<f64> {
     .max_decoding_message_size(DEFAULT_CHUNK_BYTES + 64 * 1024);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(
-        tonic::transport::Server::builder()
+        fedrec_proto::server_builder()
             .add_service(server)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -526,7 +526,7 @@ fn run_grpc(
             let connecting = Arc::clone(&connecting);
             participants.spawn(async move {
                 let permit = connecting.acquire_owned().await?;
-                let channel = tonic::transport::Channel::from_shared(endpoint)?.connect().await?;
+                let channel = fedrec_proto::endpoint(endpoint)?.connect().await?;
                 let mut participant = Participant::join(channel, None).await?;
                 drop(permit);
                 let (device, _summary) = participant.run(device).await?;

@@ -105,7 +105,7 @@ fn rpc(request: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
 impl Participant {
     /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`) and joins.
     pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
-        let channel = Channel::from_shared(endpoint.to_string())
+        let channel = fedrec_proto::endpoint(endpoint.to_string())
             .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?
             .connect()
             .await

@@ -243,7 +243,7 @@ impl CoordinatorService {
                 let _ = stream.set_nodelay(true);
             })
         });
-        let result = tonic::transport::Server::builder()
+        let result = fedrec_proto::server_builder()
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;

@@ -36,6 +36,36 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// well below tonic's default 4 MiB receive limit).
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 
+/// HTTP/2 flow-control window of one stream, both ends (8 MiB).
+/// With the h2 default of 64 KiB a sender stalls after every 64 KiB until
+/// the receiver's window update arrives, which caps a model download far
+/// below what loopback or a LAN can carry.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+
+/// HTTP/2 flow-control window of one connection, shared by its streams
+/// (32 MiB). It bounds what a receiver buffers per connection for streams it
+/// is not reading yet (uploads waiting for an aggregation slot).
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
+/// A client endpoint for `url` with fedrec's transport settings: the
+/// flow-control windows above and no Nagle delay.
+pub fn endpoint(
+    url: impl Into<String>,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(tonic::transport::Endpoint::from_shared(url.into())?
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .tcp_nodelay(true))
+}
+
+/// A server builder with fedrec's transport settings (see [`endpoint`]).
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .tcp_nodelay(true)
+}
+
 /// Names and shapes of a model's tensors, in the order their values are
 /// concatenated on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -107,7 +107,7 @@ pub async fn serve(cfg: CoordinatorConfig, layout: Layout, params: Vec<f32>) -> 
 pub async fn channel(running: &Running) -> Channel {
     within(
         "connect",
-        Channel::from_shared(running.endpoint())
+        fedrec_proto::endpoint(running.endpoint())
             .expect("endpoint")
             .connect(),
     )
