@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fedrec_client::consent::Consent;
 use fedrec_client::device::Device;
 use fedrec_client::metrics::{EvalCounts, K};
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
@@ -184,6 +185,8 @@ pub fn make_device(
         Arc::clone(model),
         seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407),
     );
+    // A simulated shopper has opted in to federated training.
+    device.set_consent(Consent::Federated)?;
     for &item in &split.train[user] {
         device.record(Purchase {
             item,

@@ -15,12 +15,13 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use fedrec_client::{device::Device, model::{MatrixFactorization, Model, TrainingConfig}, store::Purchase};
+//! use fedrec_client::{consent::Consent, device::Device, model::{MatrixFactorization, Model, TrainingConfig}, store::Purchase};
 //! use rand::SeedableRng;
 //!
 //! let model = Arc::new(MatrixFactorization::new(50, 8, 0.1).unwrap());
 //! let global = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
 //! let mut device = Device::new(model, 7);
+//! device.set_consent(Consent::Federated).unwrap(); // opt-in: nothing is stored before
 //! for item in [3, 4, 5] {
 //!     device.record(Purchase { item, time: 0, quantity: 1.0 }).unwrap();
 //! }
@@ -31,12 +32,19 @@
 //! ```
 
 mod als;
+pub mod clock;
+pub mod consent;
 pub mod device;
+pub mod eligibility;
 pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod participant;
+pub mod recommend;
+pub mod retention;
 pub mod secagg;
 pub mod store;
+pub mod transparency;
+pub mod vault;
 
 pub use error::ClientError;
