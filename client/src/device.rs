@@ -592,3 +592,289 @@ impl Device {
         self.persist()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::eligibility::ParticipationPolicy;
+    use crate::model::MatrixFactorization;
+    use crate::vault::StoreKey;
+
+    const DAY: i64 = 86_400;
+    const T0: i64 = 1_700_000_000;
+
+    fn mf(items: usize) -> Arc<dyn Model> {
+        Arc::new(MatrixFactorization::new(items, 4, 0.1).unwrap())
+    }
+
+    fn at(item: u32, time: i64) -> Purchase {
+        Purchase {
+            item,
+            time,
+            quantity: 1.0,
+        }
+    }
+
+    fn open(path: &std::path::Path, key: &StoreKey, clock: &ManualClock) -> Result<Device, ClientError> {
+        Device::builder(mf(50))
+            .seed(1)
+            .clock(Arc::new(clock.clone()))
+            .retention(RetentionPolicy {
+                max_age: Some(Duration::from_secs(30 * DAY as u64)),
+                max_events: Some(3),
+            })
+            .open(Vault::new(path, key))
+    }
+
+    #[test]
+    fn consent_none_stores_nothing_and_on_device_never_trains() {
+        let model = mf(20);
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(1));
+        let mut d = Device::new(model, 1);
+        assert_eq!(d.record(at(1, 0)).unwrap(), Recorded::NotStored);
+        assert!(d.store().is_empty());
+        d.set_consent(Consent::OnDevice).unwrap();
+        assert_eq!(d.record(at(1, 0)).unwrap(), Recorded::Stored);
+        let cfg = TrainingConfig::default();
+        for err in [
+            d.train(&global, &cfg, false).unwrap_err(),
+            d.evaluate(&global, &cfg).unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, ClientError::ConsentRequired { needed: Consent::Federated, current: Consent::OnDevice }),
+                "{err}"
+            );
+        }
+        d.set_consent(Consent::Federated).unwrap();
+        assert!(d.train(&global, &cfg, false).is_ok());
+    }
+
+    #[test]
+    fn retention_is_enforced_on_every_write_and_every_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::from_bytes([7; 32]);
+        let clock = ManualClock::new(T0);
+        let mut d = open(&path, &key, &clock).unwrap();
+        d.set_consent(Consent::OnDevice).unwrap();
+        // Too old to keep at all.
+        assert_eq!(d.record(at(1, T0 - 31 * DAY)).unwrap(), Recorded::Expired);
+        for (i, age) in [(2, 20), (3, 10), (4, 5), (5, 1)] {
+            d.record(at(i, T0 - age * DAY)).unwrap();
+        }
+        // At most 3: the oldest (item 2) went on the fourth write.
+        assert_eq!(d.store().items(), &[3, 4, 5]);
+        drop(d);
+        // 21 days later, item 3 (then 31 days old) is past 30 days: dropped on load.
+        clock.advance(Duration::from_secs(21 * DAY as u64));
+        let d = open(&path, &key, &clock).unwrap();
+        assert_eq!(d.store().items(), &[4, 5]);
+        // And the file itself no longer holds it.
+        let plain = Vault::new(&path, &key).load().unwrap().unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        assert_eq!(state["purchases"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn only_item_time_and_quantity_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::from_bytes([8; 32]);
+        let clock = ManualClock::new(T0);
+        let mut d = open(&path, &key, &clock).unwrap();
+        d.set_consent(Consent::OnDevice).unwrap();
+        d.record(at(9, T0)).unwrap();
+        drop(d);
+        let vault = Vault::new(&path, &key);
+        let plain = vault.load().unwrap().unwrap();
+        let mut state: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        let fields: Vec<&String> = state["purchases"][0].as_object().unwrap().keys().collect();
+        assert_eq!(fields, ["item", "quantity", "time"]);
+        // A record with anything else is refused, not silently kept.
+        state["purchases"][0]["note"] = "gift for Alice".into();
+        vault.save(&serde_json::to_vec(&state).unwrap()).unwrap();
+        let err = open(&path, &key, &clock).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::StoreFormat { detail, .. } if detail.contains("note")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn forget_me_erases_history_embedding_and_training_state_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::from_bytes([9; 32]);
+        let clock = ManualClock::new(T0);
+        let mut d = open(&path, &key, &clock).unwrap();
+        d.set_consent(Consent::Federated).unwrap();
+        for i in [11, 12, 13] {
+            d.record(at(i, T0)).unwrap();
+        }
+        let global = d.model().init_global(&mut ChaCha8Rng::seed_from_u64(2));
+        d.ledger.rounds.push(crate::transparency::RoundRecord {
+            round: 1,
+            task: "train".into(),
+            at: T0,
+            messages: Default::default(),
+            privacy: None,
+            training: None,
+        });
+        d.train(&global, &TrainingConfig::default(), false).unwrap();
+        d.persist().unwrap();
+        let trained = d.private_embedding().to_vec();
+        drop(d);
+        let mut d = open(&path, &key, &clock).unwrap();
+        assert_eq!(d.private_embedding(), trained.as_slice(), "embedding persisted");
+        assert_eq!(d.ledger().rounds.len(), 1);
+        d.forget_me().unwrap();
+        drop(d);
+        let d = open(&path, &key, &clock).unwrap();
+        assert!(d.store().is_empty());
+        assert_ne!(d.private_embedding(), trained.as_slice());
+        assert!(d.ledger().rounds.is_empty());
+        assert_eq!(d.ledger().erased_at, Some(T0));
+        assert_eq!(d.consent().level, Consent::Federated, "a setting, kept");
+        let plain = Vault::new(&path, &key).load().unwrap().unwrap();
+        let text = String::from_utf8(plain.to_vec()).unwrap();
+        for v in &trained {
+            assert!(!text.contains(&v.to_string()), "old embedding value {v} on disk");
+        }
+        assert!(text.contains("\"purchases\":[]"), "{text}");
+    }
+
+    #[test]
+    fn a_damaged_store_or_wrong_key_is_reported_and_the_last_good_state_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::from_bytes([10; 32]);
+        let clock = ManualClock::new(T0);
+        let mut d = open(&path, &key, &clock).unwrap();
+        d.set_consent(Consent::OnDevice).unwrap();
+        d.record(at(21, T0)).unwrap();
+        drop(d);
+        let good = std::fs::read(&path).unwrap();
+        let mut bad = good.clone();
+        bad[HEADER_AT] ^= 0x40;
+        std::fs::write(&path, &bad).unwrap();
+        let err = open(&path, &key, &clock).unwrap_err();
+        assert!(matches!(err, ClientError::StoreTampered { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bad, "a failed open writes nothing");
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        let err = open(&path, &key, &clock).unwrap_err();
+        assert!(matches!(err, ClientError::StoreTruncated { .. }), "{err}");
+        assert!(err.to_string().contains("truncated"));
+        std::fs::write(&path, &good).unwrap();
+        let err = open(&path, &StoreKey::from_bytes([11; 32]), &clock).unwrap_err();
+        assert!(matches!(err, ClientError::WrongKey { .. }), "{err}");
+        assert!(err.to_string().contains("wrong key"));
+        let d = open(&path, &key, &clock).unwrap();
+        assert_eq!(d.store().items(), &[21], "the last good state");
+    }
+
+    /// A byte inside the ciphertext.
+    const HEADER_AT: usize = crate::vault::HEADER_LEN + 3;
+
+    /// A model whose every pass over the data takes one second of a manual clock.
+    #[derive(Debug)]
+    struct Slow {
+        inner: MatrixFactorization,
+        clock: ManualClock,
+    }
+
+    impl Model for Slow {
+        fn items(&self) -> usize {
+            self.inner.items()
+        }
+        fn layout(&self) -> fedrec_proto::Layout {
+            self.inner.layout()
+        }
+        fn init_global(&self, rng: &mut dyn rand::Rng) -> Vec<f32> {
+            self.inner.init_global(rng)
+        }
+        fn init_private(&self, rng: &mut dyn rand::Rng) -> Vec<f32> {
+            self.inner.init_private(rng)
+        }
+        fn personalize(
+            &self,
+            global: &[f32],
+            private: &mut [f32],
+            history: &[u32],
+            cfg: &TrainingConfig,
+            rng: &mut dyn rand::Rng,
+        ) {
+            self.clock.advance(Duration::from_secs(cfg.local_epochs.into()));
+            self.inner.personalize(global, private, history, cfg, rng);
+        }
+        fn train_in_place(
+            &self,
+            params: &mut [f32],
+            anchor: Option<&[f32]>,
+            private: &mut [f32],
+            history: &[u32],
+            cfg: &TrainingConfig,
+            rng: &mut dyn rand::Rng,
+        ) {
+            self.clock.advance(Duration::from_secs(cfg.local_epochs.into()));
+            self.inner
+                .train_in_place(params, anchor, private, history, cfg, rng);
+        }
+        fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
+            self.inner.score_all(global, private, out);
+        }
+    }
+
+    fn budgeted(budget: Option<Duration>) -> (Device, Vec<f32>) {
+        let clock = ManualClock::new(T0);
+        let model: Arc<dyn Model> = Arc::new(Slow {
+            inner: MatrixFactorization::new(30, 4, 0.1).unwrap(),
+            clock: clock.clone(),
+        });
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(3));
+        let mut d = Device::builder(model)
+            .seed(5)
+            .clock(Arc::new(clock))
+            .participation(ParticipationPolicy {
+                time_budget: budget,
+                ..ParticipationPolicy::default()
+            })
+            .in_memory()
+            .unwrap();
+        d.set_consent(Consent::Federated).unwrap();
+        for i in [1, 2, 3, 4] {
+            d.record(at(i, T0)).unwrap();
+        }
+        (d, global)
+    }
+
+    #[test]
+    fn the_time_budget_stops_local_training_between_epochs() {
+        let cfg = TrainingConfig {
+            local_epochs: 10,
+            ..TrainingConfig::default()
+        };
+        let (mut d, global) = budgeted(Some(Duration::from_millis(2500)));
+        let update = d.train(&global, &cfg, false).unwrap();
+        // Personalization: epochs end at 1, 2, 3 s; 3 s is past the budget.
+        // Training: at least one epoch, then the budget is long spent.
+        let t = update.training;
+        assert_eq!((t.personalize_epochs, t.train_epochs), (3, 1), "{t:?}");
+        assert!(t.stopped_by_budget);
+        assert_eq!(t.millis, 4000);
+
+        // A budget never reached gives exactly the unbudgeted computation.
+        let (mut a, global) = budgeted(Some(Duration::from_secs(1000)));
+        let (mut b, _) = budgeted(None);
+        let (ua, ub) = (
+            a.train(&global, &cfg, false).unwrap(),
+            b.train(&global, &cfg, false).unwrap(),
+        );
+        assert_eq!(ua.delta, ub.delta);
+        assert_eq!(a.private_embedding(), b.private_embedding());
+        assert!(!ua.training.stopped_by_budget);
+        assert_eq!(ua.training.train_epochs, 10);
+    }
+}

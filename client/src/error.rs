@@ -77,6 +77,13 @@ pub enum ClientError {
         /// What is wrong.
         detail: String,
     },
+    /// No global model is on the device yet: fetch one first
+    /// ([`crate::Client::refresh_model`]).
+    #[error("no global model on the device yet: fetch one from the coordinator first")]
+    NoModel,
+    /// A network operation was asked for before connecting to a coordinator.
+    #[error("not connected to a coordinator")]
+    NotConnected,
     /// The operating system's random number generator failed.
     #[error("system random number generator failed: {0}")]
     Random(String),

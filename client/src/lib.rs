@@ -32,6 +32,8 @@
 //! ```
 
 mod als;
+pub mod app;
+pub mod blocking;
 pub mod clock;
 pub mod consent;
 pub mod device;
@@ -47,4 +49,6 @@ pub mod store;
 pub mod transparency;
 pub mod vault;
 
+pub use app::{Client, ClientBuilder};
+pub use blocking::BlockingClient;
 pub use error::ClientError;

@@ -245,8 +245,10 @@ impl Vault {
         result.map_err(|e| self.io(e))
     }
 
-    /// Deletes the store file (and a temporary file left by a crash).
-    pub(crate) fn delete(&self) -> Result<(), ClientError> {
+    /// Deletes the store file (and a temporary file left by a crash): for
+    /// an app that decides to start over after a damaged store or a lost
+    /// key. The SDK never does this by itself.
+    pub fn delete(&self) -> Result<(), ClientError> {
         for p in [self.path.clone(), self.temp_path()] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
