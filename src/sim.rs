@@ -84,6 +84,8 @@ pub struct Final {
     pub centralized: Metrics,
     /// Ranking by global popularity.
     pub popularity: Metrics,
+    /// Coverage and diversity against the devices' diversity knob.
+    pub diversity: crate::diversity::DiversityReport,
 }
 
 /// What the data looked like.
@@ -258,6 +260,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         coverage.add(&device.recommend(&global, K)?);
     }
     let federated = Metrics::from_counts(&final_counts, coverage.covered(), n_items);
+    let diversity = crate::diversity::evaluate(&devices, &global, n_items)?;
     let federated_seconds = fed_start.elapsed().as_secs_f64();
 
     observer.phase("centralized baseline");
@@ -291,6 +294,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             federated,
             centralized,
             popularity,
+            diversity,
         },
         timing: Timing {
             total_seconds: start.elapsed().as_secs_f64(),

@@ -131,7 +131,12 @@ pub(crate) fn explain(
         .iter()
         .map(|&j| {
             let b = f64::from(w.b(j as usize));
-            let qj: f64 = w.q(j as usize).iter().zip(&z).map(|(&v, zz)| f64::from(v) * zz).sum();
+            let qj: f64 = w
+                .q(j as usize)
+                .iter()
+                .zip(&z)
+                .map(|(&v, zz)| f64::from(v) * zz)
+                .sum();
             (alpha * (1.0 - b) + b) * qj
         })
         .collect();
@@ -365,7 +370,11 @@ mod tests {
     fn an_explanation_sums_to_the_solved_score() {
         let (items, k) = (30, 4);
         let p = params(items, k, 9);
-        let w = Items { params: &p, items, k };
+        let w = Items {
+            params: &p,
+            items,
+            k,
+        };
         let g = gram(w);
         let history = [2, 7, 11, 20];
         let x = solve_user(w, &g, &history, 5.0, 0.1);

@@ -29,7 +29,7 @@ use crate::device::{Device, Recorded};
 use crate::eligibility::{Conditions, ParticipationPolicy};
 use crate::error::ClientError;
 use crate::model::{Loss, Model, TrainingConfig};
-use crate::participant::{ParticipationSummary, Participant, SentMessage};
+use crate::participant::{Participant, ParticipationSummary, SentMessage};
 use crate::recommend::{Explanation, Recommendations};
 use crate::retention::RetentionPolicy;
 use crate::store::Purchase;
@@ -235,7 +235,10 @@ impl Client {
         // Every operation on the device either completes or fails before it
         // saves, so after a panic elsewhere the state is still usable and the
         // file holds the last good state.
-        self.inner.local.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .local
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn global(&self) -> Option<Arc<GlobalModel>> {
@@ -374,7 +377,8 @@ impl Client {
             .inner
             .global
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(GlobalModel { version, params }));
+            .unwrap_or_else(PoisonError::into_inner) =
+            Some(Arc::new(GlobalModel { version, params }));
         local.stale = true;
         Ok(version)
     }
@@ -460,7 +464,9 @@ async fn fetch_model(
     let mut values = vec![0.0_f32; n];
     let mut received = 0usize;
     while let Some(chunk) = stream.message().await.map_err(rpc("DownloadModel"))? {
-        if chunk.offset == 0 && !chunk.layout.is_empty() && &Layout::from_pb(&chunk.layout) != layout
+        if chunk.offset == 0
+            && !chunk.layout.is_empty()
+            && &Layout::from_pb(&chunk.layout) != layout
         {
             return Err(ClientError::ModelMismatch(format!(
                 "coordinator's model layout {:?} differs from this device's {layout:?}",
@@ -470,7 +476,9 @@ async fn fetch_model(
         let start = usize::try_from(chunk.offset).unwrap_or(usize::MAX);
         let len = chunk.values.len() / 4;
         let end = start.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
-            ClientError::Protocol(format!("model chunk at {start} with {len} values overruns {n}"))
+            ClientError::Protocol(format!(
+                "model chunk at {start} with {len} values overruns {n}"
+            ))
         })?;
         tensor::decode_into(&mut values[start..end], &chunk.values)
             .map_err(|e| ClientError::Protocol(format!("model chunk: {e}")))?;

@@ -499,9 +499,7 @@ impl Device {
 
     /// Drops what the retention policy does not allow now; returns how many.
     pub(crate) fn enforce_retention(&mut self) -> usize {
-        let dropped = self
-            .store
-            .enforce(&self.retention, self.clock.unix_now());
+        let dropped = self.store.enforce(&self.retention, self.clock.unix_now());
         if dropped > 0 {
             tracing::debug!(dropped, "retention policy dropped purchases");
         }
@@ -530,12 +528,13 @@ impl Device {
 
     fn restore(&mut self, state: StoredState) -> Result<(), ClientError> {
         let path = self.vault_path();
-        self.store = PurchaseStore::from_purchases(self.model.items(), state.purchases).map_err(
-            |e| ClientError::StoreFormat {
-                path: path.clone(),
-                detail: format!("stored purchase does not fit the model: {e}"),
-            },
-        )?;
+        self.store =
+            PurchaseStore::from_purchases(self.model.items(), state.purchases).map_err(|e| {
+                ClientError::StoreFormat {
+                    path: path.clone(),
+                    detail: format!("stored purchase does not fit the model: {e}"),
+                }
+            })?;
         if state.private.len() == self.private.len() && state.private.iter().all(|v| v.is_finite())
         {
             self.private = state.private;
@@ -618,7 +617,11 @@ mod tests {
         }
     }
 
-    fn open(path: &std::path::Path, key: &StoreKey, clock: &ManualClock) -> Result<Device, ClientError> {
+    fn open(
+        path: &std::path::Path,
+        key: &StoreKey,
+        clock: &ManualClock,
+    ) -> Result<Device, ClientError> {
         Device::builder(mf(50))
             .seed(1)
             .clock(Arc::new(clock.clone()))
@@ -644,7 +647,13 @@ mod tests {
             d.evaluate(&global, &cfg).unwrap_err(),
         ] {
             assert!(
-                matches!(err, ClientError::ConsentRequired { needed: Consent::Federated, current: Consent::OnDevice }),
+                matches!(
+                    err,
+                    ClientError::ConsentRequired {
+                        needed: Consent::Federated,
+                        current: Consent::OnDevice
+                    }
+                ),
                 "{err}"
             );
         }
@@ -728,7 +737,11 @@ mod tests {
         let trained = d.private_embedding().to_vec();
         drop(d);
         let mut d = open(&path, &key, &clock).unwrap();
-        assert_eq!(d.private_embedding(), trained.as_slice(), "embedding persisted");
+        assert_eq!(
+            d.private_embedding(),
+            trained.as_slice(),
+            "embedding persisted"
+        );
         assert_eq!(d.ledger().rounds.len(), 1);
         d.forget_me().unwrap();
         drop(d);
@@ -741,7 +754,10 @@ mod tests {
         let plain = Vault::new(&path, &key).load().unwrap().unwrap();
         let text = String::from_utf8(plain.to_vec()).unwrap();
         for v in &trained {
-            assert!(!text.contains(&v.to_string()), "old embedding value {v} on disk");
+            assert!(
+                !text.contains(&v.to_string()),
+                "old embedding value {v} on disk"
+            );
         }
         assert!(text.contains("\"purchases\":[]"), "{text}");
     }
@@ -762,7 +778,11 @@ mod tests {
         std::fs::write(&path, &bad).unwrap();
         let err = open(&path, &key, &clock).unwrap_err();
         assert!(matches!(err, ClientError::StoreTampered { .. }), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), bad, "a failed open writes nothing");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bad,
+            "a failed open writes nothing"
+        );
         std::fs::write(&path, &good[..good.len() - 1]).unwrap();
         let err = open(&path, &key, &clock).unwrap_err();
         assert!(matches!(err, ClientError::StoreTruncated { .. }), "{err}");
@@ -806,7 +826,8 @@ mod tests {
             cfg: &TrainingConfig,
             rng: &mut dyn rand::Rng,
         ) {
-            self.clock.advance(Duration::from_secs(cfg.local_epochs.into()));
+            self.clock
+                .advance(Duration::from_secs(cfg.local_epochs.into()));
             self.inner.personalize(global, private, history, cfg, rng);
         }
         fn train_in_place(
@@ -818,7 +839,8 @@ mod tests {
             cfg: &TrainingConfig,
             rng: &mut dyn rand::Rng,
         ) {
-            self.clock.advance(Duration::from_secs(cfg.local_epochs.into()));
+            self.clock
+                .advance(Duration::from_secs(cfg.local_epochs.into()));
             self.inner
                 .train_in_place(params, anchor, private, history, cfg, rng);
         }

@@ -119,10 +119,7 @@ pub(crate) enum Gate {
 /// back-off, sending nothing) while the device is not eligible. Errors when
 /// the shopper's consent does not allow training. `tasks_done`: tasks this
 /// run has done so far.
-pub(crate) async fn before_check_in(
-    device: &Device,
-    tasks_done: u32,
-) -> Result<Gate, ClientError> {
+pub(crate) async fn before_check_in(device: &Device, tasks_done: u32) -> Result<Gate, ClientError> {
     let policy = &device.participation;
     if policy.max_tasks.is_some_and(|max| tasks_done >= max) {
         return Ok(Gate::Stop(format!("did the {tasks_done} tasks asked for")));

@@ -15,9 +15,9 @@ use tonic::transport::Channel;
 use crate::device::Device;
 use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
-use crate::transparency;
 use crate::metrics::EvalCounts;
 use crate::model::TrainingConfig;
+use crate::transparency;
 
 /// One message that left the device.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

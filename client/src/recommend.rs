@@ -90,9 +90,11 @@ pub fn diversify<'a>(
     }
     let lambda = diversity.min(1.0);
     let pool = metrics::top_k(scores, exclude, (k * POOL).max(MIN_POOL));
-    let (lo, hi) = pool.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &i| {
-        (lo.min(scores[i as usize]), hi.max(scores[i as usize]))
-    });
+    let (lo, hi) = pool
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &i| {
+            (lo.min(scores[i as usize]), hi.max(scores[i as usize]))
+        });
     let span = if hi > lo { hi - lo } else { 1.0 };
     let unit: Vec<Option<Vec<f32>>> = pool.iter().map(|&i| vector(i).map(normalized)).collect();
     // For each candidate: the largest similarity to anything chosen so far.
@@ -248,6 +250,59 @@ impl Device {
             baseline,
             because,
         })
+    }
+}
+
+/// A diversified list and how it fared on the device's held-out purchase.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListEvaluation {
+    /// The list, best first.
+    pub items: Vec<u32>,
+    /// HR@k and NDCG@k of the held-out purchase in the list; `None`
+    /// without a held-out purchase.
+    pub hit_ndcg: Option<(f64, f64)>,
+}
+
+impl Device {
+    /// Leave-one-out evaluation of a diversified list (simulations): the
+    /// `k` items by [`diversify`] with `diversity` over the personal scores
+    /// (`popular`: the non-personal scores of [`Model::popularity`]), every
+    /// purchase left out except the held-out one, which competes even when
+    /// it was also bought before, as in the full-ranking protocol. Only
+    /// counts leave the device in a deployment; a simulation reads the list
+    /// too, for coverage and diversity.
+    pub fn evaluate_list(
+        &self,
+        global: &[f32],
+        k: usize,
+        diversity: f32,
+        popular: bool,
+    ) -> Result<ListEvaluation, ClientError> {
+        self.check_global(global)?;
+        let scores = if popular {
+            let mut pop = Vec::new();
+            self.model.popularity(global, &mut pop);
+            pop
+        } else {
+            self.scores(global)
+        };
+        let target = self.held_out.map(|(t, _)| t);
+        let exclude: Vec<u32> = self
+            .store
+            .items()
+            .iter()
+            .copied()
+            .filter(|&i| Some(i) != target)
+            .collect();
+        let model = &self.model;
+        let items = diversify(&scores, &exclude, k, diversity, |i| {
+            model.item_vector(global, i)
+        });
+        let hit_ndcg = target.map(|t| match items.iter().position(|&i| i == t) {
+            Some(rank) => (metrics::hit_at(rank, k), metrics::ndcg_at(rank, k)),
+            None => (0.0, 0.0),
+        });
+        Ok(ListEvaluation { items, hit_ndcg })
     }
 }
 

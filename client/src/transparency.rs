@@ -103,11 +103,15 @@ impl Ledger {
                 let i = match self.rounds.iter().rposition(|r| r.round == m.round) {
                     Some(i) => i,
                     None => {
-                        self.rounds.push(RoundRecord::new(m.round, "unknown", now, None));
+                        self.rounds
+                            .push(RoundRecord::new(m.round, "unknown", now, None));
                         self.rounds.len() - 1
                     }
                 };
-                self.rounds[i].messages.entry(m.kind.to_owned()).or_default()
+                self.rounds[i]
+                    .messages
+                    .entry(m.kind.to_owned())
+                    .or_default()
             };
             slot.count += 1;
             slot.bytes += m.bytes as u64;
@@ -225,7 +229,9 @@ impl TransparencyReport {
         let count = self
             .retention
             .max_events
-            .map_or("no count limit".to_owned(), |n| format!("at most {n} purchases"));
+            .map_or("no count limit".to_owned(), |n| {
+                format!("at most {n} purchases")
+            });
         let _ = writeln!(s, "Kept: {age}, {count}");
         if let Some(items) = &st.items {
             for p in items {
@@ -283,11 +289,7 @@ impl TransparencyReport {
         }
         match self.privacy {
             Some(p) => {
-                let _ = writeln!(
-                    s,
-                    "Privacy budget: ε = {:.3}, δ = {:e}",
-                    p.epsilon, p.delta
-                );
+                let _ = writeln!(s, "Privacy budget: ε = {:.3}, δ = {:e}", p.epsilon, p.delta);
             }
             None => {
                 let _ = writeln!(s, "Privacy budget: not reported by the coordinator");
@@ -394,6 +396,40 @@ mod tests {
         assert_eq!(date(951_782_400), "2000-02-29");
         assert_eq!(date(1_700_000_000), "2023-11-14");
         assert_eq!(date(-86_400), "1969-12-31");
+    }
+
+    #[test]
+    fn a_reported_privacy_budget_is_recorded_and_shown() {
+        use fedrec_proto::pb;
+        let model = std::sync::Arc::new(crate::model::MatrixFactorization::new(5, 2, 0.1).unwrap());
+        let mut d = Device::new(model, 1);
+        let mut task = pb::Task {
+            kind: pb::TaskKind::Train as i32,
+            round: 4,
+            ..pb::Task::default()
+        };
+        note_task(&mut d, &task);
+        let text = d.transparency_report(false).to_text();
+        assert!(text.contains("Privacy budget: not reported"), "{text}");
+        task.round = 5;
+        task.privacy = Some(pb::PrivacyBudget {
+            epsilon: 1.5,
+            delta: 1e-6,
+        });
+        note_task(&mut d, &task);
+        let report = d.transparency_report(false);
+        assert_eq!(
+            report.privacy,
+            Some(PrivacyBudget {
+                epsilon: 1.5,
+                delta: 1e-6
+            })
+        );
+        assert!(
+            report.to_text().contains("ε = 1.500, δ = 1e-6"),
+            "{}",
+            report.to_text()
+        );
     }
 
     #[test]

@@ -318,7 +318,10 @@ mod tests {
         let second = fs::read(vault.path()).unwrap();
         assert_ne!(first[12..24], second[12..24], "nonce reused");
         assert_eq!(vault.load().unwrap().unwrap().as_slice(), b"hello");
-        assert!(!first.windows(5).any(|w| w == b"hello"), "plaintext on disk");
+        assert!(
+            !first.windows(5).any(|w| w == b"hello"),
+            "plaintext on disk"
+        );
         assert!(!vault.temp_path().exists());
     }
 
@@ -332,7 +335,11 @@ mod tests {
         let open = |bytes: &[u8]| {
             fs::write(&path, bytes).unwrap();
             let err = vault.load().unwrap_err();
-            assert_eq!(fs::read(&path).unwrap(), bytes, "file changed by a failed open");
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                bytes,
+                "file changed by a failed open"
+            );
             err
         };
         let mut flipped = good.clone();
@@ -345,8 +352,14 @@ mod tests {
             open(&good[..good.len() - 3]),
             ClientError::StoreTruncated { .. }
         ));
-        assert!(matches!(open(&good[..20]), ClientError::StoreTruncated { .. }));
-        assert!(matches!(open(b"garbage!garbage"), ClientError::StoreFormat { .. }));
+        assert!(matches!(
+            open(&good[..20]),
+            ClientError::StoreTruncated { .. }
+        ));
+        assert!(matches!(
+            open(b"garbage!garbage"),
+            ClientError::StoreFormat { .. }
+        ));
         let mut version = good.clone();
         version[8] = 9;
         assert!(matches!(open(&version), ClientError::StoreFormat { .. }));

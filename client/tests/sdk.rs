@@ -146,7 +146,10 @@ async fn consent_withdrawn_during_training_stops_the_update() {
     let err = common::within("run", p.run(device)).await.unwrap_err();
     assert!(matches!(err, ClientError::ConsentRequired { .. }), "{err}");
     let log = log.lock().unwrap();
-    assert!(log.contains(&"ModelRequest"), "the task was started: {log:?}");
+    assert!(
+        log.contains(&"ModelRequest"),
+        "the task was started: {log:?}"
+    );
     assert!(!log.contains(&"UpdateChunk"), "an update left: {log:?}");
     assert_eq!(running.received("SubmitUpdate"), (0, 0));
     running.stop().await;
@@ -186,7 +189,10 @@ async fn the_device_checks_in_only_when_eligible() {
     device.set_consent(Consent::Federated).unwrap();
     device.record(purchase(4)).unwrap();
     let checked_in_while_ineligible = Arc::new(AtomicBool::new(false));
-    let (flag, e) = (Arc::clone(&checked_in_while_ineligible), Arc::clone(&eligible));
+    let (flag, e) = (
+        Arc::clone(&checked_in_while_ineligible),
+        Arc::clone(&eligible),
+    );
     let rec: fedrec_client::participant::Recorder = Box::new(move |kind, _| {
         if kind == "CheckInRequest" && !e.load(Ordering::SeqCst) {
             flag.store(true, Ordering::SeqCst);
@@ -197,7 +203,10 @@ async fn the_device_checks_in_only_when_eligible() {
         .unwrap();
     let (_, summary) = common::within("run", p.run(device)).await.unwrap();
     assert_eq!(summary.trained, 1);
-    assert!(asked.load(Ordering::SeqCst) >= 4, "asked before each check-in");
+    assert!(
+        asked.load(Ordering::SeqCst) >= 4,
+        "asked before each check-in"
+    );
     assert!(!checked_in_while_ineligible.load(Ordering::SeqCst));
 
     // Never eligible: gives up, and sends no check-in at all.
@@ -253,7 +262,9 @@ async fn reported_bytes_equal_the_bytes_received() {
     common::within("connect", client.connect(&running.endpoint))
         .await
         .unwrap();
-    common::within("model", client.refresh_model()).await.unwrap();
+    common::within("model", client.refresh_model())
+        .await
+        .unwrap();
     let mut tasks = 0;
     loop {
         let s = common::within("participate", client.participate())
@@ -303,8 +314,16 @@ async fn reported_bytes_equal_the_bytes_received() {
     let text = report.to_text();
     assert!(text.contains("Privacy budget: not reported"), "{text}");
     assert!(text.contains("4 purchases of 4 items"), "{text}");
-    assert!(!text.contains("item 13"), "items listed without being asked for");
-    assert!(client.transparency_report(true).to_text().contains("item 13"));
+    assert!(
+        !text.contains("item 13"),
+        "items listed without being asked for"
+    );
+    assert!(
+        client
+            .transparency_report(true)
+            .to_text()
+            .contains("item 13")
+    );
     drop(client);
     let reopened = open();
     let again = reopened.transparency_report(false);
@@ -326,7 +345,9 @@ async fn consent_levels_through_the_app_api() {
     common::within("connect", client.connect(&running.endpoint))
         .await
         .unwrap();
-    common::within("model", client.refresh_model()).await.unwrap();
+    common::within("model", client.refresh_model())
+        .await
+        .unwrap();
 
     use fedrec_client::device::Recorded;
     assert_eq!(client.record(purchase(7)).unwrap(), Recorded::NotStored);
