@@ -506,8 +506,13 @@ impl Device {
         dropped
     }
 
-    /// Saves the state to the store file (nothing for an in-memory device).
-    pub(crate) fn persist(&self) -> Result<(), ClientError> {
+    /// Applies the retention policy, then saves the state to the store
+    /// file (nothing for an in-memory device). Every write goes through here.
+    pub(crate) fn persist(&mut self) -> Result<(), ClientError> {
+        if self.vault.is_none() {
+            return Ok(());
+        }
+        self.enforce_retention();
         let Some(vault) = &self.vault else {
             return Ok(());
         };

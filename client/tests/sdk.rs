@@ -145,7 +145,7 @@ async fn consent_withdrawn_during_training_stops_the_update() {
         .unwrap();
     let err = common::within("run", p.run(device)).await.unwrap_err();
     assert!(matches!(err, ClientError::ConsentRequired { .. }), "{err}");
-    let log = log.lock().unwrap();
+    let log = log.lock().unwrap().clone();
     assert!(
         log.contains(&"ModelRequest"),
         "the task was started: {log:?}"
