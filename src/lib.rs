@@ -3,10 +3,12 @@
 //! This crate is the `fedrec` command line and the pieces it is made of:
 //! [`data`] (loaders, the synthetic generator, the leave-one-out split),
 //! [`eval`] (metrics and the centralized and popularity baselines) and
-//! [`sim`] (simulations of many devices against a real coordinator).
+//! [`sim`] (simulations of many devices against a real coordinator) and
+//! [`diversity`] (coverage and list diversity against the devices' knob).
 
 pub mod bench;
 pub mod data;
+pub mod diversity;
 pub mod eval;
 pub mod plot;
 pub mod sim;

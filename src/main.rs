@@ -548,6 +548,7 @@ fn print_table(report: &Report) {
         out,
         "(HR/NDCG: full ranking; (100): among 100 sampled candidates)"
     );
+    let _ = fedrec::diversity::write_table(&mut out, &f.diversity);
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fedrec_client::consent::Consent;
 use fedrec_client::device::Device;
 use fedrec_client::metrics::{EvalCounts, K};
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
@@ -83,6 +84,8 @@ pub struct Final {
     pub centralized: Metrics,
     /// Ranking by global popularity.
     pub popularity: Metrics,
+    /// Coverage and diversity against the devices' diversity knob.
+    pub diversity: crate::diversity::DiversityReport,
 }
 
 /// What the data looked like.
@@ -184,6 +187,8 @@ pub fn make_device(
         Arc::clone(model),
         seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407),
     );
+    // A simulated shopper has opted in to federated training.
+    device.set_consent(Consent::Federated)?;
     for &item in &split.train[user] {
         device.record(Purchase {
             item,
@@ -256,6 +261,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         coverage.add(&device.recommend(&global, K)?);
     }
     let federated = Metrics::from_counts(&final_counts, coverage.covered(), n_items);
+    let diversity = crate::diversity::evaluate(&devices, &global, n_items)?;
     let federated_seconds = fed_start.elapsed().as_secs_f64();
 
     observer.phase("centralized baseline");
@@ -289,6 +295,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             federated,
             centralized,
             popularity,
+            diversity,
         },
         timing: Timing {
             total_seconds: start.elapsed().as_secs_f64(),

@@ -92,6 +92,53 @@ pub(crate) fn solve_user(
     rhs.iter().map(|&v| v as f32).collect()
 }
 
+/// Why `item` scores as it does for the user solved from `history`
+/// (Hu, Koren & Volinsky 2008, §5): with `x = A⁻¹ r`, the score
+/// `q_item·x + b_item` splits exactly into one term per purchase,
+/// `c_j · q_itemᵀ A⁻¹ q_j` with `c_j = α(1 − b_j) + b_j`, and a baseline
+/// `−q_itemᵀ A⁻¹ Σ_i b_i q_i + b_item` that does not depend on the
+/// purchases. Returns the per-purchase terms (in `history` order) and the
+/// baseline. One k×k solve, for `A⁻¹ q_item` (A is symmetric).
+pub(crate) fn explain(
+    w: Items<'_>,
+    g: &Gram,
+    history: &[u32],
+    alpha: f64,
+    lambda: f64,
+    item: u32,
+) -> (Vec<f64>, f64) {
+    let k = w.k;
+    let mut a = g.qq.clone();
+    for d in 0..k {
+        a[d * k + d] += lambda;
+    }
+    let mut q = vec![0.0_f64; k];
+    for &j in history {
+        for (d, s) in q.iter_mut().zip(w.q(j as usize)) {
+            *d = f64::from(*s);
+        }
+        rank_one_upper(&mut a, &q, alpha - 1.0);
+    }
+    mirror_upper(&mut a, k);
+    let mut z: Vec<f64> = w.q(item as usize).iter().map(|&v| f64::from(v)).collect();
+    cholesky_solve(&mut a, &mut z, k);
+    let terms = history
+        .iter()
+        .map(|&j| {
+            let b = f64::from(w.b(j as usize));
+            let qj: f64 = w
+                .q(j as usize)
+                .iter()
+                .zip(&z)
+                .map(|(&v, zz)| f64::from(v) * zz)
+                .sum();
+            (alpha * (1.0 - b) + b) * qj
+        })
+        .collect();
+    let baseline = -dot(&g.bq, &z) + f64::from(w.b(item as usize));
+    (terms, baseline)
+}
+
 /// `a += c · v vᵀ` on the upper triangle of the n×n row-major `a` (n = v.len()).
 fn rank_one_upper(a: &mut [f64], v: &[f64], c: f64) {
     let n = v.len();
@@ -310,6 +357,32 @@ mod tests {
                     "moving x[{d}] by {step} lowers the loss"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn an_explanation_sums_to_the_solved_score() {
+        let (items, k) = (30, 4);
+        let p = params(items, k, 9);
+        let w = Items {
+            params: &p,
+            items,
+            k,
+        };
+        let g = gram(w);
+        let history = [2, 7, 11, 20];
+        let x = solve_user(w, &g, &history, 5.0, 0.1);
+        for item in [0_u32, 7, 29] {
+            let (terms, baseline) = explain(w, &g, &history, 5.0, 0.1, item);
+            let score: f64 = w
+                .q(item as usize)
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>()
+                + f64::from(w.b(item as usize));
+            let sum = terms.iter().sum::<f64>() + baseline;
+            assert!((sum - score).abs() < 1e-4, "item {item}: {sum} vs {score}");
         }
     }
 

@@ -29,6 +29,64 @@ pub enum ClientError {
         /// Why it failed.
         source: tonic::transport::Error,
     },
+    /// The shopper's consent does not allow what was asked.
+    #[error("consent {current} does not allow this: it needs {needed}")]
+    ConsentRequired {
+        /// The level the action needs.
+        needed: crate::consent::Consent,
+        /// The level in force.
+        current: crate::consent::Consent,
+    },
+    /// Reading or writing the device's store file failed.
+    #[error("store {path}: {source}")]
+    StoreIo {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store file is shorter than its header says: an interrupted copy
+    /// or a damaged disk. The file is left as it is.
+    #[error("store {path} is truncated: {found} bytes, expected {expected}")]
+    StoreTruncated {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// Bytes the header announces.
+        expected: u64,
+        /// Bytes found.
+        found: u64,
+    },
+    /// The store file's contents fail authentication under the right key:
+    /// they were altered. The file is left as it is.
+    #[error("store {path} has been tampered with or corrupted (authentication failed)")]
+    StoreTampered {
+        /// The store file.
+        path: std::path::PathBuf,
+    },
+    /// The key does not open the store file (it was written under another key).
+    #[error("wrong key for store {path}")]
+    WrongKey {
+        /// The store file.
+        path: std::path::PathBuf,
+    },
+    /// The file is not a store this SDK can read (magic, version, contents).
+    #[error("store {path}: {detail}")]
+    StoreFormat {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// No global model is on the device yet: fetch one first
+    /// ([`crate::Client::refresh_model`]).
+    #[error("no global model on the device yet: fetch one from the coordinator first")]
+    NoModel,
+    /// A network operation was asked for before connecting to a coordinator.
+    #[error("not connected to a coordinator")]
+    NotConnected,
+    /// The operating system's random number generator failed.
+    #[error("system random number generator failed: {0}")]
+    Random(String),
     /// The coordinator answered a request with an error.
     #[error("coordinator refused {request}: {status}")]
     Rpc {

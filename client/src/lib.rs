@@ -1,26 +1,61 @@
-//! The fedrec device SDK.
+//! The fedrec device SDK: recommendations computed on the shopper's device,
+//! trained by federated learning, under the shopper's control.
 //!
-//! A shopper's purchases stay on the device. The SDK trains the recommender
-//! locally and sends the coordinator only the change to the global model.
+//! This is `examples/shop_app.rs` (run it with `cargo run -p fedrec-client
+//! --example shop_app`): an app records purchases, sets consent, gets
+//! recommendations and explanations, takes part in training rounds against
+//! a coordinator (started in the same process here), and prints the
+//! transparency report.
+//!
+//! ```no_run
+#![doc = include_str!("../examples/shop_app.rs")]
+//! ```
+//!
+//! # What the shopper is promised
+//! - **Opt-in consent** ([`consent::Consent`]): `None` (the default) stores
+//!   nothing and recommends popular items; `OnDevice` keeps the history for
+//!   recommendations on the device only; `Federated` also takes part in
+//!   training. A change applies at once, also to a round in progress.
+//! - **Necessary data only**: a [`store::Purchase`] is an item, a time and a
+//!   quantity, nothing else; a [`retention::RetentionPolicy`] (age, count)
+//!   is enforced on every write and load; [`Client::forget_me`] erases the
+//!   history, the private embedding and the training state.
+//! - **Encrypted, crash-safe store** ([`vault`]): one file, ChaCha20-Poly1305
+//!   under the app's key, replaced atomically; damage and a wrong key are
+//!   reported, never papered over.
+//! - **Transparency** ([`transparency::TransparencyReport`]): what is stored,
+//!   every round taken part in with the kinds and sizes of the messages
+//!   sent, and the privacy budget the coordinator reports.
+//! - **Nothing personal in logs**: the SDK logs counts, never items or
+//!   embeddings.
 //!
 //! # How the pieces fit
-//! - [`store::PurchaseStore`]: the purchases (item, time, quantity; nothing else).
+//! - [`Client`] (async) and [`BlockingClient`]: the API for apps.
+//! - [`device::Device`]: sans-IO; holds the store, the consent, the private
+//!   embedding and the ledger; trains, evaluates and recommends given the
+//!   global parameters.
+//! - [`store::PurchaseStore`]: the purchases; [`vault::Vault`]: the file.
 //! - [`model::Model`] / [`model::MatrixFactorization`]: global item embeddings
 //!   and biases, and a private user embedding that never leaves the device.
-//! - [`device::Device`]: sans-IO; trains, evaluates and recommends given the
-//!   global parameters.
+//! - [`recommend`]: popularity fallback, diversity (maximal marginal
+//!   relevance), explanations.
+//! - [`eligibility`]: the app's [`eligibility::Conditions`], back-off, the
+//!   time budget for local training.
 //! - [`participant::Participant`]: the gRPC transport that takes a device
 //!   through rounds with a coordinator.
 //! - [`metrics`]: leave-one-out HR@10 / NDCG@10 computed on the device.
 //!
+//! The device alone, without a coordinator:
+//!
 //! ```
 //! use std::sync::Arc;
-//! use fedrec_client::{device::Device, model::{MatrixFactorization, Model, TrainingConfig}, store::Purchase};
+//! use fedrec_client::{consent::Consent, device::Device, model::{MatrixFactorization, Model, TrainingConfig}, store::Purchase};
 //! use rand::SeedableRng;
 //!
 //! let model = Arc::new(MatrixFactorization::new(50, 8, 0.1).unwrap());
 //! let global = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
 //! let mut device = Device::new(model, 7);
+//! device.set_consent(Consent::Federated).unwrap(); // opt-in: nothing is stored before
 //! for item in [3, 4, 5] {
 //!     device.record(Purchase { item, time: 0, quantity: 1.0 }).unwrap();
 //! }
@@ -31,12 +66,23 @@
 //! ```
 
 mod als;
+pub mod app;
+pub mod blocking;
+pub mod clock;
+pub mod consent;
 pub mod device;
+pub mod eligibility;
 pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod participant;
+pub mod recommend;
+pub mod retention;
 pub mod secagg;
 pub mod store;
+pub mod transparency;
+pub mod vault;
 
+pub use app::{Client, ClientBuilder};
+pub use blocking::BlockingClient;
 pub use error::ClientError;

@@ -167,6 +167,34 @@ pub trait Model: Send + Sync + std::fmt::Debug {
     }
     /// Scores every item for the user into `out` (resized to `items()`).
     fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>);
+    /// Non-personal scores of every item into `out` (resized to `items()`):
+    /// what the global model predicts for a shopper it knows nothing about,
+    /// used when there is no history or no consent. Default: all equal.
+    fn popularity(&self, global: &[f32], out: &mut Vec<f32>) {
+        let _ = global;
+        out.clear();
+        out.resize(self.items(), 0.0);
+    }
+    /// The item's vector in the global model, for measuring how alike two
+    /// items are (diversity). Default: none.
+    fn item_vector<'a>(&self, global: &'a [f32], item: u32) -> Option<&'a [f32]> {
+        let _ = (global, item);
+        None
+    }
+    /// How much each purchase in `history` contributes to `item`'s score for
+    /// a private state fitted to `history` under `cfg`, and the part that
+    /// does not depend on the purchases: `(per-purchase terms in history
+    /// order, baseline)`. Default: not available.
+    fn explain(
+        &self,
+        global: &[f32],
+        history: &[u32],
+        item: u32,
+        cfg: &TrainingConfig,
+    ) -> Option<(Vec<f32>, f32)> {
+        let _ = (global, history, item, cfg);
+        None
+    }
 }
 
 /// Centralized training by SGD: `epochs` passes of one local epoch per user,
@@ -522,6 +550,42 @@ impl Model for MatrixFactorization {
                 threads,
             );
         }
+    }
+
+    /// The item biases `b_i`: the score of a shopper whose embedding is 0,
+    /// which the model learns to rank the items most bought overall first.
+    fn popularity(&self, global: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(&global[self.bias_offset()..self.num_values()]);
+    }
+
+    fn item_vector<'a>(&self, global: &'a [f32], item: u32) -> Option<&'a [f32]> {
+        ((item as usize) < self.items).then(|| self.item_embedding(global, item))
+    }
+
+    /// The exact split of the score under the least-squares (ALS) fit of the
+    /// private embedding (Hu, Koren & Volinsky 2008, §5), with `cfg`'s
+    /// confidence and regularization; exact when the embedding was fitted
+    /// that way (`personalize` with [`Loss::Als`]).
+    fn explain(
+        &self,
+        global: &[f32],
+        history: &[u32],
+        item: u32,
+        cfg: &TrainingConfig,
+    ) -> Option<(Vec<f32>, f32)> {
+        if item as usize >= self.items || global.len() != self.num_values() {
+            return None;
+        }
+        let (terms, baseline) = als::explain(
+            self.view(global),
+            &self.gram(global),
+            history,
+            cfg.confidence.into(),
+            cfg.regularization.into(),
+            item,
+        );
+        Some((terms.iter().map(|&t| t as f32).collect(), baseline as f32))
     }
 
     fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {

@@ -13,9 +13,11 @@ use prost::Message;
 use tonic::transport::Channel;
 
 use crate::device::Device;
+use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
 use crate::metrics::EvalCounts;
 use crate::model::TrainingConfig;
+use crate::transparency;
 
 /// One message that left the device.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -150,12 +152,25 @@ impl Participant {
     /// Takes part in rounds until the coordinator finishes. Training runs on a
     /// blocking thread so that it does not stall the async runtime. Refused
     /// submissions (a round that closed meanwhile) are counted, not fatal.
+    ///
+    /// Refuses ([`ClientError::ConsentRequired`]) unless the shopper's consent
+    /// is federated, checked before every check-in and again before anything
+    /// computed is sent. Checks in only while the device's
+    /// [`ParticipationPolicy`](crate::eligibility::ParticipationPolicy) finds
+    /// it eligible (waiting with back-off otherwise), and returns early when
+    /// that policy says so (task limit, giving up).
     pub async fn run(
         &mut self,
         mut device: Device,
     ) -> Result<(Device, ParticipationSummary), ClientError> {
         let mut summary = ParticipationSummary::default();
         loop {
+            // Consent, the app's conditions and the task limit, before every check-in.
+            let done = summary.trained + summary.evaluated + summary.refused;
+            if let Gate::Stop(reason) = eligibility::before_check_in(&device, done).await? {
+                summary.finished_reason = reason;
+                return Ok((device, summary));
+            }
             let req = pb::CheckInRequest {
                 pseudonym: self.pseudonym.clone(),
             };
@@ -184,6 +199,7 @@ impl Participant {
                     ));
                 }
             };
+            transparency::note_task(&mut device, &task);
             let (back, accepted) = self.do_task(device, &task).await?;
             device = back;
             match (accepted, task.kind()) {
@@ -217,6 +233,8 @@ impl Participant {
         })
         .await
         .map_err(|e| ClientError::Protocol(format!("local training task failed: {e}")))?;
+        // The shopper may have withdrawn consent while the device trained.
+        device.consent_cell().require_training()?;
         let result = match outcome? {
             TaskOutcome::Evaluation(counts) => self.submit_evaluation(task, counts).await,
             TaskOutcome::Update(update) => self.submit_update(task, update).await,

@@ -274,6 +274,9 @@ impl CoordinatorService {
                     confidence: task.training.confidence,
                     evaluate: task.evaluate,
                 }),
+                // Differential privacy is not applied yet, so there is no
+                // budget to report; devices show "not reported".
+                privacy: None,
             }),
             CheckIn::Wait { retry_after } => Outcome::Wait(pb::Wait {
                 retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),

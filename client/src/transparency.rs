@@ -1,0 +1,467 @@
+//! What the device keeps and what left it, for the shopper to see.
+//!
+//! The device keeps a [`Ledger`] in its store: every round it took part in
+//! (the task, when, the privacy budget the coordinator reported, how much
+//! local training it did) with the kinds and byte counts of the messages it
+//! sent, and the messages sent outside rounds (joining, check-ins, model
+//! downloads). [`Device::transparency_report`] combines it with a summary of
+//! the stored purchases into a [`TransparencyReport`], serializable for an
+//! app and renderable as plain text for a settings screen.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::consent::ConsentRecord;
+use crate::device::Device;
+use crate::participant::SentMessage;
+use crate::retention::RetentionPolicy;
+use crate::store::Purchase;
+
+/// Messages of one kind: how many, and their encoded size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageCount {
+    /// Messages sent.
+    pub count: u64,
+    /// Their total size, protobuf-encoded, in bytes.
+    pub bytes: u64,
+}
+
+/// A differential-privacy guarantee, as the coordinator reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyBudget {
+    /// ε spent so far.
+    pub epsilon: f64,
+    /// δ of the guarantee.
+    pub delta: f64,
+}
+
+/// How much local training one task did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingReport {
+    /// Epochs spent fitting the private embedding to the received model.
+    pub personalize_epochs: u32,
+    /// Epochs of local training of the global parameters.
+    pub train_epochs: u32,
+    /// Epochs the coordinator asked for (of each).
+    pub requested_epochs: u32,
+    /// Whether the time budget stopped training before the requested epochs.
+    pub stopped_by_budget: bool,
+    /// Time spent, in milliseconds, by the device's clock.
+    pub millis: u64,
+}
+
+/// One round the device took part in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundRecord {
+    /// The coordinator's round number.
+    pub round: u32,
+    /// `"train"` or `"evaluate"` (`"unknown"` if only messages were logged).
+    pub task: String,
+    /// When the task arrived (Unix seconds).
+    pub at: i64,
+    /// Messages sent for this round, by kind.
+    pub messages: BTreeMap<String, MessageCount>,
+    /// The privacy budget the coordinator reported with the task.
+    pub privacy: Option<PrivacyBudget>,
+    /// Local training done, for training tasks.
+    pub training: Option<TrainingReport>,
+}
+
+impl RoundRecord {
+    /// Bytes sent for this round.
+    pub fn bytes(&self) -> u64 {
+        self.messages.values().map(|m| m.bytes).sum()
+    }
+}
+
+/// The device's record of its participation, kept in its store.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ledger {
+    /// Messages sent outside any round (joining, check-ins, model
+    /// downloads), by kind.
+    pub outside_rounds: BTreeMap<String, MessageCount>,
+    /// Every round taken part in, oldest first.
+    pub rounds: Vec<RoundRecord>,
+    /// When the shopper last erased their data (`forget_me`), if ever.
+    pub erased_at: Option<i64>,
+}
+
+impl Ledger {
+    /// Adds messages that left the device (as logged by the participant).
+    pub fn add_sent(&mut self, messages: &[SentMessage], now: i64) {
+        for m in messages {
+            let slot = if m.round == 0 {
+                self.outside_rounds.entry(m.kind.to_owned()).or_default()
+            } else {
+                let i = match self.rounds.iter().rposition(|r| r.round == m.round) {
+                    Some(i) => i,
+                    None => {
+                        self.rounds
+                            .push(RoundRecord::new(m.round, "unknown", now, None));
+                        self.rounds.len() - 1
+                    }
+                };
+                self.rounds[i]
+                    .messages
+                    .entry(m.kind.to_owned())
+                    .or_default()
+            };
+            slot.count += 1;
+            slot.bytes += m.bytes as u64;
+        }
+    }
+
+    /// Total bytes sent, in rounds and outside.
+    pub fn total_bytes(&self) -> u64 {
+        self.outside_rounds.values().map(|m| m.bytes).sum::<u64>()
+            + self.rounds.iter().map(RoundRecord::bytes).sum::<u64>()
+    }
+
+    /// The latest privacy budget any task reported.
+    pub fn privacy(&self) -> Option<PrivacyBudget> {
+        self.rounds.iter().rev().find_map(|r| r.privacy)
+    }
+}
+
+impl RoundRecord {
+    fn new(round: u32, task: &str, at: i64, privacy: Option<PrivacyBudget>) -> Self {
+        Self {
+            round,
+            task: task.to_owned(),
+            at,
+            messages: BTreeMap::new(),
+            privacy,
+            training: None,
+        }
+    }
+}
+
+/// What is stored on the device, in summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredSummary {
+    /// Purchases stored.
+    pub purchases: usize,
+    /// Distinct items among them.
+    pub distinct_items: usize,
+    /// Time of the earliest stored purchase (Unix seconds).
+    pub first: Option<i64>,
+    /// Time of the latest stored purchase (Unix seconds).
+    pub last: Option<i64>,
+    /// Values in the private user embedding (kept on the device only).
+    pub private_embedding_values: usize,
+    /// The purchases themselves, only when asked for.
+    pub items: Option<Vec<Purchase>>,
+    /// Whether the store is an encrypted file (false: in memory only).
+    pub encrypted_file: bool,
+}
+
+/// Everything the shopper may want to know, at one moment.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TransparencyReport {
+    /// When the report was made (Unix seconds).
+    pub generated_at: i64,
+    /// The consent in force and when it was set.
+    pub consent: ConsentRecord,
+    /// What is stored.
+    pub stored: StoredSummary,
+    /// The retention policy in force.
+    pub retention: RetentionPolicy,
+    /// Every round taken part in, with what was sent.
+    pub rounds: Vec<RoundRecord>,
+    /// Messages sent outside rounds, by kind.
+    pub outside_rounds: BTreeMap<String, MessageCount>,
+    /// Total bytes that left the device.
+    pub total_bytes_sent: u64,
+    /// The latest (ε, δ) the coordinator reported; `None`: not reported.
+    pub privacy: Option<PrivacyBudget>,
+    /// When the shopper last erased their data, if ever.
+    pub erased_at: Option<i64>,
+}
+
+impl TransparencyReport {
+    /// Plain text for a settings screen.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let c = &self.consent;
+        let since = c
+            .set_at
+            .map_or_else(|| "the default".to_owned(), |t| format!("set {}", date(t)));
+        let _ = writeln!(s, "Consent: {} ({since})", c.level);
+        let st = &self.stored;
+        let place = if st.encrypted_file {
+            "in an encrypted file on this device"
+        } else {
+            "in memory on this device"
+        };
+        match (st.first, st.last) {
+            (Some(a), Some(b)) => {
+                let _ = writeln!(
+                    s,
+                    "Stored {place}: {} purchases of {} items, from {} to {}",
+                    st.purchases,
+                    st.distinct_items,
+                    date(a),
+                    date(b)
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "Stored {place}: no purchases");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "Also stored: a private profile of {} numbers that never leaves this device",
+            st.private_embedding_values
+        );
+        let age = self
+            .retention
+            .max_age
+            .map_or("no age limit".to_owned(), |a| {
+                format!("{} days", a.as_secs() / 86_400)
+            });
+        let count = self
+            .retention
+            .max_events
+            .map_or("no count limit".to_owned(), |n| {
+                format!("at most {n} purchases")
+            });
+        let _ = writeln!(s, "Kept: {age}, {count}");
+        if let Some(items) = &st.items {
+            for p in items {
+                let _ = writeln!(
+                    s,
+                    "  {}  item {}  quantity {}",
+                    date(p.time),
+                    p.item,
+                    p.quantity
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "Sent: {} bytes in all, in {} rounds",
+            self.total_bytes_sent,
+            self.rounds.len()
+        );
+        for r in &self.rounds {
+            let kinds: Vec<String> = r
+                .messages
+                .iter()
+                .map(|(k, m)| format!("{} {k} ({} B)", m.count, m.bytes))
+                .collect();
+            let mut line = format!(
+                "  round {} ({}, {}): {} B — {}",
+                r.round,
+                r.task,
+                date(r.at),
+                r.bytes(),
+                kinds.join(", ")
+            );
+            if let Some(t) = &r.training {
+                let _ = write!(
+                    line,
+                    "; trained {} of {} epochs{}",
+                    t.train_epochs,
+                    t.requested_epochs,
+                    if t.stopped_by_budget {
+                        " (time budget)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let _ = writeln!(s, "{line}");
+        }
+        if !self.outside_rounds.is_empty() {
+            let kinds: Vec<String> = self
+                .outside_rounds
+                .iter()
+                .map(|(k, m)| format!("{} {k} ({} B)", m.count, m.bytes))
+                .collect();
+            let _ = writeln!(s, "  outside rounds: {}", kinds.join(", "));
+        }
+        match self.privacy {
+            Some(p) => {
+                let _ = writeln!(s, "Privacy budget: ε = {:.3}, δ = {:e}", p.epsilon, p.delta);
+            }
+            None => {
+                let _ = writeln!(s, "Privacy budget: not reported by the coordinator");
+            }
+        }
+        if let Some(t) = self.erased_at {
+            let _ = writeln!(s, "Data last erased: {}", date(t));
+        }
+        s
+    }
+}
+
+impl std::fmt::Display for TransparencyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}
+
+/// `YYYY-MM-DD` (UTC) of a Unix time.
+pub(crate) fn date(unix: i64) -> String {
+    // Days to civil date (H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
+    let z = unix.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Notes a task the participant received (its round, kind and the privacy
+/// budget reported with it), before the device works on it.
+pub(crate) fn note_task(device: &mut Device, task: &fedrec_proto::pb::Task) {
+    let kind = match task.kind() {
+        fedrec_proto::pb::TaskKind::Evaluate => "evaluate",
+        _ => "train",
+    };
+    let privacy = task.privacy.map(|p| PrivacyBudget {
+        epsilon: p.epsilon,
+        delta: p.delta,
+    });
+    let now = device.clock.unix_now();
+    device
+        .ledger
+        .rounds
+        .push(RoundRecord::new(task.round, kind, now, privacy));
+}
+
+impl Device {
+    /// What this device stores and what has left it. The purchases
+    /// themselves are listed only with `include_items`.
+    pub fn transparency_report(&self, include_items: bool) -> TransparencyReport {
+        let range = self.store.time_range();
+        TransparencyReport {
+            generated_at: self.clock.unix_now(),
+            consent: self.consent.get(),
+            stored: StoredSummary {
+                purchases: self.store.len(),
+                distinct_items: self.store.items().len(),
+                first: range.map(|r| r.0),
+                last: range.map(|r| r.1),
+                private_embedding_values: self.private.len(),
+                items: include_items.then(|| self.store.purchases().to_vec()),
+                encrypted_file: self.vault.is_some(),
+            },
+            retention: self.retention,
+            rounds: self.ledger.rounds.clone(),
+            outside_rounds: self.ledger.outside_rounds.clone(),
+            total_bytes_sent: self.ledger.total_bytes(),
+            privacy: self.ledger.privacy(),
+            erased_at: self.ledger.erased_at,
+        }
+    }
+
+    /// Adds messages that left the device to its ledger (and saves it).
+    /// [`crate::Client`] does this for every message it sends; a caller
+    /// driving a [`crate::participant::Participant`] itself passes
+    /// `participant.sent().messages()` (those not yet added).
+    pub fn note_sent(&mut self, messages: &[SentMessage]) -> Result<(), crate::ClientError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.unix_now();
+        self.ledger.add_sent(messages, now);
+        self.persist()
+    }
+
+    /// The ledger of rounds and messages.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(951_782_400), "2000-02-29");
+        assert_eq!(date(1_700_000_000), "2023-11-14");
+        assert_eq!(date(-86_400), "1969-12-31");
+    }
+
+    #[test]
+    fn a_reported_privacy_budget_is_recorded_and_shown() {
+        use fedrec_proto::pb;
+        let model = std::sync::Arc::new(crate::model::MatrixFactorization::new(5, 2, 0.1).unwrap());
+        let mut d = Device::new(model, 1);
+        let mut task = pb::Task {
+            kind: pb::TaskKind::Train as i32,
+            round: 4,
+            ..pb::Task::default()
+        };
+        note_task(&mut d, &task);
+        let text = d.transparency_report(false).to_text();
+        assert!(text.contains("Privacy budget: not reported"), "{text}");
+        task.round = 5;
+        task.privacy = Some(pb::PrivacyBudget {
+            epsilon: 1.5,
+            delta: 1e-6,
+        });
+        note_task(&mut d, &task);
+        let report = d.transparency_report(false);
+        assert_eq!(
+            report.privacy,
+            Some(PrivacyBudget {
+                epsilon: 1.5,
+                delta: 1e-6
+            })
+        );
+        assert!(
+            report.to_text().contains("ε = 1.500, δ = 1e-6"),
+            "{}",
+            report.to_text()
+        );
+    }
+
+    #[test]
+    fn messages_are_attributed_to_their_round() {
+        let mut l = Ledger::default();
+        l.rounds.push(RoundRecord::new(3, "train", 10, None));
+        let sent = [
+            SentMessage {
+                kind: "CheckInRequest",
+                round: 0,
+                bytes: 10,
+            },
+            SentMessage {
+                kind: "UpdateChunk",
+                round: 3,
+                bytes: 100,
+            },
+            SentMessage {
+                kind: "UpdateChunk",
+                round: 3,
+                bytes: 50,
+            },
+            SentMessage {
+                kind: "EvaluationReport",
+                round: 4,
+                bytes: 7,
+            },
+        ];
+        l.add_sent(&sent, 20);
+        assert_eq!(l.rounds[0].messages["UpdateChunk"].bytes, 150);
+        assert_eq!(l.rounds[0].messages["UpdateChunk"].count, 2);
+        assert_eq!(l.rounds[1].task, "unknown");
+        assert_eq!(l.total_bytes(), 167);
+    }
+}

@@ -1,0 +1,378 @@
+//! The SDK's promises, end to end against a real coordinator on 127.0.0.1.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use fedrec_client::consent::{Consent, ConsentCell};
+use fedrec_client::device::Device;
+use fedrec_client::eligibility::{Backoff, Eligibility, FnConditions, ParticipationPolicy};
+use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
+use fedrec_client::participant::Participant;
+use fedrec_client::recommend::Basis;
+use fedrec_client::store::Purchase;
+use fedrec_client::vault::StoreKey;
+use fedrec_client::{Client, ClientError};
+use fedrec_proto::Layout;
+use rand::Rng;
+
+type Log = Arc<Mutex<Vec<&'static str>>>;
+
+fn recorder(log: &Log) -> fedrec_client::participant::Recorder {
+    let log = Arc::clone(log);
+    Box::new(move |kind: &'static str, _: &[u8]| log.lock().unwrap().push(kind))
+}
+
+/// A purchase of `item` now.
+fn purchase(item: u32) -> Purchase {
+    let now = fedrec_client::clock::Clock::unix_now(&fedrec_client::clock::SystemClock::new());
+    Purchase {
+        item,
+        time: now,
+        quantity: 1.0,
+    }
+}
+
+async fn channel(running: &common::Running) -> tonic::transport::Channel {
+    common::within(
+        "connect",
+        tonic::transport::Channel::from_shared(running.endpoint.clone())
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Without federated consent the participant refuses before its first
+/// check-in: nothing but the join request leaves the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_participant_refuses_without_federated_consent() {
+    let model = common::model(30, 4);
+    let running = common::start(common::config(1, 1), &model, 1).await;
+    for level in [Consent::None, Consent::OnDevice] {
+        let mut device = Device::new(Arc::clone(&model), 1);
+        device.set_consent(level).unwrap();
+        let log = Log::default();
+        let mut p = Participant::join(channel(&running).await, Some(recorder(&log)))
+            .await
+            .unwrap();
+        let err = common::within("run", p.run(device)).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::ConsentRequired { current, .. } if current == level),
+            "{err}"
+        );
+        assert_eq!(*log.lock().unwrap(), vec!["JoinRequest"], "{level}");
+    }
+    assert_eq!(running.received("CheckIn"), (0, 0));
+    running.stop().await;
+}
+
+/// A model that lowers the shopper's consent in the middle of local
+/// training, as an app would from its settings screen.
+#[derive(Debug)]
+struct WithdrawsMidway {
+    inner: MatrixFactorization,
+    consent: OnceLock<ConsentCell>,
+}
+
+impl Model for WithdrawsMidway {
+    fn items(&self) -> usize {
+        self.inner.items()
+    }
+    fn layout(&self) -> Layout {
+        self.inner.layout()
+    }
+    fn init_global(&self, rng: &mut dyn Rng) -> Vec<f32> {
+        self.inner.init_global(rng)
+    }
+    fn init_private(&self, rng: &mut dyn Rng) -> Vec<f32> {
+        self.inner.init_private(rng)
+    }
+    fn personalize(
+        &self,
+        global: &[f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        rng: &mut dyn Rng,
+    ) {
+        self.inner.personalize(global, private, history, cfg, rng);
+    }
+    fn train_in_place(
+        &self,
+        params: &mut [f32],
+        anchor: Option<&[f32]>,
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &TrainingConfig,
+        rng: &mut dyn Rng,
+    ) {
+        self.inner
+            .train_in_place(params, anchor, private, history, cfg, rng);
+        if let Some(cell) = self.consent.get() {
+            cell.set(fedrec_client::consent::ConsentRecord {
+                level: Consent::OnDevice,
+                set_at: Some(1),
+            });
+        }
+    }
+    fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
+        self.inner.score_all(global, private, out);
+    }
+}
+
+/// Consent lowered while the device trains: the update is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_withdrawn_during_training_stops_the_update() {
+    let model = Arc::new(WithdrawsMidway {
+        inner: MatrixFactorization::new(30, 4, 0.1).unwrap(),
+        consent: OnceLock::new(),
+    });
+    let dyn_model: Arc<dyn Model> = model.clone();
+    let running = common::start(common::config(1, 1), &dyn_model, 1).await;
+    let mut device = Device::new(Arc::clone(&dyn_model), 2);
+    device.set_consent(Consent::Federated).unwrap();
+    for i in [1, 2, 3] {
+        device.record(purchase(i)).unwrap();
+    }
+    model.consent.set(device.consent_cell().clone()).unwrap();
+    let log = Log::default();
+    let mut p = Participant::join(channel(&running).await, Some(recorder(&log)))
+        .await
+        .unwrap();
+    let err = common::within("run", p.run(device)).await.unwrap_err();
+    assert!(matches!(err, ClientError::ConsentRequired { .. }), "{err}");
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.contains(&"ModelRequest"),
+        "the task was started: {log:?}"
+    );
+    assert!(!log.contains(&"UpdateChunk"), "an update left: {log:?}");
+    assert_eq!(running.received("SubmitUpdate"), (0, 0));
+    running.stop().await;
+}
+
+/// While the app's conditions do not hold, the device waits and sends
+/// nothing; it checks in only once they hold. A device that stays
+/// ineligible gives up when told to, without ever checking in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_checks_in_only_when_eligible() {
+    let model = common::model(30, 4);
+    let running = common::start(common::config(1, 1), &model, 1).await;
+
+    let asked = Arc::new(AtomicU32::new(0));
+    let eligible = Arc::new(AtomicBool::new(false));
+    let (a, e) = (Arc::clone(&asked), Arc::clone(&eligible));
+    let conditions = FnConditions(move || {
+        if a.fetch_add(1, Ordering::SeqCst) >= 3 {
+            e.store(true, Ordering::SeqCst);
+            Eligibility::Eligible
+        } else {
+            Eligibility::NotNow("on battery".into())
+        }
+    });
+    let mut device = Device::builder(Arc::clone(&model))
+        .seed(3)
+        .participation(ParticipationPolicy {
+            conditions: Arc::new(conditions),
+            backoff: Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(4),
+            },
+            ..ParticipationPolicy::default()
+        })
+        .in_memory()
+        .unwrap();
+    device.set_consent(Consent::Federated).unwrap();
+    device.record(purchase(4)).unwrap();
+    let checked_in_while_ineligible = Arc::new(AtomicBool::new(false));
+    let (flag, e) = (
+        Arc::clone(&checked_in_while_ineligible),
+        Arc::clone(&eligible),
+    );
+    let rec: fedrec_client::participant::Recorder = Box::new(move |kind, _| {
+        if kind == "CheckInRequest" && !e.load(Ordering::SeqCst) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
+    let mut p = Participant::join(channel(&running).await, Some(rec))
+        .await
+        .unwrap();
+    let (_, summary) = common::within("run", p.run(device)).await.unwrap();
+    assert_eq!(summary.trained, 1);
+    assert!(
+        asked.load(Ordering::SeqCst) >= 4,
+        "asked before each check-in"
+    );
+    assert!(!checked_in_while_ineligible.load(Ordering::SeqCst));
+
+    // Never eligible: gives up, and sends no check-in at all.
+    let never = FnConditions(|| Eligibility::NotNow("metered network".into()));
+    let mut device = Device::builder(Arc::clone(&model))
+        .participation(ParticipationPolicy {
+            conditions: Arc::new(never),
+            backoff: Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(2),
+            },
+            give_up_after: Some(Duration::from_millis(5)),
+            ..ParticipationPolicy::default()
+        })
+        .in_memory()
+        .unwrap();
+    device.set_consent(Consent::Federated).unwrap();
+    let log = Log::default();
+    let mut p = Participant::join(channel(&running).await, Some(recorder(&log)))
+        .await
+        .unwrap();
+    let (_, summary) = common::within("run", p.run(device)).await.unwrap();
+    assert_eq!(summary.finished_reason, "not eligible: metered network");
+    assert_eq!(*log.lock().unwrap(), vec!["JoinRequest"]);
+    running.stop().await;
+}
+
+/// The transparency report's message counts and bytes equal what the
+/// coordinator received, counted from the request bodies on the server;
+/// and the report survives reopening the encrypted store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_bytes_equal_the_bytes_received() {
+    let model = common::model(40, 4);
+    let mut cfg = common::config(2, 1);
+    cfg.rounds.evaluate = true;
+    cfg.rounds.final_evaluation = true;
+    let running = common::start(cfg, &model, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate().unwrap();
+    let path = dir.path().join("device.store");
+    let open = || {
+        Client::builder(Arc::clone(&model))
+            .store(&path, key.clone())
+            .seed(4)
+            .open()
+            .unwrap()
+    };
+    let client = open();
+    client.set_consent(Consent::Federated).unwrap();
+    for item in [3, 5, 8, 13] {
+        client.record(purchase(item)).unwrap();
+    }
+    common::within("connect", client.connect(&running.endpoint))
+        .await
+        .unwrap();
+    common::within("model", client.refresh_model())
+        .await
+        .unwrap();
+    let mut tasks = 0;
+    loop {
+        let s = common::within("participate", client.participate())
+            .await
+            .unwrap();
+        tasks += s.trained + s.evaluated;
+        if !s.finished_reason.is_empty() && s.trained + s.evaluated == 0 {
+            break;
+        }
+    }
+    assert_eq!(tasks, 3, "two training rounds and the final evaluation");
+    let report = client.transparency_report(false);
+    let kinds = |kind: &str| {
+        let mut total = report.outside_rounds.get(kind).copied().unwrap_or_default();
+        for r in &report.rounds {
+            if let Some(m) = r.messages.get(kind) {
+                total.count += m.count;
+                total.bytes += m.bytes;
+            }
+        }
+        (total.count, total.bytes)
+    };
+    for (method, kind) in [
+        ("Join", "JoinRequest"),
+        ("CheckIn", "CheckInRequest"),
+        ("Status", "StatusRequest"),
+        ("DownloadModel", "ModelRequest"),
+        ("SubmitUpdate", "UpdateChunk"),
+        ("SubmitEvaluation", "EvaluationReport"),
+    ] {
+        assert_eq!(kinds(kind), running.received(method), "{kind}");
+        assert!(running.received(method).0 > 0, "{method} was used");
+    }
+    let received: u64 = running
+        .counts
+        .lock()
+        .unwrap()
+        .values()
+        .map(|(_, b)| b)
+        .sum();
+    assert_eq!(report.total_bytes_sent, received);
+    assert_eq!(report.rounds.len(), 3);
+    assert_eq!(report.rounds[0].task, "train");
+    assert_eq!(report.rounds[2].task, "evaluate");
+    assert!(report.rounds[0].training.is_some());
+    assert_eq!(report.privacy, None);
+    let text = report.to_text();
+    assert!(text.contains("Privacy budget: not reported"), "{text}");
+    assert!(text.contains("4 purchases of 4 items"), "{text}");
+    assert!(
+        !text.contains("item 13"),
+        "items listed without being asked for"
+    );
+    assert!(
+        client
+            .transparency_report(true)
+            .to_text()
+            .contains("item 13")
+    );
+    drop(client);
+    let reopened = open();
+    let again = reopened.transparency_report(false);
+    assert_eq!(again.rounds, report.rounds);
+    assert_eq!(again.total_bytes_sent, report.total_bytes_sent);
+    running.stop().await;
+}
+
+/// Consent levels through the app API: `None` stores nothing and
+/// recommends popular items; `OnDevice` stores and personalizes but never
+/// trains; lowering to `None` offers to erase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_levels_through_the_app_api() {
+    let model = common::model(40, 4);
+    let running = common::start(common::config(1, 1), &model, 1).await;
+    let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
+    assert_eq!(client.consent().level, Consent::None, "opt-in by default");
+    assert!(matches!(client.recommend(5), Err(ClientError::NoModel)));
+    common::within("connect", client.connect(&running.endpoint))
+        .await
+        .unwrap();
+    common::within("model", client.refresh_model())
+        .await
+        .unwrap();
+
+    use fedrec_client::device::Recorded;
+    assert_eq!(client.record(purchase(7)).unwrap(), Recorded::NotStored);
+    assert_eq!(client.transparency_report(false).stored.purchases, 0);
+    let recs = client.recommend(5).unwrap();
+    assert_eq!(recs.basis, Basis::PopularNoConsent);
+
+    client.set_consent(Consent::OnDevice).unwrap();
+    assert_eq!(client.recommend(5).unwrap().basis, Basis::PopularColdStart);
+    for i in [7, 9, 11] {
+        assert_eq!(client.record(purchase(i)).unwrap(), Recorded::Stored);
+    }
+    let recs = client.recommend(5).unwrap();
+    assert_eq!(recs.basis, Basis::Personal);
+    assert!(recs.items.iter().all(|i| ![7, 9, 11].contains(i)));
+    let err = common::within("participate", client.participate())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::ConsentRequired { .. }), "{err}");
+    assert_eq!(running.received("CheckIn"), (0, 0));
+
+    let change = client.set_consent(Consent::None).unwrap();
+    assert!(change.offer_erase);
+    assert_eq!(client.recommend(5).unwrap().basis, Basis::PopularNoConsent);
+    client.forget_me().unwrap();
+    assert_eq!(client.transparency_report(false).stored.purchases, 0);
+    running.stop().await;
+}
