@@ -97,9 +97,7 @@ pub fn write_table(out: &mut impl Write, report: &DiversityReport) -> std::io::R
         "knob", "HR@10", "NDCG@10", "coverage@10", "diversity@10"
     )?;
     for r in &report.rows {
-        let name = r
-            .knob
-            .map_or("popular (b)".to_owned(), |k| format!("{k:.2}"));
+        let name = r.knob.map_or("fallback".to_owned(), |k| format!("{k:.2}"));
         writeln!(
             out,
             "{:<12} {:>8.4} {:>9.4} {:>12.3} {:>13.3}",
@@ -108,6 +106,6 @@ pub fn write_table(out: &mut impl Write, report: &DiversityReport) -> std::io::R
     }
     writeln!(
         out,
-        "(popular (b): the non-personal fallback, items by the global model's bias)"
+        "(fallback: the non-personal ranking from the global model alone: item biases, or embedding norms under the als loss)"
     )
 }

@@ -125,17 +125,18 @@ pub(crate) fn explain(
     let terms = history
         .iter()
         .map(|&j| {
-            let b = f64::from(w.b(j as usize));
             let qj: f64 = w
                 .q(j as usize)
                 .iter()
                 .zip(&z)
                 .map(|(&v, zz)| f64::from(v) * zz)
                 .sum();
-            (alpha * (1.0 - b) + b) * qj
+            alpha * qj
         })
         .collect();
-    let baseline = -dot(&g.bq, &z) + f64::from(w.b(item as usize));
+    // The score's part that no purchase explains: the item's bias (0 when
+    // the model was trained under this loss).
+    let baseline = f64::from(w.params[w.items * w.k + item as usize]);
     (terms, baseline)
 }
 
@@ -380,7 +381,7 @@ mod tests {
                 .zip(&x)
                 .map(|(a, b)| f64::from(*a) * f64::from(*b))
                 .sum::<f64>()
-                + f64::from(w.b(item as usize));
+                + f64::from(p[items * k + item as usize]);
             let sum = terms.iter().sum::<f64>() + baseline;
             assert!((sum - score).abs() < 1e-4, "item {item}: {sum} vs {score}");
         }
