@@ -40,6 +40,29 @@ enum Command {
     /// Measure speed and memory next to their limits (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Plan a differential-privacy budget: the epsilon of T rounds of
+    /// DP-FedAvg (Poisson sampling rate q, noise multiplier z) at delta, or
+    /// with --epsilon the noise multiplier that stays within it.
+    Privacy(PrivacyArgs),
+}
+
+#[derive(Args, Debug)]
+struct PrivacyArgs {
+    /// Probability that a device is in a round's cohort.
+    #[arg(long)]
+    sampling_rate: f64,
+    /// Rounds of training.
+    #[arg(long)]
+    rounds: u64,
+    /// Target delta (e.g. below 1 / number of users).
+    #[arg(long)]
+    delta: f64,
+    /// Noise standard deviation over the clipping norm; prints epsilon.
+    #[arg(long, conflicts_with = "epsilon", required_unless_present = "epsilon")]
+    noise_multiplier: Option<f64>,
+    /// Privacy budget; prints the noise multiplier needed.
+    #[arg(long)]
+    epsilon: Option<f64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -341,7 +364,49 @@ fn main() -> anyhow::Result<()> {
         Command::Split(args) => split(args),
         Command::GenData(args) => gen_data(args),
         Command::Bench(cmd) => bench(cmd),
+        Command::Privacy(args) => privacy(args),
     }
+}
+
+fn privacy(a: PrivacyArgs) -> anyhow::Result<()> {
+    use fedrec_coordinator::privacy::{RdpAccountant, noise_multiplier_for};
+    if !(0.0..=1.0).contains(&a.sampling_rate) {
+        bail!("--sampling-rate must be in [0, 1], got {}", a.sampling_rate);
+    }
+    if !(a.delta > 0.0 && a.delta < 1.0) {
+        bail!("--delta must be in (0, 1), got {}", a.delta);
+    }
+    match (a.noise_multiplier, a.epsilon) {
+        (Some(z), _) => {
+            if !(z >= 0.0 && z.is_finite()) {
+                bail!("--noise-multiplier must be >= 0, got {z}");
+            }
+            let eps = RdpAccountant::epsilon_for(a.sampling_rate, z, a.rounds, a.delta);
+            println!(
+                "epsilon = {eps:.4} after {} rounds at sampling rate {}, noise multiplier {z}, delta {}",
+                a.rounds, a.sampling_rate, a.delta
+            );
+        }
+        (None, Some(eps)) => {
+            if !(eps > 0.0 && eps.is_finite()) {
+                bail!("--epsilon must be > 0, got {eps}");
+            }
+            match noise_multiplier_for(eps, a.delta, a.sampling_rate, a.rounds) {
+                Some(z) => println!(
+                    "noise multiplier = {z:.4} keeps {} rounds at sampling rate {} within epsilon {eps}, delta {}",
+                    a.rounds, a.sampling_rate, a.delta
+                ),
+                None => bail!(
+                    "no noise multiplier up to 10,000 keeps {} rounds at sampling rate {} within epsilon {eps}, delta {}",
+                    a.rounds,
+                    a.sampling_rate,
+                    a.delta
+                ),
+            }
+        }
+        (None, None) => bail!("give --noise-multiplier or --epsilon"),
+    }
+    Ok(())
 }
 
 fn bench(cmd: BenchCommand) -> anyhow::Result<()> {

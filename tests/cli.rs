@@ -152,3 +152,57 @@ fn the_shipped_coordinator_toml_is_valid() {
         .expect("coordinator.toml parses and validates");
     assert_eq!(cfg.model.items, Some(1682));
 }
+
+/// `fedrec privacy` prints epsilon for a noise multiplier, and the noise
+/// multiplier for an epsilon, consistently with each other.
+#[test]
+fn privacy_plans_a_budget_both_ways() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("privacy")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let number = |text: &str, after: &str| -> f64 {
+        let rest = &text[text.find(after).unwrap() + after.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let common = [
+        "--sampling-rate",
+        "0.01",
+        "--rounds",
+        "1000",
+        "--delta",
+        "1e-5",
+    ];
+    let eps_out = run(&[&common[..], &["--noise-multiplier", "1.1"]].concat());
+    let eps = number(&eps_out, "epsilon = ");
+    assert!(eps > 0.1 && eps < 10.0, "{eps_out}");
+    let z_out = run(&[&common[..], &["--epsilon", &eps.to_string()]].concat());
+    let z = number(&z_out, "noise multiplier = ");
+    assert!((z - 1.1).abs() < 0.01, "{z_out}");
+
+    let bad = Command::new(BIN)
+        .args([
+            "privacy",
+            "--sampling-rate",
+            "2",
+            "--rounds",
+            "1",
+            "--delta",
+            "1e-5",
+            "--epsilon",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--sampling-rate must be in [0, 1]"));
+}
