@@ -601,6 +601,17 @@ impl RoundCore {
         }
     }
 
+    /// Heap bytes held by the open round's secure aggregation state
+    /// ([`SecAggRound::held_bytes`]), if one is open.
+    pub fn secure_state_bytes(&self) -> Option<usize> {
+        let secure = self.open.as_ref()?.secure.as_ref()?;
+        let agg = secure
+            .agg
+            .as_deref()
+            .or(secure.job.as_ref().map(|j| &*j.agg))?;
+        Some(agg.held_bytes())
+    }
+
     /// The sum of the last round whose secure aggregation completed: all the
     /// coordinator learned from it (kept for audits and tests).
     pub fn last_secure_sum(&self) -> Option<&SecureSum> {

@@ -90,12 +90,23 @@ impl Quantizer {
     /// The code of one value: clipped to `[-range, range]`, then rounded to
     /// the nearest level. NaN is treated as 0; the slice methods reject it.
     pub fn quantize(&self, value: f32) -> u32 {
+        self.code(value, f64::from(self.range), self.levels_per_unit())
+    }
+
+    /// Levels per unit of value, `1 / Δ`.
+    fn levels_per_unit(&self) -> f64 {
+        f64::from(self.max_code()) / (2.0 * f64::from(self.range))
+    }
+
+    /// [`quantize`](Self::quantize) with its constants hoisted (the hot loop
+    /// of masking: no division and no call to `round` per value).
+    #[inline]
+    fn code(&self, value: f32, range: f64, per_unit: f64) -> u32 {
         let value = if value.is_nan() { 0.0 } else { value };
         let clipped = f64::from(value.clamp(-self.range, self.range));
-        let range = f64::from(self.range);
-        let code = ((clipped + range) / self.step()).round();
-        // `code` is in [0, max_code] up to rounding; clamp guards the ends.
-        code.clamp(0.0, f64::from(self.max_code())) as u32
+        // `clipped + range` is in [0, 2 · range]: adding one half and
+        // truncating rounds to the nearest level; `min` guards the top end.
+        (((clipped + range) * per_unit + 0.5) as u32).min(self.max_code())
     }
 
     /// The value a code stands for: `code · Δ − range`.
@@ -107,8 +118,9 @@ impl Quantizer {
     /// infinite values, leaving `out` untouched.
     pub fn quantize_into(&self, values: &[f32], out: &mut [u32]) -> Result<(), SecAggError> {
         check_input(values, out.len())?;
+        let (range, per_unit) = (f64::from(self.range), self.levels_per_unit());
         for (o, v) in out.iter_mut().zip(values) {
-            *o = self.quantize(*v);
+            *o = self.code(*v, range, per_unit);
         }
         Ok(())
     }
@@ -117,8 +129,9 @@ impl Quantizer {
     /// arithmetic. Rejects NaN and infinite values, leaving `acc` untouched.
     pub fn add_quantized(&self, values: &[f32], acc: &mut [u32]) -> Result<(), SecAggError> {
         check_input(values, acc.len())?;
+        let (range, per_unit) = (f64::from(self.range), self.levels_per_unit());
         for (a, v) in acc.iter_mut().zip(values) {
-            *a = a.wrapping_add(self.quantize(*v));
+            *a = a.wrapping_add(self.code(*v, range, per_unit));
         }
         Ok(())
     }
