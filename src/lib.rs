@@ -3,8 +3,10 @@
 //! This crate is the `fedrec` command line and the pieces it is made of:
 //! [`data`] (loaders, the synthetic generator, the leave-one-out split),
 //! [`eval`] (metrics and the centralized and popularity baselines) and
-//! [`sim`] (simulations of many devices against a real coordinator).
+//! [`sim`] (simulations of many devices against a real coordinator) and
+//! [`bench`] (benchmarks).
 
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod plot;
