@@ -801,6 +801,51 @@ mod tests {
     }
 
     #[test]
+    fn secure_aggregation_section_is_validated() {
+        let c = CoordinatorConfig::from_toml_str(
+            "[secure_aggregation]\nenabled = true\nthreshold = 0.75\nrange = 0.5\nbits = 16\nneighbours = 8\n",
+        )
+        .unwrap();
+        let sa = &c.secure_aggregation;
+        assert!(sa.enabled);
+        assert_eq!(sa.protocol().params(100).unwrap().neighbours, 8);
+        assert_eq!(sa.protocol().params(100).unwrap().threshold, 6);
+        assert_eq!(
+            CoordinatorConfig::default().secure_aggregation.range,
+            DEFAULT_SECAGG_RANGE
+        );
+        for (body, needle) in [
+            ("threshold = 0.5", "secure_aggregation.threshold must be"),
+            (
+                "bits = 0",
+                "secure_aggregation.bits must be in 1..=31, got 0",
+            ),
+            (
+                "range = -1",
+                "secure_aggregation.range must be finite and > 0, got -1",
+            ),
+            (
+                "neighbours = 0",
+                "secure_aggregation.neighbours must be in 1..=255",
+            ),
+            (
+                "max_examples = 0",
+                "secure_aggregation.max_examples must be >= 1",
+            ),
+            ("step_secs = 0", "secure_aggregation.step_secs must be"),
+            ("thresold = 0.7", "thresold"),
+            // 30-bit values: a sum of at most 4 cannot hold a cohort of 10.
+            ("enabled = true\nbits = 30", "could overflow"),
+        ] {
+            let err = CoordinatorConfig::from_toml_str(&format!("[secure_aggregation]\n{body}\n"))
+                .unwrap_err();
+            assert!(err.to_string().contains(needle), "{body}: {err}");
+        }
+        // The same bits are fine while the section is disabled.
+        CoordinatorConfig::from_toml_str("[secure_aggregation]\nbits = 30\n").unwrap();
+    }
+
+    #[test]
     fn file_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("coordinator.toml");

@@ -763,3 +763,6 @@ fn abandon_text(err: &SecAggError) -> String {
 pub(super) fn is_secure(kind: TaskKind, enabled: bool) -> bool {
     enabled && kind == TaskKind::Train
 }
+
+#[cfg(test)]
+mod tests;
