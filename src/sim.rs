@@ -95,7 +95,7 @@ pub struct SecureReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config: Option<SecureAggregationConfig>,
     /// Worst-case quantization error of one value of a round's mean update
-    /// under uniform weighting, `range / (2^bits − 1)` (with example
+    /// under uniform weighting, `range / (2^bits − 2)` (with example
     /// weighting, times the cohort size over its summed weight).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_error_per_value: Option<f64>,

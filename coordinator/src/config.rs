@@ -395,7 +395,7 @@ pub const DEFAULT_SECAGG_STEP_SECS: f64 = 30.0;
 ///
 /// Updates are clipped to `[-range, range]` per value and quantized with
 /// `bits` bits into integers modulo 2³²; the cohort (`clients_per_round ×
-/// over_selection` devices) must stay within `⌊(2³² − 1) / (2^bits − 1)⌋`
+/// over_selection` devices) must stay within `⌊(2³² − 1) / (2^bits − 2)⌋`
 /// (4,096 at 20 bits) so that the sum cannot overflow. A round needs at
 /// least 2 devices, and is abandoned (nothing applied) when too few devices
 /// remain at some step to remove the masks.
@@ -428,9 +428,9 @@ pub struct SecureAggregationConfig {
     /// measured with the default and preset recipes, so that nothing is
     /// clipped in practice.
     pub range: f32,
-    /// Bits per quantized value, in `1..=31`: a worst-case error of `range /
-    /// (2^bits − 1)` per value (1e-6 · range at 20 bits), and cohorts of at
-    /// most `⌊(2³² − 1) / (2^bits − 1)⌋` devices. Default [`DEFAULT_SECAGG_BITS`].
+    /// Bits per quantized value, in `2..=31`: a worst-case error of `range /
+    /// (2^bits − 2)` per value (1e-6 · range at 20 bits), and cohorts of at
+    /// most `⌊(2³² − 1) / (2^bits − 2)⌋` devices. Default [`DEFAULT_SECAGG_BITS`].
     pub bits: u32,
     /// Under `strategy.weighting = "examples"`: the example count at which a
     /// device's weight reaches 1 (devices with more count as this many).
@@ -818,7 +818,7 @@ mod tests {
             ("threshold = 0.5", "secure_aggregation.threshold must be"),
             (
                 "bits = 0",
-                "secure_aggregation.bits must be in 1..=31, got 0",
+                "secure_aggregation.bits must be in 2..=31, got 0",
             ),
             (
                 "range = -1",

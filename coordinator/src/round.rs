@@ -289,6 +289,9 @@ struct OpenRound {
 pub struct RoundCore {
     config: CoordinatorConfig,
     rng: ChaCha20Rng,
+    /// Secure aggregation's randomness (graph seeds), apart from `rng` so
+    /// that turning it on does not change pseudonyms or cohorts.
+    secure_rng: ChaCha20Rng,
     joined: BTreeSet<Pseudonym>,
     /// Devices waiting for a task (always a subset of `joined`).
     pool: BTreeSet<Pseudonym>,
@@ -329,9 +332,12 @@ impl RoundCore {
             )));
         }
         tensor::check_finite(&params).map_err(|e| CoordinatorError::InvalidModel(e.to_string()))?;
-        let rng = match config.rounds.seed {
-            Some(seed) => ChaCha20Rng::seed_from_u64(seed),
-            None => rand::make_rng(),
+        let (rng, secure_rng) = match config.rounds.seed {
+            Some(seed) => (
+                ChaCha20Rng::seed_from_u64(seed),
+                ChaCha20Rng::seed_from_u64(seed ^ 0x5ECA_6650_5ECA_6650),
+            ),
+            None => (rand::make_rng(), rand::make_rng()),
         };
         let n = params.len();
         Ok(Self {
@@ -340,6 +346,7 @@ impl RoundCore {
             model: Arc::new(ModelSnapshot::new(1, layout, params)),
             config,
             rng,
+            secure_rng,
             joined: BTreeSet::new(),
             pool: BTreeSet::new(),
             window_start: None,

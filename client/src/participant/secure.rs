@@ -55,7 +55,8 @@ enum Polled {
 
 impl Participant {
     /// Runs a training task whose update goes through secure aggregation.
-    /// Returns the device and whether its update made it into the sum.
+    /// Returns the device and whether its masked input was accepted (its
+    /// update is then in the sum, if the round completes).
     pub(super) async fn do_secure_task(
         &mut self,
         device: Device,
@@ -129,16 +130,26 @@ impl Participant {
         }
         drop(masked);
 
-        // Step 4: reveal what the coordinator asks for, if the client agrees.
-        let request = match self.poll(round, pb::SecAggWant::Unmask).await {
-            Ok(Polled::Unmask(request)) => request,
-            Ok(other) => return self.give_up(device, round, unexpected(other)),
-            Err(refusal) => return self.give_up(device, round, refusal),
+        // The update is in the sum now. Step 4 helps remove the masks; the
+        // step may close without this device once every share is in.
+        match self.reveal(round, party, &mut client).await {
+            Ok(()) | Err(Refusal::Refused(_)) => Ok((device, true)),
+            Err(Refusal::Fatal(err)) => Err(err),
+        }
+    }
+
+    /// Step 4: reveals what the coordinator asks for, if the client agrees.
+    async fn reveal(
+        &mut self,
+        round: u32,
+        party: PartyId,
+        client: &mut SecAggClient,
+    ) -> Result<(), Refusal> {
+        let request = match self.poll(round, pb::SecAggWant::Unmask).await? {
+            Polled::Unmask(request) => request,
+            other => return Err(unexpected(other)),
         };
-        let response = match client.handle_unmask(&request) {
-            Ok(response) => response,
-            Err(e) => return self.give_up(device, round, ClientError::from(e).into()),
-        };
+        let response = client.handle_unmask(&request).map_err(ClientError::from)?;
         let request = pb::SecAggUnmaskSubmission {
             pseudonym: self.pseudonym.clone(),
             round,
@@ -147,10 +158,11 @@ impl Participant {
             mask_key_shares: response.mask_key_shares.iter().map(Into::into).collect(),
         };
         self.sent.log("SecAggUnmaskSubmission", round, &request);
-        if let Err(e) = self.client.sec_agg_unmask(request).await {
-            return self.give_up(device, round, rpc("SecAggUnmask")(e).into());
-        }
-        Ok((device, true))
+        self.client
+            .sec_agg_unmask(request)
+            .await
+            .map_err(rpc("SecAggUnmask"))?;
+        Ok(())
     }
 
     /// Steps 1 and 2 after advertising: the roster, this device's shares,

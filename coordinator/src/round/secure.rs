@@ -202,8 +202,13 @@ impl SecureRound {
         // The configuration was validated by `RoundCore::new` and
         // `num_values` is at least EXTRA_VALUES > 0: the only two ways
         // `SecAggRound::new` can fail.
-        let agg = SecAggRound::new(config.clone(), number.into(), num_values, &mut core.rng)
-            .expect("validated configuration and a non-empty input");
+        let agg = SecAggRound::new(
+            config.clone(),
+            number.into(),
+            num_values,
+            &mut core.secure_rng,
+        )
+        .expect("validated configuration and a non-empty input");
         let quantizer = config
             .quantizer()
             .expect("validated secure aggregation configuration");

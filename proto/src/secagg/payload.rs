@@ -20,11 +20,11 @@
 //! [`Weighting::Uniform`] uses 1.
 //!
 //! **Precision.** Every value carries an error of at most half a quantization
-//! step, `range / (2^bits − 1)`. A device of weight `w` has its update
+//! step, `range / (2^bits − 2)`. A device of weight `w` has its update
 //! scaled down by `w`, so its update's relative precision is `w` times
 //! coarser; the weighted mean's error per value is at most
-//! `count / total_weight · range / (2^bits − 1)` (uniform: `range /
-//! (2^bits − 1)`, about `1e-6 · range` at 20 bits).
+//! `count / total_weight · range / (2^bits − 2)` (uniform: `range /
+//! (2^bits − 2)`, about `1e-6 · range` at 20 bits).
 //!
 //! **Evaluation counts** are masked with the update, so the coordinator
 //! learns the cohort's totals only (in the plain protocol each device's
