@@ -297,6 +297,80 @@ mod tests {
         assert_eq!(
             tonic::Status::from(CoordinatorError::TooLarge { limit: 4, got: 8 }).code(),
             tonic::Code::ResourceExhausted
+        );    }
+
+    #[test]
+    fn secure_aggregation_errors_map_to_codes_and_keep_their_reason() {
+        use fedrec_proto::secagg::{AbandonReason, Step};
+        use tonic::Code;
+        let cases: Vec<(SecAggError, Code, &str)> = vec![
+            (
+                SecAggError::WrongStep {
+                    message: Step::ShareKeys,
+                    current: Step::Advertise,
+                },
+                Code::FailedPrecondition,
+                "not accepted at step advertise keys",
+            ),
+            (
+                SecAggError::NotNeighbour {
+                    party: PartyId(3),
+                    other: PartyId(4),
+                },
+                Code::InvalidArgument,
+                "party 3 is not a neighbour of party 4",
+            ),
+            (
+                SecAggError::MaskKeyShareForSurvivor {
+                    sender: PartyId(1),
+                    owner: PartyId(2),
+                },
+                Code::InvalidArgument,
+                "which is a survivor",
+            ),
+            (
+                SecAggError::Duplicate {
+                    what: "share",
+                    party: PartyId(5),
+                },
+                Code::AlreadyExists,
+                "duplicate share for party 5",
+            ),
+            (
+                SecAggError::UnknownParty {
+                    party: PartyId(9),
+                    step: Step::Unmask,
+                },
+                Code::PermissionDenied,
+                "party 9 is not a participant",
+            ),
+            (
+                SecAggError::Abandoned(AbandonReason::TooFewParties {
+                    step: Step::MaskedInput,
+                    have: 1,
+                    need: 3,
+                }),
+                Code::FailedPrecondition,
+                "only 1 device(s) remain",
+            ),
+        ];
+        for (err, code, needle) in cases {
+            let reason = err.reason();
+            let err = CoordinatorError::from(err);
+            assert_eq!(err.reason(), reason);
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+            assert!(status.message().starts_with("secure aggregation: "), "{status:?}");
+        }
+        let status = tonic::Status::from(CoordinatorError::WrongParty {
+            claimed: PartyId(1),
+            caller: PartyId(2),
+        });
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "the message claims to come from party 1, but the caller is party 2"
         );
     }
 }
