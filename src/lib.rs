@@ -4,7 +4,8 @@
 //! [`data`] (loaders, the synthetic generator, the leave-one-out split),
 //! [`eval`] (metrics and the centralized and popularity baselines) and
 //! [`sim`] (simulations of many devices against a real coordinator) and
-//! [`diversity`] (coverage and list diversity against the devices' knob).
+//! [`diversity`] (coverage and list diversity against the devices' knob),
+//! [`bench`] (benchmarks).
 
 pub mod bench;
 pub mod data;

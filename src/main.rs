@@ -1,4 +1,4 @@
-//! The `fedrec` command line: simulate, serve, client, gen-data.
+//! The `fedrec` command line: simulate, serve, client, split, gen-data, bench.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -76,6 +76,10 @@ enum BenchCommand {
     /// Local training time per device per round and peak memory, on
     /// generated data of MovieLens-1M's size under the movielens preset.
     Device(BenchDeviceArgs),
+    /// Round time and coordinator memory with and without secure
+    /// aggregation, in process (real coordinator core and device state
+    /// machines, local training stubbed), for each cohort and update size.
+    Secagg(SecaggBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -108,6 +112,28 @@ struct BenchDeviceArgs {
     /// Devices timed.
     #[arg(long, default_value_t = 200)]
     devices: usize,
+}
+
+#[derive(Args, Debug)]
+struct SecaggBenchArgs {
+    /// Cohort sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = fedrec::bench::secagg::DEFAULT_COHORTS)]
+    cohorts: Vec<usize>,
+    /// Update sizes (values), comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = fedrec::bench::secagg::DEFAULT_SIZES)]
+    sizes: Vec<usize>,
+    /// Threads simulating the devices (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seed of the stub updates, cohorts and keys.
+    #[arg(long, default_value_t = sim::DEFAULT_SEED)]
+    seed: u64,
+    /// Rounds per configuration and protocol; the fastest is reported.
+    #[arg(long, default_value_t = fedrec::bench::secagg::DEFAULT_REPEATS)]
+    repeats: usize,
+    /// Also write the rows as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
 }
 
 /// Where interactions come from.
@@ -207,6 +233,23 @@ struct ConfigOverrides {
     /// Server learning-rate schedule over the rounds: constant or cosine.
     #[arg(long, value_parser = parse_name::<Schedule>)]
     schedule: Option<Schedule>,
+    /// Run training rounds through secure aggregation (the coordinator
+    /// learns only each cohort's sum); sets secure_aggregation.enabled.
+    #[arg(long)]
+    secure_aggregation: bool,
+    /// Secure aggregation: clip update values to [-X, X] before quantizing.
+    #[arg(long, value_name = "X")]
+    secagg_range: Option<f32>,
+    /// Secure aggregation: bits per quantized value.
+    #[arg(long, value_name = "BITS")]
+    secagg_bits: Option<u32>,
+    /// Secure aggregation: neighbours per device (default 2·⌈log2 n⌉).
+    #[arg(long, value_name = "K")]
+    secagg_neighbours: Option<usize>,
+    /// Secure aggregation: shares needed per secret, as a fraction of the
+    /// neighbours, in (0.5, 1].
+    #[arg(long, value_name = "FRACTION")]
+    secagg_threshold: Option<f64>,
 }
 
 impl ConfigOverrides {
@@ -251,6 +294,22 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.server_lr {
             cfg.strategy.server_lr = v;
+        }
+        let sa = &mut cfg.secure_aggregation;
+        if self.secure_aggregation {
+            sa.enabled = true;
+        }
+        if let Some(v) = self.secagg_range {
+            sa.range = v;
+        }
+        if let Some(v) = self.secagg_bits {
+            sa.bits = v;
+        }
+        if let Some(v) = self.secagg_neighbours {
+            sa.neighbours = Some(v);
+        }
+        if let Some(v) = self.secagg_threshold {
+            sa.threshold = v;
         }
     }
 }
@@ -411,6 +470,7 @@ fn privacy(a: PrivacyArgs) -> anyhow::Result<()> {
 
 fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Secagg(args) => bench_secagg(args)?,
         BenchCommand::Aggregate => {
             println!("| updates | values | aggregate GB/s | plain read-and-add GB/s | ratio |");
             println!("|---|---|---|---|---|");
@@ -741,5 +801,43 @@ fn gen_data(args: GenDataArgs) -> anyhow::Result<()> {
         ds.n_users(),
         args.out.display()
     );
+    Ok(())
+}
+
+fn bench_secagg(args: SecaggBenchArgs) -> anyhow::Result<()> {
+    let mut bench = fedrec::bench::secagg::SecAggBench {
+        cohorts: args.cohorts,
+        sizes: args.sizes,
+        seed: args.seed,
+        repeats: args.repeats,
+        ..Default::default()
+    };
+    if let Some(threads) = args.threads {
+        bench.threads = threads.max(1);
+    }
+    eprintln!(
+        "secure aggregation benchmark: cohorts {:?}, update sizes {:?}, {} device threads",
+        bench.cohorts, bench.sizes, bench.threads
+    );
+    let rows = fedrec::bench::secagg::secagg(&bench, |r| {
+        eprintln!(
+            "  {} devices x {} values: plain {:.1} ms, secure {:.1} ms ({:.2}x)",
+            r.devices,
+            r.values,
+            r.plain_round_s() * 1e3,
+            r.secure_round_s() * 1e3,
+            r.ratio()
+        );
+    })?;
+    println!("{}", fedrec::bench::secagg::secagg_table(&rows));
+    println!(
+        "Round time = the coordinator's time + one device's (devices run in parallel on their \
+         own hardware); network transfer and local training are not included."
+    );
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("rows written to {}", path.display());
+    }
     Ok(())
 }

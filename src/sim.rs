@@ -11,6 +11,12 @@
 //! Both end with a federated evaluation round in which every device ranks its
 //! held-out purchase locally and reports only counts; the report sets those
 //! beside the centralized and popularity baselines on the same split.
+//!
+//! With `secure_aggregation.enabled`, both run every training round through
+//! secure aggregation with the devices' real [`fedrec_client::secagg`]
+//! state machines ([`secure`] in process).
+
+pub mod secure;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,9 +28,9 @@ use fedrec_client::metrics::{EvalCounts, K};
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
 use fedrec_client::store::Purchase;
-use fedrec_coordinator::config::CoordinatorConfig;
+use fedrec_coordinator::config::{CoordinatorConfig, SecureAggregationConfig};
 use fedrec_coordinator::round::{
-    CheckIn, Pseudonym, RoundCore, RoundSummary, TaskKind, UpdateHeader,
+    CheckIn, Pseudonym, RoundCore, RoundSummary, SecureSummary, TaskKind, UpdateHeader,
 };
 use fedrec_coordinator::service::{CoordinatorService, ServeOptions};
 use rand::SeedableRng;
@@ -73,6 +79,66 @@ pub struct RoundRow {
     pub ndcg_at_10: f64,
     /// Whether the round completed (false: abandoned, nothing applied).
     pub completed: bool,
+    /// Why it was abandoned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abandon_reason: Option<String>,
+    /// Devices left after each secure aggregation step, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureSummary>,
+}
+
+/// Secure aggregation in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct SecureReport {
+    /// Whether training rounds ran through secure aggregation.
+    pub enabled: bool,
+    /// Its configuration, when enabled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<SecureAggregationConfig>,
+    /// Worst-case quantization error of one value of a round's mean update
+    /// under uniform weighting, `range / (2^bits − 2)` (with example
+    /// weighting, times the cohort size over its summed weight).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_error_per_value: Option<f64>,
+    /// Per training round: devices left after each step, abandonments.
+    pub rounds: Vec<SecureRoundRow>,
+}
+
+/// One training round's secure aggregation.
+#[derive(Clone, Debug, Serialize)]
+pub struct SecureRoundRow {
+    /// Round number.
+    pub round: u32,
+    /// Devices left after each step.
+    #[serde(flatten)]
+    pub steps: SecureSummary,
+    /// Why the round was abandoned, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abandon_reason: Option<String>,
+}
+
+impl SecureReport {
+    fn new(config: &CoordinatorConfig, rows: &[RoundRow]) -> Self {
+        let sa = &config.secure_aggregation;
+        Self {
+            enabled: sa.enabled,
+            config: sa.enabled.then(|| sa.clone()),
+            max_error_per_value: sa
+                .enabled
+                .then(|| sa.protocol().quantizer().ok().map(|q| q.max_error()))
+                .flatten(),
+            rounds: rows
+                .iter()
+                .filter_map(|r| {
+                    Some(SecureRoundRow {
+                        round: r.round,
+                        steps: r.secure_aggregation.clone()?,
+                        abandon_reason: r.abandon_reason.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Final metrics of each method on the same split.
@@ -130,6 +196,8 @@ pub struct Report {
     /// Final metrics.
     #[serde(rename = "final")]
     pub final_: Final,
+    /// Whether secure aggregation was on, and what it did per round.
+    pub secure_aggregation: SecureReport,
     /// Timing.
     pub timing: Timing,
 }
@@ -155,6 +223,8 @@ fn row(s: &RoundSummary, seconds: f64) -> RoundRow {
         hr_at_10: s.evaluation.hit_rate_full().unwrap_or(0.0),
         ndcg_at_10: s.evaluation.ndcg_full_mean().unwrap_or(0.0),
         completed: s.completed,
+        abandon_reason: s.abandon_reason.clone(),
+        secure_aggregation: s.secure_aggregation.clone(),
     }
 }
 
@@ -276,7 +346,9 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let centralized_seconds = cen_start.elapsed().as_secs_f64();
     let popularity = eval::popularity(&split, cfg.seed);
 
+    let secure_aggregation = SecureReport::new(&coord, &rounds);
     Ok(Report {
+        secure_aggregation,
         config: SimConfig {
             coordinator: coord,
             ..cfg.clone()
@@ -334,6 +406,16 @@ fn run_inproc(
         if finished {
             break;
         }
+        if tasks.iter().any(|(_, t)| t.secure_aggregation.is_some()) {
+            // A secure round needs its whole cohort at once: devices that
+            // checked in before it started get their tasks on a second pass.
+            tasks.clear();
+            for (i, p) in pseudonyms.iter().enumerate() {
+                if let CheckIn::Task(task) = core.check_in(clock, p)? {
+                    tasks.push((i, task));
+                }
+            }
+        }
         if tasks.is_empty() {
             // Nothing to do until a timer fires: jump the virtual clock to it.
             match core.poll_timeout() {
@@ -386,6 +468,24 @@ fn run_cohort(
                 .context("task for an unknown device")?;
             selected.push((d, task));
         }
+    }
+    if tasks.iter().any(|(_, t)| t.secure_aggregation.is_some()) {
+        let seed = core.config().rounds.seed.unwrap_or_default();
+        let cohort = selected
+            .into_iter()
+            .zip(tasks)
+            .map(|((device, task), (i, _))| (pseudonyms[*i], task.clone(), device))
+            .collect();
+        secure::drive_round(
+            core,
+            clock,
+            cohort,
+            seed,
+            threads,
+            IN_FLIGHT_PER_THREAD,
+            |task, device| secure_input(device, task, global),
+        )?;
+        return Ok(());
     }
     let batch = threads * IN_FLIGHT_PER_THREAD;
     for (part, part_tasks) in selected.chunks_mut(batch).zip(tasks.chunks(batch)) {
@@ -451,6 +551,26 @@ fn submit(
 enum TaskResult {
     Update(fedrec_client::device::LocalUpdate),
     Evaluation(Option<EvalCounts>),
+}
+
+/// Trains a device of a secure round and returns what it masks.
+fn secure_input(
+    device: &mut Device,
+    task: &fedrec_coordinator::round::Task,
+    global: &[f32],
+) -> anyhow::Result<Vec<f32>> {
+    let secure = task
+        .secure_aggregation
+        .as_ref()
+        .context("a secure round's task without secure aggregation")?;
+    let update = device.train(global, &device_training(&task.training), task.evaluate)?;
+    Ok(fedrec_proto::secagg::payload::encode(
+        &update.delta,
+        update.num_examples,
+        update.evaluation.as_ref(),
+        secure.weighting,
+        secure.config.range,
+    ))
 }
 
 fn run_task(

@@ -87,6 +87,10 @@ pub enum ClientError {
     /// The operating system's random number generator failed.
     #[error("system random number generator failed: {0}")]
     Random(String),
+    /// Secure aggregation refused a message or a call (the coordinator sent
+    /// something this device must not act on, or the round cannot go on).
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] fedrec_proto::secagg::SecAggError),
     /// The coordinator answered a request with an error.
     #[error("coordinator refused {request}: {status}")]
     Rpc {

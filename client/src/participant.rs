@@ -4,6 +4,12 @@
 //! in, downloads the global model, lets the device train or evaluate, and
 //! uploads what the device produced. Every message it sends is logged in a
 //! [`SentLog`] (kind, round, bytes), so an app can show what left the device.
+//!
+//! A training task with secure aggregation takes the four SecAgg+ steps
+//! instead of the plain upload (see the `secure` submodule): the
+//! coordinator then learns only the cohort's sum.
+
+mod secure;
 
 use std::time::Duration;
 
@@ -215,6 +221,11 @@ impl Participant {
         device: Device,
         task: &pb::Task,
     ) -> Result<(Device, bool), ClientError> {
+        if let Some(secure) = &task.secure_aggregation
+            && task.kind() == pb::TaskKind::Train
+        {
+            return self.do_secure_task(device, task, secure).await;
+        }
         let cfg = training_config(task)?;
         let global = self.download(&device, task).await?;
         let kind = task.kind();

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use fedrec_proto::secagg::{PartyId, SecAggError};
 use fedrec_proto::tensor::TensorError;
 
 use crate::round::TaskKind;
@@ -139,6 +140,31 @@ pub enum CoordinatorError {
     /// A request is structurally wrong (missing field, header not first, ...).
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// A secure aggregation message was refused, or the round's secure
+    /// aggregation was abandoned.
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] SecAggError),
+    /// A secure aggregation message claims to come from another party than
+    /// the caller's.
+    #[error("the message claims to come from party {claimed}, but the caller is party {caller}")]
+    WrongParty {
+        /// The party the message names as its sender.
+        claimed: PartyId,
+        /// The caller's party in this round.
+        caller: PartyId,
+    },
+    /// A plain update sent to a round that runs secure aggregation.
+    #[error("round {round} uses secure aggregation: send a masked input, not a plain update")]
+    SecureRound {
+        /// The open round.
+        round: u32,
+    },
+    /// A secure aggregation message sent to a round without it.
+    #[error("round {round} does not use secure aggregation")]
+    NotSecureRound {
+        /// The open round.
+        round: u32,
+    },
     /// The coordinator's shared state was poisoned by a panic.
     #[error("internal error: {0}")]
     Internal(String),
@@ -172,6 +198,10 @@ impl CoordinatorError {
             Self::TooLarge { .. } => "too_large",
             Self::UploadTimeout { .. } => "upload_timeout",
             Self::Malformed(_) => "malformed",
+            Self::SecAgg(e) => e.reason(),
+            Self::WrongParty { .. } => "wrong_party",
+            Self::SecureRound { .. } => "secure_round",
+            Self::NotSecureRound { .. } => "not_secure_round",
             Self::Internal(_) => "internal",
             Self::Transport(_) => "transport",
         }
@@ -200,6 +230,11 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::Malformed(_) => Code::InvalidArgument,
             CoordinatorError::TooLarge { .. } => Code::ResourceExhausted,
             CoordinatorError::UploadTimeout { .. } => Code::DeadlineExceeded,
+            CoordinatorError::SecAgg(e) => secagg_code(e),
+            CoordinatorError::WrongParty { .. } => Code::PermissionDenied,
+            CoordinatorError::SecureRound { .. } | CoordinatorError::NotSecureRound { .. } => {
+                Code::FailedPrecondition
+            }
             CoordinatorError::InvalidConfig(_)
             | CoordinatorError::ConfigFile { .. }
             | CoordinatorError::InvalidModel(_)
@@ -207,6 +242,30 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::Transport(_) => Code::Internal,
         };
         tonic::Status::new(code, err.to_string())
+    }
+}
+
+/// The gRPC code of each kind of secure aggregation error.
+fn secagg_code(err: &SecAggError) -> tonic::Code {
+    use tonic::Code;
+    match err {
+        // The round (or this device's part in it) is not where the message
+        // belongs: retrying the same message cannot help.
+        SecAggError::WrongStep { .. }
+        | SecAggError::WrongRound { .. }
+        | SecAggError::Abandoned(_)
+        | SecAggError::TooFewSurvivors { .. }
+        | SecAggError::TooFewShares { .. } => Code::FailedPrecondition,
+        // The device is not (or no longer) a participant of the step.
+        SecAggError::UnknownParty { .. } => Code::PermissionDenied,
+        SecAggError::Duplicate { .. } => Code::AlreadyExists,
+        SecAggError::CohortFull { .. } => Code::ResourceExhausted,
+        // The coordinator's own configuration does not fit the cohort.
+        SecAggError::InvalidConfig(_) => Code::Internal,
+        // Everything else is a message that is wrong in itself: a bad key or
+        // signature, a share for a non-neighbour, a forged or duplicated
+        // share, a share that would unmask a survivor, a wrong length.
+        _ => Code::InvalidArgument,
     }
 }
 
@@ -238,6 +297,84 @@ mod tests {
         assert_eq!(
             tonic::Status::from(CoordinatorError::TooLarge { limit: 4, got: 8 }).code(),
             tonic::Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn secure_aggregation_errors_map_to_codes_and_keep_their_reason() {
+        use fedrec_proto::secagg::{AbandonReason, Step};
+        use tonic::Code;
+        let cases: Vec<(SecAggError, Code, &str)> = vec![
+            (
+                SecAggError::WrongStep {
+                    message: Step::ShareKeys,
+                    current: Step::Advertise,
+                },
+                Code::FailedPrecondition,
+                "not accepted at step advertise keys",
+            ),
+            (
+                SecAggError::NotNeighbour {
+                    party: PartyId(3),
+                    other: PartyId(4),
+                },
+                Code::InvalidArgument,
+                "party 3 is not a neighbour of party 4",
+            ),
+            (
+                SecAggError::MaskKeyShareForSurvivor {
+                    sender: PartyId(1),
+                    owner: PartyId(2),
+                },
+                Code::InvalidArgument,
+                "which is a survivor",
+            ),
+            (
+                SecAggError::Duplicate {
+                    what: "share",
+                    party: PartyId(5),
+                },
+                Code::AlreadyExists,
+                "duplicate share for party 5",
+            ),
+            (
+                SecAggError::UnknownParty {
+                    party: PartyId(9),
+                    step: Step::Unmask,
+                },
+                Code::PermissionDenied,
+                "party 9 is not a participant",
+            ),
+            (
+                SecAggError::Abandoned(AbandonReason::TooFewParties {
+                    step: Step::MaskedInput,
+                    have: 1,
+                    need: 3,
+                }),
+                Code::FailedPrecondition,
+                "only 1 device(s) remain",
+            ),
+        ];
+        for (err, code, needle) in cases {
+            let reason = err.reason();
+            let err = CoordinatorError::from(err);
+            assert_eq!(err.reason(), reason);
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+            assert!(
+                status.message().starts_with("secure aggregation: "),
+                "{status:?}"
+            );
+        }
+        let status = tonic::Status::from(CoordinatorError::WrongParty {
+            claimed: PartyId(1),
+            caller: PartyId(2),
+        });
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "the message claims to come from party 1, but the caller is party 2"
         );
     }
 }

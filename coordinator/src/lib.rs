@@ -15,6 +15,11 @@
 //!   `submit_update`, `submit_evaluation`, `poll`); outputs are return values
 //!   and queries (`poll_timeout`, `model`, `history`, `status`). No tokio, no
 //!   sockets, no clock: tests and in-process simulations step it directly.
+//!   With `[secure_aggregation]` enabled, training rounds run the four
+//!   SecAgg+ steps ([`round::secure`]) over the state machine of [`secagg`]:
+//!   the coordinator learns the cohort's sum, never one device's update.
+//! - [`secagg`]: [`secagg::SecAggRound`], the coordinator side of one secure
+//!   aggregation (sans-IO, memory `O(update + n·k)`).
 //! - [`aggregate`]: the streaming weighted sum of a round's updates (memory
 //!   independent of the cohort size) and the summed evaluation counts.
 //! - [`strategy`]: the server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi,
@@ -97,8 +102,9 @@ pub use aggregate::{Aggregator, EvalCounts};
 pub use config::CoordinatorConfig;
 pub use error::CoordinatorError;
 pub use round::{
-    CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, Task,
-    TaskKind, UpdateAccepted, UpdateHeader,
+    CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary,
+    SecurePoll, SecureSum, SecureSummary, SecureTask, SecureWant, Task, TaskKind, UnmaskDone,
+    UnmaskJob, UpdateAccepted, UpdateHeader,
 };
 pub use service::{CoordinatorService, Progress, ServeOptions, ServiceHandle, serve};
 pub use strategy::Strategy;

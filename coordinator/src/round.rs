@@ -18,6 +18,10 @@
 //! 4. the round ends when enough updates arrived, or at its deadline
 //!    ([`poll`](RoundCore::poll)); a completed training round applies the
 //!    strategy to the weighted-mean update and bumps the model version.
+//!
+//! With `secure_aggregation.enabled`, a training round collects masked
+//! inputs through the four steps of SecAgg+ instead of plain updates, and
+//! the coordinator learns only their sum: see [`secure`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -36,6 +40,12 @@ use crate::CoordinatorError;
 use crate::aggregate::{Aggregator, EvalCounts};
 use crate::config::{CoordinatorConfig, TrainingConfig};
 use crate::strategy::{NonFinite, Strategy};
+
+pub mod secure;
+
+pub use secure::{
+    SecurePoll, SecureSum, SecureSummary, SecureTask, SecureWant, UnmaskDone, UnmaskJob,
+};
 
 /// A device's random 128-bit pseudonym; nothing else identifies a device.
 ///
@@ -111,6 +121,9 @@ pub struct Task {
     /// Evaluate the downloaded model before training (always true for
     /// evaluation tasks) and report the counts.
     pub evaluate: bool,
+    /// Set when the update goes through secure aggregation: the device's
+    /// party and the protocol's configuration.
+    pub secure_aggregation: Option<SecureTask>,
 }
 
 /// The answer to a check-in.
@@ -204,6 +217,9 @@ pub struct RoundSummary {
     pub seconds: f64,
     /// Evaluation counts summed over the participants.
     pub evaluation: EvalCounts,
+    /// What secure aggregation did in the round, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureSummary>,
 }
 
 /// Something that happened, reported by [`RoundCore::poll`].
@@ -264,6 +280,8 @@ struct OpenRound {
     needed: usize,
     accepted: usize,
     evaluation: EvalCounts,
+    /// Secure aggregation, in training rounds when it is enabled.
+    secure: Option<secure::SecureRound>,
 }
 
 /// The coordinator's sans-IO core. See the [module docs](self).
@@ -271,6 +289,9 @@ struct OpenRound {
 pub struct RoundCore {
     config: CoordinatorConfig,
     rng: ChaCha20Rng,
+    /// Secure aggregation's randomness (graph seeds), apart from `rng` so
+    /// that turning it on does not change pseudonyms or cohorts.
+    secure_rng: ChaCha20Rng,
     joined: BTreeSet<Pseudonym>,
     /// Devices waiting for a task (always a subset of `joined`).
     pool: BTreeSet<Pseudonym>,
@@ -290,6 +311,7 @@ pub struct RoundCore {
     rejections: BTreeMap<&'static str, u64>,
     events: VecDeque<Event>,
     generation: u64,
+    last_secure_sum: Option<SecureSum>,
 }
 
 impl RoundCore {
@@ -310,9 +332,12 @@ impl RoundCore {
             )));
         }
         tensor::check_finite(&params).map_err(|e| CoordinatorError::InvalidModel(e.to_string()))?;
-        let rng = match config.rounds.seed {
-            Some(seed) => ChaCha20Rng::seed_from_u64(seed),
-            None => rand::make_rng(),
+        let (rng, secure_rng) = match config.rounds.seed {
+            Some(seed) => (
+                ChaCha20Rng::seed_from_u64(seed),
+                ChaCha20Rng::seed_from_u64(seed ^ 0x5ECA_6650_5ECA_6650),
+            ),
+            None => (rand::make_rng(), rand::make_rng()),
         };
         let n = params.len();
         Ok(Self {
@@ -321,6 +346,7 @@ impl RoundCore {
             model: Arc::new(ModelSnapshot::new(1, layout, params)),
             config,
             rng,
+            secure_rng,
             joined: BTreeSet::new(),
             pool: BTreeSet::new(),
             window_start: None,
@@ -333,6 +359,7 @@ impl RoundCore {
             rejections: BTreeMap::new(),
             events: VecDeque::new(),
             generation: 0,
+            last_secure_sum: None,
         })
     }
 
@@ -479,7 +506,10 @@ impl RoundCore {
             return None;
         }
         if let Some(open) = &self.open {
-            return Some(open.deadline);
+            return match &open.secure {
+                Some(secure) => secure.poll_timeout(),
+                None => Some(open.deadline),
+            };
         }
         let start = self.window_start?;
         (self.pool.len() >= self.config.rounds.min_updates)
@@ -516,7 +546,9 @@ impl RoundCore {
             joined: self.joined.len(),
             waiting: self.pool.len(),
             selected: self.open.as_ref().map_or(0, |o| o.cohort.len()),
-            accepted: self.open.as_ref().map_or(0, |o| o.accepted),
+            accepted: self.open.as_ref().map_or(0, |o| {
+                o.secure.as_ref().map_or(o.accepted, |s| s.received())
+            }),
         }
     }
 
@@ -563,6 +595,10 @@ impl RoundCore {
         if open.cohort.get(pseudonym) != Some(&false) {
             return None;
         }
+        let secure_aggregation = match &open.secure {
+            Some(secure) => Some(secure.task(pseudonym)?),
+            None => None,
+        };
         Some(Task {
             kind: open.kind,
             round: open.number,
@@ -570,6 +606,7 @@ impl RoundCore {
             deadline: open.deadline,
             training: self.config.training,
             evaluate: open.kind == TaskKind::Evaluate || self.config.rounds.evaluate,
+            secure_aggregation,
         })
     }
 
@@ -580,6 +617,11 @@ impl RoundCore {
             header.model_version,
             TaskKind::Train,
         )?;
+        if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
+            return Err(CoordinatorError::SecureRound {
+                round: header.round,
+            });
+        }
         let expected = self.model.params.len();
         if header.num_values != expected as u64 {
             return Err(CoordinatorError::WrongNumValues {
@@ -667,6 +709,11 @@ impl RoundCore {
     fn advance(&mut self, now: Instant) {
         loop {
             match &self.open {
+                Some(open) if open.secure.is_some() => {
+                    if !self.advance_secure(now) {
+                        return;
+                    }
+                }
                 Some(open) if open.accepted >= open.needed => self.close(now, None),
                 Some(open) if now >= open.deadline => {
                     let min = self.config.rounds.min_updates;
@@ -767,6 +814,9 @@ impl RoundCore {
         }
         self.window_start = None;
         self.aggregator.reset();
+        let number = self.last_round;
+        let secure = secure::is_secure(kind, self.config.secure_aggregation.enabled)
+            .then(|| secure::SecureRound::new(self, number, cohort.keys().copied(), now));
         self.open = Some(OpenRound {
             number: self.last_round,
             kind,
@@ -777,6 +827,7 @@ impl RoundCore {
             needed,
             accepted: 0,
             evaluation: EvalCounts::default(),
+            secure,
         });
         self.generation += 1;
         self.events.push_back(Event::RoundStarted {
@@ -791,12 +842,17 @@ impl RoundCore {
     /// Ends the open round: completes it (applying the strategy for a
     /// training round) unless `abandon` gives a reason.
     fn close(&mut self, now: Instant, mut abandon: Option<String>) {
-        let Some(open) = self.open.take() else {
+        let Some(mut open) = self.open.take() else {
             return;
         };
         if abandon.is_none() && open.kind == TaskKind::Train {
-            // The round completed, so at least min_updates >= 1 updates were added.
-            match self.aggregator.mean() {
+            // The round completed, so at least min_updates >= 1 updates were
+            // added (or, under secure aggregation, the sum was unmasked).
+            let mean = match open.secure.as_mut() {
+                Some(secure) => secure.mean.take(),
+                None => self.aggregator.mean(),
+            };
+            match mean {
                 Some(mean) => match self.strategy.step(
                     &self.model.params,
                     &mean,
@@ -833,6 +889,7 @@ impl RoundCore {
             participants: open.accepted,
             seconds: now.saturating_duration_since(open.started).as_secs_f64(),
             evaluation: open.evaluation,
+            secure_aggregation: open.secure.as_ref().map(secure::SecureRound::summary),
         };
         self.history.push(summary.clone());
         self.events.push_back(Event::RoundEnded(summary));

@@ -37,8 +37,9 @@
 use fedrec_proto::secagg::crypto::{self, KeyPair, SHARE_CIPHERTEXT_LEN};
 use fedrec_proto::secagg::{
     AbandonReason, Advertisement, EncryptedShare, MaskedInput, NeighbourGraph, PartyId, Quantizer,
-    Roster, RoundParams, SecAggConfig, SecAggError, SecretKind, SecretShare, ShareDelivery,
-    ShareKeys, Step, UnmaskRequest, UnmaskResponse, config::MIN_PARTIES, prg, shamir,
+    Roster, RoundParams, SecAggConfig, SecAggError, Secret32, SecretKind, SecretShare,
+    ShareDelivery, ShareKeys, Step, UnmaskRequest, UnmaskResponse, config::MIN_PARTIES, prg,
+    shamir,
 };
 use rand::CryptoRng;
 use std::collections::BTreeMap;
@@ -172,6 +173,36 @@ impl SecAggRound {
     /// The neighbour graph, once the roster is fixed.
     pub fn graph(&self) -> Option<&NeighbourGraph> {
         self.fixed.as_ref().map(|f| &f.graph)
+    }
+
+    /// Heap bytes the round holds (approximate): the running sum, the
+    /// advertisements and the graph, the encrypted shares in transit and the
+    /// revealed shares. `O(num_values + n · k)`: no per-device vector is
+    /// ever kept.
+    pub fn held_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let pending = self.pending.len() * (size_of::<Advertisement>() + size_of::<PartyId>());
+        let fixed = self.fixed.as_ref().map_or(0, |f| {
+            f.advertisements.capacity() * size_of::<Advertisement>()
+                + f.status.capacity() * size_of::<Status>()
+                + f.graph.len() * (size_of::<PartyId>() + 4 * f.graph.degree())
+        });
+        let shares: usize = self
+            .shares
+            .iter()
+            .map(|s| {
+                size_of::<Vec<EncryptedShare>>()
+                    + s.capacity() * size_of::<EncryptedShare>()
+                    + s.iter().map(|e| e.ciphertext.capacity()).sum::<usize>()
+            })
+            .sum();
+        let revealed: usize = self
+            .self_mask_shares
+            .iter()
+            .chain(&self.mask_key_shares)
+            .map(|v| size_of::<Vec<SecretShare>>() + v.capacity() * size_of::<SecretShare>())
+            .sum();
+        pending + fixed + shares + revealed + self.sum.capacity() * size_of::<u32>()
     }
 
     /// Messages accepted in the current step.
@@ -808,14 +839,23 @@ impl SecAggRound {
     /// secret has fewer than `t` shares or does not match what its owner
     /// advertised.
     pub fn finish(&mut self) -> Result<SecAggOutput, SecAggError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.finish_with(threads)
+    }
+
+    /// [`finish`](Self::finish) expanding the masks on `threads` threads (the
+    /// output does not depend on it).
+    pub fn finish_with(&mut self, threads: usize) -> Result<SecAggOutput, SecAggError> {
         self.expect_step(Step::Unmask)?;
         if let Some(reason) = self.missing_shares() {
             return Err(self.abandon(reason));
         }
+        let masks = match self.masks() {
+            Ok(masks) => masks,
+            Err(reason) => return Err(self.abandon(reason)),
+        };
         let mut sum = std::mem::take(&mut self.sum);
-        if let Err(reason) = self.unmask(&mut sum) {
-            return Err(self.abandon(reason));
-        }
+        prg::apply_masks(&masks, &mut sum, threads);
         let fixed = self.fixed();
         let survivors: Vec<PartyId> = (0..fixed.graph.len())
             .filter(|&i| fixed.status[i] >= Status::Masked)
@@ -832,8 +872,10 @@ impl SecAggRound {
         Ok(SecAggOutput { sum, survivors })
     }
 
-    /// Removes every mask left in `sum`.
-    fn unmask(&self, sum: &mut [u32]) -> Result<(), AbandonReason> {
+    /// Reconstructs the secrets and returns every mask left in the sum, with
+    /// the sign that removes it.
+    fn masks(&self) -> Result<Vec<(Secret32, prg::Sign)>, AbandonReason> {
+        let mut masks = Vec::new();
         let fixed = self.fixed();
         let t = fixed.params.threshold;
         let mismatch = |i: usize, secret| AbandonReason::ReconstructionMismatch {
@@ -853,7 +895,7 @@ impl SecAggRound {
                     {
                         return Err(mismatch(i, SecretKind::SelfMask));
                     }
-                    prg::sub_mask(&b, sum);
+                    masks.push((b, prg::Sign::Sub));
                 }
                 Status::Shared => {
                     let surviving: Vec<usize> = fixed
@@ -881,16 +923,17 @@ impl SecAggRound {
                             .map_err(|_| mismatch(i, SecretKind::MaskKey))?;
                         let seed = crypto::mask_seed(&shared, self.round, party, peer);
                         // The survivor added the mask if its id is the smaller.
-                        if peer < party {
-                            prg::sub_mask(&seed, sum);
+                        let sign = if peer < party {
+                            prg::Sign::Sub
                         } else {
-                            prg::add_mask(&seed, sum);
-                        }
+                            prg::Sign::Add
+                        };
+                        masks.push((seed, sign));
                     }
                 }
             }
         }
-        Ok(())
+        Ok(masks)
     }
 }
 

@@ -10,7 +10,9 @@
 //! [`Progress`] value is published on a `tokio::sync::watch` channel; waiting
 //! check-ins (long polls) and the driver task wake on it. The driver calls
 //! [`RoundCore::poll`] at [`RoundCore::poll_timeout`], so a round reaches its
-//! deadline even when every device has fallen silent.
+//! deadline even when every device has fallen silent. Under secure
+//! aggregation the driver also runs each round's unmasking (CPU-heavy) on a
+//! blocking thread, outside the lock, and hands the result back to the core.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +27,8 @@ use tonic::{Request, Response, Status, Streaming};
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, update_chunk::Part};
 use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, tensor};
+
+mod secure;
 
 use crate::CoordinatorError;
 use crate::aggregate::EvalCounts;
@@ -277,6 +281,7 @@ impl CoordinatorService {
                 // Differential privacy is not applied yet, so there is no
                 // budget to report; devices show "not reported".
                 privacy: None,
+                secure_aggregation: task.secure_aggregation.as_ref().map(secure::task_to_pb),
             }),
             CheckIn::Wait { retry_after } => Outcome::Wait(pb::Wait {
                 retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
@@ -385,6 +390,11 @@ async fn drive(shared: Arc<Shared>) {
         events.iter().for_each(log_event);
         if finished {
             return;
+        }
+        // A secure round whose last step closed: unmask off the lock, then
+        // look again (the round has ended).
+        if secure::run_unmask_job(&shared).await {
+            continue;
         }
         let timer = async {
             match timeout {
@@ -583,6 +593,48 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::EvaluationAck {
             round: accepted.round,
         }))
+    }
+
+    async fn sec_agg_advertise(
+        &self,
+        request: Request<pb::SecAggAdvertiseRequest>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        Ok(Response::new(
+            self.secagg_advertise(request.into_inner()).await?,
+        ))
+    }
+
+    async fn sec_agg_poll(
+        &self,
+        request: Request<pb::SecAggPollRequest>,
+    ) -> Result<Response<pb::SecAggPollResponse>, Status> {
+        Ok(Response::new(self.secagg_poll(request.into_inner()).await?))
+    }
+
+    async fn sec_agg_share_keys(
+        &self,
+        request: Request<pb::SecAggShareKeysRequest>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        Ok(Response::new(
+            self.secagg_share_keys(request.into_inner()).await?,
+        ))
+    }
+
+    async fn sec_agg_masked_input(
+        &self,
+        request: Request<Streaming<pb::SecAggMaskedChunk>>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        let mut stream = request.into_inner();
+        Ok(Response::new(self.secagg_masked_input(&mut stream).await?))
+    }
+
+    async fn sec_agg_unmask(
+        &self,
+        request: Request<pb::SecAggUnmaskSubmission>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        Ok(Response::new(
+            self.secagg_unmask(request.into_inner()).await?,
+        ))
     }
 
     async fn status(

@@ -48,8 +48,8 @@ pub struct SecAggConfig {
     /// Updates are clipped to `[-range, range]` before quantization. Default
     /// 1.0.
     pub range: f32,
-    /// Bits per quantized value. Default 20: a worst-case error of
-    /// `range / (2²⁰ − 1) ≈ 1e-6 · range` per value, and cohorts of up to
+    /// Bits per quantized value, in `2..=31`. Default 20: a worst-case error
+    /// of `range / (2²⁰ − 2) ≈ 1e-6 · range` per value, and cohorts of up to
     /// 4,096 devices before the `u32` sum could overflow.
     pub bits: u32,
 }

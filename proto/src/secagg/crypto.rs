@@ -116,14 +116,58 @@ impl KeyPair {
 /// Whether an X25519 public key is a low-order point, so that agreement with
 /// it gives all zeros whatever the secret key. The coordinator can check this
 /// without any secret.
+///
+/// X25519 clamps every scalar to a multiple of the cofactor 8, so the result
+/// is zero for any scalar exactly when the point's order divides 8. The
+/// u-coordinates of those points on the curve and its twist are 0, 1, −1 and
+/// two points of order 8; with the non-canonical encodings `p` and `p + 1`
+/// and the ignored top bit, that is the list below (libsodium's
+/// `has_small_order`). A comparison instead of a scalar multiplication: the
+/// coordinator checks two keys per device. The test checks the list against
+/// an actual agreement.
 pub fn is_weak_public_key(public: &[u8; 32]) -> bool {
-    // X25519 clamps every scalar to a multiple of the cofactor 8, so the
-    // result is zero for any scalar exactly when the point's order divides 8.
-    let probe = StaticSecret::from([1_u8; 32]);
-    !probe
-        .diffie_hellman(&PublicKey::from(*public))
-        .was_contributory()
+    let mut key = *public;
+    // X25519 ignores the top bit of the u-coordinate.
+    key[31] &= 0x7f;
+    LOW_ORDER.contains(&key)
 }
+
+/// The encodings (top bit clear) of the u-coordinates of low-order points.
+const LOW_ORDER: [[u8; 32]; 7] = {
+    let mut p_minus_1 = [0xff_u8; 32];
+    p_minus_1[0] = 0xec;
+    p_minus_1[31] = 0x7f;
+    let mut p = p_minus_1;
+    p[0] = 0xed;
+    let mut p_plus_1 = p_minus_1;
+    p_plus_1[0] = 0xee;
+    let mut one = [0_u8; 32];
+    one[0] = 1;
+    [
+        // 0 (order 2 on the curve, 4 with the point at infinity's encoding)
+        [0; 32],
+        // 1 (order 4)
+        one,
+        // 325606250916557431795983626356110631294008115727848805560023387167927233504 (order 8)
+        [
+            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f,
+            0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16,
+            0x5f, 0x49, 0xb8, 0x00,
+        ],
+        // 39382357235489614581723060781553021112529911719440698176882885853963445705823 (order 8)
+        [
+            0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83,
+            0xef, 0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd,
+            0xd0, 0x9f, 0x11, 0x57,
+        ],
+        // p − 1 (order 2 on the twist)
+        p_minus_1,
+        // p ≡ 0
+        p,
+        // p + 1 ≡ 1
+        p_plus_1,
+    ]
+};
 
 /// HKDF-SHA256 of `shared` with `info = label ‖ use_label ‖ round ‖ a ‖ b`.
 fn derive(shared: &[u8; 32], use_label: &[u8], round: u64, a: PartyId, b: PartyId) -> Secret32 {
@@ -271,6 +315,22 @@ mod tests {
         one[0] = 1;
         assert!(a.agree(&one, PartyId(9)).is_err());
         assert!(is_weak_public_key(&[0; 32]) && is_weak_public_key(&one));
+        // The list agrees with an actual agreement, with and without the
+        // ignored top bit, and near misses are not weak.
+        let probe = |public: &[u8; 32]| {
+            !StaticSecret::from([1_u8; 32])
+                .diffie_hellman(&PublicKey::from(*public))
+                .was_contributory()
+        };
+        for weak in LOW_ORDER {
+            let mut high = weak;
+            high[31] |= 0x80;
+            assert!(probe(&weak) && probe(&high), "{weak:02x?}");
+            assert!(is_weak_public_key(&weak) && is_weak_public_key(&high));
+            let mut near = weak;
+            near[5] ^= 1;
+            assert!(!probe(&near) && !is_weak_public_key(&near), "{near:02x?}");
+        }
         assert!(!is_weak_public_key(a.public()) && !is_weak_public_key(b.public()));
         assert!(!format!("{a:?}").contains("secret"));
     }

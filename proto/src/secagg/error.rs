@@ -304,6 +304,10 @@ pub enum SecAggError {
     /// The round was abandoned; nothing will be output.
     #[error("round abandoned: {0}")]
     Abandoned(AbandonReason),
+    /// A message from the wire has the wrong shape (a key, signature or
+    /// share of the wrong length, a partial integer, ...).
+    #[error("malformed secure aggregation message: {0}")]
+    Malformed(String),
 }
 
 impl SecAggError {
@@ -337,6 +341,7 @@ impl SecAggError {
             Self::CohortFull { .. } => "cohort_full",
             Self::Shamir(_) => "shamir",
             Self::Abandoned(_) => "abandoned",
+            Self::Malformed(_) => "malformed",
         }
     }
 }

@@ -60,6 +60,10 @@
 //! - [`shamir`]: `t`-of-`k` sharing of 32-byte secrets.
 //! - [`prg`]: expansion of a 32-byte seed into a `u32` mask (the hot path).
 //! - [`messages`]: the plain message structs of the table above.
+//! - [`payload`]: what a device masks (its clipped update scaled by its
+//!   weight, the weight, its evaluation counts) and how the sum is read.
+//! - [`wire`]: their conversions to and from the protobuf messages of
+//!   `fedrec.proto`.
 //! - [`SecAggError`]: every way a message or a call can be refused.
 //!
 //! ```
@@ -85,9 +89,11 @@ pub mod crypto;
 mod error;
 pub mod graph;
 pub mod messages;
+pub mod payload;
 pub mod prg;
 pub mod quantize;
 pub mod shamir;
+pub mod wire;
 
 use std::fmt;
 

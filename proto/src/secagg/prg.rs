@@ -16,7 +16,9 @@
 //! far beyond any update.
 
 use chacha20::ChaCha20;
-use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
+
+use super::Secret32;
 
 /// Words generated per batch (16 KiB of keystream).
 const BATCH: usize = 4096;
@@ -38,6 +40,15 @@ impl Prg {
         Self {
             cipher: ChaCha20::new(seed.into(), &[0_u8; 12].into()),
         }
+    }
+
+    /// The stream of `seed` from its `offset`-th value on (to expand one
+    /// part of a mask without the values before it).
+    pub fn at(seed: &[u8; 32], offset: usize) -> Self {
+        let mut prg = Self::new(seed);
+        // A position within 2^36 values (see the module docs) fits in u64.
+        prg.cipher.seek(4 * offset as u64);
+        prg
     }
 
     /// Overwrites `out` with the next `out.len()` values.
@@ -101,6 +112,46 @@ pub fn sub_mask(seed: &[u8; 32], acc: &mut [u32]) {
     Prg::new(seed).sub_from(acc);
 }
 
+/// Whether a mask is added or subtracted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sign {
+    /// Added.
+    Add,
+    /// Subtracted.
+    Sub,
+}
+
+/// Adds or subtracts the masks of every `(seed, sign)` into `acc`, splitting
+/// `acc` into `threads` contiguous parts expanded in parallel (each part's
+/// stream starts at its offset). The result does not depend on `threads`.
+pub fn apply_masks(masks: &[(Secret32, Sign)], acc: &mut [u32], threads: usize) {
+    // Parts of whole 64-byte ChaCha blocks, so that no block is computed twice.
+    let part = acc
+        .len()
+        .div_ceil(threads.max(1))
+        .next_multiple_of(16)
+        .max(16);
+    let apply = |offset: usize, part: &mut [u32]| {
+        for (seed, sign) in masks {
+            let mut prg = Prg::at(seed, offset);
+            match sign {
+                Sign::Add => prg.add_to(part),
+                Sign::Sub => prg.sub_from(part),
+            }
+        }
+    };
+    if part >= acc.len() {
+        apply(0, acc);
+        return;
+    }
+    std::thread::scope(|s| {
+        for (i, chunk) in acc.chunks_mut(part).enumerate() {
+            let apply = &apply;
+            s.spawn(move || apply(i * part, chunk));
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +193,39 @@ mod tests {
         let mut other = vec![0_u32; 8];
         Prg::new(&[8; 32]).fill(&mut other);
         assert_ne!(other[..], whole[..8]);
+    }
+
+    #[test]
+    fn seeking_and_parallel_masks_match_the_stream() {
+        let seed = [9_u8; 32];
+        let mut whole = vec![0_u32; 2 * BATCH + 37];
+        Prg::new(&seed).fill(&mut whole);
+        for offset in [0, 1, 15, 16, 17, BATCH + 5] {
+            let mut tail = vec![0_u32; whole.len() - offset];
+            Prg::at(&seed, offset).fill(&mut tail);
+            assert_eq!(tail, whole[offset..], "offset {offset}");
+        }
+        let seeds = [[1_u8; 32], [2; 32], [3; 32]];
+        let masks = [
+            (Secret32::new(seeds[0]), Sign::Add),
+            (Secret32::new(seeds[1]), Sign::Sub),
+            (Secret32::new(seeds[2]), Sign::Add),
+        ];
+        let original: Vec<u32> = (0..whole.len() as u32).map(|v| v.wrapping_mul(7)).collect();
+        let mut expected = original.clone();
+        add_mask(&seeds[0], &mut expected);
+        sub_mask(&seeds[1], &mut expected);
+        add_mask(&seeds[2], &mut expected);
+        for threads in [1, 2, 3, 8, 1000] {
+            let mut acc = original.clone();
+            apply_masks(&masks, &mut acc, threads);
+            assert_eq!(acc, expected, "{threads} threads");
+        }
+        let mut tiny = vec![5_u32; 3];
+        apply_masks(&masks[..1], &mut tiny, 4);
+        let mut t = vec![5_u32; 3];
+        add_mask(&seeds[0], &mut t);
+        assert_eq!(tiny, t);
     }
 
     #[test]

@@ -2,15 +2,21 @@
 //! modulo 2³², where masks are added and cancel exactly.
 //!
 //! A value `x` is clipped to `[-range, range]` and mapped to the nearest of
-//! `L + 1` evenly spaced levels, `L = 2^bits − 1`:
+//! `L + 1` evenly spaced levels, `L = 2^bits − 2`:
 //! `q(x) = round((clip(x) + range) · L / (2 · range))`, an integer in `[0, L]`.
 //! The quantization step is `Δ = 2 · range / L`.
 //!
+//! **Zero is a level.** `L` is even, so the odd number of levels is
+//! symmetric around 0 and 0 itself is one (code `L / 2`): a value of exactly
+//! 0, which is most of a dense update, is encoded without error. With `2^bits`
+//! levels 0 would fall between two of them, and every zero would decode as
+//! half a step, a bias that adds up over a cohort and over rounds.
+//!
 //! **Error.** For one value, `|dequantize(q(x)) − clip(x)| ≤ Δ / 2 =
-//! range / (2^bits − 1)` ([`Quantizer::max_error`]), up to the final rounding
+//! range / (2^bits − 2)` ([`Quantizer::max_error`]), up to the final rounding
 //! of the result to `f32` (half an ulp, at most `2⁻²⁴ · range`). For a sum of
 //! `count` values decoded by [`Quantizer::decode_sum`], the error is at most
-//! `count · range / (2^bits − 1)`, again up to the rounding of the result to
+//! `count · range / (2^bits − 2)`, again up to the rounding of the result to
 //! `f32`. Clipping is not an error of the quantizer: values beyond `range` are
 //! deliberately cut, so choose `range` to cover the updates (or to be the
 //! clipping bound of differential privacy).
@@ -33,22 +39,25 @@ pub struct Quantizer {
 }
 
 impl Quantizer {
+    /// The smallest supported `bits` (three levels: `-range`, 0, `range`).
+    pub const MIN_BITS: u32 = 2;
     /// The largest supported `bits` (at 32 bits not even two codes could be
     /// added without overflow).
     pub const MAX_BITS: u32 = 31;
 
-    /// A quantizer clipping to `[-range, range]` with `2^bits` levels.
+    /// A quantizer clipping to `[-range, range]` with `2^bits − 1` levels.
     ///
-    /// `range` must be finite and positive, `bits` in `1..=31`.
+    /// `range` must be finite and positive, `bits` in `2..=31`.
     pub fn new(range: f32, bits: u32) -> Result<Self, SecAggError> {
         if !(range.is_finite() && range > 0.0) {
             return Err(SecAggError::InvalidConfig(format!(
                 "range must be finite and > 0, got {range}"
             )));
         }
-        if !(1..=Self::MAX_BITS).contains(&bits) {
+        if !(Self::MIN_BITS..=Self::MAX_BITS).contains(&bits) {
             return Err(SecAggError::InvalidConfig(format!(
-                "bits must be in 1..={}, got {bits}",
+                "bits must be in {}..={}, got {bits}",
+                Self::MIN_BITS,
                 Self::MAX_BITS
             )));
         }
@@ -65,24 +74,25 @@ impl Quantizer {
         self.bits
     }
 
-    /// The largest code, `2^bits − 1` (the code of `+range`).
+    /// The largest code, `2^bits − 2` (the code of `+range`; 0 has code
+    /// `max_code / 2`).
     pub fn max_code(&self) -> u32 {
-        (1_u32 << self.bits) - 1
+        (1_u32 << self.bits) - 2
     }
 
-    /// The quantization step `Δ = 2 · range / (2^bits − 1)`.
+    /// The quantization step `Δ = 2 · range / (2^bits − 2)`.
     pub fn step(&self) -> f64 {
         2.0 * f64::from(self.range) / f64::from(self.max_code())
     }
 
     /// The worst-case error of one quantized value, `Δ / 2 = range /
-    /// (2^bits − 1)` (before the final rounding to `f32`).
+    /// (2^bits − 2)` (before the final rounding to `f32`).
     pub fn max_error(&self) -> f64 {
         self.step() / 2.0
     }
 
     /// How many codes can be added without the sum reaching 2³²:
-    /// `⌊(2³² − 1) / (2^bits − 1)⌋`.
+    /// `⌊(2³² − 1) / (2^bits − 2)⌋`.
     pub fn max_summands(&self) -> usize {
         (u32::MAX / self.max_code()) as usize
     }
@@ -90,12 +100,23 @@ impl Quantizer {
     /// The code of one value: clipped to `[-range, range]`, then rounded to
     /// the nearest level. NaN is treated as 0; the slice methods reject it.
     pub fn quantize(&self, value: f32) -> u32 {
+        self.code(value, f64::from(self.range), self.levels_per_unit())
+    }
+
+    /// Levels per unit of value, `1 / Δ`.
+    fn levels_per_unit(&self) -> f64 {
+        f64::from(self.max_code()) / (2.0 * f64::from(self.range))
+    }
+
+    /// [`quantize`](Self::quantize) with its constants hoisted (the hot loop
+    /// of masking: no division and no call to `round` per value).
+    #[inline]
+    fn code(&self, value: f32, range: f64, per_unit: f64) -> u32 {
         let value = if value.is_nan() { 0.0 } else { value };
         let clipped = f64::from(value.clamp(-self.range, self.range));
-        let range = f64::from(self.range);
-        let code = ((clipped + range) / self.step()).round();
-        // `code` is in [0, max_code] up to rounding; clamp guards the ends.
-        code.clamp(0.0, f64::from(self.max_code())) as u32
+        // `clipped + range` is in [0, 2 · range]: adding one half and
+        // truncating rounds to the nearest level; `min` guards the top end.
+        (((clipped + range) * per_unit + 0.5) as u32).min(self.max_code())
     }
 
     /// The value a code stands for: `code · Δ − range`.
@@ -107,8 +128,9 @@ impl Quantizer {
     /// infinite values, leaving `out` untouched.
     pub fn quantize_into(&self, values: &[f32], out: &mut [u32]) -> Result<(), SecAggError> {
         check_input(values, out.len())?;
+        let (range, per_unit) = (f64::from(self.range), self.levels_per_unit());
         for (o, v) in out.iter_mut().zip(values) {
-            *o = self.quantize(*v);
+            *o = self.code(*v, range, per_unit);
         }
         Ok(())
     }
@@ -117,8 +139,9 @@ impl Quantizer {
     /// arithmetic. Rejects NaN and infinite values, leaving `acc` untouched.
     pub fn add_quantized(&self, values: &[f32], acc: &mut [u32]) -> Result<(), SecAggError> {
         check_input(values, acc.len())?;
+        let (range, per_unit) = (f64::from(self.range), self.levels_per_unit());
         for (a, v) in acc.iter_mut().zip(values) {
-            *a = a.wrapping_add(self.quantize(*v));
+            *a = a.wrapping_add(self.code(*v, range, per_unit));
         }
         Ok(())
     }
@@ -186,7 +209,7 @@ mod tests {
     #[test]
     fn round_trip_error_is_within_the_stated_bound() {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
-        for (range, bits) in [(1.0, 20), (0.05, 16), (3.0, 8), (1.0, 1), (100.0, 31)] {
+        for (range, bits) in [(1.0, 20), (0.05, 16), (3.0, 8), (1.0, 2), (100.0, 31)] {
             let q = Quantizer::new(range, bits).unwrap();
             // Bound: half a step, plus half an f32 ulp of the output.
             let bound = q.max_error() + f64::from(range) * f64::EPSILON.max(2f64.powi(-24));
@@ -213,8 +236,9 @@ mod tests {
         let q = Quantizer::new(1.0, 20).unwrap();
         assert_eq!(q.quantize(-1.0), 0);
         assert_eq!(q.quantize(1.0), q.max_code());
-        assert_eq!(q.quantize(0.0), q.max_code().div_ceil(2));
-        assert!((q.max_error() - 1.0 / f64::from((1 << 20) - 1)).abs() < 1e-18);
+        assert_eq!(q.quantize(0.0), q.max_code() / 2);
+        assert_eq!(q.dequantize(q.max_code() / 2), 0.0, "zero is a level");
+        assert!((q.max_error() - 1.0 / f64::from((1 << 20) - 2)).abs() < 1e-18);
     }
 
     #[test]
@@ -268,7 +292,7 @@ mod tests {
 
     #[test]
     fn max_summands_is_exactly_the_overflow_limit() {
-        for bits in [1, 8, 16, 20, 24, 31] {
+        for bits in [2, 8, 16, 20, 24, 31] {
             let q = Quantizer::new(1.0, bits).unwrap();
             let m = q.max_summands();
             let top = u64::from(q.max_code());
@@ -293,7 +317,7 @@ mod tests {
                 Err(SecAggError::CohortFull { max: m })
             );
         }
-        assert_eq!(Quantizer::new(1.0, 16).unwrap().max_summands(), 65_537);
+        assert_eq!(Quantizer::new(1.0, 16).unwrap().max_summands(), 65_538);
         assert_eq!(Quantizer::new(1.0, 20).unwrap().max_summands(), 4_096);
         assert_eq!(Quantizer::new(1.0, 31).unwrap().max_summands(), 2);
     }
@@ -306,6 +330,7 @@ mod tests {
             (f32::NAN, 8, "range"),
             (f32::INFINITY, 8, "range"),
             (1.0, 0, "bits"),
+            (1.0, 1, "bits"),
             (1.0, 32, "bits"),
         ] {
             let err = Quantizer::new(range, bits).unwrap_err();

@@ -9,6 +9,9 @@
 //!   same bytes ([`loopback`]).
 //! - [`device`]: one device's local training time and the process's peak
 //!   memory.
+//! - [`secagg`]: rounds with and without secure aggregation.
+
+pub mod secagg;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -411,6 +414,36 @@ impl Coordinator for Sink {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    async fn sec_agg_advertise(
+        &self,
+        _: Request<pb::SecAggAdvertiseRequest>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    async fn sec_agg_poll(
+        &self,
+        _: Request<pb::SecAggPollRequest>,
+    ) -> Result<Response<pb::SecAggPollResponse>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    async fn sec_agg_share_keys(
+        &self,
+        _: Request<pb::SecAggShareKeysRequest>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    async fn sec_agg_masked_input(
+        &self,
+        _: Request<Streaming<pb::SecAggMaskedChunk>>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
+        Err(Status::unimplemented("loopback sink"))
+    }
+    async fn sec_agg_unmask(
+        &self,
+        _: Request<pb::SecAggUnmaskSubmission>,
+    ) -> Result<Response<pb::SecAggAck>, Status> {
         Err(Status::unimplemented("loopback sink"))
     }
 }
