@@ -763,6 +763,14 @@ pub const ALS_CENTRALIZED_ITERATIONS: u32 = 15;
 ///   rounds average over many cohorts.
 /// - up to 1,000 devices per round, `init_std = 0.01`, `learning_rate = 1`
 ///   (the update is the gradient itself; Adam sets the step).
+/// - `secure_aggregation.range = 256` (used when it is turned on): the
+///   gradients are far larger than the default recipe's updates (measured on
+///   generated data: median 0.035, 99th percentile 2.2, 99.99th 29, a few
+///   up to 170 in the first rounds). Clipping them costs quality on
+///   MovieLens-100K (HR@10 0.118 at a range of 1, 0.1485 at 16, against
+///   0.1495 plain); at 256 nothing is clipped and the run matches the plain
+///   one to 4 decimals, the quantization step (5e-4 per device, averaged
+///   over about 1,000 devices) being far below what moves the model.
 pub fn als_recipe() -> CoordinatorConfig {
     use fedrec_coordinator::config::{LossName, Schedule, StrategyName, Weighting};
     let mut cfg = default_coordinator_config();
@@ -777,8 +785,12 @@ pub fn als_recipe() -> CoordinatorConfig {
     cfg.strategy.weighting = Weighting::Uniform;
     cfg.strategy.schedule = Schedule::Cosine;
     cfg.model.init_std = 0.01;
+    cfg.secure_aggregation.range = ALS_SECAGG_RANGE;
     cfg
 }
+
+/// `secure_aggregation.range` of the [`als_recipe`].
+pub const ALS_SECAGG_RANGE: f32 = 256.0;
 
 /// The coordinator configuration a simulation starts from: the coordinator's
 /// defaults with a finite number of rounds, a larger cohort, and deadlines

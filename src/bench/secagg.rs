@@ -37,6 +37,10 @@ pub struct SecAggRow {
     pub secure_coordinator_s: f64,
     /// Of which the unmasking job (reconstruction and mask removal).
     pub secure_unmask_s: f64,
+    /// The rest of the coordinator's time, per step (advertise: signature
+    /// checks; share keys: rosters and routing; masked input: adding into
+    /// the sum; unmask: checking revealed shares).
+    pub secure_coordinator_steps_s: [f64; 4],
     /// Secure round: one device's time, the sum over the four steps of the
     /// mean device time (key generation; key agreement and share encryption;
     /// quantizing and masking; revealing shares). Devices run in parallel on
@@ -103,7 +107,7 @@ impl Default for SecAggBench {
 }
 
 /// Default [`SecAggBench::repeats`].
-pub const DEFAULT_REPEATS: usize = 3;
+pub const DEFAULT_REPEATS: usize = 5;
 
 /// Updates in memory per device thread at a time.
 const IN_FLIGHT_PER_THREAD: usize = 2;
@@ -283,6 +287,7 @@ pub fn secagg(
                 plain_device_s,
                 secure_coordinator_s: timing.coordinator.as_secs_f64(),
                 secure_unmask_s: timing.unmask.as_secs_f64(),
+                secure_coordinator_steps_s: timing.coordinator_steps.map(|d| d.as_secs_f64()),
                 secure_device_s: timing.device_mean_path().as_secs_f64(),
                 secure_device_max_s: timing.device_critical_path().as_secs_f64(),
                 secure_device_total_s: timing.device_total.iter().sum::<Duration>().as_secs_f64(),

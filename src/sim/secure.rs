@@ -24,6 +24,9 @@ pub struct SecureTiming {
     pub coordinator: Duration,
     /// Of which the unmasking job.
     pub unmask: Duration,
+    /// The coordinator's time per step (advertise, share keys, masked
+    /// input, unmask), the unmasking job not included.
+    pub coordinator_steps: [Duration; 4],
     /// Per step (advertise, share keys, mask, unmask), the longest time one
     /// device spent on it: the devices' critical path when each runs on its
     /// own hardware.
@@ -44,6 +47,16 @@ impl SecureTiming {
     fn state(&mut self, core: &RoundCore) {
         let bytes = core.secure_state_bytes().unwrap_or(0);
         self.peak_state_bytes = self.peak_state_bytes.max(bytes);
+    }
+
+    /// Runs a coordinator call of `step`, timing it.
+    fn in_core<R>(&mut self, step: usize, f: impl FnOnce() -> R) -> R {
+        let start = Instant::now();
+        let r = f();
+        let spent = start.elapsed();
+        self.coordinator += spent;
+        self.coordinator_steps[step] += spent;
+        r
     }
 
     fn device(&mut self, step: usize, spent: Duration) {
@@ -178,7 +191,7 @@ where
     for (m, (advertisement, spent)) in members.iter().zip(advertisements) {
         timing.device(0, spent);
         let advertisement = advertisement?;
-        timed(&mut timing.coordinator, || {
+        timing.in_core(0, || {
             core.secagg_advertise(clock, &m.pseudonym, round, advertisement)
         })?;
     }
@@ -188,7 +201,7 @@ where
     // Step 2: rosters and shares.
     let mut rosters = Vec::with_capacity(members.len());
     for m in &members {
-        let poll = timed(&mut timing.coordinator, || {
+        let poll = timing.in_core(1, || {
             core.secagg_poll(clock, &m.pseudonym, round, SecureWant::Roster)
         })?;
         let SecurePoll::Roster(roster) = poll else {
@@ -211,7 +224,7 @@ where
     for (m, (keys, spent)) in members.iter().zip(keys) {
         timing.device(1, spent);
         let keys = keys?;
-        timed(&mut timing.coordinator, || {
+        timing.in_core(1, || {
             core.secagg_share_keys(clock, &m.pseudonym, round, keys)
         })?;
     }
@@ -225,7 +238,7 @@ where
         timing.state(core);
         let mut deliveries = Vec::with_capacity(part.len());
         for m in part.iter() {
-            let poll = timed(&mut timing.coordinator, || {
+            let poll = timing.in_core(2, || {
                 core.secagg_poll(clock, &m.pseudonym, round, SecureWant::Shares)
             })?;
             let SecurePoll::Shares(delivery) = poll else {
@@ -266,7 +279,7 @@ where
             let (masked, made, spent) = result?;
             timing.inputs += made;
             timing.device(2, spent);
-            timed(&mut timing.coordinator, || {
+            timing.in_core(2, || {
                 core.secagg_masked_input(clock, &m.pseudonym, round, m.task.model_version, &masked)
             })?;
         }
@@ -276,7 +289,7 @@ where
 
     // Step 4: unmask, then the coordinator removes the masks.
     for m in &mut members {
-        let poll = timed(&mut timing.coordinator, || {
+        let poll = timing.in_core(3, || {
             core.secagg_poll(clock, &m.pseudonym, round, SecureWant::Unmask)
         })?;
         let request = match poll {
@@ -289,7 +302,7 @@ where
         let start = Instant::now();
         let response = m.client()?.handle_unmask(&request)?;
         timing.device(3, start.elapsed());
-        timed(&mut timing.coordinator, || {
+        timing.in_core(3, || {
             core.secagg_unmask(clock, &m.pseudonym, round, response)
         })?;
     }
