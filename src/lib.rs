@@ -13,3 +13,4 @@ pub mod diversity;
 pub mod eval;
 pub mod plot;
 pub mod sim;
+pub mod tradeoff;

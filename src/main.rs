@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
 use fedrec::eval::Metrics;
 use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
-use fedrec_coordinator::config::{CoordinatorConfig, LossName, Schedule, StrategyName, Weighting};
+use fedrec_coordinator::config::{
+    CoordinatorConfig, DpMode, LossName, Schedule, StrategyName, Weighting,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Federated recommendation: devices train on their own purchases; a
@@ -200,6 +202,10 @@ struct ConfigOverrides {
     /// Devices selected per round.
     #[arg(long)]
     clients_per_round: Option<usize>,
+    /// Fewest updates a round needs (rounds.min_updates); under distributed
+    /// DP, the noise of this many devices makes up the promised noise.
+    #[arg(long)]
+    min_updates: Option<usize>,
     /// Local epochs per round on each device.
     #[arg(long)]
     local_epochs: Option<u32>,
@@ -250,6 +256,31 @@ struct ConfigOverrides {
     /// neighbours, in (0.5, 1].
     #[arg(long, value_name = "FRACTION")]
     secagg_threshold: Option<f64>,
+    /// User-level differential privacy (DP-FedAvg): central (the
+    /// coordinator adds the noise) or distributed (devices add it before
+    /// secure aggregation). Sets privacy.mode and, unless --weighting is
+    /// given, uniform weighting.
+    #[arg(long, value_name = "MODE", value_parser = parse_name::<DpMode>)]
+    dp: Option<DpMode>,
+    /// DP: noise multiplier z (noise std = z × clip).
+    #[arg(long, value_name = "Z")]
+    noise_multiplier: Option<f64>,
+    /// DP: L2 bound C of each device's update (the start under --adaptive-clip).
+    #[arg(long, value_name = "C")]
+    clip: Option<f32>,
+    /// DP: Poisson sampling rate q (simulate's default: clients per round
+    /// over devices).
+    #[arg(long, value_name = "Q")]
+    sampling_rate: Option<f64>,
+    /// DP: the largest epsilon training may spend; rounds past it are refused.
+    #[arg(long, value_name = "EPSILON")]
+    epsilon_budget: Option<f64>,
+    /// DP: delta of the stated (epsilon, delta).
+    #[arg(long, value_name = "DELTA")]
+    delta: Option<f64>,
+    /// DP: adapt the clipping bound to the median update norm (Andrew et al. 2021).
+    #[arg(long)]
+    adaptive_clip: bool,
 }
 
 impl ConfigOverrides {
@@ -260,6 +291,9 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.clients_per_round {
             r.clients_per_round = v;
+        }
+        if let Some(v) = self.min_updates {
+            r.min_updates = v;
         }
         let t = &mut cfg.training;
         if let Some(v) = self.local_epochs {
@@ -311,6 +345,31 @@ impl ConfigOverrides {
         if let Some(v) = self.secagg_threshold {
             sa.threshold = v;
         }
+        let p = &mut cfg.privacy;
+        if let Some(v) = self.dp {
+            p.mode = v;
+            if self.weighting.is_none() && v != DpMode::Off {
+                cfg.strategy.weighting = Weighting::Uniform;
+            }
+        }
+        if let Some(v) = self.noise_multiplier {
+            p.noise_multiplier = v;
+        }
+        if let Some(v) = self.clip {
+            p.clip = v;
+        }
+        if let Some(v) = self.sampling_rate {
+            p.sampling_rate = Some(v);
+        }
+        if let Some(v) = self.epsilon_budget {
+            p.epsilon_budget = Some(v);
+        }
+        if let Some(v) = self.delta {
+            p.delta = v;
+        }
+        if self.adaptive_clip {
+            p.adaptive_clip = true;
+        }
     }
 }
 
@@ -341,9 +400,15 @@ struct SimulateArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
-    /// Draw HR@10 and NDCG@10 per round, with the baselines, into this SVG file.
+    /// Draw HR@10 and NDCG@10 per round, with the baselines, into this SVG
+    /// file (with --sweep-noise: against epsilon).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// With --dp: the privacy-utility trade-off. Runs once without DP, then
+    /// once per noise multiplier listed, and prints (--report: JSON, --plot:
+    /// SVG) HR@10 and NDCG@10 against the epsilon each spent.
+    #[arg(long, value_name = "Z1,Z2,…", value_delimiter = ',', requires = "dp")]
+    sweep_noise: Option<Vec<f64>>,
 }
 
 #[derive(Args, Debug)]
@@ -357,6 +422,10 @@ struct ServeArgs {
     /// Items in the catalogue (overrides model.items).
     #[arg(long)]
     items: Option<usize>,
+    /// Save the coordinator's state to this file after every ended round,
+    /// and resume from it when it exists (crash recovery).
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
     #[command(flatten)]
     overrides: ConfigOverrides,
 }
@@ -566,19 +635,37 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         centralized_epochs: args.centralized_epochs.unwrap_or(centralized_epochs),
     };
     let mut bar = Bar::default();
+    if let Some(noise) = &args.sweep_noise {
+        let tradeoff = fedrec::tradeoff::sweep(&ds, &cfg, noise, &mut bar)?;
+        bar.finish();
+        println!("{}", fedrec::tradeoff::table(&tradeoff));
+        write_report(args.report.as_deref(), &tradeoff)?;
+        if let Some(path) = &args.plot {
+            fedrec::tradeoff::write_svg(&tradeoff, path)?;
+            eprintln!("plot written to {}", path.display());
+        }
+        return Ok(());
+    }
     let report = sim::run(&ds, &cfg, &mut bar)?;
     bar.finish();
     print_table(&report);
-    if let Some(path) = &args.report {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json)
-            .with_context(|| format!("cannot write the report to {}", path.display()))?;
-        eprintln!("report written to {}", path.display());
-    }
+    write_report(args.report.as_deref(), &report)?;
     if let Some(path) = &args.plot {
         fedrec::plot::write_svg(&report, path)?;
         eprintln!("plot written to {}", path.display());
     }
+    Ok(())
+}
+
+/// Writes `report` as JSON to `path`, if given.
+fn write_report(path: Option<&Path>, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, json)
+        .with_context(|| format!("cannot write the report to {}", path.display()))?;
+    eprintln!("report written to {}", path.display());
     Ok(())
 }
 
@@ -673,6 +760,20 @@ fn print_table(report: &Report) {
         out,
         "(HR/NDCG: full ranking; (100): among 100 sampled candidates)"
     );
+    if let Some(p) = &report.privacy.last_round {
+        let _ = writeln!(
+            out,
+            "differential privacy ({}): epsilon = {:.3} at delta = {:e} after {} training rounds \
+             (noise multiplier {}, clip {:.4}, sampling rate {:.4})",
+            p.mode,
+            p.epsilon,
+            p.delta,
+            report.privacy.training_rounds,
+            p.noise_multiplier,
+            p.clip,
+            p.sampling_rate
+        );
+    }
     let _ = fedrec::diversity::write_table(&mut out, &f.diversity);
 }
 
@@ -703,7 +804,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let layout = fedrec_client::model::Model::layout(&model);
     let listen = cfg.server.listen.clone();
-    let core = fedrec_coordinator::round::RoundCore::new(cfg, layout, params)?;
+    let core = match &args.checkpoint {
+        Some(path) if path.exists() => {
+            let checkpoint = fedrec_coordinator::checkpoint::Checkpoint::read(path)?;
+            let core = fedrec_coordinator::round::RoundCore::resume(cfg, layout, checkpoint)
+                .with_context(|| format!("cannot resume from {}", path.display()))?;
+            eprintln!(
+                "resumed from {}: {} rounds ended, model version {}",
+                path.display(),
+                core.history().len(),
+                core.model().version
+            );
+            core
+        }
+        _ => fedrec_coordinator::round::RoundCore::new(cfg, layout, params)?,
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen)
@@ -713,8 +828,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "coordinator listening on {} (Ctrl-C to stop)",
             listener.local_addr()?
         );
-        let service =
-            fedrec_coordinator::service::CoordinatorService::new(core, Default::default());
+        let mut options = fedrec_coordinator::service::ServeOptions::default();
+        if let Some(path) = &args.checkpoint {
+            options = options.with_checkpoint(path);
+        }
+        let service = fedrec_coordinator::service::CoordinatorService::new(core, options);
         let handle = service.handle();
         service
             .serve(listener, async {

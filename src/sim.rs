@@ -27,8 +27,10 @@ use fedrec_client::device::Device;
 use fedrec_client::metrics::{EvalCounts, K};
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
+use fedrec_client::privacy::DpSpec;
 use fedrec_client::store::Purchase;
-use fedrec_coordinator::config::{CoordinatorConfig, SecureAggregationConfig};
+use fedrec_coordinator::config::{CoordinatorConfig, DpMode, SecureAggregationConfig};
+use fedrec_coordinator::privacy::PrivacySummary;
 use fedrec_coordinator::round::{
     CheckIn, Pseudonym, RoundCore, RoundSummary, SecureSummary, TaskKind, UpdateHeader,
 };
@@ -85,6 +87,40 @@ pub struct RoundRow {
     /// Devices left after each secure aggregation step, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecureSummary>,
+    /// Differential privacy in the round (ε spent after it), when on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySummary>,
+}
+
+/// Differential privacy in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivacyReport {
+    /// "off", "central" or "distributed".
+    pub mode: DpMode,
+    /// The configured budget, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_budget: Option<f64>,
+    /// Whether the clipping bound adapted.
+    pub adaptive_clip: bool,
+    /// After the last training round: ε, δ, z, C (the last round's), q and
+    /// the expected cohort.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub last_round: Option<PrivacySummary>,
+    /// Training rounds run (fewer than configured when the budget ran out).
+    pub training_rounds: usize,
+}
+
+impl PrivacyReport {
+    fn new(config: &CoordinatorConfig, rows: &[RoundRow]) -> Self {
+        let p = &config.privacy;
+        Self {
+            mode: p.mode,
+            epsilon_budget: p.epsilon_budget,
+            adaptive_clip: p.adaptive_clip && p.enabled(),
+            last_round: rows.iter().rev().find_map(|r| r.privacy.clone()),
+            training_rounds: rows.len(),
+        }
+    }
 }
 
 /// Secure aggregation in the report.
@@ -198,6 +234,8 @@ pub struct Report {
     pub final_: Final,
     /// Whether secure aggregation was on, and what it did per round.
     pub secure_aggregation: SecureReport,
+    /// Differential privacy: the mode and the (ε, δ) spent.
+    pub privacy: PrivacyReport,
     /// Timing.
     pub timing: Timing,
 }
@@ -225,6 +263,7 @@ fn row(s: &RoundSummary, seconds: f64) -> RoundRow {
         completed: s.completed,
         abandon_reason: s.abandon_reason.clone(),
         secure_aggregation: s.secure_aggregation.clone(),
+        privacy: s.privacy.as_deref().cloned(),
     }
 }
 
@@ -310,6 +349,11 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     // Never ask for more devices than exist.
     coord.rounds.clients_per_round = coord.rounds.clients_per_round.min(devices.len());
     coord.rounds.min_updates = coord.rounds.min_updates.min(coord.rounds.clients_per_round);
+    if coord.privacy.enabled() && coord.privacy.sampling_rate.is_none() {
+        // Poisson sampling with the cohort size asked for, on average.
+        coord.privacy.sampling_rate =
+            Some(coord.rounds.clients_per_round as f64 / devices.len() as f64);
+    }
     coord
         .validate()
         .context("invalid coordinator configuration")?;
@@ -347,8 +391,10 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let popularity = eval::popularity(&split, cfg.seed);
 
     let secure_aggregation = SecureReport::new(&coord, &rounds);
+    let privacy = PrivacyReport::new(&coord, &rounds);
     Ok(Report {
         secure_aggregation,
+        privacy,
         config: SimConfig {
             coordinator: coord,
             ..cfg.clone()
@@ -563,13 +609,19 @@ fn secure_input(
         .secure_aggregation
         .as_ref()
         .context("a secure round's task without secure aggregation")?;
-    let update = device.train(global, &device_training(&task.training), task.evaluate)?;
+    let update = device.train_task(
+        global,
+        &device_training(&task.training),
+        task.evaluate,
+        device_privacy(task).as_ref(),
+    )?;
     Ok(fedrec_proto::secagg::payload::encode(
         &update.delta,
         update.num_examples,
         update.evaluation.as_ref(),
         secure.weighting,
         secure.config.range,
+        update.within_clip,
     ))
 }
 
@@ -581,7 +633,21 @@ fn run_task(
     let cfg = device_training(&task.training);
     Ok(match task.kind {
         TaskKind::Evaluate => TaskResult::Evaluation(device.evaluate(global, &cfg)?),
-        _ => TaskResult::Update(device.train(global, &cfg, task.evaluate)?),
+        _ => TaskResult::Update(device.train_task(
+            global,
+            &cfg,
+            task.evaluate,
+            device_privacy(task).as_ref(),
+        )?),
+    })
+}
+
+/// What the task's differential privacy asks of the device.
+fn device_privacy(task: &fedrec_coordinator::round::Task) -> Option<DpSpec> {
+    task.privacy.map(|p| DpSpec {
+        clip: p.clip,
+        noise_std: p.noise_std,
+        count_noise_std: p.count_noise_std,
     })
 }
 

@@ -206,3 +206,261 @@ fn privacy_plans_a_budget_both_ways() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--sampling-rate must be in [0, 1]"));
 }
+
+/// `fedrec simulate --dp distributed` over gRPC with secure aggregation
+/// and a budget: training stops at the round the budget allows, and the
+/// report's privacy section says so with ε, δ, z, C, q and the mode.
+#[test]
+fn simulate_with_distributed_dp_stops_at_the_budget() {
+    use fedrec_coordinator::privacy::RdpAccountant;
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let (q, z, delta) = (0.25, 1.0, 1e-3);
+    let budget = RdpAccountant::epsilon_for(q, z, 4, delta) * 1.0001;
+    let out = Command::new(BIN)
+        .args([
+            "simulate",
+            "--transport",
+            "grpc",
+            "--synthetic-users",
+            "40",
+            "--synthetic-items",
+            "30",
+            "--rounds",
+            "10",
+            "--clients-per-round",
+            "10",
+            "--min-updates",
+            "4",
+            "--centralized-epochs",
+            "1",
+            "--secure-aggregation",
+            "--dp",
+            "distributed",
+            "--noise-multiplier",
+            "1",
+            "--clip",
+            "0.5",
+            "--sampling-rate",
+            "0.25",
+            "--delta",
+            "0.001",
+            "--epsilon-budget",
+            &budget.to_string(),
+            "--report",
+        ])
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let p = &json["privacy"];
+    assert_eq!(p["mode"], "distributed", "{p}");
+    assert_eq!(p["training_rounds"], 4, "{p}");
+    assert_eq!(p["sampling_rate"], q);
+    assert_eq!(p["noise_multiplier"], z);
+    assert_eq!(p["clip"], 0.5);
+    assert_eq!(p["delta"], delta);
+    let eps = p["epsilon"].as_f64().unwrap();
+    let want = RdpAccountant::epsilon_for(q, z, 4, delta);
+    assert!(
+        (eps - want).abs() < 1e-9 && eps <= budget,
+        "{eps} vs {want}"
+    );
+    assert_eq!(json["secure_aggregation"]["enabled"], true);
+}
+
+/// Reads a child's stderr lines into a channel.
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Waits (bounded) for a line containing `needle`; returns it.
+fn expect_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line with {needle:?} in time"));
+        if line.contains(needle) {
+            return line;
+        }
+    }
+}
+
+/// A child process that is killed if the test ends early.
+struct Killed(Option<Child>);
+
+impl Killed {
+    fn take(&mut self) -> Child {
+        self.0.take().expect("the child is still there")
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `fedrec serve` on 127.0.0.1:0 with `args`; returns it, its
+/// stderr lines, its address and the lines it printed before listening.
+fn start_serve(args: &[&str]) -> (Killed, mpsc::Receiver<String>, String, Vec<String>) {
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(&mut serve);
+    let serve = Killed(Some(serve));
+    let mut before = Vec::new();
+    let listening = loop {
+        let line = rx.recv_timeout(TIMEOUT).expect("coordinator starts");
+        if line.contains("coordinator listening on ") {
+            break line;
+        }
+        before.push(line);
+    };
+    let addr = listening
+        .split("coordinator listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    (serve, rx, addr, before)
+}
+
+fn start_clients(addr: &str, data: &std::path::Path, users: &[String]) -> Vec<Child> {
+    users
+        .iter()
+        .map(|user| {
+            Command::new(BIN)
+                .args(["client", "--factors", "8", "--coordinator"])
+                .arg(format!("http://{addr}"))
+                .args(["--user", user, "--data"])
+                .arg(data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A coordinator killed with SIGKILL in the middle of training resumes from
+/// its checkpoint: no completed round is lost or applied twice, and new
+/// device processes carry the training to its end.
+#[test]
+fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("purchases.tsv");
+    let out = Command::new(BIN)
+        .args(["gen-data", "--users", "6", "--items", "40", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let ds = fedrec::data::load(&data, &Default::default()).unwrap();
+    let checkpoint = dir.path().join("coordinator.ckpt");
+    let items = ds.n_items().to_string();
+    let ck = checkpoint.to_str().unwrap();
+    // The devices of the first run never come back: the final evaluation
+    // starts once the check-in window passes without them.
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, "[rounds]\ncheckin_window_secs = 1.0\n").unwrap();
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--items",
+        &items,
+        "--factors",
+        "8",
+        "--rounds",
+        "6",
+        "--clients-per-round",
+        "3",
+        "--min-updates",
+        "3",
+        "--strategy",
+        "fedadam",
+        "--checkpoint",
+        ck,
+    ];
+    let (mut serve, rx, addr, _) = start_serve(&args);
+    let clients = start_clients(&addr, &data, &ds.user_ids[..3]);
+    expect_line(&rx, "round completed");
+    expect_line(&rx, "round completed");
+    // SIGKILL: no chance to clean up.
+    let mut first = serve.take();
+    first.kill().unwrap();
+    let _ = wait(first);
+    for mut client in clients {
+        let _ = client.kill();
+        let _ = wait(client);
+    }
+    assert!(checkpoint.exists(), "a checkpoint was written");
+
+    let (mut serve, rx, addr, before) = start_serve(&args);
+    let resumed = before
+        .iter()
+        .find(|l| l.contains("resumed from"))
+        .unwrap_or_else(|| panic!("the coordinator says it resumed: {before:?}"));
+    // "resumed from PATH: N rounds ended, model version V"
+    let numbers: Vec<u64> = resumed
+        .rsplit(": ")
+        .next()
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (ended, version) = (numbers[0], numbers[1]);
+    assert!(ended >= 2, "{resumed}");
+    assert_eq!(
+        version,
+        ended + 1,
+        "every ended round completed once: {resumed}"
+    );
+    let clients = start_clients(&addr, &data, &ds.user_ids[..3]);
+    for client in clients {
+        let out = wait(client);
+        assert!(out.status.success());
+    }
+    let finished = expect_line(&rx, "coordinator finished");
+    assert!(
+        finished.contains("completed 6 training rounds"),
+        "{finished}"
+    );
+    let serve = serve.take();
+    let status = Command::new("kill")
+        .args(["-INT", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = wait(serve);
+    assert!(out.status.success());
+    let rest: Vec<String> = rx.iter().collect();
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("stopped after 7 rounds; model version 7")),
+        "six training rounds and the final evaluation, each once: {rest:?}"
+    );
+}

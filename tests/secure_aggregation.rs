@@ -137,6 +137,7 @@ impl Raw {
             None,
             weighting,
             quantizer.range(),
+            0.0,
         );
         Self {
             rpc,
@@ -869,6 +870,7 @@ async fn the_coordinator_receives_nothing_that_reveals_a_single_update() {
             update.evaluation.as_ref(),
             weighting,
             q.range(),
+            update.within_clip,
         );
         let mut codes = vec![0; input.len()];
         q.quantize_into(&input, &mut codes).unwrap();

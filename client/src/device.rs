@@ -23,6 +23,7 @@ use crate::eligibility::ParticipationPolicy;
 use crate::error::ClientError;
 use crate::metrics::{self, EvalCounts};
 use crate::model::{Loss, Model, TrainingConfig};
+use crate::privacy::{self, DpSpec};
 use crate::retention::RetentionPolicy;
 use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseStore};
 use crate::transparency::{Ledger, TrainingReport};
@@ -39,6 +40,9 @@ pub struct LocalUpdate {
     pub evaluation: Option<EvalCounts>,
     /// How much local training was done (stays on the device).
     pub training: TrainingReport,
+    /// Under adaptive DP clipping, the indicator the device reports (see
+    /// [`privacy::privatize`]); 0 otherwise.
+    pub within_clip: f32,
 }
 
 /// What became of a purchase given to [`Device::record`].
@@ -432,7 +436,24 @@ impl Device {
             num_examples: history.len() as u64,
             evaluation,
             training: report,
+            within_clip: 0.0,
         })
+    }
+
+    /// [`train`](Self::train), then what the task's differential privacy
+    /// asks of the update (clipping, the device's noise), if anything.
+    pub fn train_task(
+        &mut self,
+        global: &[f32],
+        cfg: &TrainingConfig,
+        evaluate: bool,
+        dp: Option<&DpSpec>,
+    ) -> Result<LocalUpdate, ClientError> {
+        let mut update = self.train(global, cfg, evaluate)?;
+        if let Some(spec) = dp {
+            update.within_clip = privacy::privatize(&mut update.delta, spec, &mut self.rng);
+        }
+        Ok(update)
     }
 
     /// Fits the private embedding to `global` and evaluates it on the held-out

@@ -76,6 +76,7 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod participant;
+pub mod privacy;
 pub mod recommend;
 pub mod retention;
 pub mod secagg;

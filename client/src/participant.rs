@@ -23,6 +23,7 @@ use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
 use crate::metrics::EvalCounts;
 use crate::model::TrainingConfig;
+use crate::privacy::DpSpec;
 use crate::transparency;
 
 /// One message that left the device.
@@ -227,6 +228,7 @@ impl Participant {
             return self.do_secure_task(device, task, secure).await;
         }
         let cfg = training_config(task)?;
+        let dp = DpSpec::from_task(task)?;
         let global = self.download(&device, task).await?;
         let kind = task.kind();
         let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
@@ -237,7 +239,7 @@ impl Participant {
                     device.evaluate(&global, &cfg).map(TaskOutcome::Evaluation)
                 }
                 _ => device
-                    .train(&global, &cfg, evaluate)
+                    .train_task(&global, &cfg, evaluate, dp.as_ref())
                     .map(TaskOutcome::Update),
             };
             (device, outcome)

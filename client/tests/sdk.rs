@@ -376,3 +376,72 @@ async fn consent_levels_through_the_app_api() {
     assert_eq!(client.transparency_report(false).stored.purchases, 0);
     running.stop().await;
 }
+
+/// Under differential privacy the coordinator tells every device the
+/// (ε, δ) spent once its round counts, and the device records it round by
+/// round in its transparency report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_records_the_epsilon_of_every_round() {
+    use fedrec_coordinator::config::{DpMode, Weighting};
+    use fedrec_coordinator::privacy::RdpAccountant;
+
+    let model = common::model(30, 4);
+    let mut cfg = common::config(2, 1);
+    cfg.strategy.weighting = Weighting::Uniform;
+    cfg.privacy.mode = DpMode::Central;
+    cfg.privacy.noise_multiplier = 1.3;
+    cfg.privacy.sampling_rate = Some(1.0);
+    cfg.privacy.delta = 1e-6;
+    let running = common::start(cfg, &model, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::builder(Arc::clone(&model))
+        .store(
+            dir.path().join("device.store"),
+            StoreKey::generate().unwrap(),
+        )
+        .seed(9)
+        .open()
+        .unwrap();
+    client.set_consent(Consent::Federated).unwrap();
+    for item in [1, 4, 9] {
+        client.record(purchase(item)).unwrap();
+    }
+    common::within("connect", client.connect(&running.endpoint))
+        .await
+        .unwrap();
+    let mut trained = 0;
+    loop {
+        let s = common::within("participate", client.participate())
+            .await
+            .unwrap();
+        trained += s.trained;
+        if !s.finished_reason.is_empty() && s.trained + s.evaluated == 0 {
+            break;
+        }
+    }
+    assert_eq!(trained, 2);
+    let report = client.transparency_report(false);
+    let eps: Vec<f64> = report
+        .rounds
+        .iter()
+        .filter(|r| r.task == "train")
+        .map(|r| {
+            r.privacy
+                .expect("every training round reports its budget")
+                .epsilon
+        })
+        .collect();
+    assert_eq!(eps.len(), 2);
+    for (i, e) in eps.iter().enumerate() {
+        let want = RdpAccountant::epsilon_for(1.0, 1.3, i as u64 + 1, 1e-6);
+        assert!((e - want).abs() < 1e-9, "round {}: {e} vs {want}", i + 1);
+    }
+    let latest = report.privacy.expect("latest budget");
+    assert_eq!(
+        latest.epsilon, eps[1],
+        "the final evaluation spends nothing"
+    );
+    assert_eq!(latest.delta, 1e-6);
+    assert!(report.to_text().contains("Privacy budget: ε = "));
+    running.stop().await;
+}

@@ -12,6 +12,7 @@
 //! noise of the devices' local SGD steps. The total weight is exact (an
 //! integer count held in `u64`), and the division by it is done in `f64`.
 
+use fedrec_proto::secagg::payload::Totals;
 use fedrec_proto::tensor::{self, TensorError};
 
 use crate::CoordinatorError;
@@ -50,6 +51,8 @@ pub struct Aggregator {
     sum: Vec<f32>,
     total_weight: u64,
     count: usize,
+    /// Updates that [`add_clipped`](Self::add_clipped) found within the bound.
+    within_clip: u64,
 }
 
 impl Aggregator {
@@ -59,6 +62,7 @@ impl Aggregator {
             sum: vec![0.0; num_values],
             total_weight: 0,
             count: 0,
+            within_clip: 0,
         }
     }
 
@@ -78,6 +82,33 @@ impl Aggregator {
         if weight == 0 {
             return Err(CoordinatorError::ZeroExamples);
         }
+        self.add_scaled(bytes, weight as f32, weight)
+    }
+
+    /// Like [`add`](Self::add) with weight 1, but first scales the update
+    /// down to L2 norm at most `clip` (DP-FedAvg's clipping); counts it as
+    /// within the bound when it needed no scaling.
+    pub fn add_clipped(&mut self, bytes: &[u8], clip: f32) -> Result<(), CoordinatorError> {
+        self.check_shape(bytes)?;
+        // Non-finite values make the norm non-finite: `add_scaled` then
+        // names the first bad value.
+        let norm = bytes
+            .chunks_exact(4)
+            .map(|b| f64::from(decode(b)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let within = norm <= f64::from(clip);
+        let scale = if within || !norm.is_finite() {
+            1.0
+        } else {
+            (f64::from(clip) / norm) as f32
+        };
+        self.add_scaled(bytes, scale, 1)?;
+        self.within_clip += u64::from(within);
+        Ok(())
+    }
+
+    fn check_shape(&self, bytes: &[u8]) -> Result<(), CoordinatorError> {
         if !bytes.len().is_multiple_of(4) {
             return Err(TensorError::Misaligned(bytes.len()).into());
         }
@@ -88,6 +119,12 @@ impl Aggregator {
             }
             .into());
         }
+        Ok(())
+    }
+
+    /// Adds `w × update` (checked) and `weight` to the total weight.
+    fn add_scaled(&mut self, bytes: &[u8], w: f32, weight: u64) -> Result<(), CoordinatorError> {
+        self.check_shape(bytes)?;
         if self.count >= MAX_UPDATES {
             return Err(CoordinatorError::Malformed(format!(
                 "the round already holds the maximum of {MAX_UPDATES} updates"
@@ -98,7 +135,6 @@ impl Aggregator {
                 "num_examples {weight} overflows the round's total weight"
             ))
         })?;
-        let w = weight as f32;
         // `!(x <= bound)` also catches NaN, and ±inf exceeds any bound.
         let in_range = bytes.chunks_exact(4).fold(true, |ok, b| {
             ok & ((w * decode(b)).abs() <= MAX_WEIGHTED_VALUE)
@@ -136,11 +172,23 @@ impl Aggregator {
         )
     }
 
+    /// The sum, total weight and clipping count, or `None` when no update
+    /// was added.
+    pub fn totals(&self) -> Option<Totals> {
+        (self.count > 0).then(|| Totals {
+            weighted_sum: self.sum.clone(),
+            weight: self.total_weight as f64,
+            counts: EvalCounts::default(),
+            within_clip: self.within_clip as f64,
+        })
+    }
+
     /// Empties the sum for the next round, keeping its allocation.
     pub fn reset(&mut self) {
         self.sum.fill(0.0);
         self.total_weight = 0;
         self.count = 0;
+        self.within_clip = 0;
     }
 }
 

@@ -90,6 +90,7 @@
 //! ```
 
 pub mod aggregate;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod privacy;

@@ -38,7 +38,9 @@ use fedrec_proto::{Layout, tensor};
 
 use crate::CoordinatorError;
 use crate::aggregate::{Aggregator, EvalCounts};
+use crate::checkpoint::{Checkpoint, PrivacyState};
 use crate::config::{CoordinatorConfig, TrainingConfig};
+use crate::privacy::{Mechanism, NoisySum, PrivacySummary, RoundPrivacy, TaskPrivacy};
 use crate::strategy::{NonFinite, Strategy};
 
 pub mod secure;
@@ -124,6 +126,9 @@ pub struct Task {
     /// Set when the update goes through secure aggregation: the device's
     /// party and the protocol's configuration.
     pub secure_aggregation: Option<SecureTask>,
+    /// Set when the round runs under differential privacy (training tasks
+    /// only): the clipping and noise the device applies, and the (ε, δ).
+    pub privacy: Option<TaskPrivacy>,
 }
 
 /// The answer to a check-in.
@@ -220,6 +225,10 @@ pub struct RoundSummary {
     /// What secure aggregation did in the round, when it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecureSummary>,
+    /// What differential privacy did in the round, when it ran: the (ε, δ)
+    /// spent once the round counted, z, C, q.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Box<PrivacySummary>>,
 }
 
 /// Something that happened, reported by [`RoundCore::poll`].
@@ -282,6 +291,8 @@ struct OpenRound {
     evaluation: EvalCounts,
     /// Secure aggregation, in training rounds when it is enabled.
     secure: Option<secure::SecureRound>,
+    /// Differential privacy, in training rounds when it is enabled.
+    privacy: Option<RoundPrivacy>,
 }
 
 /// The coordinator's sans-IO core. See the [module docs](self).
@@ -312,6 +323,10 @@ pub struct RoundCore {
     events: VecDeque<Event>,
     generation: u64,
     last_secure_sum: Option<SecureSum>,
+    /// DP-FedAvg's accountant, clipping bound and noise, when enabled.
+    privacy: Option<Mechanism>,
+    /// Why training stopped before `rounds.rounds` (the privacy budget).
+    training_stopped: Option<String>,
 }
 
 impl RoundCore {
@@ -340,6 +355,13 @@ impl RoundCore {
             None => (rand::make_rng(), rand::make_rng()),
         };
         let n = params.len();
+        let privacy = config.privacy.enabled().then(|| {
+            Mechanism::new(
+                config.privacy.clone(),
+                config.rounds.min_updates,
+                config.rounds.seed,
+            )
+        });
         Ok(Self {
             strategy: Strategy::new(config.strategy, n),
             aggregator: Aggregator::new(n),
@@ -360,7 +382,105 @@ impl RoundCore {
             events: VecDeque::new(),
             generation: 0,
             last_secure_sum: None,
+            privacy,
+            training_stopped: None,
         })
+    }
+
+    /// A core that carries on from `checkpoint` (see [`crate::checkpoint`]):
+    /// its model, optimizer moments, counters, history, joined devices and
+    /// privacy accountant. Refuses a checkpoint that does not fit `config`
+    /// and `layout` (another model size or optimizer, or differential
+    /// privacy switched on or off since), saying which.
+    pub fn resume(
+        config: CoordinatorConfig,
+        layout: Layout,
+        checkpoint: Checkpoint,
+    ) -> Result<Self, CoordinatorError> {
+        let Checkpoint {
+            model_version,
+            last_round,
+            training_rounds,
+            final_evaluation_done,
+            training_stopped,
+            history,
+            joined,
+            privacy,
+            params,
+            m,
+            v,
+        } = checkpoint;
+        let mut core = Self::new(config, layout.clone(), params)?;
+        let invalid = |message: String| CoordinatorError::InvalidModel(message);
+        core.strategy.restore_moments(m, v).map_err(invalid)?;
+        let params = std::mem::take(
+            &mut Arc::get_mut(&mut core.model)
+                .expect("not shared yet")
+                .params,
+        );
+        core.model = Arc::new(ModelSnapshot::new(model_version, layout, params));
+        match (core.privacy.as_mut(), privacy) {
+            (Some(mechanism), Some(state)) => mechanism.restore(state.ledger, state.clip),
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(invalid(
+                    "the checkpoint was made without differential privacy; a privacy \
+                     guarantee cannot start in the middle of training"
+                        .to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "the checkpoint was made under differential privacy; resuming without \
+                     it would void the stated guarantee (set privacy.mode as before)"
+                        .to_owned(),
+                ));
+            }
+        }
+        core.joined = joined
+            .iter()
+            .map(|p| p.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(format!("a joined pseudonym: {e}")))?;
+        core.last_round = last_round;
+        core.training_rounds = training_rounds;
+        core.final_evaluation_done = final_evaluation_done;
+        core.training_stopped = training_stopped;
+        core.history = history;
+        if let Some(seed) = core.config.rounds.seed {
+            // Carry on with fresh, still reproducible streams.
+            let mix = u64::from(last_round).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            core.rng = ChaCha20Rng::seed_from_u64(seed ^ mix);
+            core.secure_rng = ChaCha20Rng::seed_from_u64(seed ^ mix ^ 0x5ECA_6650_5ECA_6650);
+        }
+        core.finish_if_done();
+        core.events.clear();
+        Ok(core)
+    }
+
+    /// The durable state as of the last ended round (see
+    /// [`crate::checkpoint`]); an open round is left out, as if it had not
+    /// started. Its privacy cost stays counted, which can only overstate ε.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let (m, v) = self.strategy.moments();
+        let open = self.open.as_ref();
+        Checkpoint {
+            model_version: self.model.version,
+            last_round: self.last_round - u32::from(open.is_some()),
+            training_rounds: self.training_rounds
+                - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train)),
+            final_evaluation_done: self.final_evaluation_done,
+            training_stopped: self.training_stopped.clone(),
+            history: self.history.clone(),
+            joined: self.joined.iter().map(ToString::to_string).collect(),
+            privacy: self.privacy.as_ref().map(|mechanism| PrivacyState {
+                ledger: mechanism.accountant().ledger().clone(),
+                clip: mechanism.clip(),
+            }),
+            params: self.model.params.clone(),
+            m: m.to_vec(),
+            v: v.to_vec(),
+        }
     }
 
     /// Admits a new device and returns its fresh random pseudonym.
@@ -439,12 +559,23 @@ impl RoundCore {
         values: &[u8],
     ) -> Result<UpdateAccepted, CoordinatorError> {
         self.advance(now);
+        let clip = self
+            .open
+            .as_ref()
+            .and_then(|o| o.privacy.as_ref())
+            .map(|p| p.task.clip);
         let result = self.check_header(&header).and_then(|()| {
-            let weight = match self.config.strategy.weighting {
-                crate::config::Weighting::Examples => header.num_examples,
-                crate::config::Weighting::Uniform => 1,
-            };
-            self.aggregator.add(values, weight)?;
+            match clip {
+                // Central DP: the coordinator bounds every update itself.
+                Some(clip) => self.aggregator.add_clipped(values, clip)?,
+                None => {
+                    let weight = match self.config.strategy.weighting {
+                        crate::config::Weighting::Examples => header.num_examples,
+                        crate::config::Weighting::Uniform => 1,
+                    };
+                    self.aggregator.add(values, weight)?;
+                }
+            }
             Ok(self.record_submission(&header.pseudonym, header.evaluation.as_ref()))
         });
         let result = result.map_err(|e| self.reject(e));
@@ -573,6 +704,12 @@ impl RoundCore {
         self.finished.as_deref()
     }
 
+    /// Differential privacy's mechanism (accountant, clipping bound), when
+    /// enabled.
+    pub fn privacy(&self) -> Option<&Mechanism> {
+        self.privacy.as_ref()
+    }
+
     /// The optimizer and its state.
     pub fn strategy(&self) -> &Strategy {
         &self.strategy
@@ -607,6 +744,7 @@ impl RoundCore {
             training: self.config.training,
             evaluate: open.kind == TaskKind::Evaluate || self.config.rounds.evaluate,
             secure_aggregation,
+            privacy: open.privacy.as_ref().map(|p| p.task),
         })
     }
 
@@ -742,7 +880,7 @@ impl RoundCore {
     /// The kind of the next round, or `None` when all rounds are done.
     fn next_kind(&self) -> Option<TaskKind> {
         let rounds = self.config.rounds.rounds;
-        if rounds == 0 || self.training_rounds < rounds {
+        if self.training_stopped.is_none() && (rounds == 0 || self.training_rounds < rounds) {
             Some(TaskKind::Train)
         } else if self.config.rounds.final_evaluation && !self.final_evaluation_done {
             Some(TaskKind::Evaluate)
@@ -767,7 +905,16 @@ impl RoundCore {
         let enough_after_window = window_passed && waiting >= r.min_updates;
         let everyone_waits = waiting == self.joined.len();
         let over = |n: usize| ((n as f64) * r.over_selection).ceil() as usize;
+        let dp = kind == TaskKind::Train && self.privacy.is_some();
         let (selected, needed) = match (kind, r.fraction) {
+            (TaskKind::Train, _) if dp => {
+                // Poisson sampling, once every device waits (or the window
+                // passed): the accountant's q holds for each of them.
+                if !((everyone_waits && waiting >= r.min_updates) || enough_after_window) {
+                    return false;
+                }
+                (0, 0)
+            }
             (TaskKind::Evaluate, _) => {
                 if !(everyone_waits || enough_after_window) {
                     return false;
@@ -793,7 +940,27 @@ impl RoundCore {
                 (selected, r.clients_per_round.min(selected))
             }
         };
-        let cohort: BTreeMap<Pseudonym, bool> = if selected == waiting {
+        let mut privacy = None;
+        if dp && let Some(mechanism) = self.privacy.as_mut() {
+            match mechanism.start_round(waiting) {
+                Ok(round) => privacy = Some(round),
+                Err(refused) => {
+                    tracing::warn!(reason = %refused.0, "training stopped");
+                    self.training_stopped = Some(refused.0);
+                    self.finish_if_done();
+                    return true;
+                }
+            }
+        }
+        let cohort: BTreeMap<Pseudonym, bool> = if dp {
+            let mechanism = self.privacy.as_ref().expect("dp implies a mechanism");
+            let rng = &mut self.rng;
+            self.pool
+                .iter()
+                .filter(|_| mechanism.sample(rng))
+                .map(|p| (*p, false))
+                .collect()
+        } else if selected == waiting {
             std::mem::take(&mut self.pool)
                 .into_iter()
                 .map(|p| (p, false))
@@ -808,6 +975,11 @@ impl RoundCore {
         for p in cohort.keys() {
             self.pool.remove(p);
         }
+        let (selected, needed) = if dp {
+            (cohort.len(), cohort.len())
+        } else {
+            (selected, needed)
+        };
         self.last_round += 1;
         if kind == TaskKind::Train {
             self.training_rounds += 1;
@@ -815,6 +987,7 @@ impl RoundCore {
         self.window_start = None;
         self.aggregator.reset();
         let number = self.last_round;
+        let r_min = self.config.rounds.min_updates;
         let secure = secure::is_secure(kind, self.config.secure_aggregation.enabled)
             .then(|| secure::SecureRound::new(self, number, cohort.keys().copied(), now));
         self.open = Some(OpenRound {
@@ -828,6 +1001,7 @@ impl RoundCore {
             accepted: 0,
             evaluation: EvalCounts::default(),
             secure,
+            privacy,
         });
         self.generation += 1;
         self.events.push_back(Event::RoundStarted {
@@ -836,6 +1010,13 @@ impl RoundCore {
             model_version: self.model.version,
             selected,
         });
+        if dp && selected < r_min {
+            let reason = format!(
+                "Poisson sampling drew {selected} devices, fewer than rounds.min_updates = {r_min}; \
+                 the round still counts against the privacy budget"
+            );
+            self.close(now, Some(reason));
+        }
         true
     }
 
@@ -848,9 +1029,19 @@ impl RoundCore {
         if abandon.is_none() && open.kind == TaskKind::Train {
             // The round completed, so at least min_updates >= 1 updates were
             // added (or, under secure aggregation, the sum was unmasked).
-            let mean = match open.secure.as_mut() {
-                Some(secure) => secure.mean.take(),
-                None => self.aggregator.mean(),
+            let totals = match open.secure.as_mut() {
+                Some(secure) => secure.totals.take(),
+                None => self.aggregator.totals(),
+            };
+            let mean = match (self.privacy.as_mut(), open.privacy.as_mut(), totals) {
+                (Some(mechanism), Some(round), Some(totals)) => Some(mechanism.finish_round(
+                    round,
+                    NoisySum {
+                        sum: &totals.weighted_sum,
+                        within_clip: totals.within_clip,
+                    },
+                )),
+                (_, _, totals) => totals.map(|t| t.mean()),
             };
             match mean {
                 Some(mean) => match self.strategy.step(
@@ -890,23 +1081,33 @@ impl RoundCore {
             seconds: now.saturating_duration_since(open.started).as_secs_f64(),
             evaluation: open.evaluation,
             secure_aggregation: open.secure.as_ref().map(secure::SecureRound::summary),
+            privacy: open.privacy.map(|p| Box::new(p.summary)),
         };
         self.history.push(summary.clone());
         self.events.push_back(Event::RoundEnded(summary));
         self.window_start = (!self.pool.is_empty()).then_some(now);
         self.generation += 1;
-        if self.next_kind().is_none() {
-            let rounds = self.config.rounds.rounds;
-            let reason = if self.final_evaluation_done {
-                format!("completed {rounds} training rounds and the final evaluation")
-            } else {
-                format!("completed {rounds} training rounds")
-            };
-            self.finished = Some(reason.clone());
-            self.pool.clear();
-            self.window_start = None;
-            self.events.push_back(Event::Finished { reason });
+        self.finish_if_done();
+    }
+
+    /// Finishes when no round is left to run.
+    fn finish_if_done(&mut self) {
+        if self.next_kind().is_some() {
+            return;
         }
+        let rounds = self.training_rounds;
+        let mut reason = match &self.training_stopped {
+            Some(stopped) => format!("stopped after {rounds} training rounds: {stopped}"),
+            None => format!("completed {rounds} training rounds"),
+        };
+        if self.final_evaluation_done {
+            reason.push_str(" and the final evaluation");
+        }
+        self.finished = Some(reason.clone());
+        self.pool.clear();
+        self.window_start = None;
+        self.generation += 1;
+        self.events.push_back(Event::Finished { reason });
     }
 }
 

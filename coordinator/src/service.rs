@@ -15,6 +15,8 @@
 //! blocking thread, outside the lock, and hands the result back to the core.
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -48,12 +50,16 @@ pub const DECODING_SLACK_BYTES: usize = 64 * 1024;
 pub struct ServeOptions {
     /// Bytes of values per streamed model chunk. Default [`DEFAULT_CHUNK_BYTES`].
     pub chunk_bytes: usize,
+    /// Save the state here after every ended round (see
+    /// [`checkpoint`](crate::checkpoint)). Default: nowhere.
+    pub checkpoint: Option<PathBuf>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
+            checkpoint: None,
         }
     }
 }
@@ -62,6 +68,12 @@ impl ServeOptions {
     /// Sets the model chunk size in bytes (at least 4). Default [`DEFAULT_CHUNK_BYTES`].
     pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
         self.chunk_bytes = chunk_bytes.max(4);
+        self
+    }
+
+    /// Saves the state to `path` after every ended round.
+    pub fn with_checkpoint(mut self, path: impl Into<PathBuf>) -> Self {
+        self.checkpoint = Some(path.into());
         self
     }
 }
@@ -99,6 +111,10 @@ struct Shared {
     long_poll: Duration,
     chunk_bytes: usize,
     stop_driver: Notify,
+    /// Where the state is saved after every ended round, if anywhere.
+    checkpoint: Option<PathBuf>,
+    /// Rounds in the history when the state was last saved.
+    saved_rounds: AtomicUsize,
 }
 
 impl Shared {
@@ -112,6 +128,7 @@ impl Shared {
     fn with_core<R>(&self, f: impl FnOnce(&mut RoundCore) -> R) -> Result<R, CoordinatorError> {
         let mut core = self.lock()?;
         let result = f(&mut core);
+        self.save_if_a_round_ended(&core);
         self.progress.send_if_modified(|p| {
             if p.generation == core.generation() {
                 return false;
@@ -120,6 +137,26 @@ impl Shared {
             true
         });
         Ok(result)
+    }
+
+    /// Saves a checkpoint when a round ended since the last one, under the
+    /// core's lock, before anyone learns of the round's end. A failed save
+    /// is logged as an error and tried again after the next call.
+    fn save_if_a_round_ended(&self, core: &RoundCore) {
+        let Some(path) = &self.checkpoint else {
+            return;
+        };
+        let ended = core.history().len();
+        if self.saved_rounds.load(Ordering::Relaxed) == ended {
+            return;
+        }
+        match core.checkpoint().write(path) {
+            Ok(()) => {
+                self.saved_rounds.store(ended, Ordering::Relaxed);
+                tracing::debug!(rounds = ended, path = %path.display(), "checkpoint saved");
+            }
+            Err(e) => tracing::error!(error = %e, "checkpoint not saved"),
+        }
     }
 
     /// Counts and logs a request rejected at the edge, before the core saw it.
@@ -195,6 +232,7 @@ impl CoordinatorService {
         let long_poll = Duration::try_from_secs_f64(server.long_poll_secs).unwrap_or(Duration::MAX);
         let uploads = Arc::new(Semaphore::new(server.max_concurrent_uploads));
         let (progress, _) = watch::channel(Progress::of(&core));
+        let saved_rounds = AtomicUsize::new(core.history().len());
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(core),
@@ -203,6 +241,8 @@ impl CoordinatorService {
                 long_poll,
                 chunk_bytes: opts.chunk_bytes.max(4),
                 stop_driver: Notify::new(),
+                saved_rounds,
+                checkpoint: opts.checkpoint,
             }),
         }
     }
@@ -278,9 +318,18 @@ impl CoordinatorService {
                     confidence: task.training.confidence,
                     evaluate: task.evaluate,
                 }),
-                // Differential privacy is not applied yet, so there is no
-                // budget to report; devices show "not reported".
-                privacy: None,
+                // Without differential privacy there is no budget to
+                // report; devices then show "not reported".
+                privacy: task.privacy.map(|p| pb::PrivacyBudget {
+                    epsilon: p.epsilon,
+                    delta: p.delta,
+                }),
+                dp: task.privacy.map(|p| pb::DpTask {
+                    clip: p.clip,
+                    noise_stddev: p.noise_std,
+                    report_clipping: p.count_noise_std.is_some(),
+                    count_noise_stddev: p.count_noise_std.unwrap_or(0.0),
+                }),
                 secure_aggregation: task.secure_aggregation.as_ref().map(secure::task_to_pb),
             }),
             CheckIn::Wait { retry_after } => Outcome::Wait(pb::Wait {
@@ -429,6 +478,7 @@ fn log_event(event: &Event) {
             selected = s.selected,
             participants = s.participants,
             seconds = s.seconds,
+            epsilon = s.privacy.as_ref().map(|p| p.epsilon),
             "round completed"
         ),
         Event::RoundEnded(s) => tracing::warn!(
@@ -436,6 +486,7 @@ fn log_event(event: &Event) {
             kind = %s.kind,
             selected = s.selected,
             participants = s.participants,
+            epsilon = s.privacy.as_ref().map(|p| p.epsilon),
             reason = s.abandon_reason.as_deref().unwrap_or(""),
             "round abandoned"
         ),
@@ -649,6 +700,10 @@ impl Coordinator for CoordinatorService {
                 finished: status.finished,
                 rounds: core.history().iter().map(summary_to_pb).collect(),
                 devices: status.joined as u64,
+                privacy: core.privacy().map(|m| pb::PrivacyBudget {
+                    epsilon: m.epsilon(),
+                    delta: m.delta(),
+                }),
             }
         })?;
         Ok(Response::new(response))
@@ -692,5 +747,9 @@ pub fn summary_to_pb(s: &RoundSummary) -> pb::RoundSummary {
         selected: u32::try_from(s.selected).unwrap_or(u32::MAX),
         seconds: s.seconds,
         evaluation: Some(pb::EvaluationCounts::from(&s.evaluation)),
+        privacy: s.privacy.as_ref().map(|p| pb::PrivacyBudget {
+            epsilon: p.epsilon,
+            delta: p.delta,
+        }),
     }
 }

@@ -59,6 +59,32 @@ impl Strategy {
         &self.config
     }
 
+    /// The optimizer's moments (first, second), for checkpoints.
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores moments saved by [`moments`](Self::moments); refuses lengths
+    /// that do not fit this optimizer, or non-finite values.
+    pub fn restore_moments(&mut self, m: Vec<f32>, v: Vec<f32>) -> Result<(), String> {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return Err(format!(
+                "optimizer moments of lengths {} and {} do not fit {:?} (expects {} and {})",
+                m.len(),
+                v.len(),
+                self.config.name,
+                self.m.len(),
+                self.v.len()
+            ));
+        }
+        if m.iter().chain(&v).any(|x| !x.is_finite()) {
+            return Err("optimizer moments hold a non-finite value".to_owned());
+        }
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+
     /// Computes the next parameters from `params` and the mean update `delta`
     /// (same length), with the server learning rate scaled by `lr_factor`
     /// (the round's [`Schedule`](crate::config::Schedule) factor). On success the optimizer state advances and the new

@@ -233,6 +233,7 @@ fn secure_round(
                 None,
                 payload::Weighting::Uniform,
                 range,
+                0.0,
             ))
         },
     )?;

@@ -20,6 +20,7 @@ use fedrec_proto::tensor;
 use super::{Participant, rpc, training_config};
 use crate::device::Device;
 use crate::error::ClientError;
+use crate::privacy::DpSpec;
 use crate::secagg::SecAggClient;
 
 /// How a secure task ended for this device.
@@ -64,6 +65,7 @@ impl Participant {
         secure: &pb::SecAggTask,
     ) -> Result<(Device, bool), ClientError> {
         let cfg = training_config(task)?;
+        let dp = DpSpec::from_task(task)?;
         let (party, config, weighting) = wire::task_from_pb(secure)?;
         let range = config.range;
         let round = task.round;
@@ -90,7 +92,7 @@ impl Participant {
         let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
         let training = tokio::task::spawn_blocking(move || {
             let mut device = device;
-            let update = device.train(&global, &cfg, evaluate);
+            let update = device.train_task(&global, &cfg, evaluate, dp.as_ref());
             (device, update)
         });
         let exchanged = self.exchange_keys(round, party, &mut client).await;
@@ -110,6 +112,7 @@ impl Participant {
             update.evaluation.as_ref(),
             weighting,
             range,
+            update.within_clip,
         );
         drop(update);
         let (mut client, masked) = tokio::task::spawn_blocking(move || {

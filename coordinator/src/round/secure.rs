@@ -182,8 +182,8 @@ pub(super) struct SecureRound {
     /// When the current step closes at the latest.
     step_deadline: Instant,
     summary: SecureSummary,
-    /// The decoded mean update, once unmasked.
-    pub(super) mean: Option<Vec<f32>>,
+    /// The decoded totals, once unmasked.
+    pub(super) totals: Option<payload::Totals>,
 }
 
 impl SecureRound {
@@ -228,7 +228,7 @@ impl SecureRound {
             quantizer,
             weighting,
             step_deadline,
-            mean: None,
+            totals: None,
         }
     }
 
@@ -639,9 +639,9 @@ impl RoundCore {
             .map_err(|e| format!("secure aggregation: cannot decode the sum: {e}"))?;
         let totals = payload::decode(&decoded, count, secure.weighting, secure.quantizer.range())
             .map_err(|e| format!("secure aggregation: {e}"))?;
-        secure.mean = Some(totals.mean());
         secure.summary.survivors = count;
         open.evaluation.add(&totals.counts);
+        secure.totals = Some(totals);
         open.accepted = count;
         self.last_secure_sum = Some(SecureSum {
             round,

@@ -766,3 +766,224 @@ fn fraction_selects_a_share_of_the_waiting_devices() {
     }
     assert!(core.history()[0].completed);
 }
+
+/// Differential privacy in the round: sampling, clipping, noise, budget.
+mod dp {
+    use super::*;
+    use crate::config::{DpMode, Weighting};
+    use crate::privacy::RdpAccountant;
+
+    fn dp_config(devices_per_round: usize, z: f64, clip: f32, q: f64) -> CoordinatorConfig {
+        let mut c = config(devices_per_round, 0);
+        c.strategy.weighting = Weighting::Uniform;
+        c.privacy.mode = DpMode::Central;
+        c.privacy.noise_multiplier = z;
+        c.privacy.clip = clip;
+        c.privacy.sampling_rate = Some(q);
+        c
+    }
+
+    /// Runs training rounds until the core finishes or `max_rounds` ended;
+    /// every selected device submits `update(device index)`.
+    fn run(
+        core: &mut RoundCore,
+        devices: &[Pseudonym],
+        max_rounds: usize,
+        update: impl Fn(usize) -> Vec<f32>,
+    ) -> (Vec<RoundSummary>, Vec<Task>) {
+        let mut now = Instant::now();
+        let mut summaries = Vec::new();
+        let mut tasks = Vec::new();
+        while summaries.len() < max_rounds && core.finished().is_none() {
+            let selected = check_in_all(core, now, devices);
+            for (p, task) in &selected {
+                let i = devices.iter().position(|d| d == p).unwrap();
+                let values = update(i);
+                let h = header(*p, task, 1, values.len() as u64);
+                core.submit_update(now, h, &encode(&values)).unwrap();
+                tasks.push(task.clone());
+            }
+            now += SECOND * 61;
+            summaries.extend(ended(&core.poll(now)));
+        }
+        (summaries, tasks)
+    }
+
+    #[test]
+    fn a_small_budget_stops_training_at_the_right_round_and_says_why() {
+        let (q, z, delta) = (0.5, 1.0, 1e-5);
+        let budget = RdpAccountant::epsilon_for(q, z, 7, delta) * 1.0001;
+        assert!(RdpAccountant::epsilon_for(q, z, 8, delta) > budget);
+        let mut c = dp_config(1, z, 1.0, q);
+        c.privacy.epsilon_budget = Some(budget);
+        c.privacy.delta = delta;
+        let mut core = core_with(c, vec![0.0; 4]);
+        let devices = join(&mut core, Instant::now(), 20);
+        let (summaries, tasks) = run(&mut core, &devices, 50, |_| vec![0.1; 4]);
+        assert_eq!(summaries.len(), 7, "{summaries:?}");
+        let reason = core.finished().expect("finished");
+        assert!(
+            reason.contains("stopped after 7 training rounds")
+                && reason.contains("privacy.epsilon_budget"),
+            "{reason}"
+        );
+        let eps: Vec<f64> = summaries
+            .iter()
+            .map(|s| s.privacy.as_ref().unwrap().epsilon)
+            .collect();
+        assert!(eps.windows(2).all(|w| w[0] < w[1]), "{eps:?}");
+        assert!(eps[6] <= budget);
+        assert!((eps[6] - core.privacy().unwrap().epsilon()).abs() < 1e-12);
+        // Devices are told the epsilon of their round.
+        for task in &tasks {
+            let p = task.privacy.expect("a DP task");
+            assert_eq!(p.epsilon, eps[task.round as usize - 1]);
+            assert_eq!(p.noise_std, 0.0, "central mode: devices add no noise");
+        }
+    }
+
+    #[test]
+    fn central_noise_has_deviation_z_times_clip_over_the_expected_cohort() {
+        let n = 40_000;
+        let (z, clip) = (2.0, 0.5);
+        let mut core = core_with(dp_config(10, z, clip, 1.0), vec![0.0; n]);
+        let devices = join(&mut core, Instant::now(), 10);
+        let (summaries, _) = run(&mut core, &devices, 1, |_| vec![0.0; n]);
+        assert!(summaries[0].completed);
+        assert_eq!(summaries[0].privacy.as_ref().unwrap().expected_cohort, 10.0);
+        let lr = f64::from(core.config().strategy.server_lr);
+        let change: Vec<f64> = core
+            .model()
+            .params
+            .iter()
+            .map(|v| f64::from(*v) / lr)
+            .collect();
+        let std = (change.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt();
+        let want = z * f64::from(clip) / 10.0;
+        // 40,000 draws: the sample std's own relative std is 0.35%.
+        assert!((std / want - 1.0).abs() < 0.02, "std {std}, want {want}");
+    }
+
+    #[test]
+    fn no_device_moves_the_model_by_more_than_the_bound() {
+        let clip = 0.25_f32;
+        let mut core = core_with(dp_config(4, 0.0, clip, 1.0), vec![0.0; 3]);
+        let devices = join(&mut core, Instant::now(), 4);
+        // One device sends a huge update, the others nothing.
+        let (summaries, _) = run(&mut core, &devices, 1, |i| {
+            if i == 0 {
+                vec![3e6, -4e6, 0.0]
+            } else {
+                vec![0.0; 3]
+            }
+        });
+        assert!(summaries[0].completed);
+        let lr = core.config().strategy.server_lr;
+        let change = core
+            .model()
+            .params
+            .iter()
+            .map(|v| (v / lr).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        // The mean divides by the expected cohort of 4.
+        assert!((change - clip / 4.0).abs() < 1e-6, "{change}");
+    }
+
+    #[test]
+    fn adaptive_clipping_moves_the_bound_towards_the_median_norm() {
+        let mut c = dp_config(8, 0.0, 0.1, 1.0);
+        c.privacy.adaptive_clip = true;
+        let mut core = core_with(c, vec![0.0; 2]);
+        let devices = join(&mut core, Instant::now(), 8);
+        // Update norms 1, 2, ..., 8: the median lies between 4 and 5.
+        let (summaries, _) = run(&mut core, &devices, 60, |i| vec![(i + 1) as f32, 0.0]);
+        let clips: Vec<f32> = summaries
+            .iter()
+            .map(|s| s.privacy.as_ref().unwrap().clip)
+            .collect();
+        assert!(clips[1] > clips[0], "all clipped: the bound grows");
+        let last = *clips.last().unwrap();
+        assert!((3.0..=6.0).contains(&last), "{clips:?}");
+    }
+
+    #[test]
+    fn poisson_sampling_draws_each_device_with_the_rate() {
+        let mut c = dp_config(1, 1.0, 1.0, 0.25);
+        // Every device is back in the pool before the next round starts.
+        c.rounds.checkin_window_secs = 1e4;
+        let mut core = core_with(c, vec![0.0]);
+        let devices = join(&mut core, Instant::now(), 200);
+        let (summaries, _) = run(&mut core, &devices, 40, |_| vec![0.0]);
+        let mean = summaries.iter().map(|s| s.selected as f64).sum::<f64>() / 40.0;
+        // 40 rounds of Binomial(200, 0.25): mean 50, its std 0.97.
+        assert!((mean - 50.0).abs() < 4.0, "{mean}");
+        assert!(
+            summaries
+                .iter()
+                .any(|s| s.selected != summaries[0].selected)
+        );
+    }
+}
+
+/// A core resumed from its checkpoint carries on where the first stopped:
+/// same model, optimizer and accountant; no round lost or run twice.
+#[test]
+fn a_resumed_core_carries_on_from_its_checkpoint() {
+    use crate::checkpoint::Checkpoint;
+    use crate::config::{DpMode, StrategyName, Weighting};
+    let mut c = config(2, 6);
+    c.strategy.name = StrategyName::FedAdam;
+    c.strategy.weighting = Weighting::Uniform;
+    c.privacy.mode = DpMode::Central;
+    c.privacy.sampling_rate = Some(1.0);
+    c.privacy.noise_multiplier = 0.5;
+    let mut core = core_with(c.clone(), vec![0.0; 3]);
+    let devices = join(&mut core, Instant::now(), 2);
+    let mut now = Instant::now();
+    let mut round = |core: &mut RoundCore, now: &mut Instant| {
+        for (p, task) in check_in_all(core, *now, &devices) {
+            let h = header(p, &task, 1, 3);
+            core.submit_update(*now, h, &encode(&[0.1, -0.2, 0.3]))
+                .unwrap();
+        }
+        *now += SECOND;
+        core.poll(*now);
+    };
+    for _ in 0..3 {
+        round(&mut core, &mut now);
+    }
+    assert_eq!(core.history().len(), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck");
+    core.checkpoint().write(&path).unwrap();
+    let saved = Checkpoint::read(&path).unwrap();
+    assert_eq!(saved.params, core.model().params);
+    assert_eq!(saved.m, core.strategy().moments().0);
+
+    let mut resumed = RoundCore::resume(c.clone(), layout(3), saved.clone()).unwrap();
+    assert_eq!(resumed.model().version, core.model().version);
+    assert_eq!(resumed.model().params, core.model().params);
+    assert_eq!(resumed.history(), core.history());
+    let eps = core.privacy().unwrap().epsilon();
+    assert_eq!(resumed.privacy().unwrap().epsilon(), eps);
+    // The devices carry on with their pseudonyms.
+    for _ in 0..3 {
+        round(&mut resumed, &mut now);
+    }
+    let rounds: Vec<u32> = resumed.history().iter().map(|s| s.round).collect();
+    assert_eq!(rounds, [1, 2, 3, 4, 5, 6]);
+    assert!(resumed.history().iter().all(|s| s.completed));
+    assert_eq!(resumed.model().version, 7);
+    assert_eq!(resumed.finished(), Some("completed 6 training rounds"));
+    let want = crate::privacy::RdpAccountant::epsilon_for(1.0, 0.5, 6, c.privacy.delta);
+    assert!((resumed.privacy().unwrap().epsilon() - want).abs() < 1e-9);
+
+    // Switching privacy off since the checkpoint is refused, with the reason.
+    let mut off = c;
+    off.privacy.mode = DpMode::Off;
+    let err = RoundCore::resume(off, layout(3), saved)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("differential privacy"), "{err}");
+}

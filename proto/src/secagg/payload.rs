@@ -7,6 +7,7 @@
 //! | `0..n` | the update, each value clipped to `[-range, range]`, times the weight `w` |
 //! | `n` | `w · range` |
 //! | `n + 1 ..= n + 5` | the evaluation counts (users, hits and NDCG@10 under full and sampled ranking), each times `range` |
+//! | `n + 6` | under adaptive clipping, whether the update was within the clipping bound (1 or 0, plus the device's share of the count noise under distributed DP), times `range / INDICATOR_SPAN` |
 //!
 //! **Weighting.** The coordinator only learns sums, so it cannot weigh each
 //! update by its device's example count after the fact. Each device
@@ -37,9 +38,9 @@
 //!
 //! let q = Quantizer::new(0.5, 20).unwrap();
 //! let rule = Weighting::Examples { max_examples: 100 };
-//! let a = payload::encode(&[0.2, -0.1], 50, None, rule, q.range());
+//! let a = payload::encode(&[0.2, -0.1], 50, None, rule, q.range(), 0.0);
 //! let hit = EvalCounts { users: 1, hits_full: 1.0, ndcg_full: 0.5, ..EvalCounts::default() };
-//! let b = payload::encode(&[0.4, 0.9], 100, Some(&hit), rule, q.range()); // 0.9 is clipped to 0.5
+//! let b = payload::encode(&[0.4, 0.9], 100, Some(&hit), rule, q.range(), 0.0); // 0.9 is clipped to 0.5
 //! let mut sum = vec![0_u32; a.len()];
 //! q.add_quantized(&a, &mut sum).unwrap();
 //! q.add_quantized(&b, &mut sum).unwrap();
@@ -58,8 +59,14 @@ use crate::EvalCounts;
 
 use super::SecAggError;
 
-/// Values appended to the update: the weight and five evaluation counts.
-pub const EXTRA_VALUES: usize = 6;
+/// Values appended to the update: the weight, five evaluation counts and
+/// the clipping indicator.
+pub const EXTRA_VALUES: usize = 7;
+
+/// The clipping indicator is scaled down by this much, so that a noisy one
+/// (distributed DP adds a Gaussian share to it) fits the quantizer's range:
+/// it is clamped to `[-INDICATOR_SPAN, INDICATOR_SPAN]`.
+pub const INDICATOR_SPAN: f32 = 16.0;
 
 /// How a device weighs its update in the cohort's mean.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,14 +95,16 @@ impl Weighting {
 
 /// The values a device masks: its update clipped to `[-range, range]` and
 /// scaled by its weight, then the weight and its evaluation counts (zero
-/// without counts), each times `range`. Non-finite update values are kept
-/// as they are, for the quantizer to refuse.
+/// without counts), each times `range`, and the clipping indicator
+/// `within_clip` (0 when unused). Non-finite update values are kept as
+/// they are, for the quantizer to refuse.
 pub fn encode(
     update: &[f32],
     examples: u64,
     counts: Option<&EvalCounts>,
     weighting: Weighting,
     range: f32,
+    within_clip: f32,
 ) -> Vec<f32> {
     let w = weighting.weight(examples);
     let mut out = Vec::with_capacity(update.len() + EXTRA_VALUES);
@@ -115,6 +124,7 @@ pub fn encode(
         unit(c.ndcg_full),
         unit(c.hits_sampled),
         unit(c.ndcg_sampled),
+        within_clip.clamp(-INDICATOR_SPAN, INDICATOR_SPAN) * (range / INDICATOR_SPAN),
     ]);
     out
 }
@@ -129,6 +139,9 @@ pub struct Totals {
     pub weight: f64,
     /// The summed evaluation counts.
     pub counts: EvalCounts,
+    /// The summed clipping indicators: the count of updates within the
+    /// clipping bound (plus the devices' noise under distributed DP).
+    pub within_clip: f64,
 }
 
 impl Totals {
@@ -181,6 +194,7 @@ pub fn decode(
             hits_sampled: bounded(extra[4]),
             ndcg_sampled: bounded(extra[5]),
         },
+        within_clip: f64::from(extra[6]) * f64::from(INDICATOR_SPAN) / f64::from(range),
     })
 }
 
@@ -203,10 +217,15 @@ mod tests {
     #[test]
     fn encode_clips_then_scales_and_appends() {
         let rule = Weighting::Examples { max_examples: 4 };
-        let v = encode(&[3.0, -0.5, f32::NAN], 2, None, rule, 1.0);
+        let v = encode(&[3.0, -0.5, f32::NAN], 2, None, rule, 1.0, 1.0);
         assert_eq!(v[..2], [0.5, -0.25]);
         assert!(v[2].is_nan());
-        assert_eq!(v[3..], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(v[3..], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0 / INDICATOR_SPAN]);
+        let noisy = encode(&[0.0], 1, None, rule, 1.0, -40.0);
+        assert_eq!(
+            noisy[EXTRA_VALUES], -1.0,
+            "a noisy indicator is clamped to the span"
+        );
     }
 
     #[test]
@@ -226,8 +245,9 @@ mod tests {
             hits_sampled: 1.0,
             ndcg_sampled: 1.0,
         };
-        for (u, e) in &updates {
-            let x = encode(u, *e, Some(&counts), rule, q.range());
+        for (i, (u, e)) in updates.iter().enumerate() {
+            let within = if i == 1 { 0.0 } else { 1.0 };
+            let x = encode(u, *e, Some(&counts), rule, q.range(), within);
             q.add_quantized(&x, &mut sum).unwrap();
         }
         let mut decoded = vec![0.0; sum.len()];
@@ -236,6 +256,11 @@ mod tests {
         assert!((totals.weight - 2.0).abs() < 1e-3, "{}", totals.weight);
         assert_eq!(totals.counts.users, 3);
         assert!((totals.counts.ndcg_full - 1.89).abs() < 1e-3);
+        assert!(
+            (totals.within_clip - 2.0).abs() < 1e-3,
+            "{}",
+            totals.within_clip
+        );
         let mean = totals.mean();
         let total_weight: f64 = updates.iter().map(|(_, e)| *e as f64 / 10.0).sum();
         for (i, m) in mean.iter().enumerate() {

@@ -55,6 +55,7 @@ impl Device {
             Some(&self.counts),
             weighting,
             range,
+            0.0,
         )
     }
 }
