@@ -247,6 +247,7 @@ fn simulate_with_distributed_dp_stops_at_the_budget() {
             "0.001",
             "--epsilon-budget",
             &budget.to_string(),
+            "--adaptive-clip",
             "--report",
         ])
         .arg(&report)
@@ -264,7 +265,18 @@ fn simulate_with_distributed_dp_stops_at_the_budget() {
     assert_eq!(p["training_rounds"], 4, "{p}");
     assert_eq!(p["sampling_rate"], q);
     assert_eq!(p["noise_multiplier"], z);
-    assert_eq!(p["clip"], 0.5);
+    // Adaptive clipping moved the bound from 0.5, by the noisy fraction of
+    // updates within it that the devices reported through secure aggregation.
+    let clips: Vec<f64> = json["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["privacy"]["clip"].as_f64().unwrap())
+        .collect();
+    assert_eq!(clips[0], 0.5);
+    assert!(clips.windows(2).any(|w| w[0] != w[1]), "{clips:?}");
+    assert!(p["within_clip"].as_f64().unwrap().is_finite());
+    assert_eq!(p["adaptive_clip"], true);
     assert_eq!(p["delta"], delta);
     let eps = p["epsilon"].as_f64().unwrap();
     let want = RdpAccountant::epsilon_for(q, z, 4, delta);

@@ -104,6 +104,12 @@ impl Mechanism {
     /// The mechanism of a validated, enabled `config`; `seed` makes the
     /// noise reproducible (simulations), `None` draws it from the OS.
     pub fn new(config: PrivacyConfig, min_contributions: usize, seed: Option<u64>) -> Self {
+        if config.mode == DpMode::Distributed && min_contributions <= 1 {
+            tracing::warn!(
+                "distributed differential privacy with rounds.min_updates = 1: every device adds \
+                 the whole noise; raise rounds.min_updates to the fewest devices a round may keep"
+            );
+        }
         Self {
             clip: config.clip,
             config,
