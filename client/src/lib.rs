@@ -41,8 +41,13 @@
 //!   relevance), explanations.
 //! - [`eligibility`]: the app's [`eligibility::Conditions`], back-off, the
 //!   time budget for local training.
+//! - [`secagg::SecAggClient`]: sans-IO; the device's side of one secure
+//!   aggregation round (keys, encrypted shares, masked update, unmasking).
+//! - [`privacy`]: differential privacy on the device (clipping, the
+//!   device's share of the noise).
 //! - [`participant::Participant`]: the gRPC transport that takes a device
-//!   through rounds with a coordinator.
+//!   through rounds with a coordinator, through secure aggregation when a
+//!   task asks for it.
 //! - [`metrics`]: leave-one-out HR@10 / NDCG@10 computed on the device.
 //!
 //! The device alone, without a coordinator:
