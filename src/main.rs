@@ -10,7 +10,7 @@ use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
 use fedrec::eval::Metrics;
 use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
 use fedrec_coordinator::config::{
-    CoordinatorConfig, DpMode, LossName, Schedule, StrategyName, Weighting,
+    Aggregation, CoordinatorConfig, DpMode, LossName, Schedule, StrategyName, Weighting,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -281,6 +281,16 @@ struct ConfigOverrides {
     /// DP: adapt the clipping bound to the median update norm (Andrew et al. 2021).
     #[arg(long)]
     adaptive_clip: bool,
+    /// How updates are combined: mean, trimmed_mean or median (robust to
+    /// broken or hostile devices; plain rounds only).
+    #[arg(long, value_parser = parse_name::<Aggregation>)]
+    aggregation: Option<Aggregation>,
+    /// Under trimmed_mean: the fraction dropped at each end per coordinate.
+    #[arg(long, value_name = "FRACTION")]
+    trim_fraction: Option<f64>,
+    /// Scale every plain update down to at most this L2 norm.
+    #[arg(long, value_name = "C")]
+    norm_bound: Option<f32>,
 }
 
 impl ConfigOverrides {
@@ -370,6 +380,16 @@ impl ConfigOverrides {
         if self.adaptive_clip {
             p.adaptive_clip = true;
         }
+        let st = &mut cfg.strategy;
+        if let Some(v) = self.aggregation {
+            st.aggregation = v;
+        }
+        if let Some(v) = self.trim_fraction {
+            st.trim_fraction = v;
+        }
+        if let Some(v) = self.norm_bound {
+            st.norm_bound = Some(v);
+        }
     }
 }
 
@@ -409,6 +429,13 @@ struct SimulateArgs {
     /// SVG) HR@10 and NDCG@10 against the epsilon each spent.
     #[arg(long, value_name = "Z1,Z2,…", value_delimiter = ',', requires = "dp")]
     sweep_noise: Option<Vec<f64>>,
+    /// Make some devices misbehave (in-process plain rounds): scale (their
+    /// update times 100) or noise (standard normal values).
+    #[arg(long, value_enum, requires = "attack_fraction")]
+    attack: Option<sim::AttackKind>,
+    /// The fraction of devices that misbehave under --attack.
+    #[arg(long, value_name = "FRACTION")]
+    attack_fraction: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -426,6 +453,9 @@ struct ServeArgs {
     /// and resume from it when it exists (crash recovery).
     #[arg(long, value_name = "FILE")]
     checkpoint: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     #[command(flatten)]
     overrides: ConfigOverrides,
 }
@@ -633,7 +663,14 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         transport: args.transport,
         seed: args.seed,
         centralized_epochs: args.centralized_epochs.unwrap_or(centralized_epochs),
+        attack: args.attack.map(|kind| sim::Attack {
+            kind,
+            fraction: args.attack_fraction.unwrap_or(0.1),
+        }),
     };
+    if cfg.attack.is_some() && cfg.transport != Transport::Inproc {
+        bail!("--attack is simulated in process only: add --transport inproc");
+    }
     let mut bar = Bar::default();
     if let Some(noise) = &args.sweep_noise {
         let tradeoff = fedrec::tradeoff::sweep(&ds, &cfg, noise, &mut bar)?;
@@ -667,6 +704,25 @@ fn write_report(path: Option<&Path>, report: &impl serde::Serialize) -> anyhow::
         .with_context(|| format!("cannot write the report to {}", path.display()))?;
     eprintln!("report written to {}", path.display());
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix (what service managers send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => eprintln!("cannot watch for SIGTERM ({e}); Ctrl-C still stops"),
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn skipped_note(ds: &Dataset) -> String {
@@ -834,12 +890,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         let service = fedrec_coordinator::service::CoordinatorService::new(core, options);
         let handle = service.handle();
+        let metrics = match &args.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+                eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+                Some(tokio::spawn(fedrec_coordinator::metrics::serve_metrics(
+                    listener,
+                    handle.clone(),
+                    std::future::pending(),
+                )))
+            }
+            None => None,
+        };
         service
             .serve(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
+                shutdown_signal().await;
                 eprintln!("shutting down");
             })
             .await?;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         let p = handle.progress();
         eprintln!(
             "stopped after {} rounds; model version {}",

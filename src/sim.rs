@@ -63,6 +63,51 @@ pub struct SimConfig {
     pub seed: u64,
     /// Epochs of the centralized baseline over all users' data.
     pub centralized_epochs: u32,
+    /// Devices that misbehave (in-process plain rounds only), to measure
+    /// robust aggregation. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attack: Option<Attack>,
+}
+
+/// Some devices send bad updates.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Attack {
+    /// What they send.
+    pub kind: AttackKind,
+    /// The fraction of devices that misbehave, chosen by the seed.
+    pub fraction: f64,
+}
+
+/// What a misbehaving device sends instead of its update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttackKind {
+    /// Its honest update times 100.
+    Scale,
+    /// Standard normal noise in every value.
+    Noise,
+}
+
+impl Attack {
+    /// Whether device `index` misbehaves under `seed`.
+    fn applies(&self, seed: u64, index: usize) -> bool {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xBAD_DE71CE ^ index as u64);
+        rand::RngExt::random_bool(&mut rng, self.fraction.clamp(0.0, 1.0))
+    }
+
+    /// Turns `update` into the attack's.
+    fn corrupt(&self, update: &mut [f32], seed: u64, round: u32) {
+        match self.kind {
+            AttackKind::Scale => update.iter_mut().for_each(|v| *v *= 100.0),
+            AttackKind::Noise => {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (u64::from(round) << 32));
+                let normal = rand_distr::StandardNormal;
+                update
+                    .iter_mut()
+                    .for_each(|v| *v = rand_distr::Distribution::sample(&normal, &mut rng));
+            }
+        }
+    }
 }
 
 /// One row of the per-round report.
@@ -364,7 +409,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     observer.start(coord.rounds.rounds);
     let fed_start = Instant::now();
     let (rounds, final_counts, global, devices) = match cfg.transport {
-        Transport::Inproc => run_inproc(core, devices, observer)?,
+        Transport::Inproc => run_inproc(core, devices, observer, cfg.attack)?,
         Transport::Grpc => run_grpc(core, devices, observer)?,
     };
     // Coverage of the federated model: each device's own top 10 (computed on
@@ -431,6 +476,7 @@ fn run_inproc(
     mut core: RoundCore,
     mut devices: Vec<(usize, Device)>,
     observer: &mut dyn Observer,
+    attack: Option<Attack>,
 ) -> anyhow::Result<Outcome> {
     let base = Instant::now();
     let mut clock = base;
@@ -469,7 +515,15 @@ fn run_inproc(
                 _ => clock += Duration::from_secs(1),
             }
         } else {
-            run_cohort(&mut core, clock, &mut devices, &pseudonyms, &tasks, threads)?;
+            run_cohort(
+                &mut core,
+                clock,
+                &mut devices,
+                &pseudonyms,
+                &tasks,
+                threads,
+                attack,
+            )?;
         }
         for event in core.poll(clock) {
             record_event(
@@ -500,6 +554,7 @@ fn run_cohort(
     pseudonyms: &[Pseudonym],
     tasks: &[(usize, fedrec_coordinator::round::Task)],
     threads: usize,
+    attack: Option<Attack>,
 ) -> anyhow::Result<()> {
     let snapshot = core.model();
     let global = &snapshot.params;
@@ -553,8 +608,15 @@ fn run_cohort(
                 .flat_map(|h| h.join().expect("device thread panicked"))
                 .collect()
         });
+        let seed = core.config().rounds.seed.unwrap_or_default();
         for ((i, task), result) in part_tasks.iter().zip(results) {
-            submit(core, clock, pseudonyms[*i], task, result?)?;
+            let mut result = result?;
+            if let (Some(attack), TaskResult::Update(update)) = (&attack, &mut result)
+                && attack.applies(seed, *i)
+            {
+                attack.corrupt(&mut update.delta, seed ^ *i as u64, task.round);
+            }
+            submit(core, clock, pseudonyms[*i], task, result)?;
         }
     }
     Ok(())

@@ -281,6 +281,7 @@ mod tests {
             transport: Transport::Inproc,
             seed: 5,
             centralized_epochs: 1,
+            attack: None,
         };
         let t = sweep(&ds, &cfg, &[0.5, 4.0], &mut ()).unwrap();
         assert_eq!(t.rows.len(), 3);

@@ -115,7 +115,8 @@ fn serve_and_three_client_processes_then_ctrl_c() {
     assert!(status.success());
     let out = wait(serve);
     assert!(out.status.success(), "coordinator exit: {:?}", out.status);
-    let rest: Vec<String> = rx.try_iter().collect();
+    // The process has exited: its stderr ends, and so does the reader.
+    let rest: Vec<String> = rx.iter().collect();
     assert!(
         rest.iter().any(|l| l.contains("stopped after 3 rounds")),
         "{rest:?}"
@@ -378,6 +379,21 @@ fn start_clients(addr: &str, data: &std::path::Path, users: &[String]) -> Vec<Ch
         .collect()
 }
 
+/// A plain HTTP/1.1 GET, answered within the test timeout.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
 /// A coordinator killed with SIGKILL in the middle of training resumes from
 /// its checkpoint: no completed round is lost or applied twice, and new
 /// device processes carry the training to its end.
@@ -431,7 +447,15 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     }
     assert!(checkpoint.exists(), "a checkpoint was written");
 
-    let (mut serve, rx, addr, before) = start_serve(&args);
+    let with_metrics = [&args[..], &["--metrics-listen", "127.0.0.1:0"]].concat();
+    let (mut serve, rx, addr, before) = start_serve(&with_metrics);
+    let metrics_line = expect_line(&rx, "metrics on http://");
+    let metrics_addr = metrics_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap()
+        .to_string();
     let resumed = before
         .iter()
         .find(|l| l.contains("resumed from"))
@@ -461,9 +485,23 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
         finished.contains("completed 6 training rounds"),
         "{finished}"
     );
+    // Prometheus metrics count the rounds from before the crash too.
+    let metrics = http_get(&metrics_addr, "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("fedrec_rounds_total{outcome=\"completed\"} 6"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("fedrec_model_version 7"), "{metrics}");
+    assert!(
+        metrics.contains("fedrec_round_duration_seconds_count 7"),
+        "{metrics}"
+    );
+    assert!(http_get(&metrics_addr, "/other").starts_with("HTTP/1.1 404"));
+    // SIGTERM, as a service manager sends: a clean stop.
     let serve = serve.take();
     let status = Command::new("kill")
-        .args(["-INT", &serve.id().to_string()])
+        .args(["-TERM", &serve.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());

@@ -559,6 +559,32 @@ async fn serve_function_runs_until_shutdown() {
         (0, 1, false)
     );
     drop(client);
+    // The standard gRPC health service answers for the server and for the
+    // coordinator service.
+    let channel = common::within(
+        "connect",
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "fedrec.v1.Coordinator"] {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
+            .into_inner();
+        assert_eq!(
+            answer.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    drop(health);
     stop.send(()).unwrap();
     common::within("shutdown", server).await.unwrap().unwrap();
 }

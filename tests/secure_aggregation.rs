@@ -975,6 +975,7 @@ fn quality_config(secure: bool) -> SimConfig {
         transport: Transport::Inproc,
         seed: 5,
         centralized_epochs: 1,
+        attack: None,
     }
 }
 

@@ -14,6 +14,7 @@ fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimCo
         transport,
         seed,
         centralized_epochs: 30,
+        attack: None,
     }
 }
 

@@ -16,6 +16,7 @@ use fedrec_proto::secagg::payload::Totals;
 use fedrec_proto::tensor::{self, TensorError};
 
 use crate::CoordinatorError;
+use crate::config::Aggregation;
 
 /// Updates one sum can hold (2^20): with [`MAX_WEIGHTED_VALUE`], the bound
 /// that keeps the `f32` sum finite.
@@ -45,7 +46,8 @@ fn first_bad_value(bytes: &[u8], w: f32) -> CoordinatorError {
     CoordinatorError::Internal("a value failed the range check but none is out of range".into())
 }
 
-/// A running weighted sum of dense updates.
+/// A running weighted sum of dense updates; or, under a robust
+/// [`Aggregation`], every update of the round, combined at the end.
 #[derive(Clone, Debug)]
 pub struct Aggregator {
     sum: Vec<f32>,
@@ -53,16 +55,30 @@ pub struct Aggregator {
     count: usize,
     /// Updates that [`add_clipped`](Self::add_clipped) found within the bound.
     within_clip: u64,
+    rule: Aggregation,
+    trim_fraction: f64,
+    /// Under a robust rule: the (scaled) updates of the round.
+    kept: Vec<Vec<f32>>,
 }
 
 impl Aggregator {
     /// An empty sum for updates of `num_values` values.
     pub fn new(num_values: usize) -> Self {
+        Self::with_rule(num_values, Aggregation::Mean, 0.0)
+    }
+
+    /// An empty aggregate under `rule`; `trim_fraction` is used by
+    /// [`Aggregation::TrimmedMean`]. The robust rules keep every update
+    /// (4 bytes per value each) until the round ends.
+    pub fn with_rule(num_values: usize, rule: Aggregation, trim_fraction: f64) -> Self {
         Self {
             sum: vec![0.0; num_values],
             total_weight: 0,
             count: 0,
             within_clip: 0,
+            rule,
+            trim_fraction,
+            kept: Vec::new(),
         }
     }
 
@@ -85,10 +101,18 @@ impl Aggregator {
         self.add_scaled(bytes, weight as f32, weight)
     }
 
-    /// Like [`add`](Self::add) with weight 1, but first scales the update
-    /// down to L2 norm at most `clip` (DP-FedAvg's clipping); counts it as
-    /// within the bound when it needed no scaling.
-    pub fn add_clipped(&mut self, bytes: &[u8], clip: f32) -> Result<(), CoordinatorError> {
+    /// Like [`add`](Self::add), but first scales the update down to L2
+    /// norm at most `clip` (DP-FedAvg's clipping, or norm bounding); counts
+    /// it as within the bound when it needed no scaling.
+    pub fn add_clipped(
+        &mut self,
+        bytes: &[u8],
+        clip: f32,
+        weight: u64,
+    ) -> Result<(), CoordinatorError> {
+        if weight == 0 {
+            return Err(CoordinatorError::ZeroExamples);
+        }
         self.check_shape(bytes)?;
         // Non-finite values make the norm non-finite: `add_scaled` then
         // names the first bad value.
@@ -103,7 +127,7 @@ impl Aggregator {
         } else {
             (f64::from(clip) / norm) as f32
         };
-        self.add_scaled(bytes, scale, 1)?;
+        self.add_scaled(bytes, scale * weight as f32, weight)?;
         self.within_clip += u64::from(within);
         Ok(())
     }
@@ -142,7 +166,15 @@ impl Aggregator {
         if !in_range {
             return Err(first_bad_value(bytes, w));
         }
-        tensor::fold_into(&mut self.sum, bytes, w)?;
+        if self.rule == Aggregation::Mean {
+            tensor::fold_into(&mut self.sum, bytes, w)?;
+        } else {
+            // Robust rules weigh every update the same: undo the weight.
+            let scale = w / weight as f32;
+            let mut update = tensor::decode(bytes)?;
+            update.iter_mut().for_each(|v| *v *= scale);
+            self.kept.push(update);
+        }
         self.total_weight = total_weight;
         self.count += 1;
         Ok(())
@@ -173,11 +205,42 @@ impl Aggregator {
     }
 
     /// The sum, total weight and clipping count, or `None` when no update
-    /// was added.
+    /// was added. Under a robust rule, the combined update times the count
+    /// over a weight of the count (so that [`Totals::mean`] is the result).
     pub fn totals(&self) -> Option<Totals> {
-        (self.count > 0).then(|| Totals {
-            weighted_sum: self.sum.clone(),
-            weight: self.total_weight as f64,
+        if self.count == 0 {
+            return None;
+        }
+        let (weighted_sum, weight) = match self.rule {
+            Aggregation::Mean => (self.sum.clone(), self.total_weight as f64),
+            rule => {
+                let n = self.kept.len();
+                let trim = match rule {
+                    Aggregation::TrimmedMean => (self.trim_fraction * n as f64).floor() as usize,
+                    _ => 0,
+                };
+                let mut column = Vec::with_capacity(n);
+                let center = (0..self.sum.len())
+                    .map(|j| {
+                        column.clear();
+                        column.extend(self.kept.iter().map(|u| u[j]));
+                        let value = if rule == Aggregation::Median {
+                            median(&mut column)
+                        } else {
+                            column.sort_unstable_by(f32::total_cmp);
+                            let kept = &column[trim..n - trim];
+                            (kept.iter().map(|v| f64::from(*v)).sum::<f64>() / kept.len() as f64)
+                                as f32
+                        };
+                        value * n as f32
+                    })
+                    .collect();
+                (center, n as f64)
+            }
+        };
+        Some(Totals {
+            weighted_sum,
+            weight,
             counts: EvalCounts::default(),
             within_clip: self.within_clip as f64,
         })
@@ -189,7 +252,24 @@ impl Aggregator {
         self.total_weight = 0;
         self.count = 0;
         self.within_clip = 0;
+        self.kept.clear();
     }
+}
+
+/// The median of `values` (the mean of the two middle ones for an even
+/// count); reorders them.
+fn median(values: &mut [f32]) -> f32 {
+    let n = values.len();
+    let (_, upper, _) = values.select_nth_unstable_by(n / 2, f32::total_cmp);
+    let upper = *upper;
+    if n % 2 == 1 {
+        return upper;
+    }
+    let lower = values[..n / 2]
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    (lower + upper) / 2.0
 }
 
 pub use fedrec_proto::EvalCounts;
@@ -303,5 +383,62 @@ mod tests {
             ..EvalCounts::default()
         };
         assert!(validate_counts(&bad).is_err());
+    }
+}
+
+#[cfg(test)]
+mod robust_tests {
+    use super::*;
+    use fedrec_proto::tensor::encode;
+
+    fn combined(rule: Aggregation, trim: f64, updates: &[[f32; 2]]) -> Vec<f32> {
+        let mut agg = Aggregator::with_rule(2, rule, trim);
+        for (i, u) in updates.iter().enumerate() {
+            // Weights are ignored by the robust rules.
+            agg.add(&encode(u), i as u64 + 1).unwrap();
+        }
+        agg.totals().unwrap().mean()
+    }
+
+    #[test]
+    fn median_and_trimmed_mean_ignore_a_few_wild_updates() {
+        let mut updates = vec![[1.0, -1.0]; 9];
+        updates[3] = [1e6, -1e6];
+        updates.push([-5e5, 3e7]);
+        let median = combined(Aggregation::Median, 0.0, &updates);
+        assert_eq!(median, vec![1.0, -1.0]);
+        let trimmed = combined(Aggregation::TrimmedMean, 0.1, &updates);
+        assert_eq!(trimmed, vec![1.0, -1.0]);
+        let mean = combined(Aggregation::Mean, 0.0, &updates);
+        assert!(mean[0].abs() > 1e4, "the mean is pulled away: {mean:?}");
+    }
+
+    #[test]
+    fn median_of_an_even_count_is_the_middle_mean_and_trim_zero_is_the_mean() {
+        assert_eq!(
+            combined(Aggregation::Median, 0.0, &[[1.0, 4.0], [3.0, 2.0]]),
+            vec![2.0, 3.0]
+        );
+        assert_eq!(
+            combined(
+                Aggregation::TrimmedMean,
+                0.0,
+                &[[1.0, 4.0], [3.0, 2.0], [5.0, 0.0]]
+            ),
+            vec![3.0, 2.0]
+        );
+    }
+
+    #[test]
+    fn norm_bounding_caps_each_update_and_keeps_its_direction() {
+        let mut agg = Aggregator::new(2);
+        agg.add_clipped(&encode(&[30.0, 40.0]), 5.0, 1).unwrap();
+        agg.add_clipped(&encode(&[0.3, 0.4]), 5.0, 1).unwrap();
+        let t = agg.totals().unwrap();
+        assert_eq!(t.weighted_sum, vec![3.3, 4.4]);
+        assert_eq!(t.within_clip, 1.0);
+        // A rejected update leaves the aggregate untouched.
+        assert!(agg.add_clipped(&encode(&[f32::NAN, 0.0]), 5.0, 1).is_err());
+        assert_eq!(agg.count(), 2);
     }
 }

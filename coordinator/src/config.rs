@@ -295,6 +295,37 @@ pub struct StrategyConfig {
     pub weighting: Weighting,
     /// How the server learning rate changes over the rounds. Default `constant`.
     pub schedule: Schedule,
+    /// How a round's updates are combined: "mean", or, against broken or
+    /// hostile devices, "trimmed_mean" or "median" (coordinate-wise; they
+    /// keep every update of the round in memory and need individual updates,
+    /// so not with secure aggregation or differential privacy). Default "mean".
+    pub aggregation: Aggregation,
+    /// Under "trimmed_mean": the fraction of values dropped at each end of
+    /// every coordinate, in `[0, 0.5)`. Default [`DEFAULT_TRIM_FRACTION`].
+    pub trim_fraction: f64,
+    /// Scale every plain update down to at most this L2 norm before
+    /// aggregating it (norm bounding). With secure aggregation the
+    /// coordinator cannot see norms; devices clip then under `[privacy]`.
+    /// Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_bound: Option<f32>,
+}
+
+/// Default `strategy.trim_fraction`.
+pub const DEFAULT_TRIM_FRACTION: f64 = 0.1;
+
+/// How a round's updates are combined into one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// The weighted mean (FedAvg), folded as updates arrive.
+    #[default]
+    Mean,
+    /// Per coordinate, the mean of the values left after dropping
+    /// `trim_fraction` of them at each end (Yin et al. 2018); unweighted.
+    TrimmedMean,
+    /// Per coordinate, the median; unweighted.
+    Median,
 }
 
 /// The server learning rate of each round, as a multiple of `server_lr`.
@@ -347,6 +378,9 @@ impl Default for StrategyConfig {
             tau: DEFAULT_TAU,
             weighting: Weighting::Examples,
             schedule: Schedule::Constant,
+            aggregation: Aggregation::Mean,
+            trim_fraction: DEFAULT_TRIM_FRACTION,
+            norm_bound: None,
         }
     }
 }
@@ -773,6 +807,26 @@ impl CoordinatorConfig {
         check_range("strategy.beta1", st.beta1.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.beta2", st.beta2.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.tau", st.tau.into(), 0.0, true, f64::INFINITY)?;
+        check_range(
+            "strategy.trim_fraction",
+            st.trim_fraction,
+            0.0,
+            false,
+            0.499_999,
+        )?;
+        if let Some(bound) = st.norm_bound {
+            check_range("strategy.norm_bound", bound.into(), 0.0, true, 1e30)?;
+        }
+        if st.aggregation != Aggregation::Mean
+            && (self.secure_aggregation.enabled || self.privacy.enabled())
+        {
+            return Err(invalid(format!(
+                "strategy.aggregation = {:?} needs every update on its own, so it works \
+                 neither with secure aggregation nor with differential privacy; use \
+                 \"mean\" there (devices bound their norms under [privacy])",
+                st.aggregation
+            )));
+        }
         if st.schedule == Schedule::Cosine && self.rounds.rounds == 0 {
             return Err(invalid(
                 "strategy.schedule = \"cosine\" decays over rounds.rounds, which must then be finite (not 0)"

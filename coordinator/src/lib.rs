@@ -93,6 +93,7 @@ pub mod aggregate;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod privacy;
 pub mod round;
 pub mod secagg;

@@ -364,7 +364,11 @@ impl RoundCore {
         });
         Ok(Self {
             strategy: Strategy::new(config.strategy, n),
-            aggregator: Aggregator::new(n),
+            aggregator: Aggregator::with_rule(
+                n,
+                config.strategy.aggregation,
+                config.strategy.trim_fraction,
+            ),
             model: Arc::new(ModelSnapshot::new(1, layout, params)),
             config,
             rng,
@@ -565,16 +569,15 @@ impl RoundCore {
             .and_then(|o| o.privacy.as_ref())
             .map(|p| p.task.clip);
         let result = self.check_header(&header).and_then(|()| {
-            match clip {
-                // Central DP: the coordinator bounds every update itself.
-                Some(clip) => self.aggregator.add_clipped(values, clip)?,
-                None => {
-                    let weight = match self.config.strategy.weighting {
-                        crate::config::Weighting::Examples => header.num_examples,
-                        crate::config::Weighting::Uniform => 1,
-                    };
-                    self.aggregator.add(values, weight)?;
-                }
+            let weight = match self.config.strategy.weighting {
+                crate::config::Weighting::Examples => header.num_examples,
+                crate::config::Weighting::Uniform => 1,
+            };
+            // Central DP bounds every update (weight 1: validated uniform);
+            // otherwise the optional norm bound does.
+            match clip.or(self.config.strategy.norm_bound) {
+                Some(bound) => self.aggregator.add_clipped(values, bound, weight)?,
+                None => self.aggregator.add(values, weight)?,
             }
             Ok(self.record_submission(&header.pseudonym, header.evaluation.as_ref()))
         });

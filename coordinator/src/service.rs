@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -115,6 +115,9 @@ struct Shared {
     checkpoint: Option<PathBuf>,
     /// Rounds in the history when the state was last saved.
     saved_rounds: AtomicUsize,
+    /// Update bytes received and model bytes sent (for metrics).
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
 }
 
 impl Shared {
@@ -202,6 +205,17 @@ impl ServiceHandle {
         self.shared.progress.borrow().clone()
     }
 
+    /// The coordinator's metrics in the Prometheus text format (see
+    /// [`crate::metrics`]).
+    pub fn metrics(&self) -> Result<String, CoordinatorError> {
+        let bytes = (
+            self.shared.bytes_in.load(Ordering::Relaxed),
+            self.shared.bytes_out.load(Ordering::Relaxed),
+        );
+        self.shared
+            .with_core(|core| crate::metrics::render(core, bytes.0, bytes.1))
+    }
+
     /// Waits until the coordinator has finished all its rounds; returns why.
     pub async fn finished(&self) -> String {
         let mut rx = self.subscribe();
@@ -242,6 +256,8 @@ impl CoordinatorService {
                 chunk_bytes: opts.chunk_bytes.max(4),
                 stop_driver: Notify::new(),
                 saved_rounds,
+                bytes_in: AtomicU64::new(0),
+                bytes_out: AtomicU64::new(0),
                 checkpoint: opts.checkpoint,
             }),
         }
@@ -287,7 +303,14 @@ impl CoordinatorService {
                 let _ = stream.set_nodelay(true);
             })
         });
+        // The standard gRPC health service: SERVING while the coordinator
+        // runs, for load balancers and orchestrators.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<CoordinatorServer<CoordinatorService>>()
+            .await;
         let result = fedrec_proto::server_builder()
+            .add_service(health_service)
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
@@ -401,6 +424,9 @@ impl CoordinatorService {
         tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read)
             .await
             .map_err(|_| shared.reject_at_edge(CoordinatorError::UploadTimeout { round }))??;
+        shared
+            .bytes_in
+            .fetch_add(values.len() as u64, Ordering::Relaxed);
         shared
             .with_core(|core| core.submit_update(now(), header, &values))?
             .map_err(rejected)
@@ -596,6 +622,9 @@ impl Coordinator for CoordinatorService {
                 values: bytes::Bytes::new(),
             }));
         }
+        shared
+            .bytes_out
+            .fetch_add(snapshot.encoded.len() as u64, Ordering::Relaxed);
         tracing::debug!(%pseudonym, model_version = snapshot.version, chunks = chunks.len(), "model download");
         Ok(Response::new(tokio_stream::iter(chunks)))
     }
