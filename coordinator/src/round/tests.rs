@@ -941,7 +941,7 @@ fn a_resumed_core_carries_on_from_its_checkpoint() {
     let mut core = core_with(c.clone(), vec![0.0; 3]);
     let devices = join(&mut core, Instant::now(), 2);
     let mut now = Instant::now();
-    let mut round = |core: &mut RoundCore, now: &mut Instant| {
+    let round = |core: &mut RoundCore, now: &mut Instant| {
         for (p, task) in check_in_all(core, *now, &devices) {
             let h = header(p, &task, 1, 3);
             core.submit_update(*now, h, &encode(&[0.1, -0.2, 0.3]))
@@ -986,4 +986,93 @@ fn a_resumed_core_carries_on_from_its_checkpoint() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("differential privacy"), "{err}");
+}
+
+/// Random and mutated messages thrown at the decoding and the validation:
+/// nothing panics, every bad submission is refused, and the global model
+/// stays finite.
+#[test]
+fn random_and_mutated_messages_never_panic_and_keep_the_model_finite() {
+    use fedrec_proto::pb;
+    use prost::Message;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    let mut rng = ChaCha8Rng::seed_from_u64(0xF022);
+    // Decoding: random bytes, and mutations of a valid upload message.
+    let valid = pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(pb::UpdateHeader {
+            pseudonym: "00112233445566778899aabbccddeeff".into(),
+            round: 1,
+            model_version: 1,
+            num_examples: 3,
+            num_values: 8,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    for case in 0..20_000 {
+        let bytes: Vec<u8> = if case % 2 == 0 {
+            (0..rng.random_range(0..64)).map(|_| rng.random()).collect()
+        } else {
+            let mut m = valid.clone();
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..m.len());
+                m[i] = rng.random();
+            }
+            m
+        };
+        if let Ok(pb::UpdateChunk {
+            part: Some(pb::update_chunk::Part::Header(h)),
+        }) = pb::UpdateChunk::decode(&bytes[..])
+        {
+            let _ = UpdateHeader::try_from(h);
+        }
+        let _ = pb::Task::decode(&bytes[..]);
+    }
+
+    // Validation: every selected device sends a random mutation of a valid
+    // update, or a valid one; rounds go on.
+    let n = 8;
+    let mut c = config(4, 5);
+    c.rounds.min_updates = 1;
+    let mut core = core_with(c, vec![0.5; n]);
+    let devices = join(&mut core, Instant::now(), 6);
+    let mut now = Instant::now();
+    let mut refused = 0;
+    for _ in 0..40 {
+        if core.finished().is_some() {
+            break;
+        }
+        for (p, task) in check_in_all(&mut core, now, &devices) {
+            for _ in 0..3 {
+                let mut h = header(p, &task, rng.random_range(0..5), n as u64);
+                let mut values: Vec<f32> = (0..n).map(|_| rng.random::<f32>() - 0.5).collect();
+                match rng.random_range(0..10) {
+                    0 => values[rng.random_range(0..n)] = f32::NAN,
+                    1 => values[rng.random_range(0..n)] = f32::INFINITY,
+                    2 => values[rng.random_range(0..n)] = 3e38,
+                    3 => values.truncate(rng.random_range(0..n)),
+                    4 => h.round = rng.random(),
+                    5 => h.model_version = rng.random(),
+                    6 => h.num_values = rng.random(),
+                    7 => h.pseudonym = "ffffffffffffffffffffffffffffffff".parse().unwrap(),
+                    _ => {}
+                }
+                let mut bytes = encode(&values).to_vec();
+                if rng.random_range(0..20) == 0 {
+                    bytes.pop();
+                }
+                if core.submit_update(now, h, &bytes).is_err() {
+                    refused += 1;
+                }
+            }
+        }
+        now += SECOND * 61;
+        core.poll(now);
+        assert!(core.model().params.iter().all(|v| v.is_finite()));
+    }
+    assert!(refused > 50, "mutations were refused: {refused}");
+    assert!(core.history().iter().any(|s| s.completed));
+    assert!(core.model().params.iter().all(|v| v.is_finite()));
 }
