@@ -590,12 +590,16 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Round(a) => {
             let row = fedrec::bench::round(a.clients, a.dim, a.rounds, a.loopback)?;
             eprintln!(
-                "{} devices x {} values: {:.3} s per round, {:.0} MB/s, coordinator peak {:.0} MB{}",
+                "{} devices x {} values: {:.3} s per round, {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
                 row.clients,
                 row.dim,
                 row.sec_per_round,
                 row.bytes_per_sec / 1e6,
                 row.coordinator_peak_rss_mb,
+                row.join_ms[0],
+                row.join_ms[1],
+                row.check_in_ms[0],
+                row.check_in_ms[1],
                 row.loopback_sec_per_round
                     .map(|l| format!("; plain tonic stream of the same bytes: {l:.3} s"))
                     .unwrap_or_default()

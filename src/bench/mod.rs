@@ -115,6 +115,23 @@ pub struct RoundRow {
     pub bytes_per_sec: f64,
     /// Seconds the same bytes take through a plain tonic stream ([`loopback`]).
     pub loopback_sec_per_round: Option<f64>,
+    /// Latency of the devices' Join requests, all sent at once: p50, p99 (ms).
+    pub join_ms: [f64; 2],
+    /// Latency of check-ins answered at once (Wait or Finished): p50, p99 (ms).
+    pub check_in_ms: [f64; 2],
+}
+
+/// The p50 and p99 of `samples`, in milliseconds.
+fn percentiles_ms(mut samples: Vec<Duration>) -> [f64; 2] {
+    if samples.is_empty() {
+        return [0.0; 2];
+    }
+    samples.sort_unstable();
+    let at = |p: f64| {
+        let i = ((samples.len() - 1) as f64 * p).round() as usize;
+        samples[i].as_secs_f64() * 1e3
+    };
+    [at(0.5), at(0.99)]
 }
 
 /// Picks `factors` with `items × (factors + 1) = dim`, preferring 32 values
@@ -228,6 +245,9 @@ async fn connect(addr: &str) -> anyhow::Result<Vec<Channel>> {
 struct DeviceTimes {
     first_task: Instant,
     finished: Instant,
+    join: Duration,
+    /// Check-ins answered without a task (not held as long polls for one).
+    immediate_check_ins: Vec<Duration>,
 }
 
 /// A device whose local training takes no time: it downloads the model,
@@ -236,21 +256,28 @@ async fn zero_training_device(
     mut client: CoordinatorClient<Channel>,
     zero: Bytes,
 ) -> anyhow::Result<DeviceTimes> {
+    let asked = Instant::now();
     let joined = client
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
         })
         .await?
         .into_inner();
+    let join = asked.elapsed();
     let pseudonym = joined.pseudonym;
     let mut first_task = None;
+    let mut immediate_check_ins = Vec::new();
     loop {
+        let asked = Instant::now();
         let reply = client
             .check_in(pb::CheckInRequest {
                 pseudonym: pseudonym.clone(),
             })
             .await?
             .into_inner();
+        if !matches!(reply.outcome, Some(Outcome::Task(_))) {
+            immediate_check_ins.push(asked.elapsed());
+        }
         match reply.outcome {
             Some(Outcome::Task(task)) => {
                 first_task.get_or_insert_with(Instant::now);
@@ -295,6 +322,8 @@ async fn zero_training_device(
     Ok(DeviceTimes {
         first_task: first_task.context("the device never got a task")?,
         finished: Instant::now(),
+        join,
+        immediate_check_ins,
     })
 }
 
@@ -353,6 +382,13 @@ pub fn round(
         coordinator_peak_rss_mb,
         bytes_per_sec: bytes_per_round / sec_per_round,
         loopback_sec_per_round,
+        join_ms: percentiles_ms(times.iter().map(|t| t.join).collect()),
+        check_in_ms: percentiles_ms(
+            times
+                .iter()
+                .flat_map(|t| t.immediate_check_ins.iter().copied())
+                .collect(),
+        ),
     })
 }
 
