@@ -53,6 +53,9 @@ pub struct ServeOptions {
     /// Save the state here after every ended round (see
     /// [`checkpoint`](crate::checkpoint)). Default: nowhere.
     pub checkpoint: Option<PathBuf>,
+    /// Serve over TLS (mutual TLS if it names a client CA); see
+    /// [`crate::tls::server_tls_config`]. Default: plain text.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for ServeOptions {
@@ -60,6 +63,7 @@ impl Default for ServeOptions {
         Self {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             checkpoint: None,
+            tls: None,
         }
     }
 }
@@ -68,6 +72,12 @@ impl ServeOptions {
     /// Sets the model chunk size in bytes (at least 4). Default [`DEFAULT_CHUNK_BYTES`].
     pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
         self.chunk_bytes = chunk_bytes.max(4);
+        self
+    }
+
+    /// Serves over TLS with `tls` (from [`crate::tls::server_tls_config`]).
+    pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -113,6 +123,8 @@ struct Shared {
     stop_driver: Notify,
     /// Where the state is saved after every ended round, if anywhere.
     checkpoint: Option<PathBuf>,
+    /// The listener's TLS configuration, if it speaks TLS.
+    tls: Option<tonic::transport::ServerTlsConfig>,
     /// Rounds in the history when the state was last saved.
     saved_rounds: AtomicUsize,
 }
@@ -243,6 +255,7 @@ impl CoordinatorService {
                 stop_driver: Notify::new(),
                 saved_rounds,
                 checkpoint: opts.checkpoint,
+                tls: opts.tls,
             }),
         }
     }
@@ -276,8 +289,12 @@ impl CoordinatorService {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CoordinatorError> {
+        let mut builder = fedrec_proto::server_builder();
+        if let Some(tls) = self.shared.tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "coordinator listening");
+            tracing::info!(%addr, tls = self.shared.tls.is_some(), "coordinator listening");
         }
         let shared = Arc::clone(&self.shared);
         let driver = self.spawn_driver();
@@ -287,7 +304,7 @@ impl CoordinatorService {
                 let _ = stream.set_nodelay(true);
             })
         });
-        let result = fedrec_proto::server_builder()
+        let result = builder
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
