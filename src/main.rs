@@ -1018,7 +1018,7 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
     );
     if let Some((cert, key)) = pki.devices.first() {
         println!(
-            "  fedrec client --data purchases.tsv --user 1 --coordinator https://{host}:50051 --ca {} --cert {} --key {}",
+            "  fedrec client --data /tmp/purchases.tsv --user 1 --coordinator https://{host}:50051 --ca {} --cert {} --key {}",
             pki.ca.display(),
             cert.display(),
             key.display()

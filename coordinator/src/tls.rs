@@ -105,6 +105,38 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_needs_its_key_and_a_client_ca_needs_both() {
+        use crate::config::CoordinatorConfig;
+        let check = |tls: TlsConfig| {
+            let cfg = CoordinatorConfig {
+                tls,
+                ..CoordinatorConfig::default()
+            };
+            cfg.validate().map_err(|e| e.to_string())
+        };
+        let e = check(TlsConfig {
+            cert: Some("server.pem".into()),
+            ..TlsConfig::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("tls.key"), "{e}");
+        let e = check(TlsConfig {
+            client_ca: Some("ca.pem".into()),
+            ..TlsConfig::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("tls.client_ca"), "{e}");
+        let e = CoordinatorConfig::from_toml_str("[tls]\nkey = \"server.key\"\n").unwrap_err();
+        assert!(e.to_string().contains("tls.cert"), "{e}");
+        check(TlsConfig {
+            cert: Some("server.pem".into()),
+            key: Some("server.key".into()),
+            client_ca: Some("ca.pem".into()),
+        })
+        .expect("a complete [tls] is valid (files are read at start-up)");
+    }
+
+    #[test]
     fn off_without_a_certificate() {
         assert!(server_tls_config(&TlsConfig::default()).unwrap().is_none());
     }
