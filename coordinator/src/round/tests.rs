@@ -941,7 +941,7 @@ fn a_resumed_core_carries_on_from_its_checkpoint() {
     let mut core = core_with(c.clone(), vec![0.0; 3]);
     let devices = join(&mut core, Instant::now(), 2);
     let mut now = Instant::now();
-    let mut round = |core: &mut RoundCore, now: &mut Instant| {
+    let round = |core: &mut RoundCore, now: &mut Instant| {
         for (p, task) in check_in_all(core, *now, &devices) {
             let h = header(p, &task, 1, 3);
             core.submit_update(*now, h, &encode(&[0.1, -0.2, 0.3]))
