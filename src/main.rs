@@ -983,11 +983,11 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
         args.days
     );
     println!(
-        "  {:<34} the CA: devices trust it (--ca), the coordinator checks devices against it (--client-ca)",
+        "  {}: the CA; devices trust it (--ca), the coordinator checks devices against it (--client-ca)",
         pki.ca.display()
     );
     println!(
-        "  {:<34} the coordinator's certificate (names: {}) and key",
+        "  {}: the coordinator's certificate (names: {}) and key",
         format!("{}, server.key", pki.server_cert.display()),
         args.san.join(", ")
     );
@@ -997,7 +997,7 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         println!(
-            "  {:<34} a device's certificate and key",
+            "  {}: a device's certificate and key",
             format!("{}, {name}", cert.display())
         );
     }
