@@ -987,18 +987,16 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
         pki.ca.display()
     );
     println!(
-        "  {}: the coordinator's certificate (names: {}) and key",
-        format!("{}, server.key", pki.server_cert.display()),
+        "  {}, {}: the coordinator's certificate (names: {}) and key",
+        pki.server_cert.display(),
+        pki.server_key.display(),
         args.san.join(", ")
     );
     for (cert, key) in &pki.devices {
-        let name = key
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
         println!(
-            "  {}: a device's certificate and key",
-            format!("{}, {name}", cert.display())
+            "  {}, {}: a device's certificate and key",
+            cert.display(),
+            key.display()
         );
     }
     let host = &args.san[0];
