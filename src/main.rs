@@ -42,10 +42,31 @@ enum Command {
     /// Measure speed and memory next to their limits (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Write a development CA, a server certificate and device certificates
+    /// (PEM) for trying TLS and mutual TLS, and print the commands to use them.
+    Certs(CertsArgs),
     /// Plan a differential-privacy budget: the epsilon of T rounds of
     /// DP-FedAvg (Poisson sampling rate q, noise multiplier z) at delta, or
     /// with --epsilon the noise multiplier that stays within it.
     Privacy(PrivacyArgs),
+}
+
+#[derive(Args, Debug)]
+struct CertsArgs {
+    /// Directory to write ca.pem, server.pem/.key and device-N.pem/.key into
+    /// (created if needed; existing files are replaced).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Device certificates to make (device-1 … device-N).
+    #[arg(long, value_name = "N", default_value_t = fedrec::certs::DEFAULT_DEVICES)]
+    devices: usize,
+    /// Days the certificates stay valid.
+    #[arg(long, value_name = "D", default_value_t = fedrec::certs::DEFAULT_DAYS)]
+    days: u32,
+    /// The coordinator's names (DNS names or IP addresses), comma separated:
+    /// devices must connect by one of them.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',', default_values_t = fedrec::certs::DEFAULT_SANS.map(String::from))]
+    san: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -456,6 +477,20 @@ struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Serve over TLS with this certificate (PEM; overrides tls.cert).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM; overrides tls.key).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only devices presenting a certificate signed by
+    /// this CA (PEM; overrides tls.client_ca).
+    #[arg(long, value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without TLS (pseudonyms and
+    /// updates then cross the network in plain text).
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     overrides: ConfigOverrides,
 }
@@ -464,9 +499,19 @@ struct ServeArgs {
 struct ClientArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// The coordinator's address.
+    /// The coordinator's address: http://HOST:PORT, or https://HOST:PORT
+    /// with --ca (HOST must be one of the names in its certificate).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     coordinator: String,
+    /// TLS: the CA certificate (PEM) that signed the coordinator's certificate.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Mutual TLS: this device's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Mutual TLS: this device's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
     /// The user (external id in the data) whose history this device holds.
     #[arg(long)]
     user: String,
@@ -514,6 +559,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // One crypto backend for every TLS connection of the process (ring; the
+    // build has no other). Fails only if one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Simulate(args) => simulate(args),
@@ -522,6 +570,7 @@ fn main() -> anyhow::Result<()> {
         Command::Split(args) => split(args),
         Command::GenData(args) => gen_data(args),
         Command::Bench(cmd) => bench(cmd),
+        Command::Certs(args) => certs(args),
         Command::Privacy(args) => privacy(args),
     }
 }
@@ -846,7 +895,38 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.model.items = Some(items);
     }
     args.overrides.apply(&mut cfg);
+    if let Some(cert) = &args.tls_cert {
+        cfg.tls.cert = Some(cert.clone());
+    }
+    if let Some(key) = &args.tls_key {
+        cfg.tls.key = Some(key.clone());
+    }
+    if let Some(ca) = &args.client_ca {
+        cfg.tls.client_ca = Some(ca.clone());
+    }
     cfg.validate()?;
+    let tls = fedrec_coordinator::tls::server_tls_config(&cfg.tls)?;
+    let addr: std::net::SocketAddr = cfg
+        .server
+        .listen
+        .parse()
+        .with_context(|| format!("bad listen address {:?}", cfg.server.listen))?;
+    let security = match (&tls, &cfg.tls.client_ca) {
+        (Some(_), Some(_)) => "mutual TLS",
+        (Some(_), None) => "TLS",
+        (None, _) => "plain text",
+    };
+    if tls.is_none() && !addr.ip().is_loopback() {
+        if !args.insecure {
+            bail!(
+                "refusing to listen on {addr} without TLS: devices' pseudonyms and model updates \
+                 would cross the network in plain text. Give --tls-cert and --tls-key (or [tls] \
+                 in the config; `fedrec certs --out DIR` makes development ones), listen on a \
+                 loopback address, or pass --insecure to serve plain text anyway"
+            );
+        }
+        eprintln!("warning: --insecure: serving plain text on {addr}");
+    }
     let Some(items) = cfg.model.items else {
         bail!(
             "the coordinator needs the catalogue size: set model.items in the config or pass --items"
@@ -885,10 +965,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         eprintln!(
-            "coordinator listening on {} (Ctrl-C to stop)",
+            "coordinator listening on {} over {security} (Ctrl-C to stop)",
             listener.local_addr()?
         );
         let mut options = fedrec_coordinator::service::ServeOptions::default();
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
         if let Some(path) = &args.checkpoint {
             options = options.with_checkpoint(path);
         }
@@ -942,10 +1025,16 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
             fedrec_client::model::DEFAULT_INIT_STD,
         )?);
     let device = sim::make_device(&model, &split, user, args.seed)?;
+    let options = fedrec_client::connect::ConnectOptions::from_files(
+        args.ca.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+    )?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let mut participant =
-            fedrec_client::participant::Participant::connect(&args.coordinator).await?;
+            fedrec_client::participant::Participant::connect_with(&args.coordinator, &options)
+                .await?;
         eprintln!("joined {} as {}", args.coordinator, participant.pseudonym());
         let (_device, summary) = participant.run(device).await?;
         eprintln!(
@@ -958,6 +1047,60 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    if args.san.is_empty() {
+        bail!("--san needs at least one name");
+    }
+    let pki = fedrec::certs::write_dev_pki(&args.out, &args.san, args.devices, args.days)?;
+    let dir = args.out.display();
+    println!(
+        "wrote development certificates to {dir} (valid {} days; for trying TLS, not for production):",
+        args.days
+    );
+    println!(
+        "  {}: the CA; devices trust it (--ca), the coordinator checks devices against it (--client-ca)",
+        pki.ca.display()
+    );
+    println!(
+        "  {}, {}: the coordinator's certificate (names: {}) and key",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        args.san.join(", ")
+    );
+    for (cert, key) in &pki.devices {
+        println!(
+            "  {}, {}: a device's certificate and key",
+            cert.display(),
+            key.display()
+        );
+    }
+    let host = &args.san[0];
+    let host = if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]")
+    } else {
+        host.clone()
+    };
+    println!(
+        "\nMutual TLS (the coordinator accepts only devices with a certificate from this CA):"
+    );
+    println!(
+        "  fedrec serve --config coordinator.toml --items 100 --tls-cert {} --tls-key {} --client-ca {}",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca.display()
+    );
+    if let Some((cert, key)) = pki.devices.first() {
+        println!(
+            "  fedrec client --data /tmp/purchases.tsv --user 1 --coordinator https://{host}:50051 --ca {} --cert {} --key {}",
+            pki.ca.display(),
+            cert.display(),
+            key.display()
+        );
+    }
+    println!("TLS only (devices not authenticated): leave out --client-ca, --cert and --key.");
+    Ok(())
 }
 
 fn split(args: SplitArgs) -> anyhow::Result<()> {

@@ -24,6 +24,7 @@ use prost::Message;
 use tonic::transport::Channel;
 
 use crate::clock::Clock;
+use crate::connect::ConnectOptions;
 use crate::consent::{Consent, ConsentChange, ConsentRecord};
 use crate::device::{Device, Recorded};
 use crate::eligibility::{Conditions, ParticipationPolicy};
@@ -330,15 +331,22 @@ impl Client {
     /// `http://127.0.0.1:50051`) and joins, receiving a pseudonym. Joining
     /// sends nothing about the shopper.
     pub async fn connect(&self, endpoint: &str) -> Result<(), ClientError> {
-        let channel = Channel::from_shared(endpoint.to_string())
-            .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?
-            .connect()
+        self.connect_with(endpoint, &ConnectOptions::default())
             .await
-            .map_err(|source| ClientError::Connect {
-                endpoint: endpoint.to_string(),
-                source,
-            })?;
-        let participant = Participant::join(channel.clone(), None).await?;
+    }
+
+    /// Connects as [`connect`](Self::connect) does, with transport security:
+    /// `https://` with the coordinator's CA, and a device certificate for
+    /// mutual TLS (see [`ConnectOptions`]).
+    pub async fn connect_with(
+        &self,
+        endpoint: &str,
+        options: &ConnectOptions,
+    ) -> Result<(), ClientError> {
+        let channel = options.channel(endpoint).await?;
+        let participant = Participant::join(channel.clone(), None)
+            .await
+            .map_err(|e| options.explain_refusal(endpoint, e))?;
         let sent = participant.sent().messages().to_vec();
         self.local().device.note_sent(&sent)?;
         *self.inner.link.lock().await = Some(Link {

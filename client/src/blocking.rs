@@ -89,6 +89,16 @@ impl BlockingClient {
         self.runtime.block_on(self.inner.connect(endpoint))
     }
 
+    /// See [`Client::connect_with`]; blocks until joined.
+    pub fn connect_with(
+        &self,
+        endpoint: &str,
+        options: &crate::connect::ConnectOptions,
+    ) -> Result<(), ClientError> {
+        self.runtime
+            .block_on(self.inner.connect_with(endpoint, options))
+    }
+
     /// See [`Client::refresh_model`]; blocks until downloaded.
     pub fn refresh_model(&self) -> Result<u64, ClientError> {
         self.runtime.block_on(self.inner.refresh_model())

@@ -22,12 +22,28 @@ pub enum ClientError {
     #[error("protocol error: {0}")]
     Protocol(String),
     /// Could not reach the coordinator.
-    #[error("cannot connect to the coordinator at {endpoint}: {source}")]
+    #[error("cannot connect to the coordinator at {endpoint}: {}", chain(source))]
     Connect {
         /// Where we tried to connect.
         endpoint: String,
         /// Why it failed.
         source: tonic::transport::Error,
+    },
+    /// Over TLS, the coordinator closed the connection at the first request
+    /// (Join). Under mutual TLS this is how it refuses a device certificate
+    /// that is missing, expired or not signed by its client CA: TLS 1.3
+    /// lets the device finish its handshake before the coordinator checks
+    /// the certificate, so the refusal cannot arrive earlier.
+    #[error(
+        "the coordinator at {endpoint} closed the TLS connection at the first request: under \
+         mutual TLS it refuses a device certificate that is missing, expired or not signed by \
+         its client CA (--cert/--key); {status}"
+    )]
+    TlsRefused {
+        /// Where we connected.
+        endpoint: String,
+        /// The status the Join request failed with.
+        status: tonic::Status,
     },
     /// The shopper's consent does not allow what was asked.
     #[error("consent {current} does not allow this: it needs {needed}")]
@@ -99,4 +115,18 @@ pub enum ClientError {
         /// The gRPC status it answered.
         status: tonic::Status,
     },
+}
+
+/// `err` and its sources, joined by ": " (tonic's transport error alone says
+/// only "transport error"; the reason, e.g. an untrusted certificate, is
+/// in its sources).
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

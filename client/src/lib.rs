@@ -74,6 +74,7 @@ mod als;
 pub mod app;
 pub mod blocking;
 pub mod clock;
+pub mod connect;
 pub mod consent;
 pub mod device;
 pub mod eligibility;

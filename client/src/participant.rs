@@ -18,6 +18,7 @@ use fedrec_proto::{Layout, PROTOCOL_VERSION, pb, tensor};
 use prost::Message;
 use tonic::transport::Channel;
 
+use crate::connect::ConnectOptions;
 use crate::device::Device;
 use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
@@ -112,17 +113,24 @@ fn rpc(request: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
 }
 
 impl Participant {
-    /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`) and joins.
+    /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`) in plain
+    /// text and joins.
     pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
-        let channel = fedrec_proto::endpoint(endpoint.to_string())
-            .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?
-            .connect()
+        Self::connect_with(endpoint, &ConnectOptions::default()).await
+    }
+
+    /// Connects to `endpoint` with `options` (TLS for `https://`, a device
+    /// certificate for mutual TLS) and joins. Under mutual TLS a coordinator
+    /// that refuses the device's certificate (or its absence) is noticed
+    /// here, on the Join request.
+    pub async fn connect_with(
+        endpoint: &str,
+        options: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        let channel = options.channel(endpoint).await?;
+        Self::join(channel, None)
             .await
-            .map_err(|source| ClientError::Connect {
-                endpoint: endpoint.to_string(),
-                source,
-            })?;
-        Self::join(channel, None).await
+            .map_err(|e| options.explain_refusal(endpoint, e))
     }
 
     /// Joins over an existing channel. `recorder`, if given, sees the encoded

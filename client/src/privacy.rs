@@ -107,12 +107,12 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for case in 0..500 {
             let len = 1 + case % 40;
-            let scale = 10f32.powi((case % 9) as i32 - 4);
+            let scale = 10f32.powi((case % 9) - 4);
             let mut update: Vec<f32> = (0..len)
                 .map(|_| (rng.random::<f32>() - 0.5) * scale)
                 .collect();
             let before = update.clone();
-            let clip = 10f32.powi((case % 5) as i32 - 2);
+            let clip = 10f32.powi((case % 5) - 2);
             let spec = DpSpec {
                 clip,
                 noise_std: 0.0,

@@ -27,7 +27,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -109,6 +109,39 @@ pub struct CoordinatorConfig {
     /// `[privacy]`: user-level differential privacy (DP-FedAvg) and its
     /// budget.
     pub privacy: PrivacyConfig,
+    /// `[tls]`: transport security of the listener (TLS, and mutual TLS
+    /// with `client_ca`). Default: off (plain text).
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: the coordinator's certificate and key (PEM files), and the CA
+/// whose certificates devices must present (mutual TLS). Relative paths are
+/// relative to the working directory. The files are read when the server
+/// starts ([`crate::tls::server_tls_config`]); here only their combination
+/// is checked.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM (leaf first). Default: unset (no TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1). Default: unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// CA certificate(s), PEM: when set, every device must present a
+    /// certificate signed by one of them and valid now (mutual TLS), and a
+    /// device without one is refused on its first request. It authenticates
+    /// that a device holds a key the CA certified, not who the shopper is.
+    /// Default: unset (devices are not authenticated by TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the listener speaks TLS (a certificate is configured).
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
 }
 
 /// `[server]`: network and resource limits.
@@ -694,6 +727,7 @@ impl CoordinatorConfig {
 
     /// Checks every option's range; the first problem found is reported.
     pub fn validate(&self) -> Result<(), CoordinatorError> {
+        self.validate_tls()?;
         let s = &self.server;
         s.listen.parse::<SocketAddr>().map_err(|_| {
             invalid(format!(
@@ -855,6 +889,26 @@ impl CoordinatorConfig {
         }
         self.validate_secure_aggregation()?;
         self.validate_privacy()
+    }
+
+    fn validate_tls(&self) -> Result<(), CoordinatorError> {
+        let t = &self.tls;
+        match (&t.cert, &t.key) {
+            (Some(_), None) => Err(invalid(
+                "tls.cert is set but tls.key is not: TLS needs both the certificate and its private key"
+                    .to_owned(),
+            )),
+            (None, Some(_)) => Err(invalid(
+                "tls.key is set but tls.cert is not: TLS needs both the certificate and its private key"
+                    .to_owned(),
+            )),
+            (None, None) if t.client_ca.is_some() => Err(invalid(
+                "tls.client_ca (mutual TLS) needs tls.cert and tls.key: devices can only present \
+                 certificates over TLS"
+                    .to_owned(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn validate_privacy(&self) -> Result<(), CoordinatorError> {

@@ -168,6 +168,14 @@ pub enum CoordinatorError {
     /// The coordinator's shared state was poisoned by a panic.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A TLS certificate, key or CA file is missing or unusable.
+    #[error("TLS file {}: {message}", path.display())]
+    Tls {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The gRPC server failed.
     #[error("gRPC transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -177,7 +185,7 @@ impl CoordinatorError {
     /// A short, stable label for this error, used to count rejections.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::InvalidConfig(_) | Self::ConfigFile { .. } => "invalid_config",
+            Self::InvalidConfig(_) | Self::ConfigFile { .. } | Self::Tls { .. } => "invalid_config",
             Self::InvalidModel(_) => "invalid_model",
             Self::ProtocolVersion { .. } => "protocol_version",
             Self::UnknownPseudonym => "unknown_pseudonym",
@@ -237,6 +245,7 @@ impl From<CoordinatorError> for tonic::Status {
             }
             CoordinatorError::InvalidConfig(_)
             | CoordinatorError::ConfigFile { .. }
+            | CoordinatorError::Tls { .. }
             | CoordinatorError::InvalidModel(_)
             | CoordinatorError::Internal(_)
             | CoordinatorError::Transport(_) => Code::Internal,

@@ -29,6 +29,8 @@
 //!   buffers uploads under a concurrency limit, and runs a driver task that
 //!   calls `poll` at `poll_timeout` so deadlines pass even when devices fall
 //!   silent. [`ServiceHandle`] lets an in-process caller watch progress.
+//! - [`tls`]: the `[tls]` section as tonic's rustls server configuration
+//!   (TLS, and mutual TLS that authenticates devices by certificate).
 //! - [`error`]: [`CoordinatorError`], the crate's one error type, and its single
 //!   mapping to gRPC status codes.
 //!
@@ -99,6 +101,7 @@ pub mod round;
 pub mod secagg;
 pub mod service;
 pub mod strategy;
+pub mod tls;
 
 pub use aggregate::{Aggregator, EvalCounts};
 pub use config::CoordinatorConfig;

@@ -53,6 +53,9 @@ pub struct ServeOptions {
     /// Save the state here after every ended round (see
     /// [`checkpoint`](crate::checkpoint)). Default: nowhere.
     pub checkpoint: Option<PathBuf>,
+    /// Serve over TLS (mutual TLS if it names a client CA); see
+    /// [`crate::tls::server_tls_config`]. Default: plain text.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for ServeOptions {
@@ -60,6 +63,7 @@ impl Default for ServeOptions {
         Self {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             checkpoint: None,
+            tls: None,
         }
     }
 }
@@ -68,6 +72,12 @@ impl ServeOptions {
     /// Sets the model chunk size in bytes (at least 4). Default [`DEFAULT_CHUNK_BYTES`].
     pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
         self.chunk_bytes = chunk_bytes.max(4);
+        self
+    }
+
+    /// Serves over TLS with `tls` (from [`crate::tls::server_tls_config`]).
+    pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -113,6 +123,8 @@ struct Shared {
     stop_driver: Notify,
     /// Where the state is saved after every ended round, if anywhere.
     checkpoint: Option<PathBuf>,
+    /// The listener's TLS configuration, if it speaks TLS.
+    tls: Option<tonic::transport::ServerTlsConfig>,
     /// Rounds in the history when the state was last saved.
     saved_rounds: AtomicUsize,
     /// Update bytes received and model bytes sent (for metrics).
@@ -259,6 +271,7 @@ impl CoordinatorService {
                 bytes_in: AtomicU64::new(0),
                 bytes_out: AtomicU64::new(0),
                 checkpoint: opts.checkpoint,
+                tls: opts.tls,
             }),
         }
     }
@@ -292,8 +305,12 @@ impl CoordinatorService {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CoordinatorError> {
+        let mut builder = fedrec_proto::server_builder();
+        if let Some(tls) = self.shared.tls.clone() {
+            builder = builder.tls_config(tls)?;
+        }
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "coordinator listening");
+            tracing::info!(%addr, tls = self.shared.tls.is_some(), "coordinator listening");
         }
         let shared = Arc::clone(&self.shared);
         let driver = self.spawn_driver();
@@ -309,7 +326,7 @@ impl CoordinatorService {
         health
             .set_serving::<CoordinatorServer<CoordinatorService>>()
             .await;
-        let result = fedrec_proto::server_builder()
+        let result = builder
             .add_service(health_service)
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -84,12 +84,22 @@ pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) ->
 
 /// Serves a coordinator with `cfg` and the given parameters on 127.0.0.1 (port 0).
 pub async fn serve(cfg: CoordinatorConfig, layout: Layout, params: Vec<f32>) -> Running {
+    serve_with(cfg, layout, params, ServeOptions::default()).await
+}
+
+/// [`serve`] with the adapter's options (TLS, chunk size, checkpoint).
+pub async fn serve_with(
+    cfg: CoordinatorConfig,
+    layout: Layout,
+    params: Vec<f32>,
+    options: ServeOptions,
+) -> Running {
     let core = RoundCore::new(cfg, layout, params).expect("valid coordinator");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let service = CoordinatorService::new(core, ServeOptions::default());
+    let service = CoordinatorService::new(core, options);
     let handle = service.handle();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(service.serve(listener, async {

@@ -1,0 +1,181 @@
+//! How a device reaches its coordinator: plain `http://`, TLS over
+//! `https://` with the CA that signed the coordinator's certificate, and
+//! mutual TLS with the device's own certificate and key.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), fedrec_client::ClientError> {
+//! use std::path::Path;
+//! use fedrec_client::connect::ConnectOptions;
+//! use fedrec_client::participant::Participant;
+//! let tls = ConnectOptions::from_files(
+//!     Some(Path::new("certs/ca.pem")),
+//!     Some(Path::new("certs/device-1.pem")), // mutual TLS only
+//!     Some(Path::new("certs/device-1.key")),
+//! )?;
+//! let participant = Participant::connect_with("https://localhost:50051", &tls).await?;
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::error::ClientError;
+
+/// Transport security of a connection. The default is plain text, for
+/// `http://` endpoints only.
+#[derive(Clone, Default)]
+pub struct ConnectOptions {
+    ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    domain_name: Option<String>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the device's private key.
+        f.debug_struct("ConnectOptions")
+            .field("ca", &self.ca_pem.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("domain_name", &self.domain_name)
+            .finish()
+    }
+}
+
+impl ConnectOptions {
+    /// Plain text (the default).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trusts the CA certificate(s) in `pem` to sign the coordinator's
+    /// certificate; needed for `https://`. Default: none.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents this certificate (chain, PEM) and private key (PEM) to the
+    /// coordinator, for mutual TLS. Default: none.
+    pub fn identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Checks the coordinator's certificate against this name instead of
+    /// the endpoint's host. Default: the host.
+    pub fn domain_name(mut self, name: impl Into<String>) -> Self {
+        self.domain_name = Some(name.into());
+        self
+    }
+
+    /// Options from PEM files: the CA certificate, and for mutual TLS the
+    /// device's certificate and key (both or neither). Errors name the file.
+    pub fn from_files(
+        ca: Option<&Path>,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let mut options = Self::new();
+        if let Some(ca) = ca {
+            options = options.ca_pem(read_pem(ca, "CERTIFICATE")?);
+        }
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                options = options.identity_pem(
+                    read_pem(cert, "CERTIFICATE")?,
+                    read_pem(key, "PRIVATE KEY")?,
+                );
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::InvalidConfig(
+                    "a device certificate and its key go together: give both or neither".to_owned(),
+                ));
+            }
+        }
+        Ok(options)
+    }
+
+    /// Whether these options ask for TLS.
+    pub fn is_tls(&self) -> bool {
+        self.ca_pem.is_some() || self.identity.is_some() || self.domain_name.is_some()
+    }
+
+    /// Turns a transport failure of the first request over TLS into
+    /// [`ClientError::TlsRefused`], which says what it likely means.
+    pub(crate) fn explain_refusal(&self, endpoint: &str, err: ClientError) -> ClientError {
+        use tonic::Code;
+        match err {
+            ClientError::Rpc { status, .. }
+                if endpoint.starts_with("https://")
+                    && matches!(
+                        status.code(),
+                        Code::Unknown | Code::Cancelled | Code::Unavailable
+                    )
+                    && std::error::Error::source(&status).is_some() =>
+            {
+                ClientError::TlsRefused {
+                    endpoint: endpoint.to_owned(),
+                    status,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Opens a channel to `endpoint` with these options. `https://` needs a
+    /// CA ([`ca_pem`](Self::ca_pem)); TLS options with an `http://` endpoint
+    /// are refused rather than silently ignored.
+    pub async fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
+        let mut ep = fedrec_proto::endpoint(endpoint.to_string())
+            .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?;
+        let https = endpoint.starts_with("https://");
+        if https {
+            let Some(ca) = &self.ca_pem else {
+                return Err(ClientError::InvalidConfig(format!(
+                    "{endpoint} is https: give the CA certificate that signed the coordinator's \
+                     certificate (--ca FILE)"
+                )));
+            };
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &self.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &self.domain_name {
+                tls = tls.domain_name(name.clone());
+            }
+            ep = ep.tls_config(tls).map_err(|source| ClientError::Connect {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+        } else if self.is_tls() {
+            return Err(ClientError::InvalidConfig(format!(
+                "TLS options were given but {endpoint} is not https://: use https:// to connect \
+                 over TLS"
+            )));
+        }
+        ep.connect().await.map_err(|source| ClientError::Connect {
+            endpoint: endpoint.to_string(),
+            source,
+        })
+    }
+}
+
+fn read_pem(path: &Path, label: &str) -> Result<Vec<u8>, ClientError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ClientError::InvalidConfig(format!("cannot read {}: {e}", path.display())))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text.lines().any(|line| {
+        line.strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    });
+    if !found {
+        return Err(ClientError::InvalidConfig(format!(
+            "{}: no PEM block \"-----BEGIN {label}-----\" in the file",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
