@@ -157,7 +157,20 @@ pub struct ServerConfig {
     /// before validation (4 bytes per model value each), so this bounds the
     /// coordinator's memory. Default [`DEFAULT_MAX_CONCURRENT_UPLOADS`].
     pub max_concurrent_uploads: usize,
+    /// Most concurrent requests (HTTP/2 streams) on one connection; more
+    /// are refused by the transport. Default
+    /// [`DEFAULT_MAX_STREAMS_PER_CONNECTION`].
+    pub max_streams_per_connection: u32,
+    /// Most joins per minute from one IP address (a token bucket: bursts up
+    /// to the limit); more get RESOURCE_EXHAUSTED and are counted. Unset =
+    /// no limit (simulations join every device from 127.0.0.1). Default:
+    /// unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joins_per_minute_per_source: Option<u32>,
 }
+
+/// Default `server.max_streams_per_connection`.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -165,6 +178,8 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN.to_owned(),
             long_poll_secs: DEFAULT_LONG_POLL_SECS,
             max_concurrent_uploads: DEFAULT_MAX_CONCURRENT_UPLOADS,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            joins_per_minute_per_source: None,
         }
     }
 }
@@ -742,6 +757,13 @@ impl CoordinatorConfig {
             true,
             MAX_SECS,
         )?;
+        if s.max_streams_per_connection < 1 || s.joins_per_minute_per_source == Some(0) {
+            return Err(invalid(format!(
+                "server.max_streams_per_connection and server.joins_per_minute_per_source must be \
+                 >= 1, got {} and {:?}",
+                s.max_streams_per_connection, s.joins_per_minute_per_source
+            )));
+        }
         if s.max_concurrent_uploads < 1 {
             return Err(invalid(format!(
                 "server.max_concurrent_uploads must be >= 1, got {}",

@@ -131,6 +131,14 @@ pub enum CoordinatorError {
         /// Bytes received so far.
         got: usize,
     },
+    /// Too many joins from one network address.
+    #[error(
+        "too many joins from this address: at most {limit} per minute (server.joins_per_minute_per_source); try again later"
+    )]
+    JoinRateLimited {
+        /// The configured limit.
+        limit: u32,
+    },
     /// The round's deadline passed while the update was still streaming in.
     #[error("round {round} reached its deadline before the upload finished")]
     UploadTimeout {
@@ -204,6 +212,7 @@ impl CoordinatorError {
             Self::ZeroExamples => "zero_examples",
             Self::BadEvaluation { .. } => "bad_evaluation",
             Self::TooLarge { .. } => "too_large",
+            Self::JoinRateLimited { .. } => "join_rate_limited",
             Self::UploadTimeout { .. } => "upload_timeout",
             Self::Malformed(_) => "malformed",
             Self::SecAgg(e) => e.reason(),
@@ -236,7 +245,9 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::ZeroExamples
             | CoordinatorError::BadEvaluation { .. }
             | CoordinatorError::Malformed(_) => Code::InvalidArgument,
-            CoordinatorError::TooLarge { .. } => Code::ResourceExhausted,
+            CoordinatorError::TooLarge { .. } | CoordinatorError::JoinRateLimited { .. } => {
+                Code::ResourceExhausted
+            }
             CoordinatorError::UploadTimeout { .. } => Code::DeadlineExceeded,
             CoordinatorError::SecAgg(e) => secagg_code(e),
             CoordinatorError::WrongParty { .. } => Code::PermissionDenied,

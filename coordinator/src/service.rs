@@ -130,6 +130,41 @@ struct Shared {
     /// Update bytes received and model bytes sent (for metrics).
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Joins per source address: a token bucket each, when limited.
+    joins: Option<JoinLimiter>,
+    /// `server.max_streams_per_connection`.
+    max_streams: u32,
+}
+
+/// A token bucket per source address: `limit` joins per minute, in bursts
+/// of at most `limit`.
+struct JoinLimiter {
+    limit: u32,
+    buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl JoinLimiter {
+    /// Takes a token for `source` at `now`; false when none is left.
+    fn allow(&self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return true;
+        };
+        let capacity = f64::from(self.limit);
+        let per_sec = capacity / 60.0;
+        if buckets.len() > 100_000 {
+            // Forget sources whose bucket has refilled: they are full anyway.
+            buckets.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() * per_sec < capacity);
+        }
+        let (tokens, last) = buckets.entry(source).or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_sec).min(capacity);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Shared {
@@ -254,7 +289,7 @@ impl CoordinatorService {
     /// Wraps `core`. Nothing runs until [`serve`](Self::serve) (or
     /// [`spawn_driver`](Self::spawn_driver) with [`into_server`](Self::into_server)).
     pub fn new(core: RoundCore, opts: ServeOptions) -> Self {
-        let server = &core.config().server;
+        let server = core.config().server.clone();
         let long_poll = Duration::try_from_secs_f64(server.long_poll_secs).unwrap_or(Duration::MAX);
         let uploads = Arc::new(Semaphore::new(server.max_concurrent_uploads));
         let (progress, _) = watch::channel(Progress::of(&core));
@@ -270,6 +305,11 @@ impl CoordinatorService {
                 saved_rounds,
                 bytes_in: AtomicU64::new(0),
                 bytes_out: AtomicU64::new(0),
+                max_streams: server.max_streams_per_connection,
+                joins: server.joins_per_minute_per_source.map(|limit| JoinLimiter {
+                    limit,
+                    buckets: Mutex::new(Default::default()),
+                }),
                 checkpoint: opts.checkpoint,
                 tls: opts.tls,
             }),
@@ -305,7 +345,8 @@ impl CoordinatorService {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CoordinatorError> {
-        let mut builder = fedrec_proto::server_builder();
+        let streams = self.shared.max_streams;
+        let mut builder = fedrec_proto::server_builder().max_concurrent_streams(Some(streams));
         if let Some(tls) = self.shared.tls.clone() {
             builder = builder.tls_config(tls)?;
         }
@@ -551,6 +592,15 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        if let (Some(limiter), Some(source)) = (&self.shared.joins, request.remote_addr())
+            && !limiter.allow(source.ip(), now())
+        {
+            return Err(self
+                .shared
+                .reject_at_edge(CoordinatorError::JoinRateLimited {
+                    limit: limiter.limit,
+                }));
+        }
         let got = request.into_inner().protocol_version;
         if got != PROTOCOL_VERSION {
             return Err(self
