@@ -21,10 +21,10 @@ fn wait(child: Child) -> std::process::Output {
         .expect("process output")
 }
 
-#[test]
-fn serve_and_three_client_processes_then_ctrl_c() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("purchases.tsv");
+/// Generates 6 users × 40 items into `dir` with `fedrec gen-data`; returns
+/// the file and the data set as the devices will load it.
+fn gen_data(dir: &std::path::Path) -> (std::path::PathBuf, fedrec::data::Dataset) {
+    let data = dir.join("purchases.tsv");
     let out = Command::new(BIN)
         .args(["gen-data", "--users", "6", "--items", "40", "--out"])
         .arg(&data)
@@ -36,6 +36,13 @@ fn serve_and_three_client_processes_then_ctrl_c() {
         String::from_utf8_lossy(&out.stderr)
     );
     let ds = fedrec::data::load(&data, &Default::default()).unwrap();
+    (data, ds)
+}
+
+#[test]
+fn serve_and_three_client_processes_then_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ds) = gen_data(dir.path());
     let config = dir.path().join("coordinator.toml");
     std::fs::write(
         &config,
@@ -46,36 +53,16 @@ fn serve_and_three_client_processes_then_ctrl_c() {
     )
     .unwrap();
 
-    let mut serve = Command::new(BIN)
-        // Flags override the file: 2 rounds of 3 devices.
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--rounds",
-            "2",
-            "--clients-per-round",
-            "3",
-            "--config",
-        ])
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Read the bound address from the coordinator's first line.
-    let stderr = serve.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let listening = rx.recv_timeout(TIMEOUT).expect("coordinator starts");
-    let addr = listening
-        .strip_prefix("coordinator listening on ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line: {listening}"))
-        .to_string();
+    // Flags override the file: 2 rounds of 3 devices.
+    let config = config.to_str().unwrap();
+    let (mut serve, rx, addr, _) = start_serve(&[
+        "--rounds",
+        "2",
+        "--clients-per-round",
+        "3",
+        "--config",
+        config,
+    ]);
 
     let clients: Vec<Child> = ds.user_ids[..3]
         .iter()
@@ -108,6 +95,7 @@ fn serve_and_three_client_processes_then_ctrl_c() {
     }
 
     // Ctrl-C: the coordinator stops cleanly.
+    let serve = serve.take();
     let status = Command::new("kill")
         .args(["-INT", &serve.id().to_string()])
         .status()
@@ -400,14 +388,7 @@ fn http_get(addr: &str, path: &str) -> String {
 #[test]
 fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("purchases.tsv");
-    let out = Command::new(BIN)
-        .args(["gen-data", "--users", "6", "--items", "40", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let ds = fedrec::data::load(&data, &Default::default()).unwrap();
+    let (data, ds) = gen_data(dir.path());
     let checkpoint = dir.path().join("coordinator.ckpt");
     let items = ds.n_items().to_string();
     let ck = checkpoint.to_str().unwrap();

@@ -81,8 +81,19 @@ pub struct Checkpoint {
     pub v: Vec<f32>,
 }
 
-/// The JSON header: the record plus the tensors' lengths.
-#[derive(Serialize, Deserialize)]
+/// The JSON header as written: the record (its tensors are skipped by
+/// serde) plus the tensors' lengths.
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    #[serde(flatten)]
+    state: &'a Checkpoint,
+    params_len: usize,
+    m_len: usize,
+    v_len: usize,
+}
+
+/// The JSON header as read back.
+#[derive(Deserialize)]
 struct Header {
     #[serde(flatten)]
     state: Checkpoint,
@@ -98,8 +109,8 @@ impl Checkpoint {
             path: path.to_owned(),
             message,
         };
-        let header = serde_json::to_vec(&Header {
-            state: self.clone_header(),
+        let header = serde_json::to_vec(&HeaderOut {
+            state: self,
             params_len: self.params.len(),
             m_len: self.m.len(),
             v_len: self.v.len(),
@@ -192,23 +203,6 @@ impl Checkpoint {
             v,
             ..header.state
         })
-    }
-
-    /// A copy without the tensors (they are written apart from the header).
-    fn clone_header(&self) -> Self {
-        Self {
-            model_version: self.model_version,
-            last_round: self.last_round,
-            training_rounds: self.training_rounds,
-            final_evaluation_done: self.final_evaluation_done,
-            training_stopped: self.training_stopped.clone(),
-            history: self.history.clone(),
-            joined: self.joined.clone(),
-            privacy: self.privacy.clone(),
-            params: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
-        }
     }
 }
 
