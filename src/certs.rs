@@ -1,4 +1,5 @@
-//! Development certificates for TLS and mutual TLS (`fedrec certs`).
+//! Device credentials: development certificates for TLS and mutual TLS
+//! (`fedrec certs`), and enrollment tokens (`fedrec tokens`).
 //!
 //! A [`DevCa`] is a throwaway certificate authority made with `rcgen`: it
 //! signs one server certificate for the coordinator (its names as subject
@@ -47,6 +48,9 @@ pub enum CertError {
     /// A validity period that ends before it starts or before 1970.
     #[error("invalid validity period: {0}")]
     Validity(String),
+    /// The operating system's random generator failed.
+    #[error("cannot draw a random token: {0}")]
+    Random(String),
     /// Writing a file failed.
     #[error("cannot write {}: {source}", path.display())]
     Write {
@@ -241,6 +245,46 @@ pub fn write_dev_pki(
         write(key, &device.key_pem, true)?;
     }
     Ok(pki)
+}
+
+/// Files written by [`write_tokens`].
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    /// The digests, for the coordinator (`auth.enrollment_tokens`).
+    pub digests: PathBuf,
+    /// One secret token per device.
+    pub tokens: Vec<PathBuf>,
+}
+
+/// Writes `devices` fresh enrollment tokens (256 bits from the operating
+/// system's generator, as hex) to `dir/device-N.token` (readable by the
+/// owner only), and their SHA-256 digests to `dir/enrollment-tokens.sha256`.
+pub fn write_tokens(dir: &Path, devices: usize) -> Result<Tokens, CertError> {
+    use rand::TryRng;
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut written = Tokens {
+        digests: dir.join("enrollment-tokens.sha256"),
+        tokens: Vec::with_capacity(devices),
+    };
+    let mut digests =
+        String::from("# SHA-256 digests of fedrec enrollment tokens, one per device\n");
+    for i in 1..=devices {
+        let mut bytes = [0_u8; 32];
+        rand::rngs::SysRng
+            .try_fill_bytes(&mut bytes)
+            .map_err(|e| CertError::Random(e.to_string()))?;
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(format!("device-{i}.token"));
+        write(&path, &format!("{token}\n"), true)?;
+        digests.push_str(&fedrec_coordinator::auth::digest(&token));
+        digests.push('\n');
+        written.tokens.push(path);
+    }
+    write(&written.digests, &digests, false)?;
+    Ok(written)
 }
 
 fn write(path: &Path, text: &str, private: bool) -> Result<(), CertError> {

@@ -45,6 +45,9 @@ enum Command {
     /// Write a development CA, a server certificate and device certificates
     /// (PEM) for trying TLS and mutual TLS, and print the commands to use them.
     Certs(CertsArgs),
+    /// Write enrollment tokens for devices (one file each) and the file of
+    /// their digests for the coordinator (--enrollment-tokens).
+    Tokens(TokensArgs),
     /// Plan a differential-privacy budget: the epsilon of T rounds of
     /// DP-FedAvg (Poisson sampling rate q, noise multiplier z) at delta, or
     /// with --epsilon the noise multiplier that stays within it.
@@ -245,6 +248,10 @@ struct ConfigOverrides {
     /// Server learning rate of the strategy.
     #[arg(long)]
     server_lr: Option<f32>,
+    /// FedAdam, FedYogi, FedAdagrad: the adaptivity tau (added to the root
+    /// of the second moment).
+    #[arg(long)]
+    tau: Option<f32>,
     /// FedProx proximal weight mu for local training (0 = off).
     #[arg(long)]
     proximal_mu: Option<f32>,
@@ -359,6 +366,9 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.server_lr {
             cfg.strategy.server_lr = v;
+        }
+        if let Some(v) = self.tau {
+            cfg.strategy.tau = v;
         }
         let sa = &mut cfg.secure_aggregation;
         if self.secure_aggregation {
@@ -487,6 +497,15 @@ struct ServeArgs {
     /// this CA (PEM; overrides tls.client_ca).
     #[arg(long, value_name = "FILE")]
     client_ca: Option<PathBuf>,
+    /// Admit only devices that join with an enrollment token whose SHA-256
+    /// digest is in FILE (written by `fedrec tokens`; overrides
+    /// auth.enrollment_tokens).
+    #[arg(long, value_name = "FILE")]
+    enrollment_tokens: Option<PathBuf>,
+    /// With enrollment tokens: seconds a session lasts before the device
+    /// joins again (overrides auth.session_ttl_secs).
+    #[arg(long, value_name = "SECS")]
+    session_ttl: Option<f64>,
     /// Allow listening on a non-loopback address without TLS (pseudonyms and
     /// updates then cross the network in plain text).
     #[arg(long)]
@@ -512,6 +531,10 @@ struct ClientArgs {
     /// Mutual TLS: this device's private key (PEM).
     #[arg(long, value_name = "FILE", requires = "cert")]
     key: Option<PathBuf>,
+    /// A file holding this device's enrollment token (for a coordinator
+    /// started with --enrollment-tokens).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// The user (external id in the data) whose history this device holds.
     #[arg(long)]
     user: String,
@@ -521,6 +544,17 @@ struct ClientArgs {
     /// Seed of the device's local randomness.
     #[arg(long, default_value_t = sim::DEFAULT_SEED)]
     seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct TokensArgs {
+    /// Directory to write device-N.token and enrollment-tokens.sha256 into
+    /// (created if needed; existing files are replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tokens to make (device-1 … device-N).
+    #[arg(long, default_value_t = 3)]
+    devices: usize,
 }
 
 #[derive(Args, Debug)]
@@ -571,6 +605,7 @@ fn main() -> anyhow::Result<()> {
         Command::GenData(args) => gen_data(args),
         Command::Bench(cmd) => bench(cmd),
         Command::Certs(args) => certs(args),
+        Command::Tokens(args) => tokens(args),
         Command::Privacy(args) => privacy(args),
     }
 }
@@ -904,7 +939,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(ca) = &args.client_ca {
         cfg.tls.client_ca = Some(ca.clone());
     }
+    if let Some(file) = &args.enrollment_tokens {
+        cfg.auth.enrollment_tokens = Some(file.clone());
+    }
+    if let Some(ttl) = args.session_ttl {
+        cfg.auth.session_ttl_secs = ttl;
+    }
     cfg.validate()?;
+    let tokens = match &cfg.auth.enrollment_tokens {
+        Some(path) => {
+            let tokens = fedrec_coordinator::auth::TokenSet::load(path)?;
+            eprintln!(
+                "admitting enrolled devices only: {} enrollment tokens from {}, sessions of {} s",
+                tokens.len(),
+                path.display(),
+                cfg.auth.session_ttl_secs
+            );
+            Some(tokens)
+        }
+        None => None,
+    };
     let tls = fedrec_coordinator::tls::server_tls_config(&cfg.tls)?;
     let addr: std::net::SocketAddr = cfg
         .server
@@ -975,6 +1029,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(path) = &args.checkpoint {
             options = options.with_checkpoint(path);
         }
+        if let Some(tokens) = tokens {
+            options = options.with_enrollment_tokens(tokens);
+        }
         let service = fedrec_coordinator::service::CoordinatorService::new(core, options);
         let handle = service.handle();
         let metrics = match &args.metrics_listen {
@@ -1025,11 +1082,14 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
             fedrec_client::model::DEFAULT_INIT_STD,
         )?);
     let device = sim::make_device(&model, &split, user, args.seed)?;
-    let options = fedrec_client::connect::ConnectOptions::from_files(
+    let mut options = fedrec_client::connect::ConnectOptions::from_files(
         args.ca.as_deref(),
         args.cert.as_deref(),
         args.key.as_deref(),
     )?;
+    if let Some(file) = &args.token_file {
+        options = options.enrollment_token_file(file)?;
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let mut participant =
@@ -1038,15 +1098,41 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         eprintln!("joined {} as {}", args.coordinator, participant.pseudonym());
         let (_device, summary) = participant.run(device).await?;
         eprintln!(
-            "done: {} training rounds, {} evaluations, {} refused; {} bytes sent; coordinator: {}",
+            "done: {} training rounds, {} evaluations, {} refused, {} interrupted; {} reconnects, \
+             {} joins again; {} bytes sent; coordinator: {}",
             summary.trained,
             summary.evaluated,
             summary.refused,
+            summary.interrupted,
+            summary.reconnects,
+            summary.rejoins,
             participant.sent().total_bytes(),
             summary.finished_reason
         );
         anyhow::Ok(())
     })
+}
+
+fn tokens(args: TokensArgs) -> anyhow::Result<()> {
+    let written = fedrec::certs::write_tokens(&args.out, args.devices)?;
+    println!(
+        "wrote {} enrollment tokens to {}:",
+        written.tokens.len(),
+        args.out.display()
+    );
+    println!(
+        "  {}: their SHA-256 digests, for the coordinator (fedrec serve --enrollment-tokens FILE)",
+        written.digests.display()
+    );
+    if let (Some(first), Some(last)) = (written.tokens.first(), written.tokens.last()) {
+        println!(
+            "  {} … {}: one secret token per device (fedrec client --token-file FILE); \
+             keep each on its device only",
+            first.display(),
+            last.display()
+        );
+    }
+    Ok(())
 }
 
 fn certs(args: CertsArgs) -> anyhow::Result<()> {

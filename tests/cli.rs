@@ -9,6 +9,8 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+mod common;
+
 /// Waits for a child process without sleeping: a thread waits, we receive
 /// its result with a bounded timeout.
 fn wait(child: Child) -> std::process::Output {
@@ -351,16 +353,35 @@ fn start_serve(args: &[&str]) -> (Killed, mpsc::Receiver<String>, String, Vec<St
 }
 
 fn start_clients(addr: &str, data: &std::path::Path, users: &[String]) -> Vec<Child> {
+    start_enrolled_clients(addr, data, users, None)
+}
+
+/// Client processes for `users`; with `tokens`, the i-th presents
+/// `tokens/device-(i+1).token`. Their stderr is piped (a few lines).
+fn start_enrolled_clients(
+    addr: &str,
+    data: &std::path::Path,
+    users: &[String],
+    tokens: Option<&std::path::Path>,
+) -> Vec<Child> {
     users
         .iter()
-        .map(|user| {
-            Command::new(BIN)
+        .enumerate()
+        .map(|(i, user)| {
+            let mut command = Command::new(BIN);
+            command
                 .args(["client", "--factors", "8", "--coordinator"])
                 .arg(format!("http://{addr}"))
                 .args(["--user", user, "--data"])
-                .arg(data)
+                .arg(data);
+            if let Some(dir) = tokens {
+                command
+                    .arg("--token-file")
+                    .arg(dir.join(format!("device-{}.token", i + 1)));
+            }
+            command
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
@@ -383,28 +404,41 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 /// A coordinator killed with SIGKILL in the middle of training resumes from
-/// its checkpoint: no completed round is lost or applied twice, and new
-/// device processes carry the training to its end.
+/// its checkpoint: no completed round is lost or applied twice, and the same
+/// device processes (enrolled by token) reconnect and carry the training to
+/// its end. They reach the coordinator through a forwarder standing in for
+/// its stable address, since the restarted process listens on a new port.
 #[test]
 fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let (data, ds) = gen_data(dir.path());
+    let tokens = dir.path().join("tokens");
+    let out = wait(
+        Command::new(BIN)
+            .args(["tokens", "--devices", "3", "--out"])
+            .arg(&tokens)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(out.status.success());
+    let digests = tokens.join("enrollment-tokens.sha256");
+    let text = std::fs::read_to_string(&digests).unwrap();
+    let secret = std::fs::read_to_string(tokens.join("device-1.token")).unwrap();
+    assert!(
+        !text.contains(secret.trim()),
+        "the coordinator's file holds no token"
+    );
     let checkpoint = dir.path().join("coordinator.ckpt");
     let items = ds.n_items().to_string();
     let ck = checkpoint.to_str().unwrap();
-    // The devices of the first run never come back: the final evaluation
-    // starts once the check-in window passes without them.
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(&config, "[rounds]\ncheckin_window_secs = 1.0\n").unwrap();
     let args = [
-        "--config",
-        config.to_str().unwrap(),
         "--items",
         &items,
         "--factors",
         "8",
         "--rounds",
-        "6",
+        "20",
         "--clients-per-round",
         "3",
         "--min-updates",
@@ -413,19 +447,39 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
         "fedadam",
         "--checkpoint",
         ck,
+        "--enrollment-tokens",
+        digests.to_str().unwrap(),
     ];
-    let (mut serve, rx, addr, _) = start_serve(&args);
-    let clients = start_clients(&addr, &data, &ds.user_ids[..3]);
+    let (mut serve, rx, addr, before) = start_serve(&args);
+    assert!(
+        before.iter().any(|l| l.contains("3 enrollment tokens")),
+        "{before:?}"
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let proxy = runtime.block_on(common::Proxy::start(addr.parse().unwrap()));
+    let proxy_addr = proxy.addr.to_string();
+    let clients = start_enrolled_clients(&proxy_addr, &data, &ds.user_ids[..3], Some(&tokens));
+    // A device without a token is refused with UNAUTHENTICATED.
+    let intruder = wait(start_clients(&proxy_addr, &data, &ds.user_ids[3..4]).remove(0));
+    assert!(!intruder.status.success());
+    let said = String::from_utf8_lossy(&intruder.stderr);
+    assert!(said.contains("enrollment token"), "{said}");
     expect_line(&rx, "round completed");
-    expect_line(&rx, "round completed");
+    // Every round needs all three devices: with one of them stopped, at
+    // most the round it already took part in can still complete, so the
+    // coordinator is killed in the middle of training.
+    let signal = |sig: &str, child: &Child| {
+        let status = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP", &clients[0]);
     // SIGKILL: no chance to clean up.
     let mut first = serve.take();
     first.kill().unwrap();
     let _ = wait(first);
-    for mut client in clients {
-        let _ = client.kill();
-        let _ = wait(client);
-    }
     assert!(checkpoint.exists(), "a checkpoint was written");
 
     let with_metrics = [&args[..], &["--metrics-listen", "127.0.0.1:0"]].concat();
@@ -450,32 +504,44 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
         .filter_map(|w| w.parse().ok())
         .collect();
     let (ended, version) = (numbers[0], numbers[1]);
-    assert!(ended >= 2, "{resumed}");
+    assert!((1..20).contains(&ended), "{resumed}");
     assert_eq!(
         version,
         ended + 1,
         "every ended round completed once: {resumed}"
     );
-    let clients = start_clients(&addr, &data, &ds.user_ids[..3]);
+    proxy.redirect(addr.parse().unwrap());
+    signal("-CONT", &clients[0]);
     for client in clients {
         let out = wait(client);
-        assert!(out.status.success());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        // "done: … N interrupted; M reconnects, …": each device lost the
+        // coordinator (a task or a check-in) and found it again.
+        let lost: u32 = ["interrupted", "reconnects"]
+            .iter()
+            .filter_map(|word| {
+                let head = said.split(&format!(" {word}")).next()?;
+                head.rsplit(' ').next()?.parse::<u32>().ok()
+            })
+            .sum();
+        assert!(lost >= 1, "{said}");
     }
     let finished = expect_line(&rx, "coordinator finished");
     assert!(
-        finished.contains("completed 6 training rounds"),
+        finished.contains("completed 20 training rounds"),
         "{finished}"
     );
     // Prometheus metrics count the rounds from before the crash too.
     let metrics = http_get(&metrics_addr, "/metrics");
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(
-        metrics.contains("fedrec_rounds_total{outcome=\"completed\"} 6"),
+        metrics.contains("fedrec_rounds_total{outcome=\"completed\"} 20"),
         "{metrics}"
     );
-    assert!(metrics.contains("fedrec_model_version 7"), "{metrics}");
+    assert!(metrics.contains("fedrec_model_version 21"), "{metrics}");
     assert!(
-        metrics.contains("fedrec_round_duration_seconds_count 7"),
+        metrics.contains("fedrec_round_duration_seconds_count 21"),
         "{metrics}"
     );
     assert!(http_get(&metrics_addr, "/other").starts_with("HTTP/1.1 404"));
@@ -491,7 +557,7 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     let rest: Vec<String> = rx.iter().collect();
     assert!(
         rest.iter()
-            .any(|l| l.contains("stopped after 7 rounds; model version 7")),
-        "six training rounds and the final evaluation, each once: {rest:?}"
+            .any(|l| l.contains("stopped after 21 rounds; model version 21")),
+        "20 training rounds and the final evaluation, each once: {rest:?}"
     );
 }

@@ -29,6 +29,7 @@ async fn join(client: &mut CoordinatorClient<Channel>) -> String {
     let response = client
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -264,6 +265,7 @@ async fn bad_requests_get_the_right_status() {
     let err = client
         .join(pb::JoinRequest {
             protocol_version: 99,
+            ..Default::default()
         })
         .await;
     assert_status(err, Code::FailedPrecondition, "protocol version 99");
@@ -612,6 +614,7 @@ async fn joins_beyond_the_rate_limit_are_refused_and_counted() {
     .unwrap();
     let request = || pb::JoinRequest {
         protocol_version: PROTOCOL_VERSION,
+        ..Default::default()
     };
     for _ in 0..3 {
         client.join(request()).await.unwrap();
@@ -628,4 +631,65 @@ async fn joins_beyond_the_rate_limit_are_refused_and_counted() {
     drop(client);
     stop.send(()).unwrap();
     common::within("shutdown", server).await.unwrap().unwrap();
+}
+
+/// Under `auth.enrollment_tokens`, a join without a token or with an
+/// unknown one gets UNAUTHENTICATED and is counted by reason; a device
+/// with a valid token joins and is told how long its session lasts. A
+/// device of the SDK with its token joins through `connect_with`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_need_an_enrolled_token_and_refusals_are_counted() {
+    use fedrec_coordinator::auth::TokenSet;
+    let mut cfg = config(1, 0);
+    cfg.auth.enrollment_tokens = Some("enrollment-tokens.sha256".into());
+    cfg.auth.session_ttl_secs = 600.0;
+    let layout = Layout::new(vec![("b".into(), vec![1])]);
+    let options =
+        ServeOptions::default().with_enrollment_tokens(TokenSet::from_tokens(["device-secret"]));
+    let running = common::serve_with(cfg.clone(), layout.clone(), vec![0.0], options).await;
+    let mut client = running.client().await;
+    let join = |token: &str| pb::JoinRequest {
+        protocol_version: PROTOCOL_VERSION,
+        enrollment_token: token.to_owned(),
+    };
+    let missing = client.join(join("")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert!(
+        missing.message().contains("enrollment token"),
+        "{missing:?}"
+    );
+    for _ in 0..2 {
+        let unknown = client.join(join("guessed")).await.unwrap_err();
+        assert_eq!(unknown.code(), Code::Unauthenticated);
+        assert!(unknown.message().contains("not recognised"), "{unknown:?}");
+    }
+    let joined = client
+        .join(join("device-secret"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(joined.session_ttl_secs, 600);
+    let options = fedrec_client::connect::ConnectOptions::new().enrollment_token("device-secret");
+    fedrec_client::participant::Participant::connect_with(&running.endpoint(), &options)
+        .await
+        .expect("an SDK device joins with its token");
+    let metrics = running.handle.metrics().unwrap();
+    for expected in [
+        "fedrec_requests_rejected_total{reason=\"missing_token\"} 1",
+        "fedrec_requests_rejected_total{reason=\"unknown_token\"} 2",
+        "fedrec_devices_joined 2",
+    ] {
+        assert!(metrics.contains(expected), "{expected}: {metrics}");
+    }
+    running.stop().await;
+
+    // A configuration that asks for tokens without the service being given
+    // them refuses to serve rather than admitting everyone.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let core = RoundCore::new(cfg, layout, vec![0.0]).unwrap();
+    let service = fedrec_coordinator::CoordinatorService::new(core, ServeOptions::default());
+    let err = common::within("serve", service.serve(listener, std::future::pending()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("auth.enrollment_tokens"), "{err}");
 }

@@ -117,6 +117,7 @@ async fn a_device_dropping_out_does_not_stall_the_round() {
     let pseudonym = raw
         .join(pb::JoinRequest {
             protocol_version: fedrec_proto::PROTOCOL_VERSION,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -167,4 +168,57 @@ async fn a_device_dropping_out_does_not_stall_the_round() {
     );
     assert_eq!((history[0].selected, history[0].participants), (4, 3));
     running.stop().await;
+}
+
+/// A coordinator that crashes and comes back without the devices' sessions
+/// (no checkpoint): the same device tasks reconnect, find their pseudonyms
+/// unknown, join again and take part in every round of the new coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_reconnect_and_join_again_after_a_coordinator_restart() {
+    use fedrec_coordinator::round::TaskKind;
+    let (_, split) = common::small_split(3, 40, 11);
+    let model = common::model(40, 4);
+    let mut cfg = fedrec::sim::default_coordinator_config();
+    cfg.rounds.rounds = 3;
+    cfg.rounds.clients_per_round = 3;
+    cfg.rounds.min_updates = 3;
+    let first = common::start(cfg.clone(), &model, 1).await;
+    let proxy = common::Proxy::start(first.addr).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (_, device) in make_devices(&model, &split, 3).expect("devices") {
+        let endpoint = proxy.endpoint();
+        tasks.spawn(async move {
+            let mut p = Participant::connect(&endpoint).await.expect("join");
+            p.run(device).await.expect("participate").1
+        });
+    }
+    let mut progress = first.handle.subscribe();
+    common::within(
+        "the first round",
+        progress.wait_for(|p| p.history.iter().any(|s| s.completed)),
+    )
+    .await
+    .expect("progress");
+    first.crash();
+    let second = common::start(cfg, &model, 1).await;
+    proxy.redirect(second.addr);
+    while let Some(done) = common::within("devices finish", tasks.join_next()).await {
+        let summary = done.expect("device task");
+        assert!(summary.rejoins >= 1, "{summary:?}");
+        // The first coordinator's first round (its acknowledgement may
+        // have been cut by the crash: then the task counts as interrupted),
+        // then all three of the second's (each needs every device).
+        assert!(summary.trained >= 3, "{summary:?}");
+        assert!(summary.trained + summary.interrupted >= 4, "{summary:?}");
+        assert!(!summary.finished_reason.is_empty(), "{summary:?}");
+    }
+    let progress = second.handle.progress();
+    let trained = progress
+        .history
+        .iter()
+        .filter(|s| s.kind == TaskKind::Train && s.completed)
+        .count();
+    assert_eq!(trained, 3, "{:?}", progress.history);
+    assert!(progress.finished.is_some());
+    second.stop().await;
 }

@@ -69,6 +69,7 @@ async fn join(running: &common::Running) -> (CoordinatorClient<Channel>, String)
         "join",
         rpc.join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
+            ..Default::default()
         }),
     )
     .await
@@ -427,6 +428,13 @@ async fn a_grpc_round_with_dropouts_at_every_step_sums_the_survivors_exactly() {
     assert_eq!(sum.survivors, parties);
     assert_eq!(sum.sum, ring_sum(&survivors), "bit for bit in the ring");
     assert_eq!(sum.sum.len(), values + EXTRA_VALUES);
+    // The masked inputs are counted as received update bytes.
+    let metrics = running.handle.metrics().unwrap();
+    let expected = format!(
+        "fedrec_update_bytes_received_total {}",
+        17 * 4 * (values + EXTRA_VALUES)
+    );
+    assert!(metrics.contains(&expected), "{expected}: {metrics}");
 
     // The model is the decoded weighted mean, applied by FedAvg (server_lr 1).
     let q = survivors[0].quantizer;

@@ -29,6 +29,7 @@ pub struct ConnectOptions {
     ca_pem: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
     domain_name: Option<String>,
+    enrollment_token: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -38,6 +39,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("ca", &self.ca_pem.is_some())
             .field("identity", &self.identity.is_some())
             .field("domain_name", &self.domain_name)
+            .field("enrollment_token", &self.enrollment_token.is_some())
             .finish()
     }
 }
@@ -67,6 +69,34 @@ impl ConnectOptions {
     pub fn domain_name(mut self, name: impl Into<String>) -> Self {
         self.domain_name = Some(name.into());
         self
+    }
+
+    /// Joins with this enrollment token, for a coordinator that admits
+    /// enrolled devices only (`auth.enrollment_tokens`); the device joins
+    /// with it again whenever its session expires. Default: none.
+    pub fn enrollment_token(mut self, token: impl Into<String>) -> Self {
+        self.enrollment_token = Some(token.into().trim().to_owned());
+        self
+    }
+
+    /// Reads the enrollment token from `path` (its first non-blank line);
+    /// errors name the file.
+    pub fn enrollment_token_file(self, path: &Path) -> Result<Self, ClientError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ClientError::InvalidConfig(format!("enrollment token file {}: {e}", path.display()))
+        })?;
+        let Some(token) = text.lines().map(str::trim).find(|l| !l.is_empty()) else {
+            return Err(ClientError::InvalidConfig(format!(
+                "enrollment token file {} is empty",
+                path.display()
+            )));
+        };
+        Ok(self.enrollment_token(token))
+    }
+
+    /// The enrollment token, if any.
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.enrollment_token.as_deref()
     }
 
     /// Options from PEM files: the CA certificate, and for mutual TLS the

@@ -92,6 +92,13 @@ pub struct ParticipationPolicy {
     /// Tasks (training or evaluation) one call of `Participant::run` does
     /// before it returns; `None`: until the coordinator finishes. Default `None`.
     pub max_tasks: Option<u32>,
+    /// Waits between attempts while the coordinator cannot be reached (it
+    /// restarts, the network is down). Default 250 ms doubling to 30 s.
+    pub reconnect: Backoff,
+    /// Stop trying (and end `Participant::run` with the transport error)
+    /// after the coordinator has been unreachable this long; `None`: keep
+    /// trying. Default 15 minutes.
+    pub reconnect_for: Option<Duration>,
 }
 
 impl Default for ParticipationPolicy {
@@ -102,6 +109,11 @@ impl Default for ParticipationPolicy {
             give_up_after: None,
             time_budget: None,
             max_tasks: None,
+            reconnect: Backoff {
+                initial: Duration::from_millis(250),
+                max: Duration::from_secs(30),
+            },
+            reconnect_for: Some(Duration::from_secs(15 * 60)),
         }
     }
 }

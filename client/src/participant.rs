@@ -88,14 +88,57 @@ pub struct ParticipationSummary {
     pub evaluated: u32,
     /// Submissions the coordinator refused (e.g. the round had closed).
     pub refused: u32,
+    /// Tasks cut short because the coordinator became unreachable (it
+    /// restarted, the network failed); the device carried on after.
+    pub interrupted: u32,
+    /// Times the device reached the coordinator again after losing it.
+    pub reconnects: u32,
+    /// Times the device joined again because the coordinator no longer
+    /// knew its session (it expired, or the coordinator lost it).
+    pub rejoins: u32,
     /// Why the coordinator finished.
     pub finished_reason: String,
+}
+
+/// How a task ended for the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskEnd {
+    /// The coordinator accepted the submission.
+    Accepted,
+    /// The coordinator refused a request (e.g. the round had closed).
+    Refused,
+    /// The coordinator could not be reached.
+    Interrupted,
+}
+
+impl TaskEnd {
+    /// How `err`, met during a task, ends it: a refusal or an interruption
+    /// for an RPC error; any other error is the device's own and is returned.
+    fn after(err: ClientError) -> Result<Self, ClientError> {
+        match err {
+            ClientError::Rpc { status, .. } if unreachable(status.code()) => Ok(Self::Interrupted),
+            ClientError::Rpc { .. } => Ok(Self::Refused),
+            other => Err(other),
+        }
+    }
+}
+
+/// Whether a status means the coordinator could not be reached (it is down
+/// or restarting, or the connection broke) rather than that it refused.
+/// The coordinator itself never answers with these codes.
+fn unreachable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
 }
 
 /// A device's connection to a coordinator.
 pub struct Participant {
     client: CoordinatorClient<Channel>,
     pseudonym: String,
+    /// The enrollment token, for joining again when the session ends.
+    token: Option<String>,
     chunk_bytes: usize,
     sent: SentLog,
 }
@@ -128,7 +171,7 @@ impl Participant {
         options: &ConnectOptions,
     ) -> Result<Self, ClientError> {
         let channel = options.channel(endpoint).await?;
-        Self::join(channel, None)
+        Self::join_with_token(channel, None, options.token().map(str::to_owned))
             .await
             .map_err(|e| options.explain_refusal(endpoint, e))
     }
@@ -136,22 +179,45 @@ impl Participant {
     /// Joins over an existing channel. `recorder`, if given, sees the encoded
     /// bytes of every message sent (for audits and tests).
     pub async fn join(channel: Channel, recorder: Option<Recorder>) -> Result<Self, ClientError> {
-        let mut client = CoordinatorClient::new(channel);
-        let mut sent = SentLog {
-            messages: Vec::new(),
-            recorder,
+        Self::join_with_token(channel, recorder, None).await
+    }
+
+    /// [`join`](Self::join) presenting an enrollment token (see
+    /// [`ConnectOptions::enrollment_token`]).
+    pub async fn join_with_token(
+        channel: Channel,
+        recorder: Option<Recorder>,
+        token: Option<String>,
+    ) -> Result<Self, ClientError> {
+        let mut participant = Self {
+            client: CoordinatorClient::new(channel),
+            pseudonym: String::new(),
+            token,
+            chunk_bytes: fedrec_proto::DEFAULT_CHUNK_BYTES,
+            sent: SentLog {
+                messages: Vec::new(),
+                recorder,
+            },
         };
+        participant.join_again().await?;
+        Ok(participant)
+    }
+
+    /// Joins (again), replacing the pseudonym.
+    async fn join_again(&mut self) -> Result<(), ClientError> {
         let req = pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
+            enrollment_token: self.token.clone().unwrap_or_default(),
         };
-        sent.log("JoinRequest", 0, &req);
-        let resp = client.join(req).await.map_err(rpc("Join"))?.into_inner();
-        Ok(Self {
-            client,
-            pseudonym: resp.pseudonym,
-            chunk_bytes: fedrec_proto::DEFAULT_CHUNK_BYTES,
-            sent,
-        })
+        self.sent.log("JoinRequest", 0, &req);
+        let resp = self
+            .client
+            .join(req)
+            .await
+            .map_err(rpc("Join"))?
+            .into_inner();
+        self.pseudonym = resp.pseudonym;
+        Ok(())
     }
 
     /// The pseudonym the coordinator gave this device.
@@ -168,6 +234,13 @@ impl Participant {
     /// blocking thread so that it does not stall the async runtime. Refused
     /// submissions (a round that closed meanwhile) are counted, not fatal.
     ///
+    /// Survives the coordinator: while it cannot be reached (a restart, a
+    /// network failure), the device waits with the policy's `reconnect`
+    /// back-off and tries again, for up to `reconnect_for`; a task cut
+    /// short is counted as interrupted. When the coordinator no longer knows
+    /// the device's session (`UNAUTHENTICATED`: expired, or lost), the
+    /// device joins again, with its enrollment token if it has one.
+    ///
     /// Refuses ([`ClientError::ConsentRequired`]) unless the shopper's consent
     /// is federated, checked before every check-in and again before anything
     /// computed is sent. Checks in only while the device's
@@ -179,6 +252,9 @@ impl Participant {
         mut device: Device,
     ) -> Result<(Device, ParticipationSummary), ClientError> {
         let mut summary = ParticipationSummary::default();
+        // While the coordinator is unreachable: since when, and the next wait.
+        let mut outage: Option<(tokio::time::Instant, Duration)> = None;
+        let mut rejoined = false;
         loop {
             // Consent, the app's conditions and the task limit, before every check-in.
             let done = summary.trained + summary.evaluated + summary.refused;
@@ -190,12 +266,43 @@ impl Participant {
                 pseudonym: self.pseudonym.clone(),
             };
             self.sent.log("CheckInRequest", 0, &req);
-            let resp = self
-                .client
-                .check_in(req)
-                .await
-                .map_err(rpc("CheckIn"))?
-                .into_inner();
+            let resp = match self.client.check_in(req).await {
+                Ok(resp) => {
+                    if outage.take().is_some() {
+                        summary.reconnects += 1;
+                    }
+                    rejoined = false;
+                    resp.into_inner()
+                }
+                Err(status) if unreachable(status.code()) => {
+                    let policy = &device.participation;
+                    let (since, wait) = outage
+                        .get_or_insert((tokio::time::Instant::now(), policy.reconnect.initial));
+                    if policy
+                        .reconnect_for
+                        .is_some_and(|limit| since.elapsed() >= limit)
+                    {
+                        return Err(rpc("CheckIn")(status));
+                    }
+                    tracing::debug!(code = ?status.code(), wait_ms = wait.as_millis(), "coordinator unreachable; trying again");
+                    tokio::time::sleep(*wait).await;
+                    *wait = (*wait * 2).min(policy.reconnect.max.max(policy.reconnect.initial));
+                    continue;
+                }
+                // A session the coordinator no longer knows: join again,
+                // once per refusal (a second refusal in a row is final).
+                Err(status) if status.code() == tonic::Code::Unauthenticated && !rejoined => {
+                    tracing::debug!(message = status.message(), "session refused; joining again");
+                    if outage.take().is_some() {
+                        summary.reconnects += 1;
+                    }
+                    self.join_again().await?;
+                    summary.rejoins += 1;
+                    rejoined = true;
+                    continue;
+                }
+                Err(status) => return Err(rpc("CheckIn")(status)),
+            };
             let task = match resp.outcome {
                 Some(pb::check_in_response::Outcome::Task(task)) => task,
                 Some(pb::check_in_response::Outcome::Wait(w)) => {
@@ -215,12 +322,13 @@ impl Participant {
                 }
             };
             transparency::note_task(&mut device, &task);
-            let (back, accepted) = self.do_task(device, &task).await?;
+            let (back, ended) = self.do_task(device, &task).await?;
             device = back;
-            match (accepted, task.kind()) {
-                (false, _) => summary.refused += 1,
-                (true, pb::TaskKind::Evaluate) => summary.evaluated += 1,
-                (true, _) => summary.trained += 1,
+            match (ended, task.kind()) {
+                (TaskEnd::Refused, _) => summary.refused += 1,
+                (TaskEnd::Interrupted, _) => summary.interrupted += 1,
+                (TaskEnd::Accepted, pb::TaskKind::Evaluate) => summary.evaluated += 1,
+                (TaskEnd::Accepted, _) => summary.trained += 1,
             }
         }
     }
@@ -229,7 +337,7 @@ impl Participant {
         &mut self,
         device: Device,
         task: &pb::Task,
-    ) -> Result<(Device, bool), ClientError> {
+    ) -> Result<(Device, TaskEnd), ClientError> {
         if let Some(secure) = &task.secure_aggregation
             && task.kind() == pb::TaskKind::Train
         {
@@ -237,7 +345,10 @@ impl Participant {
         }
         let cfg = training_config(task)?;
         let dp = DpSpec::from_task(task)?;
-        let global = self.download(&device, task).await?;
+        let global = match self.download(&device, task).await {
+            Ok(global) => global,
+            Err(e) => return TaskEnd::after(e).map(|end| (device, end)),
+        };
         let kind = task.kind();
         let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
         let (device, outcome) = tokio::task::spawn_blocking(move || {
@@ -261,14 +372,11 @@ impl Participant {
             TaskOutcome::Update(update) => self.submit_update(task, update).await,
         };
         match result {
-            Ok(()) => Ok((device, true)),
-            Err(ClientError::Rpc { request, status })
-                if status.code() != tonic::Code::Unavailable =>
-            {
-                tracing::debug!(pseudonym = %self.pseudonym, round = task.round, request, code = ?status.code(), "submission refused");
-                Ok((device, false))
+            Ok(()) => Ok((device, TaskEnd::Accepted)),
+            Err(e) => {
+                tracing::debug!(pseudonym = %self.pseudonym, round = task.round, error = %e, "submission not accepted");
+                TaskEnd::after(e).map(|end| (device, end))
             }
-            Err(e) => Err(e),
         }
     }
 

@@ -112,6 +112,55 @@ pub struct CoordinatorConfig {
     /// `[tls]`: transport security of the listener (TLS, and mutual TLS
     /// with `client_ca`). Default: off (plain text).
     pub tls: TlsConfig,
+    /// `[auth]`: enrollment tokens that devices exchange for short-lived
+    /// sessions. Default: off (any device may join).
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: device authentication by enrollment token.
+///
+/// Each device is given a secret token when it is enrolled (`fedrec
+/// tokens` makes them); the coordinator holds only the tokens' SHA-256
+/// digests, so its disk never holds a credential. A device presents its
+/// token when it joins and receives a pseudonym that acts as its session
+/// credential for `session_ttl_secs`; after that its check-ins are refused
+/// (`UNAUTHENTICATED`, counted as `session_expired`) and it joins again
+/// with its token. A join without a token, or with a token not in the file,
+/// gets `UNAUTHENTICATED` and is counted (`missing_token`, `unknown_token`).
+/// Revoking a device is deleting its digest and restarting the coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A file of token digests: one SHA-256 (64 hex digits) per line, `#`
+    /// comments and blank lines ignored. Default: unset (no tokens needed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment_tokens: Option<PathBuf>,
+    /// How long a session lets a device start new work, in seconds (only
+    /// with `enrollment_tokens`: without them anyone may join, so expiring
+    /// sessions would protect nothing). A task already handed out can be
+    /// finished after expiry. Default [`DEFAULT_SESSION_TTL_SECS`].
+    pub session_ttl_secs: f64,
+}
+
+/// Default `auth.session_ttl_secs`: one hour.
+pub const DEFAULT_SESSION_TTL_SECS: f64 = 3600.0;
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enrollment_tokens: None,
+            session_ttl_secs: DEFAULT_SESSION_TTL_SECS,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// How long a session lasts, when sessions expire (with tokens).
+    pub fn session_ttl(&self) -> Option<Duration> {
+        self.enrollment_tokens
+            .as_ref()
+            .map(|_| Duration::from_secs_f64(self.session_ttl_secs))
+    }
 }
 
 /// `[tls]`: the coordinator's certificate and key (PEM files), and the CA
@@ -743,6 +792,13 @@ impl CoordinatorConfig {
     /// Checks every option's range; the first problem found is reported.
     pub fn validate(&self) -> Result<(), CoordinatorError> {
         self.validate_tls()?;
+        check_range(
+            "auth.session_ttl_secs",
+            self.auth.session_ttl_secs,
+            0.0,
+            true,
+            MAX_SECS,
+        )?;
         let s = &self.server;
         s.listen.parse::<SocketAddr>().map_err(|_| {
             invalid(format!(

@@ -41,6 +41,17 @@ pub enum CoordinatorError {
     /// The pseudonym was never handed out by this coordinator (or is malformed).
     #[error("unknown pseudonym; join first")]
     UnknownPseudonym,
+    /// A join without an enrollment token, when `auth.enrollment_tokens` is set.
+    #[error(
+        "this coordinator admits enrolled devices only: join with the device's enrollment token"
+    )]
+    MissingToken,
+    /// A join with a token whose digest is not in `auth.enrollment_tokens`.
+    #[error("enrollment token not recognised (not enrolled, or revoked)")]
+    UnknownToken,
+    /// A check-in after the session (pseudonym) expired.
+    #[error("session expired (auth.session_ttl_secs): join again with the enrollment token")]
+    SessionExpired,
     /// No round is open, and the request names a round that never started.
     #[error("no round is open (request is for round {round})")]
     NoRoundOpen {
@@ -197,6 +208,9 @@ impl CoordinatorError {
             Self::InvalidModel(_) => "invalid_model",
             Self::ProtocolVersion { .. } => "protocol_version",
             Self::UnknownPseudonym => "unknown_pseudonym",
+            Self::MissingToken => "missing_token",
+            Self::UnknownToken => "unknown_token",
+            Self::SessionExpired => "session_expired",
             Self::NoRoundOpen { .. } => "no_round_open",
             Self::RoundClosed { .. } => "round_closed",
             Self::WrongRound { .. } => "wrong_round",
@@ -230,7 +244,10 @@ impl From<CoordinatorError> for tonic::Status {
     fn from(err: CoordinatorError) -> Self {
         use tonic::Code;
         let code = match &err {
-            CoordinatorError::UnknownPseudonym => Code::Unauthenticated,
+            CoordinatorError::UnknownPseudonym
+            | CoordinatorError::MissingToken
+            | CoordinatorError::UnknownToken
+            | CoordinatorError::SessionExpired => Code::Unauthenticated,
             CoordinatorError::NotInCohort { .. } => Code::PermissionDenied,
             CoordinatorError::Duplicate { .. } => Code::AlreadyExists,
             CoordinatorError::ProtocolVersion { .. }

@@ -92,6 +92,7 @@
 //! ```
 
 pub mod aggregate;
+pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

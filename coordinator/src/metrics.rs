@@ -92,7 +92,7 @@ pub fn render(core: &RoundCore, bytes_in: u64, bytes_out: u64) -> String {
     metric(
         "fedrec_update_bytes_received_total",
         "counter",
-        "Bytes of plain updates received.",
+        "Bytes of updates received (plain updates and masked inputs).",
         &[(String::new(), bytes_in as f64)],
     );
     metric(

@@ -304,6 +304,12 @@ pub struct RoundCore {
     /// that turning it on does not change pseudonyms or cohorts.
     secure_rng: ChaCha20Rng,
     joined: BTreeSet<Pseudonym>,
+    /// When each device's session ends (only with `auth.enrollment_tokens`);
+    /// a device resumed from a checkpoint gets a fresh session at its first
+    /// check-in.
+    sessions: BTreeMap<Pseudonym, Instant>,
+    /// When expired sessions are next swept out of `joined` and the pool.
+    next_session_sweep: Option<Instant>,
     /// Devices waiting for a task (always a subset of `joined`).
     pool: BTreeSet<Pseudonym>,
     /// When the check-in window started counting: the first check-in into an
@@ -374,6 +380,8 @@ impl RoundCore {
             rng,
             secure_rng,
             joined: BTreeSet::new(),
+            sessions: BTreeMap::new(),
+            next_session_sweep: None,
             pool: BTreeSet::new(),
             window_start: None,
             open: None,
@@ -496,8 +504,43 @@ impl RoundCore {
             let pseudonym = Pseudonym(bytes);
             // A collision is astronomically unlikely, but cheap to rule out.
             if self.joined.insert(pseudonym) {
+                if let Some(ttl) = self.config.auth.session_ttl() {
+                    self.sessions.insert(pseudonym, now + ttl);
+                }
                 return pseudonym;
             }
+        }
+    }
+
+    /// Forgets a device whose session ended.
+    fn end_session(&mut self, pseudonym: &Pseudonym) {
+        self.joined.remove(pseudonym);
+        self.pool.remove(pseudonym);
+        self.sessions.remove(pseudonym);
+    }
+
+    /// Every sixteenth of a session's lifetime, forgets the devices whose
+    /// sessions ended, so that they are not selected and do not count as
+    /// joined; members of the open round's cohort may still finish its task.
+    /// Sessions that ended since are noticed at their next check-in.
+    fn sweep_sessions(&mut self, now: Instant) {
+        let Some(ttl) = self.config.auth.session_ttl() else {
+            return;
+        };
+        if self.next_session_sweep.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next_session_sweep = Some(now + ttl / 16);
+        let ended: Vec<Pseudonym> = self
+            .sessions
+            .iter()
+            .filter(|&(p, &expires)| {
+                now >= expires && !self.open.as_ref().is_some_and(|o| o.cohort.contains_key(p))
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for pseudonym in &ended {
+            self.end_session(pseudonym);
         }
     }
 
@@ -513,6 +556,13 @@ impl RoundCore {
         self.advance(now);
         if !self.joined.contains(pseudonym) {
             return Err(self.reject(CoordinatorError::UnknownPseudonym));
+        }
+        if let Some(ttl) = self.config.auth.session_ttl() {
+            let expires = *self.sessions.entry(*pseudonym).or_insert(now + ttl);
+            if now >= expires {
+                self.end_session(pseudonym);
+                return Err(self.reject(CoordinatorError::SessionExpired));
+            }
         }
         if let Some(reason) = &self.finished {
             return Ok(CheckIn::Finished {
@@ -894,6 +944,7 @@ impl RoundCore {
 
     /// Opens the next round if its start condition holds.
     fn try_start(&mut self, now: Instant) -> bool {
+        self.sweep_sessions(now);
         if self.finished.is_some() || self.pool.is_empty() {
             return false;
         }

@@ -34,6 +34,7 @@ mod secure;
 
 use crate::CoordinatorError;
 use crate::aggregate::EvalCounts;
+use crate::auth::TokenSet;
 use crate::round::{
     CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, TaskKind,
     UpdateAccepted, UpdateHeader,
@@ -56,6 +57,10 @@ pub struct ServeOptions {
     /// Serve over TLS (mutual TLS if it names a client CA); see
     /// [`crate::tls::server_tls_config`]. Default: plain text.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// The enrollment tokens that may join (see [`crate::auth`]); needed
+    /// when the configuration sets `auth.enrollment_tokens`. Default: none
+    /// (any device may join).
+    pub tokens: Option<TokenSet>,
 }
 
 impl Default for ServeOptions {
@@ -64,6 +69,7 @@ impl Default for ServeOptions {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             checkpoint: None,
             tls: None,
+            tokens: None,
         }
     }
 }
@@ -72,6 +78,13 @@ impl ServeOptions {
     /// Sets the model chunk size in bytes (at least 4). Default [`DEFAULT_CHUNK_BYTES`].
     pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
         self.chunk_bytes = chunk_bytes.max(4);
+        self
+    }
+
+    /// Admits only devices that join with one of `tokens` (read with
+    /// [`TokenSet::load`] from `auth.enrollment_tokens`).
+    pub fn with_enrollment_tokens(mut self, tokens: TokenSet) -> Self {
+        self.tokens = Some(tokens);
         self
     }
 
@@ -132,6 +145,10 @@ struct Shared {
     bytes_out: AtomicU64,
     /// Joins per source address: a token bucket each, when limited.
     joins: Option<JoinLimiter>,
+    /// The enrollment tokens that may join, when devices must present one.
+    tokens: Option<TokenSet>,
+    /// `auth.session_ttl_secs`, when sessions expire.
+    session_ttl: Option<Duration>,
     /// `server.max_streams_per_connection`.
     max_streams: u32,
 }
@@ -294,6 +311,7 @@ impl CoordinatorService {
         let uploads = Arc::new(Semaphore::new(server.max_concurrent_uploads));
         let (progress, _) = watch::channel(Progress::of(&core));
         let saved_rounds = AtomicUsize::new(core.history().len());
+        let core_ttl = core.config().auth.session_ttl();
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(core),
@@ -312,8 +330,19 @@ impl CoordinatorService {
                 }),
                 checkpoint: opts.checkpoint,
                 tls: opts.tls,
+                tokens: opts.tokens,
+                session_ttl: core_ttl,
             }),
         }
+    }
+
+    /// The configured token file, when the service was given no tokens.
+    fn config_path_needing_tokens(&self) -> Option<PathBuf> {
+        if self.shared.tokens.is_some() {
+            return None;
+        }
+        let core = self.shared.lock().ok()?;
+        core.config().auth.enrollment_tokens.clone()
     }
 
     /// A handle for watching progress from the same process.
@@ -345,6 +374,13 @@ impl CoordinatorService {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CoordinatorError> {
+        if let Some(path) = &self.config_path_needing_tokens() {
+            return Err(CoordinatorError::InvalidConfig(format!(
+                "auth.enrollment_tokens names {} but the service was given no tokens \
+                 (ServeOptions::with_enrollment_tokens)",
+                path.display()
+            )));
+        }
         let streams = self.shared.max_streams;
         let mut builder = fedrec_proto::server_builder().max_concurrent_streams(Some(streams));
         if let Some(tls) = self.shared.tls.clone() {
@@ -601,7 +637,13 @@ impl Coordinator for CoordinatorService {
                     limit: limiter.limit,
                 }));
         }
-        let got = request.into_inner().protocol_version;
+        let request = request.into_inner();
+        if let Some(tokens) = &self.shared.tokens
+            && let Err(e) = tokens.check(&request.enrollment_token)
+        {
+            return Err(self.shared.reject_at_edge(e));
+        }
+        let got = request.protocol_version;
         if got != PROTOCOL_VERSION {
             return Err(self
                 .shared
@@ -612,9 +654,11 @@ impl Coordinator for CoordinatorService {
         }
         let pseudonym = self.shared.with_core(|core| core.join(now()))?;
         tracing::debug!(%pseudonym, "device joined");
+        let ttl = self.shared.session_ttl;
         Ok(Response::new(pb::JoinResponse {
             pseudonym: pseudonym.to_string(),
             protocol_version: PROTOCOL_VERSION,
+            session_ttl_secs: ttl.map_or(0, |t| t.as_secs().max(1)),
         }))
     }
 

@@ -260,6 +260,7 @@ async fn zero_training_device(
     let joined = client
         .join(pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -64,6 +64,12 @@ impl Running {
             .expect("connect")
     }
 
+    /// Stops the server at once, without a chance to finish anything (as a
+    /// crash would, for a coordinator behind a [`Proxy`]).
+    pub fn crash(self) {
+        self.task.abort();
+    }
+
     /// Stops the server and waits for it.
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -123,4 +129,68 @@ pub async fn channel(running: &Running) -> Channel {
     )
     .await
     .expect("connect")
+}
+
+/// A TCP forwarder on 127.0.0.1:0 standing in for a coordinator's stable
+/// address: devices connect to it, and it forwards each connection to the
+/// current backend. [`redirect`](Self::redirect) points it at a restarted
+/// coordinator (which listens on a new port 0) and cuts every open
+/// connection, as a crash would.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    backend: Arc<std::sync::Mutex<SocketAddr>>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(backend: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let backend = Arc::new(std::sync::Mutex::new(backend));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (to, open) = (Arc::clone(&backend), Arc::clone(&connections));
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = *to.lock().unwrap();
+                open.lock().unwrap().push(tokio::spawn(async move {
+                    // A refused backend (down) drops the device's connection.
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        Self {
+            addr,
+            backend,
+            connections,
+            accept,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Forwards new connections to `backend`; cuts the open ones.
+    pub fn redirect(&self, backend: SocketAddr) {
+        *self.backend.lock().unwrap() = backend;
+        self.cut();
+    }
+
+    fn cut(&self) {
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
 }

@@ -17,7 +17,7 @@ use fedrec_proto::pb::{self, sec_agg_poll_response::Outcome};
 use fedrec_proto::secagg::{PartyId, Roster, ShareDelivery, UnmaskRequest, crypto, payload, wire};
 use fedrec_proto::tensor;
 
-use super::{Participant, rpc, training_config};
+use super::{Participant, TaskEnd, rpc, training_config, unreachable};
 use crate::device::Device;
 use crate::error::ClientError;
 use crate::privacy::DpSpec;
@@ -28,6 +28,8 @@ enum Refusal {
     /// The coordinator went on without this device (or the round ended):
     /// not an error of the device.
     Refused(String),
+    /// The coordinator could not be reached.
+    Interrupted,
     /// Something that stops the participant.
     Fatal(ClientError),
 }
@@ -35,8 +37,9 @@ enum Refusal {
 impl From<ClientError> for Refusal {
     fn from(err: ClientError) -> Self {
         match err {
+            ClientError::Rpc { status, .. } if unreachable(status.code()) => Self::Interrupted,
             // A refused message or a round that moved on: this round is lost.
-            ClientError::Rpc { request, status } if status.code() != tonic::Code::Unavailable => {
+            ClientError::Rpc { request, status } => {
                 Self::Refused(format!("{request}: {}", status.message()))
             }
             // A roster or request this device will not act on.
@@ -56,14 +59,14 @@ enum Polled {
 
 impl Participant {
     /// Runs a training task whose update goes through secure aggregation.
-    /// Returns the device and whether its masked input was accepted (its
-    /// update is then in the sum, if the round completes).
+    /// Returns the device and how the task ended (accepted: its masked
+    /// input is in the sum, if the round completes).
     pub(super) async fn do_secure_task(
         &mut self,
         device: Device,
         task: &pb::Task,
         secure: &pb::SecAggTask,
-    ) -> Result<(Device, bool), ClientError> {
+    ) -> Result<(Device, TaskEnd), ClientError> {
         let cfg = training_config(task)?;
         let dp = DpSpec::from_task(task)?;
         let (party, config, weighting) = wire::task_from_pb(secure)?;
@@ -86,7 +89,10 @@ impl Participant {
         if let Err(e) = self.client.sec_agg_advertise(request).await {
             return self.give_up(device, round, rpc("SecAggAdvertise")(e).into());
         }
-        let global = self.download(&device, task).await?;
+        let global = match self.download(&device, task).await {
+            Ok(global) => global,
+            Err(e) => return self.give_up(device, round, e.into()),
+        };
 
         // Train while the keys are exchanged.
         let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
@@ -136,8 +142,8 @@ impl Participant {
         // The update is in the sum now. Step 4 helps remove the masks; the
         // step may close without this device once every share is in.
         match self.reveal(round, party, &mut client).await {
-            Ok(()) | Err(Refusal::Refused(_)) => Ok((device, true)),
-            Err(Refusal::Fatal(err)) => Err(err),
+            Ok(()) | Err(Refusal::Refused(_)) => Ok((device, TaskEnd::Accepted)),
+            Err(refusal) => self.give_up(device, round, refusal),
         }
     }
 
@@ -280,12 +286,13 @@ impl Participant {
         device: Device,
         round: u32,
         refusal: Refusal,
-    ) -> Result<(Device, bool), ClientError> {
+    ) -> Result<(Device, TaskEnd), ClientError> {
         match refusal {
             Refusal::Refused(why) => {
                 tracing::debug!(pseudonym = %self.pseudonym, round, %why, "secure aggregation round left");
-                Ok((device, false))
+                Ok((device, TaskEnd::Refused))
             }
+            Refusal::Interrupted => Ok((device, TaskEnd::Interrupted)),
             Refusal::Fatal(err) => Err(err),
         }
     }

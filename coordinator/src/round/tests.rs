@@ -1076,3 +1076,48 @@ fn random_and_mutated_messages_never_panic_and_keep_the_model_finite() {
     assert!(core.history().iter().any(|s| s.completed));
     assert!(core.model().params.iter().all(|v| v.is_finite()));
 }
+
+/// With enrollment tokens, a session lets a device check in until it
+/// expires; then the check-in is refused and counted, and the device must
+/// join again. Expired devices are swept from the pool, so a round does not
+/// wait for them, while a cohort member may finish its task after expiry.
+#[test]
+fn sessions_expire_with_enrollment_tokens() {
+    let mut cfg = config(2, 2);
+    cfg.auth.enrollment_tokens = Some("tokens.sha256".into());
+    cfg.auth.session_ttl_secs = 100.0;
+    cfg.rounds.deadline_secs = 200.0;
+    let mut core = core_with(cfg, vec![0.0; 2]);
+    let t0 = Instant::now();
+    let early = join(&mut core, t0, 2);
+    // Within the session: a task (2 devices wait, clients_per_round = 2).
+    let tasks = check_in_all(&mut core, t0 + 10 * SECOND, &early);
+    assert_eq!(tasks.len(), 2);
+    // The first finishes its task after its session ended: accepted.
+    let (device, task) = &tasks[0];
+    let late = t0 + 101 * SECOND;
+    core.submit_update(late, header(*device, task, 1, 2), &encode(&[1.0, 1.0]))
+        .unwrap();
+    // Its next check-in is refused, counted, and it is forgotten.
+    let err = core.check_in(late, device).unwrap_err();
+    assert!(matches!(err, CoordinatorError::SessionExpired), "{err}");
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(core.rejections().get("session_expired"), Some(&1));
+    assert!(matches!(
+        core.check_in(late, device),
+        Err(CoordinatorError::UnknownPseudonym)
+    ));
+    // Joining again gives a fresh session.
+    let again = core.join(late);
+    assert!(matches!(
+        core.check_in(late, &again),
+        Ok(CheckIn::Wait { .. })
+    ));
+    // Without tokens sessions never expire.
+    let mut open = core_with(config(1, 1), vec![0.0]);
+    let device = open.join(t0);
+    assert!(open.check_in(t0 + 1_000_000 * SECOND, &device).is_ok());
+}

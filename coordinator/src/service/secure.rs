@@ -207,6 +207,9 @@ impl CoordinatorService {
         tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read)
             .await
             .map_err(|_| shared.reject_at_edge(CoordinatorError::UploadTimeout { round }))??;
+        shared
+            .bytes_in
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let values = wire::decode_masked(&bytes).map_err(|e| shared.reject_at_edge(e.into()))?;
         drop(bytes);
         let input = MaskedInput {
