@@ -693,3 +693,47 @@ async fn joins_need_an_enrolled_token_and_refusals_are_counted() {
         .unwrap_err();
     assert!(err.to_string().contains("auth.enrollment_tokens"), "{err}");
 }
+
+/// Upload slots are reserved before uploading: with one slot, a second
+/// device's reservation waits (and answers "not granted" after the long
+/// poll) while the first holds it; the first device's upload uses its
+/// reservation, which frees the slot for the second. A header the round
+/// would refuse is refused at reservation, before any value is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_slots_are_reserved_before_uploading() {
+    let mut cfg = config(2, 1);
+    cfg.server.max_concurrent_uploads = 1;
+    cfg.server.long_poll_secs = 0.2;
+    let values = 3;
+    let running = common::serve(cfg, Layout::new(vec![("b".into(), vec![3])]), vec![0.0; 3]).await;
+    let mut client = running.client().await;
+    let devices = [join(&mut client).await, join(&mut client).await];
+    let tasks = tasks(&client, &devices).await;
+    assert_status(
+        client
+            .reserve_upload(header(&devices[0], &tasks[0], 1, 99))
+            .await,
+        Code::InvalidArgument,
+        "values",
+    );
+    let first = header(&devices[0], &tasks[0], 1, values);
+    let second = header(&devices[1], &tasks[1], 1, values);
+    let granted = |r: Result<tonic::Response<pb::UploadReservation>, tonic::Status>| {
+        r.expect("reservation").into_inner().granted
+    };
+    assert!(granted(client.reserve_upload(first.clone()).await));
+    assert!(
+        !granted(client.reserve_upload(second.clone()).await),
+        "the only slot is held"
+    );
+    upload(&mut client, Some(first), tensor::encode(&[1.0; 3]))
+        .await
+        .expect("the first upload uses its slot");
+    assert!(granted(client.reserve_upload(second.clone()).await));
+    upload(&mut client, Some(second), tensor::encode(&[3.0; 3]))
+        .await
+        .expect("the second upload");
+    let reason = common::within("the round ends", running.handle.finished()).await;
+    assert!(reason.contains("completed 1 training rounds"), "{reason}");
+    running.stop().await;
+}

@@ -459,9 +459,11 @@ impl Participant {
         for c in &chunks {
             self.sent.log("UpdateChunk", task.round, c);
         }
-        self.client
-            .submit_update(tokio_stream::iter(chunks))
-            .await
+        let sent = &mut self.sent;
+        fedrec_proto::reserve_and_upload(&mut self.client, chunks, |header| {
+            sent.log("UploadReservation", header.round, header);
+        })
+        .await
             .map_err(rpc("SubmitUpdate"))?;
         Ok(())
     }

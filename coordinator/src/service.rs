@@ -14,6 +14,7 @@
 //! aggregation the driver also runs each round's unmasking (CPU-heavy) on a
 //! blocking thread, outside the lock, and hands the result back to the core.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -126,6 +127,15 @@ impl Progress {
     }
 }
 
+/// How long a reserved upload slot waits for the device's upload to start.
+pub const UPLOAD_LEASE: Duration = Duration::from_secs(10);
+
+/// An upload slot held for a device until `until`.
+struct Reservation {
+    permit: OwnedSemaphorePermit,
+    until: tokio::time::Instant,
+}
+
 struct Shared {
     core: Mutex<RoundCore>,
     progress: watch::Sender<Progress>,
@@ -149,6 +159,8 @@ struct Shared {
     tokens: Option<TokenSet>,
     /// `auth.session_ttl_secs`, when sessions expire.
     session_ttl: Option<Duration>,
+    /// Upload slots reserved by devices that have not started uploading.
+    reservations: Mutex<HashMap<Pseudonym, Reservation>>,
     /// `server.max_streams_per_connection`.
     max_streams: u32,
 }
@@ -227,6 +239,21 @@ impl Shared {
     }
 
     /// Counts and logs a request rejected at the edge, before the core saw it.
+    /// The upload slot `pseudonym` reserved, if its lease still runs.
+    fn take_reservation(&self, pseudonym: &Pseudonym) -> Option<OwnedSemaphorePermit> {
+        let reservation = self.reservations.lock().ok()?.remove(pseudonym)?;
+        (tokio::time::Instant::now() < reservation.until).then_some(reservation.permit)
+    }
+
+    /// Frees the slots whose lease ran out (devices that reserved and then
+    /// never uploaded).
+    fn expire_reservations(&self) {
+        let now = tokio::time::Instant::now();
+        if let Ok(mut reservations) = self.reservations.lock() {
+            reservations.retain(|_, r| now < r.until);
+        }
+    }
+
     fn reject_at_edge(&self, err: CoordinatorError) -> Status {
         if let Ok(mut core) = self.lock() {
             core.record_rejection(&err);
@@ -332,6 +359,7 @@ impl CoordinatorService {
                 tls: opts.tls,
                 tokens: opts.tokens,
                 session_ttl: core_ttl,
+                reservations: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -483,10 +511,13 @@ impl CoordinatorService {
         let limit = usize::try_from(header.num_values)
             .unwrap_or(usize::MAX)
             .saturating_mul(4);
-        let _permit = Arc::clone(&shared.uploads)
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let _permit = match shared.take_reservation(&header.pseudonym) {
+            Some(permit) => permit,
+            None => Arc::clone(&shared.uploads)
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::unavailable("the coordinator is shutting down"))?,
+        };
         let mut values = Vec::with_capacity(limit);
         let read = async {
             while let Some(chunk) = stream.message().await? {
@@ -738,6 +769,43 @@ impl Coordinator for CoordinatorService {
             .fetch_add(snapshot.encoded.len() as u64, Ordering::Relaxed);
         tracing::debug!(%pseudonym, model_version = snapshot.version, chunks = chunks.len(), "model download");
         Ok(Response::new(tokio_stream::iter(chunks)))
+    }
+
+    async fn reserve_upload(
+        &self,
+        request: Request<pb::UpdateHeader>,
+    ) -> Result<Response<pb::UploadReservation>, Status> {
+        let shared = &self.shared;
+        let header =
+            UpdateHeader::try_from(request.into_inner()).map_err(|e| shared.reject_at_edge(e))?;
+        shared
+            .with_core(|core| core.check_update_header(now(), &header))?
+            .map_err(rejected)?;
+        shared.expire_reservations();
+        let slot = tokio::time::timeout(
+            shared.long_poll,
+            Arc::clone(&shared.uploads).acquire_owned(),
+        )
+        .await;
+        let granted = match slot {
+            Ok(Ok(permit)) => {
+                let until = tokio::time::Instant::now() + UPLOAD_LEASE;
+                if let Ok(mut reservations) = shared.reservations.lock() {
+                    reservations.insert(header.pseudonym, Reservation { permit, until });
+                }
+                true
+            }
+            Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
+            Err(_) => false,
+        };
+        Ok(Response::new(pb::UploadReservation {
+            granted,
+            lease_ms: if granted {
+                UPLOAD_LEASE.as_millis() as u32
+            } else {
+                0
+            },
+        }))
     }
 
     async fn submit_update(

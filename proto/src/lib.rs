@@ -66,6 +66,36 @@ pub fn server_builder() -> tonic::transport::Server {
         .tcp_nodelay(true)
 }
 
+/// Uploads `chunks` (the header first, then the values) after reserving an
+/// upload slot for that header ([`ReserveUpload`](pb::coordinator_client::CoordinatorClient::reserve_upload)),
+/// asking again while the coordinator answers that none freed within its
+/// long poll. A refusal of the header ends it at once, with its status.
+/// `sent` sees each reservation request before it is sent.
+pub async fn reserve_and_upload(
+    client: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    chunks: Vec<pb::UpdateChunk>,
+    mut sent: impl FnMut(&pb::UpdateHeader),
+) -> Result<pb::UpdateAck, tonic::Status> {
+    let Some(pb::UpdateChunk {
+        part: Some(pb::update_chunk::Part::Header(header)),
+    }) = chunks.first()
+    else {
+        return Err(tonic::Status::invalid_argument(
+            "an upload starts with its header",
+        ));
+    };
+    loop {
+        sent(header);
+        if client.reserve_upload(header.clone()).await?.into_inner().granted {
+            break;
+        }
+    }
+    Ok(client
+        .submit_update(tokio_stream::iter(chunks))
+        .await?
+        .into_inner())
+}
+
 /// Names and shapes of a model's tensors, in the order their values are
 /// concatenated on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]

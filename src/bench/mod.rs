@@ -312,7 +312,7 @@ async fn zero_training_device(
                     }),
                 )
                 .collect::<Vec<_>>();
-                client.submit_update(tokio_stream::iter(chunks)).await?;
+                fedrec_proto::reserve_and_upload(&mut client, chunks, |_| {}).await?;
             }
             Some(Outcome::Wait(w)) => {
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.into())).await;
@@ -430,6 +430,12 @@ impl Coordinator for Sink {
                 })
                 .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+    async fn reserve_upload(
+        &self,
+        _: Request<pb::UpdateHeader>,
+    ) -> Result<Response<pb::UploadReservation>, Status> {
+        Err(Status::unimplemented("loopback sink"))
     }
     async fn submit_update(
         &self,
