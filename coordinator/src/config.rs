@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fedrec_proto::download::Encoding;
 use serde::{Deserialize, Serialize};
 
 use crate::CoordinatorError;
@@ -112,6 +113,21 @@ pub struct CoordinatorConfig {
     /// `[tls]`: transport security of the listener (TLS, and mutual TLS
     /// with `client_ca`). Default: off (plain text).
     pub tls: TlsConfig,
+    /// `[download]`: how the model travels to devices.
+    pub download: DownloadConfig,
+}
+
+/// `[download]`: the wire format of model downloads. Each model version is
+/// encoded once in it and the same bytes go to every device; updates always
+/// travel as f32. See [`fedrec_proto::download`] for each encoding's error
+/// bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadConfig {
+    /// `"f32"` (exact, 4 bytes a value), `"f16"` (IEEE half, 2 bytes) or
+    /// `"q8"` (8-bit linear quantization per block of 256 values, about
+    /// 1.03 bytes). Default `"f32"`.
+    pub encoding: Encoding,
 }
 
 /// `[tls]`: the coordinator's certificate and key (PEM files), and the CA
@@ -1080,8 +1096,10 @@ mod tests {
         config.rounds.fraction = Some(0.5);
         config.strategy.name = StrategyName::FedYogi;
         config.model.items = Some(100);
+        config.download.encoding = Encoding::Q8;
         let text = config.to_toml_string().unwrap();
         assert!(text.contains("name = \"fedyogi\""), "{text}");
+        assert!(text.contains("[download]\nencoding = \"q8\""), "{text}");
         assert_eq!(CoordinatorConfig::from_toml_str(&text).unwrap(), config);
     }
 
@@ -1111,6 +1129,11 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("rounds.over_selection must be >= 1"),
+            "{err}"
+        );
+        let err = CoordinatorConfig::from_toml_str("[download]\nencoding = \"q4\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("q4") && err.to_string().contains("f16"),
             "{err}"
         );
         let err = CoordinatorConfig::from_toml_str("[strategy]\nbeta2 = 1.0\n").unwrap_err();

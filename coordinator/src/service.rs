@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, update_chunk::Part};
-use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, tensor};
+use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION};
 
 mod secure;
 
@@ -668,30 +668,31 @@ impl Coordinator for CoordinatorService {
         let snapshot = shared
             .with_core(|core| core.download(&pseudonym, request.model_version))?
             .map_err(rejected)?;
+        // The chunks share the snapshot's encoded bytes: encoded once per
+        // model version, sent to the whole cohort.
         let mut layout = Some(snapshot.layout.to_pb());
-        let mut chunks: Vec<Result<pb::ModelChunk, Status>> =
-            tensor::chunks(&snapshot.encoded, shared.chunk_bytes)
-                .map(|(offset, values)| {
-                    Ok(pb::ModelChunk {
-                        model_version: snapshot.version,
-                        layout: layout.take().unwrap_or_default(),
-                        offset: offset as u64,
-                        values,
-                    })
+        let mut chunks: Vec<Result<pb::ModelChunk, Status>> = snapshot
+            .download
+            .chunks(shared.chunk_bytes)
+            .map(|chunk| {
+                Ok(pb::ModelChunk {
+                    model_version: snapshot.version,
+                    layout: layout.take().unwrap_or_default(),
+                    ..chunk
                 })
-                .collect();
+            })
+            .collect();
         if let Some(layout) = layout {
             // An empty model still sends its layout.
             chunks.push(Ok(pb::ModelChunk {
                 model_version: snapshot.version,
                 layout,
-                offset: 0,
-                values: bytes::Bytes::new(),
+                ..Default::default()
             }));
         }
         shared
             .bytes_out
-            .fetch_add(snapshot.encoded.len() as u64, Ordering::Relaxed);
+            .fetch_add(snapshot.download.wire_bytes() as u64, Ordering::Relaxed);
         tracing::debug!(%pseudonym, model_version = snapshot.version, chunks = chunks.len(), "model download");
         Ok(Response::new(tokio_stream::iter(chunks)))
     }
