@@ -5,7 +5,7 @@
 //! [`eval`] (metrics and the centralized and popularity baselines) and
 //! [`sim`] (simulations of many devices against a real coordinator) and
 //! [`diversity`] (coverage and list diversity against the devices' knob),
-//! [`bench`] (benchmarks), [`certs`] (development certificates for TLS).
+//! [`bench`](mod@bench) (benchmarks), [`certs`] (development certificates for TLS).
 
 pub mod bench;
 pub mod certs;

@@ -12,6 +12,7 @@ use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
 use fedrec_coordinator::config::{
     Aggregation, CoordinatorConfig, DpMode, LossName, Schedule, StrategyName, Weighting,
 };
+use fedrec_proto::download::Encoding;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Federated recommendation: devices train on their own purchases; a
@@ -122,6 +123,9 @@ struct BenchRoundArgs {
     /// Also time the same bytes through a plain tonic stream.
     #[arg(long)]
     loopback: bool,
+    /// Wire format of the model download: f32, f16 or q8 (updates stay f32).
+    #[arg(long, value_name = "ENCODING", default_value = "f32", value_parser = parse_name::<Encoding>)]
+    download_encoding: Encoding,
 }
 
 #[derive(Args, Debug)]
@@ -319,6 +323,11 @@ struct ConfigOverrides {
     /// Scale every plain update down to at most this L2 norm.
     #[arg(long, value_name = "C")]
     norm_bound: Option<f32>,
+    /// Wire format of model downloads: f32 (exact), f16 (IEEE half) or q8
+    /// (8-bit, per block of 256 values); sets download.encoding. Updates
+    /// stay f32.
+    #[arg(long, value_name = "ENCODING", value_parser = parse_name::<Encoding>)]
+    download_encoding: Option<Encoding>,
 }
 
 impl ConfigOverrides {
@@ -420,6 +429,9 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.norm_bound {
             st.norm_bound = Some(v);
+        }
+        if let Some(v) = self.download_encoding {
+            cfg.download.encoding = v;
         }
     }
 }
@@ -672,12 +684,16 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::Round(a) => {
-            let row = fedrec::bench::round(a.clients, a.dim, a.rounds, a.loopback)?;
+            let row =
+                fedrec::bench::round(a.clients, a.dim, a.rounds, a.loopback, a.download_encoding)?;
             eprintln!(
-                "{} devices x {} values: {:.3} s per round, {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
+                "{} devices x {} values, {} downloads of {} bytes: {:.3} s per round ({:.1} MB), {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
                 row.clients,
                 row.dim,
+                row.download_encoding,
+                row.download_bytes_per_device,
                 row.sec_per_round,
+                row.bytes_per_round as f64 / 1e6,
                 row.bytes_per_sec / 1e6,
                 row.coordinator_peak_rss_mb,
                 row.join_ms[0],
@@ -1013,13 +1029,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => fedrec_coordinator::round::RoundCore::new(cfg, layout, params)?,
     };
+    let encoding = core.config().download.encoding;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         eprintln!(
-            "coordinator listening on {} over {security} (Ctrl-C to stop)",
+            "coordinator listening on {} over {security}, model downloads in {encoding} (Ctrl-C to stop)",
             listener.local_addr()?
         );
         let mut options = fedrec_coordinator::service::ServeOptions::default();

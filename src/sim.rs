@@ -35,6 +35,7 @@ use fedrec_coordinator::round::{
     CheckIn, Pseudonym, RoundCore, RoundSummary, SecureSummary, TaskKind, UpdateHeader,
 };
 use fedrec_coordinator::service::{CoordinatorService, ServeOptions};
+use fedrec_proto::download::Encoding;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -281,8 +282,22 @@ pub struct Report {
     pub secure_aggregation: SecureReport,
     /// Differential privacy: the mode and the (ε, δ) spent.
     pub privacy: PrivacyReport,
+    /// How the model travelled to the devices.
+    pub download: DownloadReport,
     /// Timing.
     pub timing: Timing,
+}
+
+/// The model download in the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct DownloadReport {
+    /// The wire format (`[download] encoding`): f32, f16 or q8.
+    pub encoding: Encoding,
+    /// Values in the model.
+    pub values: usize,
+    /// Bytes of one device's download (values and q8 block parameters,
+    /// protobuf framing aside).
+    pub bytes_per_device: usize,
 }
 
 /// Receives progress while a simulation runs.
@@ -437,9 +452,16 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
 
     let secure_aggregation = SecureReport::new(&coord, &rounds);
     let privacy = PrivacyReport::new(&coord, &rounds);
+    let encoding = coord.download.encoding;
+    let download = DownloadReport {
+        encoding,
+        values: global.len(),
+        bytes_per_device: encoding.wire_bytes(global.len()),
+    };
     Ok(Report {
         secure_aggregation,
         privacy,
+        download,
         config: SimConfig {
             coordinator: coord,
             ..cfg.clone()
@@ -468,6 +490,8 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     })
 }
 
+/// The rounds, the final evaluation's counts, the final model as devices
+/// decode it, and the devices.
 type Outcome = (Vec<RoundRow>, EvalCounts, Vec<f32>, Vec<(usize, Device)>);
 
 /// Drives the core directly. The clock is virtual and stands still while
@@ -535,7 +559,7 @@ fn run_inproc(
             );
         }
     }
-    let global = core.model().params.clone();
+    let global = core.model().download.decode();
     Ok((rows, final_counts, global, devices))
 }
 
@@ -556,8 +580,10 @@ fn run_cohort(
     threads: usize,
     attack: Option<Attack>,
 ) -> anyhow::Result<()> {
-    let snapshot = core.model();
-    let global = &snapshot.params;
+    // What every device of the cohort downloads: the same values as over
+    // gRPC, in the configured encoding.
+    let received = core.model().download.decode();
+    let global = &received;
     let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> =
         Vec::with_capacity(tasks.len());
     {
@@ -818,7 +844,7 @@ fn run_grpc(
         for s in &history[seen..] {
             record_summary(s, last.elapsed().as_secs_f64(), &mut rows, &mut final_counts, observer);
         }
-        let global = handle.model()?.params.clone();
+        let global = handle.model()?.download.decode();
         let _ = stop_tx.send(());
         server.await.context("coordinator task panicked")??;
         returned.sort_by_key(|(user, _)| *user);

@@ -11,6 +11,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use fedrec_coordinator::{CoordinatorConfig, RoundCore, ServeOptions};
+use fedrec_proto::download::{Encoding, ModelAssembler, Q8_BLOCK};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
 use fedrec_proto::{DEFAULT_CHUNK_BYTES, Layout, PROTOCOL_VERSION, tensor};
@@ -736,4 +737,107 @@ async fn upload_slots_are_reserved_before_uploading() {
     let reason = common::within("the round ends", running.handle.finished()).await;
     assert!(reason.contains("completed 1 training rounds"), "{reason}");
     running.stop().await;
+}
+
+/// Downloads `task`'s model as a device decodes it, whatever the encoding;
+/// returns the values and the bytes received (values and q8 block parameters).
+async fn download_decoded(
+    client: &mut CoordinatorClient<Channel>,
+    pseudonym: &str,
+    task: &pb::Task,
+    layout: &Layout,
+) -> (Vec<f32>, usize) {
+    let mut stream = client
+        .download_model(pb::ModelRequest {
+            pseudonym: pseudonym.to_owned(),
+            round: task.round,
+            model_version: task.model_version,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut model = ModelAssembler::new(layout.clone());
+    let mut bytes = 0;
+    while let Some(chunk) = common::within("model chunk", stream.message())
+        .await
+        .unwrap()
+    {
+        bytes += chunk.values.len()
+            + chunk
+                .q8
+                .as_ref()
+                .map_or(0, |q| 4 * (q.min.len() + q.scale.len()));
+        model.add(&chunk).unwrap();
+    }
+    (model.finish().unwrap(), bytes)
+}
+
+/// Checks that `decoded` is within `encoding`'s stated bound of `params`.
+fn assert_within_bound(encoding: Encoding, params: &[f32], decoded: &[f32]) {
+    assert_eq!(params.len(), decoded.len());
+    for (xs, ys) in params.chunks(Q8_BLOCK).zip(decoded.chunks(Q8_BLOCK)) {
+        let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (x, y) in xs.iter().zip(ys) {
+            let err = (f64::from(*x) - f64::from(*y)).abs();
+            assert!(
+                err <= encoding.error_bound(*x, lo, hi),
+                "{encoding}: {x} arrived as {y}"
+            );
+        }
+    }
+}
+
+/// Rounds complete with f16 and q8 downloads (chunked, the layout in the
+/// first chunk): each version a device decodes is within the encoding's
+/// bound of the coordinator's model and equal to what an in-process
+/// simulation hands its devices; updates stay f32.
+#[tokio::test]
+async fn compressed_downloads_complete_rounds_within_the_bound() {
+    let layout = Layout::new(vec![
+        ("item_factors".into(), vec![20_000, 8]),
+        ("item_bias".into(), vec![20_000]),
+    ]);
+    let n = layout.num_values();
+    let params: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.4 + if i % 977 == 0 { 3.0 } else { 0.0 })
+        .collect();
+    for encoding in [Encoding::F16, Encoding::Q8] {
+        let mut cfg = config(1, 2);
+        cfg.download.encoding = encoding;
+        // Small chunks: several per download.
+        let options = ServeOptions::default().with_chunk_bytes(64 * 1024);
+        let server = common::serve_with(cfg, layout.clone(), params.clone(), options).await;
+        let mut client = server.client().await;
+        let device = join(&mut client).await;
+        for version in 1..=2 {
+            let task = tasks(&client, std::slice::from_ref(&device)).await[0];
+            assert_eq!(task.model_version, version);
+            let (decoded, bytes) = download_decoded(&mut client, &device, &task, &layout).await;
+            let model = server.handle.model().unwrap();
+            assert_eq!(bytes, encoding.wire_bytes(n), "{encoding}");
+            assert!(bytes * 2 <= n * 4, "{encoding}: {bytes} bytes");
+            assert_within_bound(encoding, &model.params, &decoded);
+            assert_eq!(decoded, model.download.decode(), "{encoding}");
+            let ack = upload(
+                &mut client,
+                Some(header(&device, &task, 1, n as u64)),
+                tensor::encode(&vec![0.01; n]),
+            )
+            .await
+            .unwrap();
+            assert_eq!((ack.round, ack.accepted), (version as u32, 1));
+        }
+        let reason = common::within("finish", server.handle.finished()).await;
+        assert!(reason.contains("2 training rounds"), "{encoding}: {reason}");
+        let model = server.handle.model().unwrap();
+        assert_eq!(model.version, 3);
+        // The update applied is the f32 one, exactly.
+        let expected: Vec<f32> = params.iter().map(|p| p + 0.01 + 0.01).collect();
+        for (got, want) in model.params.iter().zip(&expected) {
+            assert!((got - want).abs() <= 1e-6, "{got} vs {want}");
+        }
+        drop(client);
+        server.stop().await;
+    }
 }

@@ -76,6 +76,7 @@ async fn no_message_carries_purchases_or_the_private_embedding() {
                 "CheckInRequest" => drop(pb::CheckInRequest::decode(bytes.as_slice()).unwrap()),
                 "ModelRequest" => drop(pb::ModelRequest::decode(bytes.as_slice()).unwrap()),
                 "EvaluationReport" => drop(pb::EvaluationReport::decode(bytes.as_slice()).unwrap()),
+                "UploadReservation" => drop(pb::UpdateHeader::decode(bytes.as_slice()).unwrap()),
                 "UpdateChunk" => match pb::UpdateChunk::decode(bytes.as_slice()).unwrap().part {
                     Some(pb::update_chunk::Part::Header(h)) => round = h.round,
                     Some(pb::update_chunk::Part::Values(v)) => {

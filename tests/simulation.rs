@@ -3,6 +3,7 @@
 mod common;
 
 use fedrec::sim::{self, SimConfig, Transport};
+use fedrec_proto::download::Encoding;
 
 fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimConfig {
     let mut coordinator = sim::default_coordinator_config();
@@ -99,6 +100,8 @@ fn report_has_the_documented_fields() {
         "/final/centralized/full/hr_at_10",
         "/final/popularity/sampled100/hr_at_10",
         "/timing/total_seconds",
+        "/download/encoding",
+        "/download/bytes_per_device",
     ] {
         assert!(v.pointer(path).is_some(), "report lacks {path}: {v}");
     }
@@ -118,6 +121,45 @@ fn report_has_the_documented_fields() {
     ] {
         assert!(svg.contains(label), "plot lacks {label:?}");
     }
+}
+
+/// Quantized downloads: the devices of both transports train on the
+/// decoded model (the in-process run changes with the encoding), every
+/// round over gRPC completes through the device SDK's decoder, and the
+/// report states the encoding and its size.
+#[test]
+fn quantized_downloads_run_over_both_transports() {
+    let (ds, _) = common::small_split(60, 80, 4);
+    let run = |transport, encoding| {
+        let mut cfg = config(transport, 4, 20, 2);
+        cfg.coordinator.download.encoding = encoding;
+        sim::run(&ds, &cfg, &mut ()).expect("simulation runs")
+    };
+    let exact = run(Transport::Inproc, Encoding::F32);
+    let inproc = run(Transport::Inproc, Encoding::Q8);
+    assert_ne!(
+        serde_json::to_string(&exact.final_).unwrap(),
+        serde_json::to_string(&inproc.final_).unwrap(),
+        "devices in process must see the quantized model"
+    );
+    let grpc = run(Transport::Grpc, Encoding::Q8);
+    assert!(
+        grpc.rounds
+            .iter()
+            .all(|r| r.completed && r.participants == 20)
+    );
+    assert_eq!(grpc.final_.federated.users, 60, "every device evaluated");
+    let v = serde_json::to_value(&grpc).unwrap();
+    assert_eq!(v.pointer("/download/encoding").unwrap(), "q8");
+    assert_eq!(
+        v.pointer("/config/coordinator/download/encoding").unwrap(),
+        "q8"
+    );
+    let values = grpc.download.values;
+    assert_eq!(
+        grpc.download.bytes_per_device,
+        values + 8 * values.div_ceil(256)
+    );
 }
 
 /// Every server optimizer (and FedProx on the devices) converges on data

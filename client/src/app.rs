@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
-use fedrec_proto::{Layout, pb, tensor};
+use fedrec_proto::{Layout, pb};
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -468,35 +468,6 @@ async fn fetch_model(
         .await
         .map_err(rpc("DownloadModel"))?
         .into_inner();
-    let n = layout.num_values();
-    let mut values = vec![0.0_f32; n];
-    let mut received = 0usize;
-    while let Some(chunk) = stream.message().await.map_err(rpc("DownloadModel"))? {
-        if chunk.offset == 0
-            && !chunk.layout.is_empty()
-            && &Layout::from_pb(&chunk.layout) != layout
-        {
-            return Err(ClientError::ModelMismatch(format!(
-                "coordinator's model layout {:?} differs from this device's {layout:?}",
-                Layout::from_pb(&chunk.layout)
-            )));
-        }
-        let start = usize::try_from(chunk.offset).unwrap_or(usize::MAX);
-        let len = chunk.values.len() / 4;
-        let end = start.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
-            ClientError::Protocol(format!(
-                "model chunk at {start} with {len} values overruns {n}"
-            ))
-        })?;
-        tensor::decode_into(&mut values[start..end], &chunk.values)
-            .map_err(|e| ClientError::Protocol(format!("model chunk: {e}")))?;
-        received += len;
-    }
-    if received != n {
-        return Err(ClientError::Protocol(format!(
-            "model download ended after {received} of {n} values"
-        )));
-    }
-    tensor::check_finite(&values).map_err(|e| ClientError::Protocol(format!("model: {e}")))?;
+    let values = crate::participant::receive_model(&mut stream, layout.clone()).await?;
     Ok((version, values))
 }

@@ -13,6 +13,7 @@ mod secure;
 
 use std::time::Duration;
 
+use fedrec_proto::download::{DownloadError, ModelAssembler};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::{Layout, PROTOCOL_VERSION, pb, tensor};
 use prost::Message;
@@ -399,39 +400,7 @@ impl Participant {
             .await
             .map_err(rpc("DownloadModel"))?
             .into_inner();
-        let want = device.model().layout();
-        let n = want.num_values();
-        let mut values = vec![0.0_f32; n];
-        let mut received = 0usize;
-        while let Some(chunk) = stream.message().await.map_err(rpc("DownloadModel"))? {
-            if chunk.offset == 0
-                && !chunk.layout.is_empty()
-                && Layout::from_pb(&chunk.layout) != want
-            {
-                return Err(ClientError::ModelMismatch(format!(
-                    "coordinator's model layout {:?} differs from this device's {:?}",
-                    Layout::from_pb(&chunk.layout),
-                    want
-                )));
-            }
-            let start = chunk.offset as usize;
-            let len = chunk.values.len() / 4;
-            let end = start.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
-                ClientError::Protocol(format!(
-                    "model chunk at {start} with {len} values overruns {n}"
-                ))
-            })?;
-            tensor::decode_into(&mut values[start..end], &chunk.values)
-                .map_err(|e| ClientError::Protocol(format!("model chunk: {e}")))?;
-            received += len;
-        }
-        if received != n {
-            return Err(ClientError::Protocol(format!(
-                "model download ended after {received} of {n} values"
-            )));
-        }
-        tensor::check_finite(&values).map_err(|e| ClientError::Protocol(format!("model: {e}")))?;
-        Ok(values)
+        receive_model(&mut stream, device.model().layout()).await
     }
 
     async fn submit_update(
@@ -464,7 +433,7 @@ impl Participant {
             sent.log("UploadReservation", header.round, header);
         })
         .await
-            .map_err(rpc("SubmitUpdate"))?;
+        .map_err(rpc("SubmitUpdate"))?;
         Ok(())
     }
 
@@ -513,4 +482,59 @@ fn training_config(task: &pb::Task) -> Result<TrainingConfig, ClientError> {
     };
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Reads a model download to its end and decodes it, whatever the
+/// coordinator's encoding. A layout other than `layout` is a
+/// [`ClientError::ModelMismatch`]; a malformed or incomplete download a
+/// [`ClientError::Protocol`] naming the problem.
+pub(crate) async fn receive_model(
+    stream: &mut tonic::Streaming<pb::ModelChunk>,
+    layout: Layout,
+) -> Result<Vec<f32>, ClientError> {
+    let mut model = ModelAssembler::new(layout);
+    while let Some(chunk) = stream.message().await.map_err(rpc("DownloadModel"))? {
+        model.add(&chunk).map_err(download_refused)?;
+    }
+    model.finish().map_err(download_refused)
+}
+
+/// The device's error for a download it cannot use.
+fn download_refused(e: DownloadError) -> ClientError {
+    match e {
+        DownloadError::LayoutMismatch { .. } => ClientError::ModelMismatch(e.to_string()),
+        e => ClientError::Protocol(format!("model download: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_downloads_are_protocol_errors_naming_the_problem() {
+        let layout = Layout::new(vec![("item_bias".into(), vec![2])]);
+        let mut model = ModelAssembler::new(layout.clone());
+        let chunk = pb::ModelChunk {
+            values: bytes::Bytes::from_static(&[1, 2]),
+            encoding: pb::ValueEncoding::Q8.into(),
+            q8: Some(pb::Q8Blocks {
+                block_values: 256,
+                min: vec![0.0],
+                scale: vec![f32::NAN],
+            }),
+            ..Default::default()
+        };
+        let err = download_refused(model.add(&chunk).unwrap_err());
+        assert!(
+            matches!(&err, ClientError::Protocol(m) if m.contains("q8 block 0") && m.contains("NaN")),
+            "{err}"
+        );
+        let other = pb::ModelChunk {
+            layout: Layout::new(vec![("item_bias".into(), vec![3])]).to_pb(),
+            ..Default::default()
+        };
+        let err = download_refused(ModelAssembler::new(layout).add(&other).unwrap_err());
+        assert!(matches!(err, ClientError::ModelMismatch(_)), "{err}");
+    }
 }

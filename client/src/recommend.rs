@@ -2,7 +2,7 @@
 //!
 //! - Personal ranking: the model's score for this shopper (private embedding
 //!   and global model), items already bought left out.
-//! - Non-personal ranking ([`Basis::Popular`]), used when there is no
+//! - Non-personal ranking ([`Basis::PopularColdStart`], [`Basis::PopularNoConsent`]), used when there is no
 //!   history (cold start) or the consent is [`Consent::None`]: the global
 //!   model's own score for a shopper it knows nothing about
 //!   ([`Model::popularity`]: for matrix factorization, the item biases).

@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fedrec_proto::download::Encoding;
 use serde::{Deserialize, Serialize};
 
 use crate::CoordinatorError;
@@ -39,7 +40,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Default `server.long_poll_secs`.
 pub const DEFAULT_LONG_POLL_SECS: f64 = 10.0;
 /// Default `server.max_concurrent_uploads`.
-pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 16;
+pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
+/// Default `server.max_concurrent_downloads`.
+pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 16;
 
 /// Default `rounds.rounds` (0 = run forever).
 pub const DEFAULT_ROUNDS: u32 = 0;
@@ -115,6 +118,8 @@ pub struct CoordinatorConfig {
     /// `[auth]`: enrollment tokens that devices exchange for short-lived
     /// sessions. Default: off (any device may join).
     pub auth: AuthConfig,
+    /// `[download]`: how the model travels to devices.
+    pub download: DownloadConfig,
 }
 
 /// `[auth]`: device authentication by enrollment token.
@@ -163,6 +168,19 @@ impl AuthConfig {
     }
 }
 
+/// `[download]`: the wire format of model downloads. Each model version is
+/// encoded once in it and the same bytes go to every device; updates always
+/// travel as f32. See [`fedrec_proto::download`] for each encoding's error
+/// bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadConfig {
+    /// `"f32"` (exact, 4 bytes a value), `"f16"` (IEEE half, 2 bytes) or
+    /// `"q8"` (8-bit linear quantization per block of 256 values, about
+    /// 1.03 bytes). Default `"f32"`.
+    pub encoding: Encoding,
+}
+
 /// `[tls]`: the coordinator's certificate and key (PEM files), and the CA
 /// whose certificates devices must present (mutual TLS). Relative paths are
 /// relative to the working directory. The files are read when the server
@@ -206,6 +224,12 @@ pub struct ServerConfig {
     /// before validation (4 bytes per model value each), so this bounds the
     /// coordinator's memory. Default [`DEFAULT_MAX_CONCURRENT_UPLOADS`].
     pub max_concurrent_uploads: usize,
+    /// How many model downloads may stream out at once; more wait for a
+    /// free slot. Each holds up to a chunk of encoded values and the
+    /// transport's send buffer, so this bounds the coordinator's memory
+    /// when a large cohort downloads together. Default
+    /// [`DEFAULT_MAX_CONCURRENT_DOWNLOADS`].
+    pub max_concurrent_downloads: usize,
     /// Most concurrent requests (HTTP/2 streams) on one connection; more
     /// are refused by the transport. Default
     /// [`DEFAULT_MAX_STREAMS_PER_CONNECTION`].
@@ -227,6 +251,7 @@ impl Default for ServerConfig {
             listen: DEFAULT_LISTEN.to_owned(),
             long_poll_secs: DEFAULT_LONG_POLL_SECS,
             max_concurrent_uploads: DEFAULT_MAX_CONCURRENT_UPLOADS,
+            max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             joins_per_minute_per_source: None,
         }
@@ -820,10 +845,11 @@ impl CoordinatorConfig {
                 s.max_streams_per_connection, s.joins_per_minute_per_source
             )));
         }
-        if s.max_concurrent_uploads < 1 {
+        if s.max_concurrent_uploads < 1 || s.max_concurrent_downloads < 1 {
             return Err(invalid(format!(
-                "server.max_concurrent_uploads must be >= 1, got {}",
-                s.max_concurrent_uploads
+                "server.max_concurrent_uploads and server.max_concurrent_downloads must be >= 1, \
+                 got {} and {}",
+                s.max_concurrent_uploads, s.max_concurrent_downloads
             )));
         }
 
@@ -1136,8 +1162,10 @@ mod tests {
         config.rounds.fraction = Some(0.5);
         config.strategy.name = StrategyName::FedYogi;
         config.model.items = Some(100);
+        config.download.encoding = Encoding::Q8;
         let text = config.to_toml_string().unwrap();
         assert!(text.contains("name = \"fedyogi\""), "{text}");
+        assert!(text.contains("[download]\nencoding = \"q8\""), "{text}");
         assert_eq!(CoordinatorConfig::from_toml_str(&text).unwrap(), config);
     }
 
@@ -1167,6 +1195,11 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("rounds.over_selection must be >= 1"),
+            "{err}"
+        );
+        let err = CoordinatorConfig::from_toml_str("[download]\nencoding = \"q4\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("q4") && err.to_string().contains("f16"),
             "{err}"
         );
         let err = CoordinatorConfig::from_toml_str("[strategy]\nbeta2 = 1.0\n").unwrap_err();

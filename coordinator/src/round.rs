@@ -29,11 +29,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
+use fedrec_proto::download::{EncodedModel, Encoding};
 use fedrec_proto::{Layout, tensor};
 
 use crate::CoordinatorError;
@@ -160,16 +160,16 @@ pub struct ModelSnapshot {
     pub layout: Layout,
     /// The parameters, tensors concatenated in layout order.
     pub params: Vec<f32>,
-    /// `params` as little-endian `f32` bytes, ready to stream.
-    pub encoded: Bytes,
+    /// `params` in the configured download encoding, ready to stream.
+    pub download: EncodedModel,
 }
 
 impl ModelSnapshot {
-    fn new(version: u64, layout: Layout, params: Vec<f32>) -> Self {
+    fn new(version: u64, layout: Layout, params: Vec<f32>, encoding: Encoding) -> Self {
         Self {
             version,
             layout,
-            encoded: tensor::encode(&params),
+            download: EncodedModel::new(&params, encoding),
             params,
         }
     }
@@ -375,7 +375,12 @@ impl RoundCore {
                 config.strategy.aggregation,
                 config.strategy.trim_fraction,
             ),
-            model: Arc::new(ModelSnapshot::new(1, layout, params)),
+            model: Arc::new(ModelSnapshot::new(
+                1,
+                layout,
+                params,
+                config.download.encoding,
+            )),
             config,
             rng,
             secure_rng,
@@ -430,7 +435,12 @@ impl RoundCore {
                 .expect("not shared yet")
                 .params,
         );
-        core.model = Arc::new(ModelSnapshot::new(model_version, layout, params));
+        core.model = Arc::new(ModelSnapshot::new(
+            model_version,
+            layout,
+            params,
+            core.config.download.encoding,
+        ));
         match (core.privacy.as_mut(), privacy) {
             (Some(mechanism), Some(state)) => mechanism.restore(state.ledger, state.clip),
             (None, None) => {}
@@ -1108,8 +1118,12 @@ impl RoundCore {
                 ) {
                     Ok(params) => {
                         let layout = self.model.layout.clone();
-                        self.model =
-                            Arc::new(ModelSnapshot::new(self.model.version + 1, layout, params));
+                        self.model = Arc::new(ModelSnapshot::new(
+                            self.model.version + 1,
+                            layout,
+                            params,
+                            self.config.download.encoding,
+                        ));
                     }
                     Err(NonFinite { index }) => {
                         abandon = Some(format!(

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, update_chunk::Part};
-use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, tensor};
+use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION};
 
 mod secure;
 
@@ -127,6 +127,28 @@ impl Progress {
     }
 }
 
+/// A model download in progress: its chunks, and the download slot it
+/// holds until it ends (or the device goes away).
+pub struct Download {
+    chunks: std::vec::IntoIter<Result<pb::ModelChunk, Status>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl tokio_stream::Stream for Download {
+    type Item = Result<pb::ModelChunk, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Ready(self.chunks.next())
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.chunks.size_hint()
+    }
+}
+
 /// How long a reserved upload slot waits for the device's upload to start.
 pub const UPLOAD_LEASE: Duration = Duration::from_secs(10);
 
@@ -159,6 +181,8 @@ struct Shared {
     tokens: Option<TokenSet>,
     /// `auth.session_ttl_secs`, when sessions expire.
     session_ttl: Option<Duration>,
+    /// Bounds the downloads streaming out at once.
+    downloads: Arc<Semaphore>,
     /// Upload slots reserved by devices that have not started uploading.
     reservations: Mutex<HashMap<Pseudonym, Reservation>>,
     /// `server.max_streams_per_connection`.
@@ -360,6 +384,7 @@ impl CoordinatorService {
                 tokens: opts.tokens,
                 session_ttl: core_ttl,
                 reservations: Mutex::new(HashMap::new()),
+                downloads: Arc::new(Semaphore::new(server.max_concurrent_downloads)),
             }),
         }
     }
@@ -730,8 +755,7 @@ impl Coordinator for CoordinatorService {
         }
     }
 
-    type DownloadModelStream =
-        tokio_stream::Iter<std::vec::IntoIter<Result<pb::ModelChunk, Status>>>;
+    type DownloadModelStream = Download;
 
     async fn download_model(
         &self,
@@ -743,32 +767,40 @@ impl Coordinator for CoordinatorService {
         let snapshot = shared
             .with_core(|core| core.download(&pseudonym, request.model_version))?
             .map_err(rejected)?;
+        let slot = Arc::clone(&shared.downloads)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        // The chunks share the snapshot's encoded bytes: encoded once per
+        // model version, sent to the whole cohort.
         let mut layout = Some(snapshot.layout.to_pb());
-        let mut chunks: Vec<Result<pb::ModelChunk, Status>> =
-            tensor::chunks(&snapshot.encoded, shared.chunk_bytes)
-                .map(|(offset, values)| {
-                    Ok(pb::ModelChunk {
-                        model_version: snapshot.version,
-                        layout: layout.take().unwrap_or_default(),
-                        offset: offset as u64,
-                        values,
-                    })
+        let mut chunks: Vec<Result<pb::ModelChunk, Status>> = snapshot
+            .download
+            .chunks(shared.chunk_bytes)
+            .map(|chunk| {
+                Ok(pb::ModelChunk {
+                    model_version: snapshot.version,
+                    layout: layout.take().unwrap_or_default(),
+                    ..chunk
                 })
-                .collect();
+            })
+            .collect();
         if let Some(layout) = layout {
             // An empty model still sends its layout.
             chunks.push(Ok(pb::ModelChunk {
                 model_version: snapshot.version,
                 layout,
-                offset: 0,
-                values: bytes::Bytes::new(),
+                ..Default::default()
             }));
         }
         shared
             .bytes_out
-            .fetch_add(snapshot.encoded.len() as u64, Ordering::Relaxed);
+            .fetch_add(snapshot.download.wire_bytes() as u64, Ordering::Relaxed);
         tracing::debug!(%pseudonym, model_version = snapshot.version, chunks = chunks.len(), "model download");
-        Ok(Response::new(tokio_stream::iter(chunks)))
+        Ok(Response::new(Download {
+            chunks: chunks.into_iter(),
+            _slot: slot,
+        }))
     }
 
     async fn reserve_upload(

@@ -4,6 +4,9 @@
 //!   (compiled in `build.rs` by protox, a pure-Rust protobuf compiler).
 //! - [`tensor`]: the flat little-endian `f32` encoding of models and updates,
 //!   chunking for streams, and zero-copy folding of encoded values into a sum.
+//! - [`download`]: the model download in the coordinator's chosen encoding
+//!   (f32, f16 or 8-bit quantized), encoded once per model version and
+//!   decoded chunk by chunk on the device.
 //! - [`Layout`]: the names and shapes of the model's tensors.
 //!
 //! ```
@@ -17,6 +20,7 @@
 //! assert_eq!(sum[0], 1.0);
 //! ```
 
+pub mod download;
 pub mod eval;
 pub mod secagg;
 pub mod tensor;
@@ -42,9 +46,16 @@ pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 /// below what loopback or a LAN can carry.
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 
+/// HTTP/2 flow-control window of one stream on the coordinator's side
+/// (1 MiB): what an upload may have in flight before the coordinator reads
+/// it. Devices reserve an upload slot before sending any value
+/// ([`reserve_and_upload`]), so every upload that sends is being read, and
+/// this window only bounds the transport's buffer per upload (the
+/// coordinator holds `server.max_concurrent_uploads` of them).
+pub const SERVER_STREAM_WINDOW_BYTES: u32 = 1 << 20;
+
 /// HTTP/2 flow-control window of one connection, shared by its streams
-/// (32 MiB). It bounds what a receiver buffers per connection for streams it
-/// is not reading yet (uploads waiting for an aggregation slot).
+/// (32 MiB).
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 
 /// A client endpoint for `url` with fedrec's transport settings: the
@@ -61,7 +72,7 @@ pub fn endpoint(
 /// A server builder with fedrec's transport settings (see [`endpoint`]).
 pub fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_stream_window_size(SERVER_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .tcp_nodelay(true)
 }
@@ -86,7 +97,12 @@ pub async fn reserve_and_upload(
     };
     loop {
         sent(header);
-        if client.reserve_upload(header.clone()).await?.into_inner().granted {
+        if client
+            .reserve_upload(header.clone())
+            .await?
+            .into_inner()
+            .granted
+        {
             break;
         }
     }

@@ -6,7 +6,8 @@
 //! - [`round`]: whole rounds over loopback gRPC with a real coordinator
 //!   process (`fedrec serve`, so its memory is its own) and devices whose
 //!   local training takes no time, against a plain tonic stream of the
-//!   same bytes ([`loopback`]).
+//!   same bytes ([`loopback`]); the download in any [`Encoding`] (devices
+//!   decode it), the upload in f32.
 //! - [`device`]: one device's local training time and the process's peak
 //!   memory.
 //! - [`secagg`]: rounds with and without secure aggregation.
@@ -22,10 +23,11 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use fedrec_coordinator::aggregate::Aggregator;
 use fedrec_coordinator::config::CoordinatorConfig;
+use fedrec_proto::download::{EncodedModel, Encoding, ModelAssembler};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
-use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, tensor};
+use fedrec_proto::{DEFAULT_CHUNK_BYTES, Layout, PROTOCOL_VERSION, tensor};
 use serde::Serialize;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -107,6 +109,12 @@ pub struct RoundRow {
     pub dim: usize,
     /// Timed rounds.
     pub rounds: u32,
+    /// The wire format of the model download (updates are f32).
+    pub download_encoding: Encoding,
+    /// Bytes of one device's download (values and q8 block parameters).
+    pub download_bytes_per_device: usize,
+    /// Model and update bytes of one round, all devices.
+    pub bytes_per_round: usize,
     /// Wall-clock seconds per round, from the first task to the last device's `Finished`.
     pub sec_per_round: f64,
     /// The coordinator process's peak resident memory (VmHWM).
@@ -152,7 +160,7 @@ struct ServeProcess {
 }
 
 impl ServeProcess {
-    fn start(clients: usize, dim: usize, rounds: u32) -> anyhow::Result<Self> {
+    fn start(clients: usize, dim: usize, rounds: u32, encoding: Encoding) -> anyhow::Result<Self> {
         let (items, factors) = shape(dim)?;
         let mut cfg = CoordinatorConfig::default();
         cfg.server.listen = "127.0.0.1:0".into();
@@ -166,6 +174,7 @@ impl ServeProcess {
         cfg.rounds.final_evaluation = false;
         cfg.model.items = Some(items);
         cfg.model.factors = factors;
+        cfg.download.encoding = encoding;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("bench.toml");
         std::fs::write(&path, toml::to_string(&cfg)?)?;
@@ -250,8 +259,9 @@ struct DeviceTimes {
     immediate_check_ins: Vec<Duration>,
 }
 
-/// A device whose local training takes no time: it downloads the model,
-/// uploads `zero` (an encoded update of zeros) and checks in again.
+/// A device whose local training takes no time: it downloads and decodes
+/// the model, uploads `zero` (an encoded update of zeros) and checks in
+/// again.
 async fn zero_training_device(
     mut client: CoordinatorClient<Channel>,
     zero: Bytes,
@@ -290,11 +300,19 @@ async fn zero_training_device(
                     })
                     .await?
                     .into_inner();
-                let mut received = 0;
+                let mut model: Option<ModelAssembler> = None;
                 while let Some(chunk) = stream.message().await? {
-                    received += chunk.values.len();
+                    // The device takes the layout the first chunk announces.
+                    model
+                        .get_or_insert_with(|| ModelAssembler::new(Layout::from_pb(&chunk.layout)))
+                        .add(&chunk)?;
                 }
-                anyhow::ensure!(received == zero.len(), "model of {received} bytes");
+                let model = model.context("an empty download")?.finish()?;
+                anyhow::ensure!(
+                    model.len() * 4 == zero.len(),
+                    "model of {} values",
+                    model.len()
+                );
                 let header = pb::UpdateHeader {
                     pseudonym: pseudonym.clone(),
                     round: task.round,
@@ -335,11 +353,12 @@ pub fn round(
     dim: usize,
     rounds: u32,
     with_loopback: bool,
+    encoding: Encoding,
 ) -> anyhow::Result<RoundRow> {
     if clients == 0 || rounds == 0 {
         bail!("--clients and --rounds must be >= 1");
     }
-    let server = ServeProcess::start(clients, dim, rounds)?;
+    let server = ServeProcess::start(clients, dim, rounds, encoding)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let times = runtime.block_on(async {
         let channels = connect(&server.addr).await?;
@@ -369,9 +388,10 @@ pub fn round(
     let sec_per_round = (end - start).as_secs_f64() / f64::from(rounds);
     let coordinator_peak_rss_mb = server.peak_rss_mb()?;
     drop(server);
-    let bytes_per_round = (2 * clients * dim * 4) as f64;
+    let download_bytes_per_device = encoding.wire_bytes(dim);
+    let bytes_per_round = clients * (download_bytes_per_device + dim * 4);
     let loopback_sec_per_round = if with_loopback {
-        Some(runtime.block_on(loopback(clients, dim))?)
+        Some(runtime.block_on(loopback(clients, dim, encoding))?)
     } else {
         None
     };
@@ -379,9 +399,12 @@ pub fn round(
         clients,
         dim,
         rounds,
+        download_encoding: encoding,
+        download_bytes_per_device,
+        bytes_per_round,
         sec_per_round,
         coordinator_peak_rss_mb,
-        bytes_per_sec: bytes_per_round / sec_per_round,
+        bytes_per_sec: bytes_per_round as f64 / sec_per_round,
         loopback_sec_per_round,
         join_ms: percentiles_ms(times.iter().map(|t| t.join).collect()),
         check_in_ms: percentiles_ms(
@@ -396,7 +419,7 @@ pub fn round(
 /// A tonic service that only streams bytes: `DownloadModel` sends the same
 /// chunks to everyone, `SubmitUpdate` reads and drops what it gets.
 struct Sink {
-    model: Bytes,
+    model: EncodedModel,
 }
 
 #[tonic::async_trait]
@@ -420,15 +443,7 @@ impl Coordinator for Sink {
         _: Request<pb::ModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let chunks: Vec<Result<pb::ModelChunk, Status>> =
-            tensor::chunks(&self.model, DEFAULT_CHUNK_BYTES)
-                .map(|(offset, values)| {
-                    Ok(pb::ModelChunk {
-                        offset: offset as u64,
-                        values,
-                        ..Default::default()
-                    })
-                })
-                .collect();
+            self.model.chunks(DEFAULT_CHUNK_BYTES).map(Ok).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
     async fn reserve_upload(
@@ -491,15 +506,18 @@ impl Coordinator for Sink {
     }
 }
 
-/// Seconds for `clients` devices to download and upload `dim` values each
-/// through a plain tonic stream (the same messages and chunking as a round,
-/// with no coordinator logic): the network limit of a round.
-pub async fn loopback(clients: usize, dim: usize) -> anyhow::Result<f64> {
-    let model = tensor::encode(&vec![0.0_f32; dim]);
+/// Seconds for `clients` devices to download `dim` values each in
+/// `encoding` and upload as many in f32 through a plain tonic stream (the
+/// same messages and chunking as a round, with no coordinator logic and no
+/// decoding): the network limit of a round.
+pub async fn loopback(clients: usize, dim: usize, encoding: Encoding) -> anyhow::Result<f64> {
+    let zeros = vec![0.0_f32; dim];
+    let download_bytes = encoding.wire_bytes(dim);
+    let update = tensor::encode(&zeros);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let server = CoordinatorServer::new(Sink {
-        model: model.clone(),
+        model: EncodedModel::new(&zeros, encoding),
     })
     .max_decoding_message_size(DEFAULT_CHUNK_BYTES + 64 * 1024);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -514,12 +532,12 @@ pub async fn loopback(clients: usize, dim: usize) -> anyhow::Result<f64> {
             ),
     );
     let channels = connect(&addr).await?;
-    let model = Arc::new(model);
+    let update = Arc::new(update);
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
             let mut client = CoordinatorClient::new(channels[i % channels.len()].clone());
-            let model = Arc::clone(&model);
+            let update = Arc::clone(&update);
             tokio::spawn(async move {
                 let mut stream = client
                     .download_model(pb::ModelRequest::default())
@@ -527,10 +545,11 @@ pub async fn loopback(clients: usize, dim: usize) -> anyhow::Result<f64> {
                     .into_inner();
                 let mut received = 0;
                 while let Some(chunk) = stream.message().await? {
-                    received += chunk.values.len();
+                    received += chunk.values.len()
+                        + chunk.q8.map_or(0, |q| 4 * (q.min.len() + q.scale.len()));
                 }
-                anyhow::ensure!(received == model.len(), "short download");
-                let chunks: Vec<pb::UpdateChunk> = tensor::chunks(&model, DEFAULT_CHUNK_BYTES)
+                anyhow::ensure!(received == download_bytes, "short download");
+                let chunks: Vec<pb::UpdateChunk> = tensor::chunks(&update, DEFAULT_CHUNK_BYTES)
                     .map(|(_, values)| pb::UpdateChunk {
                         part: Some(Part::Values(values)),
                     })

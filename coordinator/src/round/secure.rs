@@ -33,7 +33,7 @@
 //! [`RoundCore::run_unmask_jobs`] runs it in place. The decoded sum then
 //! goes to the strategy exactly as the plain mean does. A round whose secure
 //! aggregation is abandoned applies nothing, records the reason in its
-//! [`RoundSummary`], and the next round starts as usual.
+//! [`RoundSummary`](super::RoundSummary), and the next round starts as usual.
 
 use fedrec_proto::secagg::payload::{self, EXTRA_VALUES};
 use fedrec_proto::secagg::{

@@ -166,7 +166,7 @@ fn full_round_applies_the_weighted_mean_exactly() {
     let model = core.model();
     assert_eq!(model.version, 2);
     assert_eq!(model.params, vec![1.0, 3.25, 3.25, 4.5]);
-    assert_eq!(model.encoded, encode(&model.params));
+    assert_eq!(model.download.decode(), model.params);
     assert_eq!(core.history(), &summaries[..]);
     assert!(core.rejections().is_empty());
     assert_eq!(core.status().open, None);

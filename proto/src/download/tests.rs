@@ -1,0 +1,309 @@
+//! Error bounds of every encoding on seeded random models (a property test
+//! without a property-testing crate: many seeded cases, each a different
+//! scale and shape), chunking independence, and malformed chunks.
+
+use super::*;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+
+/// A uniform value in [-1, 1).
+fn unit(rng: &mut ChaCha8Rng) -> f32 {
+    (rng.next_u32() >> 8) as f32 / (1 << 23) as f32 - 1.0
+}
+
+/// A model of a random length whose values span `scale`, with occasional
+/// outliers, exact zeros and tiny (f16-subnormal) values.
+fn model(rng: &mut ChaCha8Rng, scale: f32) -> Vec<f32> {
+    let len = 1 + rng.next_u32() as usize % 3000;
+    (0..len)
+        .map(|_| match rng.next_u32() % 50 {
+            0 => unit(rng) * scale * 1000.0,
+            1 => 0.0,
+            2 => unit(rng) * 1e-6,
+            _ => unit(rng) * scale + scale * 0.3,
+        })
+        .collect()
+}
+
+/// Any finite f32, from its bits.
+fn any_finite(rng: &mut ChaCha8Rng) -> f32 {
+    loop {
+        let v = f32::from_bits(rng.next_u32());
+        if v.is_finite() {
+            return v;
+        }
+    }
+}
+
+/// Checks every decoded value against the encoding's stated bound.
+fn assert_within_bound(values: &[f32], encoding: Encoding) {
+    let decoded = EncodedModel::new(values, encoding).decode();
+    assert_eq!(decoded.len(), values.len());
+    for (block, (xs, ys)) in values
+        .chunks(Q8_BLOCK)
+        .zip(decoded.chunks(Q8_BLOCK))
+        .enumerate()
+    {
+        let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for (x, y) in xs.iter().zip(ys) {
+            let bound = encoding.error_bound(*x, lo, hi);
+            let err = (f64::from(*x) - f64::from(*y)).abs();
+            assert!(
+                y.is_finite() && err <= bound,
+                "{encoding}: {x} decoded as {y} (error {err} > bound {bound}, block {block} in [{lo}, {hi}])"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_encoding_stays_within_its_bound() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for case in 0..200 {
+        let scale = [1e-6, 1e-3, 0.1, 1.0, 30.0, 1e4][case % 6];
+        let values = model(&mut rng, scale);
+        for encoding in Encoding::ALL {
+            assert_within_bound(&values, encoding);
+        }
+    }
+    assert_eq!(
+        EncodedModel::new(&[1.5, -0.1], Encoding::F32).decode(),
+        vec![1.5, -0.1]
+    );
+}
+
+#[test]
+fn extreme_values_stay_within_bound_and_finite() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for _ in 0..50 {
+        let values: Vec<f32> = (0..600).map(|_| any_finite(&mut rng)).collect();
+        for encoding in Encoding::ALL {
+            assert_within_bound(&values, encoding);
+        }
+    }
+    let edges = [
+        f32::MAX,
+        f32::MIN,
+        65519.0,
+        -70000.0,
+        f32::MIN_POSITIVE,
+        0.0,
+    ];
+    for encoding in Encoding::ALL {
+        assert_within_bound(&edges, encoding);
+    }
+    // f16 saturates instead of overflowing.
+    assert_eq!(
+        EncodedModel::new(&[1e6, -1e6], Encoding::F16).decode(),
+        vec![65504.0, -65504.0]
+    );
+}
+
+#[test]
+fn constant_blocks_are_exact() {
+    let values = vec![0.25_f32; 700];
+    assert_eq!(EncodedModel::new(&values, Encoding::Q8).decode(), values);
+}
+
+#[test]
+fn chunks_decode_to_the_same_values_whatever_their_size() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let values = model(&mut rng, 0.5);
+    let layout = Layout::new(vec![("v".into(), vec![values.len() as u64])]);
+    for encoding in Encoding::ALL {
+        let encoded = EncodedModel::new(&values, encoding);
+        let whole = encoded.decode();
+        for chunk_bytes in [1, 100, 265, 1000, 4096, 1 << 20] {
+            let mut device = ModelAssembler::new(layout.clone());
+            let mut sent = 0;
+            for (i, mut chunk) in encoded.chunks(chunk_bytes).enumerate() {
+                if i == 0 {
+                    chunk.layout = layout.to_pb();
+                }
+                sent += chunk.values.len()
+                    + 4 * chunk.q8.as_ref().map_or(0, |q| q.min.len() + q.scale.len());
+                assert!(
+                    chunk.values.len() <= chunk_bytes.max(Q8_BLOCK),
+                    "{encoding}: {} bytes",
+                    chunk.values.len()
+                );
+                device.add(&chunk).unwrap();
+            }
+            assert_eq!(sent, encoded.wire_bytes(), "{encoding}");
+            assert_eq!(device.finish().unwrap(), whole, "{encoding}, {chunk_bytes}");
+        }
+    }
+}
+
+#[test]
+fn sizes_per_value() {
+    let values = vec![0.5_f32; 1024];
+    let size = |e| EncodedModel::new(&values, e).wire_bytes();
+    assert_eq!(size(Encoding::F32), 4096);
+    assert_eq!(size(Encoding::F16), 2048);
+    assert_eq!(size(Encoding::Q8), 1024 + 4 * 8);
+}
+
+#[test]
+fn an_old_style_f32_chunk_decodes() {
+    // What a coordinator from before the encoding field sends: no encoding,
+    // no q8 blocks.
+    let chunk = pb::ModelChunk {
+        model_version: 3,
+        layout: layout(2).to_pb(),
+        offset: 0,
+        values: tensor::encode(&[1.0, -2.5]),
+        ..Default::default()
+    };
+    let mut device = ModelAssembler::new(layout(2));
+    device.add(&chunk).unwrap();
+    assert_eq!(device.finish().unwrap(), vec![1.0, -2.5]);
+}
+
+fn layout(n: u64) -> Layout {
+    Layout::new(vec![("v".into(), vec![n])])
+}
+
+fn q8_chunk(values: &[u8], block_values: u32, min: Vec<f32>, scale: Vec<f32>) -> pb::ModelChunk {
+    pb::ModelChunk {
+        values: Bytes::copy_from_slice(values),
+        encoding: pb::ValueEncoding::Q8.into(),
+        q8: Some(pb::Q8Blocks {
+            block_values,
+            min,
+            scale,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The error of feeding `chunk` alone to a device expecting `n` values.
+fn refusal(n: u64, chunk: pb::ModelChunk) -> DownloadError {
+    ModelAssembler::new(layout(n)).add(&chunk).unwrap_err()
+}
+
+#[test]
+fn malformed_chunks_are_refused_with_the_reason() {
+    let f16 = |bytes: &[u8]| pb::ModelChunk {
+        values: Bytes::copy_from_slice(bytes),
+        encoding: pb::ValueEncoding::F16.into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        refusal(2, f16(&[0, 0, 0])),
+        DownloadError::Misaligned {
+            encoding: Encoding::F16,
+            bytes: 3
+        }
+    );
+    let err = refusal(
+        2,
+        pb::ModelChunk {
+            values: Bytes::from_static(&[0; 5]),
+            ..Default::default()
+        },
+    );
+    assert!(err.to_string().contains("5 bytes"), "{err}");
+    assert_eq!(
+        refusal(
+            2,
+            pb::ModelChunk {
+                encoding: 7,
+                ..Default::default()
+            }
+        ),
+        DownloadError::UnknownEncoding(7)
+    );
+    assert_eq!(
+        refusal(1, f16(&[0, 0, 0, 0])),
+        DownloadError::Overrun {
+            offset: 0,
+            len: 2,
+            total: 1
+        }
+    );
+    let mut late = f16(&[0, 0]);
+    late.offset = 1;
+    assert_eq!(
+        refusal(2, late),
+        DownloadError::OutOfOrder {
+            offset: 1,
+            expected: 0
+        }
+    );
+    let mut other = f16(&[0, 0]);
+    other.layout = layout(3).to_pb();
+    assert!(matches!(
+        refusal(2, other),
+        DownloadError::LayoutMismatch { .. }
+    ));
+
+    // q8: missing or zero-sized blocks, wrong counts, bad parameters.
+    let mut bare = q8_chunk(&[1, 2], 2, vec![0.0], vec![1.0]);
+    bare.q8 = None;
+    assert_eq!(refusal(2, bare), DownloadError::MissingQ8Blocks);
+    assert_eq!(
+        refusal(2, q8_chunk(&[1, 2], 0, vec![0.0], vec![1.0])),
+        DownloadError::MissingQ8Blocks
+    );
+    let err = refusal(3, q8_chunk(&[1, 2, 3], 2, vec![0.0], vec![1.0, 1.0]));
+    assert_eq!(
+        err,
+        DownloadError::Q8BlockCount {
+            values: 3,
+            block_values: 2,
+            expected: 2,
+            mins: 1,
+            scales: 2
+        }
+    );
+    for (min, scale) in [
+        (f32::NAN, 1.0),
+        (0.0, f32::INFINITY),
+        (0.0, -1.0),
+        (f32::NEG_INFINITY, 0.0),
+    ] {
+        let err = refusal(2, q8_chunk(&[1, 2], 2, vec![min], vec![scale]));
+        assert!(
+            matches!(err, DownloadError::Q8BadBlock { block: 0, .. }),
+            "{min} {scale}: {err}"
+        );
+    }
+}
+
+#[test]
+fn incomplete_or_overflowing_models_are_refused_at_the_end() {
+    let mut device = ModelAssembler::new(layout(3));
+    device
+        .add(&q8_chunk(&[0, 255], 256, vec![0.0], vec![1.0]))
+        .unwrap();
+    assert_eq!(
+        device.finish().unwrap_err(),
+        DownloadError::Incomplete {
+            received: 2,
+            total: 3
+        }
+    );
+    // Finite parameters whose values overflow f32.
+    let mut device = ModelAssembler::new(layout(1));
+    device
+        .add(&q8_chunk(&[255], 1, vec![f32::MAX], vec![f32::MAX]))
+        .unwrap();
+    let err = device.finish().unwrap_err();
+    assert!(err.to_string().contains("not finite"), "{err}");
+    let mut device = ModelAssembler::new(layout(1));
+    device
+        .add(&pb::ModelChunk {
+            values: tensor::encode(&[f32::NAN]),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(matches!(
+        device.finish(),
+        Err(DownloadError::Tensor(TensorError::NotFinite {
+            index: 0,
+            ..
+        }))
+    ));
+}
