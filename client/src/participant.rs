@@ -117,7 +117,7 @@ impl TaskEnd {
     /// for an RPC error; any other error is the device's own and is returned.
     fn after(err: ClientError) -> Result<Self, ClientError> {
         match err {
-            ClientError::Rpc { status, .. } if unreachable(status.code()) => Ok(Self::Interrupted),
+            ClientError::Rpc { status, .. } if unreachable(&status) => Ok(Self::Interrupted),
             ClientError::Rpc { .. } => Ok(Self::Refused),
             other => Err(other),
         }
@@ -125,13 +125,16 @@ impl TaskEnd {
 }
 
 /// Whether a status means the coordinator could not be reached (it is down
-/// or restarting, or the connection broke) rather than that it refused.
-/// The coordinator itself never answers with these codes.
-fn unreachable(code: tonic::Code) -> bool {
+/// or restarting, or the connection broke) rather than that it refused:
+/// one of the codes the coordinator itself never answers with, or any
+/// status made from a transport error (which carries that error as its
+/// source; a connection cut in the middle of a stream can surface as
+/// `INTERNAL`).
+fn unreachable(status: &tonic::Status) -> bool {
     matches!(
-        code,
+        status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-    )
+    ) || std::error::Error::source(status).is_some()
 }
 
 /// A device's connection to a coordinator.
@@ -275,7 +278,7 @@ impl Participant {
                     rejoined = false;
                     resp.into_inner()
                 }
-                Err(status) if unreachable(status.code()) => {
+                Err(status) if unreachable(&status) => {
                     let policy = &device.participation;
                     let (since, wait) = outage
                         .get_or_insert((tokio::time::Instant::now(), policy.reconnect.initial));

@@ -37,7 +37,7 @@ enum Refusal {
 impl From<ClientError> for Refusal {
     fn from(err: ClientError) -> Self {
         match err {
-            ClientError::Rpc { status, .. } if unreachable(status.code()) => Self::Interrupted,
+            ClientError::Rpc { status, .. } if unreachable(&status) => Self::Interrupted,
             // A refused message or a round that moved on: this round is lost.
             ClientError::Rpc { request, status } => {
                 Self::Refused(format!("{request}: {}", status.message()))
