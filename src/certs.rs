@@ -276,7 +276,7 @@ pub fn write_tokens(dir: &Path, devices: usize) -> Result<Tokens, CertError> {
         rand::rngs::SysRng
             .try_fill_bytes(&mut bytes)
             .map_err(|e| CertError::Random(e.to_string()))?;
-        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let token = fedrec_coordinator::auth::hex(&bytes);
         let path = dir.join(format!("device-{i}.token"));
         write(&path, &format!("{token}\n"), true)?;
         digests.push_str(&fedrec_coordinator::auth::digest(&token));

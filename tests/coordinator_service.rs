@@ -596,23 +596,10 @@ async fn serve_function_runs_until_shutdown() {
 /// refused with RESOURCE_EXHAUSTED, a message naming the limit, and counted.
 #[tokio::test]
 async fn joins_beyond_the_rate_limit_are_refused_and_counted() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let mut cfg = config(1, 0);
     cfg.server.joins_per_minute_per_source = Some(3);
-    let core = RoundCore::new(cfg, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).unwrap();
-    let service = fedrec_coordinator::CoordinatorService::new(core, ServeOptions::default());
-    let handle = service.handle();
-    let (stop, signal) = oneshot::channel::<()>();
-    let server = tokio::spawn(service.serve(listener, async {
-        let _ = signal.await;
-    }));
-    let mut client = common::within(
-        "connect",
-        CoordinatorClient::connect(format!("http://{addr}")),
-    )
-    .await
-    .unwrap();
+    let running = common::serve(cfg, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
+    let mut client = running.client().await;
     let request = || pb::JoinRequest {
         protocol_version: PROTOCOL_VERSION,
         ..Default::default()
@@ -623,15 +610,14 @@ async fn joins_beyond_the_rate_limit_are_refused_and_counted() {
     let refused = client.join(request()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(refused.message().contains("3 per minute"), "{refused:?}");
-    let metrics = handle.metrics().unwrap();
+    let metrics = running.handle.metrics().unwrap();
     assert!(
         metrics.contains("fedrec_requests_rejected_total{reason=\"join_rate_limited\"} 1"),
         "{metrics}"
     );
     assert!(metrics.contains("fedrec_devices_joined 3"), "{metrics}");
     drop(client);
-    stop.send(()).unwrap();
-    common::within("shutdown", server).await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// Under `auth.enrollment_tokens`, a join without a token or with an

@@ -195,13 +195,7 @@ impl ConnectOptions {
 fn read_pem(path: &Path, label: &str) -> Result<Vec<u8>, ClientError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ClientError::InvalidConfig(format!("cannot read {}: {e}", path.display())))?;
-    let text = String::from_utf8_lossy(&bytes);
-    let found = text.lines().any(|line| {
-        line.strip_prefix("-----BEGIN ")
-            .and_then(|rest| rest.strip_suffix("-----"))
-            .is_some_and(|l| l.ends_with(label))
-    });
-    if !found {
+    if !fedrec_proto::has_pem_block(&bytes, label) {
         return Err(ClientError::InvalidConfig(format!(
             "{}: no PEM block \"-----BEGIN {label}-----\" in the file",
             path.display()

@@ -22,7 +22,10 @@ pub enum ClientError {
     #[error("protocol error: {0}")]
     Protocol(String),
     /// Could not reach the coordinator.
-    #[error("cannot connect to the coordinator at {endpoint}: {}", chain(source))]
+    #[error(
+        "cannot connect to the coordinator at {endpoint}: {}",
+        fedrec_proto::error_chain(source)
+    )]
     Connect {
         /// Where we tried to connect.
         endpoint: String,
@@ -115,18 +118,4 @@ pub enum ClientError {
         /// The gRPC status it answered.
         status: tonic::Status,
     },
-}
-
-/// `err` and its sources, joined by ": " (tonic's transport error alone says
-/// only "transport error"; the reason, e.g. an untrusted certificate, is
-/// in its sources).
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -21,10 +21,12 @@ use crate::CoordinatorError;
 /// The SHA-256 digest of `token`, as 64 lowercase hex digits: what the
 /// coordinator's token file holds for it.
 pub fn digest(token: &str) -> String {
-    Sha256::digest(token.trim().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(token.trim().as_bytes()))
+}
+
+/// `bytes` as lowercase hex digits (the form of tokens and digests).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The digests of the tokens that may join.

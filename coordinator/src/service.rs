@@ -149,6 +149,14 @@ impl tokio_stream::Stream for Download {
     }
 }
 
+/// Waits for one of `slots` (uploads or downloads).
+async fn slot(slots: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, Status> {
+    Arc::clone(slots)
+        .acquire_owned()
+        .await
+        .map_err(|_| Status::unavailable("the coordinator is shutting down"))
+}
+
 /// How long a reserved upload slot waits for the device's upload to start.
 pub const UPLOAD_LEASE: Duration = Duration::from_secs(10);
 
@@ -179,8 +187,6 @@ struct Shared {
     joins: Option<JoinLimiter>,
     /// The enrollment tokens that may join, when devices must present one.
     tokens: Option<TokenSet>,
-    /// `auth.session_ttl_secs`, when sessions expire.
-    session_ttl: Option<Duration>,
     /// Bounds the downloads streaming out at once.
     downloads: Arc<Semaphore>,
     /// Upload slots reserved by devices that have not started uploading.
@@ -362,7 +368,6 @@ impl CoordinatorService {
         let uploads = Arc::new(Semaphore::new(server.max_concurrent_uploads));
         let (progress, _) = watch::channel(Progress::of(&core));
         let saved_rounds = AtomicUsize::new(core.history().len());
-        let core_ttl = core.config().auth.session_ttl();
         Self {
             shared: Arc::new(Shared {
                 core: Mutex::new(core),
@@ -382,7 +387,6 @@ impl CoordinatorService {
                 checkpoint: opts.checkpoint,
                 tls: opts.tls,
                 tokens: opts.tokens,
-                session_ttl: core_ttl,
                 reservations: Mutex::new(HashMap::new()),
                 downloads: Arc::new(Semaphore::new(server.max_concurrent_downloads)),
             }),
@@ -538,10 +542,7 @@ impl CoordinatorService {
             .saturating_mul(4);
         let _permit = match shared.take_reservation(&header.pseudonym) {
             Some(permit) => permit,
-            None => Arc::clone(&shared.uploads)
-                .acquire_owned()
-                .await
-                .map_err(|_| Status::unavailable("the coordinator is shutting down"))?,
+            None => slot(&shared.uploads).await?,
         };
         let mut values = Vec::with_capacity(limit);
         let read = async {
@@ -708,9 +709,10 @@ impl Coordinator for CoordinatorService {
                     expected: PROTOCOL_VERSION,
                 }));
         }
-        let pseudonym = self.shared.with_core(|core| core.join(now()))?;
+        let (pseudonym, ttl) = self
+            .shared
+            .with_core(|core| (core.join(now()), core.config().auth.session_ttl()))?;
         tracing::debug!(%pseudonym, "device joined");
-        let ttl = self.shared.session_ttl;
         Ok(Response::new(pb::JoinResponse {
             pseudonym: pseudonym.to_string(),
             protocol_version: PROTOCOL_VERSION,
@@ -767,10 +769,7 @@ impl Coordinator for CoordinatorService {
         let snapshot = shared
             .with_core(|core| core.download(&pseudonym, request.model_version))?
             .map_err(rejected)?;
-        let slot = Arc::clone(&shared.downloads)
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let slot = slot(&shared.downloads).await?;
         // The chunks share the snapshot's encoded bytes: encoded once per
         // model version, sent to the whole cohort.
         let mut layout = Some(snapshot.layout.to_pb());
@@ -814,12 +813,7 @@ impl Coordinator for CoordinatorService {
             .with_core(|core| core.check_update_header(now(), &header))?
             .map_err(rejected)?;
         shared.expire_reservations();
-        let slot = tokio::time::timeout(
-            shared.long_poll,
-            Arc::clone(&shared.uploads).acquire_owned(),
-        )
-        .await;
-        let granted = match slot {
+        let granted = match tokio::time::timeout(shared.long_poll, slot(&shared.uploads)).await {
             Ok(Ok(permit)) => {
                 let until = tokio::time::Instant::now() + UPLOAD_LEASE;
                 if let Ok(mut reservations) = shared.reservations.lock() {
@@ -827,7 +821,7 @@ impl Coordinator for CoordinatorService {
                 }
                 true
             }
-            Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
+            Ok(Err(status)) => return Err(status),
             Err(_) => false,
         };
         Ok(Response::new(pb::UploadReservation {

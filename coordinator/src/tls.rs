@@ -36,7 +36,7 @@ pub fn server_tls_config(cfg: &TlsConfig) -> Result<Option<ServerTlsConfig>, Coo
         }
         return Err(CoordinatorError::Tls {
             path: cert_path.clone(),
-            message: format!("rustls refuses {files}: {}", error_chain(&e)),
+            message: format!("rustls refuses {files}: {}", fedrec_proto::error_chain(&e)),
         });
     }
     Ok(Some(tls))
@@ -50,30 +50,12 @@ fn read_pem(path: &Path, option: &str, label: &str) -> Result<Vec<u8>, Coordinat
         message,
     };
     let bytes = std::fs::read(path).map_err(|e| err(format!("{option}: cannot read: {e}")))?;
-    let text = String::from_utf8_lossy(&bytes);
-    let found = text.lines().any(|line| {
-        line.strip_prefix("-----BEGIN ")
-            .and_then(|rest| rest.strip_suffix("-----"))
-            .is_some_and(|l| l.ends_with(label))
-    });
-    if !found {
+    if !fedrec_proto::has_pem_block(&bytes, label) {
         return Err(err(format!(
             "{option}: no PEM block \"-----BEGIN {label}-----\" in the file"
         )));
     }
     Ok(bytes)
-}
-
-/// `err` and its sources, joined by ": ".
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

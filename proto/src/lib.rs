@@ -84,6 +84,30 @@ pub fn server_builder() -> tonic::transport::Server {
         .tcp_nodelay(true)
 }
 
+/// `err` and its sources, joined by ": ". A transport error alone often
+/// says only "transport error"; the reason (an untrusted certificate, a
+/// refused connection) is in its sources.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Whether the PEM text `bytes` holds a block whose label ends with `label`
+/// (`"CERTIFICATE"`, or `"PRIVATE KEY"` for any of the key labels).
+pub fn has_pem_block(bytes: &[u8], label: &str) -> bool {
+    String::from_utf8_lossy(bytes).lines().any(|line| {
+        line.strip_prefix("-----BEGIN ")
+            .and_then(|rest| rest.strip_suffix("-----"))
+            .is_some_and(|l| l.ends_with(label))
+    })
+}
+
 /// Uploads `chunks` (the header first, then the values) after reserving an
 /// upload slot for that header ([`ReserveUpload`](pb::coordinator_client::CoordinatorClient::reserve_upload)),
 /// asking again while the coordinator answers that none freed within its
