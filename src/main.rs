@@ -12,7 +12,7 @@ use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
 use fedrec_coordinator::config::{
     Aggregation, CoordinatorConfig, DpMode, LossName, Schedule, StrategyName, Weighting,
 };
-use fedrec_proto::download::Encoding;
+use fedrec_proto::codec::Encoding;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Federated recommendation: devices train on their own purchases; a
@@ -123,9 +123,12 @@ struct BenchRoundArgs {
     /// Also time the same bytes through a plain tonic stream.
     #[arg(long)]
     loopback: bool,
-    /// Wire format of the model download: f32, f16 or q8 (updates stay f32).
+    /// Wire format of the model download: f32, f16 or q8.
     #[arg(long, value_name = "ENCODING", default_value = "f32", value_parser = parse_name::<Encoding>)]
     download_encoding: Encoding,
+    /// Wire format of the updates: f32, f16 or q8.
+    #[arg(long, value_name = "ENCODING", default_value = "f32", value_parser = parse_name::<Encoding>)]
+    upload_encoding: Encoding,
 }
 
 #[derive(Args, Debug)]
@@ -324,10 +327,13 @@ struct ConfigOverrides {
     #[arg(long, value_name = "C")]
     norm_bound: Option<f32>,
     /// Wire format of model downloads: f32 (exact), f16 (IEEE half) or q8
-    /// (8-bit, per block of 256 values); sets download.encoding. Updates
-    /// stay f32.
+    /// (8-bit, per block of 256 values); sets download.encoding.
     #[arg(long, value_name = "ENCODING", value_parser = parse_name::<Encoding>)]
     download_encoding: Option<Encoding>,
+    /// Wire format of updates in plain rounds: f32, f16 or q8 (as for
+    /// downloads); sets upload.encoding.
+    #[arg(long, value_name = "ENCODING", value_parser = parse_name::<Encoding>)]
+    upload_encoding: Option<Encoding>,
 }
 
 impl ConfigOverrides {
@@ -432,6 +438,9 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.download_encoding {
             cfg.download.encoding = v;
+        }
+        if let Some(v) = self.upload_encoding {
+            cfg.upload.encoding = v;
         }
     }
 }
@@ -684,14 +693,23 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::Round(a) => {
-            let row =
-                fedrec::bench::round(a.clients, a.dim, a.rounds, a.loopback, a.download_encoding)?;
+            let row = fedrec::bench::round(
+                a.clients,
+                a.dim,
+                a.rounds,
+                a.loopback,
+                fedrec::bench::Wire {
+                    download: a.download_encoding,
+                    upload: a.upload_encoding,
+                },
+            )?;
             eprintln!(
-                "{} devices x {} values, {} downloads of {} bytes: {:.3} s per round ({:.1} MB), {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
+                "{} devices x {} values, {} downloads of {} bytes, {} uploads: {:.3} s per round ({:.1} MB), {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
                 row.clients,
                 row.dim,
                 row.download_encoding,
                 row.download_bytes_per_device,
+                row.upload_encoding,
                 row.sec_per_round,
                 row.bytes_per_round as f64 / 1e6,
                 row.bytes_per_sec / 1e6,

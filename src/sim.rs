@@ -35,7 +35,7 @@ use fedrec_coordinator::round::{
     CheckIn, Pseudonym, RoundCore, RoundSummary, SecureSummary, TaskKind, UpdateHeader,
 };
 use fedrec_coordinator::service::{CoordinatorService, ServeOptions};
-use fedrec_proto::download::Encoding;
+use fedrec_proto::codec::{EncodedModel, Encoding};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -721,12 +721,16 @@ fn run_task(
     let cfg = device_training(&task.training);
     Ok(match task.kind {
         TaskKind::Evaluate => TaskResult::Evaluation(device.evaluate(global, &cfg)?),
-        _ => TaskResult::Update(device.train_task(
-            global,
-            &cfg,
-            task.evaluate,
-            device_privacy(task).as_ref(),
-        )?),
+        _ => {
+            let mut update =
+                device.train_task(global, &cfg, task.evaluate, device_privacy(task).as_ref())?;
+            // What a gRPC upload in the task's encoding delivers.
+            if task.upload_encoding != Encoding::F32 {
+                update.delta =
+                    EncodedModel::for_upload(&update.delta, task.upload_encoding).decode();
+            }
+            TaskResult::Update(update)
+        }
     })
 }
 

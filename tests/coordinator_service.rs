@@ -11,7 +11,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use fedrec_coordinator::{CoordinatorConfig, RoundCore, ServeOptions};
-use fedrec_proto::download::{Encoding, ModelAssembler, Q8_BLOCK};
+use fedrec_proto::codec::{EncodedModel, Encoding, ModelAssembler, Q8_BLOCK};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
 use fedrec_proto::{DEFAULT_CHUNK_BYTES, Layout, PROTOCOL_VERSION, tensor};
@@ -826,4 +826,105 @@ async fn compressed_downloads_complete_rounds_within_the_bound() {
         drop(client);
         server.stop().await;
     }
+}
+
+/// Uploads `update` in `encoding` under `header`, as a device does (the
+/// encoded runs of `EncodedModel::update_parts`, in small chunks).
+async fn upload_encoded(
+    client: &mut CoordinatorClient<Channel>,
+    header: pb::UpdateHeader,
+    update: &EncodedModel,
+) -> Result<pb::UpdateAck, tonic::Status> {
+    let messages: Vec<pb::UpdateChunk> = std::iter::once(Part::Header(header))
+        .chain(update.update_parts(16 * 1024))
+        .map(|part| pb::UpdateChunk { part: Some(part) })
+        .collect();
+    common::within("upload", client.submit_update(tokio_stream::iter(messages)))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// With `upload.encoding = "q8"` tasks ask for q8 updates; the coordinator
+/// folds exactly what the devices encoded (q8 from one device, f32 from a
+/// device that ignores the request), and refuses a malformed run with
+/// INVALID_ARGUMENT and its reason, leaving the sum as it was: the device
+/// can send again.
+#[tokio::test]
+async fn compressed_uploads_are_decoded_into_the_mean_and_bad_runs_refused() {
+    let layout = Layout::new(vec![("item_factors".into(), vec![5_000, 8])]);
+    let n = layout.num_values();
+    let params = vec![0.5_f32; n];
+    let mut cfg = config(3, 1);
+    cfg.upload.encoding = Encoding::Q8;
+    let server = common::serve(cfg, layout.clone(), params.clone()).await;
+    let mut client = server.client().await;
+    let devices = vec![
+        join(&mut client).await,
+        join(&mut client).await,
+        join(&mut client).await,
+    ];
+    let tasks = tasks(&client, &devices).await;
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t.upload_encoding == pb::ValueEncoding::Q8 as i32)
+    );
+    let a: Vec<f32> = (0..n)
+        .map(|i| ((i * 31) % 200) as f32 * 1e-3 - 0.1)
+        .collect();
+    let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin() * 0.05).collect();
+    let a_q8 = EncodedModel::for_upload(&a, Encoding::Q8);
+    let ack = upload_encoded(
+        &mut client,
+        header(&devices[0], &tasks[0], 1, n as u64),
+        &a_q8,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.accepted, 1);
+
+    // A run whose q8 blocks do not match its values: refused, not counted.
+    let mut bad: Vec<pb::UpdateChunk> = vec![pb::UpdateChunk {
+        part: Some(Part::Header(header(&devices[2], &tasks[2], 1, n as u64))),
+    }];
+    bad.extend(a_q8.update_parts(16 * 1024).map(|part| {
+        let mut part = part;
+        if let Part::Encoded(run) = &mut part {
+            run.q8.as_mut().unwrap().min.pop();
+        }
+        pb::UpdateChunk { part: Some(part) }
+    }));
+    let refused = common::within("upload", client.submit_update(tokio_stream::iter(bad))).await;
+    assert_status(refused, Code::InvalidArgument, "q8 chunk of");
+
+    // An f32 update (a device that does not know q8) is accepted too.
+    let b_f32 = EncodedModel::for_upload(&b, Encoding::F32);
+    let ack = upload_encoded(
+        &mut client,
+        header(&devices[1], &tasks[1], 1, n as u64),
+        &b_f32,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.accepted, 2);
+    let ack = upload_encoded(
+        &mut client,
+        header(&devices[2], &tasks[2], 1, n as u64),
+        &a_q8,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ack.accepted, 3);
+
+    let reason = common::within("finish", server.handle.finished()).await;
+    assert!(reason.contains("1 training rounds"), "{reason}");
+    let model = server.handle.model().unwrap();
+    let decoded = a_q8.decode();
+    assert_ne!(decoded, a, "q8 is lossy");
+    for ((got, p), (x, y)) in model.params.iter().zip(&params).zip(decoded.iter().zip(&b)) {
+        let want = p + (2.0 * x + y) / 3.0;
+        assert!((got - want).abs() <= 1e-6, "{got} vs {want}");
+    }
+    drop(client);
+    server.stop().await;
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use fedrec::sim::make_devices;
 use fedrec_client::participant::Participant;
+use fedrec_proto::codec::Encoding;
 use fedrec_proto::pb;
 use prost::Message;
 
@@ -16,11 +17,23 @@ type Recorded = Arc<Mutex<Vec<(&'static str, Vec<u8>)>>>;
 /// update has the same size whatever the history (dense).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_message_carries_purchases_or_the_private_embedding() {
+    what_devices_send(Encoding::F32).await;
+}
+
+/// The same with compressed uploads (`upload.encoding = "q8"`): devices
+/// send q8 updates, of the q8 size, and the rounds complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_uploads_carry_no_purchases_and_shrink_updates() {
+    what_devices_send(Encoding::Q8).await;
+}
+
+async fn what_devices_send(upload: Encoding) {
     let (ds, split) = common::small_split(20, 60, 4);
     let model = common::model(ds.n_items(), 8);
     let mut cfg = fedrec::sim::default_coordinator_config();
     cfg.rounds.rounds = 3;
     cfg.rounds.clients_per_round = 10;
+    cfg.upload.encoding = upload;
     let running = common::start(cfg, &model, 1).await;
     let devices = make_devices(&model, &split, 7).expect("devices");
     let num_values = model.layout().num_values();
@@ -80,7 +93,13 @@ async fn no_message_carries_purchases_or_the_private_embedding() {
                 "UpdateChunk" => match pb::UpdateChunk::decode(bytes.as_slice()).unwrap().part {
                     Some(pb::update_chunk::Part::Header(h)) => round = h.round,
                     Some(pb::update_chunk::Part::Values(v)) => {
+                        assert_eq!(upload, Encoding::F32, "f32 updates travel as plain values");
                         *update_bytes_per_round.entry(round).or_default() += v.len()
+                    }
+                    Some(pb::update_chunk::Part::Encoded(run)) => {
+                        assert_eq!(run.encoding, upload.to_pb() as i32);
+                        let q8 = run.q8.map_or(0, |q| 4 * (q.min.len() + q.scale.len()));
+                        *update_bytes_per_round.entry(round).or_default() += run.values.len() + q8
                     }
                     None => panic!("empty update chunk"),
                 },
@@ -90,7 +109,7 @@ async fn no_message_carries_purchases_or_the_private_embedding() {
         for (round, bytes) in update_bytes_per_round {
             assert_eq!(
                 bytes,
-                num_values * 4,
+                upload.upload_wire_bytes(num_values),
                 "round {round}: updates are dense, whatever was bought"
             );
         }

@@ -3,7 +3,7 @@
 mod common;
 
 use fedrec::sim::{self, SimConfig, Transport};
-use fedrec_proto::download::Encoding;
+use fedrec_proto::codec::Encoding;
 
 fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimConfig {
     let mut coordinator = sim::default_coordinator_config();

@@ -13,9 +13,9 @@ mod secure;
 
 use std::time::Duration;
 
-use fedrec_proto::download::{DownloadError, ModelAssembler};
+use fedrec_proto::codec::{CodecError, EncodedModel, Encoding, ModelAssembler};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
-use fedrec_proto::{Layout, PROTOCOL_VERSION, pb, tensor};
+use fedrec_proto::{Layout, PROTOCOL_VERSION, pb};
 use prost::Message;
 use tonic::transport::Channel;
 
@@ -355,6 +355,9 @@ impl Participant {
         };
         let kind = task.kind();
         let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
+        // The encoding the task asks for; one this device does not know
+        // (a newer coordinator) falls back to f32, which is always accepted.
+        let encoding = Encoding::from_pb(task.upload_encoding).unwrap_or_default();
         let (device, outcome) = tokio::task::spawn_blocking(move || {
             let mut device = device;
             let outcome = match kind {
@@ -363,7 +366,10 @@ impl Participant {
                 }
                 _ => device
                     .train_task(&global, &cfg, evaluate, dp.as_ref())
-                    .map(TaskOutcome::Update),
+                    .map(|update| {
+                        let encoded = EncodedModel::for_upload(&update.delta, encoding);
+                        TaskOutcome::Update(update, encoded)
+                    }),
             };
             (device, outcome)
         })
@@ -373,7 +379,7 @@ impl Participant {
         device.consent_cell().require_training()?;
         let result = match outcome? {
             TaskOutcome::Evaluation(counts) => self.submit_evaluation(task, counts).await,
-            TaskOutcome::Update(update) => self.submit_update(task, update).await,
+            TaskOutcome::Update(update, encoded) => self.submit_update(task, update, encoded).await,
         };
         match result {
             Ok(()) => Ok((device, TaskEnd::Accepted)),
@@ -410,6 +416,7 @@ impl Participant {
         &mut self,
         task: &pb::Task,
         update: crate::device::LocalUpdate,
+        encoded: EncodedModel,
     ) -> Result<(), ClientError> {
         let header = pb::UpdateHeader {
             pseudonym: self.pseudonym.clone(),
@@ -419,14 +426,13 @@ impl Participant {
             num_values: update.delta.len() as u64,
             evaluation: update.evaluation.as_ref().map(pb::EvaluationCounts::from),
         };
-        let encoded = tensor::encode(&update.delta);
         let mut chunks = vec![pb::UpdateChunk {
             part: Some(pb::update_chunk::Part::Header(header)),
         }];
         chunks.extend(
-            tensor::chunks(&encoded, self.chunk_bytes).map(|(_, values)| pb::UpdateChunk {
-                part: Some(pb::update_chunk::Part::Values(values)),
-            }),
+            encoded
+                .update_parts(self.chunk_bytes)
+                .map(|part| pb::UpdateChunk { part: Some(part) }),
         );
         for c in &chunks {
             self.sent.log("UpdateChunk", task.round, c);
@@ -461,7 +467,8 @@ impl Participant {
 }
 
 enum TaskOutcome {
-    Update(crate::device::LocalUpdate),
+    /// The update, and its values encoded for upload.
+    Update(crate::device::LocalUpdate, EncodedModel),
     Evaluation(Option<EvalCounts>),
 }
 
@@ -503,9 +510,9 @@ pub(crate) async fn receive_model(
 }
 
 /// The device's error for a download it cannot use.
-fn download_refused(e: DownloadError) -> ClientError {
+fn download_refused(e: CodecError) -> ClientError {
     match e {
-        DownloadError::LayoutMismatch { .. } => ClientError::ModelMismatch(e.to_string()),
+        CodecError::LayoutMismatch { .. } => ClientError::ModelMismatch(e.to_string()),
         e => ClientError::Protocol(format!("model download: {e}")),
     }
 }

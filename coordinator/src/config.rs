@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedrec_proto::download::Encoding;
+use fedrec_proto::codec::Encoding;
 use serde::{Deserialize, Serialize};
 
 use crate::CoordinatorError;
@@ -120,6 +120,8 @@ pub struct CoordinatorConfig {
     pub auth: AuthConfig,
     /// `[download]`: how the model travels to devices.
     pub download: DownloadConfig,
+    /// `[upload]`: how devices send their updates in plain rounds.
+    pub upload: UploadConfig,
 }
 
 /// `[auth]`: device authentication by enrollment token.
@@ -169,15 +171,28 @@ impl AuthConfig {
 }
 
 /// `[download]`: the wire format of model downloads. Each model version is
-/// encoded once in it and the same bytes go to every device; updates always
-/// travel as f32. See [`fedrec_proto::download`] for each encoding's error
-/// bound.
+/// encoded once in it and the same bytes go to every device. See
+/// [`fedrec_proto::codec`] for each encoding's error bound.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DownloadConfig {
     /// `"f32"` (exact, 4 bytes a value), `"f16"` (IEEE half, 2 bytes) or
     /// `"q8"` (8-bit linear quantization per block of 256 values, about
     /// 1.03 bytes). Default `"f32"`.
+    pub encoding: Encoding,
+}
+
+/// `[upload]`: the wire format of updates in plain training rounds. The
+/// task tells each device; the coordinator decodes every encoding (and f32
+/// from devices that do not know the one asked for). The encoding's error
+/// enters the cohort's mean update (see [`fedrec_proto::codec`]). Secure
+/// aggregation quantizes masked inputs itself (`secure_aggregation.bits`),
+/// so it needs `"f32"` here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadConfig {
+    /// `"f32"` (exact), `"f16"` or `"q8"`, as for `[download]`. Default
+    /// `"f32"`.
     pub encoding: Encoding,
 }
 
@@ -1096,6 +1111,14 @@ impl CoordinatorConfig {
         if !sa.enabled {
             return Ok(());
         }
+        if self.upload.encoding != Encoding::F32 {
+            return Err(invalid(format!(
+                "upload.encoding = \"{}\" cannot be used with secure_aggregation.enabled: \
+                 secure aggregation quantizes masked inputs itself (secure_aggregation.bits); \
+                 set upload.encoding = \"f32\"",
+                self.upload.encoding
+            )));
+        }
         let max = fedrec_proto::secagg::Quantizer::new(sa.range, sa.bits)
             .map_err(|e| invalid(format!("secure_aggregation: {e}")))?
             .max_summands();
@@ -1163,9 +1186,11 @@ mod tests {
         config.strategy.name = StrategyName::FedYogi;
         config.model.items = Some(100);
         config.download.encoding = Encoding::Q8;
+        config.upload.encoding = Encoding::F16;
         let text = config.to_toml_string().unwrap();
         assert!(text.contains("name = \"fedyogi\""), "{text}");
         assert!(text.contains("[download]\nencoding = \"q8\""), "{text}");
+        assert!(text.contains("[upload]\nencoding = \"f16\""), "{text}");
         assert_eq!(CoordinatorConfig::from_toml_str(&text).unwrap(), config);
     }
 
@@ -1200,6 +1225,15 @@ mod tests {
         let err = CoordinatorConfig::from_toml_str("[download]\nencoding = \"q4\"\n").unwrap_err();
         assert!(
             err.to_string().contains("q4") && err.to_string().contains("f16"),
+            "{err}"
+        );
+        let err = CoordinatorConfig::from_toml_str(
+            "[upload]\nencoding = \"q8\"\n[secure_aggregation]\nenabled = true\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("upload.encoding = \"q8\"")
+                && err.to_string().contains("secure_aggregation.bits"),
             "{err}"
         );
         let err = CoordinatorConfig::from_toml_str("[strategy]\nbeta2 = 1.0\n").unwrap_err();

@@ -33,7 +33,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
-use fedrec_proto::download::{EncodedModel, Encoding};
+use fedrec_proto::codec::{EncodedModel, Encoding};
 use fedrec_proto::{Layout, tensor};
 
 use crate::CoordinatorError;
@@ -129,6 +129,9 @@ pub struct Task {
     /// Set when the round runs under differential privacy (training tasks
     /// only): the clipping and noise the device applies, and the (ε, δ).
     pub privacy: Option<TaskPrivacy>,
+    /// How the device encodes its update (`[upload] encoding`; f32 in
+    /// secure rounds, whose masked inputs are quantized by the protocol).
+    pub upload_encoding: Encoding,
 }
 
 /// The answer to a check-in.
@@ -799,6 +802,10 @@ impl RoundCore {
             Some(secure) => Some(secure.task(pseudonym)?),
             None => None,
         };
+        let upload_encoding = match secure_aggregation {
+            Some(_) => Encoding::F32,
+            None => self.config.upload.encoding,
+        };
         Some(Task {
             kind: open.kind,
             round: open.number,
@@ -808,6 +815,7 @@ impl RoundCore {
             evaluate: open.kind == TaskKind::Evaluate || self.config.rounds.evaluate,
             secure_aggregation,
             privacy: open.privacy.as_ref().map(|p| p.task),
+            upload_encoding,
         })
     }
 

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, update_chunk::Part};
-use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION};
+use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, codec};
 
 mod secure;
 
@@ -505,6 +505,7 @@ impl CoordinatorService {
                     count_noise_stddev: p.count_noise_std.unwrap_or(0.0),
                 }),
                 secure_aggregation: task.secure_aggregation.as_ref().map(secure::task_to_pb),
+                upload_encoding: task.upload_encoding.to_pb().into(),
             }),
             CheckIn::Wait { retry_after } => Outcome::Wait(pb::Wait {
                 retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
@@ -517,7 +518,9 @@ impl CoordinatorService {
     }
 
     /// Receives an upload: header first (checked before any value is read),
-    /// then the values into one buffer of at most 4 bytes per model value.
+    /// then the values into one buffer of at most 4 bytes per model value:
+    /// f32 bytes as they come, encoded runs (compressed uploads) decoded
+    /// into f32 as each arrives, off the coordinator's lock.
     async fn receive_update(
         &self,
         stream: &mut Streaming<pb::UpdateChunk>,
@@ -545,6 +548,8 @@ impl CoordinatorService {
             None => slot(&shared.uploads).await?,
         };
         let mut values = Vec::with_capacity(limit);
+        // Bytes of values as sent (less than `values` when encoded).
+        let mut wire = 0;
         let read = async {
             while let Some(chunk) = stream.message().await? {
                 match chunk.part {
@@ -556,6 +561,16 @@ impl CoordinatorService {
                             );
                         }
                         values.extend_from_slice(&bytes);
+                        wire += bytes.len();
+                    }
+                    Some(Part::Encoded(run)) => {
+                        wire += run.values.len();
+                        codec::append_update_run(&run, &mut values, limit / 4).map_err(|e| {
+                            shared.reject_at_edge(CoordinatorError::Malformed(format!(
+                                "upload of {} values: {e}",
+                                limit / 4
+                            )))
+                        })?;
                     }
                     Some(Part::Header(_)) => {
                         return Err(shared.reject_at_edge(CoordinatorError::Malformed(
@@ -575,9 +590,7 @@ impl CoordinatorService {
         tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read)
             .await
             .map_err(|_| shared.reject_at_edge(CoordinatorError::UploadTimeout { round }))??;
-        shared
-            .bytes_in
-            .fetch_add(values.len() as u64, Ordering::Relaxed);
+        shared.bytes_in.fetch_add(wire as u64, Ordering::Relaxed);
         shared
             .with_core(|core| core.submit_update(now(), header, &values))?
             .map_err(rejected)

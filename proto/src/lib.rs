@@ -4,9 +4,10 @@
 //!   (compiled in `build.rs` by protox, a pure-Rust protobuf compiler).
 //! - [`tensor`]: the flat little-endian `f32` encoding of models and updates,
 //!   chunking for streams, and zero-copy folding of encoded values into a sum.
-//! - [`download`]: the model download in the coordinator's chosen encoding
-//!   (f32, f16 or 8-bit quantized), encoded once per model version and
-//!   decoded chunk by chunk on the device.
+//! - [`codec`]: models and updates in a chosen encoding (f32, f16 or 8-bit
+//!   quantized): the download, encoded once per model version and decoded
+//!   chunk by chunk on the device, and compressed uploads, decoded chunk by
+//!   chunk on the coordinator.
 //! - [`Layout`]: the names and shapes of the model's tensors.
 //!
 //! ```
@@ -20,7 +21,7 @@
 //! assert_eq!(sum[0], 1.0);
 //! ```
 
-pub mod download;
+pub mod codec;
 pub mod eval;
 pub mod secagg;
 pub mod tensor;

@@ -23,7 +23,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use fedrec_coordinator::aggregate::Aggregator;
 use fedrec_coordinator::config::CoordinatorConfig;
-use fedrec_proto::download::{EncodedModel, Encoding, ModelAssembler};
+use fedrec_proto::codec::{EncodedModel, Encoding, ModelAssembler};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
@@ -109,10 +109,12 @@ pub struct RoundRow {
     pub dim: usize,
     /// Timed rounds.
     pub rounds: u32,
-    /// The wire format of the model download (updates are f32).
+    /// The wire format of the model download.
     pub download_encoding: Encoding,
     /// Bytes of one device's download (values and q8 block parameters).
     pub download_bytes_per_device: usize,
+    /// The wire format of the updates.
+    pub upload_encoding: Encoding,
     /// Model and update bytes of one round, all devices.
     pub bytes_per_round: usize,
     /// Wall-clock seconds per round, from the first task to the last device's `Finished`.
@@ -160,7 +162,7 @@ struct ServeProcess {
 }
 
 impl ServeProcess {
-    fn start(clients: usize, dim: usize, rounds: u32, encoding: Encoding) -> anyhow::Result<Self> {
+    fn start(clients: usize, dim: usize, rounds: u32, wire: Wire) -> anyhow::Result<Self> {
         let (items, factors) = shape(dim)?;
         let mut cfg = CoordinatorConfig::default();
         cfg.server.listen = "127.0.0.1:0".into();
@@ -174,7 +176,8 @@ impl ServeProcess {
         cfg.rounds.final_evaluation = false;
         cfg.model.items = Some(items);
         cfg.model.factors = factors;
-        cfg.download.encoding = encoding;
+        cfg.download.encoding = wire.download;
+        cfg.upload.encoding = wire.upload;
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("bench.toml");
         std::fs::write(&path, toml::to_string(&cfg)?)?;
@@ -259,12 +262,38 @@ struct DeviceTimes {
     immediate_check_ins: Vec<Duration>,
 }
 
+/// The wire formats of a round benchmark.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wire {
+    /// Of the model download.
+    pub download: Encoding,
+    /// Of the updates.
+    pub upload: Encoding,
+}
+
+/// The update every benchmark device sends, encoded once (like training,
+/// encoding is device work the benchmark leaves out): small values of
+/// varied sign and size, so that q8 blocks have real ranges.
+fn bench_update(dim: usize, encoding: Encoding) -> EncodedModel {
+    let values: Vec<f32> = (0..dim)
+        .map(|i| 0.01 * (i as f32 * 0.618).sin() * (1.0 + (i % 7) as f32))
+        .collect();
+    EncodedModel::for_upload(&values, encoding)
+}
+
+/// The chunks of an upload of `update` under `header`.
+fn upload_chunks(header: pb::UpdateHeader, update: &EncodedModel) -> Vec<pb::UpdateChunk> {
+    std::iter::once(Part::Header(header))
+        .chain(update.update_parts(DEFAULT_CHUNK_BYTES))
+        .map(|part| pb::UpdateChunk { part: Some(part) })
+        .collect()
+}
+
 /// A device whose local training takes no time: it downloads and decodes
-/// the model, uploads `zero` (an encoded update of zeros) and checks in
-/// again.
+/// the model, uploads `update` and checks in again.
 async fn zero_training_device(
     mut client: CoordinatorClient<Channel>,
-    zero: Bytes,
+    update: Arc<EncodedModel>,
 ) -> anyhow::Result<DeviceTimes> {
     let asked = Instant::now();
     let joined = client
@@ -309,7 +338,7 @@ async fn zero_training_device(
                 }
                 let model = model.context("an empty download")?.finish()?;
                 anyhow::ensure!(
-                    model.len() * 4 == zero.len(),
+                    model.len() == update.num_values(),
                     "model of {} values",
                     model.len()
                 );
@@ -318,18 +347,10 @@ async fn zero_training_device(
                     round: task.round,
                     model_version: task.model_version,
                     num_examples: 1,
-                    num_values: (zero.len() / 4) as u64,
+                    num_values: update.num_values() as u64,
                     evaluation: None,
                 };
-                let chunks = std::iter::once(pb::UpdateChunk {
-                    part: Some(Part::Header(header)),
-                })
-                .chain(
-                    tensor::chunks(&zero, DEFAULT_CHUNK_BYTES).map(|(_, values)| pb::UpdateChunk {
-                        part: Some(Part::Values(values)),
-                    }),
-                )
-                .collect::<Vec<_>>();
+                let chunks = upload_chunks(header, &update);
                 fedrec_proto::reserve_and_upload(&mut client, chunks, |_| {}).await?;
             }
             Some(Outcome::Wait(w)) => {
@@ -353,20 +374,20 @@ pub fn round(
     dim: usize,
     rounds: u32,
     with_loopback: bool,
-    encoding: Encoding,
+    wire: Wire,
 ) -> anyhow::Result<RoundRow> {
     if clients == 0 || rounds == 0 {
         bail!("--clients and --rounds must be >= 1");
     }
-    let server = ServeProcess::start(clients, dim, rounds, encoding)?;
+    let server = ServeProcess::start(clients, dim, rounds, wire)?;
     let runtime = tokio::runtime::Runtime::new()?;
+    let update = Arc::new(bench_update(dim, wire.upload));
     let times = runtime.block_on(async {
         let channels = connect(&server.addr).await?;
-        let zero = tensor::encode(&vec![0.0_f32; dim]);
         let tasks: Vec<_> = (0..clients)
             .map(|i| {
                 let client = CoordinatorClient::new(channels[i % channels.len()].clone());
-                tokio::spawn(zero_training_device(client, zero.clone()))
+                tokio::spawn(zero_training_device(client, Arc::clone(&update)))
             })
             .collect();
         let mut times = Vec::with_capacity(clients);
@@ -388,10 +409,11 @@ pub fn round(
     let sec_per_round = (end - start).as_secs_f64() / f64::from(rounds);
     let coordinator_peak_rss_mb = server.peak_rss_mb()?;
     drop(server);
-    let download_bytes_per_device = encoding.wire_bytes(dim);
-    let bytes_per_round = clients * (download_bytes_per_device + dim * 4);
+    let download_bytes_per_device = wire.download.wire_bytes(dim);
+    let bytes_per_round =
+        clients * (download_bytes_per_device + wire.upload.upload_wire_bytes(dim));
     let loopback_sec_per_round = if with_loopback {
-        Some(runtime.block_on(loopback(clients, dim, encoding))?)
+        Some(runtime.block_on(loopback(clients, dim, wire))?)
     } else {
         None
     };
@@ -399,8 +421,9 @@ pub fn round(
         clients,
         dim,
         rounds,
-        download_encoding: encoding,
+        download_encoding: wire.download,
         download_bytes_per_device,
+        upload_encoding: wire.upload,
         bytes_per_round,
         sec_per_round,
         coordinator_peak_rss_mb,
@@ -506,18 +529,18 @@ impl Coordinator for Sink {
     }
 }
 
-/// Seconds for `clients` devices to download `dim` values each in
-/// `encoding` and upload as many in f32 through a plain tonic stream (the
-/// same messages and chunking as a round, with no coordinator logic and no
+/// Seconds for `clients` devices to download `dim` values each and upload
+/// as many, in the `wire` encodings, through a plain tonic stream (the same
+/// messages and chunking as a round, with no coordinator logic and no
 /// decoding): the network limit of a round.
-pub async fn loopback(clients: usize, dim: usize, encoding: Encoding) -> anyhow::Result<f64> {
+pub async fn loopback(clients: usize, dim: usize, wire: Wire) -> anyhow::Result<f64> {
     let zeros = vec![0.0_f32; dim];
-    let download_bytes = encoding.wire_bytes(dim);
-    let update = tensor::encode(&zeros);
+    let download_bytes = wire.download.wire_bytes(dim);
+    let update = Arc::new(bench_update(dim, wire.upload));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let server = CoordinatorServer::new(Sink {
-        model: EncodedModel::new(&zeros, encoding),
+        model: EncodedModel::new(&zeros, wire.download),
     })
     .max_decoding_message_size(DEFAULT_CHUNK_BYTES + 64 * 1024);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -532,7 +555,6 @@ pub async fn loopback(clients: usize, dim: usize, encoding: Encoding) -> anyhow:
             ),
     );
     let channels = connect(&addr).await?;
-    let update = Arc::new(update);
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
@@ -549,11 +571,7 @@ pub async fn loopback(clients: usize, dim: usize, encoding: Encoding) -> anyhow:
                         + chunk.q8.map_or(0, |q| 4 * (q.min.len() + q.scale.len()));
                 }
                 anyhow::ensure!(received == download_bytes, "short download");
-                let chunks: Vec<pb::UpdateChunk> = tensor::chunks(&update, DEFAULT_CHUNK_BYTES)
-                    .map(|(_, values)| pb::UpdateChunk {
-                        part: Some(Part::Values(values)),
-                    })
-                    .collect();
+                let chunks = upload_chunks(pb::UpdateHeader::default(), &update);
                 client.submit_update(tokio_stream::iter(chunks)).await?;
                 anyhow::Ok(())
             })

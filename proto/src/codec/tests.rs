@@ -179,7 +179,7 @@ fn q8_chunk(values: &[u8], block_values: u32, min: Vec<f32>, scale: Vec<f32>) ->
 }
 
 /// The error of feeding `chunk` alone to a device expecting `n` values.
-fn refusal(n: u64, chunk: pb::ModelChunk) -> DownloadError {
+fn refusal(n: u64, chunk: pb::ModelChunk) -> CodecError {
     ModelAssembler::new(layout(n)).add(&chunk).unwrap_err()
 }
 
@@ -192,7 +192,7 @@ fn malformed_chunks_are_refused_with_the_reason() {
     };
     assert_eq!(
         refusal(2, f16(&[0, 0, 0])),
-        DownloadError::Misaligned {
+        CodecError::Misaligned {
             encoding: Encoding::F16,
             bytes: 3
         }
@@ -213,11 +213,11 @@ fn malformed_chunks_are_refused_with_the_reason() {
                 ..Default::default()
             }
         ),
-        DownloadError::UnknownEncoding(7)
+        CodecError::UnknownEncoding(7)
     );
     assert_eq!(
         refusal(1, f16(&[0, 0, 0, 0])),
-        DownloadError::Overrun {
+        CodecError::Overrun {
             offset: 0,
             len: 2,
             total: 1
@@ -227,7 +227,7 @@ fn malformed_chunks_are_refused_with_the_reason() {
     late.offset = 1;
     assert_eq!(
         refusal(2, late),
-        DownloadError::OutOfOrder {
+        CodecError::OutOfOrder {
             offset: 1,
             expected: 0
         }
@@ -236,21 +236,21 @@ fn malformed_chunks_are_refused_with_the_reason() {
     other.layout = layout(3).to_pb();
     assert!(matches!(
         refusal(2, other),
-        DownloadError::LayoutMismatch { .. }
+        CodecError::LayoutMismatch { .. }
     ));
 
     // q8: missing or zero-sized blocks, wrong counts, bad parameters.
     let mut bare = q8_chunk(&[1, 2], 2, vec![0.0], vec![1.0]);
     bare.q8 = None;
-    assert_eq!(refusal(2, bare), DownloadError::MissingQ8Blocks);
+    assert_eq!(refusal(2, bare), CodecError::MissingQ8Blocks);
     assert_eq!(
         refusal(2, q8_chunk(&[1, 2], 0, vec![0.0], vec![1.0])),
-        DownloadError::MissingQ8Blocks
+        CodecError::MissingQ8Blocks
     );
     let err = refusal(3, q8_chunk(&[1, 2, 3], 2, vec![0.0], vec![1.0, 1.0]));
     assert_eq!(
         err,
-        DownloadError::Q8BlockCount {
+        CodecError::Q8BlockCount {
             values: 3,
             block_values: 2,
             expected: 2,
@@ -266,7 +266,7 @@ fn malformed_chunks_are_refused_with_the_reason() {
     ] {
         let err = refusal(2, q8_chunk(&[1, 2], 2, vec![min], vec![scale]));
         assert!(
-            matches!(err, DownloadError::Q8BadBlock { block: 0, .. }),
+            matches!(err, CodecError::Q8BadBlock { block: 0, .. }),
             "{min} {scale}: {err}"
         );
     }
@@ -280,7 +280,7 @@ fn incomplete_or_overflowing_models_are_refused_at_the_end() {
         .unwrap();
     assert_eq!(
         device.finish().unwrap_err(),
-        DownloadError::Incomplete {
+        CodecError::Incomplete {
             received: 2,
             total: 3
         }
@@ -301,9 +301,137 @@ fn incomplete_or_overflowing_models_are_refused_at_the_end() {
         .unwrap();
     assert!(matches!(
         device.finish(),
-        Err(DownloadError::Tensor(TensorError::NotFinite {
-            index: 0,
-            ..
-        }))
+        Err(CodecError::Tensor(TensorError::NotFinite { index: 0, .. }))
     ));
+}
+
+/// An upload's values as the coordinator rebuilds them: f32 parts appended
+/// as they are, encoded runs through `append_update_run`.
+fn received(parts: impl Iterator<Item = pb::update_chunk::Part>, total: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in parts {
+        match part {
+            pb::update_chunk::Part::Values(bytes) => out.extend_from_slice(&bytes),
+            pb::update_chunk::Part::Encoded(run) => {
+                append_update_run(&run, &mut out, total).unwrap()
+            }
+            pb::update_chunk::Part::Header(_) => panic!("values only"),
+        }
+    }
+    out
+}
+
+#[test]
+fn uploads_decode_to_what_the_device_encoded_in_every_encoding() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for case in 0..30 {
+        let update = model(&mut rng, 10f32.powi(case % 5 - 4));
+        for encoding in Encoding::ALL {
+            let encoded = EncodedModel::for_upload(&update, encoding);
+            assert_eq!(
+                encoded.wire_bytes(),
+                encoding.upload_wire_bytes(update.len())
+            );
+            let want = tensor::encode(&encoded.decode());
+            for chunk_bytes in [1, 300, 4096, 1 << 20] {
+                let parts: Vec<_> = encoded.update_parts(chunk_bytes).collect();
+                // f32 travels as plain values (any coordinator reads them);
+                // the others as encoded runs.
+                assert!(parts.iter().all(|p| matches!(
+                    (encoding, p),
+                    (Encoding::F32, pb::update_chunk::Part::Values(_))
+                        | (
+                            Encoding::F16 | Encoding::Q8,
+                            pb::update_chunk::Part::Encoded(_)
+                        )
+                )));
+                let got = received(parts.into_iter(), update.len());
+                assert_eq!(
+                    got, want,
+                    "case {case}, {encoding}, chunks of {chunk_bytes} bytes"
+                );
+            }
+            // Within the encoding's bound, block by block of the upload.
+            let decoded = encoded.decode();
+            for (xs, ys) in update
+                .chunks(Q8_UPLOAD_BLOCK)
+                .zip(decoded.chunks(Q8_UPLOAD_BLOCK))
+            {
+                let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                for (x, y) in xs.iter().zip(ys) {
+                    let err = (f64::from(*x) - f64::from(*y)).abs();
+                    assert!(
+                        err <= encoding.error_bound(*x, lo, hi),
+                        "{encoding}: {x} as {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_upload_runs_are_refused_and_leave_the_values_received_so_far() {
+    let update: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).cos()).collect();
+    let q8 = EncodedModel::for_upload(&update, Encoding::Q8);
+    let runs: Vec<pb::EncodedValues> = q8
+        .update_parts(600)
+        .map(|part| match part {
+            pb::update_chunk::Part::Encoded(run) => run,
+            _ => unreachable!("q8 travels in encoded runs"),
+        })
+        .collect();
+    assert!(runs.len() >= 2);
+    let mut out = Vec::new();
+    append_update_run(&runs[0], &mut out, 1000).unwrap();
+    let kept = out.clone();
+    let refuse = |run: pb::EncodedValues, total: usize| {
+        let mut out = kept.clone();
+        let err = append_update_run(&run, &mut out, total).unwrap_err();
+        assert_eq!(out, kept, "{err}: the values received so far are untouched");
+        err
+    };
+    // A gap (the first run again) and a run past the update's end.
+    assert!(matches!(
+        refuse(runs[0].clone(), 1000),
+        CodecError::OutOfOrder { offset: 0, expected } if expected == kept.len() / 4
+    ));
+    assert!(matches!(
+        refuse(runs[1].clone(), kept.len() / 4 + 1),
+        CodecError::Overrun { .. }
+    ));
+    // q8 without its blocks, with too few, or with a NaN minimum.
+    let mut run = runs[1].clone();
+    run.q8 = None;
+    assert_eq!(refuse(run, 1000), CodecError::MissingQ8Blocks);
+    let mut run = runs[1].clone();
+    run.q8.as_mut().unwrap().scale.pop();
+    assert!(matches!(refuse(run, 1000), CodecError::Q8BlockCount { .. }));
+    let mut run = runs[1].clone();
+    run.q8.as_mut().unwrap().min[1] = f32::NAN;
+    let err = refuse(run, 1000);
+    assert!(
+        matches!(err, CodecError::Q8BadBlock { block: 1, .. }),
+        "{err}"
+    );
+    // An encoding this build does not know, and f16 bytes cut mid-value.
+    let mut run = runs[1].clone();
+    run.encoding = 99;
+    assert_eq!(refuse(run, 1000), CodecError::UnknownEncoding(99));
+    let f16 = pb::EncodedValues {
+        offset: (kept.len() / 4) as u64,
+        values: Bytes::from_static(&[0, 0, 0]),
+        encoding: pb::ValueEncoding::F16.into(),
+        q8: None,
+    };
+    assert!(matches!(
+        refuse(f16, 1000),
+        CodecError::Misaligned { bytes: 3, .. }
+    ));
+    // What is left of the update still arrives.
+    for run in &runs[1..] {
+        append_update_run(run, &mut out, 1000).unwrap();
+    }
+    assert_eq!(out, tensor::encode(&q8.decode()));
 }
