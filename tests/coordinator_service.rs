@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use fedrec_coordinator::{CoordinatorConfig, RoundCore, ServeOptions};
+use fedrec_coordinator::{CoordinatorConfig, DOWNLOAD_CHUNK_BYTES, RoundCore, ServeOptions};
 use fedrec_proto::codec::{EncodedModel, Encoding, ModelAssembler, Q8_BLOCK};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
@@ -170,10 +170,10 @@ async fn full_round_with_a_large_model_in_chunks() {
         assert!(!training.evaluate);
     }
 
-    // A 6 MB model arrives in 1 MiB chunks and reassembles exactly.
+    // A 6 MB model arrives in 256 KiB chunks and reassembles exactly.
     let (specs, values, chunks) = download(&mut client, &devices[0], &tasks[0]).await.unwrap();
     assert_eq!(Layout::from_pb(&specs), layout);
-    assert_eq!(chunks, (n * 4).div_ceil(DEFAULT_CHUNK_BYTES));
+    assert_eq!(chunks, (n * 4).div_ceil(DOWNLOAD_CHUNK_BYTES));
     assert!(chunks > 4);
     assert_eq!(values, params);
 

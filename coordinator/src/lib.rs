@@ -112,5 +112,7 @@ pub use round::{
     SecurePoll, SecureSum, SecureSummary, SecureTask, SecureWant, Task, TaskKind, UnmaskDone,
     UnmaskJob, UpdateAccepted, UpdateHeader,
 };
-pub use service::{CoordinatorService, Progress, ServeOptions, ServiceHandle, serve};
+pub use service::{
+    CoordinatorService, DOWNLOAD_CHUNK_BYTES, Progress, ServeOptions, ServiceHandle, serve,
+};
 pub use strategy::Strategy;

@@ -45,12 +45,24 @@ use crate::round::{
 /// the protobuf framing of an upload chunk.
 pub const DECODING_SLACK_BYTES: usize = 64 * 1024;
 
+/// Bytes of values per model chunk a download streams (256 KiB, one
+/// HTTP/2 frame of [`fedrec_proto::MAX_FRAME_BYTES`]). A download's slot
+/// (`server.max_concurrent_downloads`) is given back when its last chunk is
+/// handed to HTTP/2, which may still hold that chunk until the device reads
+/// it, so the chunk size bounds what a finished download keeps: with 1 MiB
+/// chunks, a q8 model of 1,000,000 values went out as one chunk, the slot
+/// bounded nothing, and 1,000 devices drove the coordinator to 315 MB; with
+/// 256 KiB chunks it peaked at 114 MB, and f32 at 111 MB instead of 172 MB,
+/// with rounds as fast (`BENCHMARKS.md`).
+pub const DOWNLOAD_CHUNK_BYTES: usize = fedrec_proto::MAX_FRAME_BYTES as usize;
+
 /// Options of the gRPC adapter that are not part of the coordinator's
 /// configuration file.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ServeOptions {
-    /// Bytes of values per streamed model chunk. Default [`DEFAULT_CHUNK_BYTES`].
+    /// Bytes of values per streamed model chunk. Default
+    /// [`DOWNLOAD_CHUNK_BYTES`].
     pub chunk_bytes: usize,
     /// Save the state here after every ended round (see
     /// [`checkpoint`](crate::checkpoint)). Default: nowhere.
@@ -67,7 +79,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
-            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            chunk_bytes: DOWNLOAD_CHUNK_BYTES,
             checkpoint: None,
             tls: None,
             tokens: None,
@@ -76,7 +88,7 @@ impl Default for ServeOptions {
 }
 
 impl ServeOptions {
-    /// Sets the model chunk size in bytes (at least 4). Default [`DEFAULT_CHUNK_BYTES`].
+    /// Sets the model chunk size in bytes (at least 4). Default [`DOWNLOAD_CHUNK_BYTES`].
     pub fn with_chunk_bytes(mut self, chunk_bytes: usize) -> Self {
         self.chunk_bytes = chunk_bytes.max(4);
         self

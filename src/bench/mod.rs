@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use fedrec_coordinator::DOWNLOAD_CHUNK_BYTES;
 use fedrec_coordinator::aggregate::Aggregator;
 use fedrec_coordinator::config::CoordinatorConfig;
 use fedrec_proto::codec::{EncodedModel, Encoding, ModelAssembler};
@@ -466,7 +467,7 @@ impl Coordinator for Sink {
         _: Request<pb::ModelRequest>,
     ) -> Result<Response<Self::DownloadModelStream>, Status> {
         let chunks: Vec<Result<pb::ModelChunk, Status>> =
-            self.model.chunks(DEFAULT_CHUNK_BYTES).map(Ok).collect();
+            self.model.chunks(DOWNLOAD_CHUNK_BYTES).map(Ok).collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
     async fn reserve_upload(
