@@ -503,9 +503,13 @@ pub fn append_update_run(
         total,
     )?;
     let start = out.len();
-    out.reserve(4 * run.len);
-    run.decode(|_, v| out.extend_from_slice(&v.to_le_bytes()))
-        .inspect_err(|_| out.truncate(start))
+    out.resize(start + 4 * run.len, 0);
+    let dst = &mut out[start..];
+    let decoded = run.decode(|i, v| dst[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()));
+    if decoded.is_err() {
+        out.truncate(start);
+    }
+    decoded
 }
 
 /// q8 block parameters of a run of values.
@@ -601,12 +605,13 @@ fn q8_encode_block(block: &[f32], out: &mut Vec<u8>) -> (f32, f32) {
     // In f64, so that the range of two huge values of opposite signs cannot
     // overflow.
     let scale = ((f64::from(max) - f64::from(min)) / 255.0) as f32;
+    let inverse = if scale > 0.0 {
+        1.0 / f64::from(scale)
+    } else {
+        0.0
+    };
     for &v in block {
-        let q = if scale > 0.0 {
-            ((f64::from(v) - f64::from(min)) / f64::from(scale)).round()
-        } else {
-            0.0
-        };
+        let q = ((f64::from(v) - f64::from(min)) * inverse).round();
         // The clamp only absorbs rounding of `scale`: q is in [0, 255].
         out.push(q.clamp(0.0, 255.0) as u8);
     }
