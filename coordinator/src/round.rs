@@ -39,7 +39,7 @@ use fedrec_proto::{Layout, tensor};
 use crate::CoordinatorError;
 use crate::aggregate::{Aggregator, EvalCounts};
 use crate::checkpoint::{Checkpoint, PrivacyState};
-use crate::config::{CoordinatorConfig, TrainingConfig};
+use crate::config::{CoordinatorConfig, LossName, TrainingConfig};
 use crate::privacy::{Mechanism, NoisySum, PrivacySummary, RoundPrivacy, TaskPrivacy};
 use crate::strategy::{NonFinite, Strategy};
 
@@ -1092,6 +1092,30 @@ impl RoundCore {
         true
     }
 
+    /// Under the ALS loss, adds the item embeddings' part of the objective
+    /// to the round's mean update: centralized ALS minimizes
+    /// `Σ_u (L_u + λ‖x_u‖²) + λ Σ_i ‖q_i‖²`, while each device sends the
+    /// gradient of its own `L_u + λ‖x_u‖²` only (the item term belongs to no
+    /// user). Without `λ‖q_i‖²` the federated objective is not bounded below
+    /// in the scale of the items: scaling every `q_i` up and the solved
+    /// `x_u` down keeps the fit and shrinks the users' penalty, so training
+    /// would drift towards an under-regularized model. The mean of the
+    /// cohort's gradients estimates `1/N` of the sum over all `N` joined
+    /// devices, so the term's share is `2λ q / N` (exact under uniform
+    /// weighting). It depends on the global model and the number of joined
+    /// devices only, never on a device's data.
+    fn regularize_items(&self, mut mean: Vec<f32>) -> Vec<f32> {
+        let t = &self.config.training;
+        if t.loss != LossName::Als || t.regularization == 0.0 || self.joined.is_empty() {
+            return mean;
+        }
+        let c = t.learning_rate * 2.0 * t.regularization / self.joined.len() as f32;
+        for (d, p) in mean.iter_mut().zip(self.model.params.iter()) {
+            *d -= c * p;
+        }
+        mean
+    }
+
     /// Ends the open round: completes it (applying the strategy for a
     /// training round) unless `abandon` gives a reason.
     fn close(&mut self, now: Instant, mut abandon: Option<String>) {
@@ -1115,6 +1139,7 @@ impl RoundCore {
                 )),
                 (_, _, totals) => totals.map(|t| t.mean()),
             };
+            let mean = mean.map(|mean| self.regularize_items(mean));
             match mean {
                 Some(mean) => match self.strategy.step(
                     &self.model.params,

@@ -175,6 +175,40 @@ fn full_round_applies_the_weighted_mean_exactly() {
 }
 
 #[test]
+fn als_rounds_add_the_item_regularization_share() {
+    // Under the ALS loss the round's mean gains -lr · 2λ q / N, N the joined
+    // devices (here 4, of which 2 are in the cohort), before the strategy.
+    let mut cfg = config(2, 0);
+    cfg.training.loss = LossName::Als;
+    cfg.training.regularization = 0.5;
+    cfg.training.learning_rate = 1.0;
+    cfg.strategy.weighting = crate::config::Weighting::Uniform;
+    let mut core = core_with(cfg, vec![2.0, -4.0]);
+    let t0 = Instant::now();
+    let devices = join(&mut core, t0, 4);
+    let tasks = check_in_all(&mut core, t0, &devices);
+    assert_eq!(tasks.len(), 2);
+    for ((device, task), delta) in tasks.iter().zip([[1.0, 0.0], [0.0, 1.0]]) {
+        core.submit_update(t0, header(*device, task, 1, 2), &encode(&delta))
+            .unwrap();
+    }
+    assert!(ended(&core.poll(t0))[0].completed);
+    // Mean [0.5, 0.5]; share 2 · 0.5 / 4 = 0.25 of q = [2, -4]: [-0.5, 1].
+    assert_eq!(core.model().params, vec![2.0 + 0.5 - 0.5, -4.0 + 0.5 + 1.0]);
+
+    // Under BPR nothing is added.
+    let mut core = core_with(config(2, 0), vec![2.0, -4.0]);
+    let devices = join(&mut core, t0, 4);
+    let tasks = check_in_all(&mut core, t0, &devices);
+    for ((device, task), delta) in tasks.iter().zip([[1.0, 0.0], [1.0, 0.0]]) {
+        core.submit_update(t0, header(*device, task, 1, 2), &encode(&delta))
+            .unwrap();
+    }
+    assert!(ended(&core.poll(t0))[0].completed);
+    assert_eq!(core.model().params, vec![3.0, -4.0]);
+}
+
+#[test]
 fn cohort_sampling_is_deterministic_per_seed() {
     /// Round 1 takes the first 5 devices; the other 15 wait meanwhile, so
     /// round 2 samples 5 of 15. Returns round 2's cohort as join indices.
