@@ -760,17 +760,8 @@ async fn download_decoded(
 
 /// Checks that `decoded` is within `encoding`'s stated bound of `params`.
 fn assert_within_bound(encoding: Encoding, params: &[f32], decoded: &[f32]) {
-    assert_eq!(params.len(), decoded.len());
-    for (xs, ys) in params.chunks(Q8_BLOCK).zip(decoded.chunks(Q8_BLOCK)) {
-        let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
-        let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for (x, y) in xs.iter().zip(ys) {
-            let err = (f64::from(*x) - f64::from(*y)).abs();
-            assert!(
-                err <= encoding.error_bound(*x, lo, hi),
-                "{encoding}: {x} arrived as {y}"
-            );
-        }
+    if let Some(i) = encoding.first_beyond_bound(params, decoded, Q8_BLOCK) {
+        panic!("{encoding}: {} arrived as {}", params[i], decoded[i]);
     }
 }
 
@@ -835,10 +826,7 @@ async fn upload_encoded(
     header: pb::UpdateHeader,
     update: &EncodedModel,
 ) -> Result<pb::UpdateAck, tonic::Status> {
-    let messages: Vec<pb::UpdateChunk> = std::iter::once(Part::Header(header))
-        .chain(update.update_parts(16 * 1024))
-        .map(|part| pb::UpdateChunk { part: Some(part) })
-        .collect();
+    let messages = update.update_chunks(header, 16 * 1024);
     common::within("upload", client.submit_update(tokio_stream::iter(messages)))
         .await
         .map(tonic::Response::into_inner)
@@ -884,16 +872,12 @@ async fn compressed_uploads_are_decoded_into_the_mean_and_bad_runs_refused() {
     assert_eq!(ack.accepted, 1);
 
     // A run whose q8 blocks do not match its values: refused, not counted.
-    let mut bad: Vec<pb::UpdateChunk> = vec![pb::UpdateChunk {
-        part: Some(Part::Header(header(&devices[2], &tasks[2], 1, n as u64))),
-    }];
-    bad.extend(a_q8.update_parts(16 * 1024).map(|part| {
-        let mut part = part;
-        if let Part::Encoded(run) = &mut part {
+    let mut bad = a_q8.update_chunks(header(&devices[2], &tasks[2], 1, n as u64), 16 * 1024);
+    for chunk in &mut bad {
+        if let Some(Part::Encoded(run)) = &mut chunk.part {
             run.q8.as_mut().unwrap().min.pop();
         }
-        pb::UpdateChunk { part: Some(part) }
-    }));
+    }
     let refused = common::within("upload", client.submit_update(tokio_stream::iter(bad))).await;
     assert_status(refused, Code::InvalidArgument, "q8 chunk of");
 

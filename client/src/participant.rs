@@ -426,14 +426,7 @@ impl Participant {
             num_values: update.delta.len() as u64,
             evaluation: update.evaluation.as_ref().map(pb::EvaluationCounts::from),
         };
-        let mut chunks = vec![pb::UpdateChunk {
-            part: Some(pb::update_chunk::Part::Header(header)),
-        }];
-        chunks.extend(
-            encoded
-                .update_parts(self.chunk_bytes)
-                .map(|part| pb::UpdateChunk { part: Some(part) }),
-        );
+        let chunks = encoded.update_chunks(header, self.chunk_bytes);
         for c in &chunks {
             self.sent.log("UpdateChunk", task.round, c);
         }

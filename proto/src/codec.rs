@@ -158,6 +158,32 @@ impl Encoding {
         }
     }
 
+    /// The index of the first value of `decoded` farther from `original`
+    /// than [`error_bound`](Self::error_bound) allows (or not finite), with
+    /// q8 blocks of `block_values`; `None` when every value is within it.
+    pub fn first_beyond_bound(
+        self,
+        original: &[f32],
+        decoded: &[f32],
+        block_values: usize,
+    ) -> Option<usize> {
+        assert_eq!(original.len(), decoded.len(), "as many values decoded");
+        let blocks = original
+            .chunks(block_values)
+            .zip(decoded.chunks(block_values));
+        for (b, (xs, ys)) in blocks.enumerate() {
+            let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for (i, (x, y)) in xs.iter().zip(ys).enumerate() {
+                let err = (f64::from(*x) - f64::from(*y)).abs();
+                if !(y.is_finite() && err <= self.error_bound(*x, lo, hi)) {
+                    return Some(b * block_values + i);
+                }
+            }
+        }
+        None
+    }
+
     /// The encoding of the protobuf enum value `value`.
     pub fn from_pb(value: i32) -> Result<Self, CodecError> {
         match pb::ValueEncoding::try_from(value) {
@@ -376,6 +402,19 @@ impl EncodedModel {
             q8: run.q8,
             ..Default::default()
         })
+    }
+
+    /// An upload of these values under `header`: the header, then
+    /// [`update_parts`](Self::update_parts).
+    pub fn update_chunks(
+        &self,
+        header: pb::UpdateHeader,
+        chunk_bytes: usize,
+    ) -> Vec<pb::UpdateChunk> {
+        std::iter::once(pb::update_chunk::Part::Header(header))
+            .chain(self.update_parts(chunk_bytes))
+            .map(|part| pb::UpdateChunk { part: Some(part) })
+            .collect()
     }
 
     /// An update's values as the parts of an upload (after its header), in

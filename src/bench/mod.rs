@@ -27,7 +27,7 @@ use fedrec_coordinator::config::CoordinatorConfig;
 use fedrec_proto::codec::{EncodedModel, Encoding, ModelAssembler};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
-use fedrec_proto::pb::{self, check_in_response::Outcome, update_chunk::Part};
+use fedrec_proto::pb::{self, check_in_response::Outcome};
 use fedrec_proto::{DEFAULT_CHUNK_BYTES, Layout, PROTOCOL_VERSION, tensor};
 use serde::Serialize;
 use tokio_stream::StreamExt;
@@ -282,14 +282,6 @@ fn bench_update(dim: usize, encoding: Encoding) -> EncodedModel {
     EncodedModel::for_upload(&values, encoding)
 }
 
-/// The chunks of an upload of `update` under `header`.
-fn upload_chunks(header: pb::UpdateHeader, update: &EncodedModel) -> Vec<pb::UpdateChunk> {
-    std::iter::once(Part::Header(header))
-        .chain(update.update_parts(DEFAULT_CHUNK_BYTES))
-        .map(|part| pb::UpdateChunk { part: Some(part) })
-        .collect()
-}
-
 /// A device whose local training takes no time: it downloads and decodes
 /// the model, uploads `update` and checks in again.
 async fn zero_training_device(
@@ -351,7 +343,7 @@ async fn zero_training_device(
                     num_values: update.num_values() as u64,
                     evaluation: None,
                 };
-                let chunks = upload_chunks(header, &update);
+                let chunks = update.update_chunks(header, DEFAULT_CHUNK_BYTES);
                 fedrec_proto::reserve_and_upload(&mut client, chunks, |_| {}).await?;
             }
             Some(Outcome::Wait(w)) => {
@@ -572,7 +564,7 @@ pub async fn loopback(clients: usize, dim: usize, wire: Wire) -> anyhow::Result<
                         + chunk.q8.map_or(0, |q| 4 * (q.min.len() + q.scale.len()));
                 }
                 anyhow::ensure!(received == download_bytes, "short download");
-                let chunks = upload_chunks(pb::UpdateHeader::default(), &update);
+                let chunks = update.update_chunks(pb::UpdateHeader::default(), DEFAULT_CHUNK_BYTES);
                 client.submit_update(tokio_stream::iter(chunks)).await?;
                 anyhow::Ok(())
             })

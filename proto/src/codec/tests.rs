@@ -39,21 +39,13 @@ fn any_finite(rng: &mut ChaCha8Rng) -> f32 {
 fn assert_within_bound(values: &[f32], encoding: Encoding) {
     let decoded = EncodedModel::new(values, encoding).decode();
     assert_eq!(decoded.len(), values.len());
-    for (block, (xs, ys)) in values
-        .chunks(Q8_BLOCK)
-        .zip(decoded.chunks(Q8_BLOCK))
-        .enumerate()
-    {
-        let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
-        let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for (x, y) in xs.iter().zip(ys) {
-            let bound = encoding.error_bound(*x, lo, hi);
-            let err = (f64::from(*x) - f64::from(*y)).abs();
-            assert!(
-                y.is_finite() && err <= bound,
-                "{encoding}: {x} decoded as {y} (error {err} > bound {bound}, block {block} in [{lo}, {hi}])"
-            );
-        }
+    if let Some(i) = encoding.first_beyond_bound(values, &decoded, Q8_BLOCK) {
+        panic!(
+            "{encoding}: {} decoded as {} (block {})",
+            values[i],
+            decoded[i],
+            i / Q8_BLOCK
+        );
     }
 }
 
@@ -353,20 +345,11 @@ fn uploads_decode_to_what_the_device_encoded_in_every_encoding() {
             }
             // Within the encoding's bound, block by block of the upload.
             let decoded = encoded.decode();
-            for (xs, ys) in update
-                .chunks(Q8_UPLOAD_BLOCK)
-                .zip(decoded.chunks(Q8_UPLOAD_BLOCK))
-            {
-                let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
-                let hi = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for (x, y) in xs.iter().zip(ys) {
-                    let err = (f64::from(*x) - f64::from(*y)).abs();
-                    assert!(
-                        err <= encoding.error_bound(*x, lo, hi),
-                        "{encoding}: {x} as {y}"
-                    );
-                }
-            }
+            assert_eq!(
+                encoding.first_beyond_bound(&update, &decoded, Q8_UPLOAD_BLOCK),
+                None,
+                "{encoding}"
+            );
         }
     }
 }
