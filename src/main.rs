@@ -249,7 +249,8 @@ struct ConfigOverrides {
     /// L2 regularization.
     #[arg(long)]
     reg: Option<f32>,
-    /// Server-side strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad.
+    /// Server-side strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad,
+    /// als (the ALS loss's curvature-preconditioned step; needs --loss als).
     #[arg(long, value_parser = parse_name::<StrategyName>)]
     strategy: Option<StrategyName>,
     /// Server learning rate of the strategy.
@@ -376,6 +377,15 @@ impl ConfigOverrides {
         if let Some(v) = self.factors {
             cfg.model.factors = v;
         }
+        if let Some(v) = self.dp {
+            cfg.privacy.mode = v;
+            if self.weighting.is_none() && v != DpMode::Off {
+                cfg.strategy.weighting = Weighting::Uniform;
+            }
+            if v != DpMode::Off && cfg.strategy.name == StrategyName::Als {
+                fedrec::sim::als_under_privacy(cfg);
+            }
+        }
         if let Some(v) = self.strategy {
             cfg.strategy.name = v;
         }
@@ -402,12 +412,6 @@ impl ConfigOverrides {
             sa.threshold = v;
         }
         let p = &mut cfg.privacy;
-        if let Some(v) = self.dp {
-            p.mode = v;
-            if self.weighting.is_none() && v != DpMode::Off {
-                cfg.strategy.weighting = Weighting::Uniform;
-            }
-        }
         if let Some(v) = self.noise_multiplier {
             p.noise_multiplier = v;
         }
@@ -1299,4 +1303,40 @@ fn bench_secagg(args: SecaggBenchArgs) -> anyhow::Result<()> {
         eprintln!("rows written to {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        overrides: ConfigOverrides,
+    }
+
+    fn apply(args: &[&str]) -> CoordinatorConfig {
+        let flags = Flags::try_parse_from(std::iter::once("fedrec").chain(args.iter().copied()))
+            .expect("flags parse");
+        let mut cfg = sim::als_recipe();
+        flags.overrides.apply(&mut cfg);
+        cfg
+    }
+
+    #[test]
+    fn dp_on_a_preset_takes_fedadam_unless_told_otherwise() {
+        let dp = ["--dp", "central", "--sampling-rate", "0.1"];
+        let cfg = apply(&dp);
+        assert_eq!(cfg.strategy.name, StrategyName::FedAdam);
+        assert_eq!(cfg.strategy.server_lr, 0.01);
+        cfg.validate().expect("a valid DP configuration");
+        // Explicit flags win; `als` under DP is then refused, saying why.
+        let cfg = apply(&[&dp[..], &["--server-lr", "0.02"]].concat());
+        assert_eq!(cfg.strategy.server_lr, 0.02);
+        let cfg = apply(&[&dp[..], &["--strategy", "als"]].concat());
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("differential privacy"), "{err}");
+        // Without DP the preset's own step stays.
+        assert_eq!(apply(&[]).strategy.name, StrategyName::Als);
+    }
 }

@@ -854,15 +854,7 @@ async fn the_coordinator_receives_nothing_that_reveals_a_single_update() {
     let sa = &cfg.secure_aggregation;
     let q = sa.protocol().quantizer().unwrap();
     let weighting = sa.weighting(cfg.strategy.weighting);
-    let training = fedrec_client::model::TrainingConfig {
-        local_epochs: cfg.training.local_epochs,
-        learning_rate: cfg.training.learning_rate,
-        regularization: cfg.training.regularization,
-        negatives: cfg.training.negatives,
-        proximal_mu: cfg.training.proximal_mu,
-        loss: fedrec_client::model::Loss::Bpr,
-        confidence: cfg.training.confidence,
-    };
+    let training = sim::device_training(&cfg.training);
     let mut secrets: Vec<(usize, Vec<u32>, Vec<f32>)> = Vec::new();
     for (user, summary, _) in &logs {
         if summary.trained == 0 {
@@ -1031,4 +1023,34 @@ fn a_simulation_with_secure_aggregation_matches_the_plain_one() {
         s > popularity,
         "secure {s} learns (popularity {popularity})"
     );
+}
+
+/// The ALS recipe's `als` server step through secure aggregation: each
+/// device's `x xᵀ` is masked with its update, and the unmasked mean of both
+/// gives the same model as the plain round up to quantization.
+#[test]
+fn the_als_step_works_under_secure_aggregation() {
+    let (ds, _) = common::small_split(300, 150, 7);
+    let run = |secure: bool| {
+        let mut cfg = quality_config(secure);
+        let sa = cfg.coordinator.secure_aggregation.clone();
+        cfg.coordinator = sim::als_recipe();
+        cfg.coordinator.secure_aggregation = sa;
+        cfg.coordinator.secure_aggregation.range = sim::ALS_SECAGG_RANGE;
+        cfg.coordinator.rounds.rounds = 10;
+        cfg.coordinator.rounds.clients_per_round = 50;
+        cfg.coordinator.model.factors = 8;
+        sim::run(&ds, &cfg, &mut ()).expect("simulation runs")
+    };
+    let (plain, secure) = (run(false), run(true));
+    assert_eq!(secure.secure_aggregation.rounds.len(), 10);
+    assert!(secure.rounds.iter().all(|r| r.completed));
+    let (p, s) = (&plain.final_.federated.full, &secure.final_.federated.full);
+    eprintln!("plain {p:?}, secure {s:?}");
+    assert!((p.hr_at_10 - s.hr_at_10).abs() <= 0.01, "{p:?} vs {s:?}");
+    assert!(
+        (p.ndcg_at_10 - s.ndcg_at_10).abs() <= 0.01,
+        "{p:?} vs {s:?}"
+    );
+    assert!(s.hr_at_10 > 1.5 * plain.final_.popularity.full.hr_at_10);
 }

@@ -24,6 +24,8 @@
 //! `Σ_i q_i q_iᵀ` ([`Gram`]) depends on the global model only, and the
 //! purchases add a correction.
 
+use fedrec_proto::linalg::cholesky_solve;
+
 /// What of the global model every user solve needs: `Σ_i q_i q_iᵀ`, k×k
 /// row-major.
 #[derive(Clone, Debug)]
@@ -252,52 +254,6 @@ pub(crate) fn item_step(
     }
 }
 
-/// Solves `a x = b` for a symmetric positive definite `a` (n×n, row-major)
-/// by Cholesky factorization in place; `b` becomes `x`. A non-positive pivot
-/// (only possible through rounding, as every caller adds λI) is clamped.
-pub(crate) fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) {
-    // Lower factor L in place, row by row: row j's entries before the
-    // diagonal are final when row i > j needs them.
-    for j in 0..n {
-        let (done, rest) = a.split_at_mut(j * n);
-        let row_j = &mut rest[..n];
-        for i in 0..j {
-            let row_i = &done[i * n..i * n + n];
-            row_j[i] = (row_j[i] - dot(&row_j[..i], &row_i[..i])) / row_i[i];
-        }
-        let d = row_j[j] - dot(&row_j[..j], &row_j[..j]);
-        row_j[j] = d.max(1e-12).sqrt();
-    }
-    for i in 0..n {
-        b[i] = (b[i] - dot(&a[i * n..i * n + i], &b[..i])) / a[i * n + i];
-    }
-    for i in (0..n).rev() {
-        let mut s = b[i];
-        for p in i + 1..n {
-            s -= a[p * n + i] * b[p];
-        }
-        b[i] = s / a[i * n + i];
-    }
-}
-
-/// `Σ x_i y_i` over four partial sums (so the compiler can vectorize it).
-fn dot(x: &[f64], y: &[f64]) -> f64 {
-    let mut acc = [0.0_f64; 4];
-    let (xc, yc) = (x.chunks_exact(4), y.chunks_exact(4));
-    let tail: f64 = xc
-        .remainder()
-        .iter()
-        .zip(yc.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (xs, ys) in xc.zip(yc) {
-        for l in 0..4 {
-            acc[l] += xs[l] * ys[l];
-        }
-    }
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
-}
-
 /// One user's loss (for tests): `Σ_i c_i (y_i − x·q_i)² + λ‖x‖²`.
 #[cfg(test)]
 fn loss(w: Items<'_>, x: &[f32], history: &[u32], alpha: f64, lambda: f64) -> f64 {
@@ -326,15 +282,6 @@ mod tests {
         (0..items * (k + 1))
             .map(|_| rng.random_range(-0.5..0.5))
             .collect()
-    }
-
-    #[test]
-    fn cholesky_solves_a_known_system() {
-        // [[4,2],[2,3]] x = [2,1]  =>  x = [0.5, 0]
-        let mut a = vec![4.0, 2.0, 2.0, 3.0];
-        let mut b = vec![2.0, 1.0];
-        cholesky_solve(&mut a, &mut b, 2);
-        assert!((b[0] - 0.5).abs() < 1e-12 && b[1].abs() < 1e-12, "{b:?}");
     }
 
     #[test]

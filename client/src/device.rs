@@ -32,7 +32,9 @@ use crate::vault::Vault;
 /// What a device sends back after local training.
 #[derive(Clone, Debug)]
 pub struct LocalUpdate {
-    /// Dense change to the global parameters (same length whatever was bought).
+    /// Dense change to the global parameters (same length whatever was
+    /// bought), followed by the upper triangle of `x xᵀ` when the task asked
+    /// for it ([`TrainingConfig::user_moment`]).
     pub delta: Vec<f32>,
     /// FedAvg weight: the number of distinct purchases trained on.
     pub num_examples: u64,
@@ -388,7 +390,7 @@ impl Device {
             None
         };
         let history = self.store.items();
-        let delta = if by_epoch {
+        let mut delta = if by_epoch {
             let mut local = global.to_vec();
             while report.train_epochs < cfg.local_epochs
                 && (report.train_epochs == 0 || !over(&self.clock))
@@ -414,6 +416,11 @@ impl Device {
             report.train_epochs = report.personalize_epochs;
             delta
         };
+        if cfg.user_moment {
+            // Validated: only under the ALS loss, whose private vector was
+            // just solved against `global`.
+            fedrec_proto::linalg::push_outer_upper(&self.private, &mut delta);
+        }
         let elapsed = self.clock.monotonic() - start;
         report.millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         report.stopped_by_budget = by_epoch
@@ -924,5 +931,42 @@ mod tests {
         assert_eq!(a.private_embedding(), b.private_embedding());
         assert!(!ua.training.stopped_by_budget);
         assert_eq!(ua.training.train_epochs, 10);
+    }
+
+    #[test]
+    fn asked_for_it_an_als_update_ends_with_the_private_vectors_outer_product() {
+        let als = TrainingConfig {
+            loss: Loss::Als,
+            ..TrainingConfig::default()
+        };
+        let (mut a, global) = budgeted(None);
+        let plain = a.train(&global, &als, false).unwrap().delta;
+        assert_eq!(plain.len(), global.len());
+        let (mut b, _) = budgeted(None);
+        let cfg = TrainingConfig {
+            user_moment: true,
+            ..als
+        };
+        let update = b.train(&global, &cfg, false).unwrap().delta;
+        let (delta, moment) = update.split_at(global.len());
+        assert_eq!(delta, &plain[..], "the update itself is unchanged");
+        let x = b.private_embedding();
+        let k = x.len();
+        assert_eq!(moment.len(), k * (k + 1) / 2);
+        let mut at = 0;
+        for r in 0..k {
+            for c in r..k {
+                assert_eq!(moment[at], x[r] * x[c]);
+                at += 1;
+            }
+        }
+        assert!(moment[0] > 0.0, "x was solved: {x:?}");
+        // Only the ALS loss solves x: asked under BPR, the task is refused.
+        let bpr = TrainingConfig {
+            user_moment: true,
+            ..TrainingConfig::default()
+        };
+        let err = b.train(&global, &bpr, false).unwrap_err().to_string();
+        assert!(err.contains("user_moment"), "{err}");
     }
 }

@@ -52,6 +52,11 @@ pub struct TrainingConfig {
     /// Confidence α of a purchase under [`Loss::Als`] (items not bought
     /// have confidence 1).
     pub confidence: f32,
+    /// Under [`Loss::Als`], append the upper triangle of `x xᵀ` (the solved
+    /// private vector's outer product, `k(k+1)/2` values) to the update:
+    /// the coordinator's `als` strategy steps with the cohort's mean of it.
+    #[serde(default)]
+    pub user_moment: bool,
 }
 
 impl Default for TrainingConfig {
@@ -64,6 +69,7 @@ impl Default for TrainingConfig {
             proximal_mu: 0.0,
             loss: Loss::Bpr,
             confidence: 5.0,
+            user_moment: false,
         }
     }
 }
@@ -83,6 +89,12 @@ impl TrainingConfig {
         in_range("proximal_mu", self.proximal_mu.into(), 0.0, false, 100.0)?;
         in_range("confidence", self.confidence.into(), 1.0, false, 1e4)?;
         in_range("negatives", self.negatives.into(), 1.0, false, 1000.0)?;
+        if self.user_moment && self.loss != Loss::Als {
+            return Err(ClientError::InvalidConfig(
+                "user_moment is only defined under the ALS loss (the private vector is solved, not trained)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 }

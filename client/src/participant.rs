@@ -482,6 +482,7 @@ fn training_config(task: &pb::Task) -> Result<TrainingConfig, ClientError> {
             pb::Loss::Als => crate::model::Loss::Als,
         },
         confidence: t.confidence,
+        user_moment: t.user_moment,
     };
     cfg.validate()?;
     Ok(cfg)

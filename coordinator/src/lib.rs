@@ -23,7 +23,8 @@
 //! - [`aggregate`]: the streaming weighted sum of a round's updates (memory
 //!   independent of the cohort size) and the summed evaluation counts.
 //! - [`strategy`]: the server optimizers (FedAvg, FedAvgM, FedAdam, FedYogi,
-//!   FedAdagrad) that turn the round's mean update into the next model.
+//!   FedAdagrad, and `als`, a step preconditioned by the cohort's curvature
+//!   under the ALS loss) that turn the round's mean update into the next model.
 //! - [`service`]: the thin tonic adapter. [`CoordinatorService`] wraps the core
 //!   in a mutex, turns check-ins into long polls, streams the model in chunks,
 //!   buffers uploads under a concurrency limit, and runs a driver task that

@@ -132,6 +132,9 @@ pub struct Task {
     /// How the device encodes its update (`[upload] encoding`; f32 in
     /// secure rounds, whose masked inputs are quantized by the protocol).
     pub upload_encoding: Encoding,
+    /// Append the upper triangle of `x xᵀ` to the update (training tasks
+    /// of the `als` strategy; see the client's `TrainingConfig::user_moment`).
+    pub user_moment: bool,
 }
 
 /// The answer to a check-in.
@@ -363,7 +366,9 @@ impl RoundCore {
             ),
             None => (rand::make_rng(), rand::make_rng()),
         };
-        let n = params.len();
+        let strategy =
+            Strategy::new(config.strategy, &layout).map_err(CoordinatorError::InvalidModel)?;
+        let n = params.len() + strategy.extra_values();
         let privacy = config.privacy.enabled().then(|| {
             Mechanism::new(
                 config.privacy.clone(),
@@ -372,7 +377,7 @@ impl RoundCore {
             )
         });
         Ok(Self {
-            strategy: Strategy::new(config.strategy, n),
+            strategy,
             aggregator: Aggregator::with_rule(
                 n,
                 config.strategy.aggregation,
@@ -816,6 +821,7 @@ impl RoundCore {
             secure_aggregation,
             privacy: open.privacy.as_ref().map(|p| p.task),
             upload_encoding,
+            user_moment: open.kind == TaskKind::Train && self.strategy.extra_values() > 0,
         })
     }
 
@@ -831,7 +837,7 @@ impl RoundCore {
                 round: header.round,
             });
         }
-        let expected = self.model.params.len();
+        let expected = self.update_len();
         if header.num_values != expected as u64 {
             return Err(CoordinatorError::WrongNumValues {
                 expected,
@@ -1092,6 +1098,12 @@ impl RoundCore {
         true
     }
 
+    /// Values in one device's update: the model's, then what the strategy
+    /// asks for after them (`als`: the upper triangle of `x xᵀ`).
+    pub(crate) fn update_len(&self) -> usize {
+        self.model.params.len() + self.strategy.extra_values()
+    }
+
     /// Under the ALS loss, adds the item embeddings' part of the objective
     /// to the round's mean update: centralized ALS minimizes
     /// `Σ_u (L_u + λ‖x_u‖²) + λ Σ_i ‖q_i‖²`, while each device sends the
@@ -1112,6 +1124,34 @@ impl RoundCore {
         let c = t.learning_rate * 2.0 * t.regularization / self.joined.len() as f32;
         for (d, p) in mean.iter_mut().zip(self.model.params.iter()) {
             *d -= c * p;
+        }
+        mean
+    }
+
+    /// Under the `als` strategy, turns the mean of the devices' `x xᵀ`
+    /// after the mean gradient into the curvature the strategy steps with:
+    /// `lr (2M + 2λ/N I)`, the Hessian in `q_i` of the cohort's mean loss
+    /// (regularization share included, see
+    /// [`regularize_items`](Self::regularize_items)) for an item nobody in
+    /// the cohort bought, times the devices' learning rate (their update is
+    /// `−lr` times the gradient), so that `η = 1` is the exact Newton step
+    /// for such items, which is ALS's item step. A bought item's curvature
+    /// is higher by its buyers' confidence terms, so its step is damped
+    /// rather than exact.
+    fn curvature(&self, mut mean: Vec<f32>) -> Vec<f32> {
+        let Some(k) = self.strategy.factors() else {
+            return mean;
+        };
+        let t = &self.config.training;
+        let ridge = 2.0 * t.regularization / self.joined.len().max(1) as f32;
+        let upper = &mut mean[self.model.params.len()..];
+        let mut at = 0;
+        for r in 0..k {
+            for c in r..k {
+                let diagonal = if r == c { ridge } else { 0.0 };
+                upper[at] = t.learning_rate * (2.0 * upper[at] + diagonal);
+                at += 1;
+            }
         }
         mean
     }
@@ -1139,7 +1179,7 @@ impl RoundCore {
                 )),
                 (_, _, totals) => totals.map(|t| t.mean()),
             };
-            let mean = mean.map(|mean| self.regularize_items(mean));
+            let mean = mean.map(|mean| self.curvature(self.regularize_items(mean)));
             match mean {
                 Some(mean) => match self.strategy.step(
                     &self.model.params,

@@ -503,6 +503,7 @@ impl CoordinatorService {
                     } as i32,
                     confidence: task.training.confidence,
                     evaluate: task.evaluate,
+                    user_moment: task.user_moment,
                 }),
                 // Without differential privacy there is no budget to
                 // report; devices then show "not reported".

@@ -15,7 +15,15 @@
 //!
 //! and for the three adaptive ones `m = β1 m + (1−β1) Δ`, `x += η m / (√v + τ)`,
 //! with `m` initialised to 0 and `v` to `τ²`; no bias correction, as in the paper.
+//!
+//! `als` (fedrec's own, for the ALS loss) is a Newton step on the item
+//! embeddings: each row `q_i` of the model's first tensor (items × k) moves
+//! by `η H⁻¹ Δ_i`, with one k×k matrix `H` for the round, which the
+//! coordinator builds from the cohort's curvature and passes after `Δ` as
+//! its upper triangle ([`Strategy::extra_values`] more values); every other
+//! parameter moves as under FedAvg. No state.
 
+use fedrec_proto::{Layout, linalg};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{StrategyConfig, StrategyName};
@@ -28,6 +36,9 @@ pub struct Strategy {
     m: Vec<f32>,
     /// Second moment of the adaptive optimizers; empty otherwise.
     v: Vec<f32>,
+    /// `als`: the preconditioned block, `(rows, k)`; `(0, 0)` otherwise.
+    #[serde(default)]
+    block: (usize, usize),
 }
 
 /// The strategy's result was not finite; nothing was changed.
@@ -38,20 +49,49 @@ pub struct NonFinite {
 }
 
 impl Strategy {
-    /// A fresh optimizer for a model of `num_values` parameters.
-    pub fn new(config: StrategyConfig, num_values: usize) -> Self {
+    /// A fresh optimizer for a model laid out as `layout`. Fails, saying
+    /// why, for `als` when the first tensor is not a matrix (items × k).
+    pub fn new(config: StrategyConfig, layout: &Layout) -> Result<Self, String> {
+        let num_values = layout.num_values();
         let (m_len, v_len) = match config.name {
-            StrategyName::FedAvg => (0, 0),
+            StrategyName::FedAvg | StrategyName::Als => (0, 0),
             StrategyName::FedAvgM => (num_values, 0),
             StrategyName::FedAdam | StrategyName::FedYogi | StrategyName::FedAdagrad => {
                 (num_values, num_values)
             }
         };
-        Self {
+        let block = match (config.name, layout.tensors().first()) {
+            (StrategyName::Als, Some((_, shape))) if shape.len() == 2 && shape[1] > 0 => {
+                (shape[0] as usize, shape[1] as usize)
+            }
+            (StrategyName::Als, first) => {
+                return Err(format!(
+                    "strategy \"als\" steps the rows of the model's first tensor, which must be a \
+                     matrix (items × factors); this model's is {first:?}"
+                ));
+            }
+            _ => (0, 0),
+        };
+        Ok(Self {
             config,
             m: vec![0.0; m_len],
             v: vec![config.tau * config.tau; v_len],
+            block,
+        })
+    }
+
+    /// Values that follow the model's in each update and in the round's
+    /// mean: under `als`, the upper triangle of a k×k matrix; 0 otherwise.
+    pub fn extra_values(&self) -> usize {
+        match self.config.name {
+            StrategyName::Als => linalg::upper_len(self.block.1),
+            _ => 0,
         }
+    }
+
+    /// Under `als`, the number of factors `k`; `None` otherwise.
+    pub fn factors(&self) -> Option<usize> {
+        (self.config.name == StrategyName::Als).then_some(self.block.1)
     }
 
     /// The configuration it was built from.
@@ -86,26 +126,56 @@ impl Strategy {
     }
 
     /// Computes the next parameters from `params` and the mean update `delta`
-    /// (same length), with the server learning rate scaled by `lr_factor`
+    /// (same length, plus [`extra_values`](Self::extra_values) after it),
+    /// with the server learning rate scaled by `lr_factor`
     /// (the round's [`Schedule`](crate::config::Schedule) factor). On success the optimizer state advances and the new
     /// parameters are returned; when any new parameter or moment would not be
     /// finite, nothing changes and the first offending index is returned.
     ///
     /// # Panics
     ///
-    /// When `params` and `delta` differ in length (the core always passes the
-    /// model and its round's mean, which have the same length).
+    /// When the lengths do not fit (the core always passes the model and its
+    /// round's mean).
     pub fn step(
         &mut self,
         params: &[f32],
         delta: &[f32],
         lr_factor: f32,
     ) -> Result<Vec<f32>, NonFinite> {
-        assert_eq!(params.len(), delta.len(), "params and delta lengths differ");
+        assert_eq!(
+            params.len() + self.extra_values(),
+            delta.len(),
+            "params and delta lengths differ"
+        );
         let c = self.config;
         let eta = c.server_lr * lr_factor;
         let mut x = params.to_vec();
         match c.name {
+            StrategyName::Als => {
+                let (delta, upper) = delta.split_at(params.len());
+                let (rows, k) = self.block;
+                let mut h = linalg::from_upper(upper, k);
+                linalg::cholesky(&mut h, k);
+                let mut z = vec![0.0_f64; k];
+                let eta64 = f64::from(eta);
+                let block = rows * k;
+                for (xi, d) in x[..block]
+                    .chunks_exact_mut(k)
+                    .zip(delta[..block].chunks_exact(k))
+                {
+                    for (z, &d) in z.iter_mut().zip(d) {
+                        *z = f64::from(d);
+                    }
+                    linalg::cholesky_solve_factored(&h, &mut z, k);
+                    for (xi, z) in xi.iter_mut().zip(&z) {
+                        *xi += (eta64 * z) as f32;
+                    }
+                }
+                for (xi, d) in x[block..].iter_mut().zip(&delta[block..]) {
+                    *xi += eta * d;
+                }
+                check(&x)?;
+            }
             StrategyName::FedAvg => {
                 for (xi, d) in x.iter_mut().zip(delta) {
                     *xi += eta * d;
@@ -182,9 +252,13 @@ mod tests {
         }
     }
 
+    fn new(name: StrategyName, values: u64) -> Strategy {
+        Strategy::new(config(name), &Layout::new(vec![("x".into(), vec![values])])).unwrap()
+    }
+
     /// Runs two steps from x = [1, -2] with Δ1 = [1, 0] and Δ2 = [-1, 2].
     fn two_steps(name: StrategyName) -> (Vec<f32>, Vec<f32>) {
-        let mut s = Strategy::new(config(name), 2);
+        let mut s = new(name, 2);
         let x1 = s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0).unwrap();
         let x2 = s.step(&x1, &[-1.0, 2.0], 1.0).unwrap();
         (x1, x2)
@@ -257,9 +331,34 @@ mod tests {
     }
 
     #[test]
+    fn als_steps_each_item_row_by_the_inverse_curvature() {
+        // Two items × k = 2, then two biases. H = [[4, 2], [2, 3]] (upper
+        // triangle [4, 2, 3]), η = 0.5:
+        //   row 0: Δ = [6, 5]  → H⁻¹Δ = [1, 1]   → q0 = [1, 1] + 0.5 [1, 1]
+        //   row 1: Δ = [2, 1]  → H⁻¹Δ = [0.5, 0] → q1 = [0, -1] + 0.5 [0.5, 0]
+        //   biases: FedAvg, b = [3, 4] + 0.5 [2, -2]
+        let layout = Layout::new(vec![("q".into(), vec![2, 2]), ("b".into(), vec![2])]);
+        let mut s = Strategy::new(config(StrategyName::Als), &layout).unwrap();
+        assert_eq!(s.extra_values(), 3);
+        assert_eq!(s.factors(), Some(2));
+        let params = [1.0, 1.0, 0.0, -1.0, 3.0, 4.0];
+        let delta = [6.0, 5.0, 2.0, 1.0, 2.0, -2.0, 4.0, 2.0, 3.0];
+        let x = s.step(&params, &delta, 1.0).unwrap();
+        assert_close(&x, &[1.5, 1.5, 0.25, -1.0, 4.0, 3.0]);
+        // The learning-rate factor scales the step; no state carries over.
+        let x = s.step(&params, &delta, 0.5).unwrap();
+        assert_close(&x, &[1.25, 1.25, 0.125, -1.0, 3.5, 3.5]);
+        assert_eq!(s.moments(), (&[][..], &[][..]));
+        // A model whose first tensor is not a matrix cannot take the step.
+        let flat = Layout::new(vec![("x".into(), vec![4])]);
+        let err = Strategy::new(config(StrategyName::Als), &flat).unwrap_err();
+        assert!(err.contains("matrix"), "{err}");
+    }
+
+    #[test]
     fn lr_factor_scales_the_step() {
         // FedAvg at half the rate: x = 1 + 0.25·2 = 1.5.
-        let mut s = Strategy::new(config(StrategyName::FedAvg), 1);
+        let mut s = new(StrategyName::FedAvg, 1);
         assert_eq!(s.step(&[1.0], &[2.0], 0.5).unwrap(), vec![1.5]);
     }
 
@@ -279,14 +378,14 @@ mod tests {
     #[test]
     fn yogi_sign_of_zero_is_zero() {
         // v0 = τ² = 0.25 = Δ²: sign(0) = 0, so v stays 0.25.
-        let mut s = Strategy::new(config(StrategyName::FedYogi), 1);
+        let mut s = new(StrategyName::FedYogi, 1);
         s.step(&[0.0], &[0.5], 1.0).unwrap();
         assert_eq!(s.v, vec![0.25]);
     }
 
     #[test]
     fn non_finite_result_changes_nothing() {
-        let mut s = Strategy::new(config(StrategyName::FedAvgM), 2);
+        let mut s = new(StrategyName::FedAvgM, 2);
         let before = s.clone();
         let err = s.step(&[f32::MAX, 0.0], &[f32::MAX, 1.0], 1.0).unwrap_err();
         assert_eq!(err, NonFinite { index: 0 });
@@ -295,7 +394,7 @@ mod tests {
 
     #[test]
     fn state_serialises() {
-        let mut s = Strategy::new(config(StrategyName::FedAdam), 2);
+        let mut s = new(StrategyName::FedAdam, 2);
         s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0).unwrap();
         // TOML is the crate's only serde format; checkpoints may use another.
         let text = toml::to_string(&s).unwrap();

@@ -8,6 +8,8 @@
 //!   quantized): the download, encoded once per model version and decoded
 //!   chunk by chunk on the device, and compressed uploads, decoded chunk by
 //!   chunk on the coordinator.
+//! - [`linalg`]: the small dense solves of ALS (Cholesky), shared by the
+//!   devices' user step and the coordinator's `als` server step.
 //! - [`Layout`]: the names and shapes of the model's tensors.
 //!
 //! ```
@@ -23,6 +25,7 @@
 
 pub mod codec;
 pub mod eval;
+pub mod linalg;
 pub mod secagg;
 pub mod tensor;
 

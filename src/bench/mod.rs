@@ -622,7 +622,16 @@ pub fn device(
     let mf = MatrixFactorization::new(ds.n_items(), cfg.model.factors, cfg.model.init_std)?;
     let global = mf.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed));
     let model: Arc<dyn Model> = Arc::new(mf);
-    let training = crate::sim::device_training(&cfg.training);
+    // What a training task of the preset asks of a device.
+    let training = fedrec_client::model::TrainingConfig {
+        user_moment: cfg.strategy.name == fedrec_coordinator::config::StrategyName::Als,
+        ..crate::sim::device_training(&cfg.training)
+    };
+    let moment = if training.user_moment {
+        fedrec_proto::linalg::upper_len(cfg.model.factors)
+    } else {
+        0
+    };
     let step = (split.train.len() / devices.max(1)).max(1);
     let mut ms = Vec::with_capacity(devices);
     for user in (0..split.train.len()).step_by(step).take(devices) {
@@ -631,7 +640,7 @@ pub fn device(
         let update = device.train(&global, &training, false)?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(
-            update.delta.len() == global.len(),
+            update.delta.len() == global.len() + moment,
             "update of the wrong size"
         );
     }

@@ -198,7 +198,7 @@ impl SecureRound {
         let config = sa.protocol();
         let weighting = sa.weighting(core.config.strategy.weighting);
         let step_deadline = now + sa.step();
-        let num_values = core.model.params.len() + EXTRA_VALUES;
+        let num_values = core.update_len() + EXTRA_VALUES;
         // The configuration was validated by `RoundCore::new` and
         // `num_values` is at least EXTRA_VALUES > 0: the only two ways
         // `SecAggRound::new` can fail.
@@ -409,7 +409,7 @@ impl RoundCore {
         model_version: u64,
         num_values: u64,
     ) -> Result<(), CoordinatorError> {
-        let expected = self.model.params.len() + EXTRA_VALUES;
+        let expected = self.update_len() + EXTRA_VALUES;
         let open = self
             .open
             .as_ref()

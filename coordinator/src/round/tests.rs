@@ -174,16 +174,21 @@ fn full_round_applies_the_weighted_mean_exactly() {
     assert_eq!(core.finished(), None);
 }
 
-#[test]
-fn als_rounds_add_the_item_regularization_share() {
-    // Under the ALS loss the round's mean gains -lr · 2λ q / N, N the joined
-    // devices (here 4, of which 2 are in the cohort), before the strategy.
+/// Cohorts of 2 under the ALS loss: λ = 0.5, lr = 1, uniform weighting.
+fn als_config() -> CoordinatorConfig {
     let mut cfg = config(2, 0);
     cfg.training.loss = LossName::Als;
     cfg.training.regularization = 0.5;
     cfg.training.learning_rate = 1.0;
     cfg.strategy.weighting = crate::config::Weighting::Uniform;
-    let mut core = core_with(cfg, vec![2.0, -4.0]);
+    cfg
+}
+
+#[test]
+fn als_rounds_add_the_item_regularization_share() {
+    // Under the ALS loss the round's mean gains -lr · 2λ q / N, N the joined
+    // devices (here 4, of which 2 are in the cohort), before the strategy.
+    let mut core = core_with(als_config(), vec![2.0, -4.0]);
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 4);
     let tasks = check_in_all(&mut core, t0, &devices);
@@ -206,6 +211,54 @@ fn als_rounds_add_the_item_regularization_share() {
     }
     assert!(ended(&core.poll(t0))[0].completed);
     assert_eq!(core.model().params, vec![3.0, -4.0]);
+}
+
+#[test]
+fn the_als_strategy_steps_with_the_cohorts_curvature() {
+    // One item of k = 2 factors and its bias; N = 4 joined devices, 2 in
+    // the cohort; λ = 0.5, lr = 1, η = 1.
+    let mut cfg = als_config();
+    cfg.strategy.name = crate::config::StrategyName::Als;
+    cfg.strategy.server_lr = 1.0;
+    let matrix = Layout::new(vec![("q".into(), vec![1, 2]), ("b".into(), vec![1])]);
+    let mut core = RoundCore::new(cfg.clone(), matrix, vec![2.0, -4.0, 0.0]).unwrap();
+    let t0 = Instant::now();
+    let devices = join(&mut core, t0, 4);
+    let tasks = check_in_all(&mut core, t0, &devices);
+    assert!(tasks.iter().all(|(_, t)| t.user_moment));
+    // The model's 3 values alone are refused: 3 more (x xᵀ) must follow.
+    let (device, task) = &tasks[0];
+    assert!(matches!(
+        core.submit_update(t0, header(*device, task, 1, 3), &encode(&[0.0; 3])),
+        Err(CoordinatorError::WrongNumValues {
+            expected: 6,
+            got: 3
+        })
+    ));
+    // Updates, each followed by x xᵀ's upper triangle: x = [1, 0], then [0, 1].
+    let updates = [
+        [1.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+    ];
+    for ((device, task), update) in tasks.iter().zip(updates) {
+        core.submit_update(t0, header(*device, task, 1, 6), &encode(&update))
+            .unwrap();
+    }
+    assert!(ended(&core.poll(t0))[0].completed);
+    // Mean gradient [0.5, 0.5], minus the regularization share
+    // 2λ/N q = 0.25 [2, -4]: Δ = [0, 1.5]. M = diag(0.5, 0.5), so
+    // H = 2M + 2λ/N I = 1.25 I and q = [2, -4] + [0, 1.5] / 1.25.
+    let q = &core.model().params;
+    assert!(
+        (q[0] - 2.0).abs() < 1e-6 && (q[1] + 2.8).abs() < 1e-6,
+        "{q:?}"
+    );
+    assert_eq!(q[2], 0.0);
+    assert_eq!(q.len(), 3, "x xᵀ never enters the model");
+
+    // A model without an item matrix cannot take the step.
+    let err = RoundCore::new(cfg, layout(3), vec![0.0; 3]).unwrap_err();
+    assert!(err.to_string().contains("matrix"), "{err}");
 }
 
 #[test]
