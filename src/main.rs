@@ -129,6 +129,11 @@ struct BenchRoundArgs {
     /// Wire format of the updates: f32, f16 or q8.
     #[arg(long, value_name = "ENCODING", default_value = "f32", value_parser = parse_name::<Encoding>)]
     upload_encoding: Encoding,
+    /// Coordinator configuration to start from, e.g. for its [server] limits
+    /// (the benchmark sets the listener, rounds, cohort, model size and wire
+    /// formats). Default: the built-in defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -697,7 +702,12 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::Round(a) => {
+            let base = match &a.config {
+                Some(path) => CoordinatorConfig::from_file(path)?,
+                None => CoordinatorConfig::default(),
+            };
             let row = fedrec::bench::round(
+                base,
                 a.clients,
                 a.dim,
                 a.rounds,

@@ -1033,10 +1033,8 @@ fn the_als_step_works_under_secure_aggregation() {
     let (ds, _) = common::small_split(300, 150, 7);
     let run = |secure: bool| {
         let mut cfg = quality_config(secure);
-        let sa = cfg.coordinator.secure_aggregation.clone();
         cfg.coordinator = sim::als_recipe();
-        cfg.coordinator.secure_aggregation = sa;
-        cfg.coordinator.secure_aggregation.range = sim::ALS_SECAGG_RANGE;
+        cfg.coordinator.secure_aggregation.enabled = secure;
         cfg.coordinator.rounds.rounds = 10;
         cfg.coordinator.rounds.clients_per_round = 50;
         cfg.coordinator.model.factors = 8;

@@ -39,10 +39,16 @@ use crate::CoordinatorError;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Default `server.long_poll_secs`.
 pub const DEFAULT_LONG_POLL_SECS: f64 = 10.0;
-/// Default `server.max_concurrent_uploads`.
-pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 8;
-/// Default `server.max_concurrent_downloads`.
-pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 16;
+/// Default `server.max_concurrent_uploads`: 4. Over loopback, where the
+/// coordinator's CPU is the limit, rounds took as long with 4 upload and
+/// 8 download slots as with 8 and 16 (100 × 118,592 and 10 × 1,000,000
+/// values), and 1,000 devices × 1,000,000 values peaked at 72–88 MB
+/// instead of 110–122 MB (BENCHMARKS.md). Where devices upload over slow
+/// links, a slot is held for the whole upload: raise it there.
+pub const DEFAULT_MAX_CONCURRENT_UPLOADS: usize = 4;
+/// Default `server.max_concurrent_downloads` (see
+/// [`DEFAULT_MAX_CONCURRENT_UPLOADS`]).
+pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 8;
 
 /// Default `rounds.rounds` (0 = run forever).
 pub const DEFAULT_ROUNDS: u32 = 0;
@@ -1007,6 +1013,14 @@ impl CoordinatorConfig {
                         .to_owned(),
                 ));
             }
+            if st.aggregation != Aggregation::Mean {
+                return Err(invalid(format!(
+                    "strategy.name = \"als\" needs the mean of the devices' x xᵀ, which \
+                     strategy.aggregation = {:?} does not give (a coordinate-wise rule can make \
+                     it indefinite); use \"mean\" with strategy.norm_bound against outliers",
+                    st.aggregation
+                )));
+            }
         }
         if st.schedule == Schedule::Cosine && self.rounds.rounds == 0 {
             return Err(invalid(
@@ -1281,6 +1295,9 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("differential privacy"), "{err}");
+        let err = CoordinatorConfig::from_toml_str(&format!("{als}aggregation = \"median\"\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("x xᵀ"), "{err}");
     }
 
     #[test]

@@ -34,14 +34,14 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use fedrec_proto::codec::{EncodedModel, Encoding};
-use fedrec_proto::{Layout, tensor};
+use fedrec_proto::{Layout, linalg, tensor};
 
 use crate::CoordinatorError;
 use crate::aggregate::{Aggregator, EvalCounts};
 use crate::checkpoint::{Checkpoint, PrivacyState};
 use crate::config::{CoordinatorConfig, LossName, TrainingConfig};
 use crate::privacy::{Mechanism, NoisySum, PrivacySummary, RoundPrivacy, TaskPrivacy};
-use crate::strategy::{NonFinite, Strategy};
+use crate::strategy::Strategy;
 
 pub mod secure;
 
@@ -1138,9 +1138,17 @@ impl RoundCore {
     /// for such items, which is ALS's item step. A bought item's curvature
     /// is higher by its buyers' confidence terms, so its step is damped
     /// rather than exact.
-    fn curvature(&self, mut mean: Vec<f32>) -> Vec<f32> {
+    ///
+    /// Every device's `x xᵀ` is positive semidefinite, so the curvature is at
+    /// least `lr 2λ/N I`, which bounds every pivot of its Cholesky factor
+    /// from below. A curvature that falls below half of that bound cannot
+    /// come from honest devices: some update carried a malformed `x xᵀ`, or
+    /// secure aggregation's range clipped entries of one. The round is then
+    /// abandoned with that reason (a near-singular curvature would throw the
+    /// items far).
+    fn curvature(&self, mut mean: Vec<f32>) -> Result<Vec<f32>, String> {
         let Some(k) = self.strategy.factors() else {
-            return mean;
+            return Ok(mean);
         };
         let t = &self.config.training;
         let ridge = 2.0 * t.regularization / self.joined.len().max(1) as f32;
@@ -1153,7 +1161,18 @@ impl RoundCore {
                 at += 1;
             }
         }
-        mean
+        let floor = 0.5 * f64::from(t.learning_rate * ridge);
+        let smallest = linalg::cholesky(&mut linalg::from_upper(upper, k), k);
+        if smallest >= floor {
+            Ok(mean)
+        } else {
+            Err(format!(
+                "the cohort's curvature (the mean of the devices' x xᵀ) is not positive \
+                 semidefinite (smallest pivot {smallest:.3e}, at least {floor:.3e} expected): an \
+                 update carried a malformed x xᵀ, or secure_aggregation.range clipped one; \
+                 the model was not changed"
+            ))
+        }
     }
 
     /// Ends the open round: completes it (applying the strategy for a
@@ -1181,7 +1200,8 @@ impl RoundCore {
             };
             let mean = mean.map(|mean| self.curvature(self.regularize_items(mean)));
             match mean {
-                Some(mean) => match self.strategy.step(
+                Some(Err(reason)) => abandon = Some(reason),
+                Some(Ok(mean)) => match self.strategy.step(
                     &self.model.params,
                     &mean,
                     self.config
@@ -1198,10 +1218,8 @@ impl RoundCore {
                             self.config.download.encoding,
                         ));
                     }
-                    Err(NonFinite { index }) => {
-                        abandon = Some(format!(
-                            "the strategy produced a non-finite parameter at index {index}; the model was not changed"
-                        ));
+                    Err(e) => {
+                        abandon = Some(format!("{e}; the model was not changed"));
                     }
                 },
                 None => abandon = Some("no update to apply".to_owned()),

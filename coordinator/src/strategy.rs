@@ -41,11 +41,22 @@ pub struct Strategy {
     block: (usize, usize),
 }
 
-/// The strategy's result was not finite; nothing was changed.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct NonFinite {
-    /// Index of the first non-finite parameter or moment.
-    pub index: usize,
+/// Why the strategy could not step; nothing was changed.
+#[derive(Clone, Copy, Debug, PartialEq, thiserror::Error)]
+pub enum StepError {
+    /// The result was not finite.
+    #[error("the strategy produced a non-finite parameter at index {index}")]
+    NonFinite {
+        /// Index of the first non-finite parameter or moment.
+        index: usize,
+    },
+    /// `als`: the round's curvature was not positive definite. The mean of
+    /// honest devices' `x xᵀ` plus the ridge always is, so some device sent
+    /// a malformed one.
+    #[error(
+        "the cohort's curvature (the mean of the devices' x xᵀ) is not positive definite, so some update carried a malformed one"
+    )]
+    Indefinite,
 }
 
 impl Strategy {
@@ -141,7 +152,7 @@ impl Strategy {
         params: &[f32],
         delta: &[f32],
         lr_factor: f32,
-    ) -> Result<Vec<f32>, NonFinite> {
+    ) -> Result<Vec<f32>, StepError> {
         assert_eq!(
             params.len() + self.extra_values(),
             delta.len(),
@@ -155,7 +166,10 @@ impl Strategy {
                 let (delta, upper) = delta.split_at(params.len());
                 let (rows, k) = self.block;
                 let mut h = linalg::from_upper(upper, k);
-                linalg::cholesky(&mut h, k);
+                let smallest = linalg::cholesky(&mut h, k);
+                if smallest.is_nan() || smallest <= 0.0 {
+                    return Err(StepError::Indefinite);
+                }
                 let mut z = vec![0.0_f64; k];
                 let eta64 = f64::from(eta);
                 let block = rows * k;
@@ -229,10 +243,10 @@ fn sign(value: f32) -> f32 {
     }
 }
 
-fn check(values: &[f32]) -> Result<(), NonFinite> {
+fn check(values: &[f32]) -> Result<(), StepError> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
-        Some(index) => Err(NonFinite { index }),
+        Some(index) => Err(StepError::NonFinite { index }),
     }
 }
 
@@ -349,6 +363,9 @@ mod tests {
         let x = s.step(&params, &delta, 0.5).unwrap();
         assert_close(&x, &[1.25, 1.25, 0.125, -1.0, 3.5, 3.5]);
         assert_eq!(s.moments(), (&[][..], &[][..]));
+        // An indefinite curvature (only a malformed x xᵀ makes one) is refused.
+        let bad = [6.0, 5.0, 2.0, 1.0, 2.0, -2.0, 1.0, 2.0, 1.0];
+        assert_eq!(s.step(&params, &bad, 1.0), Err(StepError::Indefinite));
         // A model whose first tensor is not a matrix cannot take the step.
         let flat = Layout::new(vec![("x".into(), vec![4])]);
         let err = Strategy::new(config(StrategyName::Als), &flat).unwrap_err();
@@ -388,7 +405,7 @@ mod tests {
         let mut s = new(StrategyName::FedAvgM, 2);
         let before = s.clone();
         let err = s.step(&[f32::MAX, 0.0], &[f32::MAX, 1.0], 1.0).unwrap_err();
-        assert_eq!(err, NonFinite { index: 0 });
+        assert_eq!(err, StepError::NonFinite { index: 0 });
         assert_eq!(s, before);
     }
 

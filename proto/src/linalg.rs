@@ -51,9 +51,13 @@ pub fn from_upper(upper: &[f32], k: usize) -> Vec<f64> {
 
 /// Factors a symmetric positive definite `a` (n×n) in place into its lower
 /// Cholesky factor `L` (`a = L Lᵀ`; the entries above the diagonal are left
-/// as they were). A non-positive pivot, possible only through rounding when
-/// callers add a ridge, is clamped to a tiny positive one.
-pub fn cholesky(a: &mut [f64], n: usize) {
+/// as they were). Returns the smallest pivot (the squared diagonal of `L`
+/// before clamping): positive exactly when `a` is positive definite, and at
+/// least `r` when `a ⪰ r I`. A pivot below a tiny positive floor (through
+/// rounding, when callers add a ridge, or because `a` was not definite) is
+/// clamped to it.
+pub fn cholesky(a: &mut [f64], n: usize) -> f64 {
+    let mut smallest = f64::INFINITY;
     // Row by row: row j's entries before the diagonal are final when row
     // i > j needs them.
     for j in 0..n {
@@ -64,8 +68,14 @@ pub fn cholesky(a: &mut [f64], n: usize) {
             row_j[i] = (row_j[i] - dot(&row_j[..i], &row_i[..i])) / row_i[i];
         }
         let d = row_j[j] - dot(&row_j[..j], &row_j[..j]);
+        // `min` would drop a NaN pivot; keep the first one so that callers
+        // see it (no comparison with NaN holds).
+        if !smallest.is_nan() && (d.is_nan() || d < smallest) {
+            smallest = d;
+        }
         row_j[j] = d.max(1e-12).sqrt();
     }
+    smallest
 }
 
 /// Solves `L Lᵀ x = b` in place (`b` becomes `x`) with the factor that
@@ -84,9 +94,10 @@ pub fn cholesky_solve_factored(l: &[f64], b: &mut [f64], n: usize) {
 }
 
 /// Solves `a x = b` for a symmetric positive definite `a` (n×n), which is
-/// overwritten by its factor; `b` becomes `x`.
+/// overwritten by its factor; `b` becomes `x`. The callers add a ridge, so
+/// `a` is definite but for rounding, which [`cholesky`] clamps.
 pub fn cholesky_solve(a: &mut [f64], b: &mut [f64], n: usize) {
-    cholesky(a, n);
+    let _smallest_pivot = cholesky(a, n);
     cholesky_solve_factored(a, b, n);
 }
 
@@ -129,6 +140,12 @@ mod tests {
             (b[0] - 1.0).abs() < 1e-12 && (b[1] - 1.0).abs() < 1e-12,
             "{b:?}"
         );
+        // [[1, 2], [2, 1]] has eigenvalues 3 and −1: not definite.
+        assert!(cholesky(&mut [1.0, 2.0, 2.0, 1.0], 2) < 0.0);
+        // Pivots of [[4, 2], [2, 3]]: 4 and 3 − 2²/4 = 2; its eigenvalues
+        // are (7 ± √17)/2 ≥ 1.44, which bounds every pivot from below.
+        assert_eq!(cholesky(&mut [4.0, 2.0, 2.0, 3.0], 2), 2.0);
+        assert!(cholesky(&mut [f64::NAN, 0.0, 0.0, 1.0], 2).is_nan());
     }
 
     #[test]

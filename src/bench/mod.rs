@@ -163,9 +163,15 @@ struct ServeProcess {
 }
 
 impl ServeProcess {
-    fn start(clients: usize, dim: usize, rounds: u32, wire: Wire) -> anyhow::Result<Self> {
+    fn start(
+        base: CoordinatorConfig,
+        clients: usize,
+        dim: usize,
+        rounds: u32,
+        wire: Wire,
+    ) -> anyhow::Result<Self> {
         let (items, factors) = shape(dim)?;
-        let mut cfg = CoordinatorConfig::default();
+        let mut cfg = base;
         cfg.server.listen = "127.0.0.1:0".into();
         cfg.rounds.rounds = rounds;
         cfg.rounds.clients_per_round = clients;
@@ -361,8 +367,11 @@ async fn zero_training_device(
 }
 
 /// Runs `rounds` rounds of FedAvg with `clients` zero-training devices and a
-/// model of `dim` values against a coordinator in its own process.
+/// model of `dim` values against a coordinator in its own process, configured
+/// as `base` (its `[server]` limits, say) apart from what the benchmark sets:
+/// the listener, rounds, cohort, model size and wire formats.
 pub fn round(
+    base: CoordinatorConfig,
     clients: usize,
     dim: usize,
     rounds: u32,
@@ -372,7 +381,7 @@ pub fn round(
     if clients == 0 || rounds == 0 {
         bail!("--clients and --rounds must be >= 1");
     }
-    let server = ServeProcess::start(clients, dim, rounds, wire)?;
+    let server = ServeProcess::start(base, clients, dim, rounds, wire)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let update = Arc::new(bench_update(dim, wire.upload));
     let times = runtime.block_on(async {

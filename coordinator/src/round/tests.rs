@@ -256,6 +256,24 @@ fn the_als_strategy_steps_with_the_cohorts_curvature() {
     assert_eq!(q[2], 0.0);
     assert_eq!(q.len(), 3, "x xᵀ never enters the model");
 
+    // A malformed x xᵀ that makes the cohort's curvature indefinite
+    // abandons the round and leaves the model as it was.
+    let before = core.model().params.clone();
+    let tasks = check_in_all(&mut core, t0, &devices);
+    let updates = [
+        [1.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0, -50.0, 0.0],
+    ];
+    for ((device, task), update) in tasks.iter().zip(updates) {
+        core.submit_update(t0, header(*device, task, 1, 6), &encode(&update))
+            .unwrap();
+    }
+    let summary = &ended(&core.poll(t0))[0];
+    assert!(!summary.completed);
+    let reason = summary.abandon_reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("positive semidefinite"), "{reason}");
+    assert_eq!(core.model().params, before);
+
     // A model without an item matrix cannot take the step.
     let err = RoundCore::new(cfg, layout(3), vec![0.0; 3]).unwrap_err();
     assert!(err.to_string().contains("matrix"), "{err}");
