@@ -1051,4 +1051,21 @@ fn the_als_step_works_under_secure_aggregation() {
         "{p:?} vs {s:?}"
     );
     assert!(s.hr_at_10 > 1.5 * plain.final_.popularity.full.hr_at_10);
+
+    // Over gRPC, the device SDK's secure path carries x xᵀ as well.
+    let mut cfg = quality_config(true);
+    cfg.coordinator = sim::als_recipe();
+    cfg.coordinator.secure_aggregation.enabled = true;
+    cfg.coordinator.rounds.rounds = 3;
+    cfg.coordinator.rounds.clients_per_round = 30;
+    cfg.coordinator.model.factors = 8;
+    cfg.transport = Transport::Grpc;
+    let grpc = sim::run(&ds, &cfg, &mut ()).expect("simulation over gRPC runs");
+    assert!(
+        grpc.rounds
+            .iter()
+            .all(|r| r.completed && r.participants == 30),
+        "{:?}",
+        grpc.rounds
+    );
 }
