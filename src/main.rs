@@ -387,8 +387,14 @@ impl ConfigOverrides {
             if self.weighting.is_none() && v != DpMode::Off {
                 cfg.strategy.weighting = Weighting::Uniform;
             }
-            if v != DpMode::Off && cfg.strategy.name == StrategyName::Als {
+            if v != DpMode::Off && cfg.strategy.name == StrategyName::Als && self.strategy.is_none()
+            {
                 fedrec::sim::als_under_privacy(cfg);
+                eprintln!(
+                    "note: the als server step does not work under differential privacy; \
+                     using fedadam (server_lr {}, tau {}) instead (--strategy to choose another)",
+                    cfg.strategy.server_lr, cfg.strategy.tau
+                );
             }
         }
         if let Some(v) = self.strategy {
