@@ -1025,6 +1025,19 @@ fn a_simulation_with_secure_aggregation_matches_the_plain_one() {
     );
 }
 
+/// The ALS recipe (its `als` step) on 8 factors, `rounds` rounds of
+/// `clients` devices.
+fn als_config(secure: bool, transport: Transport, rounds: u32, clients: usize) -> SimConfig {
+    let mut cfg = quality_config(secure);
+    cfg.coordinator = sim::als_recipe();
+    cfg.coordinator.secure_aggregation.enabled = secure;
+    cfg.coordinator.rounds.rounds = rounds;
+    cfg.coordinator.rounds.clients_per_round = clients;
+    cfg.coordinator.model.factors = 8;
+    cfg.transport = transport;
+    cfg
+}
+
 /// The ALS recipe's `als` server step through secure aggregation: each
 /// device's `x xᵀ` is masked with its update, and the unmasked mean of both
 /// gives the same model as the plain round up to quantization.
@@ -1032,12 +1045,7 @@ fn a_simulation_with_secure_aggregation_matches_the_plain_one() {
 fn the_als_step_works_under_secure_aggregation() {
     let (ds, _) = common::small_split(300, 150, 7);
     let run = |secure: bool| {
-        let mut cfg = quality_config(secure);
-        cfg.coordinator = sim::als_recipe();
-        cfg.coordinator.secure_aggregation.enabled = secure;
-        cfg.coordinator.rounds.rounds = 10;
-        cfg.coordinator.rounds.clients_per_round = 50;
-        cfg.coordinator.model.factors = 8;
+        let cfg = als_config(secure, Transport::Inproc, 10, 50);
         sim::run(&ds, &cfg, &mut ()).expect("simulation runs")
     };
     let (plain, secure) = (run(false), run(true));
@@ -1053,13 +1061,7 @@ fn the_als_step_works_under_secure_aggregation() {
     assert!(s.hr_at_10 > 1.5 * plain.final_.popularity.full.hr_at_10);
 
     // Over gRPC, the device SDK's secure path carries x xᵀ as well.
-    let mut cfg = quality_config(true);
-    cfg.coordinator = sim::als_recipe();
-    cfg.coordinator.secure_aggregation.enabled = true;
-    cfg.coordinator.rounds.rounds = 3;
-    cfg.coordinator.rounds.clients_per_round = 30;
-    cfg.coordinator.model.factors = 8;
-    cfg.transport = Transport::Grpc;
+    let cfg = als_config(true, Transport::Grpc, 3, 30);
     let grpc = sim::run(&ds, &cfg, &mut ()).expect("simulation over gRPC runs");
     assert!(
         grpc.rounds
