@@ -373,7 +373,7 @@ impl EncodedModel {
 
     /// The values as every device decodes them.
     pub fn decode(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.len];
+        let mut out = Vec::with_capacity(self.len);
         let blocks = (self.encoding == Encoding::Q8).then(|| Q8Blocks {
             block_values: self.block_values,
             mins: &self.mins,
@@ -384,7 +384,7 @@ impl EncodedModel {
             &self.payload,
             blocks.as_ref(),
             self.len,
-            |i, v| out[i] = v,
+            |batch| out.extend_from_slice(batch),
         )
         .expect("encoded by EncodedModel::new: lengths and block parameters are consistent");
         out
@@ -463,19 +463,16 @@ impl EncodedModel {
 #[derive(Debug)]
 pub struct ModelAssembler {
     want: Layout,
+    /// The values received so far; never more than the layout's.
     values: Vec<f32>,
-    received: usize,
 }
 
 impl ModelAssembler {
     /// Expects a model laid out as `want`.
     pub fn new(want: Layout) -> Self {
-        let values = vec![0.0; want.num_values()];
-        Self {
-            want,
-            values,
-            received: 0,
-        }
+        // Reserved, not zeroed: every value is written once, as it arrives.
+        let values = Vec::with_capacity(want.num_values());
+        Self { want, values }
     }
 
     /// Decodes the next chunk. Chunks must come in order; the first one
@@ -495,21 +492,19 @@ impl ModelAssembler {
             chunk.encoding,
             &chunk.values,
             chunk.q8.as_ref(),
-            self.received,
             self.values.len(),
+            self.want.num_values(),
         )?;
-        let out = &mut self.values[self.received..run.end];
-        run.decode(|i, v| out[i] = v)?;
-        self.received = run.end;
-        Ok(())
+        run.decode(|batch| self.values.extend_from_slice(batch))
     }
 
     /// The model, once every value has arrived and all are finite.
     pub fn finish(self) -> Result<Vec<f32>, CodecError> {
-        if self.received != self.values.len() {
+        let total = self.want.num_values();
+        if self.values.len() != total {
             return Err(CodecError::Incomplete {
-                received: self.received,
-                total: self.values.len(),
+                received: self.values.len(),
+                total,
             });
         }
         tensor::check_finite(&self.values)?;
@@ -541,14 +536,20 @@ pub fn append_update_run(
         out.len() / 4,
         total,
     )?;
-    let start = out.len();
-    out.resize(start + 4 * run.len, 0);
-    let dst = &mut out[start..];
-    let decoded = run.decode(|i, v| dst[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes()));
-    if decoded.is_err() {
-        out.truncate(start);
+    out.reserve(4 * run.len);
+    if run.encoding == Encoding::F32 {
+        // Already the bytes aggregation folds.
+        out.extend_from_slice(run.bytes);
+        return Ok(());
     }
-    decoded
+    let mut bytes = [0; 4 * DECODE_BATCH];
+    // Errors come before the first batch: `out` is unchanged on one.
+    run.decode(|batch| {
+        for (b, v) in bytes.chunks_exact_mut(4).zip(batch) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&bytes[..4 * batch.len()]);
+    })
 }
 
 /// q8 block parameters of a run of values.
@@ -565,8 +566,6 @@ struct Run<'a> {
     blocks: Option<Q8Blocks<'a>>,
     /// Values in the run.
     len: usize,
-    /// Index one past its last value.
-    end: usize,
 }
 
 impl<'a> Run<'a> {
@@ -594,8 +593,7 @@ impl<'a> Run<'a> {
             });
         }
         let len = bytes.len() / encoding.bytes_per_value();
-        let end = next
-            .checked_add(len)
+        next.checked_add(len)
             .filter(|&end| end <= total)
             .ok_or(CodecError::Overrun {
                 offset: next,
@@ -616,14 +614,13 @@ impl<'a> Run<'a> {
             bytes,
             blocks,
             len,
-            end,
         })
     }
 
-    /// Hands each decoded value to `emit` with its index in the run, in
-    /// order; a q8 block's parameters are checked before any of its values
-    /// is emitted.
-    fn decode(&self, emit: impl FnMut(usize, f32)) -> Result<(), CodecError> {
+    /// Hands the decoded values to `emit` in order, in batches of at most
+    /// [`DECODE_BATCH`]; every q8 block's parameters are checked before the
+    /// first batch.
+    fn decode(&self, emit: impl FnMut(&[f32])) -> Result<(), CodecError> {
         decode_values(
             self.encoding,
             self.bytes,
@@ -657,24 +654,36 @@ fn q8_encode_block(block: &[f32], out: &mut Vec<u8>) -> (f32, f32) {
     (min, scale)
 }
 
+/// Values decoded at a time: a batch stays in L1 and each loop over one
+/// vectorizes.
+const DECODE_BATCH: usize = 256;
+
 /// Decodes the `len` values of `bytes` in `encoding` (the caller checked
-/// the length), handing each to `emit` with its index.
+/// the length), handing them to `emit` in order, in batches of at most
+/// [`DECODE_BATCH`]. On an error nothing has been emitted.
 fn decode_values(
     encoding: Encoding,
     bytes: &[u8],
     blocks: Option<&Q8Blocks<'_>>,
     len: usize,
-    mut emit: impl FnMut(usize, f32),
+    mut emit: impl FnMut(&[f32]),
 ) -> Result<(), CodecError> {
+    let mut batch = [0.0_f32; DECODE_BATCH];
     match (encoding, blocks) {
         (Encoding::F32, _) => {
-            for (i, b) in bytes.chunks_exact(4).enumerate() {
-                emit(i, f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            for part in bytes.chunks(4 * DECODE_BATCH) {
+                for (v, b) in batch.iter_mut().zip(part.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                emit(&batch[..part.len() / 4]);
             }
         }
         (Encoding::F16, _) => {
-            for (i, b) in bytes.chunks_exact(2).enumerate() {
-                emit(i, f16::from_le_bytes([b[0], b[1]]).to_f32());
+            for part in bytes.chunks(2 * DECODE_BATCH) {
+                for (v, b) in batch.iter_mut().zip(part.chunks_exact(2)) {
+                    *v = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+                emit(&batch[..part.len() / 2]);
             }
         }
         (Encoding::Q8, None) => return Err(CodecError::MissingQ8Blocks),
@@ -699,15 +708,16 @@ fn decode_values(
                 return Err(CodecError::Q8BadBlock { block, min, scale });
             }
             let params = q8.mins.iter().zip(q8.scales);
-            for (b, (qs, (&min, &scale))) in bytes.chunks(q8.block_values).zip(params).enumerate() {
-                let first = b * q8.block_values;
-                for (i, &q) in qs.iter().enumerate() {
-                    // In f64, so that min + 255·scale cannot overflow f32
-                    // before the cast (finite() catches what still does).
-                    emit(
-                        first + i,
-                        (f64::from(min) + f64::from(q) * f64::from(scale)) as f32,
-                    );
+            for (qs, (&min, &scale)) in bytes.chunks(q8.block_values).zip(params) {
+                let (min, scale) = (f64::from(min), f64::from(scale));
+                for part in qs.chunks(DECODE_BATCH) {
+                    for (v, &q) in batch.iter_mut().zip(part) {
+                        // In f64, so that min + 255·scale cannot overflow
+                        // f32 before the cast (finite() catches what still
+                        // does).
+                        *v = (min + f64::from(q) * scale) as f32;
+                    }
+                    emit(&batch[..part.len()]);
                 }
             }
         }

@@ -170,6 +170,36 @@ fn q8_chunk(values: &[u8], block_values: u32, min: Vec<f32>, scale: Vec<f32>) ->
     }
 }
 
+#[test]
+fn q8_blocks_longer_than_a_decoding_batch_decode_exactly() {
+    // 1,300 values in blocks of 1,000: each block spans several batches of
+    // DECODE_BATCH, and the last block is short.
+    let n = 1300;
+    let q: Vec<u8> = (0..n).map(|i| (i * 7 % 256) as u8).collect();
+    let (min, scale) = (vec![-1.0_f32, 2.0], vec![0.01_f32, 0.5]);
+    let want: Vec<f32> = q
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| {
+            let b = i / 1000;
+            (f64::from(min[b]) + f64::from(q) * f64::from(scale[b])) as f32
+        })
+        .collect();
+    let chunk = q8_chunk(&q, 1000, min, scale);
+    let mut device = ModelAssembler::new(layout(n as u64));
+    device.add(&chunk).unwrap();
+    assert_eq!(device.finish().unwrap(), want);
+    let run = pb::EncodedValues {
+        offset: 0,
+        encoding: chunk.encoding,
+        values: chunk.values.clone(),
+        q8: chunk.q8.clone(),
+    };
+    let mut out = Vec::new();
+    append_update_run(&run, &mut out, n).unwrap();
+    assert_eq!(out, tensor::encode(&want));
+}
+
 /// The error of feeding `chunk` alone to a device expecting `n` values.
 fn refusal(n: u64, chunk: pb::ModelChunk) -> CodecError {
     ModelAssembler::new(layout(n)).add(&chunk).unwrap_err()
