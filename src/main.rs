@@ -724,13 +724,14 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 },
             )?;
             eprintln!(
-                "{} devices x {} values, {} downloads of {} bytes, {} uploads: {:.3} s per round ({:.1} MB), {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
+                "{} devices x {} values, {} downloads of {} bytes, {} uploads: {:.3} s per round ({:.3} s after the first; {:.1} MB), {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
                 row.clients,
                 row.dim,
                 row.download_encoding,
                 row.download_bytes_per_device,
                 row.upload_encoding,
                 row.sec_per_round,
+                row.sec_per_round_after_first,
                 row.bytes_per_round as f64 / 1e6,
                 row.bytes_per_sec / 1e6,
                 row.coordinator_peak_rss_mb,
@@ -926,13 +927,14 @@ fn print_table(report: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\n{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s",
+        "\n{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s ({:.0} devices per second in the rounds)",
         report.data.name,
         report.data.users,
         report.data.test_users,
         report.data.items,
         report.rounds.len(),
-        report.timing.total_seconds
+        report.timing.total_seconds,
+        report.timing.devices_per_second
     );
     let _ = writeln!(
         out,

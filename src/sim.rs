@@ -264,6 +264,12 @@ pub struct Timing {
     pub federated_seconds: f64,
     /// Centralized baseline.
     pub centralized_seconds: f64,
+    /// Devices that took part in the training rounds, summed over rounds.
+    pub device_rounds: usize,
+    /// `device_rounds` over the rounds' summed seconds (each round's
+    /// download, local training, upload and aggregation; its evaluation
+    /// too when rounds are evaluated).
+    pub devices_per_second: f64,
 }
 
 /// The simulation's report (written as JSON by `--report`).
@@ -459,6 +465,8 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let centralized_seconds = cen_start.elapsed().as_secs_f64();
     let popularity = eval::popularity(&split, cfg.seed);
 
+    let device_rounds: usize = rounds.iter().map(|r| r.participants).sum();
+    let round_seconds: f64 = rounds.iter().map(|r| r.seconds).sum();
     let secure_aggregation = SecureReport::new(&coord, &rounds);
     let privacy = PrivacyReport::new(&coord, &rounds);
     let encoding = coord.download.encoding;
@@ -495,6 +503,8 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             total_seconds: start.elapsed().as_secs_f64(),
             federated_seconds,
             centralized_seconds,
+            device_rounds,
+            devices_per_second: device_rounds as f64 / round_seconds,
         },
     })
 }

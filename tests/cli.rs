@@ -564,3 +564,52 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
         "20 training rounds and the final evaluation, each once: {rest:?}"
     );
 }
+
+/// `fedrec bench round`: its own coordinator process, a few devices, and a
+/// last line of JSON whose per-round times add up to the whole.
+#[test]
+fn bench_round_prints_consistent_json_last() {
+    let child = Command::new(BIN)
+        .args([
+            "bench",
+            "round",
+            "--clients",
+            "3",
+            "--dim",
+            "640",
+            "--rounds",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait(child);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    assert_eq!(v["clients"], 3);
+    assert_eq!(v["dim"], 640);
+    assert_eq!(v["rounds"], 3);
+    assert!(v["coordinator_peak_rss_mb"].as_f64().unwrap() > 1.0);
+    let each: Vec<f64> = v["sec_per_round_each"]
+        .as_array()
+        .expect("per-round times")
+        .iter()
+        .map(|s| s.as_f64().unwrap())
+        .collect();
+    assert_eq!(each.len(), 3, "{v}");
+    assert!(each.iter().all(|s| *s > 0.0), "{v}");
+    let mean = v["sec_per_round"].as_f64().unwrap();
+    assert!((each.iter().sum::<f64>() / 3.0 - mean).abs() < 1e-9, "{v}");
+    let after_first = v["sec_per_round_after_first"].as_f64().unwrap();
+    assert!(
+        (after_first - (each[1] + each[2]) / 2.0).abs() < 1e-9,
+        "{v}"
+    );
+}

@@ -87,6 +87,16 @@ fn report_has_the_documented_fields() {
     let report =
         sim::run(&ds, &config(Transport::Inproc, 3, 10, 1), &mut ()).expect("simulation runs");
     let v: serde_json::Value = serde_json::to_value(&report).unwrap();
+    // The pace: every participant of every round, over the rounds' time.
+    let participants: usize = report.rounds.iter().map(|r| r.participants).sum();
+    assert!(participants > 0);
+    assert_eq!(report.timing.device_rounds, participants);
+    let seconds: f64 = report.rounds.iter().map(|r| r.seconds).sum();
+    assert!(
+        (report.timing.devices_per_second - participants as f64 / seconds).abs() < 1e-9,
+        "{:?}",
+        report.timing
+    );
     for path in [
         "/config/transport",
         "/rounds/0/round",
@@ -100,6 +110,7 @@ fn report_has_the_documented_fields() {
         "/final/centralized/full/hr_at_10",
         "/final/popularity/sampled100/hr_at_10",
         "/timing/total_seconds",
+        "/timing/devices_per_second",
         "/download/encoding",
         "/download/bytes_per_device",
     ] {

@@ -120,6 +120,13 @@ pub struct RoundRow {
     pub bytes_per_round: usize,
     /// Wall-clock seconds per round, from the first task to the last device's `Finished`.
     pub sec_per_round: f64,
+    /// Each round's seconds, from its first task to the next round's first
+    /// task (the last round: to the last device's `Finished`). The first
+    /// includes warming up (fresh buffers, connection windows growing).
+    pub sec_per_round_each: Vec<f64>,
+    /// The mean of the rounds after the first (the first if there is only
+    /// one): the steady pace.
+    pub sec_per_round_after_first: f64,
     /// The coordinator process's peak resident memory (VmHWM).
     pub coordinator_peak_rss_mb: f64,
     /// Model and update bytes moved per second during the timed rounds.
@@ -260,9 +267,10 @@ async fn connect(addr: &str) -> anyhow::Result<Vec<Channel>> {
     Ok(channels)
 }
 
-/// When one device saw its first task and its `Finished`.
+/// When one device saw each of its tasks and its `Finished`.
 struct DeviceTimes {
-    first_task: Instant,
+    /// Per task: its round and when it arrived.
+    tasks: Vec<(u32, Instant)>,
     finished: Instant,
     join: Duration,
     /// Check-ins answered without a task (not held as long polls for one).
@@ -304,7 +312,7 @@ async fn zero_training_device(
         .into_inner();
     let join = asked.elapsed();
     let pseudonym = joined.pseudonym;
-    let mut first_task = None;
+    let mut tasks = Vec::new();
     let mut immediate_check_ins = Vec::new();
     loop {
         let asked = Instant::now();
@@ -319,7 +327,7 @@ async fn zero_training_device(
         }
         match reply.outcome {
             Some(Outcome::Task(task)) => {
-                first_task.get_or_insert_with(Instant::now);
+                tasks.push((task.round, Instant::now()));
                 let mut stream = client
                     .download_model(pb::ModelRequest {
                         pseudonym: pseudonym.clone(),
@@ -358,8 +366,9 @@ async fn zero_training_device(
             Some(Outcome::Finished(_)) | None => break,
         }
     }
+    anyhow::ensure!(!tasks.is_empty(), "the device never got a task");
     Ok(DeviceTimes {
-        first_task: first_task.context("the device never got a task")?,
+        tasks,
         finished: Instant::now(),
         join,
         immediate_check_ins,
@@ -398,17 +407,29 @@ pub fn round(
         }
         anyhow::Ok(times)
     })?;
-    let start = times
-        .iter()
-        .map(|t| t.first_task)
-        .min()
-        .context("no device")?;
     let end = times
         .iter()
         .map(|t| t.finished)
         .max()
         .context("no device")?;
+    // When each round's first task arrived, by round.
+    let mut starts = std::collections::BTreeMap::new();
+    for (round, at) in times.iter().flat_map(|t| &t.tasks) {
+        starts
+            .entry(*round)
+            .and_modify(|s: &mut Instant| *s = (*s).min(*at))
+            .or_insert(*at);
+    }
+    let starts: Vec<Instant> = starts.into_values().collect();
+    let start = *starts.first().context("no device")?;
     let sec_per_round = (end - start).as_secs_f64() / f64::from(rounds);
+    let sec_per_round_each: Vec<f64> = starts
+        .iter()
+        .zip(starts.iter().skip(1).chain([&end]))
+        .map(|(a, b)| (*b - *a).as_secs_f64())
+        .collect();
+    let steady = &sec_per_round_each[usize::from(sec_per_round_each.len() > 1)..];
+    let sec_per_round_after_first = steady.iter().sum::<f64>() / steady.len() as f64;
     let coordinator_peak_rss_mb = server.peak_rss_mb()?;
     drop(server);
     let download_bytes_per_device = wire.download.wire_bytes(dim);
@@ -428,6 +449,8 @@ pub fn round(
         upload_encoding: wire.upload,
         bytes_per_round,
         sec_per_round,
+        sec_per_round_each,
+        sec_per_round_after_first,
         coordinator_peak_rss_mb,
         bytes_per_sec: bytes_per_round as f64 / sec_per_round,
         loopback_sec_per_round,
