@@ -3,7 +3,8 @@
 //!
 //! Two transports run the same coordinator core and the same device code:
 //! - [`Transport::Grpc`]: a coordinator served on 127.0.0.1 (port 0), every
-//!   device a [`Participant`] with its own connection, as in a deployment;
+//!   device a [`Participant`] speaking the whole protocol, as in a
+//!   deployment (the devices share [`SIM_CONNECTIONS`] HTTP/2 connections);
 //! - [`Transport::Inproc`]: the core driven by direct method calls with a
 //!   virtual clock, devices trained in parallel on all cores. Deterministic:
 //!   the same seed gives the same numbers.
@@ -801,7 +802,7 @@ fn record_summary(
 }
 
 /// Serves the core on 127.0.0.1 (port 0) and runs every device as a
-/// [`Participant`] over its own connection.
+/// [`Participant`], over [`SIM_CONNECTIONS`] shared connections.
 fn run_grpc(
     core: RoundCore,
     devices: Vec<(usize, Device)>,
@@ -820,19 +821,18 @@ fn run_grpc(
         let server = tokio::spawn(service.serve(listener, async {
             let _ = stop_rx.await;
         }));
-        let endpoint = format!("http://{addr}");
+        // The devices share SIM_CONNECTIONS HTTP/2 connections: one each
+        // cost thousands of connections' buffers (7.4 GB for 6,040 devices
+        // training every round), and the protocol is per request anyway.
+        let mut channels = Vec::with_capacity(SIM_CONNECTIONS);
+        for _ in 0..SIM_CONNECTIONS.min(devices.len()) {
+            channels.push(fedrec_proto::endpoint(format!("http://{addr}"))?.connect().await?);
+        }
         let mut participants = tokio::task::JoinSet::new();
-        // Connect a bounded number at a time, so that a thousand devices do
-        // not overflow the listener's accept queue.
-        let connecting = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
-        for (user, device) in devices {
-            let endpoint = endpoint.clone();
-            let connecting = Arc::clone(&connecting);
+        for (i, (user, device)) in devices.into_iter().enumerate() {
+            let channel = channels[i % channels.len()].clone();
             participants.spawn(async move {
-                let permit = connecting.acquire_owned().await?;
-                let channel = fedrec_proto::endpoint(endpoint)?.connect().await?;
                 let mut participant = Participant::join(channel, None).await?;
-                drop(permit);
                 let (device, _summary) = participant.run(device).await?;
                 anyhow::Ok((user, device))
             });
@@ -875,8 +875,8 @@ fn run_grpc(
     })
 }
 
-/// Devices connecting to the coordinator at once in a gRPC simulation.
-pub const CONNECT_CONCURRENCY: usize = 64;
+/// HTTP/2 connections the devices of a gRPC simulation share.
+pub const SIM_CONNECTIONS: usize = 16;
 
 /// Default seed of simulations.
 pub const DEFAULT_SEED: u64 = 42;

@@ -366,8 +366,11 @@ impl Participant {
                 }
                 _ => device
                     .train_task(&global, &cfg, evaluate, dp.as_ref())
-                    .map(|update| {
+                    .map(|mut update| {
                         let encoded = EncodedModel::for_upload(&update.delta, encoding);
+                        // The encoding is what is sent: a device waiting for
+                        // an upload slot holds one copy of its update, not two.
+                        update.delta = Vec::new();
                         TaskOutcome::Update(update, encoded)
                     }),
             };
@@ -423,7 +426,7 @@ impl Participant {
             round: task.round,
             model_version: task.model_version,
             num_examples: update.num_examples,
-            num_values: update.delta.len() as u64,
+            num_values: encoded.num_values() as u64,
             evaluation: update.evaluation.as_ref().map(pb::EvaluationCounts::from),
         };
         let chunks = encoded.update_chunks(header, self.chunk_bytes);
@@ -460,7 +463,7 @@ impl Participant {
 }
 
 enum TaskOutcome {
-    /// The update, and its values encoded for upload.
+    /// The update (its `delta` emptied), and its values encoded for upload.
     Update(crate::device::LocalUpdate, EncodedModel),
     Evaluation(Option<EvalCounts>),
 }
