@@ -269,7 +269,8 @@ pub struct Timing {
     pub device_rounds: usize,
     /// `device_rounds` over the rounds' summed seconds (each round's
     /// download, local training, upload and aggregation; its evaluation
-    /// too when rounds are evaluated).
+    /// too when rounds are evaluated; over gRPC the first round also
+    /// includes the devices joining). 0 when no round ran.
     pub devices_per_second: f64,
 }
 
@@ -505,7 +506,11 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             federated_seconds,
             centralized_seconds,
             device_rounds,
-            devices_per_second: device_rounds as f64 / round_seconds,
+            devices_per_second: if round_seconds > 0.0 {
+                device_rounds as f64 / round_seconds
+            } else {
+                0.0
+            },
         },
     })
 }
@@ -812,6 +817,7 @@ fn run_grpc(
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let max_streams = (core.config().server.max_streams_per_connection as usize).max(1);
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot bind 127.0.0.1:0")?;
         let addr = listener.local_addr()?;
@@ -824,8 +830,13 @@ fn run_grpc(
         // The devices share SIM_CONNECTIONS HTTP/2 connections: one each
         // cost thousands of connections' buffers (7.4 GB for 6,040 devices
         // training every round), and the protocol is per request anyway.
-        let mut channels = Vec::with_capacity(SIM_CONNECTIONS);
-        for _ in 0..SIM_CONNECTIONS.min(devices.len()) {
+        // A device has one request in flight at a time: enough connections
+        // that none waits behind the others' long polls.
+        let connections = SIM_CONNECTIONS
+            .max(devices.len().div_ceil(max_streams))
+            .min(devices.len());
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections {
             channels.push(fedrec_proto::endpoint(format!("http://{addr}"))?.connect().await?);
         }
         let mut participants = tokio::task::JoinSet::new();
@@ -875,7 +886,8 @@ fn run_grpc(
     })
 }
 
-/// HTTP/2 connections the devices of a gRPC simulation share.
+/// HTTP/2 connections the devices of a gRPC simulation share (more when
+/// `server.max_streams_per_connection` would otherwise be exceeded).
 pub const SIM_CONNECTIONS: usize = 16;
 
 /// Default seed of simulations.

@@ -421,6 +421,11 @@ pub fn round(
             .or_insert(*at);
     }
     let starts: Vec<Instant> = starts.into_values().collect();
+    anyhow::ensure!(
+        starts.len() == rounds as usize,
+        "the devices saw tasks of {} rounds, not {rounds}",
+        starts.len()
+    );
     let start = *starts.first().context("no device")?;
     let sec_per_round = (end - start).as_secs_f64() / f64::from(rounds);
     let sec_per_round_each: Vec<f64> = starts
