@@ -724,7 +724,7 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 },
             )?;
             eprintln!(
-                "{} devices x {} values, {} downloads of {} bytes, {} uploads: {:.3} s per round ({:.3} s after the first; {:.1} MB), {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, check-in (answered at once) p50/p99 {:.1}/{:.1} ms{}",
+                "{} devices x {} values, {} downloads of {} bytes, {} uploads: {:.3} s per round ({:.3} s after the first; {:.1} MB), {:.0} MB/s, coordinator peak {:.0} MB; join p50/p99 {:.1}/{:.1} ms, task after the round's first p50/p99 {:.1}/{:.1} ms{}",
                 row.clients,
                 row.dim,
                 row.download_encoding,
@@ -737,8 +737,8 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 row.coordinator_peak_rss_mb,
                 row.join_ms[0],
                 row.join_ms[1],
-                row.check_in_ms[0],
-                row.check_in_ms[1],
+                row.task_fanout_ms[0],
+                row.task_fanout_ms[1],
                 row.loopback_sec_per_round
                     .map(|l| format!("; plain tonic stream of the same bytes: {l:.3} s"))
                     .unwrap_or_default()

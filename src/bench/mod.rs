@@ -135,8 +135,10 @@ pub struct RoundRow {
     pub loopback_sec_per_round: Option<f64>,
     /// Latency of the devices' Join requests, all sent at once: p50, p99 (ms).
     pub join_ms: [f64; 2],
-    /// Latency of check-ins answered at once (Wait or Finished): p50, p99 (ms).
-    pub check_in_ms: [f64; 2],
+    /// How long after a round's first task each of its devices got its
+    /// own (the fan-out of a round's start through the held check-ins):
+    /// p50, p99 over every device and round (ms).
+    pub task_fanout_ms: [f64; 2],
 }
 
 /// The p50 and p99 of `samples`, in milliseconds.
@@ -273,8 +275,6 @@ struct DeviceTimes {
     tasks: Vec<(u32, Instant)>,
     finished: Instant,
     join: Duration,
-    /// Check-ins answered without a task (not held as long polls for one).
-    immediate_check_ins: Vec<Duration>,
 }
 
 /// The wire formats of a round benchmark.
@@ -313,18 +313,13 @@ async fn zero_training_device(
     let join = asked.elapsed();
     let pseudonym = joined.pseudonym;
     let mut tasks = Vec::new();
-    let mut immediate_check_ins = Vec::new();
     loop {
-        let asked = Instant::now();
         let reply = client
             .check_in(pb::CheckInRequest {
                 pseudonym: pseudonym.clone(),
             })
             .await?
             .into_inner();
-        if !matches!(reply.outcome, Some(Outcome::Task(_))) {
-            immediate_check_ins.push(asked.elapsed());
-        }
         match reply.outcome {
             Some(Outcome::Task(task)) => {
                 tasks.push((task.round, Instant::now()));
@@ -371,7 +366,6 @@ async fn zero_training_device(
         tasks,
         finished: Instant::now(),
         join,
-        immediate_check_ins,
     })
 }
 
@@ -413,14 +407,14 @@ pub fn round(
         .max()
         .context("no device")?;
     // When each round's first task arrived, by round.
-    let mut starts = std::collections::BTreeMap::new();
+    let mut first_tasks = std::collections::BTreeMap::new();
     for (round, at) in times.iter().flat_map(|t| &t.tasks) {
-        starts
+        first_tasks
             .entry(*round)
             .and_modify(|s: &mut Instant| *s = (*s).min(*at))
             .or_insert(*at);
     }
-    let starts: Vec<Instant> = starts.into_values().collect();
+    let starts: Vec<Instant> = first_tasks.values().copied().collect();
     anyhow::ensure!(
         starts.len() == rounds as usize,
         "the devices saw tasks of {} rounds, not {rounds}",
@@ -460,10 +454,11 @@ pub fn round(
         bytes_per_sec: bytes_per_round as f64 / sec_per_round,
         loopback_sec_per_round,
         join_ms: percentiles_ms(times.iter().map(|t| t.join).collect()),
-        check_in_ms: percentiles_ms(
+        task_fanout_ms: percentiles_ms(
             times
                 .iter()
-                .flat_map(|t| t.immediate_check_ins.iter().copied())
+                .flat_map(|t| &t.tasks)
+                .map(|(round, at)| *at - first_tasks[round])
                 .collect(),
         ),
     })
