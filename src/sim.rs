@@ -835,10 +835,7 @@ fn run_grpc(
         let connections = SIM_CONNECTIONS
             .max(devices.len().div_ceil(max_streams))
             .min(devices.len());
-        let mut channels = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            channels.push(fedrec_proto::endpoint(format!("http://{addr}"))?.connect().await?);
-        }
+        let channels = connect(&addr.to_string(), connections).await?;
         let mut participants = tokio::task::JoinSet::new();
         for (i, (user, device)) in devices.into_iter().enumerate() {
             let channel = channels[i % channels.len()].clone();
@@ -886,9 +883,25 @@ fn run_grpc(
     })
 }
 
-/// HTTP/2 connections the devices of a gRPC simulation share (more when
-/// `server.max_streams_per_connection` would otherwise be exceeded).
+/// HTTP/2 connections the simulated devices share, in a gRPC simulation
+/// (more when `server.max_streams_per_connection` would otherwise be
+/// exceeded) and in `fedrec bench round`.
 pub const SIM_CONNECTIONS: usize = 16;
+
+/// `n` HTTP/2 connections to the coordinator at `addr` (host:port), for
+/// simulated devices to share.
+pub async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<tonic::transport::Channel>> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(
+            fedrec_proto::endpoint(format!("http://{addr}"))?
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?,
+        );
+    }
+    Ok(channels)
+}
 
 /// Default seed of simulations.
 pub const DEFAULT_SEED: u64 = 42;

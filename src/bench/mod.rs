@@ -253,22 +253,6 @@ pub fn peak_rss_mb(status_path: &str) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// Channels the simulated devices share (HTTP/2 connections).
-const CONNECTIONS: usize = 16;
-
-async fn connect(addr: &str) -> anyhow::Result<Vec<Channel>> {
-    let mut channels = Vec::with_capacity(CONNECTIONS);
-    for _ in 0..CONNECTIONS {
-        channels.push(
-            fedrec_proto::endpoint(format!("http://{addr}"))?
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {addr}"))?,
-        );
-    }
-    Ok(channels)
-}
-
 /// When one device saw each of its tasks and its `Finished`.
 struct DeviceTimes {
     /// Per task: its round and when it arrived.
@@ -388,7 +372,7 @@ pub fn round(
     let runtime = tokio::runtime::Runtime::new()?;
     let update = Arc::new(bench_update(dim, wire.upload));
     let times = runtime.block_on(async {
-        let channels = connect(&server.addr).await?;
+        let channels = crate::sim::connect(&server.addr, crate::sim::SIM_CONNECTIONS).await?;
         let tasks: Vec<_> = (0..clients)
             .map(|i| {
                 let client = CoordinatorClient::new(channels[i % channels.len()].clone());
@@ -579,7 +563,7 @@ pub async fn loopback(clients: usize, dim: usize, wire: Wire) -> anyhow::Result<
                 },
             ),
     );
-    let channels = connect(&addr).await?;
+    let channels = crate::sim::connect(&addr, crate::sim::SIM_CONNECTIONS).await?;
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
