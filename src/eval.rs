@@ -1,18 +1,22 @@
-//! Offline evaluation on a leave-one-out split: the centralized and
-//! popularity baselines, and the metrics every method is reported with.
+//! Offline evaluation on the three tracks of [`crate::data::Protocol`]: the
+//! metrics every method is reported with, the centralized baseline, and the
+//! split written for external baselines.
 //!
-//! Every method ranks each user's held-out item with the same sampled
-//! candidates ([`candidate_seed`]), so the numbers are comparable.
+//! Every method ranks each user's held-out item with the same candidates
+//! (the track's exclusion rule and, for discover, the same 99 sampled items
+//! under [`candidate_seed`]), so the numbers are comparable.
 
+use std::path::Path;
 use std::sync::Arc;
 
-use fedrec_client::metrics::{self, EvalCounts, K};
+use fedrec_client::metrics::{self, EvalCounts, HeldOut, K};
 use fedrec_client::model::{Model, TrainingConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::data::Split;
+use crate::data::{Cut, Evaluation, Protocol, Stage};
 
 /// HR@10 and NDCG@10 under one candidate protocol.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -23,13 +27,15 @@ pub struct Ranking {
     pub ndcg_at_10: f64,
 }
 
-/// The metrics reported for each method.
+/// The metrics reported for each method on one track.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Metrics {
-    /// Full ranking: every item the user did not train on, plus the held-out item.
+    /// Full ranking: the held-out item against every candidate of its track.
     pub full: Ranking,
-    /// The held-out item among 100 candidates (99 sampled non-interactions).
-    pub sampled100: Ranking,
+    /// The held-out item among 100 candidates (99 sampled items the user
+    /// did not train on); discover only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampled100: Option<Ranking>,
     /// Fraction of the catalogue that appears in at least one user's top 10.
     pub coverage_at_10: f64,
     /// Users evaluated.
@@ -37,26 +43,44 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Metrics from summed counts and the number of distinct recommended items.
-    pub fn from_counts(c: &EvalCounts, covered: usize, n_items: usize) -> Self {
+    /// Metrics from summed counts and the number of distinct recommended
+    /// items; `sampled`: whether the sampled protocol was counted.
+    pub fn from_counts(c: &EvalCounts, covered: usize, n_items: usize, sampled: bool) -> Self {
         Self {
             full: Ranking {
                 hr_at_10: c.hit_rate_full().unwrap_or(0.0),
                 ndcg_at_10: c.ndcg_full_mean().unwrap_or(0.0),
             },
-            sampled100: Ranking {
+            sampled100: sampled.then(|| Ranking {
                 hr_at_10: c.hit_rate_sampled().unwrap_or(0.0),
                 ndcg_at_10: c.ndcg_sampled_mean().unwrap_or(0.0),
-            },
+            }),
             coverage_at_10: covered as f64 / n_items.max(1) as f64,
             users: c.users,
         }
     }
 }
 
-/// The seed of user `user`'s 99 sampled candidates under evaluation seed `seed`.
-pub fn candidate_seed(seed: u64, user: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (user as u64).wrapping_add(1)
+/// The seed of user `user`'s 99 sampled candidates at `stage` under
+/// evaluation seed `seed`.
+pub fn candidate_seed(seed: u64, stage: Stage, user: usize) -> u64 {
+    let salt = match stage {
+        Stage::Test => 0,
+        Stage::Validation => 0x5EED_0F_7A11D,
+    };
+    (seed ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (user as u64).wrapping_add(1)
+}
+
+/// What `user`'s held-out item in `ev` competes with, as a device holds it.
+pub fn held_out(ev: &Evaluation, seed: u64, user: usize) -> Option<HeldOut> {
+    Some(HeldOut {
+        item: ev.targets[user]?,
+        exclude_history: ev.track.excludes_history(),
+        candidate_seed: ev
+            .track
+            .sampled()
+            .then(|| candidate_seed(seed, ev.stage, user)),
+    })
 }
 
 /// Tracks which items appear in users' top-10 lists.
@@ -76,7 +100,9 @@ impl Coverage {
     /// Marks a top-10 list.
     pub fn add(&mut self, items: &[u32]) {
         for &i in items {
-            self.seen[i as usize] = true;
+            if let Some(s) = self.seen.get_mut(i as usize) {
+                *s = true;
+            }
         }
     }
 
@@ -86,110 +112,154 @@ impl Coverage {
     }
 }
 
-/// Evaluates a scorer over every user with a held-out item. `score(user, out)`
-/// fills `out` with a score per item.
-pub fn evaluate(split: &Split, seed: u64, mut score: impl FnMut(usize, &mut Vec<f32>)) -> Metrics {
+/// Evaluates a scorer on every user with a held-out item in `ev` (trained
+/// on `cut`, which must be `ev`'s). `score(user, out)` fills `out` with a
+/// score per item; users are scored in parallel.
+pub fn evaluate(
+    cut: &Cut,
+    ev: &Evaluation,
+    seed: u64,
+    score: impl Fn(usize, &mut Vec<f32>) + Sync,
+) -> Metrics {
+    let users: Vec<usize> = (0..ev.targets.len())
+        .filter(|&u| ev.targets[u].is_some())
+        .collect();
+    let per_user: Vec<(EvalCounts, Vec<u32>)> = users
+        .par_iter()
+        .map_init(Vec::new, |scores, &user| {
+            score(user, scores);
+            let held = held_out(ev, seed, user).expect("filtered on targets");
+            let excluded = ev.excluded(cut, user);
+            let mut rng = held.candidate_seed.map(ChaCha8Rng::seed_from_u64);
+            let counts = metrics::evaluate_user(
+                scores,
+                excluded,
+                &cut.items[user],
+                held.item,
+                rng.as_mut().map(|r| r as &mut dyn rand::Rng),
+            );
+            (counts, metrics::top_k(scores, excluded, K))
+        })
+        .collect();
     let mut counts = EvalCounts::default();
-    let mut coverage = Coverage::new(split.n_items);
-    let mut scores = Vec::with_capacity(split.n_items);
-    for (user, target) in split.test.iter().enumerate() {
-        let Some(target) = *target else { continue };
-        score(user, &mut scores);
-        let train = &split.train[user];
-        let mut rng = ChaCha8Rng::seed_from_u64(candidate_seed(seed, user));
-        counts.add(&metrics::evaluate_user(&scores, train, target, &mut rng));
-        coverage.add(&metrics::top_k(&scores, train, K));
+    let mut coverage = Coverage::new(cut.n_items);
+    for (c, top) in &per_user {
+        counts.add(c);
+        coverage.add(top);
     }
-    Metrics::from_counts(&counts, coverage.covered(), split.n_items)
+    Metrics::from_counts(&counts, coverage.covered(), cut.n_items, ev.track.sampled())
 }
 
-/// Item popularity: the number of users who interacted with each item in training.
-pub fn popularity_scores(split: &Split) -> Vec<f32> {
-    let mut counts = vec![0.0_f32; split.n_items];
-    for items in &split.train {
-        for &i in items {
-            counts[i as usize] += 1.0;
-        }
-    }
-    counts
-}
-
-/// The popularity baseline: rank by global interaction count.
-pub fn popularity(split: &Split, seed: u64) -> Metrics {
-    let pop = popularity_scores(split);
-    evaluate(split, seed, |_, out| {
-        out.clear();
-        out.extend_from_slice(&pop);
-    })
-}
-
-/// The centralized baseline: the same model trained on all users' data in one
-/// process ([`Model::fit_centralized`]: SGD passes for BPR, alternating least
-/// squares for the ALS loss). Returns the global parameters and every user's
-/// embedding.
+/// The centralized baseline: the same model trained on all users' data of
+/// `cut` in one process ([`Model::fit_centralized`]: SGD passes for BPR,
+/// alternating least squares for the ALS loss). Returns the global
+/// parameters and every user's embedding.
 pub fn train_centralized(
     model: &Arc<dyn Model>,
-    split: &Split,
+    cut: &Cut,
     cfg: &TrainingConfig,
     epochs: u32,
     seed: u64,
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut params = model.init_global(&mut rng);
-    let mut users: Vec<Vec<f32>> = (0..split.train.len())
+    let mut users: Vec<Vec<f32>> = (0..cut.n_users())
         .map(|_| model.init_private(&mut rng))
         .collect();
-    model.fit_centralized(&mut params, &mut users, &split.train, cfg, epochs, &mut rng);
+    model.fit_centralized(&mut params, &mut users, &cut.items, cfg, epochs, &mut rng);
     (params, users)
 }
 
-/// Trains the centralized baseline and evaluates it.
-pub fn centralized(
-    model: &Arc<dyn Model>,
-    split: &Split,
-    cfg: &TrainingConfig,
-    epochs: u32,
-    seed: u64,
-) -> Metrics {
-    let (params, users) = train_centralized(model, split, cfg, epochs, seed);
-    evaluate(split, seed, |u, out| {
-        model.score_all(&params, &users[u], out)
-    })
-}
-
-/// Writes `split` for external baselines (e.g. `scripts/implicit_peer.py`):
-/// `train.tsv` (`user<TAB>item`, each pair once), `test.tsv`
-/// (`user<TAB>held_out<TAB>c1,…,c99`: the sampled candidates every method
-/// here uses under `seed`) and `meta.json`. Indices are dense, from 0.
+/// Writes the protocol's splits for external baselines (e.g.
+/// `scripts/implicit_peer.py`), one directory per reported track:
+/// - `train.tsv` and `valid_train.tsv`: `user<TAB>item<TAB>count`, the
+///   test and validation cuts' training data, each user-item pair once
+///   with its number of purchase events;
+/// - `test.tsv` and `valid.tsv`: `user<TAB>held_out`, and for discover
+///   `<TAB>c1,…,c99`, the sampled candidates every method here uses under
+///   `seed`;
+/// - `meta.json`: the track, whether training items are excluded, whether
+///   it is sampled, the users evaluated and skipped.
+///
+/// `DIR/meta.json` names the data, its size and the tracks. Indices are
+/// dense, from 0.
 pub fn write_split(
-    split: &Split,
+    protocol: &Protocol,
     seed: u64,
     name: &str,
-    dir: &std::path::Path,
+    timed: bool,
+    dir: &Path,
 ) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let mut train = std::io::BufWriter::new(std::fs::File::create(dir.join("train.tsv"))?);
-    for (user, items) in split.train.iter().enumerate() {
-        for item in items {
-            writeln!(train, "{user}\t{item}")?;
+    let tracks = protocol.tracks();
+    for &track in &tracks {
+        let tdir = dir.join(track.name());
+        std::fs::create_dir_all(&tdir)?;
+        let mut meta = serde_json::json!({
+            "track": track.name(),
+            "exclude_train": track.excludes_history(),
+            "sampled": track.sampled(),
+        });
+        for (stage, train_file, test_file) in [
+            (Stage::Test, "train.tsv", "test.tsv"),
+            (Stage::Validation, "valid_train.tsv", "valid.tsv"),
+        ] {
+            let Some(ev) = protocol.evaluation(track, stage) else {
+                continue;
+            };
+            let cut = &protocol.cuts[ev.cut];
+            let mut train = std::io::BufWriter::new(std::fs::File::create(tdir.join(train_file))?);
+            for user in 0..cut.n_users() {
+                let mut counts: Vec<(u32, u32)> = Vec::new();
+                for e in cut.events(&protocol.histories, user) {
+                    match counts.binary_search_by_key(&e.item, |c| c.0) {
+                        Ok(at) => counts[at].1 += 1,
+                        Err(at) => counts.insert(at, (e.item, 1)),
+                    }
+                }
+                for (item, count) in counts {
+                    writeln!(train, "{user}\t{item}\t{count}")?;
+                }
+            }
+            train.flush()?;
+            let mut test = std::io::BufWriter::new(std::fs::File::create(tdir.join(test_file))?);
+            for user in 0..ev.targets.len() {
+                let Some(held) = held_out(ev, seed, user) else {
+                    continue;
+                };
+                write!(test, "{user}\t{}", held.item)?;
+                if let Some(cseed) = held.candidate_seed {
+                    let mut rng = ChaCha8Rng::seed_from_u64(cseed);
+                    let cands = metrics::sample_candidates(
+                        cut.n_items,
+                        &cut.items[user],
+                        held.item,
+                        &mut rng,
+                    );
+                    let cands: Vec<String> = cands.iter().map(ToString::to_string).collect();
+                    write!(test, "\t{}", cands.join(","))?;
+                }
+                writeln!(test)?;
+            }
+            test.flush()?;
+            let key = match stage {
+                Stage::Test => "test",
+                Stage::Validation => "valid",
+            };
+            meta[format!("{key}_users")] = ev.n_users().into();
+            meta[format!("{key}_skipped_users")] = ev.skipped_users.into();
+            meta[format!("{key}_dropped_events")] = ev.dropped_events.into();
         }
+        std::fs::write(tdir.join("meta.json"), meta.to_string())?;
     }
-    train.flush()?;
-    let mut test = std::io::BufWriter::new(std::fs::File::create(dir.join("test.tsv"))?);
-    for (user, target) in split.test.iter().enumerate() {
-        let Some(target) = *target else { continue };
-        let mut rng = ChaCha8Rng::seed_from_u64(candidate_seed(seed, user));
-        let cands = metrics::sample_candidates(split.n_items, &split.train[user], target, &mut rng);
-        let cands: Vec<String> = cands.iter().map(ToString::to_string).collect();
-        writeln!(test, "{user}\t{target}\t{}", cands.join(","))?;
-    }
-    test.flush()?;
     let meta = serde_json::json!({
-        "users": split.train.len(),
-        "items": split.n_items,
         "data": name,
+        "users": protocol.histories.n_users(),
+        "items": protocol.n_items(),
         "seed": seed,
+        "timed": timed,
+        "tracks": tracks.iter().map(|t| t.name()).collect::<Vec<_>>(),
     });
     std::fs::write(dir.join("meta.json"), meta.to_string())
 }
@@ -197,45 +267,51 @@ pub fn write_split(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{SyntheticConfig, leave_one_out, synthetic};
+    use crate::baselines::Baseline;
+    use crate::data::{SyntheticConfig, Track, synthetic};
     use fedrec_client::model::MatrixFactorization;
 
-    #[test]
-    fn centralized_beats_popularity_on_planted_clusters() {
+    fn small() -> Protocol {
         let ds = synthetic(&SyntheticConfig {
             users: 300,
             items: 200,
             ..Default::default()
         })
         .unwrap();
-        let split = leave_one_out(&ds);
+        Protocol::new(&ds)
+    }
+
+    #[test]
+    fn centralized_beats_popularity_on_planted_clusters() {
+        let p = small();
+        let ev = p.evaluation(Track::Discover, Stage::Test).unwrap();
+        let cut = &p.cuts[ev.cut];
         let model: Arc<dyn Model> = Arc::new(MatrixFactorization::new(200, 16, 0.1).unwrap());
-        let pop = popularity(&split, 1);
-        let cen = centralized(&model, &split, &TrainingConfig::default(), 20, 1);
+        let pop = Baseline::Popularity.fit(&p.histories, cut).unwrap();
+        let pop = evaluate(cut, ev, 1, |u, out| pop.score(u, out));
+        let (params, users) = train_centralized(&model, cut, &TrainingConfig::default(), 20, 1);
+        let cen = evaluate(cut, ev, 1, |u, out| model.score_all(&params, &users[u], out));
         assert!(pop.full.hr_at_10 > 0.0);
         assert!(
             cen.full.hr_at_10 > pop.full.hr_at_10,
             "centralized {cen:?} vs popularity {pop:?}"
         );
         assert!(cen.coverage_at_10 > pop.coverage_at_10);
+        assert!(cen.sampled100.is_some());
     }
 
     #[test]
     fn written_split_has_the_evaluation_candidates() {
-        let ds = synthetic(&SyntheticConfig {
-            users: 30,
-            items: 150,
-            ..Default::default()
-        })
-        .unwrap();
-        let split = leave_one_out(&ds);
+        let p = small();
         let dir = tempfile::tempdir().unwrap();
-        write_split(&split, 3, "synthetic", dir.path()).unwrap();
-        let train = std::fs::read_to_string(dir.path().join("train.tsv")).unwrap();
-        let pairs: usize = split.train.iter().map(Vec::len).sum();
-        assert_eq!(train.lines().count(), pairs);
-        let test = std::fs::read_to_string(dir.path().join("test.tsv")).unwrap();
-        assert_eq!(test.lines().count(), split.test.iter().flatten().count());
+        write_split(&p, 3, "synthetic", true, dir.path()).unwrap();
+        let ev = p.evaluation(Track::Discover, Stage::Test).unwrap();
+        let cut = &p.cuts[ev.cut];
+        let d = dir.path().join("discover");
+        let train = std::fs::read_to_string(d.join("train.tsv")).unwrap();
+        assert_eq!(train.lines().count(), cut.n_pairs());
+        let test = std::fs::read_to_string(d.join("test.tsv")).unwrap();
+        assert_eq!(test.lines().count(), ev.n_users());
         // The candidates written are those the evaluation ranks against:
         // ranking with scores that favour exactly them puts the target last.
         for line in test.lines() {
@@ -243,15 +319,23 @@ mod tests {
             let (user, target): (usize, u32) = (f[0].parse().unwrap(), f[1].parse().unwrap());
             let cands: Vec<usize> = f[2].split(',').map(|c| c.parse().unwrap()).collect();
             assert!(cands.len() <= 99);
-            let mut scores = vec![0.0_f32; split.n_items];
+            let mut scores = vec![0.0_f32; cut.n_items];
             for &c in &cands {
                 scores[c] = 1.0;
             }
-            let mut rng = ChaCha8Rng::seed_from_u64(candidate_seed(3, user));
+            let mut rng = ChaCha8Rng::seed_from_u64(candidate_seed(3, Stage::Test, user));
             assert_eq!(
-                metrics::sampled_rank(&scores, &split.train[user], target, &mut rng),
+                metrics::sampled_rank(&scores, &cut.items[user], target, &mut rng),
                 cands.len()
             );
+        }
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("meta.json")).unwrap())
+                .unwrap();
+        let tracks: Vec<String> = p.tracks().iter().map(|t| t.name().to_owned()).collect();
+        assert_eq!(meta["tracks"], serde_json::json!(tracks));
+        for t in &tracks {
+            assert!(dir.path().join(t).join("valid.tsv").is_file(), "{t}");
         }
     }
 }

@@ -7,6 +7,7 @@
 //! [`diversity`] (coverage and list diversity against the devices' knob),
 //! [`bench`](mod@bench) (benchmarks), [`certs`] (development certificates for TLS).
 
+pub mod baselines;
 pub mod bench;
 pub mod certs;
 pub mod data;

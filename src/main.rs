@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
-use fedrec::eval::Metrics;
 use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
 use fedrec_coordinator::config::{
     Aggregation, CoordinatorConfig, DpMode, LossName, Schedule, StrategyName, Weighting,
@@ -481,6 +480,12 @@ struct SimulateArgs {
     /// Seed of everything random.
     #[arg(long, default_value_t = sim::DEFAULT_SEED)]
     seed: u64,
+    /// Which baselines run beside fedrec: full (popularity, personal
+    /// frequency, recency, and item-KNN and EASE tuned on the validation
+    /// event) or quick (the first three). Default: full with a preset or up
+    /// to 2,000 items, quick otherwise.
+    #[arg(long, value_enum)]
+    baselines: Option<sim::Baselines>,
     /// grpc: real gRPC over loopback; inproc: the same core without sockets.
     #[arg(long, value_enum, default_value_t = Transport::Grpc)]
     transport: Transport,
@@ -806,6 +811,9 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         transport: args.transport,
         seed: args.seed,
         centralized_epochs: args.centralized_epochs.unwrap_or(centralized_epochs),
+        baselines: args
+            .baselines
+            .unwrap_or_else(|| sim::Baselines::default_for(args.preset.is_some(), ds.n_items())),
         attack: args.attack.map(|kind| sim::Attack {
             kind,
             fraction: args.attack_fraction.unwrap_or(0.1),
@@ -936,30 +944,7 @@ fn print_table(report: &Report) {
         report.timing.total_seconds,
         report.timing.devices_per_second
     );
-    let _ = writeln!(
-        out,
-        "{:<12} {:>8} {:>9} {:>12} {:>13} {:>12}",
-        "method", "HR@10", "NDCG@10", "HR@10 (100)", "NDCG@10 (100)", "coverage@10"
-    );
-    let line = |out: &mut std::io::StdoutLock, name: &str, m: &Metrics| {
-        let _ = writeln!(
-            out,
-            "{:<12} {:>8.4} {:>9.4} {:>12.4} {:>13.4} {:>12.3}",
-            name,
-            m.full.hr_at_10,
-            m.full.ndcg_at_10,
-            m.sampled100.hr_at_10,
-            m.sampled100.ndcg_at_10,
-            m.coverage_at_10
-        );
-    };
-    line(&mut out, "federated", &f.federated);
-    line(&mut out, "centralized", &f.centralized);
-    line(&mut out, "popularity", &f.popularity);
-    let _ = writeln!(
-        out,
-        "(HR/NDCG: full ranking; (100): among 100 sampled candidates)"
-    );
+    let _ = sim::tracks::write_tables(&mut out, f);
     if let Some(p) = &report.privacy.last_round {
         let _ = writeln!(
             out,
@@ -1131,14 +1116,20 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         .iter()
         .position(|u| *u == args.user)
         .with_context(|| format!("user {:?} is not in {}", args.user, ds.name))?;
-    let split = data::leave_one_out(&ds);
+    // The device holds its first track's (discover's) held-out event, and
+    // the purchases before it.
+    let protocol = data::Protocol::new(&ds);
+    let ev = protocol
+        .evaluations
+        .first()
+        .with_context(|| format!("no user of {} has purchases at two different times", ds.name))?;
     let model: Arc<dyn fedrec_client::model::Model> =
         Arc::new(fedrec_client::model::MatrixFactorization::new(
             ds.n_items(),
             args.factors,
             fedrec_client::model::DEFAULT_INIT_STD,
         )?);
-    let device = sim::make_device(&model, &split, user, args.seed)?;
+    let device = sim::make_device(&model, &protocol, ev, user, args.seed)?;
     let mut options = fedrec_client::connect::ConnectOptions::from_files(
         args.ca.as_deref(),
         args.cert.as_deref(),
@@ -1248,14 +1239,27 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
 
 fn split(args: SplitArgs) -> anyhow::Result<()> {
     let ds = args.data.load(args.seed)?;
-    let split = data::leave_one_out(&ds);
-    fedrec::eval::write_split(&split, args.seed, &ds.name, &args.out)
+    let protocol = data::Protocol::new(&ds);
+    fedrec::eval::write_split(&protocol, args.seed, &ds.name, ds.timed, &args.out)
         .with_context(|| format!("cannot write the split to {}", args.out.display()))?;
+    let tracks: Vec<String> = protocol
+        .tracks()
+        .iter()
+        .filter_map(|&t| {
+            let test = protocol.evaluation(t, data::Stage::Test)?;
+            let valid = protocol.evaluation(t, data::Stage::Validation)?;
+            Some(format!(
+                "{t}: {} test, {} validation users",
+                test.n_users(),
+                valid.n_users()
+            ))
+        })
+        .collect();
     eprintln!(
-        "wrote the split of {} ({} users, {} evaluated) to {}",
+        "wrote the split of {} ({} users; {}) to {}",
         ds.name,
-        split.train.len(),
-        split.test.iter().flatten().count(),
+        protocol.histories.n_users(),
+        tracks.join("; "),
         args.out.display()
     );
     Ok(())

@@ -47,18 +47,18 @@ pub fn write_svg(report: &Report, path: &Path) -> Result<(), PlotError> {
             "HR@10",
             |r| r.hr_at_10,
             [
-                f.federated.full.hr_at_10,
-                f.centralized.full.hr_at_10,
-                f.popularity.full.hr_at_10,
+                f.federated().full.hr_at_10,
+                f.centralized().full.hr_at_10,
+                f.popularity().full.hr_at_10,
             ],
         ),
         (
             "NDCG@10",
             |r| r.ndcg_at_10,
             [
-                f.federated.full.ndcg_at_10,
-                f.centralized.full.ndcg_at_10,
-                f.popularity.full.ndcg_at_10,
+                f.federated().full.ndcg_at_10,
+                f.centralized().full.ndcg_at_10,
+                f.popularity().full.ndcg_at_10,
             ],
         ),
     ];

@@ -18,6 +18,9 @@
 //! state machines ([`secure`] in process).
 
 pub mod secure;
+pub mod tracks;
+
+pub use tracks::{Baselines, Final};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use fedrec_client::consent::Consent;
 use fedrec_client::device::Device;
-use fedrec_client::metrics::{EvalCounts, K};
+use fedrec_client::metrics::EvalCounts;
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
 use fedrec_client::privacy::DpSpec;
@@ -41,7 +44,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::data::{Dataset, Split, leave_one_out};
+use crate::data::{Dataset, Evaluation, Protocol, Stage, Track};
 use crate::eval::{self, Coverage, Metrics};
 
 /// How devices reach the coordinator in a simulation.
@@ -65,6 +68,8 @@ pub struct SimConfig {
     pub seed: u64,
     /// Epochs of the centralized baseline over all users' data.
     pub centralized_epochs: u32,
+    /// Which baselines run beside fedrec.
+    pub baselines: Baselines,
     /// Devices that misbehave (in-process plain rounds only), to measure
     /// robust aggregation. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,19 +229,6 @@ impl SecureReport {
     }
 }
 
-/// Final metrics of each method on the same split.
-#[derive(Clone, Debug, Serialize)]
-pub struct Final {
-    /// The federated model, evaluated by the devices themselves.
-    pub federated: Metrics,
-    /// The same model trained on all data in one place.
-    pub centralized: Metrics,
-    /// Ranking by global popularity.
-    pub popularity: Metrics,
-    /// Coverage and diversity against the devices' diversity knob.
-    pub diversity: crate::diversity::DiversityReport,
-}
-
 /// What the data looked like.
 #[derive(Clone, Debug, Serialize)]
 pub struct DataSummary {
@@ -248,9 +240,11 @@ pub struct DataSummary {
     pub items: usize,
     /// Interactions loaded.
     pub interactions: usize,
-    /// Users with a held-out item.
+    /// Rows merged into an identical (user, item, time) row.
+    pub merged_rows: u64,
+    /// Users with a held-out item on the first track.
     pub test_users: usize,
-    /// Users skipped for evaluation (fewer than 2 interactions).
+    /// Users without a qualifying event on the first track.
     pub skipped_users: usize,
     /// Rows skipped while loading, by reason.
     pub skipped_rows: std::collections::BTreeMap<String, u64>,
@@ -281,9 +275,13 @@ pub struct Report {
     pub config: SimConfig,
     /// The data.
     pub data: DataSummary,
-    /// Every round.
+    /// Every round of the federated run on the first track's cut.
     pub rounds: Vec<RoundRow>,
-    /// Final metrics.
+    /// Every round of the federated run on the latest-time cut (buy-again
+    /// and next purchase), when it differs from the first track's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rounds_latest_cut: Vec<RoundRow>,
+    /// Final metrics per track.
     #[serde(rename = "final")]
     pub final_: Final,
     /// Whether secure aggregation was on, and what it did per round.
@@ -335,28 +333,32 @@ fn row(s: &RoundSummary, seconds: f64) -> RoundRow {
     }
 }
 
-/// The devices of a split: one per user with training data, each holding
-/// its training purchases and its held-out purchase.
+/// The devices of a cut: one per user with training data, each holding its
+/// training purchases (with their times and quantities) and, as its
+/// held-out purchase, its event in `ev` (if any).
 pub fn make_devices(
     model: &Arc<dyn Model>,
-    split: &Split,
+    protocol: &Protocol,
+    ev: &Evaluation,
     seed: u64,
 ) -> anyhow::Result<Vec<(usize, Device)>> {
+    let cut = &protocol.cuts[ev.cut];
     let mut devices = Vec::new();
-    for user in 0..split.train.len() {
-        if !split.train[user].is_empty() {
-            devices.push((user, make_device(model, split, user, seed)?));
+    for user in 0..cut.n_users() {
+        if !cut.items[user].is_empty() {
+            devices.push((user, make_device(model, protocol, ev, user, seed)?));
         }
     }
     Ok(devices)
 }
 
-/// The device of `user`: its training purchases in the store and its
-/// held-out purchase (if any) as evaluation target, with the same sampled
-/// candidates as every other method under `seed`.
+/// The device of `user`: its training purchases of `ev`'s cut in the store
+/// and its held-out purchase in `ev` (if any) as evaluation target, with
+/// the same candidates as every other method under `seed`.
 pub fn make_device(
     model: &Arc<dyn Model>,
-    split: &Split,
+    protocol: &Protocol,
+    ev: &Evaluation,
     user: usize,
     seed: u64,
 ) -> anyhow::Result<Device> {
@@ -366,20 +368,19 @@ pub fn make_device(
     );
     // A simulated shopper has opted in to federated training.
     device.set_consent(Consent::Federated)?;
-    for &item in &split.train[user] {
+    for e in protocol.cuts[ev.cut].events(&protocol.histories, user) {
         device.record(Purchase {
-            item,
-            time: 0,
-            quantity: 1.0,
+            item: e.item,
+            time: e.time,
+            quantity: e.quantity,
         })?;
     }
-    if let Some(target) = split.test[user] {
-        device.hold_out(target, eval::candidate_seed(seed, user))?;
+    if let Some(held) = eval::held_out(ev, seed, user) {
+        device.hold_out(held)?;
     }
     Ok(device)
 }
 
-/// The device-side form of the coordinator's training configuration.
 /// The device-side training configuration of a coordinator configuration.
 pub fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> TrainingConfig {
     TrainingConfig {
@@ -405,12 +406,161 @@ pub fn task_training(task: &fedrec_coordinator::round::Task) -> TrainingConfig {
     }
 }
 
-/// Runs a whole simulation on `ds`: federated training over the chosen
-/// transport, federated evaluation, and both baselines.
+/// One federated run on one training cut, and what it measured.
+struct CutRun {
+    rounds: Vec<RoundRow>,
+    /// The federated figures per track evaluated on this cut.
+    federated: Vec<(Track, Metrics)>,
+    /// The centralized figures per track.
+    centralized: Vec<(Track, Metrics)>,
+    diversity: Option<crate::diversity::DiversityReport>,
+    federated_seconds: f64,
+    centralized_seconds: f64,
+    coord: CoordinatorConfig,
+}
+
+/// Runs a whole simulation on `ds`: for each training cut of the
+/// evaluation protocol (discover's, and the latest-time cut of buy-again
+/// and next purchase where it differs), federated training over the chosen
+/// transport and the devices' evaluation, fedrec's centralized model; then
+/// the baselines on every track.
 pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow::Result<Report> {
     let start = Instant::now();
-    let split = leave_one_out(ds);
-    let n_items = ds.n_items();
+    let protocol = Protocol::new(ds);
+    let tracks = protocol.tracks();
+    let Some(&first) = tracks.first() else {
+        bail!(
+            "no user of {} has a purchase at two different times: nothing to hold out",
+            ds.name
+        );
+    };
+    // One federated run per test cut, each evaluated on the tracks of its
+    // cut; devices hold the cut's first track's event (discover, or next
+    // purchase on the latest-time cut).
+    let mut runs: Vec<CutRun> = Vec::new();
+    let mut run_cuts: Vec<usize> = Vec::new();
+    for &track in &tracks {
+        let Some(ev) = protocol.evaluation(track, Stage::Test) else {
+            continue;
+        };
+        if run_cuts.contains(&ev.cut) {
+            continue;
+        }
+        run_cuts.push(ev.cut);
+        let others: Vec<&Evaluation> = protocol
+            .evaluations_of(ev.cut)
+            .filter(|e| e.stage == Stage::Test && e.track != track)
+            .collect();
+        runs.push(run_cut(&protocol, ev, &others, cfg, observer, runs.is_empty())?);
+    }
+
+    observer.phase("baselines");
+    let mut baselines = tracks::baselines(&protocol, cfg.baselines, cfg.seed, &mut |p| {
+        observer.phase(p)
+    });
+    let mut final_tracks = Vec::new();
+    for &track in &tracks {
+        let Some(ev) = protocol.evaluation(track, Stage::Test) else {
+            continue;
+        };
+        let valid = protocol.evaluation(track, Stage::Validation);
+        let mut methods = Vec::new();
+        for run in &runs {
+            for (t, m) in &run.federated {
+                if *t == track {
+                    methods.push(tracks::MethodResult::plain("federated", *m));
+                }
+            }
+            for (t, m) in &run.centralized {
+                if *t == track {
+                    methods.push(tracks::MethodResult::plain("centralized", *m));
+                }
+            }
+        }
+        methods.extend(baselines.remove(&track).unwrap_or_default());
+        final_tracks.push(tracks::TrackReport {
+            track,
+            users: ev.n_users(),
+            skipped_users: ev.skipped_users,
+            dropped_events: ev.dropped_events,
+            validation_users: valid.map_or(0, Evaluation::n_users),
+            methods,
+        });
+    }
+    let mut runs = runs.into_iter();
+    let main = runs.next().context("no federated run")?;
+    let latest = runs.next();
+    let coord = main.coord.clone();
+    let rounds = main.rounds;
+    let device_rounds: usize = rounds.iter().map(|r| r.participants).sum();
+    let round_seconds: f64 = rounds.iter().map(|r| r.seconds).sum();
+    let secure_aggregation = SecureReport::new(&coord, &rounds);
+    let privacy = PrivacyReport::new(&coord, &rounds);
+    let encoding = coord.download.encoding;
+    let values = coord.model.factors.saturating_add(1) * protocol.n_items();
+    let download = DownloadReport {
+        encoding,
+        values,
+        bytes_per_device: encoding.wire_bytes(values),
+    };
+    let first_ev = protocol.evaluation(first, Stage::Test).context("first track")?;
+    Ok(Report {
+        secure_aggregation,
+        privacy,
+        download,
+        config: SimConfig {
+            coordinator: coord,
+            ..cfg.clone()
+        },
+        data: DataSummary {
+            name: ds.name.clone(),
+            users: ds.n_users(),
+            items: protocol.n_items(),
+            interactions: ds.interactions.len(),
+            merged_rows: protocol.histories.merged_rows,
+            test_users: first_ev.n_users(),
+            skipped_users: first_ev.skipped_users,
+            skipped_rows: ds.skipped.clone(),
+        },
+        rounds,
+        rounds_latest_cut: latest.as_ref().map(|r| r.rounds.clone()).unwrap_or_default(),
+        final_: tracks::Final {
+            tracks: final_tracks,
+            diversity: main.diversity.unwrap_or_else(|| crate::diversity::DiversityReport {
+                embedding: "",
+                rows: Vec::new(),
+            }),
+        },
+        timing: Timing {
+            total_seconds: start.elapsed().as_secs_f64(),
+            federated_seconds: main.federated_seconds
+                + latest.as_ref().map_or(0.0, |r| r.federated_seconds),
+            centralized_seconds: main.centralized_seconds
+                + latest.as_ref().map_or(0.0, |r| r.centralized_seconds),
+            device_rounds,
+            devices_per_second: if round_seconds > 0.0 {
+                device_rounds as f64 / round_seconds
+            } else {
+                0.0
+            },
+        },
+    })
+}
+
+/// Federated training on `ev`'s cut with the devices holding `ev`'s events,
+/// then the devices' evaluation on `ev` (through the final evaluation
+/// round) and on `others` (the other tracks of the same cut, on the same
+/// devices), and the centralized model on all of them.
+fn run_cut(
+    protocol: &Protocol,
+    ev: &Evaluation,
+    others: &[&Evaluation],
+    cfg: &SimConfig,
+    observer: &mut dyn Observer,
+    diversity: bool,
+) -> anyhow::Result<CutRun> {
+    let n_items = protocol.n_items();
+    let cut = &protocol.cuts[ev.cut];
     let mut coord = cfg.coordinator.clone();
     coord.rounds.seed = Some(cfg.seed);
     coord.model.items = Some(n_items);
@@ -419,7 +569,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         MatrixFactorization::new(n_items, coord.model.factors, coord.model.init_std)
             .context("invalid model configuration")?,
     );
-    let devices = make_devices(&model, &split, cfg.seed)?;
+    let devices = make_devices(&model, protocol, ev, cfg.seed)?;
     if devices.is_empty() {
         bail!("the data set has no user with training data");
     }
@@ -438,80 +588,77 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let core = RoundCore::new(coord.clone(), model.layout(), params)
         .context("cannot start the coordinator")?;
 
+    observer.phase(&format!("federated training, {} cut", ev.track));
     observer.start(coord.rounds.rounds);
     let fed_start = Instant::now();
-    let (rounds, final_counts, global, devices) = match cfg.transport {
+    let (rounds, final_counts, global, mut devices) = match cfg.transport {
         Transport::Inproc => run_inproc(core, devices, observer, cfg.attack)?,
         Transport::Grpc => run_grpc(core, devices, observer)?,
     };
-    // Coverage of the federated model: each device's own top 10 (computed on
-    // the device; a simulation can look, a deployment would aggregate it).
+    // Coverage of the federated model: each evaluated device's own top 10
+    // (computed on the device; a simulation can look, a deployment would
+    // aggregate it).
     let mut coverage = Coverage::new(n_items);
-    let mut devices = devices;
-    for (_, device) in devices.iter_mut() {
-        coverage.add(&device.recommend(&global, K)?);
+    for (user, device) in devices.iter_mut() {
+        if let Some(held) = eval::held_out(ev, cfg.seed, *user) {
+            coverage.add(&device.evaluate_held_out(&global, &held)?.1);
+        }
     }
-    let federated = Metrics::from_counts(&final_counts, coverage.covered(), n_items);
-    let diversity = crate::diversity::evaluate(&devices, &global, n_items)?;
+    let mut federated = vec![(
+        ev.track,
+        Metrics::from_counts(&final_counts, coverage.covered(), n_items, ev.track.sampled()),
+    )];
+    // The other tracks of this cut, on the same devices and model.
+    for other in others {
+        let mut counts = EvalCounts::default();
+        let mut coverage = Coverage::new(n_items);
+        for (user, device) in &devices {
+            if let Some(held) = eval::held_out(other, cfg.seed, *user) {
+                let (c, top) = device.evaluate_held_out(&global, &held)?;
+                counts.add(&c);
+                coverage.add(&top);
+            }
+        }
+        federated.push((
+            other.track,
+            Metrics::from_counts(&counts, coverage.covered(), n_items, other.track.sampled()),
+        ));
+    }
+    let diversity = if diversity {
+        Some(crate::diversity::evaluate(&devices, &global, n_items)?)
+    } else {
+        None
+    };
     let federated_seconds = fed_start.elapsed().as_secs_f64();
 
-    observer.phase("centralized baseline");
+    observer.phase(&format!("centralized baseline, {} cut", ev.track));
     let cen_start = Instant::now();
-    let centralized = eval::centralized(
+    let (params, users) = eval::train_centralized(
         &model,
-        &split,
+        cut,
         &device_training(&coord.training),
         cfg.centralized_epochs,
         cfg.seed,
     );
-    let centralized_seconds = cen_start.elapsed().as_secs_f64();
-    let popularity = eval::popularity(&split, cfg.seed);
-
-    let device_rounds: usize = rounds.iter().map(|r| r.participants).sum();
-    let round_seconds: f64 = rounds.iter().map(|r| r.seconds).sum();
-    let secure_aggregation = SecureReport::new(&coord, &rounds);
-    let privacy = PrivacyReport::new(&coord, &rounds);
-    let encoding = coord.download.encoding;
-    let download = DownloadReport {
-        encoding,
-        values: global.len(),
-        bytes_per_device: encoding.wire_bytes(global.len()),
-    };
-    Ok(Report {
-        secure_aggregation,
-        privacy,
-        download,
-        config: SimConfig {
-            coordinator: coord,
-            ..cfg.clone()
-        },
-        data: DataSummary {
-            name: ds.name.clone(),
-            users: ds.n_users(),
-            items: n_items,
-            interactions: ds.interactions.len(),
-            test_users: split.test.iter().flatten().count(),
-            skipped_users: split.skipped_users,
-            skipped_rows: ds.skipped.clone(),
-        },
+    let centralized = std::iter::once(ev)
+        .chain(others.iter().copied())
+        .map(|e| {
+            (
+                e.track,
+                eval::evaluate(cut, e, cfg.seed, |u, out| {
+                    model.score_all(&params, &users[u], out)
+                }),
+            )
+        })
+        .collect();
+    Ok(CutRun {
         rounds,
-        final_: Final {
-            federated,
-            centralized,
-            popularity,
-            diversity,
-        },
-        timing: Timing {
-            total_seconds: start.elapsed().as_secs_f64(),
-            federated_seconds,
-            centralized_seconds,
-            device_rounds,
-            devices_per_second: if round_seconds > 0.0 {
-                device_rounds as f64 / round_seconds
-            } else {
-                0.0
-            },
-        },
+        federated,
+        centralized,
+        diversity,
+        federated_seconds,
+        centralized_seconds: cen_start.elapsed().as_secs_f64(),
+        coord,
     })
 }
 

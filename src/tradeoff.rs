@@ -73,6 +73,8 @@ pub fn sweep(
     configs.push((None, plain));
     for z in noise {
         let mut cfg = base.clone();
+        // The baselines do not depend on the noise: run them once.
+        cfg.baselines = crate::sim::Baselines::Quick;
         cfg.coordinator.privacy.noise_multiplier = *z;
         configs.push((Some(*z), cfg));
     }
@@ -90,7 +92,7 @@ pub fn sweep(
             epsilon: last.map(|p| p.epsilon),
             clip: last.map(|p| p.clip),
             training_rounds: report.privacy.training_rounds,
-            federated: report.final_.federated,
+            federated: report.final_.federated(),
             seconds: report.timing.total_seconds,
         });
         reports.push(report);
@@ -102,7 +104,7 @@ pub fn sweep(
         mode: privacy.mode,
         delta: privacy.delta,
         sampling_rate: dp.privacy.last_round.as_ref().map(|p| p.sampling_rate),
-        centralized: reports[0].final_.centralized,
+        centralized: reports[0].final_.centralized(),
         rows,
         reports,
     })
@@ -137,8 +139,8 @@ pub fn table(t: &Tradeoff) -> String {
             r.clip.map_or("-".to_owned(), |c| format!("{c:.3}")),
             m.full.hr_at_10,
             m.full.ndcg_at_10,
-            m.sampled100.hr_at_10,
-            m.sampled100.ndcg_at_10,
+            m.sampled100.unwrap_or_default().hr_at_10,
+            m.sampled100.unwrap_or_default().ndcg_at_10,
             r.training_rounds
         );
     }
@@ -151,8 +153,8 @@ pub fn table(t: &Tradeoff) -> String {
         "-",
         c.full.hr_at_10,
         c.full.ndcg_at_10,
-        c.sampled100.hr_at_10,
-        c.sampled100.ndcg_at_10
+        c.sampled100.unwrap_or_default().hr_at_10,
+        c.sampled100.unwrap_or_default().ndcg_at_10
     );
     out
 }
@@ -281,6 +283,7 @@ mod tests {
             transport: Transport::Inproc,
             seed: 5,
             centralized_epochs: 1,
+            baselines: crate::sim::Baselines::Quick,
             attack: None,
         };
         let t = sweep(&ds, &cfg, &[0.5, 4.0], &mut ()).unwrap();

@@ -4,7 +4,6 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use fedrec::sim::make_devices;
 use fedrec_client::participant::Participant;
 use fedrec_proto::codec::Encoding;
 use fedrec_proto::pb;
@@ -35,7 +34,7 @@ async fn what_devices_send(upload: Encoding) {
     cfg.rounds.clients_per_round = 10;
     cfg.upload.encoding = upload;
     let running = common::start(cfg, &model, 1).await;
-    let devices = make_devices(&model, &split, 7).expect("devices");
+    let devices = common::devices(&model, &split, 7);
     let num_values = model.layout().num_values();
     let mut tasks = tokio::task::JoinSet::new();
     for (user, device) in devices {
@@ -159,7 +158,7 @@ async fn a_device_dropping_out_does_not_stall_the_round() {
     });
 
     let mut tasks = tokio::task::JoinSet::new();
-    for (_, device) in make_devices(&model, &split, 3).expect("devices") {
+    for (_, device) in common::devices(&model, &split, 3) {
         let channel = common::channel(&running).await;
         tasks.spawn(async move {
             let mut p = Participant::join(channel, None).await.expect("join");
@@ -205,7 +204,7 @@ async fn devices_reconnect_and_join_again_after_a_coordinator_restart() {
     let first = common::start(cfg.clone(), &model, 1).await;
     let proxy = common::Proxy::start(first.addr).await;
     let mut tasks = tokio::task::JoinSet::new();
-    for (_, device) in make_devices(&model, &split, 3).expect("devices") {
+    for (_, device) in common::devices(&model, &split, 3) {
         let endpoint = proxy.endpoint();
         tasks.spawn(async move {
             let mut p = Participant::connect(&endpoint).await.expect("join");

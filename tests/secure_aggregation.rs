@@ -13,7 +13,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use fedrec::sim::{self, SimConfig, Transport, make_device, make_devices};
+use fedrec::sim::{self, SimConfig, Transport, make_device};
 use fedrec_client::participant::Participant;
 use fedrec_client::secagg::SecAggClient;
 use fedrec_coordinator::config::{CoordinatorConfig, Weighting};
@@ -823,7 +823,7 @@ async fn the_coordinator_receives_nothing_that_reveals_a_single_update() {
     let running = common::start(cfg.clone(), &model, 1).await;
     let initial = running.handle.model().unwrap().params.clone();
     let mut tasks = tokio::task::JoinSet::new();
-    for (user, device) in make_devices(&model, &split, 7).expect("devices") {
+    for (user, device) in common::devices(&model, &split, 7) {
         let channel = common::channel(&running).await;
         let log: Recorded = Arc::default();
         let sink = Arc::clone(&log);
@@ -860,7 +860,7 @@ async fn the_coordinator_receives_nothing_that_reveals_a_single_update() {
         if summary.trained == 0 {
             continue;
         }
-        let mut twin = make_device(&model, &split, *user, 7).unwrap();
+        let mut twin = make_device(&model, &split, &split.evaluations[0], *user, 7).unwrap();
         let update = twin
             .train(&initial, &training, cfg.rounds.evaluate)
             .unwrap();
@@ -975,6 +975,7 @@ fn quality_config(secure: bool) -> SimConfig {
         transport: Transport::Inproc,
         seed: 5,
         centralized_epochs: 1,
+        baselines: sim::Baselines::Quick,
         attack: None,
     }
 }
@@ -1005,20 +1006,20 @@ fn a_simulation_with_secure_aggregation_matches_the_plain_one() {
     assert_eq!(json["secure_aggregation"]["enabled"], true);
     assert_eq!(json["secure_aggregation"]["config"]["bits"], 20);
     let (p, s) = (
-        plain.final_.federated.full.hr_at_10,
-        secure.final_.federated.full.hr_at_10,
+        plain.final_.federated().full.hr_at_10,
+        secure.final_.federated().full.hr_at_10,
     );
     eprintln!(
         "HR@10 plain {p:.4}, secure {s:.4}; NDCG@10 plain {:.4}, secure {:.4}",
-        plain.final_.federated.full.ndcg_at_10, secure.final_.federated.full.ndcg_at_10
+        plain.final_.federated().full.ndcg_at_10, secure.final_.federated().full.ndcg_at_10
     );
     assert!((p - s).abs() <= 0.01, "HR@10 plain {p} vs secure {s}");
     let (pn, sn) = (
-        plain.final_.federated.full.ndcg_at_10,
-        secure.final_.federated.full.ndcg_at_10,
+        plain.final_.federated().full.ndcg_at_10,
+        secure.final_.federated().full.ndcg_at_10,
     );
     assert!((pn - sn).abs() <= 0.01, "NDCG@10 plain {pn} vs secure {sn}");
-    let popularity = plain.final_.popularity.full.hr_at_10;
+    let popularity = plain.final_.popularity().full.hr_at_10;
     assert!(
         s > popularity,
         "secure {s} learns (popularity {popularity})"
@@ -1051,14 +1052,14 @@ fn the_als_step_works_under_secure_aggregation() {
     let (plain, secure) = (run(false), run(true));
     assert_eq!(secure.secure_aggregation.rounds.len(), 10);
     assert!(secure.rounds.iter().all(|r| r.completed));
-    let (p, s) = (&plain.final_.federated.full, &secure.final_.federated.full);
+    let (p, s) = (&plain.final_.federated().full, &secure.final_.federated().full);
     eprintln!("plain {p:?}, secure {s:?}");
     assert!((p.hr_at_10 - s.hr_at_10).abs() <= 0.01, "{p:?} vs {s:?}");
     assert!(
         (p.ndcg_at_10 - s.ndcg_at_10).abs() <= 0.01,
         "{p:?} vs {s:?}"
     );
-    assert!(s.hr_at_10 > 1.5 * plain.final_.popularity.full.hr_at_10);
+    assert!(s.hr_at_10 > 1.5 * plain.final_.popularity().full.hr_at_10);
 
     // Over gRPC, the device SDK's secure path carries x xᵀ as well.
     let cfg = als_config(true, Transport::Grpc, 3, 30);

@@ -15,6 +15,7 @@ fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimCo
         transport,
         seed,
         centralized_epochs: 30,
+        baselines: sim::Baselines::Quick,
         attack: None,
     }
 }
@@ -28,9 +29,9 @@ fn federated_over_grpc_approaches_centralized() {
         sim::run(&ds, &config(Transport::Grpc, 60, 50, 3), &mut ()).expect("simulation runs");
     let f = &report.final_;
     let (fed, cen, pop) = (
-        f.federated.full.hr_at_10,
-        f.centralized.full.hr_at_10,
-        f.popularity.full.hr_at_10,
+        f.federated().full.hr_at_10,
+        f.centralized().full.hr_at_10,
+        f.popularity().full.hr_at_10,
     );
     assert_eq!(report.rounds.len(), 60, "every round reported");
     assert!(
@@ -39,7 +40,7 @@ fn federated_over_grpc_approaches_centralized() {
             .iter()
             .all(|r| r.completed && r.participants == 50)
     );
-    assert_eq!(f.federated.users, 200, "every device evaluated itself");
+    assert_eq!(f.federated().users, 200, "every device evaluated itself");
     assert!(
         fed > 1.5 * pop,
         "federated {fed} should clearly beat popularity {pop}"
@@ -48,7 +49,7 @@ fn federated_over_grpc_approaches_centralized() {
         fed >= 0.9 * cen,
         "federated {fed} should be within 10% of centralized {cen}"
     );
-    assert!(f.federated.sampled100.hr_at_10 >= 0.9 * f.centralized.sampled100.hr_at_10);
+    assert!(f.federated().sampled100.unwrap().hr_at_10 >= 0.9 * f.centralized().sampled100.unwrap().hr_at_10);
 }
 
 /// The in-process transport is deterministic: same seed, same numbers; and
@@ -104,11 +105,11 @@ fn report_has_the_documented_fields() {
         "/rounds/0/seconds",
         "/rounds/0/hr_at_10",
         "/rounds/0/ndcg_at_10",
-        "/final/federated/full/hr_at_10",
-        "/final/federated/sampled100/ndcg_at_10",
-        "/final/federated/coverage_at_10",
-        "/final/centralized/full/hr_at_10",
-        "/final/popularity/sampled100/hr_at_10",
+        "/final/discover/methods/federated/test/full/hr_at_10",
+        "/final/discover/methods/federated/test/sampled100/ndcg_at_10",
+        "/final/discover/methods/federated/test/coverage_at_10",
+        "/final/discover/methods/centralized/test/full/hr_at_10",
+        "/final/discover/methods/popularity/test/sampled100/hr_at_10",
         "/timing/total_seconds",
         "/timing/devices_per_second",
         "/download/encoding",
@@ -159,7 +160,7 @@ fn quantized_downloads_run_over_both_transports() {
             .iter()
             .all(|r| r.completed && r.participants == 20)
     );
-    assert_eq!(grpc.final_.federated.users, 60, "every device evaluated");
+    assert_eq!(grpc.final_.federated().users, 60, "every device evaluated");
     let v = serde_json::to_value(&grpc).unwrap();
     assert_eq!(v.pointer("/download/encoding").unwrap(), "q8");
     assert_eq!(
@@ -195,9 +196,9 @@ fn every_server_optimizer_converges() {
             .expect("simulation runs")
             .final_;
         let (fed, cen, pop) = (
-            f.federated.full.hr_at_10,
-            f.centralized.full.hr_at_10,
-            f.popularity.full.hr_at_10,
+            f.federated().full.hr_at_10,
+            f.centralized().full.hr_at_10,
+            f.popularity().full.hr_at_10,
         );
         let what = format!("{name:?} lr {server_lr} mu {proximal_mu}");
         assert!(
@@ -240,7 +241,7 @@ fn als_loss_federated_matches_centralized_als() {
         let report = sim::run(&ds, &cfg, &mut ()).expect("simulation runs");
         assert!(report.rounds.iter().all(|r| r.completed));
         let f = report.final_;
-        let (fed, cen, pop) = (&f.federated.full, &f.centralized.full, &f.popularity.full);
+        let (fed, cen, pop) = (&f.federated().full, &f.centralized().full, &f.popularity().full);
         let what = format!("{strategy:?} over {transport:?}");
         eprintln!("{what}: federated {fed:?}, centralized {cen:?}");
         assert!(

@@ -21,7 +21,7 @@ use crate::clock::{self, Clock};
 use crate::consent::{Consent, ConsentCell, ConsentChange, ConsentRecord};
 use crate::eligibility::ParticipationPolicy;
 use crate::error::ClientError;
-use crate::metrics::{self, EvalCounts};
+use crate::metrics::{self, EvalCounts, HeldOut};
 use crate::model::{Loss, Model, TrainingConfig};
 use crate::privacy::{self, DpSpec};
 use crate::retention::RetentionPolicy;
@@ -67,9 +67,10 @@ pub struct Device {
     /// The private user embedding: it never leaves the device.
     pub(crate) private: Vec<f32>,
     pub(crate) rng: ChaCha8Rng,
-    /// A purchase kept out of training to evaluate the model on, and the seed
-    /// of its sampled candidates (fixed, so every evaluation uses the same ones).
-    pub(crate) held_out: Option<(u32, u64)>,
+    /// A purchase kept out of training to evaluate the model on, what it
+    /// competes with, and the seed of its sampled candidates (fixed, so
+    /// every evaluation uses the same ones).
+    pub(crate) held_out: Option<HeldOut>,
     /// Shared with every copy of this device, so a change applies at once.
     pub(crate) consent: ConsentCell,
     pub(crate) retention: RetentionPolicy,
@@ -282,18 +283,24 @@ impl Device {
         self.persist()
     }
 
-    /// Keeps `item` out of training as this device's evaluation target; its
-    /// 99 sampled competitors are drawn from `candidate_seed`, so every
-    /// evaluation (and a centralized baseline using the same seed) ranks it
-    /// against the same items.
-    pub fn hold_out(&mut self, item: u32, candidate_seed: u64) -> Result<(), ClientError> {
+    /// Keeps `held_out.item` out of training as this device's evaluation
+    /// target (it is not recorded; the stored history is what came before
+    /// it). Its sampled competitors are drawn from `candidate_seed`, so
+    /// every evaluation (and a centralized baseline using the same seed)
+    /// ranks it against the same items.
+    pub fn hold_out(&mut self, held_out: HeldOut) -> Result<(), ClientError> {
+        self.check_item(held_out.item)?;
+        self.held_out = Some(held_out);
+        Ok(())
+    }
+
+    fn check_item(&self, item: u32) -> Result<(), ClientError> {
         if item as usize >= self.model.items() {
             return Err(ClientError::UnknownItem {
                 item,
                 items: self.model.items(),
             });
         }
-        self.held_out = Some((item, candidate_seed));
         Ok(())
     }
 
@@ -509,13 +516,44 @@ impl Device {
     }
 
     pub(crate) fn score_held_out(&self, global: &[f32]) -> Option<EvalCounts> {
-        let (target, seed) = self.held_out?;
-        Some(metrics::evaluate_user(
-            &self.scores(global),
-            self.store.items(),
-            target,
-            &mut ChaCha8Rng::seed_from_u64(seed),
+        Some(self.rank_held_out(&self.scores(global), &self.held_out?))
+    }
+
+    /// Evaluates the private embedding as it is on another held-out
+    /// purchase than the device's own, and returns the counts with the
+    /// device's top 10 under that held-out purchase's exclusion rule (a
+    /// simulation measuring several tracks and their coverage on the same
+    /// devices; a deployment reports counts only).
+    pub fn evaluate_held_out(
+        &self,
+        global: &[f32],
+        held_out: &HeldOut,
+    ) -> Result<(EvalCounts, Vec<u32>), ClientError> {
+        self.check_global(global)?;
+        self.check_item(held_out.item)?;
+        let scores = self.scores(global);
+        let exclude = if held_out.exclude_history {
+            self.store.items()
+        } else {
+            &[]
+        };
+        Ok((
+            self.rank_held_out(&scores, held_out),
+            metrics::top_k(&scores, exclude, metrics::K),
         ))
+    }
+
+    fn rank_held_out(&self, scores: &[f32], held_out: &HeldOut) -> EvalCounts {
+        let history = self.store.items();
+        let exclude = if held_out.exclude_history { history } else { &[] };
+        let mut rng = held_out.candidate_seed.map(ChaCha8Rng::seed_from_u64);
+        metrics::evaluate_user(
+            scores,
+            exclude,
+            history,
+            held_out.item,
+            rng.as_mut().map(|r| r as &mut dyn rand::Rng),
+        )
     }
 
     /// The `k` best items for this shopper under `global`, excluding what was

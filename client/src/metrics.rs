@@ -88,17 +88,46 @@ pub fn sampled_rank(scores: &[f32], train: &[u32], target: u32, rng: &mut dyn Rn
         .count()
 }
 
-/// Evaluates one user: ranks the held-out `target` fully and among sampled
-/// candidates.
-pub fn evaluate_user(scores: &[f32], train: &[u32], target: u32, rng: &mut dyn Rng) -> EvalCounts {
-    let full = full_rank(scores, train, target);
-    let sampled = sampled_rank(scores, train, target, rng);
+/// A purchase kept out of training to evaluate a model on, and what it
+/// competes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldOut {
+    /// The held-out item.
+    pub item: u32,
+    /// Whether the shopper's training items are left out of the ranking
+    /// (the "discover" question: which item they have not bought comes
+    /// next), or every item competes (buy-again, next purchase).
+    pub exclude_history: bool,
+    /// Seed of the 99 sampled competitors of the sampled protocol, when it
+    /// is reported (drawn from items outside the history).
+    pub candidate_seed: Option<u64>,
+}
+
+/// Evaluates one user: ranks the held-out item among every item except
+/// `exclude` (sorted; the target always competes), and among sampled
+/// candidates drawn from outside `history` when `rng` is given (the sampled
+/// counts stay 0 otherwise).
+pub fn evaluate_user(
+    scores: &[f32],
+    exclude: &[u32],
+    history: &[u32],
+    target: u32,
+    rng: Option<&mut dyn Rng>,
+) -> EvalCounts {
+    let full = full_rank(scores, exclude, target);
+    let (hits_sampled, ndcg_sampled) = match rng {
+        Some(rng) => {
+            let sampled = sampled_rank(scores, history, target, rng);
+            (hit_at(sampled, K), ndcg_at(sampled, K))
+        }
+        None => (0.0, 0.0),
+    };
     EvalCounts {
         users: 1,
         hits_full: hit_at(full, K),
         ndcg_full: ndcg_at(full, K),
-        hits_sampled: hit_at(sampled, K),
-        ndcg_sampled: ndcg_at(sampled, K),
+        hits_sampled,
+        ndcg_sampled,
     }
 }
 

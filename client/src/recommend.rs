@@ -266,11 +266,11 @@ pub struct ListEvaluation {
 impl Device {
     /// Leave-one-out evaluation of a diversified list (simulations): the
     /// `k` items by [`diversify`] with `diversity` over the personal scores
-    /// (`popular`: the non-personal scores of [`Model::popularity`]), every
-    /// purchase left out except the held-out one, which competes even when
-    /// it was also bought before, as in the full-ranking protocol. Only
-    /// counts leave the device in a deployment; a simulation reads the list
-    /// too, for coverage and diversity.
+    /// (`popular`: the non-personal scores of [`Model::popularity`]), with
+    /// the purchases left out that the held-out purchase's track leaves out
+    /// (all of them for discover, none for buy-again and next purchase).
+    /// Only counts leave the device in a deployment; a simulation reads the
+    /// list too, for coverage and diversity.
     pub fn evaluate_list(
         &self,
         global: &[f32],
@@ -286,16 +286,13 @@ impl Device {
         } else {
             self.scores(global)
         };
-        let target = self.held_out.map(|(t, _)| t);
-        let exclude: Vec<u32> = self
-            .store
-            .items()
-            .iter()
-            .copied()
-            .filter(|&i| Some(i) != target)
-            .collect();
+        let target = self.held_out.map(|h| h.item);
+        let exclude: &[u32] = match self.held_out {
+            Some(h) if !h.exclude_history => &[],
+            _ => self.store.items(),
+        };
         let model = &self.model;
-        let items = diversify(&scores, &exclude, k, diversity, |i| {
+        let items = diversify(&scores, exclude, k, diversity, |i| {
             model.item_vector(global, i)
         });
         let hit_ndcg = target.map(|t| match items.iter().position(|&i| i == t) {

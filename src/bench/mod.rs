@@ -633,7 +633,12 @@ pub fn device(
         mean_history: history,
         ..crate::data::SyntheticConfig::default()
     })?;
-    let split = crate::data::leave_one_out(&ds);
+    let protocol = crate::data::Protocol::new(&ds);
+    let ev = protocol
+        .evaluations
+        .first()
+        .context("the generated data set has no evaluation event")?;
+    let cut = &protocol.cuts[ev.cut];
     let (cfg, _) = crate::sim::Preset::Movielens.config();
     let mf = MatrixFactorization::new(ds.n_items(), cfg.model.factors, cfg.model.init_std)?;
     let global = mf.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed));
@@ -648,10 +653,10 @@ pub fn device(
     } else {
         0
     };
-    let step = (split.train.len() / devices.max(1)).max(1);
+    let step = (cut.n_users() / devices.max(1)).max(1);
     let mut ms = Vec::with_capacity(devices);
-    for user in (0..split.train.len()).step_by(step).take(devices) {
-        let mut device = crate::sim::make_device(&model, &split, user, 7)?;
+    for user in (0..cut.n_users()).step_by(step).take(devices) {
+        let mut device = crate::sim::make_device(&model, &protocol, ev, user, 7)?;
         let start = Instant::now();
         let update = device.train(&global, &training, false)?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);

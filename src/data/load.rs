@@ -285,6 +285,7 @@ impl Builder {
             user_ids: self.users.ids,
             item_ids: self.items.ids,
             interactions: self.interactions,
+            timed: true,
             skipped: self.skipped,
         })
     }

@@ -7,13 +7,14 @@
 //!   from the first line.
 //! * [`synthetic()`] builds the project's default data set from a
 //!   [`SyntheticConfig`], deterministically per seed.
-//! * [`leave_one_out`] holds out each user's latest interaction.
+//! * [`Protocol`] holds out, per user and per [`Track`], one event in time
+//!   (discover, buy-again, next purchase), with a validation event before it.
 
 mod dates;
 mod error;
 mod load;
-mod split;
 mod synthetic;
+mod tracks;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,7 +23,7 @@ use std::str::FromStr;
 pub use dates::{parse_datetime, parse_time_any, parse_unix_seconds};
 pub use error::DataError;
 pub use load::{detect_format, load};
-pub use split::{Split, leave_one_out};
+pub use tracks::{Cut, Evaluation, Event, Histories, Protocol, Stage, Track};
 pub use synthetic::{
     MIN_HISTORY, REPEAT_PROBABILITY, START_TIME, SyntheticConfig, SyntheticTruth, synthetic,
     synthetic_with_truth,
@@ -53,6 +54,10 @@ pub struct Dataset {
     pub item_ids: Vec<String>,
     /// The interactions, in file order.
     pub interactions: Vec<Interaction>,
+    /// Whether [`Interaction::time`] holds Unix seconds from the source;
+    /// false when the source has no time and `time` is the position of the
+    /// interaction in the load (each line its own moment, in file order).
+    pub timed: bool,
     /// Rows skipped while loading: reason -> count (e.g. `"missing CustomerID"`,
     /// `"cancelled invoice"`, `"non-positive quantity"`).
     pub skipped: BTreeMap<String, u64>,

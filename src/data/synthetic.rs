@@ -313,6 +313,7 @@ pub fn synthetic_with_truth(cfg: &SyntheticConfig) -> Result<(Dataset, Synthetic
         user_ids: ids("u", cfg.users),
         item_ids: ids("i", n_items),
         interactions,
+        timed: true,
         skipped: Default::default(),
     };
     let truth = SyntheticTruth {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedrec::data::{Split, SyntheticConfig, leave_one_out, synthetic};
+use fedrec::data::{Protocol, SyntheticConfig, synthetic};
 use fedrec_client::model::{MatrixFactorization, Model};
 use fedrec_coordinator::config::CoordinatorConfig;
 use fedrec_coordinator::round::RoundCore;
@@ -27,7 +27,7 @@ pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
 }
 
 /// A small synthetic data set with planted taste clusters, and its split.
-pub fn small_split(users: usize, items: usize, seed: u64) -> (fedrec::data::Dataset, Split) {
+pub fn small_split(users: usize, items: usize, seed: u64) -> (fedrec::data::Dataset, Protocol) {
     let ds = synthetic(&SyntheticConfig {
         users,
         items,
@@ -35,8 +35,18 @@ pub fn small_split(users: usize, items: usize, seed: u64) -> (fedrec::data::Data
         ..SyntheticConfig::default()
     })
     .expect("valid synthetic config");
-    let split = leave_one_out(&ds);
-    (ds, split)
+    let protocol = Protocol::new(&ds);
+    (ds, protocol)
+}
+
+/// The devices of `protocol`'s first track (discover) at test time.
+pub fn devices(
+    model: &Arc<dyn Model>,
+    protocol: &Protocol,
+    seed: u64,
+) -> Vec<(usize, fedrec_client::device::Device)> {
+    let ev = protocol.evaluations.first().expect("a reported track");
+    fedrec::sim::make_devices(model, protocol, ev, seed).expect("devices")
 }
 
 /// A matrix-factorization model over `items` items.
