@@ -131,6 +131,7 @@ mod tests {
                 })
                 .collect(),
             skipped: Default::default(),
+            timed: true,
         }
     }
 

@@ -314,6 +314,7 @@ pub fn synthetic_with_truth(cfg: &SyntheticConfig) -> Result<(Dataset, Synthetic
         item_ids: ids("i", n_items),
         interactions,
         skipped: Default::default(),
+        timed: true,
     };
     let truth = SyntheticTruth {
         user_cluster,
