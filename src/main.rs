@@ -177,12 +177,13 @@ struct SecaggBenchArgs {
 #[derive(Args, Debug, Clone)]
 struct DataArgs {
     /// Interaction file or directory (MovieLens u.data / ratings.dat /
-    /// ratings.csv, UCI Online Retail CSV, or any CSV/TSV with --user-col and
-    /// --item-col). Without it: generated data (the embedded default).
+    /// ratings.csv, UCI Online Retail CSV, any CSV/TSV with --user-col and
+    /// --item-col, or one line per user "<user> <item> <item> ..."). Without
+    /// it: generated data (the embedded default).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Force the format instead of detecting it: movielens, movielens-dat,
-    /// movielens-csv, retail, columns.
+    /// movielens-csv, retail, columns, sequences.
     #[arg(long)]
     format: Option<Format>,
     /// Name of the user column (generic CSV/TSV).
@@ -192,8 +193,15 @@ struct DataArgs {
     #[arg(long)]
     item_col: Option<String>,
     /// Name of the time column (generic CSV/TSV; Unix seconds or a date/time).
+    /// Without it, interactions are ordered by their position in the files.
     #[arg(long)]
     time_col: Option<String>,
+    /// The strftime layout (chrono syntax) every time of --time-col (or
+    /// retail's InvoiceDate) must match, e.g. --time-format '%d.%m.%Y %H:%M';
+    /// a date-only layout gives midnight UTC. Without it: Unix seconds, ISO
+    /// 8601, or day/month/year dates whose order is detected from the data.
+    #[arg(long)]
+    time_format: Option<String>,
     /// Users of the generated data set (without --data).
     #[arg(long, default_value_t = SyntheticConfig::default().users)]
     synthetic_users: usize,
@@ -214,6 +222,7 @@ impl DataArgs {
                     user_col: self.user_col.clone(),
                     item_col: self.item_col.clone(),
                     time_col: self.time_col.clone(),
+                    time_format: self.time_format.clone(),
                 };
                 Ok(data::load(path, &opts)?)
             }

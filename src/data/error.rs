@@ -57,10 +57,48 @@ pub enum DataError {
         detail: String,
     },
 
+    /// A line, or a CSV record spanning several lines, is longer than the
+    /// loader's limit ([`crate::data::MAX_LINE_BYTES`]); reading stops there
+    /// instead of holding an unbounded line in memory.
+    #[error(
+        "{}:{line}: {} longer than {limit} bytes, the longest the loader accepts{}",
+        path.display(),
+        if *record { "CSV record starting on this line is" } else { "line is" },
+        if *record { " (is a quote left open?)" } else { " (is this a text file of the expected format?)" }
+    )]
+    LineTooLong {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line: the long line, or the first line of the long record.
+        line: u64,
+        /// The limit in bytes, not counting the line break.
+        limit: usize,
+        /// True for a CSV record spanning lines, false for one physical line.
+        record: bool,
+    },
+
+    /// `--time-format` is not a strftime layout chrono can parse with.
+    #[error(
+        "--time-format {format:?} is not a valid strftime layout (chrono syntax, e.g. '%d.%m.%Y %H:%M')"
+    )]
+    InvalidTimeFormat {
+        /// The layout that was given.
+        format: String,
+    },
+
+    /// `--time-format` was given for a file whose times are not parsed from text.
+    #[error("--time-format does not apply to {}: {reason}", path.display())]
+    TimeFormatUnused {
+        /// The file.
+        path: PathBuf,
+        /// Why, e.g. `its format, movielens, stores Unix seconds`.
+        reason: String,
+    },
+
     /// The format of a file could not be recognised from its first line.
     #[error(
         "cannot recognise the format of {}: first line is {first_line:?}; \
-         pass --format (movielens, movielens-dat, movielens-csv, retail, columns) \
+         pass --format (movielens, movielens-dat, movielens-csv, retail, columns, sequences) \
          or, for a generic CSV/TSV with a header, --user-col and --item-col",
         path.display()
     )]
@@ -73,7 +111,7 @@ pub enum DataError {
 
     /// A format name (e.g. from `--format`) is not one of the accepted ones.
     #[error(
-        "unknown format {name:?}; accepted values: movielens, movielens-dat, movielens-csv, retail, columns"
+        "unknown format {name:?}; accepted values: movielens, movielens-dat, movielens-csv, retail, columns, sequences"
     )]
     UnknownFormatName {
         /// The name that was given.

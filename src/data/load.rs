@@ -1,21 +1,44 @@
-//! Reading interaction logs from disk: MovieLens, UCI Online Retail and
-//! generic CSV/TSV files, plus format detection.
+//! Reading interaction logs from disk: MovieLens, UCI Online Retail,
+//! generic CSV/TSV files and one-line-per-user sequences, plus format
+//! detection.
+//!
+//! Every read goes through [`Bounded`], which stops at the first line (or CSV
+//! record) longer than [`MAX_LINE_BYTES`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use csv::ByteRecord;
 
-use super::dates::{parse_datetime, parse_time_any};
+use super::dates::{
+    DayMonth, DayMonthOrder, FieldTime, OrderConflict, is_valid_format, parse_field_time,
+    parse_with_format,
+};
 use super::{DataError, Dataset, Format, Interaction, LoadOptions};
+
+/// The longest line [`load()`] and [`detect_format`] accept, in bytes, not
+/// counting its final `\n` (a `\r` before it counts); a CSV record spanning
+/// several lines (a quoted field with line breaks) may not be longer either
+/// (give or take the csv reader's 64 KiB buffer).
+///
+/// 4 MiB is far above any real CSV row, and leaves room for a `sequences`
+/// line of over 350,000 items of 10 characters. It bounds the memory one
+/// line can take, so that a file without line breaks (`/dev/zero`, a binary
+/// file given by mistake) is refused after 4 MiB instead of being read whole.
+pub const MAX_LINE_BYTES: usize = 4 << 20;
 
 /// File name endings that [`load()`] picks up inside a directory.
 const DATA_EXTENSIONS: &[&str] = &[".csv", ".tsv", ".data", ".dat", ".txt"];
 
-/// Longest first line [`detect_format`] looks at (bytes); longer lines are cut.
-const MAX_DETECT_LINE: u64 = 1 << 20;
+/// Non-blank lines [`detect_format`] reads at most to recognise
+/// [`Format::Sequences`].
+const SNIFF_LINES: usize = 20;
+
+/// Read buffer of the csv reader; it also bounds how far [`Bounded`] can be
+/// ahead of the record being parsed.
+const CSV_BUFFER: usize = 1 << 16;
 
 /// Skip reason: retail row without a customer.
 const SKIP_NO_CUSTOMER: &str = "missing CustomerID";
@@ -25,6 +48,8 @@ const SKIP_CANCELLED: &str = "cancelled invoice";
 const SKIP_NON_POSITIVE: &str = "non-positive quantity";
 /// Skip reason: retail row without a StockCode.
 const SKIP_NO_STOCK_CODE: &str = "missing StockCode";
+/// Skip reason: sequence line with a user and no item.
+const SKIP_NO_ITEMS: &str = "user without items";
 
 /// Loads a data set from a file or a directory.
 ///
@@ -37,29 +62,65 @@ const SKIP_NO_STOCK_CODE: &str = "missing StockCode";
 ///
 /// Formats:
 /// * MovieLens (`u.data`, `ratings.dat`, `ratings.csv`): every rating is one
-///   interaction with quantity 1.0 and the timestamp column as time.
+///   interaction with quantity 1.0 and the timestamp column as time. Ids of
+///   `u.data` and `ratings.dat` must be non-negative integers.
 /// * Retail (UCI Online Retail): user = CustomerID (`17850.0` becomes
-///   `17850`), item = StockCode, quantity = Quantity, time = InvoiceDate.
-///   Rows are skipped and counted in [`Dataset::skipped`] under the first
-///   reason that applies, checked in this order: `missing CustomerID`,
-///   `cancelled invoice` (InvoiceNo starting with `C`), `non-positive
-///   quantity`, `missing StockCode`.
+///   `17850`), item = StockCode, quantity = Quantity, time = InvoiceDate
+///   (a date/time as below, not Unix seconds). Rows are skipped and counted
+///   in [`Dataset::skipped`] under the first reason that applies, checked in
+///   this order: `missing CustomerID`, `cancelled invoice` (InvoiceNo
+///   starting with `C`), `non-positive quantity`, `missing StockCode`.
 /// * Columns: CSV/TSV with a header (delimiter tab, comma or semicolon, the
 ///   most frequent one in the header line); `opts.user_col` and
 ///   `opts.item_col` are required, `opts.time_col` optional (Unix seconds,
-///   integer or float, or a date/time, see [`parse_time_any`]).
-///   Rows with an empty user, item or time field are skipped and counted as
-///   `missing <column>`. Quantity is 1.0.
+///   integer or float, or a date/time as below). Rows with an empty user,
+///   item or time field are skipped and counted as `missing <column>`.
+///   Quantity is 1.0.
+/// * Sequences: one line per user, `<user> <item> <item> …` separated by
+///   whitespace, items in time order. Every item is one interaction with
+///   quantity 1.0; a line with a user and no item is skipped and counted as
+///   `user without items`.
+///
+/// Time: [`Dataset::timed`] is false for sequences and for columns without
+/// `opts.time_col`; then each interaction's time is its position in the load
+/// (0, 1, 2, … over all files in load order). Otherwise times are Unix
+/// seconds. Text times (columns, retail) are read, without
+/// `opts.time_format`, as:
+/// * Unix seconds (columns only), RFC 3339 / ISO 8601 (`2010-12-01T08:26:00Z`,
+///   `2010-12-01 08:26:00`, `2010-12-01`);
+/// * dates with day and month first and a 4-digit year last, separated by
+///   `/`, `-` or `.`, optionally followed by a time `H:MM[:SS]`
+///   (`24-06-2014`, `6/24/2014 8:26`, `24.06.2014 08:26:00`). The order is
+///   decided per load: a date whose first number is above 12 proves
+///   day-first, one whose second number is above 12 proves month-first;
+///   dates of both kinds in one load are an error. Dates with both numbers
+///   at most 12 follow the order the load proves, even when the proof comes
+///   later. If nothing proves it, `/` dates are read month-first (US
+///   `12/1/2010`), and `-` or `.` dates are refused as ambiguous.
+///
+/// With `opts.time_format`, every time must match exactly that strftime
+/// layout instead (a date-only layout gives midnight UTC); it is an error
+/// for formats and files without text times.
 ///
 /// Header names are matched exactly first, then ignoring ASCII case.
-/// Blank lines are ignored everywhere.
+/// Blank lines are ignored everywhere. No line, and no CSV record, may be
+/// longer than [`MAX_LINE_BYTES`].
 ///
 /// # Errors
 /// I/O errors (naming the path), malformed lines (naming the file and the
-/// 1-based line), invalid UTF-8 in a field that is used, unknown or mixed
-/// formats, missing columns, an empty directory or file, and a data set with
-/// no interaction left after skipping.
+/// 1-based line), lines longer than [`MAX_LINE_BYTES`], invalid UTF-8 in a
+/// field that is used, unknown or mixed formats, missing columns, times that
+/// cannot be read or whose day/month order conflicts or stays ambiguous, an
+/// invalid or inapplicable `opts.time_format`, an empty directory or file,
+/// and a data set with no interaction left after skipping.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, DataError> {
+    if let Some(format) = &opts.time_format
+        && !is_valid_format(format)
+    {
+        return Err(DataError::InvalidTimeFormat {
+            format: format.clone(),
+        });
+    }
     let meta = fs::metadata(path).map_err(|source| io_err(path, source))?;
     let files = if meta.is_dir() {
         data_files(path)?
@@ -90,24 +151,50 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, DataError> {
             }
             Some(_) => {}
         }
+        check_time_format(file, format, opts)?;
+        // All files share the format, so every file sets the same value.
+        builder.timed = match format {
+            Format::Columns => opts.time_col.is_some(),
+            Format::Sequences => false,
+            _ => true,
+        };
         match format {
             Format::MovieLens => read_movielens_lines(file, Separator::Tab, &mut builder)?,
             Format::MovieLensDat => {
                 read_movielens_lines(file, Separator::DoubleColon, &mut builder)?
             }
             Format::MovieLensCsv => read_movielens_csv(file, &mut builder)?,
-            Format::Retail => read_retail(file, &mut builder)?,
+            Format::Retail => read_retail(file, opts, &mut builder)?,
             Format::Columns => read_columns(file, opts, &mut builder)?,
+            Format::Sequences => read_sequences(file, &mut builder)?,
         }
     }
     builder.finish()
 }
 
+/// Refuses `opts.time_format` for a file whose times are not read from text.
+fn check_time_format(path: &Path, format: Format, opts: &LoadOptions) -> Result<(), DataError> {
+    if opts.time_format.is_none() {
+        return Ok(());
+    }
+    let reason = match format {
+        Format::Retail => return Ok(()),
+        Format::Columns if opts.time_col.is_some() => return Ok(()),
+        Format::Columns => "it is read without a time column (give --time-col)".to_owned(),
+        Format::Sequences => "its format, sequences, has no times".to_owned(),
+        other => format!("its format, {other}, stores Unix seconds"),
+    };
+    Err(DataError::TimeFormatUnused {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
 /// Guesses the format of a file (or of the first data file of a directory,
-/// as [`load()`] would list them) from its first non-empty line.
+/// as [`load()`] would list them) from its first non-empty lines.
 ///
 /// If `opts.format` is set it is returned unchanged. Otherwise the rules,
-/// tried in this order, are:
+/// tried in this order on the first non-blank line, are:
 /// 1. 4 tab-separated numeric fields → [`Format::MovieLens`];
 /// 2. contains `::` and splits on it into 4 numeric fields → [`Format::MovieLensDat`];
 /// 3. a header equal (case-insensitive, fields trimmed) to
@@ -116,12 +203,21 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Dataset, DataError> {
 ///    and `CustomerID` (case-insensitive) → [`Format::Retail`];
 /// 5. any other line, when `opts.user_col` and `opts.item_col` are both given
 ///    → [`Format::Columns`];
-/// 6. otherwise an error quoting the line and suggesting `--format`,
+/// 6. [`Format::Sequences`] when the first non-blank line has 3 or more
+///    whitespace-separated tokens and the first up to 20 non-blank lines
+///    * contain no `,`, `;`, `"` or `::` (so they are not CSV),
+///    * start with distinct tokens (one line per user),
+///    * and do not all have the same number of tokens (a table of fixed
+///      width, such as `user item rating time` separated by spaces, is not a
+///      sequence file). A sequence file that fails this test (a single line,
+///      or lines of equal length) needs `--format sequences`;
+/// 7. otherwise an error quoting the line and suggesting `--format`,
 ///    `--user-col` and `--item-col`.
 ///
 /// # Errors
 /// I/O errors, an empty file or directory, invalid UTF-8 in the first line,
-/// and an unrecognised first line (rule 6).
+/// a line longer than [`MAX_LINE_BYTES`] among those read, and an
+/// unrecognised file (rule 7).
 pub fn detect_format(path: &Path, opts: &LoadOptions) -> Result<Format, DataError> {
     if let Some(f) = opts.format {
         return Ok(f);
@@ -142,7 +238,8 @@ pub fn detect_format(path: &Path, opts: &LoadOptions) -> Result<Format, DataErro
 
 /// [`detect_format`] for one regular file, ignoring `opts.format`.
 fn detect_file(path: &Path, opts: &LoadOptions) -> Result<Format, DataError> {
-    let (_, line) = first_line(path)?;
+    let mut lines = Lines::open(path)?;
+    let (_, line) = first_line(&mut lines)?;
     let line = line.trim();
 
     let tab_fields: Vec<&str> = line.split('\t').collect();
@@ -174,10 +271,50 @@ fn detect_file(path: &Path, opts: &LoadOptions) -> Result<Format, DataError> {
     if opts.user_col.is_some() && opts.item_col.is_some() {
         return Ok(Format::Columns);
     }
+    if looks_like_sequences(line, &mut lines)? {
+        return Ok(Format::Sequences);
+    }
     Err(DataError::UnknownFormat {
         path: path.to_path_buf(),
         first_line: shorten(line, 200),
     })
+}
+
+/// Rule 6 of [`detect_format`]: `first` is the first non-blank line, `rest`
+/// the reader positioned after it.
+fn looks_like_sequences(first: &str, rest: &mut Lines<'_>) -> Result<bool, DataError> {
+    /// Not CSV nor `ratings.dat`.
+    fn plain(line: &str) -> bool {
+        !line.contains([',', ';', '"']) && !line.contains("::")
+    }
+    let mut tokens = first.split_whitespace();
+    let Some(user) = tokens.next() else {
+        return Ok(false);
+    };
+    let width = 1 + tokens.count();
+    if width < 3 || !plain(first) {
+        return Ok(false);
+    }
+    let mut users = HashSet::from([user.to_owned()]);
+    let mut varying = false;
+    while users.len() < SNIFF_LINES {
+        let Some((_, raw)) = rest.next_line()? else {
+            break;
+        };
+        // Bad UTF-8 after the first line: not for detection to report.
+        let Ok(line) = std::str::from_utf8(raw) else {
+            return Ok(false);
+        };
+        let mut tokens = line.split_whitespace();
+        let Some(user) = tokens.next() else {
+            continue;
+        };
+        if !plain(line) || !users.insert(user.to_owned()) {
+            return Ok(false);
+        }
+        varying |= 1 + tokens.count() != width;
+    }
+    Ok(varying)
 }
 
 /// Lists the data files of a directory, sorted by name.
@@ -217,6 +354,20 @@ struct Builder {
     items: Interner,
     interactions: Vec<Interaction>,
     skipped: BTreeMap<String, u64>,
+    /// Becomes [`Dataset::timed`].
+    timed: bool,
+    /// The day/month order of the load's dates.
+    order: DayMonthOrder<Place>,
+}
+
+/// Where a time was read, for the errors of [`DayMonthOrder`].
+#[derive(Clone, Debug)]
+struct Place {
+    path: PathBuf,
+    /// 1-based line.
+    line: u64,
+    /// The time field as written.
+    text: String,
 }
 
 impl Builder {
@@ -227,7 +378,47 @@ impl Builder {
             items: Interner::default(),
             interactions: Vec::new(),
             skipped: BTreeMap::new(),
+            timed: true,
+            order: DayMonthOrder::default(),
         }
+    }
+
+    /// Adds one interaction whose time was read from text; `here` names the
+    /// field's place (asked for only when it may be reported).
+    fn push_time(
+        &mut self,
+        path: &Path,
+        user: &str,
+        item: &str,
+        time: FieldTime,
+        quantity: f32,
+        here: impl Fn() -> Place,
+    ) -> Result<(), DataError> {
+        let row = self.interactions.len();
+        let interactions = &mut self.interactions;
+        let time = self
+            .order
+            .time(row, time, &here, |row, time| {
+                if let Some(x) = interactions.get_mut(row) {
+                    x.time = time;
+                }
+            })
+            .map_err(|conflict| conflict_error(conflict, here()))?;
+        self.push(path, user, item, time, quantity)
+    }
+
+    /// Adds one interaction of an untimed source: its time is its position
+    /// in the load.
+    fn push_untimed(
+        &mut self,
+        path: &Path,
+        user: &str,
+        item: &str,
+        quantity: f32,
+    ) -> Result<(), DataError> {
+        // A Vec never holds more than isize::MAX elements.
+        let position = i64::try_from(self.interactions.len()).unwrap_or(i64::MAX);
+        self.push(path, user, item, position, quantity)
     }
 
     /// Adds one interaction, interning its ids.
@@ -265,6 +456,7 @@ impl Builder {
     }
 
     fn finish(self) -> Result<Dataset, DataError> {
+        self.order.finish().map_err(ambiguous_error)?;
         if self.interactions.is_empty() {
             let skipped = if self.skipped.is_empty() {
                 "none".to_owned()
@@ -285,10 +477,69 @@ impl Builder {
             user_ids: self.users.ids,
             item_ids: self.items.ids,
             interactions: self.interactions,
-            timed: true,
             skipped: self.skipped,
+            timed: self.timed,
         })
     }
+}
+
+/// The error for a date (at `here`) whose day/month order conflicts with an
+/// earlier date's.
+fn conflict_error(conflict: OrderConflict<Place>, here: Place) -> DataError {
+    let OrderConflict { found, earlier } = conflict;
+    let other = match found {
+        DayMonth::DayFirst => DayMonth::MonthFirst,
+        DayMonth::MonthFirst => DayMonth::DayFirst,
+    };
+    DataError::Malformed {
+        message: format!(
+            "date {:?} has its {} first, but {}:{} ({:?}) has its {} first; \
+             the dates of one load must share one order: pass --time-format \
+             with the layout of the data (e.g. {})",
+            here.text,
+            found.first(),
+            earlier.path.display(),
+            earlier.line,
+            earlier.text,
+            other.first(),
+            example_layouts(&here.text),
+        ),
+        path: here.path,
+        line: here.line,
+    }
+}
+
+/// The error for a load whose day/month dates are all ambiguous and not all
+/// written with `/`; `first` is the first written with `-` or `.`.
+fn ambiguous_error(first: Place) -> DataError {
+    DataError::Malformed {
+        message: format!(
+            "date {:?} is ambiguous, as are all dates of this load: no day or month \
+             is above 12 to tell day-first from month-first; pass --time-format \
+             (e.g. {})",
+            first.text,
+            example_layouts(&first.text),
+        ),
+        path: first.path,
+        line: first.line,
+    }
+}
+
+/// `'%d-%m-%Y' or '%m-%d-%Y'` with the separator and clock of `date`, for
+/// error messages.
+fn example_layouts(date: &str) -> String {
+    let sep = date
+        .trim()
+        .chars()
+        .find(|c| !c.is_ascii_digit())
+        .filter(|c| matches!(c, '/' | '-' | '.'))
+        .unwrap_or('-');
+    let clock = match date.matches(':').count() {
+        0 => "",
+        1 => " %H:%M",
+        _ => " %H:%M:%S",
+    };
+    format!("'%d{sep}%m{sep}%Y{clock}' or '%m{sep}%d{sep}%Y{clock}'")
 }
 
 /// Maps external ids to dense `u32` indices in order of first appearance.
@@ -387,7 +638,7 @@ fn read_movielens_csv(path: &Path, b: &mut Builder) -> Result<(), DataError> {
 }
 
 /// Reads the UCI Online Retail CSV.
-fn read_retail(path: &Path, b: &mut Builder) -> Result<(), DataError> {
+fn read_retail(path: &Path, opts: &LoadOptions, b: &mut Builder) -> Result<(), DataError> {
     let mut csv = CsvFile::open(path)?;
     let invoice = csv.column("InvoiceNo")?;
     let stock = csv.column("StockCode")?;
@@ -396,7 +647,7 @@ fn read_retail(path: &Path, b: &mut Builder) -> Result<(), DataError> {
     let customer = csv.column("CustomerID")?;
     // Consecutive rows usually share the invoice and so the date: cache it.
     let mut last_date = String::new();
-    let mut last_time = 0i64;
+    let mut last_time = FieldTime::Exact(0);
     csv.for_each_record(|row| {
         let cust = row.field(customer)?;
         if cust.is_empty() {
@@ -424,18 +675,36 @@ fn read_retail(path: &Path, b: &mut Builder) -> Result<(), DataError> {
             return Ok(());
         }
         let d = row.field(date)?;
-        if d != last_date {
-            last_time = parse_datetime(d).ok_or_else(|| {
-                row.malformed(format!(
-                    "InvoiceDate {d:?} is not a recognised date/time \
-                     (expected e.g. 2010-12-01 08:26:00, 12/1/2010 8:26 or 2010-12-01T08:26:00Z)"
-                ))
-            })?;
+        if d != last_date || last_date.is_empty() {
+            last_time = match &opts.time_format {
+                Some(format) => {
+                    FieldTime::Exact(parse_with_format(d, format).ok_or_else(|| {
+                        row.malformed(format!(
+                            "time {d:?} does not match --time-format {format:?}"
+                        ))
+                    })?)
+                }
+                None => parse_field_time(d, false).ok_or_else(|| {
+                    row.malformed(format!(
+                        "InvoiceDate {d:?} is not a recognised date/time (expected e.g. \
+                         2010-12-01 08:26:00, 12/1/2010 8:26, 1.12.2010 08:26 or \
+                         2010-12-01T08:26:00Z; pass --time-format for other layouts)"
+                    ))
+                })?,
+            };
             last_date.clear();
             last_date.push_str(d);
         }
         // Quantities beyond f32's exact range are clamped by the cast.
-        b.push(path, normalise_customer(cust), item, last_time, q as f32)
+        let quantity = q as f32;
+        b.push_time(
+            path,
+            normalise_customer(cust),
+            item,
+            last_time,
+            quantity,
+            || row.place(d),
+        )
     })
 }
 
@@ -474,29 +743,54 @@ fn read_columns(path: &Path, opts: &LoadOptions, b: &mut Builder) -> Result<(), 
             b.skip(&skip_item);
             return Ok(());
         }
-        let t = match (time, &skip_time) {
-            (Some((idx, name)), Some(skip)) => {
-                let text = row.field(idx)?;
-                if text.is_empty() {
-                    b.skip(skip);
-                    return Ok(());
-                }
-                parse_time_any(text).ok_or_else(|| {
-                    row.malformed(format!(
-                        "{name} {text:?} is neither Unix seconds nor a recognised date/time"
-                    ))
-                })?
-            }
-            _ => 0,
+        let (Some((idx, name)), Some(skip)) = (time, &skip_time) else {
+            return b.push_untimed(path, u, i, 1.0);
         };
-        b.push(path, u, i, t, 1.0)
+        let text = row.field(idx)?;
+        if text.is_empty() {
+            b.skip(skip);
+            return Ok(());
+        }
+        let t = match &opts.time_format {
+            Some(format) => FieldTime::Exact(parse_with_format(text, format).ok_or_else(|| {
+                row.malformed(format!(
+                    "time {text:?} does not match --time-format {format:?}"
+                ))
+            })?),
+            None => parse_field_time(text, true).ok_or_else(|| {
+                row.malformed(format!(
+                    "{name} {text:?} is neither Unix seconds nor a recognised date/time \
+                     (pass --time-format for other layouts)"
+                ))
+            })?,
+        };
+        b.push_time(path, u, i, t, 1.0, || row.place(text))
+    })
+}
+
+/// Reads one-line-per-user sequences: `<user> <item> <item> …`.
+fn read_sequences(path: &Path, b: &mut Builder) -> Result<(), DataError> {
+    for_each_line(path, |_, line| {
+        let mut tokens = line.split_whitespace();
+        let Some(user) = tokens.next() else {
+            return Ok(());
+        };
+        let mut items = 0usize;
+        for item in tokens {
+            b.push_untimed(path, user, item, 1.0)?;
+            items += 1;
+        }
+        if items == 0 {
+            b.skip(SKIP_NO_ITEMS);
+        }
+        Ok(())
     })
 }
 
 /// A CSV/TSV file opened for reading records after its header.
 struct CsvFile<'p> {
     path: &'p Path,
-    reader: csv::Reader<File>,
+    reader: csv::Reader<Bounded<File>>,
     header: Vec<String>,
 }
 
@@ -504,15 +798,15 @@ impl<'p> CsvFile<'p> {
     /// Opens `path`, detects the delimiter from the first non-empty line and
     /// reads the header.
     fn open(path: &'p Path) -> Result<Self, DataError> {
-        let (_, first) = first_line(path)?;
+        let (_, first) = first_line(&mut Lines::open(path)?)?;
         let delimiter = detect_delimiter(&first);
         let file = File::open(path).map_err(|source| io_err(path, source))?;
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(delimiter)
             .has_headers(true)
             .flexible(true)
-            .buffer_capacity(1 << 16)
-            .from_reader(file);
+            .buffer_capacity(CSV_BUFFER)
+            .from_reader(Bounded::records(file));
         let raw = reader.byte_headers().map_err(|e| csv_err(path, e))?;
         let mut header = Vec::with_capacity(raw.len());
         for (i, h) in raw.iter().enumerate() {
@@ -530,6 +824,8 @@ impl<'p> CsvFile<'p> {
                 path: path.to_path_buf(),
             });
         }
+        let next = reader.position().clone();
+        reader.get_mut().record_starts(next.byte(), next.line());
         Ok(CsvFile {
             path,
             reader,
@@ -575,6 +871,10 @@ impl<'p> CsvFile<'p> {
                 Ok(false) => return Ok(()),
                 Err(e) => return Err(csv_err(self.path, e)),
             }
+            let next = self.reader.position().clone();
+            self.reader
+                .get_mut()
+                .record_starts(next.byte(), next.line());
             let row = Row {
                 path: self.path,
                 line: record.position().map_or(0, |p| p.line()),
@@ -626,6 +926,15 @@ impl Row<'_> {
             })
     }
 
+    /// The [`Place`] of this row's time field `text`.
+    fn place(&self, text: &str) -> Place {
+        Place {
+            path: self.path.to_path_buf(),
+            line: record_line(self.path, self.line, self.byte),
+            text: text.to_owned(),
+        }
+    }
+
     /// A [`DataError::Malformed`] for this row.
     fn malformed(&self, message: String) -> DataError {
         DataError::Malformed {
@@ -668,79 +977,197 @@ fn for_each_line(
     path: &Path,
     mut f: impl FnMut(u64, &str) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    let file = File::open(path).map_err(|source| io_err(path, source))?;
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    let mut buf = Vec::with_capacity(256);
-    let mut line_no = 0u64;
-    loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|source| io_err(path, source))?;
-        if n == 0 {
-            return Ok(());
-        }
-        line_no += 1;
-        let line = decode_line(path, line_no, &buf)?;
+    let mut lines = Lines::open(path)?;
+    while let Some((line_no, raw)) = lines.next_line()? {
+        let line = utf8(path, line_no, raw)?;
         if !line.trim().is_empty() {
             f(line_no, line)?;
         }
     }
+    Ok(())
 }
 
-/// The first non-blank line of a file (cut at [`MAX_DETECT_LINE`] bytes) and
-/// its 1-based number.
-fn first_line(path: &Path) -> Result<(u64, String), DataError> {
-    let file = File::open(path).map_err(|source| io_err(path, source))?;
-    let mut reader = BufReader::new(file);
-    let mut buf = Vec::new();
-    let mut line_no = 0u64;
-    loop {
-        buf.clear();
-        let n = (&mut reader)
-            .take(MAX_DETECT_LINE)
-            .read_until(b'\n', &mut buf)
-            .map_err(|source| io_err(path, source))?;
-        if n == 0 {
-            return Err(DataError::EmptyFile {
-                path: path.to_path_buf(),
-            });
-        }
-        line_no += 1;
-        let line = match decode_line(path, line_no, &buf) {
-            Ok(line) => line,
-            // The cut may split a character: keep the valid prefix.
-            Err(_) if buf.len() as u64 >= MAX_DETECT_LINE => {
-                let valid = std::str::from_utf8(&buf).map_err(|e| e.valid_up_to());
-                match valid {
-                    Ok(s) => s,
-                    Err(upto) => {
-                        std::str::from_utf8(buf.get(..upto).unwrap_or_default()).unwrap_or_default()
-                    }
-                }
-            }
-            Err(e) => return Err(e),
-        };
+/// The first non-blank line of a file and its 1-based number.
+fn first_line(lines: &mut Lines<'_>) -> Result<(u64, String), DataError> {
+    let path = lines.path;
+    while let Some((line_no, raw)) = lines.next_line()? {
+        let line = utf8(path, line_no, raw)?;
         if !line.trim().is_empty() {
             return Ok((line_no, line.to_owned()));
         }
     }
+    Err(DataError::EmptyFile {
+        path: path.to_path_buf(),
+    })
 }
 
-/// Decodes one raw line: strips `\n` / `\r\n` and, on line 1, a UTF-8 BOM.
-fn decode_line<'b>(path: &Path, line_no: u64, raw: &'b [u8]) -> Result<&'b str, DataError> {
-    let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
-    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-    let raw = if line_no == 1 {
-        raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw)
-    } else {
-        raw
-    };
+/// The lines of a text file, each at most [`MAX_LINE_BYTES`] long.
+struct Lines<'p> {
+    path: &'p Path,
+    reader: BufReader<Bounded<File>>,
+    buf: Vec<u8>,
+    line_no: u64,
+}
+
+impl<'p> Lines<'p> {
+    fn open(path: &'p Path) -> Result<Self, DataError> {
+        let file = File::open(path).map_err(|source| io_err(path, source))?;
+        Ok(Lines {
+            path,
+            reader: BufReader::with_capacity(1 << 16, Bounded::lines(file)),
+            buf: Vec::with_capacity(256),
+            line_no: 0,
+        })
+    }
+
+    /// The next line's 1-based number and bytes, without `\n` / `\r\n` and,
+    /// on line 1, a UTF-8 BOM; `None` at the end of the file.
+    fn next_line(&mut self) -> Result<Option<(u64, &[u8])>, DataError> {
+        self.buf.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.buf)
+            .map_err(|source| io_err(self.path, source))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.line_no += 1;
+        let raw = self.buf.as_slice();
+        let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let raw = if self.line_no == 1 {
+            raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw)
+        } else {
+            raw
+        };
+        Ok(Some((self.line_no, raw)))
+    }
+}
+
+/// Decodes one line as UTF-8.
+fn utf8<'b>(path: &Path, line_no: u64, raw: &'b [u8]) -> Result<&'b str, DataError> {
     std::str::from_utf8(raw).map_err(|e| DataError::InvalidUtf8 {
         path: path.to_path_buf(),
         line: line_no,
         detail: e.to_string(),
     })
+}
+
+/// A reader that fails once a line, or the CSV record being parsed, grows
+/// past [`MAX_LINE_BYTES`], so that no read path holds more than that (plus
+/// one read buffer) of a single line in memory.
+///
+/// It counts the bytes it hands out: since the last `\n` (the line), and,
+/// for a csv reader, since the start of the record being parsed, which the
+/// reader reports after each record ([`Bounded::record_starts`]). The error
+/// is an [`io::Error`] carrying a [`TooLong`], turned into
+/// [`DataError::LineTooLong`] by [`io_err`].
+struct Bounded<R> {
+    inner: R,
+    /// 1-based number of the line being read.
+    line: u64,
+    /// Bytes of that line handed out so far, without its `\n`.
+    line_len: u64,
+    /// Bytes handed out so far.
+    offset: u64,
+    /// Start of the CSV record being parsed (byte offset, line as the csv
+    /// reader counts it); `None` when not reading CSV.
+    record: Option<(u64, u64)>,
+}
+
+/// The payload of the [`io::Error`] of [`Bounded`].
+#[derive(Debug)]
+struct TooLong {
+    /// The long line, or the csv reader's line of the long record.
+    line: u64,
+    /// For a record: its byte offset (to correct `line`, see [`record_line`]).
+    record_byte: Option<u64>,
+}
+
+impl std::fmt::Display for TooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {} longer than {MAX_LINE_BYTES} bytes", self.line)
+    }
+}
+
+impl std::error::Error for TooLong {}
+
+impl<R> Bounded<R> {
+    /// For line-by-line reading.
+    fn lines(inner: R) -> Self {
+        Bounded {
+            inner,
+            line: 1,
+            line_len: 0,
+            offset: 0,
+            record: None,
+        }
+    }
+
+    /// For a csv reader, which must call [`Bounded::record_starts`] after
+    /// each record.
+    fn records(inner: R) -> Self {
+        Bounded {
+            record: Some((0, 1)),
+            ..Bounded::lines(inner)
+        }
+    }
+
+    /// The csv reader's position after a record: where the next one starts.
+    fn record_starts(&mut self, byte: u64, line: u64) {
+        self.record = Some((byte, line));
+    }
+
+    fn too_long(line: u64, record_byte: Option<u64>) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, TooLong { line, record_byte })
+    }
+
+    /// Accounts for `data`, just handed out.
+    fn account(&mut self, data: &[u8]) -> io::Result<()> {
+        const LIMIT: u64 = MAX_LINE_BYTES as u64;
+        let len = data.len() as u64;
+        match data.iter().position(|&b| b == b'\n') {
+            None => {
+                self.line_len += len;
+                if self.line_len > LIMIT {
+                    return Err(Self::too_long(self.line, None));
+                }
+            }
+            Some(first) => {
+                if self.line_len + first as u64 > LIMIT {
+                    return Err(Self::too_long(self.line, None));
+                }
+                if len > LIMIT {
+                    // Only a buffer larger than the limit can hold a whole
+                    // long line between two line breaks: look at each one.
+                    for (i, segment) in data.split(|&b| b == b'\n').enumerate().skip(1) {
+                        if segment.len() as u64 > LIMIT {
+                            return Err(Self::too_long(self.line + i as u64, None));
+                        }
+                    }
+                }
+                let breaks = data.iter().filter(|&&b| b == b'\n').count() as u64;
+                let last = data.iter().rposition(|&b| b == b'\n').unwrap_or(first);
+                self.line += breaks;
+                self.line_len = len - 1 - last as u64;
+            }
+        }
+        self.offset += len;
+        if let Some((byte, line)) = self.record
+            && self.offset.saturating_sub(byte) > LIMIT + CSV_BUFFER as u64
+        {
+            return Err(Self::too_long(line, Some(byte)));
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.account(buf.get(..n).unwrap_or_default())?;
+        Ok(n)
+    }
 }
 
 /// The most frequent of tab, comma and semicolon in a header line (ties in
@@ -790,10 +1217,13 @@ fn normalise_customer(id: &str) -> &str {
     }
 }
 
-/// Checks that a MovieLens id is an integer.
+/// Checks that a MovieLens id is a non-negative integer.
 fn check_integer_id(text: &str, what: &str) -> Result<(), String> {
-    if !text.is_empty() && text.bytes().all(|c| c.is_ascii_digit()) {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+    if digits(text) {
         Ok(())
+    } else if text.strip_prefix('-').is_some_and(digits) {
+        Err(format!("{what} {text:?} must be a non-negative integer"))
     } else {
         Err(format!("{what} {text:?} is not an integer"))
     }
@@ -822,7 +1252,20 @@ fn shorten(s: &str, max: usize) -> String {
     }
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> DataError {
+/// An I/O error reading `path`; the [`TooLong`] error of [`Bounded`]
+/// becomes [`DataError::LineTooLong`].
+fn io_err(path: &Path, source: io::Error) -> DataError {
+    if let Some(t) = source.get_ref().and_then(|e| e.downcast_ref::<TooLong>()) {
+        return DataError::LineTooLong {
+            path: path.to_path_buf(),
+            line: match t.record_byte {
+                Some(byte) => record_line(path, t.line, byte),
+                None => t.line,
+            },
+            limit: MAX_LINE_BYTES,
+            record: t.record_byte.is_some(),
+        };
+    }
     DataError::Io {
         path: path.to_path_buf(),
         source,

@@ -2,13 +2,49 @@
 //! leave-one-out split used for evaluation.
 //!
 //! * [`load()`] reads MovieLens (`u.data`, `ratings.dat`, `ratings.csv`), the UCI
-//!   Online Retail CSV, or any CSV/TSV with a header whose user and item
-//!   columns are named in [`LoadOptions`]; [`detect_format`] guesses the format
-//!   from the first line.
+//!   Online Retail CSV, any CSV/TSV with a header whose user and item
+//!   columns are named in [`LoadOptions`], and one-line-per-user item
+//!   sequences (`<user> <item> <item> …`, e.g. the Amazon review 5-core
+//!   files); [`detect_format`] guesses the format from the first lines.
 //! * [`synthetic()`] builds the project's default data set from a
 //!   [`SyntheticConfig`], deterministically per seed.
 //! * [`Protocol`] holds out, per user and per [`Track`], one event in time
 //!   (discover, buy-again, next purchase), with a validation event before it.
+//!
+//! # Time
+//!
+//! [`Interaction::time`] is Unix seconds when the source has times
+//! ([`Dataset::timed`] is true). When it has none (a `columns` file without a
+//! time column, a `sequences` file) the time is the interaction's position in
+//! the load, so "latest" still means "last in the file". Text times are read
+//! as Unix seconds, ISO 8601, or dates with day and month first and the year
+//! last (`24-06-2014 10:15`, `6/24/2014`), whose order is decided once per
+//! load from the data; [`LoadOptions::time_format`] fixes one layout instead.
+//! See [`load()`] for the details.
+//!
+//! # Limits
+//!
+//! No line (nor CSV record) may be longer than [`MAX_LINE_BYTES`], so that
+//! memory stays bounded whatever file is given.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use fedrec::data::{self, LoadOptions};
+//!
+//! // A directory of semicolon-separated exports with European dates.
+//! let opts = LoadOptions {
+//!     user_col: Some("customer".into()),
+//!     item_col: Some("sku".into()),
+//!     time_col: Some("ordered".into()),
+//!     time_format: Some("%d.%m.%Y %H:%M".into()),
+//!     ..LoadOptions::default()
+//! };
+//! let ds = data::load(Path::new("exports/"), &opts)?;
+//! assert!(ds.timed);
+//! let protocol = data::Protocol::new(&ds);
+//! println!("{} users, tracks {:?}", ds.n_users(), protocol.tracks());
+//! # Ok::<(), data::DataError>(())
+//! ```
 
 mod dates;
 mod error;
@@ -22,7 +58,7 @@ use std::str::FromStr;
 
 pub use dates::{parse_datetime, parse_time_any, parse_unix_seconds};
 pub use error::DataError;
-pub use load::{detect_format, load};
+pub use load::{MAX_LINE_BYTES, detect_format, load};
 pub use tracks::{Cut, Evaluation, Event, Histories, Protocol, Stage, Track};
 pub use synthetic::{
     MIN_HISTORY, REPEAT_PROBABILITY, START_TIME, SyntheticConfig, SyntheticTruth, synthetic,
@@ -36,13 +72,17 @@ pub struct Interaction {
     pub user: u32,
     /// Dense item index (position in [`Dataset::item_ids`]).
     pub item: u32,
-    /// Unix seconds (0 when the source has no time).
+    /// Unix seconds when [`Dataset::timed`]; otherwise the position of the
+    /// interaction in the load (0, 1, 2, … over all files in load order).
     pub time: i64,
     /// Quantity (1.0 when the source has none; ratings are not quantities: 1.0).
     pub quantity: f32,
 }
 
 /// A loaded or generated interaction log with interned user and item ids.
+///
+/// Times are Unix seconds, or positions in the load when the source has no
+/// time: see [`Dataset::timed`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Dataset {
     /// A short name: the file or directory name, or `"synthetic"`.
@@ -54,13 +94,19 @@ pub struct Dataset {
     pub item_ids: Vec<String>,
     /// The interactions, in file order.
     pub interactions: Vec<Interaction>,
-    /// Whether [`Interaction::time`] holds Unix seconds from the source;
-    /// false when the source has no time and `time` is the position of the
-    /// interaction in the load (each line its own moment, in file order).
-    pub timed: bool,
     /// Rows skipped while loading: reason -> count (e.g. `"missing CustomerID"`,
-    /// `"cancelled invoice"`, `"non-positive quantity"`).
+    /// `"cancelled invoice"`, `"non-positive quantity"`, `"user without items"`).
     pub skipped: BTreeMap<String, u64>,
+    /// Whether [`Interaction::time`] holds Unix seconds from the source.
+    ///
+    /// True for MovieLens, Online Retail, a `columns` file with a time column
+    /// and synthetic data. False when the source has no time (a `columns`
+    /// file without `time_col`, the `sequences` format): then each
+    /// interaction's time is its position in the load, counted from 0 over
+    /// all files in load order (each line, and in a sequence each item, its
+    /// own moment), so that ordering by time keeps the file order. Such times
+    /// are not dates: do not show them as such.
+    pub timed: bool,
 }
 
 impl Dataset {
@@ -94,6 +140,10 @@ pub enum Format {
     Retail,
     /// Generic CSV/TSV with a header; the columns are named by [`LoadOptions`].
     Columns,
+    /// One line per user, `<user> <item> <item> …`, whitespace separated, the
+    /// items in time order, no header and no times (e.g. the Amazon review
+    /// 5-core files of S3-Rec / ICLRec).
+    Sequences,
 }
 
 impl Format {
@@ -105,6 +155,7 @@ impl Format {
             Format::MovieLensCsv => "movielens-csv",
             Format::Retail => "retail",
             Format::Columns => "columns",
+            Format::Sequences => "sequences",
         }
     }
 }
@@ -119,7 +170,7 @@ impl FromStr for Format {
     type Err = DataError;
 
     /// Accepts `movielens`, `movielens-dat`, `movielens-csv`, `retail`,
-    /// `columns` (case-insensitive, surrounding spaces ignored).
+    /// `columns`, `sequences` (case-insensitive, surrounding spaces ignored).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
             "movielens" => Ok(Format::MovieLens),
@@ -127,6 +178,7 @@ impl FromStr for Format {
             "movielens-csv" => Ok(Format::MovieLensCsv),
             "retail" => Ok(Format::Retail),
             "columns" => Ok(Format::Columns),
+            "sequences" => Ok(Format::Sequences),
             _ => Err(DataError::UnknownFormatName { name: s.to_owned() }),
         }
     }
@@ -141,8 +193,15 @@ pub struct LoadOptions {
     pub user_col: Option<String>,
     /// Header name of the item column (`columns` format; required there).
     pub item_col: Option<String>,
-    /// Header name of the time column (`columns` format; optional, time 0 without it).
+    /// Header name of the time column (`columns` format; optional). Without
+    /// it the data set is untimed ([`Dataset::timed`] false).
     pub time_col: Option<String>,
+    /// The one strftime layout (chrono syntax, e.g. `%d.%m.%Y %H:%M`) of
+    /// every time of the load: the `time_col` of the `columns` format and
+    /// Online Retail's `InvoiceDate`. A date-only layout gives midnight UTC;
+    /// a layout without an offset, UTC. A time that does not match is an
+    /// error. Default `None`: times are detected (see [`load()`]).
+    pub time_format: Option<String>,
 }
 
 #[cfg(test)]
@@ -157,6 +216,7 @@ mod tests {
             Format::MovieLensCsv,
             Format::Retail,
             Format::Columns,
+            Format::Sequences,
         ] {
             assert_eq!(f.name().parse::<Format>().ok(), Some(f));
             assert_eq!(f.to_string(), f.name());
@@ -175,6 +235,7 @@ mod tests {
             "movielens-csv",
             "retail",
             "columns",
+            "sequences",
         ] {
             assert!(msg.contains(name), "{msg}");
         }

@@ -315,6 +315,7 @@ pub fn synthetic_with_truth(cfg: &SyntheticConfig) -> Result<(Dataset, Synthetic
         interactions,
         timed: true,
         skipped: Default::default(),
+        timed: true,
     };
     let truth = SyntheticTruth {
         user_cluster,

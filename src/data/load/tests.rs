@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tempfile::TempDir;
 
-use super::{detect_format, load, normalise_customer};
+use super::{MAX_LINE_BYTES, detect_format, load, normalise_customer};
 use crate::data::{DataError, Dataset, Format, Interaction, LoadOptions};
 
 fn tmp() -> TempDir {
@@ -50,6 +50,7 @@ fn cols(user: &str, item: &str, time: Option<&str>) -> LoadOptions {
         user_col: Some(user.into()),
         item_col: Some(item.into()),
         time_col: time.map(Into::into),
+        time_format: None,
     }
 }
 
@@ -155,6 +156,26 @@ fn movielens_malformed_lines_name_file_and_line() {
             "u3.data",
             "1\t2\t3\t4\nx\t2\t3\t4\n",
             "u3.data:2: user id \"x\" is not an integer",
+        ),
+        (
+            "u5.data",
+            "1\t2\t3\t4\n-1\t2\t3\t4\n",
+            "u5.data:2: user id \"-1\" must be a non-negative integer",
+        ),
+        (
+            "u6.data",
+            "1\t2\t3\t4\n1\t-20\t3\t4\n",
+            "u6.data:2: item id \"-20\" must be a non-negative integer",
+        ),
+        (
+            "ratings2.dat",
+            "1::2::3::4\n-7::2::3::4\n",
+            "ratings2.dat:2: user id \"-7\" must be a non-negative integer",
+        ),
+        (
+            "u7.data",
+            "1\t2\t3\t4\n1\t-\t3\t4\n",
+            "u7.data:2: item id \"-\" is not an integer",
         ),
         (
             "u4.data",
@@ -352,9 +373,18 @@ fn columns_tsv_csv_semicolon() {
 #[test]
 fn columns_without_time_and_case_insensitive_names() {
     let d = tmp();
-    let p = write(d.path(), "a.csv", "User,Item\nu1,i1\n,i2\nu2,\nu2,i1\n");
+    let p = write(
+        d.path(),
+        "a.csv",
+        "User,Item\nu1,i1\n,i2\nu2,\nu2,i1\nu1,i2\n",
+    );
     let ds = ok(&p, &cols("user", "item", None));
-    assert_eq!(ds.interactions, vec![ix(0, 0, 0, 1.0), ix(1, 0, 0, 1.0)]);
+    // Untimed: the time is the position among the loaded interactions.
+    assert!(!ds.timed);
+    assert_eq!(
+        ds.interactions,
+        vec![ix(0, 0, 0, 1.0), ix(1, 0, 1, 1.0), ix(0, 1, 2, 1.0)]
+    );
     assert_eq!(ds.skipped.get("missing user"), Some(&1));
     assert_eq!(ds.skipped.get("missing item"), Some(&1));
 }
@@ -368,6 +398,7 @@ fn columns_option_errors() {
         user_col: user.map(Into::into),
         item_col: item.map(Into::into),
         time_col: time.map(Into::into),
+        time_format: None,
     };
     let msg = err(&p, &forced(None, Some("what"), None));
     assert!(msg.contains("needs the --user-col option"), "{msg}");
@@ -390,9 +421,417 @@ fn columns_bad_time_names_line() {
     let p = write(d.path(), "log.tsv", "u\ti\tt\n\n1\t2\t3\n1\t2\tsoon\n");
     let msg = err(&p, &cols("u", "i", Some("t")));
     assert!(
-        msg.ends_with("log.tsv:4: t \"soon\" is neither Unix seconds nor a recognised date/time"),
+        msg.ends_with(
+            "log.tsv:4: t \"soon\" is neither Unix seconds nor a recognised date/time \
+             (pass --time-format for other layouts)"
+        ),
         "{msg}"
     );
+}
+
+// ---------------------------------------------------------------- Time
+
+/// 2014-06-24 00:00:00 UTC.
+const JUNE24: i64 = 1_403_568_000;
+const DAY: i64 = 86_400;
+
+fn times(ds: &Dataset) -> Vec<i64> {
+    ds.interactions.iter().map(|x| x.time).collect()
+}
+
+fn with_format(opts: LoadOptions, format: &str) -> LoadOptions {
+    LoadOptions {
+        time_format: Some(format.into()),
+        ..opts
+    }
+}
+
+#[test]
+fn timed_flag_per_format() {
+    let d = tmp();
+    let p = write(d.path(), "u.data", U_DATA);
+    assert!(ok(&p, &no_opts()).timed);
+    let p = write(d.path(), "r.csv", RETAIL);
+    assert!(ok(&p, &no_opts()).timed);
+    let p = write(d.path(), "t.csv", "u,i,t\na,x,5\n");
+    assert!(ok(&p, &cols("u", "i", Some("t"))).timed);
+    assert!(!ok(&p, &cols("u", "i", None)).timed);
+    let p = write(d.path(), "s.txt", "a x y\n");
+    let seq = LoadOptions {
+        format: Some(Format::Sequences),
+        ..no_opts()
+    };
+    assert!(!ok(&p, &seq).timed);
+}
+
+#[test]
+fn untimed_positions_run_over_all_files_in_load_order() {
+    let d = tmp();
+    write(d.path(), "b.csv", "u,i\nc,z\n,skipped\nd,z\n");
+    write(d.path(), "a.csv", "u,i\na,x\nb,y\n");
+    let ds = ok(d.path(), &cols("u", "i", None));
+    assert_eq!(ds.user_ids, strs(&["a", "b", "c", "d"]));
+    assert_eq!(times(&ds), vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn time_format_reads_exactly_that_layout() {
+    let d = tmp();
+    let p = write(
+        d.path(),
+        "eu.csv",
+        "u;i;when\na;x;24.06.2014 10:15\nb;y;01.02.2014 00:00\n",
+    );
+    let opts = with_format(cols("u", "i", Some("when")), "%d.%m.%Y %H:%M");
+    assert_eq!(detect(&p, &opts), Ok(Format::Columns));
+    let ds = ok(&p, &opts);
+    assert!(ds.timed);
+    assert_eq!(times(&ds), vec![JUNE24 + 36_900, JUNE24 - 143 * DAY]);
+
+    // Date-only layouts give midnight UTC.
+    let p = write(d.path(), "dates.csv", "u,i,when\na,x,06/24/2014\n");
+    let opts = with_format(cols("u", "i", Some("when")), "%m/%d/%Y");
+    assert_eq!(times(&ok(&p, &opts)), vec![JUNE24]);
+
+    // Every value must match, even one the automatic parser would read.
+    let p = write(
+        d.path(),
+        "mixed.csv",
+        "u,i,when\na,x,24.06.2014 10:15\n\nb,y,2014-06-24 10:15\n",
+    );
+    let opts = with_format(cols("u", "i", Some("when")), "%d.%m.%Y %H:%M");
+    let msg = err(&p, &opts);
+    assert!(
+        msg.ends_with(
+            "mixed.csv:4: time \"2014-06-24 10:15\" does not match --time-format \"%d.%m.%Y %H:%M\""
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
+fn time_format_errors() {
+    let d = tmp();
+    let p = write(d.path(), "a.csv", "u,i,t\na,x,24.06.2014\n");
+    let msg = err(&p, &with_format(cols("u", "i", Some("t")), "%d.%m.%Y %Q"));
+    assert!(
+        msg.contains("--time-format \"%d.%m.%Y %Q\" is not a valid strftime layout"),
+        "{msg}"
+    );
+    let msg = err(&p, &with_format(cols("u", "i", None), "%d.%m.%Y"));
+    assert!(
+        msg.contains("--time-format does not apply") && msg.contains("--time-col"),
+        "{msg}"
+    );
+    let p = write(d.path(), "u.data", U_DATA);
+    let msg = err(&p, &with_format(no_opts(), "%d.%m.%Y"));
+    assert!(
+        msg.contains("--time-format does not apply") && msg.contains("movielens"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn retail_with_time_format_and_day_first_dates() {
+    let d = tmp();
+    let head = "InvoiceNo,StockCode,Quantity,InvoiceDate,CustomerID\n";
+    let p = write(
+        d.path(),
+        "eu.csv",
+        format!("{head}1,A,1,01.02.2014 08:00,5\n2,B,1,24.06.2014 10:15,5\n"),
+    );
+    // Detected: the second row proves day-first and fixes the first.
+    assert_eq!(
+        times(&ok(&p, &no_opts())),
+        vec![JUNE24 - 143 * DAY + 8 * 3600, JUNE24 + 36_900]
+    );
+    let opts = with_format(no_opts(), "%d.%m.%Y %H:%M");
+    assert_eq!(
+        times(&ok(&p, &opts)),
+        vec![JUNE24 - 143 * DAY + 8 * 3600, JUNE24 + 36_900]
+    );
+    let opts = with_format(no_opts(), "%Y-%m-%d %H:%M");
+    let msg = err(&p, &opts);
+    assert!(
+        msg.ends_with(
+            "eu.csv:2: time \"01.02.2014 08:00\" does not match --time-format \"%Y-%m-%d %H:%M\""
+        ),
+        "{msg}"
+    );
+}
+
+/// A columns file with the given time values, one row each.
+fn dated(dir: &Path, name: &str, dates: &[&str]) -> PathBuf {
+    let mut content = String::from("user,item,date\n");
+    for (n, date) in dates.iter().enumerate() {
+        content.push_str(&format!("u{n},i{n},{date}\n"));
+    }
+    write(dir, name, content)
+}
+
+#[test]
+fn day_first_dates_detected_from_the_data() {
+    let d = tmp();
+    let opts = cols("user", "item", Some("date"));
+    // Refused before; day-first because 24 > 12.
+    let p = dated(d.path(), "one.csv", &["24-06-2014"]);
+    assert_eq!(times(&ok(&p, &opts)), vec![JUNE24]);
+    // Ambiguous rows before the proof are resolved by it, those after too.
+    let p = dated(
+        d.path(),
+        "later.csv",
+        &[
+            "01-02-2014",
+            "03-04-2014 10:00",
+            "2014-06-24",
+            "13-02-2014",
+            "05-06-2014",
+        ],
+    );
+    assert_eq!(
+        times(&ok(&p, &opts)),
+        vec![
+            JUNE24 - 143 * DAY,
+            JUNE24 - 82 * DAY + 36_000,
+            JUNE24,
+            JUNE24 - 131 * DAY,
+            JUNE24 - 19 * DAY,
+        ]
+    );
+    // Month-first proven by 13 in second place.
+    let p = dated(d.path(), "us.csv", &["06.01.2014", "06.24.2014 00:00:10"]);
+    assert_eq!(times(&ok(&p, &opts)), vec![JUNE24 - 23 * DAY, JUNE24 + 10]);
+    // Equal day and month need no order.
+    let p = dated(d.path(), "same.csv", &["05-05-2014"]);
+    assert_eq!(times(&ok(&p, &opts)), vec![JUNE24 - 50 * DAY]);
+}
+
+#[test]
+fn day_month_order_is_shared_by_the_files_of_a_directory() {
+    let d = tmp();
+    dated(d.path(), "a.csv", &["01-02-2014", "03-04-2014"]);
+    dated(d.path(), "b.csv", &["24-06-2014"]);
+    let ds = ok(d.path(), &cols("user", "item", Some("date")));
+    assert_eq!(
+        times(&ds),
+        vec![JUNE24 - 143 * DAY, JUNE24 - 82 * DAY, JUNE24]
+    );
+}
+
+#[test]
+fn both_orders_in_one_load_is_an_error() {
+    let d = tmp();
+    let p = dated(
+        d.path(),
+        "both.csv",
+        &[
+            "01/02/2014",
+            "13/01/2014 10:00",
+            "02/03/2014",
+            "01/13/2014 10:00",
+        ],
+    );
+    let msg = err(&p, &cols("user", "item", Some("date")));
+    assert!(
+        msg.contains("both.csv:5: date \"01/13/2014 10:00\" has its month first, but "),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("both.csv:3 (\"13/01/2014 10:00\") has its day first"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("--time-format") && msg.contains("'%d/%m/%Y %H:%M'"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_ambiguous_load_keeps_us_slashes_and_refuses_dashes_and_dots() {
+    let d = tmp();
+    let opts = cols("user", "item", Some("date"));
+    let p = dated(d.path(), "slash.csv", &["06/01/2014", "01/06/2014"]);
+    assert_eq!(
+        times(&ok(&p, &opts)),
+        vec![JUNE24 - 23 * DAY, JUNE24 - 169 * DAY]
+    );
+    for (name, dates, layouts) in [
+        (
+            "dash.csv",
+            ["06-01-2014", "01-06-2014"],
+            "'%d-%m-%Y' or '%m-%d-%Y'",
+        ),
+        (
+            "dot.csv",
+            ["2014-01-01", "06.01.2014"],
+            "'%d.%m.%Y' or '%m.%d.%Y'",
+        ),
+    ] {
+        let p = dated(d.path(), name, &dates);
+        let msg = err(&p, &opts);
+        assert!(msg.contains("is ambiguous"), "{msg}");
+        assert!(msg.contains("--time-format"), "{msg}");
+        assert!(msg.contains(layouts), "{msg}");
+        let line = if name == "dash.csv" { 2 } else { 3 };
+        assert!(msg.contains(&format!("{name}:{line}: date ")), "{msg}");
+    }
+}
+
+#[test]
+fn retail_day_first_invoices_sharing_a_date() {
+    let d = tmp();
+    let head = "InvoiceNo,StockCode,Quantity,InvoiceDate,CustomerID\n";
+    // Rows sharing one ambiguous InvoiceDate are all resolved.
+    let p = write(
+        d.path(),
+        "r.csv",
+        format!(
+            "{head}1,A,1,01/02/2014 8:00,5\n1,B,1,01/02/2014 8:00,5\n\
+             2,A,1,24/06/2014 0:00,6\n"
+        ),
+    );
+    let feb1 = JUNE24 - 143 * DAY + 8 * 3600;
+    assert_eq!(times(&ok(&p, &no_opts())), vec![feb1, feb1, JUNE24]);
+    // Retail does not read Unix seconds (it never did).
+    let p = write(d.path(), "unix.csv", format!("{head}1,A,1,1403568000,5\n"));
+    let msg = err(&p, &no_opts());
+    assert!(msg.contains("is not a recognised date/time"), "{msg}");
+    // An empty InvoiceDate is an error, not time 0.
+    let p = write(d.path(), "empty.csv", format!("{head}1,A,1,,5\n"));
+    let msg = err(&p, &no_opts());
+    assert!(msg.contains("empty.csv:2: InvoiceDate \"\""), "{msg}");
+}
+
+// ---------------------------------------------------------------- Sequences
+
+const SEQUENCES: &str = "1 1 2 3 4 5\n2 4 5 6\n\n3 9 10 11 12 4 5\n4\n5\t4  7\n";
+
+#[test]
+fn sequences_detected_and_loaded() {
+    let d = tmp();
+    let p = write(d.path(), "Toys.txt", SEQUENCES);
+    assert_eq!(detect(&p, &no_opts()), Ok(Format::Sequences));
+    let ds = ok(&p, &no_opts());
+    assert!(!ds.timed);
+    assert_eq!(ds.user_ids, strs(&["1", "2", "3", "5"]));
+    assert_eq!(
+        ds.item_ids,
+        strs(&["1", "2", "3", "4", "5", "6", "9", "10", "11", "12", "7"])
+    );
+    let rows: Vec<(u32, u32, i64)> = ds
+        .interactions
+        .iter()
+        .map(|x| (x.user, x.item, x.time))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (0, 0, 0),
+            (0, 1, 1),
+            (0, 2, 2),
+            (0, 3, 3),
+            (0, 4, 4),
+            (1, 3, 5),
+            (1, 4, 6),
+            (1, 5, 7),
+            (2, 6, 8),
+            (2, 7, 9),
+            (2, 8, 10),
+            (2, 9, 11),
+            (2, 3, 12),
+            (2, 4, 13),
+            (3, 3, 14),
+            (3, 10, 15),
+        ]
+    );
+    assert!(ds.interactions.iter().all(|x| x.quantity == 1.0));
+    assert_eq!(ds.skipped.get("user without items"), Some(&1));
+    // Each user's latest item is the last of its line.
+    let protocol = crate::data::Protocol::new(&ds);
+    let ev = protocol
+        .evaluation(crate::data::Track::Discover, crate::data::Stage::Test)
+        .expect("discover is always reported");
+    assert_eq!(ev.targets, vec![Some(4), Some(5), Some(4), Some(10)]);
+}
+
+#[test]
+fn sequences_detection_rules() {
+    let d = tmp();
+    let cases: &[(&str, &str, Option<Format>)] = &[
+        // u.data is still MovieLens.
+        ("u.data", U_DATA, Some(Format::MovieLens)),
+        // Alphanumeric ids, a BOM and CRLF.
+        (
+            "asin.txt",
+            "\u{feff}A1 B000X B000Y\r\nA2 B000Y B000Z B001\r\n",
+            Some(Format::Sequences),
+        ),
+        // Lines of equal length: a table, not sequences.
+        ("table.txt", "1 2 5 100\n1 3 4 101\n2 2 1 102\n", None),
+        // A user repeated: not one line per user.
+        ("repeat.txt", "1 2 3\n1 4\n", None),
+        // Fewer than 3 tokens on the first line.
+        ("pairs.txt", "1 2\n1 2 3\n", None),
+        // A single line cannot show varying lengths.
+        ("single.txt", "1 2 3 4\n", None),
+        // CSV-like punctuation.
+        ("commas.txt", "1 2 3\n2 3,4\n", None),
+        // Only the first 20 lines are read.
+        (
+            "late.txt",
+            &(0..30)
+                .map(|u| match u {
+                    0 => format!("{u} a b\n"),
+                    25 => "0 a\n".to_owned(),
+                    _ => format!("{u} a b c\n"),
+                })
+                .collect::<String>(),
+            Some(Format::Sequences),
+        ),
+    ];
+    for (name, content, expected) in cases {
+        let p = write(d.path(), name, content);
+        match expected {
+            Some(f) => assert_eq!(detect(&p, &no_opts()), Ok(*f), "{name}"),
+            None => {
+                let msg = detect(&p, &no_opts()).err().unwrap_or_default();
+                assert!(msg.contains("cannot recognise the format"), "{name}: {msg}");
+                assert!(msg.contains("sequences"), "{name}: {msg}");
+            }
+        }
+    }
+    // Forced, a one-line file loads.
+    let p = write(d.path(), "forced.txt", "u 1 2 3\n");
+    let seq = LoadOptions {
+        format: Some(Format::Sequences),
+        ..no_opts()
+    };
+    assert_eq!(ok(&p, &seq).interactions.len(), 3);
+    // --user-col/--item-col win over sequences.
+    let p = write(d.path(), "cols.txt", SEQUENCES);
+    assert_eq!(detect(&p, &cols("a", "b", None)), Ok(Format::Columns));
+}
+
+#[test]
+fn sequences_directory_and_errors() {
+    let d = tmp();
+    write(d.path(), "a.txt", "u1 x y\nu2 y z w\n");
+    write(d.path(), "b.txt", "u1 z\nu3 x\n");
+    write(d.path(), "SOURCE.txt", "Dataset: test\n");
+    let seq = LoadOptions {
+        format: Some(Format::Sequences),
+        ..no_opts()
+    };
+    let ds = ok(d.path(), &seq);
+    assert_eq!(ds.user_ids, strs(&["u1", "u2", "u3"]));
+    assert_eq!(times(&ds), (0..7).collect::<Vec<i64>>());
+    // Only users, no items.
+    let p = write(d.path(), "users.txt", "u1\nu2\n");
+    let msg = err(&p, &seq);
+    assert!(msg.contains("user without items: 2"), "{msg}");
+    let p = write(d.path(), "bad.txt", b"u1 x\nu2 \xff\n");
+    let msg = err(&p, &seq);
+    assert!(msg.contains("bad.txt:2: invalid UTF-8"), "{msg}");
 }
 
 // ---------------------------------------------------------------- Detection
@@ -559,12 +998,157 @@ fn invalid_utf8_is_an_error_not_a_panic() {
         Some(Format::MovieLensCsv),
         Some(Format::Retail),
         Some(Format::Columns),
+        Some(Format::Sequences),
     ] {
         let opts = LoadOptions {
             format,
             ..cols("a", "b", None)
         };
         assert!(load(&p, &opts).is_err());
+    }
+}
+
+// ---------------------------------------------------------------- Limits
+
+/// `prefix`, then a line of `len` copies of `fill`, then `suffix`.
+fn long_file(dir: &Path, name: &str, prefix: &str, len: usize, fill: u8, suffix: &str) -> PathBuf {
+    let mut content = Vec::with_capacity(prefix.len() + len + suffix.len());
+    content.extend_from_slice(prefix.as_bytes());
+    content.resize(prefix.len() + len, fill);
+    content.extend_from_slice(suffix.as_bytes());
+    write(dir, name, content)
+}
+
+fn forced(format: Format) -> LoadOptions {
+    LoadOptions {
+        format: Some(format),
+        ..cols("a", "b", None)
+    }
+}
+
+#[test]
+fn every_format_refuses_a_line_over_the_limit() {
+    let d = tmp();
+    let too_long = MAX_LINE_BYTES + 1;
+    let cases: [(&str, &str, LoadOptions); 8] = [
+        ("u.data", "1\t2\t3\t4\n", forced(Format::MovieLens)),
+        ("u.dat", "1::2::3::4\n", forced(Format::MovieLensDat)),
+        (
+            "ratings.csv",
+            "userId,movieId,rating,timestamp\n",
+            forced(Format::MovieLensCsv),
+        ),
+        (
+            "retail.csv",
+            "InvoiceNo,StockCode,Quantity,InvoiceDate,CustomerID\n",
+            forced(Format::Retail),
+        ),
+        ("cols.csv", "a,b\n", forced(Format::Columns)),
+        ("seq.txt", "u 1 2\n", forced(Format::Sequences)),
+        // Detected from the first line, then the long second line.
+        ("detected.data", "1\t2\t3\t4\n", no_opts()),
+        ("detected.csv", "a,b\n", cols("a", "b", None)),
+    ];
+    for (name, first, opts) in cases {
+        let p = long_file(d.path(), name, first, too_long, b'7', "\n1\n");
+        let msg = err(&p, &opts);
+        let expected = format!(
+            "{name}:2: line is longer than {MAX_LINE_BYTES} bytes, the longest the loader accepts"
+        );
+        assert!(msg.contains(&expected), "{name}: {msg}");
+    }
+    // A long first line, detected or forced.
+    let p = long_file(d.path(), "first.csv", "", too_long, b'x', "\n");
+    for opts in [no_opts(), cols("a", "b", None), forced(Format::Columns)] {
+        let msg = err(&p, &opts);
+        assert!(msg.contains("first.csv:1: line is longer than"), "{msg}");
+        assert!(detect(&p, &opts).is_err() || opts.format.is_some());
+    }
+    // Line 3 of the lines read to recognise sequences.
+    let p = long_file(
+        d.path(),
+        "sniff.txt",
+        "u1 a b\nu2 a\n",
+        too_long,
+        b'x',
+        "\n",
+    );
+    let msg = detect(&p, &no_opts()).err().unwrap_or_default();
+    assert!(msg.contains("sniff.txt:3: line is longer than"), "{msg}");
+}
+
+#[test]
+fn a_line_at_the_limit_is_accepted() {
+    let d = tmp();
+    // A one-field CSV whose second line is MAX_LINE_BYTES long with its `\r`.
+    let p = long_file(
+        d.path(),
+        "edge.csv",
+        "u\r\n",
+        MAX_LINE_BYTES - 1,
+        b'i',
+        "\r\n",
+    );
+    let opts = LoadOptions {
+        format: Some(Format::Columns),
+        ..cols("u", "u", None)
+    };
+    let ds = ok(&p, &opts);
+    assert_eq!(
+        ds.item_ids.first().map(String::len),
+        Some(MAX_LINE_BYTES - 1)
+    );
+}
+
+#[test]
+fn a_csv_record_over_the_limit_across_lines_is_refused() {
+    let d = tmp();
+    // An unterminated quote: many short lines, one record.
+    let mut content = String::from("a,b\nu,\"open\n");
+    let line = "0123456789abcdef0123456789abcdef\n";
+    while content.len() <= MAX_LINE_BYTES + (1 << 17) {
+        content.push_str(line);
+    }
+    let p = write(d.path(), "quote.csv", content);
+    let msg = err(&p, &cols("a", "b", None));
+    assert!(
+        msg.contains("quote.csv:2: CSV record starting on this line is longer than"),
+        "{msg}"
+    );
+    assert!(msg.contains("quote left open"), "{msg}");
+}
+
+#[test]
+fn a_long_sequence_fits() {
+    let d = tmp();
+    // 100,000 items of 10 characters: about 1.1 MB on one line.
+    let mut line = String::from("user");
+    for i in 0..100_000u32 {
+        line.push_str(&format!(" item{i:06}"));
+    }
+    assert!(line.len() > 1_100_000 && line.len() < MAX_LINE_BYTES);
+    let p = write(d.path(), "long.txt", format!("{line}\nother a b c\n"));
+    let ds = ok(&p, &no_opts());
+    assert_eq!((ds.n_users(), ds.n_items()), (2, 100_003));
+    assert_eq!(ds.interactions.len(), 100_003);
+}
+
+/// `/dev/zero` has no line break: the loader stops after one line's worth.
+#[cfg(target_os = "linux")]
+#[test]
+fn dev_zero_ends_with_the_line_limit() {
+    let p = Path::new("/dev/zero");
+    for opts in [forced(Format::MovieLens), no_opts(), {
+        LoadOptions {
+            format: Some(Format::Columns),
+            ..cols("a", "b", None)
+        }
+    }] {
+        let msg = err(p, &opts);
+        assert!(
+            msg.starts_with("/dev/zero:1: line is longer than"),
+            "{opts:?}: {msg}"
+        );
     }
 }
 
@@ -593,6 +1177,24 @@ fn real_data() {
         let dir = Path::new("/work/shared/data/ml-100k");
         assert_eq!(ok(dir, &no_opts()).interactions.len(), 100_000);
     }
+    let amazon = Path::new("/work/shared/data/amazon-toys-5core");
+    if amazon.exists() {
+        let start = std::time::Instant::now();
+        assert_eq!(detect(amazon, &no_opts()), Ok(Format::Sequences));
+        let ds = ok(amazon, &no_opts());
+        println!(
+            "amazon-toys-5core: {} users, {} items, {} interactions in {:?}",
+            ds.n_users(),
+            ds.n_items(),
+            ds.interactions.len(),
+            start.elapsed()
+        );
+        assert!(!ds.timed);
+        assert_eq!(
+            (ds.n_users(), ds.n_items(), ds.interactions.len()),
+            (19_412, 11_924, 167_597)
+        );
+    }
     let retail = Path::new("/work/shared/data/online-retail");
     if retail.exists() {
         let start = std::time::Instant::now();
@@ -605,11 +1207,15 @@ fn real_data() {
             ds.interactions.len(),
             ds.skipped
         );
-        let split = crate::data::leave_one_out(&ds);
-        println!(
-            "online-retail split: {} test users, {} skipped users",
-            split.n_test_users(),
-            split.skipped_users
-        );
+        let protocol = crate::data::Protocol::new(&ds);
+        for ev in &protocol.evaluations {
+            println!(
+                "online-retail {} {}: {} users, {} skipped",
+                ev.track,
+                ev.stage.name(),
+                ev.n_users(),
+                ev.skipped_users
+            );
+        }
     }
 }
