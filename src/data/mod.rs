@@ -6,7 +6,8 @@
 //!   columns are named in [`LoadOptions`]; [`detect_format`] guesses the format
 //!   from the first line.
 //! * [`synthetic()`] builds the project's default data set from a
-//!   [`SyntheticConfig`], deterministically per seed.
+//!   [`SyntheticConfig`], deterministically per seed: planted taste
+//!   clusters, staples re-bought at a personal period, and baskets.
 //! * [`leave_one_out`] holds out each user's latest interaction.
 
 mod dates;
@@ -24,8 +25,8 @@ pub use error::DataError;
 pub use load::{detect_format, load};
 pub use split::{Split, leave_one_out};
 pub use synthetic::{
-    MIN_HISTORY, REPEAT_PROBABILITY, START_TIME, SyntheticConfig, SyntheticTruth, synthetic,
-    synthetic_with_truth,
+    MIN_HISTORY, REPEAT_PROBABILITY, START_TIME, Staple, SyntheticConfig, SyntheticTruth,
+    synthetic, synthetic_with_truth,
 };
 
 /// One interaction, with dense indices into [`Dataset::user_ids`] / [`Dataset::item_ids`].
