@@ -7,7 +7,8 @@
 //!   sequences (`<user> <item> <item> …`, e.g. the Amazon review 5-core
 //!   files); [`detect_format`] guesses the format from the first lines.
 //! * [`synthetic()`] builds the project's default data set from a
-//!   [`SyntheticConfig`], deterministically per seed.
+//!   [`SyntheticConfig`], deterministically per seed: planted taste
+//!   clusters, staples re-bought at a personal period, and baskets.
 //! * [`Protocol`] holds out, per user and per [`Track`], one event in time
 //!   (discover, buy-again, next purchase), with a validation event before it.
 //!
@@ -61,8 +62,8 @@ pub use error::DataError;
 pub use load::{MAX_LINE_BYTES, detect_format, load};
 pub use tracks::{Cut, Evaluation, Event, Histories, Protocol, Stage, Track};
 pub use synthetic::{
-    MIN_HISTORY, REPEAT_PROBABILITY, START_TIME, SyntheticConfig, SyntheticTruth, synthetic,
-    synthetic_with_truth,
+    MIN_HISTORY, REPEAT_PROBABILITY, START_TIME, Staple, SyntheticConfig, SyntheticTruth,
+    synthetic, synthetic_with_truth,
 };
 
 /// One interaction, with dense indices into [`Dataset::user_ids`] / [`Dataset::item_ids`].
