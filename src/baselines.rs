@@ -224,10 +224,7 @@ impl Personal {
 /// For every item, its co-purchase counts with every other item, handed to
 /// `row(i, counts)` in parallel (one scratch row per thread). The work is
 /// the sum over users of their distinct items squared.
-fn cooccurrence_rows<T: Send>(
-    cut: &Cut,
-    row: impl Fn(usize, &[u32]) -> T + Sync + Send,
-) -> Vec<T> {
+fn cooccurrence_rows<T: Send>(cut: &Cut, row: impl Fn(usize, &[u32]) -> T + Sync + Send) -> Vec<T> {
     let n = cut.n_items;
     let mut buyers: Vec<Vec<u32>> = vec![Vec::new(); n];
     for (u, items) in cut.items.iter().enumerate() {
@@ -346,9 +343,9 @@ impl Ease {
             g.col_as_slice_mut(j).copy_from_slice(&row);
             g[(j, j)] += lambda;
         }
-        let llt = g
-            .llt(Side::Lower)
-            .map_err(|e| format!("the Gram matrix plus {lambda}·I is not positive definite: {e:?}"))?;
+        let llt = g.llt(Side::Lower).map_err(|e| {
+            format!("the Gram matrix plus {lambda}·I is not positive definite: {e:?}")
+        })?;
         drop(g);
         let p = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
         Ok(Self {
@@ -405,7 +402,10 @@ mod tests {
     }
 
     fn scores(p: &Protocol, b: Baseline, user: usize) -> Vec<f32> {
-        let e = p.evaluation(Track::NextPurchase, Stage::Test).or(p.evaluation(Track::Discover, Stage::Test)).unwrap();
+        let e = p
+            .evaluation(Track::NextPurchase, Stage::Test)
+            .or(p.evaluation(Track::Discover, Stage::Test))
+            .unwrap();
         let fitted = b.fit(&p.histories, &p.cuts[e.cut]).unwrap();
         let mut out = Vec::new();
         fitted.score(user, &mut out);
@@ -516,7 +516,11 @@ mod tests {
                 .filter(|&&i| i as usize != j)
                 .map(|&i| -pinv(i as usize, j) / pinv(j, j))
                 .sum();
-            assert!((f64::from(s[j]) - want).abs() < 1e-4, "item {j}: {} vs {want}", s[j]);
+            assert!(
+                (f64::from(s[j]) - want).abs() < 1e-4,
+                "item {j}: {} vs {want}",
+                s[j]
+            );
         }
     }
 

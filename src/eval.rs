@@ -66,7 +66,7 @@ impl Metrics {
 pub fn candidate_seed(seed: u64, stage: Stage, user: usize) -> u64 {
     let salt = match stage {
         Stage::Test => 0,
-        Stage::Validation => 0x5EED_0F_7A11D,
+        Stage::Validation => 0x05EE_D0F7_A11D,
     };
     (seed ^ salt).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (user as u64).wrapping_add(1)
 }
@@ -290,7 +290,9 @@ mod tests {
         let pop = Baseline::Popularity.fit(&p.histories, cut).unwrap();
         let pop = evaluate(cut, ev, 1, |u, out| pop.score(u, out));
         let (params, users) = train_centralized(&model, cut, &TrainingConfig::default(), 20, 1);
-        let cen = evaluate(cut, ev, 1, |u, out| model.score_all(&params, &users[u], out));
+        let cen = evaluate(cut, ev, 1, |u, out| {
+            model.score_all(&params, &users[u], out)
+        });
         assert!(pop.full.hr_at_10 > 0.0);
         assert!(
             cen.full.hr_at_10 > pop.full.hr_at_10,

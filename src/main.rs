@@ -1128,10 +1128,12 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
     // The device holds its first track's (discover's) held-out event, and
     // the purchases before it.
     let protocol = data::Protocol::new(&ds);
-    let ev = protocol
-        .evaluations
-        .first()
-        .with_context(|| format!("no user of {} has purchases at two different times", ds.name))?;
+    let ev = protocol.evaluations.first().with_context(|| {
+        format!(
+            "no user of {} has purchases at two different times",
+            ds.name
+        )
+    })?;
     let model: Arc<dyn fedrec_client::model::Model> =
         Arc::new(fedrec_client::model::MatrixFactorization::new(
             ds.n_items(),

@@ -451,7 +451,14 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             .evaluations_of(ev.cut)
             .filter(|e| e.stage == Stage::Test && e.track != track)
             .collect();
-        runs.push(run_cut(&protocol, ev, &others, cfg, observer, runs.is_empty())?);
+        runs.push(run_cut(
+            &protocol,
+            ev,
+            &others,
+            cfg,
+            observer,
+            runs.is_empty(),
+        )?);
     }
 
     observer.phase("baselines");
@@ -503,7 +510,9 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         values,
         bytes_per_device: encoding.wire_bytes(values),
     };
-    let first_ev = protocol.evaluation(first, Stage::Test).context("first track")?;
+    let first_ev = protocol
+        .evaluation(first, Stage::Test)
+        .context("first track")?;
     Ok(Report {
         secure_aggregation,
         privacy,
@@ -523,13 +532,18 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             skipped_rows: ds.skipped.clone(),
         },
         rounds,
-        rounds_latest_cut: latest.as_ref().map(|r| r.rounds.clone()).unwrap_or_default(),
+        rounds_latest_cut: latest
+            .as_ref()
+            .map(|r| r.rounds.clone())
+            .unwrap_or_default(),
         final_: tracks::Final {
             tracks: final_tracks,
-            diversity: main.diversity.unwrap_or_else(|| crate::diversity::DiversityReport {
-                embedding: "",
-                rows: Vec::new(),
-            }),
+            diversity: main
+                .diversity
+                .unwrap_or_else(|| crate::diversity::DiversityReport {
+                    embedding: "",
+                    rows: Vec::new(),
+                }),
         },
         timing: Timing {
             total_seconds: start.elapsed().as_secs_f64(),
@@ -606,7 +620,12 @@ fn run_cut(
     }
     let mut federated = vec![(
         ev.track,
-        Metrics::from_counts(&final_counts, coverage.covered(), n_items, ev.track.sampled()),
+        Metrics::from_counts(
+            &final_counts,
+            coverage.covered(),
+            n_items,
+            ev.track.sampled(),
+        ),
     )];
     // The other tracks of this cut, on the same devices and model.
     for other in others {

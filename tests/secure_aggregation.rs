@@ -1011,7 +1011,8 @@ fn a_simulation_with_secure_aggregation_matches_the_plain_one() {
     );
     eprintln!(
         "HR@10 plain {p:.4}, secure {s:.4}; NDCG@10 plain {:.4}, secure {:.4}",
-        plain.final_.federated().full.ndcg_at_10, secure.final_.federated().full.ndcg_at_10
+        plain.final_.federated().full.ndcg_at_10,
+        secure.final_.federated().full.ndcg_at_10
     );
     assert!((p - s).abs() <= 0.01, "HR@10 plain {p} vs secure {s}");
     let (pn, sn) = (
@@ -1052,7 +1053,10 @@ fn the_als_step_works_under_secure_aggregation() {
     let (plain, secure) = (run(false), run(true));
     assert_eq!(secure.secure_aggregation.rounds.len(), 10);
     assert!(secure.rounds.iter().all(|r| r.completed));
-    let (p, s) = (&plain.final_.federated().full, &secure.final_.federated().full);
+    let (p, s) = (
+        &plain.final_.federated().full,
+        &secure.final_.federated().full,
+    );
     eprintln!("plain {p:?}, secure {s:?}");
     // After 10 rounds the `als` step still moves a few hits under
     // quantization: over generated sets of 300 users (seeds 1-5 and 7, with

@@ -26,14 +26,14 @@ fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimCo
 fn federated_over_grpc_approaches_centralized() {
     let (ds, _) = common::small_split(200, 200, 3);
     let report =
-        sim::run(&ds, &config(Transport::Grpc, 60, 50, 3), &mut ()).expect("simulation runs");
+        sim::run(&ds, &config(Transport::Grpc, 90, 50, 3), &mut ()).expect("simulation runs");
     let f = &report.final_;
     let (fed, cen, pop) = (
         f.federated().full.hr_at_10,
         f.centralized().full.hr_at_10,
         f.popularity().full.hr_at_10,
     );
-    assert_eq!(report.rounds.len(), 60, "every round reported");
+    assert_eq!(report.rounds.len(), 90, "every round reported");
     assert!(
         report
             .rounds
@@ -49,7 +49,10 @@ fn federated_over_grpc_approaches_centralized() {
         fed >= 0.9 * cen,
         "federated {fed} should be within 10% of centralized {cen}"
     );
-    assert!(f.federated().sampled100.unwrap().hr_at_10 >= 0.9 * f.centralized().sampled100.unwrap().hr_at_10);
+    assert!(
+        f.federated().sampled100.unwrap().hr_at_10
+            >= 0.9 * f.centralized().sampled100.unwrap().hr_at_10
+    );
 }
 
 /// The in-process transport is deterministic: same seed, same numbers; and
@@ -188,7 +191,7 @@ fn every_server_optimizer_converges() {
         (StrategyName::FedYogi, 0.01, 0.0),
         (StrategyName::FedAdagrad, 0.1, 0.0),
     ] {
-        let mut cfg = config(Transport::Inproc, 40, 50, 3);
+        let mut cfg = config(Transport::Inproc, 80, 50, 3);
         cfg.coordinator.strategy.name = name;
         cfg.coordinator.strategy.server_lr = server_lr;
         cfg.coordinator.training.proximal_mu = proximal_mu;
@@ -241,7 +244,11 @@ fn als_loss_federated_matches_centralized_als() {
         let report = sim::run(&ds, &cfg, &mut ()).expect("simulation runs");
         assert!(report.rounds.iter().all(|r| r.completed));
         let f = report.final_;
-        let (fed, cen, pop) = (&f.federated().full, &f.centralized().full, &f.popularity().full);
+        let (fed, cen, pop) = (
+            &f.federated().full,
+            &f.centralized().full,
+            &f.popularity().full,
+        );
         let what = format!("{strategy:?} over {transport:?}");
         eprintln!("{what}: federated {fed:?}, centralized {cen:?}");
         assert!(

@@ -70,7 +70,8 @@ async fn start(options: ServeOptions) -> (common::Running, fedrec_client::device
         model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1))
     };
     let running = common::serve_with(cfg, model.layout(), params, options).await;
-    let device = fedrec::sim::make_device(&model, &split, 0, 5).expect("device");
+    let device =
+        fedrec::sim::make_device(&model, &split, &split.evaluations[0], 0, 5).expect("device");
     (running, device)
 }
 

@@ -545,7 +545,11 @@ impl Device {
 
     fn rank_held_out(&self, scores: &[f32], held_out: &HeldOut) -> EvalCounts {
         let history = self.store.items();
-        let exclude = if held_out.exclude_history { history } else { &[] };
+        let exclude = if held_out.exclude_history {
+            history
+        } else {
+            &[]
+        };
         let mut rng = held_out.candidate_seed.map(ChaCha8Rng::seed_from_u64);
         metrics::evaluate_user(
             scores,

@@ -60,11 +60,11 @@ use std::str::FromStr;
 pub use dates::{parse_datetime, parse_time_any, parse_unix_seconds};
 pub use error::DataError;
 pub use load::{MAX_LINE_BYTES, detect_format, load};
-pub use tracks::{Cut, Evaluation, Event, Histories, Protocol, Stage, Track};
 pub use synthetic::{
     MIN_HISTORY, REPEAT_PROBABILITY, START_TIME, Staple, SyntheticConfig, SyntheticTruth,
     synthetic, synthetic_with_truth,
 };
+pub use tracks::{Cut, Evaluation, Event, Histories, Protocol, Stage, Track};
 
 /// One interaction, with dense indices into [`Dataset::user_ids`] / [`Dataset::item_ids`].
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -209,7 +209,11 @@ fn merge_identical(events: &mut Vec<Event>) -> u64 {
     let mut start = 0;
     while start < events.len() {
         let time = events[start].time;
-        let end = start + events[start..].iter().take_while(|e| e.time == time).count();
+        let end = start
+            + events[start..]
+                .iter()
+                .take_while(|e| e.time == time)
+                .count();
         // Walk the run backwards so that each item keeps its last line.
         let mut run: Vec<Event> = Vec::with_capacity(end - start);
         for e in events[start..end].iter().rev() {
@@ -382,7 +386,9 @@ impl Protocol {
         let histories = Histories::new(ds);
         let rebuys = histories.users.iter().any(|events| {
             let first = first_times(events);
-            events.iter().any(|e| first.get(&e.item).is_some_and(|&t| t < e.time))
+            events
+                .iter()
+                .any(|e| first.get(&e.item).is_some_and(|&t| t < e.time))
         });
         let tracks: &[Track] = if rebuys {
             &Track::ALL
@@ -495,7 +501,12 @@ mod tests {
 
     /// A data set of `(user, item, time)` rows in file order.
     fn log(rows: &[(u32, u32, i64)]) -> Dataset {
-        log_q(&rows.iter().map(|&(u, i, t)| (u, i, t, 1.0)).collect::<Vec<_>>())
+        log_q(
+            &rows
+                .iter()
+                .map(|&(u, i, t)| (u, i, t, 1.0))
+                .collect::<Vec<_>>(),
+        )
     }
 
     fn log_q(rows: &[(u32, u32, i64, f32)]) -> Dataset {
@@ -519,8 +530,7 @@ mod tests {
     }
 
     fn target(p: &Protocol, track: Track, stage: Stage, user: usize) -> Option<u32> {
-        p.evaluation(track, stage)
-            .and_then(|e| e.targets[user])
+        p.evaluation(track, stage).and_then(|e| e.targets[user])
     }
 
     fn train(p: &Protocol, track: Track, stage: Stage, user: usize) -> Vec<u32> {
@@ -620,8 +630,14 @@ mod tests {
         // Validation of buy-again: events before time 3 end with 3 at time
         // 2, not a re-buy: no validation event for user 0.
         assert_eq!(target(&p, Track::BuyAgain, Stage::Validation, 0), None);
-        assert_eq!(target(&p, Track::NextPurchase, Stage::Validation, 0), Some(3));
-        assert_eq!(train(&p, Track::NextPurchase, Stage::Validation, 0), vec![1, 2]);
+        assert_eq!(
+            target(&p, Track::NextPurchase, Stage::Validation, 0),
+            Some(3)
+        );
+        assert_eq!(
+            train(&p, Track::NextPurchase, Stage::Validation, 0),
+            vec![1, 2]
+        );
         // Buy-again and next purchase share their cuts; discover's differs
         // only where the latest time is not a first-time purchase.
         let cut = |t, s| p.evaluation(t, s).unwrap().cut;
@@ -638,7 +654,13 @@ mod tests {
     #[test]
     fn discover_looks_back_past_a_last_basket_of_rebuys() {
         // The last basket only re-buys: discover's t* is the time before.
-        let p = Protocol::new(&log(&[(0, 1, 1), (0, 2, 2), (0, 3, 2), (0, 1, 3), (0, 2, 3)]));
+        let p = Protocol::new(&log(&[
+            (0, 1, 1),
+            (0, 2, 2),
+            (0, 3, 2),
+            (0, 1, 3),
+            (0, 2, 3),
+        ]));
         assert_eq!(target(&p, Track::Discover, Stage::Test, 0), Some(3));
         assert_eq!(train(&p, Track::Discover, Stage::Test, 0), vec![1]);
         let test = p.evaluation(Track::Discover, Stage::Test).unwrap();
@@ -657,7 +679,13 @@ mod tests {
 
     #[test]
     fn without_rebuys_discover_alone_is_reported_and_trained_once() {
-        let p = Protocol::new(&log(&[(0, 1, 1), (0, 2, 2), (0, 3, 3), (1, 1, 1), (1, 3, 2)]));
+        let p = Protocol::new(&log(&[
+            (0, 1, 1),
+            (0, 2, 2),
+            (0, 3, 3),
+            (1, 1, 1),
+            (1, 3, 2),
+        ]));
         assert_eq!(p.tracks(), vec![Track::Discover]);
         assert_eq!(p.evaluation(Track::NextPurchase, Stage::Test), None);
         assert_eq!(p.used_cuts().len(), 2, "one test cut, one validation cut");
@@ -665,11 +693,23 @@ mod tests {
 
     #[test]
     fn untimed_logs_use_line_order() {
-        // Positions as times: every line its own moment.
-        let p = Protocol::new(&log(&[(0, 1, 0), (0, 2, 1), (0, 1, 2), (0, 3, 3)]));
+        // Positions as times: every line its own moment. (User 1 re-buys
+        // at the end, so that buy-again is reported.)
+        let p = Protocol::new(&log(&[
+            (0, 1, 0),
+            (0, 2, 1),
+            (0, 1, 2),
+            (0, 3, 3),
+            (1, 1, 4),
+            (1, 1, 5),
+        ]));
+        assert_eq!(target(&p, Track::BuyAgain, Stage::Test, 1), Some(1));
         assert_eq!(target(&p, Track::NextPurchase, Stage::Test, 0), Some(3));
         assert_eq!(target(&p, Track::BuyAgain, Stage::Test, 0), None);
-        assert_eq!(target(&p, Track::NextPurchase, Stage::Validation, 0), Some(1));
+        assert_eq!(
+            target(&p, Track::NextPurchase, Stage::Validation, 0),
+            Some(1)
+        );
         assert_eq!(target(&p, Track::BuyAgain, Stage::Validation, 0), Some(1));
         assert_eq!(train(&p, Track::BuyAgain, Stage::Validation, 0), vec![1, 2]);
     }

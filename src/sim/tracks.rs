@@ -207,7 +207,9 @@ pub fn baselines(
         for cut in protocol.used_cuts() {
             let tests: Vec<_> = protocol
                 .evaluations_of(cut)
-                .filter(|e| e.stage == Stage::Test && !(b.personal_only() && e.track == Track::Discover))
+                .filter(|e| {
+                    e.stage == Stage::Test && !(b.personal_only() && e.track == Track::Discover)
+                })
                 .collect();
             if tests.is_empty() {
                 continue;
@@ -330,9 +332,10 @@ pub fn tune(
                 result.validation = Some(valid);
                 match b.fit(&protocol.histories, &protocol.cuts[ev.cut]) {
                     Ok(f) => {
-                        result.test = Some(eval::evaluate(&protocol.cuts[ev.cut], ev, seed, |u, o| {
-                            f.score(u, o)
-                        }))
+                        result.test =
+                            Some(eval::evaluate(&protocol.cuts[ev.cut], ev, seed, |u, o| {
+                                f.score(u, o)
+                            }))
                     }
                     Err(why) => result.note = Some(why),
                 }
