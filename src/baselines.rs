@@ -510,16 +510,15 @@ mod tests {
             }
         }
         let pinv = |i: usize, j: usize| g[i][n + j];
-        for j in 0..n {
+        for (j, &got) in s.iter().enumerate() {
             let want: f64 = cut.items[0]
                 .iter()
                 .filter(|&&i| i as usize != j)
                 .map(|&i| -pinv(i as usize, j) / pinv(j, j))
                 .sum();
             assert!(
-                (f64::from(s[j]) - want).abs() < 1e-4,
-                "item {j}: {} vs {want}",
-                s[j]
+                (f64::from(got) - want).abs() < 1e-4,
+                "item {j}: {got} vs {want}"
             );
         }
     }
