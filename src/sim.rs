@@ -26,12 +26,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fedrec_client::clock::ManualClock;
 use fedrec_client::consent::Consent;
 use fedrec_client::device::Device;
 use fedrec_client::metrics::EvalCounts;
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
 use fedrec_client::privacy::DpSpec;
+use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
 use fedrec_coordinator::config::{CoordinatorConfig, DpMode, SecureAggregationConfig};
 use fedrec_coordinator::privacy::PrivacySummary;
@@ -362,10 +364,17 @@ pub fn make_device(
     user: usize,
     seed: u64,
 ) -> anyhow::Result<Device> {
-    let mut device = Device::new(
-        Arc::clone(model),
-        seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407),
-    );
+    // The device lives at the moment of its held-out purchase (the first
+    // event after its training data), or of its last purchase: replayed
+    // data are in the past, and "now" is when the shopper shops.
+    let events = &protocol.histories.users[user];
+    let end = protocol.cuts[ev.cut].ends[user];
+    let now = events.get(end).or(events.last()).map_or(0, |e| e.time);
+    let mut device = Device::builder(Arc::clone(model))
+        .seed(seed ^ (user as u64).wrapping_mul(0xA24B_AED4_963E_E407))
+        .retention(RetentionPolicy::UNLIMITED)
+        .clock(Arc::new(ManualClock::new(now)))
+        .in_memory()?;
     // A simulated shopper has opted in to federated training.
     device.set_consent(Consent::Federated)?;
     for e in protocol.cuts[ev.cut].events(&protocol.histories, user) {
@@ -1216,4 +1225,49 @@ pub fn default_coordinator_config() -> CoordinatorConfig {
     cfg.rounds.deadline_secs = 600.0;
     cfg.rounds.checkin_window_secs = 600.0;
     cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Interaction;
+
+    /// Replayed purchases of any date become devices: a simulated device
+    /// lives at the moment of its held-out purchase, so neither a past
+    /// data set nor one dated after today's clock is refused.
+    #[test]
+    fn devices_replay_purchases_of_any_date() {
+        let year_2100 = 4_102_444_800;
+        let rows = [(0, 0, 1), (0, 1, 2), (1, 1, 1), (1, 2, 3)];
+        let ds = Dataset {
+            name: "t".into(),
+            user_ids: vec!["a".into(), "b".into()],
+            item_ids: vec!["x".into(), "y".into(), "z".into()],
+            interactions: rows
+                .iter()
+                .map(|&(user, item, day)| Interaction {
+                    user,
+                    item,
+                    time: year_2100 + day * 86_400,
+                    quantity: 1.0,
+                })
+                .collect(),
+            timed: true,
+            ..Dataset::default()
+        };
+        let protocol = Protocol::new(&ds);
+        let model: Arc<dyn Model> = Arc::new(MatrixFactorization::new(3, 4, 0.1).unwrap());
+        let ev = protocol.evaluation(Track::Discover, Stage::Test).unwrap();
+        let devices = make_devices(&model, &protocol, ev, 1).unwrap();
+        assert_eq!(devices.len(), 2);
+        for (user, device) in &devices {
+            let first = protocol.histories.users[*user][0];
+            assert_eq!(device.store().purchases()[0].time, first.time);
+            // The clock is at the held-out purchase.
+            assert_eq!(
+                device.clock().unix_now(),
+                year_2100 + [2, 3][*user] * 86_400
+            );
+        }
+    }
 }
