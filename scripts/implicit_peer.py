@@ -16,7 +16,7 @@ Input
     Each track directory holds two cuts: train.tsv + test.tsv (the test cut)
     and valid_train.tsv + valid.tsv (the validation cut: the track's rule
     applied again to the user's events before the test event). train files:
-    user<TAB>item<TAB>count, one line per pair; test/valid files:
+    user<TAB>item<TAB>count[<TAB>last_time], one line per pair; test/valid files:
     user<TAB>item[<TAB>c1,...,c99]. Every setting is chosen on the validation
     cut, never on the test cut.
 
@@ -149,19 +149,20 @@ class Cut:
 
 
 def read_train(path, n_users, n_items):
-    """user<TAB>item<TAB>count -> binary csr_matrix; also the pair count."""
+    """user<TAB>item<TAB>count[<TAB>last_time] -> binary csr_matrix; also
+    the pair count (the last purchase time is not used)."""
     if os.path.getsize(path) == 0:
         data = np.zeros((0, 3), dtype=np.int64)
     else:
         data = np.loadtxt(path, dtype=np.int64, delimiter="\t", ndmin=2)
-    if data.shape[1] not in (2, 3):
-        raise SystemExit(f"{path}: expected user, item, count")
+    if data.shape[1] not in (2, 3, 4):
+        raise SystemExit(f"{path}: expected user, item, count[, last_time]")
     rows, cols = data[:, 0], data[:, 1]
     if rows.size and (rows.min() < 0 or rows.max() >= n_users):
         raise SystemExit(f"{path}: user index outside 0..{n_users - 1}")
     if cols.size and (cols.min() < 0 or cols.max() >= n_items):
         raise SystemExit(f"{path}: item index outside 0..{n_items - 1}")
-    if data.shape[1] == 3 and data.size and data[:, 2].min() < 1:
+    if data.shape[1] >= 3 and data.size and data[:, 2].min() < 1:
         raise SystemExit(f"{path}: a count below 1")
     train = sp.csr_matrix(
         (np.ones(len(rows), dtype=np.float32), (rows, cols)),

@@ -172,9 +172,10 @@ pub fn train_centralized(
 
 /// Writes the protocol's splits for external baselines (e.g.
 /// `scripts/implicit_peer.py`), one directory per reported track:
-/// - `train.tsv` and `valid_train.tsv`: `user<TAB>item<TAB>count`, the
-///   test and validation cuts' training data, each user-item pair once
-///   with its number of purchase events;
+/// - `train.tsv` and `valid_train.tsv`: `user<TAB>item<TAB>count<TAB>last`,
+///   the test and validation cuts' training data, each user-item pair once
+///   with its number of purchase events and the time of the last one (Unix
+///   seconds, or the position in the file for data without times);
 /// - `test.tsv` and `valid.tsv`: `user<TAB>held_out`, and for discover
 ///   `<TAB>c1,…,c99`, the sampled candidates every method here uses under
 ///   `seed`;
@@ -211,15 +212,18 @@ pub fn write_split(
             let cut = &protocol.cuts[ev.cut];
             let mut train = std::io::BufWriter::new(std::fs::File::create(tdir.join(train_file))?);
             for user in 0..cut.n_users() {
-                let mut counts: Vec<(u32, u32)> = Vec::new();
+                let mut counts: Vec<(u32, u32, i64)> = Vec::new();
                 for e in cut.events(&protocol.histories, user) {
                     match counts.binary_search_by_key(&e.item, |c| c.0) {
-                        Ok(at) => counts[at].1 += 1,
-                        Err(at) => counts.insert(at, (e.item, 1)),
+                        Ok(at) => {
+                            counts[at].1 += 1;
+                            counts[at].2 = counts[at].2.max(e.time);
+                        }
+                        Err(at) => counts.insert(at, (e.item, 1, e.time)),
                     }
                 }
-                for (item, count) in counts {
-                    writeln!(train, "{user}\t{item}\t{count}")?;
+                for (item, count, last) in counts {
+                    writeln!(train, "{user}\t{item}\t{count}\t{last}")?;
                 }
             }
             train.flush()?;
