@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use fedrec_client::metrics::{self, EvalCounts, HeldOut, K};
 use fedrec_client::model::{Model, TrainingConfig};
+use fedrec_client::repeat;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -182,7 +183,10 @@ pub fn train_centralized(
 /// - `meta.json`: the track, whether training items are excluded, whether
 ///   it is sampled, the users evaluated and skipped.
 ///
-/// `DIR/meta.json` names the data, its size and the tracks. Indices are
+/// `DIR/meta.json` names the data, its size and the tracks;
+/// `DIR/events.tsv` holds every user's events (`user<TAB>item<TAB>time<TAB>
+/// quantity`, identical rows merged, in time order, ties in file order):
+/// each cut's training data are a prefix of a user's events. Indices are
 /// dense, from 0.
 pub fn write_split(
     protocol: &Protocol,
@@ -257,6 +261,15 @@ pub fn write_split(
         }
         std::fs::write(tdir.join("meta.json"), meta.to_string())?;
     }
+    // Every user's merged events in time order, for baselines that need
+    // sequences, counts or times (the cuts are prefixes of them).
+    let mut events = std::io::BufWriter::new(std::fs::File::create(dir.join("events.tsv"))?);
+    for (user, evs) in protocol.histories.users.iter().enumerate() {
+        for e in evs {
+            writeln!(events, "{user}\t{}\t{}\t{}", e.item, e.time, e.quantity)?;
+        }
+    }
+    events.flush()?;
     let meta = serde_json::json!({
         "data": name,
         "users": protocol.histories.n_users(),
@@ -266,6 +279,83 @@ pub fn write_split(
         "tracks": tracks.iter().map(|t| t.name()).collect::<Vec<_>>(),
     });
     std::fs::write(dir.join("meta.json"), meta.to_string())
+}
+
+/// Fits the buy-again score's weights ([`fedrec_client::repeat`]) on the
+/// validation events of `protocol`'s buy-again track: each user's
+/// validation re-buy is one choice among the items they bought before it,
+/// with popularity percentiles from the validation cut's purchase counts
+/// (a device uses its global model's popularity instead). Starts from zero
+/// with [`fedrec_client::repeat::FIT_L2`]. `None` without buy-again
+/// validation events. This is how [`fedrec_client::repeat::DEFAULT_WEIGHTS`]
+/// were made (on Online Retail).
+pub fn fit_repeat_weights(protocol: &Protocol) -> Option<([f32; repeat::FEATURES], usize)> {
+    let choices = repeat_choices(protocol)?;
+    let n = choices.len();
+    (n > 0).then(|| {
+        (
+            repeat::adapt(
+                &choices,
+                &[0.0; repeat::FEATURES],
+                repeat::FIT_L2,
+                repeat::FIT_STEPS,
+            ),
+            n,
+        )
+    })
+}
+
+/// NDCG@10 of the chosen item among each choice's candidates under
+/// `weights` (ties: the earlier candidate first).
+pub fn choice_ndcg(choices: &[repeat::Choice], weights: &[f32; repeat::FEATURES]) -> f64 {
+    let total: f64 = choices
+        .iter()
+        .map(|c| {
+            let s: Vec<f32> = c.candidates.iter().map(|f| f.score(weights)).collect();
+            let t = s[c.chosen];
+            let rank = s
+                .iter()
+                .enumerate()
+                .filter(|&(j, &v)| v > t || (v == t && j < c.chosen))
+                .count();
+            metrics::ndcg_at(rank, K)
+        })
+        .sum();
+    total / choices.len().max(1) as f64
+}
+
+/// The validation re-buys of `protocol`'s buy-again track as choices among
+/// each user's past items (see [`fit_repeat_weights`]).
+pub fn repeat_choices(protocol: &Protocol) -> Option<Vec<repeat::Choice>> {
+    let ev = protocol.evaluation(crate::data::Track::BuyAgain, Stage::Validation)?;
+    let cut = &protocol.cuts[ev.cut];
+    let pct = repeat::percentiles(&crate::baselines::popularity_order(cut));
+    let mut choices = Vec::new();
+    for (user, target) in ev.targets.iter().enumerate() {
+        let Some(target) = *target else { continue };
+        let events = &protocol.histories.users[user];
+        let now = events[cut.ends[user]].time;
+        let purchases: Vec<fedrec_client::store::Purchase> = cut
+            .events(&protocol.histories, user)
+            .iter()
+            .map(|e| fedrec_client::store::Purchase {
+                item: e.item,
+                time: e.time,
+                quantity: e.quantity,
+            })
+            .collect();
+        let history = repeat::History::new(&purchases, now);
+        let Some(chosen) = history.items.iter().position(|p| p.item == target) else {
+            continue;
+        };
+        let candidates = history
+            .items
+            .iter()
+            .map(|p| history.features(p, now, pct[p.item as usize]))
+            .collect();
+        choices.push(repeat::Choice { candidates, chosen });
+    }
+    Some(choices)
 }
 
 #[cfg(test)]

@@ -36,6 +36,9 @@ enum Command {
     /// Write the leave-one-out split (training pairs, held-out items and the
     /// sampled candidates) for comparing external baselines on it.
     Split(SplitArgs),
+    /// Fit the buy-again score's weights on a data set's validation re-buys
+    /// and print them (how the SDK's default weights were made).
+    FitRepeat(FitRepeatArgs),
     /// Write a synthetic data set in MovieLens u.data layout (user, item, 1, time;
     /// numeric ids from 1).
     GenData(GenDataArgs),
@@ -608,6 +611,12 @@ struct TokensArgs {
 }
 
 #[derive(Args, Debug)]
+struct FitRepeatArgs {
+    #[command(flatten)]
+    data: DataArgs,
+}
+
+#[derive(Args, Debug)]
 struct SplitArgs {
     #[command(flatten)]
     data: DataArgs,
@@ -652,6 +661,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Client(args) => client(args),
         Command::Split(args) => split(args),
+        Command::FitRepeat(args) => fit_repeat(args),
         Command::GenData(args) => gen_data(args),
         Command::Bench(cmd) => bench(cmd),
         Command::Certs(args) => certs(args),
@@ -791,7 +801,29 @@ fn coordinator_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> 
 }
 
 fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    let (mut coord, centralized_epochs) = match (&args.config, args.preset) {
+    // Real data without a named configuration: settings chosen on the
+    // validation events (the generated default keeps its fast recipe).
+    let preset = match (&args.config, args.preset, &args.data.data) {
+        (None, None, Some(_)) => Some(sim::Preset::Auto),
+        (_, preset, _) => preset,
+    };
+    let auto = preset == Some(sim::Preset::Auto);
+    if auto {
+        let o = &args.overrides;
+        for (flag, given) in [
+            ("--factors", o.factors.is_some()),
+            ("--confidence", o.confidence.is_some()),
+            ("--reg", o.reg.is_some()),
+        ] {
+            if given {
+                bail!(
+                    "{flag} is chosen by --preset auto (the default with --data); \
+                     name another preset (--preset movielens or retail) or --config to set it"
+                );
+            }
+        }
+    }
+    let (mut coord, centralized_epochs) = match (&args.config, preset) {
         (Some(p), _) => (
             CoordinatorConfig::from_file(p)?,
             sim::DEFAULT_CENTRALIZED_EPOCHS,
@@ -822,7 +854,8 @@ fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         centralized_epochs: args.centralized_epochs.unwrap_or(centralized_epochs),
         baselines: args
             .baselines
-            .unwrap_or_else(|| sim::Baselines::default_for(args.preset.is_some(), ds.n_items())),
+            .unwrap_or_else(|| sim::Baselines::default_for(preset.is_some(), ds.n_items())),
+        auto,
         attack: args.attack.map(|kind| sim::Attack {
             kind,
             fraction: args.attack_fraction.unwrap_or(0.1),
@@ -1273,6 +1306,29 @@ fn split(args: SplitArgs) -> anyhow::Result<()> {
         tracks.join("; "),
         args.out.display()
     );
+    Ok(())
+}
+
+fn fit_repeat(args: FitRepeatArgs) -> anyhow::Result<()> {
+    let ds = args.data.load(sim::DEFAULT_SEED)?;
+    let protocol = data::Protocol::new(&ds);
+    let (weights, n) = fedrec::eval::fit_repeat_weights(&protocol)
+        .with_context(|| format!("{} has no buy-again validation event to fit on", ds.name))?;
+    println!("fitted on {n} validation re-buys of {}:", ds.name);
+    for (name, w) in fedrec_client::repeat::FEATURE_NAMES.iter().zip(weights) {
+        println!("  {w:>8.3}  {name}");
+    }
+    println!("{weights:?}");
+    let choices = fedrec::eval::repeat_choices(&protocol).unwrap_or_default();
+    for (name, w) in [
+        ("fitted", weights),
+        ("default", fedrec_client::repeat::DEFAULT_WEIGHTS),
+    ] {
+        println!(
+            "{name}: validation NDCG@10 among past items {:.4}",
+            fedrec::eval::choice_ndcg(&choices, &w)
+        );
+    }
     Ok(())
 }
 

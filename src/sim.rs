@@ -17,6 +17,7 @@
 //! secure aggregation with the devices' real [`fedrec_client::secagg`]
 //! state machines ([`secure`] in process).
 
+pub mod search;
 pub mod secure;
 pub mod tracks;
 
@@ -33,6 +34,7 @@ use fedrec_client::metrics::EvalCounts;
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
 use fedrec_client::privacy::DpSpec;
+use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
 use fedrec_coordinator::config::{CoordinatorConfig, DpMode, SecureAggregationConfig};
@@ -72,6 +74,9 @@ pub struct SimConfig {
     pub centralized_epochs: u32,
     /// Which baselines run beside fedrec.
     pub baselines: Baselines,
+    /// Choose factors, confidence and regularization by federated
+    /// evaluation on the validation events first ([`search`]).
+    pub auto: bool,
     /// Devices that misbehave (in-process plain rounds only), to measure
     /// robust aggregation. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -277,6 +282,9 @@ pub struct Report {
     pub config: SimConfig,
     /// The data.
     pub data: DataSummary,
+    /// The `--preset auto` search, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<search::SearchReport>,
     /// Every round of the federated run on the first track's cut.
     pub rounds: Vec<RoundRow>,
     /// Every round of the federated run on the latest-time cut (buy-again
@@ -415,13 +423,26 @@ pub fn task_training(task: &fedrec_coordinator::round::Task) -> TrainingConfig {
     }
 }
 
+/// What a federated run on a cut is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RunKind {
+    /// The first track's run: everything, the diversity knob included.
+    Main,
+    /// Another cut's run: federated, centralized, on-device rows.
+    Other,
+    /// A search trial: the federated evaluation on its own track only.
+    Trial,
+}
+
 /// One federated run on one training cut, and what it measured.
-struct CutRun {
+pub(crate) struct CutRun {
     rounds: Vec<RoundRow>,
     /// The federated figures per track evaluated on this cut.
     federated: Vec<(Track, Metrics)>,
     /// The centralized figures per track.
     centralized: Vec<(Track, Metrics)>,
+    /// The devices' own buy-again and blended rows, per track.
+    on_device: Vec<(Track, &'static str, Metrics)>,
     diversity: Option<crate::diversity::DiversityReport>,
     federated_seconds: f64,
     centralized_seconds: f64,
@@ -443,6 +464,19 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             ds.name
         );
     };
+    let mut cfg = cfg.clone();
+    let search = if cfg.auto {
+        let report = search::search(&protocol, &cfg, observer)?;
+        let c = &mut cfg.coordinator;
+        c.model.factors = report.chosen.factors;
+        c.training.confidence = report.chosen.confidence;
+        c.training.regularization = report.chosen.regularization;
+        c.rounds.rounds = report.chosen.rounds;
+        Some(report)
+    } else {
+        None
+    };
+    let cfg = &cfg;
     // One federated run per test cut, each evaluated on the tracks of its
     // cut; devices hold the cut's first track's event (discover, or next
     // purchase on the latest-time cut).
@@ -460,14 +494,12 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             .evaluations_of(ev.cut)
             .filter(|e| e.stage == Stage::Test && e.track != track)
             .collect();
-        runs.push(run_cut(
-            &protocol,
-            ev,
-            &others,
-            cfg,
-            observer,
-            runs.is_empty(),
-        )?);
+        let kind = if runs.is_empty() {
+            RunKind::Main
+        } else {
+            RunKind::Other
+        };
+        runs.push(run_cut(&protocol, ev, &others, cfg, observer, kind)?);
     }
 
     observer.phase("baselines");
@@ -490,6 +522,11 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             for (t, m) in &run.centralized {
                 if *t == track {
                     methods.push(tracks::MethodResult::plain("centralized", *m));
+                }
+            }
+            for (t, name, m) in &run.on_device {
+                if *t == track {
+                    methods.push(tracks::MethodResult::plain(name, *m));
                 }
             }
         }
@@ -523,6 +560,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         .evaluation(first, Stage::Test)
         .context("first track")?;
     Ok(Report {
+        search,
         secure_aggregation,
         privacy,
         download,
@@ -574,13 +612,13 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
 /// then the devices' evaluation on `ev` (through the final evaluation
 /// round) and on `others` (the other tracks of the same cut, on the same
 /// devices), and the centralized model on all of them.
-fn run_cut(
+pub(crate) fn run_cut(
     protocol: &Protocol,
     ev: &Evaluation,
     others: &[&Evaluation],
     cfg: &SimConfig,
     observer: &mut dyn Observer,
-    diversity: bool,
+    kind: RunKind,
 ) -> anyhow::Result<CutRun> {
     let n_items = protocol.n_items();
     let cut = &protocol.cuts[ev.cut];
@@ -624,7 +662,7 @@ fn run_cut(
     let mut coverage = Coverage::new(n_items);
     for (user, device) in devices.iter_mut() {
         if let Some(held) = eval::held_out(ev, cfg.seed, *user) {
-            coverage.add(&device.evaluate_held_out(&global, &held)?.1);
+            coverage.add(&device.evaluate_held_out(&global, &held, Row::Discover)?.1);
         }
     }
     let mut federated = vec![(
@@ -636,28 +674,60 @@ fn run_cut(
             ev.track.sampled(),
         ),
     )];
-    // The other tracks of this cut, on the same devices and model.
-    for other in others {
-        let mut counts = EvalCounts::default();
-        let mut coverage = Coverage::new(n_items);
-        for (user, device) in &devices {
-            if let Some(held) = eval::held_out(other, cfg.seed, *user) {
-                let (c, top) = device.evaluate_held_out(&global, &held)?;
-                counts.add(&c);
-                coverage.add(&top);
+    // The other tracks of this cut, and the device's own buy-again and
+    // blended rows on the tracks without exclusion, on the same devices and
+    // model.
+    let mut on_device = Vec::new();
+    for e in std::iter::once(ev).chain(others.iter().copied()) {
+        let rows: &[(&str, Row)] = match (e.track == ev.track, e.track.excludes_history()) {
+            (true, true) => &[],
+            (true, false) => &[
+                ("buy_again_on_device", Row::BuyAgain),
+                ("blended_on_device", Row::Blended),
+            ],
+            (false, true) => &[("federated", Row::Discover)],
+            (false, false) => &[
+                ("federated", Row::Discover),
+                ("buy_again_on_device", Row::BuyAgain),
+                ("blended_on_device", Row::Blended),
+            ],
+        };
+        for &(name, row) in rows {
+            let mut counts = EvalCounts::default();
+            let mut coverage = Coverage::new(n_items);
+            for (user, device) in &devices {
+                if let Some(held) = eval::held_out(e, cfg.seed, *user) {
+                    let (c, top) = device.evaluate_held_out(&global, &held, row)?;
+                    counts.add(&c);
+                    coverage.add(&top);
+                }
+            }
+            let m = Metrics::from_counts(&counts, coverage.covered(), n_items, e.track.sampled());
+            if name == "federated" {
+                federated.push((e.track, m));
+            } else {
+                on_device.push((e.track, name, m));
             }
         }
-        federated.push((
-            other.track,
-            Metrics::from_counts(&counts, coverage.covered(), n_items, other.track.sampled()),
-        ));
     }
-    let diversity = if diversity {
+    let diversity = if kind == RunKind::Main {
         Some(crate::diversity::evaluate(&devices, &global, n_items)?)
     } else {
         None
     };
     let federated_seconds = fed_start.elapsed().as_secs_f64();
+    if kind == RunKind::Trial {
+        return Ok(CutRun {
+            rounds,
+            federated,
+            centralized: Vec::new(),
+            on_device,
+            diversity,
+            federated_seconds,
+            centralized_seconds: 0.0,
+            coord,
+        });
+    }
 
     observer.phase(&format!("centralized baseline, {} cut", ev.track));
     let cen_start = Instant::now();
@@ -683,6 +753,7 @@ fn run_cut(
         rounds,
         federated,
         centralized,
+        on_device,
         diversity,
         federated_seconds,
         centralized_seconds: cen_start.elapsed().as_secs_f64(),
@@ -1116,6 +1187,11 @@ pub enum Preset {
     ///   matches centralized ALS's 15 iterations (federated 0.338 / 0.233
     ///   against 0.338 / 0.231; FedAdam needed 120 rounds for 0.334 / 0.223).
     Retail,
+    /// Any data: the [`als_recipe`] with [`search::AUTO_ROUNDS`] rounds,
+    /// its factors, confidence and regularization chosen by federated
+    /// evaluation on the devices' validation events ([`search`]). What
+    /// `--data` gets when no preset is named.
+    Auto,
 }
 
 impl Preset {
@@ -1130,6 +1206,7 @@ impl Preset {
                 (cfg.rounds.rounds, cfg.model.factors) = (40, 128);
                 (cfg.training.confidence, cfg.training.regularization) = (2.0, 0.01);
             }
+            Preset::Auto => cfg.rounds.rounds = search::AUTO_ROUNDS,
         }
         (cfg, ALS_CENTRALIZED_ITERATIONS)
     }

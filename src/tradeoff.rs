@@ -284,6 +284,7 @@ mod tests {
             seed: 5,
             centralized_epochs: 1,
             baselines: crate::sim::Baselines::Quick,
+            auto: false,
             attack: None,
         };
         let t = sweep(&ds, &cfg, &[0.5, 4.0], &mut ()).unwrap();

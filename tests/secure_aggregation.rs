@@ -976,6 +976,7 @@ fn quality_config(secure: bool) -> SimConfig {
         seed: 5,
         centralized_epochs: 1,
         baselines: sim::Baselines::Quick,
+        auto: false,
         attack: None,
     }
 }

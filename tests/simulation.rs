@@ -16,6 +16,7 @@ fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimCo
         seed,
         centralized_epochs: 30,
         baselines: sim::Baselines::Quick,
+        auto: false,
         attack: None,
     }
 }

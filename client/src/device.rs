@@ -519,19 +519,26 @@ impl Device {
         Some(self.rank_held_out(&self.scores(global), &self.held_out?))
     }
 
-    /// Evaluates the private embedding as it is on another held-out
-    /// purchase than the device's own, and returns the counts with the
-    /// device's top 10 under that held-out purchase's exclusion rule (a
-    /// simulation measuring several tracks and their coverage on the same
-    /// devices; a deployment reports counts only).
+    /// Evaluates one of the device's rankings on a held-out purchase (its
+    /// own or another: a simulation measuring several tracks on the same
+    /// devices), with the private embedding as it is, and returns the counts
+    /// with the device's top 10 under that held-out purchase's exclusion
+    /// rule (a simulation reads the list for coverage; a deployment reports
+    /// counts only).
     pub fn evaluate_held_out(
         &self,
         global: &[f32],
         held_out: &HeldOut,
+        row: crate::recommend::Row,
     ) -> Result<(EvalCounts, Vec<u32>), ClientError> {
+        use crate::recommend::Row;
         self.check_global(global)?;
         self.check_item(held_out.item)?;
-        let scores = self.scores(global);
+        let scores = match row {
+            Row::Discover => self.scores(global),
+            Row::BuyAgain => self.row_scores(global)?.buy_again,
+            Row::Blended => self.row_scores(global)?.blended,
+        };
         let exclude = if held_out.exclude_history {
             self.store.items()
         } else {

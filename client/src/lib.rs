@@ -84,6 +84,7 @@ pub mod model;
 pub mod participant;
 pub mod privacy;
 pub mod recommend;
+pub mod repeat;
 pub mod retention;
 pub mod secagg;
 pub mod store;

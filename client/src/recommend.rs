@@ -253,6 +253,157 @@ impl Device {
     }
 }
 
+/// One of the rankings a device offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Row {
+    /// The model's personal score (items already bought are left out of the
+    /// discover row itself).
+    Discover,
+    /// The shopper's past items by the buy-again score.
+    BuyAgain,
+    /// Buy-again and discover blended.
+    Blended,
+}
+
+/// The three rows a shopping app shows, each best first.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rows {
+    /// "Buy it again": the shopper's own past items (empty without a
+    /// personal basis).
+    pub buy_again: Vec<u32>,
+    /// "Recommended for you": items not bought before (the most popular
+    /// items without a personal basis).
+    pub discover: Vec<u32>,
+    /// The one list blending both by how often this shopper re-buys (the
+    /// discover row without a personal basis).
+    pub blended: Vec<u32>,
+    /// What the rows were ranked on.
+    pub basis: Basis,
+}
+
+/// Why a past item is in the buy-again row, in the shopper's terms.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RebuyReason {
+    /// The item.
+    pub item: u32,
+    /// How many times it was bought (distinct purchase times).
+    pub purchases: u32,
+    /// Days since it was last bought.
+    pub days_since_last: f64,
+    /// The usual number of days between two purchases of it, when bought
+    /// more than once.
+    pub every_days: Option<f64>,
+}
+
+impl RebuyReason {
+    /// A sentence for the app: "you buy this about every 30 days", or "you
+    /// bought this 3 times, last 12 days ago".
+    pub fn text(&self) -> String {
+        match self.every_days {
+            Some(d) if d >= 1.0 => format!("you buy this about every {} days", d.round()),
+            _ if self.purchases > 1 => format!(
+                "you bought this {} times, last {} days ago",
+                self.purchases,
+                self.days_since_last.round()
+            ),
+            _ => format!("you bought this {} days ago", self.days_since_last.round()),
+        }
+    }
+}
+
+/// Scores of every item for the buy-again and blended rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowScores {
+    /// Buy-again: past items above every other item (those in the global
+    /// model's popularity order), so a ranking over the whole catalogue
+    /// starts with the buy-again row.
+    pub buy_again: Vec<f32>,
+    /// The blended next-purchase scores (see [`crate::repeat::blend`]).
+    pub blended: Vec<f32>,
+    /// The shopper's re-buy share the blend used.
+    pub repeat_share: f64,
+}
+
+impl Device {
+    /// The buy-again and blended scores of every item at the device's
+    /// current time, from its purchases, the global model's popularity and
+    /// the private embedding as it is (see [`Device::personalize`]).
+    pub fn row_scores(&self, global: &[f32]) -> Result<RowScores, ClientError> {
+        use crate::repeat;
+        self.check_global(global)?;
+        let now = self.clock.unix_now();
+        let purchases = self.store.purchases();
+        let mut pop = Vec::new();
+        self.model.popularity(global, &mut pop);
+        let pct = repeat::percentiles(&pop);
+        let history = repeat::History::new(purchases, now.saturating_add(1));
+        let weights = repeat::device_weights(purchases, now.saturating_add(1), &pct);
+        let rebuy = repeat::buy_again(&history, now.saturating_add(1), &pct, &weights);
+        let top = rebuy.iter().map(|r| r.1).fold(0.0_f32, f32::max).max(0.0);
+        let floor = rebuy.iter().map(|r| r.1).fold(0.0_f32, f32::min).min(0.0);
+        // Past items above every other item: the others keep their
+        // popularity percentile in [0, 1], shifted below the lowest past
+        // score.
+        let mut buy_again: Vec<f32> = pct.iter().map(|p| floor - 2.0 + p).collect();
+        for &(i, s) in &rebuy {
+            buy_again[i as usize] = s;
+        }
+        debug_assert!(top.is_finite());
+        let repeat_share = history.repeat_share(purchases, now.saturating_add(1));
+        let blended = repeat::blend(&rebuy, &self.scores(global), repeat_share);
+        Ok(RowScores {
+            buy_again,
+            blended,
+            repeat_share,
+        })
+    }
+
+    /// The three rows at the device's current time (see [`Rows`]); the
+    /// discover row is diversified by `diversity` as
+    /// [`Device::recommendations`] does.
+    pub fn rows(&self, global: &[f32], k: usize, diversity: f32) -> Result<Rows, ClientError> {
+        let discover = self.recommendations(global, k, diversity)?;
+        if discover.basis != Basis::Personal {
+            return Ok(Rows {
+                buy_again: Vec::new(),
+                blended: discover.items.clone(),
+                discover: discover.items,
+                basis: discover.basis,
+            });
+        }
+        let scores = self.row_scores(global)?;
+        let past = self.store.items();
+        let mut buy_again = metrics::top_k(&scores.buy_again, &[], k.min(past.len()));
+        buy_again.retain(|i| past.binary_search(i).is_ok());
+        Ok(Rows {
+            buy_again,
+            discover: discover.items,
+            blended: metrics::top_k(&scores.blended, &[], k),
+            basis: Basis::Personal,
+        })
+    }
+
+    /// Why `item` is in the buy-again row: how often and how regularly the
+    /// shopper bought it; `None` when it was never bought (or nothing may
+    /// be stored).
+    pub fn explain_rebuy(&self, item: u32) -> Option<RebuyReason> {
+        if self.basis() != Basis::Personal {
+            return None;
+        }
+        let now = self.clock.unix_now();
+        let history = crate::repeat::History::new(self.store.purchases(), now.saturating_add(1));
+        let p = history.items.iter().find(|p| p.item == item)?;
+        Some(RebuyReason {
+            item,
+            purchases: p.purchases,
+            days_since_last: (now - p.last).max(0) as f64 / 86_400.0,
+            every_days: p.period_days(),
+        })
+    }
+}
+
 /// A diversified list and how it fared on the device's held-out purchase.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ListEvaluation {
