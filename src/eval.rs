@@ -338,11 +338,7 @@ pub fn repeat_choices(protocol: &Protocol) -> Option<Vec<repeat::Choice>> {
         let purchases: Vec<fedrec_client::store::Purchase> = cut
             .events(&protocol.histories, user)
             .iter()
-            .map(|e| fedrec_client::store::Purchase {
-                item: e.item,
-                time: e.time,
-                quantity: e.quantity,
-            })
+            .map(|e| fedrec_client::store::Purchase::new(e.item, e.time, e.quantity))
             .collect();
         let history = repeat::History::new(&purchases, now);
         let Some(chosen) = history.items.iter().position(|p| p.item == target) else {

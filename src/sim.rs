@@ -386,11 +386,7 @@ pub fn make_device(
     // A simulated shopper has opted in to federated training.
     device.set_consent(Consent::Federated)?;
     for e in protocol.cuts[ev.cut].events(&protocol.histories, user) {
-        device.record(Purchase {
-            item: e.item,
-            time: e.time,
-            quantity: e.quantity,
-        })?;
+        device.record(Purchase::new(e.item, e.time, e.quantity))?;
     }
     if let Some(held) = eval::held_out(ev, seed, user) {
         device.hold_out(held)?;

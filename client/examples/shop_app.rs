@@ -2,8 +2,9 @@
 //!
 //! It starts a coordinator in this process on 127.0.0.1 (port 0) with a few
 //! other shoppers' devices, then plays the app: opens the encrypted store,
-//! asks for recommendations before and after consent, records purchases,
-//! explains a recommendation, takes part in training rounds, and prints the
+//! asks for recommendations before and after consent, records purchases
+//! (one tagged as a gift, which the shopper then excludes), explains a
+//! recommendation, takes part in training rounds, and prints the
 //! transparency report a settings screen would show.
 //!
 //! Run it with `cargo run -p fedrec-client --example shop_app`.
@@ -14,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fedrec_client::consent::Consent;
 use fedrec_client::device::Device;
 use fedrec_client::eligibility::{Eligibility, FnConditions};
+use fedrec_client::exclusion::Exclusion;
 use fedrec_client::model::{MatrixFactorization, Model};
 use fedrec_client::participant::Participant;
-use fedrec_client::store::Purchase;
+use fedrec_client::store::{Purchase, Tag};
 use fedrec_client::vault::StoreKey;
 use fedrec_client::{BlockingClient, Client};
 use rand::{RngExt, SeedableRng};
@@ -63,22 +65,18 @@ fn main() -> anyhow::Result<()> {
     println!("consent: {} (the default)", app.consent().level);
     let recs = app.recommend(5)?;
     println!("recommended ({:?}): {:?}", recs.basis, recs.items);
-    let kept = app.record(Purchase {
-        item: 7,
-        time: now,
-        quantity: 1.0,
-    })?;
+    let kept = app.record(Purchase::new(7, now, 1.0))?;
     println!("a purchase without consent: {kept:?}");
 
     app.set_consent(Consent::OnDevice)?;
     // The shopper likes the second department (items 50..100).
     for (i, item) in [52, 57, 61, 66, 70, 78].into_iter().enumerate() {
-        app.record(Purchase {
-            item,
-            time: now - 3600 * i as i64,
-            quantity: 1.0,
-        })?;
+        app.record(Purchase::new(item, now - 3600 * i as i64, 1.0))?;
     }
+    // A present for someone else: the app tags it, the shopper excludes
+    // gifts, and it shapes neither recommendations nor training.
+    app.record(Purchase::new(12, now, 1.0).with_tag(Tag::new("gift")?))?;
+    app.exclude(Exclusion::tag("gift")?)?;
     let recs = app.recommend(5)?;
     println!(
         "recommended ({:?}, untrained model): {:?}",
@@ -176,11 +174,7 @@ async fn start_neighbours(
         let department = (n as u32 % 4) * DEPARTMENT;
         for _ in 0..12 {
             let item = department + rng.random_range(0..DEPARTMENT);
-            device.record(Purchase {
-                item,
-                time: now,
-                quantity: 1.0,
-            })?;
+            device.record(Purchase::new(item, now, 1.0))?;
         }
         let mut participant = Participant::connect(endpoint).await?;
         tasks.push(tokio::spawn(async move {

@@ -9,8 +9,8 @@
 //!
 //! Taking part in training runs on a copy of the device, so the app can keep
 //! recording purchases and showing recommendations meanwhile; the copy
-//! shares the consent, so a change of consent applies to a round in
-//! progress at once. What the round learned (the private embedding) and
+//! shares the consent and the exclusions, so a change of either applies to
+//! a round in progress at once. What the round learned (the private embedding) and
 //! what it sent (the messages, by kind and size) are then merged back and
 //! saved.
 
@@ -29,6 +29,7 @@ use crate::consent::{Consent, ConsentChange, ConsentRecord};
 use crate::device::{Device, Recorded};
 use crate::eligibility::{Conditions, ParticipationPolicy};
 use crate::error::ClientError;
+use crate::exclusion::{Exclusion, Exclusions};
 use crate::model::{Loss, Model, TrainingConfig};
 use crate::participant::{Participant, ParticipationSummary, SentMessage};
 use crate::recommend::{Explanation, Recommendations};
@@ -273,8 +274,32 @@ impl Client {
         local.device.set_consent(level)
     }
 
+    /// Leaves a purchase, an item or a tag out of personalization and
+    /// training from now on (also for a round in progress), and saves;
+    /// returns whether it was new. Excluded purchases are as if never made:
+    /// their items may be recommended. See [`Device::exclude`].
+    pub fn exclude(&self, exclusion: Exclusion) -> Result<bool, ClientError> {
+        let mut local = self.local();
+        local.stale = true;
+        local.device.exclude(exclusion)
+    }
+
+    /// Uses again what `exclusion` left out, and saves; returns whether it
+    /// was in force. See [`Device::include`].
+    pub fn include(&self, exclusion: Exclusion) -> Result<bool, ClientError> {
+        let mut local = self.local();
+        local.stale = true;
+        local.device.include(exclusion)
+    }
+
+    /// What the shopper excluded.
+    pub fn exclusions(&self) -> Exclusions {
+        self.local().device.exclusions()
+    }
+
     /// Erases the purchase history, the private embedding and the training
-    /// state, on disk too.
+    /// state, on disk too (exclusions of items and tags are settings and
+    /// are kept; see [`Device::forget_me`]).
     pub fn forget_me(&self) -> Result<(), ClientError> {
         let mut local = self.local();
         local.stale = true;
@@ -309,8 +334,8 @@ impl Client {
         local.device.explain(&global.params, item, &cfg)
     }
 
-    /// What is stored and what left the device (purchases listed only with
-    /// `include_items`).
+    /// What is stored, what is excluded and what left the device (purchases
+    /// and exclusions listed only with `include_items`).
     pub fn transparency_report(&self, include_items: bool) -> TransparencyReport {
         self.local().device.transparency_report(include_items)
     }
@@ -420,8 +445,8 @@ impl Client {
 }
 
 impl Local {
-    /// Refits the private embedding if the model, the history or the
-    /// consent changed since the last time.
+    /// Refits the private embedding if the model, the history, the
+    /// exclusions or the consent changed since the last time.
     fn refresh(&mut self, global: &[f32]) -> Result<(), ClientError> {
         if self.stale {
             let cfg = self.personalization;

@@ -9,6 +9,7 @@ use crate::app::{Client, ClientBuilder};
 use crate::consent::{Consent, ConsentChange, ConsentRecord};
 use crate::device::{Device, Recorded};
 use crate::error::ClientError;
+use crate::exclusion::{Exclusion, Exclusions};
 use crate::participant::ParticipationSummary;
 use crate::recommend::{Explanation, Recommendations};
 use crate::store::Purchase;
@@ -52,6 +53,21 @@ impl BlockingClient {
     /// See [`Client::set_consent`].
     pub fn set_consent(&self, level: Consent) -> Result<ConsentChange, ClientError> {
         self.inner.set_consent(level)
+    }
+
+    /// See [`Client::exclude`].
+    pub fn exclude(&self, exclusion: Exclusion) -> Result<bool, ClientError> {
+        self.inner.exclude(exclusion)
+    }
+
+    /// See [`Client::include`].
+    pub fn include(&self, exclusion: Exclusion) -> Result<bool, ClientError> {
+        self.inner.include(exclusion)
+    }
+
+    /// See [`Client::exclusions`].
+    pub fn exclusions(&self) -> Exclusions {
+        self.inner.exclusions()
     }
 
     /// See [`Client::forget_me`].

@@ -7,9 +7,12 @@
 //!
 //! What the shopper allows is checked here, where the data is: with
 //! [`Consent::None`] nothing is recorded, and without [`Consent::Federated`]
-//! the device neither trains nor evaluates for a coordinator. A device opened
-//! on a [`Vault`] keeps everything in one encrypted file, written after every
-//! change; the [`RetentionPolicy`] is enforced on every write and every load.
+//! the device neither trains nor evaluates for a coordinator. What the shopper
+//! excluded ([`Exclusion`]) is left out of everything modelling reads: that
+//! is [`Device::history`], the one place the purchases reach a model. A device
+//! opened on a [`Vault`] keeps everything in one encrypted file, written
+//! after every change; the [`RetentionPolicy`] is enforced on every write
+//! and every load.
 
 use std::sync::Arc;
 
@@ -21,6 +24,7 @@ use crate::clock::{self, Clock};
 use crate::consent::{Consent, ConsentCell, ConsentChange, ConsentRecord};
 use crate::eligibility::ParticipationPolicy;
 use crate::error::ClientError;
+use crate::exclusion::{Exclusion, ExclusionCell, Exclusions};
 use crate::metrics::{self, EvalCounts, HeldOut};
 use crate::model::{Loss, Model, TrainingConfig};
 use crate::privacy::{self, DpSpec};
@@ -73,6 +77,12 @@ pub struct Device {
     pub(crate) held_out: Option<HeldOut>,
     /// Shared with every copy of this device, so a change applies at once.
     pub(crate) consent: ConsentCell,
+    /// What the shopper left out; shared with every copy, like the consent.
+    pub(crate) exclusions: ExclusionCell,
+    /// Whether the private embedding may have been fitted to purchases (it
+    /// is not a fresh one): an exclusion then replaces it, so nothing fitted
+    /// to an excluded purchase stays.
+    pub(crate) fitted: bool,
     pub(crate) retention: RetentionPolicy,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) participation: ParticipationPolicy,
@@ -80,8 +90,9 @@ pub struct Device {
     pub(crate) ledger: Ledger,
     /// Where the device keeps its state; `None`: in memory only.
     pub(crate) vault: Option<Vault>,
-    /// Incremented by `forget_me`, so results computed on a copy made
-    /// before it are not merged back.
+    /// Incremented whenever the private embedding must not be taken back
+    /// from a copy made before (`forget_me`, an exclusion), so results
+    /// computed on such a copy are not merged back.
     pub(crate) generation: u64,
 }
 
@@ -168,6 +179,8 @@ impl DeviceBuilder {
             rng,
             held_out: None,
             consent: ConsentCell::default(),
+            exclusions: ExclusionCell::default(),
+            fitted: false,
             retention: self.retention,
             clock: self.clock,
             participation: self.participation,
@@ -185,6 +198,9 @@ impl DeviceBuilder {
 pub(crate) struct StoredState {
     consent: ConsentRecord,
     purchases: Vec<Purchase>,
+    /// Absent from stores written before the shopper's controls existed.
+    #[serde(default)]
+    exclusions: Exclusions,
     private: Vec<f32>,
     ledger: Ledger,
 }
@@ -215,7 +231,8 @@ impl Device {
     /// Records a purchase, if the shopper's consent allows storing it;
     /// rejects items outside the catalogue, non-positive or non-finite
     /// quantities and times more than a day ahead of the device's clock.
-    /// Applies the retention policy and saves the store.
+    /// Applies the retention policy and saves the store. A purchase of an
+    /// excluded item or with an excluded tag is stored but not used.
     pub fn record(&mut self, purchase: Purchase) -> Result<Recorded, ClientError> {
         if !self.consent.level().stores_history() {
             return Ok(Recorded::NotStored);
@@ -266,13 +283,124 @@ impl Device {
         })
     }
 
+    /// Leaves `exclusion` out of personalization, training, evaluation,
+    /// recommendations and explanations from now on, also for a round
+    /// running on a copy of this device; saves. Returns whether it was new.
+    ///
+    /// Excluded purchases are as if never made: their items may be
+    /// recommended like any item not bought. They stay stored (and counted
+    /// in the transparency report) until retention or `forget_me` removes
+    /// them. If the private embedding was fitted to purchases now left out,
+    /// it is replaced by a fresh one (refitted on what is left at the next
+    /// use), so nothing learned from them stays.
+    ///
+    /// Errors: [`ClientError::UnknownPurchase`] for a purchase not stored,
+    /// [`ClientError::UnknownItem`] for an item outside the catalogue. An
+    /// item or tag without purchases yet is accepted: it applies to future
+    /// purchases.
+    pub fn exclude(&mut self, exclusion: Exclusion) -> Result<bool, ClientError> {
+        self.check_exclusion(&exclusion)?;
+        let before = self.history();
+        if !self.exclusions.insert(exclusion) {
+            return Ok(false);
+        }
+        if self.history() != before {
+            // Copies made before must not hand back what they fitted.
+            self.generation += 1;
+            if self.fitted {
+                self.private = self.model.init_private(&mut self.rng);
+                self.fitted = false;
+            }
+        }
+        tracing::debug!(exclusions = self.exclusions.get().len(), "exclusion added");
+        self.persist()?;
+        Ok(true)
+    }
+
+    /// Uses again what `exclusion` left out, from now on; saves. Returns
+    /// whether it was in force. Errors as [`exclude`](Self::exclude).
+    pub fn include(&mut self, exclusion: Exclusion) -> Result<bool, ClientError> {
+        self.check_exclusion(&exclusion)?;
+        if !self.exclusions.remove(&exclusion) {
+            return Ok(false);
+        }
+        tracing::debug!(
+            exclusions = self.exclusions.get().len(),
+            "exclusion removed"
+        );
+        self.persist()?;
+        Ok(true)
+    }
+
+    /// What the shopper excluded.
+    pub fn exclusions(&self) -> Exclusions {
+        self.exclusions.get()
+    }
+
+    fn check_exclusion(&self, exclusion: &Exclusion) -> Result<(), ClientError> {
+        match exclusion {
+            Exclusion::Purchase(key) if !self.store.contains(*key) => {
+                Err(ClientError::UnknownPurchase {
+                    item: key.item,
+                    time: key.time,
+                })
+            }
+            Exclusion::Item(item) => self.check_item(*item),
+            _ => Ok(()),
+        }
+    }
+
+    /// The purchase history every model computation uses: the distinct
+    /// items of the stored purchases that are not excluded, sorted. Nothing
+    /// else of the store reaches a model.
+    pub fn history(&self) -> Vec<u32> {
+        self.exclusions.with(|x| self.store.history(x)).0
+    }
+
+    /// The stored purchases every model computation may read (with their
+    /// times and quantities): those not excluded, in recording order.
+    pub fn used_purchases(&self) -> Vec<Purchase> {
+        self.exclusions.with(|x| self.store.used(x)).0
+    }
+
+    /// Runs `f` on [`history`](Self::history). If the exclusions change
+    /// while it runs (the shopper, while a round runs on a copy), restores
+    /// the private embedding and the randomness and runs it again on the new
+    /// history: the result is exactly what that history gives.
+    fn on_history<T>(&mut self, mut f: impl FnMut(&mut Self, &[u32]) -> T) -> T {
+        let private = self.private.clone();
+        let rng = self.rng.clone();
+        loop {
+            let (history, version) = self.exclusions.with(|x| self.store.history(x));
+            let out = f(self, &history);
+            if self.exclusions.version() == version {
+                self.fitted |= !history.is_empty();
+                return out;
+            }
+            tracing::debug!("exclusions changed during a local computation; computing again");
+            self.private.clone_from(&private);
+            self.rng = rng.clone();
+        }
+    }
+
+    /// Drops the exclusions of single purchases no longer stored.
+    fn prune_exclusions(&self) {
+        self.exclusions
+            .prune_purchases(|key| self.store.contains(key));
+    }
+
     /// Erases the purchase history, the private embedding (replaced by a
     /// fresh random one), and the training state (held-out purchase and the
     /// ledger of rounds), and saves the empty state over the store file.
-    /// The consent level is a setting and is kept.
+    /// The consent level is a setting and is kept; so are the exclusions of
+    /// items and tags, settings about future purchases too (the transparency
+    /// report lists them; [`include`](Self::include) removes them). The
+    /// exclusions of single purchases go with the purchases.
     pub fn forget_me(&mut self) -> Result<(), ClientError> {
         self.store.clear();
+        self.prune_exclusions();
         self.private = self.model.init_private(&mut self.rng);
+        self.fitted = false;
         self.held_out = None;
         self.ledger = Ledger {
             erased_at: Some(self.clock.unix_now()),
@@ -364,6 +492,19 @@ impl Device {
         self.check_global(global)?;
         cfg.validate()?;
         let start = self.clock.monotonic();
+        Ok(self
+            .on_history(|device, history| device.train_on(global, cfg, evaluate, history, start)))
+    }
+
+    /// [`train`](Self::train) on `history`, checked, started at `start`.
+    fn train_on(
+        &mut self,
+        global: &[f32],
+        cfg: &TrainingConfig,
+        evaluate: bool,
+        history: &[u32],
+        start: std::time::Duration,
+    ) -> LocalUpdate {
         let budget = self.participation.time_budget;
         let over = |clock: &Arc<dyn Clock>| budget.is_some_and(|b| clock.monotonic() - start >= b);
         let mut report = TrainingReport {
@@ -380,11 +521,11 @@ impl Device {
             while report.personalize_epochs < cfg.local_epochs
                 && (report.personalize_epochs == 0 || !over(&self.clock))
             {
-                self.personalize_with(global, &one_epoch);
+                self.personalize_with(global, &one_epoch, history);
                 report.personalize_epochs += 1;
             }
         } else {
-            self.personalize_with(global, cfg);
+            self.personalize_with(global, cfg, history);
             report.personalize_epochs = if cfg.loss == Loss::Bpr {
                 cfg.local_epochs
             } else {
@@ -392,11 +533,10 @@ impl Device {
             };
         }
         let evaluation = if evaluate {
-            self.score_held_out(global)
+            self.score_held_out(global, history)
         } else {
             None
         };
-        let history = self.store.items();
         let mut delta = if by_epoch {
             let mut local = global.to_vec();
             while report.train_epochs < cfg.local_epochs
@@ -445,13 +585,13 @@ impl Device {
         if let Some(round) = self.ledger.rounds.last_mut() {
             round.training = Some(report);
         }
-        Ok(LocalUpdate {
+        LocalUpdate {
             delta,
             num_examples: history.len() as u64,
             evaluation,
             training: report,
             within_clip: 0.0,
-        })
+        }
     }
 
     /// [`train`](Self::train), then what the task's differential privacy
@@ -481,11 +621,13 @@ impl Device {
         self.consent.require_training()?;
         self.check_global(global)?;
         cfg.validate()?;
-        self.personalize_with(global, cfg);
-        Ok(self.score_held_out(global))
+        Ok(self.on_history(|device, history| {
+            device.personalize_with(global, cfg, history);
+            device.score_held_out(global, history)
+        }))
     }
 
-    /// Fits the private embedding to `global` and the stored purchases, for
+    /// Fits the private embedding to `global` and the purchases in use, for
     /// on-device recommendations (any consent that stores history; with
     /// [`Consent::None`] nothing happens). With [`Loss::Als`] this is the
     /// exact least-squares fit, which makes [`Device::explain`] exact.
@@ -493,19 +635,14 @@ impl Device {
         self.check_global(global)?;
         cfg.validate()?;
         if self.consent.level().stores_history() {
-            self.personalize_with(global, cfg);
+            self.on_history(|device, history| device.personalize_with(global, cfg, history));
         }
         Ok(())
     }
 
-    fn personalize_with(&mut self, global: &[f32], cfg: &TrainingConfig) {
-        self.model.personalize(
-            global,
-            &mut self.private,
-            self.store.items(),
-            cfg,
-            &mut self.rng,
-        );
+    fn personalize_with(&mut self, global: &[f32], cfg: &TrainingConfig, history: &[u32]) {
+        self.model
+            .personalize(global, &mut self.private, history, cfg, &mut self.rng);
     }
 
     /// Scores of every item. Not kept: an idle device holds no per-item buffer.
@@ -515,8 +652,12 @@ impl Device {
         scores
     }
 
-    pub(crate) fn score_held_out(&self, global: &[f32]) -> Option<EvalCounts> {
-        Some(self.rank_held_out(&self.scores(global), &self.held_out?))
+    fn score_held_out(&self, global: &[f32], history: &[u32]) -> Option<EvalCounts> {
+        Some(rank_held_out(
+            &self.scores(global),
+            &self.held_out?,
+            history,
+        ))
     }
 
     /// Evaluates one of the device's rankings on a held-out purchase (its
@@ -539,47 +680,34 @@ impl Device {
             Row::BuyAgain => self.row_scores(global)?.buy_again,
             Row::Blended => self.row_scores(global)?.blended,
         };
-        let exclude = if held_out.exclude_history {
-            self.store.items()
+        let history = self.history();
+        let exclude: &[u32] = if held_out.exclude_history {
+            &history
         } else {
             &[]
         };
         Ok((
-            self.rank_held_out(&scores, held_out),
+            rank_held_out(&scores, held_out, &history),
             metrics::top_k(&scores, exclude, metrics::K),
         ))
     }
 
-    fn rank_held_out(&self, scores: &[f32], held_out: &HeldOut) -> EvalCounts {
-        let history = self.store.items();
-        let exclude = if held_out.exclude_history {
-            history
-        } else {
-            &[]
-        };
-        let mut rng = held_out.candidate_seed.map(ChaCha8Rng::seed_from_u64);
-        metrics::evaluate_user(
-            scores,
-            exclude,
-            history,
-            held_out.item,
-            rng.as_mut().map(|r| r as &mut dyn rand::Rng),
-        )
-    }
-
-    /// The `k` best items for this shopper under `global`, excluding what was
-    /// already bought, best first. Uses the private embedding as it is.
+    /// The `k` best items for this shopper under `global`, leaving out what
+    /// was already bought (and not excluded), best first. Uses the private
+    /// embedding as it is.
     pub fn recommend(&mut self, global: &[f32], k: usize) -> Result<Vec<u32>, ClientError> {
         self.check_global(global)?;
-        Ok(metrics::top_k(&self.scores(global), self.store.items(), k))
+        Ok(metrics::top_k(&self.scores(global), &self.history(), k))
     }
 
-    /// Drops what the retention policy does not allow now; returns how many.
+    /// Drops what the retention policy does not allow now, and the
+    /// exclusions of the purchases dropped; returns how many purchases.
     pub(crate) fn enforce_retention(&mut self) -> usize {
         let dropped = self.store.enforce(&self.retention, self.clock.unix_now());
         if dropped > 0 {
             tracing::debug!(dropped, "retention policy dropped purchases");
         }
+        self.prune_exclusions();
         dropped
     }
 
@@ -596,6 +724,7 @@ impl Device {
         let state = StoredState {
             consent: self.consent.get(),
             purchases: self.store.purchases().to_vec(),
+            exclusions: self.exclusions.get(),
             private: self.private.clone(),
             ledger: self.ledger.clone(),
         };
@@ -620,11 +749,14 @@ impl Device {
         if state.private.len() == self.private.len() && state.private.iter().all(|v| v.is_finite())
         {
             self.private = state.private;
+            // It may have been fitted: an exclusion replaces it.
+            self.fitted = true;
         } else {
             // A model of another shape: the private embedding starts afresh.
             tracing::info!("stored private embedding does not fit the model; starting afresh");
         }
         self.consent.set(state.consent);
+        self.exclusions.set(state.exclusions);
         self.ledger = state.ledger;
         Ok(())
     }
@@ -637,8 +769,9 @@ impl Device {
     }
 
     /// A copy to work on away from the app (a training round): same model,
-    /// history, private state and consent cell; no store file, so the copy
-    /// never writes. Merge results back with [`absorb`](Self::absorb).
+    /// history, private state, consent and exclusions (shared); no store
+    /// file, so the copy never writes. Merge results back with
+    /// [`absorb`](Self::absorb).
     pub(crate) fn working_copy(&self) -> Device {
         Device {
             model: Arc::clone(&self.model),
@@ -647,6 +780,8 @@ impl Device {
             rng: ChaCha8Rng::seed_from_u64(rand::RngExt::random(&mut rand::rng())),
             held_out: self.held_out,
             consent: self.consent.clone(),
+            exclusions: self.exclusions.clone(),
+            fitted: self.fitted,
             retention: self.retention,
             clock: Arc::clone(&self.clock),
             participation: self.participation.clone(),
@@ -658,11 +793,12 @@ impl Device {
 
     /// Takes back what a [`working_copy`](Self::working_copy) learned: its
     /// private embedding and its round records, unless the shopper erased
-    /// their data meanwhile (then only the round records, which say what
-    /// left the device). Saves.
+    /// their data or excluded purchases meanwhile (then only the round
+    /// records, which say what left the device). Saves.
     pub(crate) fn absorb(&mut self, copy: Device) -> Result<(), ClientError> {
         if copy.generation == self.generation {
             self.private = copy.private;
+            self.fitted |= copy.fitted;
         }
         self.ledger.rounds.extend(copy.ledger.rounds);
         for (k, m) in copy.ledger.outside_rounds {
@@ -670,8 +806,30 @@ impl Device {
             slot.count += m.count;
             slot.bytes += m.bytes;
         }
+        // The copy no longer shares the exclusions: what it had to keep
+        // leaving out can go now.
+        drop(copy.exclusions);
+        self.prune_exclusions();
         self.persist()
     }
+}
+
+/// The held-out purchase's rank among the scores, with `history` the
+/// shopper's history.
+fn rank_held_out(scores: &[f32], held_out: &HeldOut, history: &[u32]) -> EvalCounts {
+    let exclude = if held_out.exclude_history {
+        history
+    } else {
+        &[]
+    };
+    let mut rng = held_out.candidate_seed.map(ChaCha8Rng::seed_from_u64);
+    metrics::evaluate_user(
+        scores,
+        exclude,
+        history,
+        held_out.item,
+        rng.as_mut().map(|r| r as &mut dyn rand::Rng),
+    )
 }
 
 #[cfg(test)]
@@ -681,7 +839,9 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::eligibility::ParticipationPolicy;
+    use crate::exclusion::Exclusion;
     use crate::model::MatrixFactorization;
+    use crate::store::{PurchaseKey, Tag};
     use crate::vault::StoreKey;
 
     const DAY: i64 = 86_400;
@@ -692,11 +852,7 @@ mod tests {
     }
 
     fn at(item: u32, time: i64) -> Purchase {
-        Purchase {
-            item,
-            time,
-            quantity: 1.0,
-        }
+        Purchase::new(item, time, 1.0)
     }
 
     fn open(
@@ -770,7 +926,7 @@ mod tests {
     }
 
     #[test]
-    fn only_item_time_and_quantity_are_stored() {
+    fn only_item_time_quantity_and_the_apps_tag_are_stored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let key = StoreKey::from_bytes([8; 32]);
@@ -778,12 +934,24 @@ mod tests {
         let mut d = open(&path, &key, &clock).unwrap();
         d.set_consent(Consent::OnDevice).unwrap();
         d.record(at(9, T0)).unwrap();
+        d.record(at(10, T0).with_tag(Tag::new("gift").unwrap()))
+            .unwrap();
         drop(d);
         let vault = Vault::new(&path, &key);
         let plain = vault.load().unwrap().unwrap();
         let mut state: serde_json::Value = serde_json::from_slice(&plain).unwrap();
         let fields: Vec<&String> = state["purchases"][0].as_object().unwrap().keys().collect();
         assert_eq!(fields, ["item", "quantity", "time"]);
+        assert_eq!(state["purchases"][1]["tag"], "gift");
+        // A tag is checked on load like any other field.
+        let mut bad = state.clone();
+        bad["purchases"][1]["tag"] = "gift for Alice".into();
+        vault.save(&serde_json::to_vec(&bad).unwrap()).unwrap();
+        let err = open(&path, &key, &clock).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::StoreFormat { detail, .. } if detail.contains("gift for Alice")),
+            "{err}"
+        );
         // A record with anything else is refused, not silently kept.
         state["purchases"][0]["note"] = "gift for Alice".into();
         vault.save(&serde_json::to_vec(&state).unwrap()).unwrap();
@@ -1017,5 +1185,417 @@ mod tests {
         };
         let err = b.train(&global, &bpr, false).unwrap_err().to_string();
         assert!(err.contains("user_moment"), "{err}");
+    }
+
+    fn tagged(item: u32, time: i64, tag: &str) -> Purchase {
+        at(item, time).with_tag(Tag::new(tag).unwrap())
+    }
+
+    /// A shopper's purchases: every kind of exclusion below leaves out some
+    /// of them, and something else stays.
+    fn purchases() -> Vec<Purchase> {
+        vec![
+            at(1, T0),
+            at(2, T0 + 1),
+            at(5, T0 + 2),
+            at(7, T0 + 3),
+            at(7, T0 + 4),
+            tagged(8, T0 + 5, "medical"),
+            tagged(9, T0 + 6, "medical"),
+            at(9, T0 + 7),
+            tagged(3, T0 + 8, "gift"),
+        ]
+    }
+
+    fn kinds() -> [Exclusion; 3] {
+        [
+            Exclusion::Purchase(PurchaseKey {
+                item: 5,
+                time: T0 + 2,
+            }),
+            Exclusion::Item(7),
+            Exclusion::tag("medical").unwrap(),
+        ]
+    }
+
+    /// A federated device with `purchases`, in memory, seeded.
+    fn device_with(model: &Arc<dyn Model>, purchases: &[Purchase]) -> Device {
+        let mut d = Device::builder(Arc::clone(model))
+            .seed(11)
+            .clock(Arc::new(ManualClock::new(T0 + DAY)))
+            .in_memory()
+            .unwrap();
+        d.set_consent(Consent::Federated).unwrap();
+        for p in purchases {
+            d.record(p.clone()).unwrap();
+        }
+        d
+    }
+
+    /// What a device computes from its purchases: the update, the private
+    /// embedding after it, the evaluation, the recommendations.
+    fn outcome(d: &mut Device, global: &[f32]) -> (Vec<f32>, u64, Vec<f32>, Vec<u32>) {
+        let update = d.train(global, &TrainingConfig::default(), false).unwrap();
+        let recs = d.recommend(global, 10).unwrap();
+        (
+            update.delta,
+            update.num_examples,
+            d.private_embedding().to_vec(),
+            recs,
+        )
+    }
+
+    #[test]
+    fn an_excluded_purchase_is_as_if_never_made_and_including_it_restores_it() {
+        let model = mf(30);
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        let all = purchases();
+        let original = outcome(&mut device_with(&model, &all), &global);
+        for x in kinds() {
+            let kept: Vec<Purchase> = all.iter().filter(|p| !x.covers(p)).cloned().collect();
+            assert!(kept.len() < all.len() && !kept.is_empty(), "{x:?}");
+            let never_had = outcome(&mut device_with(&model, &kept), &global);
+            assert_ne!(never_had, original, "{x:?} changes something");
+
+            let mut d = device_with(&model, &all);
+            assert!(d.exclude(x.clone()).unwrap());
+            assert!(!d.exclude(x.clone()).unwrap(), "already excluded");
+            assert_eq!(d.store().len(), all.len(), "still stored");
+            assert_eq!(outcome(&mut d, &global), never_had, "{x:?}");
+
+            let mut d = device_with(&model, &all);
+            d.exclude(x.clone()).unwrap();
+            assert!(d.include(x.clone()).unwrap());
+            assert!(!d.include(x.clone()).unwrap(), "no longer excluded");
+            assert_eq!(outcome(&mut d, &global), original, "{x:?} re-included");
+        }
+        // The evaluation too: the held-out purchase competes with the item
+        // excluded, as with an item never bought.
+        let held = HeldOut {
+            item: 20,
+            exclude_history: true,
+            candidate_seed: Some(3),
+        };
+        let cfg = TrainingConfig::default();
+        let mut d = device_with(&model, &all);
+        d.exclude(Exclusion::Item(7)).unwrap();
+        d.hold_out(held).unwrap();
+        let kept: Vec<Purchase> = all.iter().filter(|p| p.item != 7).cloned().collect();
+        let mut r = device_with(&model, &kept);
+        r.hold_out(held).unwrap();
+        assert_eq!(
+            d.evaluate(&global, &cfg).unwrap(),
+            r.evaluate(&global, &cfg).unwrap()
+        );
+    }
+
+    #[test]
+    fn an_exclusion_after_fitting_replaces_the_private_embedding() {
+        let model = mf(30);
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        let mut d = device_with(&model, &purchases());
+        d.train(&global, &TrainingConfig::default(), false).unwrap();
+        let fitted = d.private_embedding().to_vec();
+        // Excluding an item not bought changes no history: nothing to replace.
+        d.exclude(Exclusion::Item(29)).unwrap();
+        assert_eq!(d.private_embedding(), fitted.as_slice());
+        d.exclude(Exclusion::Item(7)).unwrap();
+        assert_ne!(d.private_embedding(), fitted.as_slice());
+        // Refitted exactly (ALS) on what is left: as if item 7 was never bought.
+        let als = crate::app::default_personalization();
+        let kept: Vec<Purchase> = purchases().into_iter().filter(|p| p.item != 7).collect();
+        let mut r = device_with(&model, &kept);
+        d.personalize(&global, &als).unwrap();
+        r.personalize(&global, &als).unwrap();
+        assert_eq!(d.private_embedding(), r.private_embedding());
+        assert_eq!(
+            d.explain(&global, 4, &als).unwrap(),
+            r.explain(&global, 4, &als).unwrap()
+        );
+    }
+
+    #[test]
+    fn everything_excluded_is_a_cold_start() {
+        let model = mf(30);
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        let mut d = device_with(&model, &[at(1, T0), at(2, T0)]);
+        d.exclude(Exclusion::Item(1)).unwrap();
+        d.exclude(Exclusion::Item(2)).unwrap();
+        assert!(d.history().is_empty());
+        let recs = d.recommendations(&global, 5, 0.0).unwrap();
+        assert_eq!(recs.basis, crate::recommend::Basis::PopularColdStart);
+        assert!(
+            !d.transparency_report(false)
+                .to_text()
+                .contains("no purchases")
+        );
+    }
+
+    /// A model that runs a hook (once) after its first training pass.
+    struct Hooked {
+        inner: MatrixFactorization,
+        hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl std::fmt::Debug for Hooked {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hooked")
+        }
+    }
+
+    impl Model for Hooked {
+        fn items(&self) -> usize {
+            self.inner.items()
+        }
+        fn layout(&self) -> fedrec_proto::Layout {
+            self.inner.layout()
+        }
+        fn init_global(&self, rng: &mut dyn rand::Rng) -> Vec<f32> {
+            self.inner.init_global(rng)
+        }
+        fn init_private(&self, rng: &mut dyn rand::Rng) -> Vec<f32> {
+            self.inner.init_private(rng)
+        }
+        fn personalize(
+            &self,
+            global: &[f32],
+            private: &mut [f32],
+            history: &[u32],
+            cfg: &TrainingConfig,
+            rng: &mut dyn rand::Rng,
+        ) {
+            self.inner.personalize(global, private, history, cfg, rng);
+        }
+        fn train_in_place(
+            &self,
+            params: &mut [f32],
+            anchor: Option<&[f32]>,
+            private: &mut [f32],
+            history: &[u32],
+            cfg: &TrainingConfig,
+            rng: &mut dyn rand::Rng,
+        ) {
+            self.inner
+                .train_in_place(params, anchor, private, history, cfg, rng);
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+        fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
+            self.inner.score_all(global, private, out);
+        }
+    }
+
+    #[test]
+    fn an_exclusion_made_during_a_round_applies_to_that_round() {
+        let hooked = Arc::new(Hooked {
+            inner: MatrixFactorization::new(30, 4, 0.1).unwrap(),
+            hook: std::sync::Mutex::new(None),
+        });
+        let model: Arc<dyn Model> = hooked.clone();
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        let all = purchases();
+        let x = Exclusion::tag("medical").unwrap();
+        let kept: Vec<Purchase> = all.iter().filter(|p| !x.covers(p)).cloned().collect();
+        // The round runs on a copy with randomness of its own; the reference
+        // gets the same.
+        let reference = |copy_rng: u64| {
+            let mut r = device_with(&model, &kept);
+            r.rng = ChaCha8Rng::seed_from_u64(copy_rng);
+            outcome(&mut r, &global)
+        };
+
+        // Made after the copy was taken, before it computes.
+        let mut app = device_with(&model, &all);
+        let mut copy = app.working_copy();
+        copy.rng = ChaCha8Rng::seed_from_u64(5);
+        app.exclude(x.clone()).unwrap();
+        assert_eq!(outcome(&mut copy, &global), reference(5));
+
+        // Made while the copy computes its update (the app holds the device
+        // and changes it from another thread): computed again without it.
+        let app = Arc::new(std::sync::Mutex::new(device_with(&model, &all)));
+        let mut copy = app.lock().unwrap().working_copy();
+        copy.rng = ChaCha8Rng::seed_from_u64(6);
+        let (shared, excluded) = (Arc::clone(&app), x.clone());
+        *hooked.hook.lock().unwrap() = Some(Box::new(move || {
+            let handle = std::thread::spawn(move || shared.lock().unwrap().exclude(excluded));
+            handle.join().unwrap().unwrap();
+        }));
+        let during = outcome(&mut copy, &global);
+        assert!(hooked.hook.lock().unwrap().is_none(), "the hook ran");
+        assert_eq!(during, reference(6));
+        // What the copy fitted before the exclusion is not taken back.
+        let mut app = Arc::into_inner(app).unwrap().into_inner().unwrap();
+        let before = app.private_embedding().to_vec();
+        app.absorb(copy).unwrap();
+        assert_eq!(app.private_embedding(), before.as_slice());
+    }
+
+    #[test]
+    fn unknown_purchases_items_and_malformed_tags_are_named() {
+        let model = mf(30);
+        let mut d = device_with(&model, &purchases());
+        let err = d
+            .exclude(Exclusion::Purchase(PurchaseKey {
+                item: 5,
+                time: T0 + 99,
+            }))
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::UnknownPurchase { item: 5, time } if time == T0 + 99),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("item 5 at time {}", T0 + 99)),
+            "{err}"
+        );
+        let err = d.include(Exclusion::Item(30)).unwrap_err();
+        assert!(
+            matches!(err, ClientError::UnknownItem { item: 30, .. }),
+            "{err}"
+        );
+        for bad in ["", "gift for Alice", "médical", &"x".repeat(33)] {
+            let err = Exclusion::tag(bad).unwrap_err();
+            assert!(
+                matches!(&err, ClientError::InvalidTag { tag } if tag == bad),
+                "{err}"
+            );
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+        assert!(Tag::new("x".repeat(32)).is_ok());
+        assert!(Tag::new("Gift-for_2").is_ok());
+        // A tag or an item without purchases yet: for future purchases.
+        assert!(d.exclude(Exclusion::tag("pharmacy").unwrap()).unwrap());
+        assert!(d.exclude(Exclusion::Item(29)).unwrap());
+        assert!(d.exclusions().len() == 2 && d.history() == d.store().items());
+        d.record(tagged(4, T0 + 9, "pharmacy")).unwrap();
+        assert!(!d.history().contains(&4));
+    }
+
+    #[test]
+    fn exclusions_are_saved_and_retention_and_forget_me_apply_to_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::from_bytes([12; 32]);
+        let clock = ManualClock::new(T0);
+        let open = || {
+            Device::builder(mf(30))
+                .seed(1)
+                .clock(Arc::new(clock.clone()))
+                .retention(RetentionPolicy {
+                    max_age: Some(Duration::from_secs(30 * DAY as u64)),
+                    max_events: None,
+                })
+                .open(Vault::new(&path, &key))
+                .unwrap()
+        };
+        let mut d = open();
+        d.set_consent(Consent::OnDevice).unwrap();
+        let old = at(5, T0 - 20 * DAY);
+        for p in [old.clone(), at(6, T0), tagged(7, T0, "gift"), at(8, T0)] {
+            d.record(p).unwrap();
+        }
+        for x in [
+            Exclusion::Purchase(old.key()),
+            Exclusion::Item(8),
+            Exclusion::tag("gift").unwrap(),
+        ] {
+            d.exclude(x).unwrap();
+        }
+        let excluded = d.exclusions();
+        assert_eq!(d.history(), [6]);
+        drop(d);
+        let d = open();
+        assert_eq!(d.exclusions(), excluded, "saved");
+        assert_eq!(d.history(), [6]);
+
+        // Eleven days later the old purchase is past 30 days: it goes, and
+        // its exclusion with it; the item and tag exclusions are settings.
+        clock.advance(Duration::from_secs(11 * DAY as u64));
+        let mut d = open();
+        assert_eq!(d.store().len(), 3);
+        let left: Vec<Exclusion> = d.exclusions().iter().cloned().collect();
+        assert_eq!(left, [Exclusion::Item(8), Exclusion::tag("gift").unwrap()]);
+        let plain = Vault::new(&path, &key).load().unwrap().unwrap();
+        let text = String::from_utf8(plain.to_vec()).unwrap();
+        assert!(!text.contains(&(T0 - 20 * DAY).to_string()), "{text}");
+
+        d.exclude(Exclusion::Purchase(PurchaseKey { item: 6, time: T0 }))
+            .unwrap();
+        d.forget_me().unwrap();
+        drop(d);
+        let d = open();
+        let left: Vec<Exclusion> = d.exclusions().iter().cloned().collect();
+        assert_eq!(left, [Exclusion::Item(8), Exclusion::tag("gift").unwrap()]);
+    }
+
+    #[test]
+    fn a_store_written_before_tags_and_exclusions_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = StoreKey::from_bytes([13; 32]);
+        let fixture = include_str!("../testdata/store-before-tags.json");
+        Vault::new(&path, &key).save(fixture.as_bytes()).unwrap();
+        let clock = ManualClock::new(T0);
+        let d = open(&path, &key, &clock).unwrap();
+        assert_eq!(d.consent().level, Consent::Federated);
+        assert_eq!(
+            d.store().purchases(),
+            [at(3, T0 - DAY), Purchase::new(4, T0, 2.0)]
+        );
+        assert!(d.exclusions().is_empty());
+        assert_eq!(d.private_embedding(), [0.25, -0.5, 0.125, 1.0]);
+        assert_eq!(d.ledger().rounds.len(), 1);
+    }
+
+    #[test]
+    fn the_transparency_report_shows_what_is_excluded() {
+        let model = mf(30);
+        let mut d = device_with(&model, &purchases());
+        let text = d.transparency_report(false).to_text();
+        assert!(text.contains("Excluded by you: nothing"), "{text}");
+        for x in kinds() {
+            d.exclude(x).unwrap();
+        }
+        let report = d.transparency_report(false);
+        assert_eq!(report.stored.purchases, 9, "excluded purchases are stored");
+        // Item 5's purchase, both of item 7, both tagged medical.
+        assert_eq!(report.stored.not_used, 5);
+        let x = &report.exclusions;
+        assert_eq!((x.purchases, x.items, x.tags), (1, 1, 1));
+        assert_eq!(x.list, None);
+        let text = report.to_text();
+        assert!(
+            text.contains(
+                "of which 5 purchases not used for recommendations or training: you excluded them"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("Excluded by you from recommendations and training: 1 single purchase, 1 item, 1 tag"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("medical"),
+            "tags listed without being asked for"
+        );
+
+        let report = d.transparency_report(true);
+        assert_eq!(report.exclusions.list, Some(d.exclusions()));
+        let text = report.to_text();
+        for line in [
+            "the purchase of item 5 on 2023-11-14",
+            "every purchase of item 7",
+            "every purchase tagged medical",
+            "item 9  quantity 1  tag medical  (excluded: not used)",
+            "item 3  quantity 1  tag gift\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["exclusions"]["list"][2]["tag"], "medical");
     }
 }

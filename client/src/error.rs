@@ -15,6 +15,25 @@ pub enum ClientError {
         /// Catalogue size.
         items: usize,
     },
+    /// A purchase tag is not 1 to 32 ASCII letters, digits, `-` or `_`
+    /// (see [`crate::store::Tag`]).
+    #[error(
+        "tag {tag:?} is not valid: a tag is 1 to {max} ASCII letters, digits, '-' or '_'",
+        max = crate::store::MAX_TAG_LEN
+    )]
+    InvalidTag {
+        /// The offending tag.
+        tag: String,
+    },
+    /// No stored purchase has this item and time (it was never recorded,
+    /// or retention or `forget_me` removed it).
+    #[error("no stored purchase of item {item} at time {time}")]
+    UnknownPurchase {
+        /// The item asked for.
+        item: u32,
+        /// The time asked for (Unix seconds).
+        time: i64,
+    },
     /// The coordinator's model does not fit this device's model.
     #[error("model mismatch: {0}")]
     ModelMismatch(String),

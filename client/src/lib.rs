@@ -16,16 +16,23 @@
 //!   nothing and recommends popular items; `OnDevice` keeps the history for
 //!   recommendations on the device only; `Federated` also takes part in
 //!   training. A change applies at once, also to a round in progress.
-//! - **Necessary data only**: a [`store::Purchase`] is an item, a time and a
-//!   quantity, nothing else; a [`retention::RetentionPolicy`] (age, count)
-//!   is enforced on every write and load; [`Client::forget_me`] erases the
+//! - **Necessary data only**: a [`store::Purchase`] is an item, a time, a
+//!   quantity and, if the app gives one, a short [`store::Tag`] ("gift"),
+//!   nothing else; a [`retention::RetentionPolicy`] (age, count) is
+//!   enforced on every write and load; [`Client::forget_me`] erases the
 //!   history, the private embedding and the training state.
+//! - **The shopper's controls** ([`exclusion::Exclusion`]): one purchase, an
+//!   item or a tag can be left out of personalization and training
+//!   ([`Client::exclude`]); excluded purchases are as if never made, at once,
+//!   also for a round in progress. They stay stored, and reported, until
+//!   retention or forget-me removes them.
 //! - **Encrypted, crash-safe store** ([`vault`]): one file, ChaCha20-Poly1305
 //!   under the app's key, replaced atomically; damage and a wrong key are
 //!   reported, never papered over.
 //! - **Transparency** ([`transparency::TransparencyReport`]): what is stored,
-//!   every round taken part in with the kinds and sizes of the messages
-//!   sent, and the privacy budget the coordinator reports.
+//!   what the shopper excluded, every round taken part in with the kinds and
+//!   sizes of the messages sent, and the privacy budget the coordinator
+//!   reports.
 //! - **Nothing personal in logs**: the SDK logs counts, never items or
 //!   embeddings.
 //!
@@ -34,7 +41,8 @@
 //! - [`device::Device`]: sans-IO; holds the store, the consent, the private
 //!   embedding and the ledger; trains, evaluates and recommends given the
 //!   global parameters.
-//! - [`store::PurchaseStore`]: the purchases; [`vault::Vault`]: the file.
+//! - [`store::PurchaseStore`]: the purchases; [`exclusion`]: what the
+//!   shopper left out of them; [`vault::Vault`]: the file.
 //! - [`model::Model`] / [`model::MatrixFactorization`]: global item embeddings
 //!   and biases, and a private user embedding that never leaves the device.
 //! - [`recommend`]: popularity fallback, diversity (maximal marginal
@@ -62,7 +70,7 @@
 //! let mut device = Device::new(model, 7);
 //! device.set_consent(Consent::Federated).unwrap(); // opt-in: nothing is stored before
 //! for item in [3, 4, 5] {
-//!     device.record(Purchase { item, time: 0, quantity: 1.0 }).unwrap();
+//!     device.record(Purchase::new(item, 0, 1.0)).unwrap();
 //! }
 //! let update = device.train(&global, &TrainingConfig::default(), false).unwrap();
 //! assert_eq!(update.delta.len(), global.len()); // dense, whatever was bought
@@ -79,6 +87,7 @@ pub mod consent;
 pub mod device;
 pub mod eligibility;
 pub mod error;
+pub mod exclusion;
 pub mod metrics;
 pub mod model;
 pub mod participant;

@@ -247,7 +247,8 @@ impl Participant {
     ///
     /// Refuses ([`ClientError::ConsentRequired`]) unless the shopper's consent
     /// is federated, checked before every check-in and again before anything
-    /// computed is sent. Checks in only while the device's
+    /// computed is sent. The shopper's exclusions are read when the device
+    /// computes (see [`Device::history`]). Checks in only while the device's
     /// [`ParticipationPolicy`](crate::eligibility::ParticipationPolicy) finds
     /// it eligible (waiting with back-off otherwise), and returns early when
     /// that policy says so (task limit, giving up).

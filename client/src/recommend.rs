@@ -1,7 +1,9 @@
 //! Recommendations on the device: relevance, diversity, explanations.
 //!
 //! - Personal ranking: the model's score for this shopper (private embedding
-//!   and global model), items already bought left out.
+//!   and global model), items already bought left out. Purchases the shopper
+//!   excluded ([`crate::exclusion`]) count as never made: they shape nothing,
+//!   and their items may be recommended like any other.
 //! - Non-personal ranking ([`Basis::PopularColdStart`], [`Basis::PopularNoConsent`]), used when there is no
 //!   history (cold start) or the consent is [`Consent::None`]: the global
 //!   model's own score for a shopper it knows nothing about
@@ -37,7 +39,8 @@ pub enum Basis {
     Personal,
     /// The most popular items: the consent is [`Consent::None`].
     PopularNoConsent,
-    /// The most popular items: no purchases are stored yet (cold start).
+    /// The most popular items: no purchases are stored yet, or all of them
+    /// are excluded (cold start).
     PopularColdStart,
 }
 
@@ -161,9 +164,13 @@ fn cosine_unit(a: Option<&[f32]>, b: Option<&[f32]>) -> f32 {
 impl Device {
     /// What the ranking for this shopper can be based on now.
     pub fn basis(&self) -> Basis {
+        self.basis_for(&self.history())
+    }
+
+    fn basis_for(&self, history: &[u32]) -> Basis {
         if !self.consent.level().stores_history() {
             Basis::PopularNoConsent
-        } else if self.store.is_empty() {
+        } else if history.is_empty() {
             Basis::PopularColdStart
         } else {
             Basis::Personal
@@ -171,7 +178,8 @@ impl Device {
     }
 
     /// The `k` items to show this shopper under `global`: personal (items
-    /// already bought left out) when the consent and a history allow it,
+    /// already bought left out, unless excluded: see [`Device::exclude`])
+    /// when the consent and a history allow it,
     /// otherwise the most popular; diversified by `diversity` (λ in [0, 1],
     /// 0 = pure relevance). Uses the private embedding as it is (see
     /// [`Device::personalize`]).
@@ -187,9 +195,10 @@ impl Device {
                 "diversity must be in [0, 1], got {diversity}"
             )));
         }
-        let basis = self.basis();
+        let history = self.history();
+        let basis = self.basis_for(&history);
         let (scores, exclude): (Vec<f32>, &[u32]) = match basis {
-            Basis::Personal => (self.scores(global), self.store.items()),
+            Basis::Personal => (self.scores(global), &history),
             _ => {
                 let mut pop = Vec::new();
                 self.model.popularity(global, &mut pop);
@@ -203,7 +212,7 @@ impl Device {
         Ok(Recommendations { items, basis })
     }
 
-    /// Which of the shopper's own purchases make `item` relevant, and how
+    /// Which of the shopper's own purchases (not excluded) make `item` relevant, and how
     /// much, under the least-squares fit with `cfg`'s confidence and
     /// regularization (exact when the private embedding was fitted by
     /// [`Device::personalize`] with the ALS loss). Not personal (no
@@ -221,7 +230,8 @@ impl Device {
                 items: self.model.items(),
             });
         }
-        let basis = self.basis();
+        let history = self.history();
+        let basis = self.basis_for(&history);
         let mut pop = Vec::new();
         self.model.popularity(global, &mut pop);
         let popular = Explanation {
@@ -233,8 +243,7 @@ impl Device {
         if basis != Basis::Personal || self.consent.level() < Consent::OnDevice {
             return Ok(popular);
         }
-        let history = self.store.items();
-        let Some((terms, baseline)) = self.model.explain(global, history, item, cfg) else {
+        let Some((terms, baseline)) = self.model.explain(global, &history, item, cfg) else {
             return Ok(popular);
         };
         let mut because: Vec<Contribution> = history
@@ -334,7 +343,7 @@ impl Device {
         use crate::repeat;
         self.check_global(global)?;
         let now = self.clock.unix_now();
-        let purchases = self.store.purchases();
+        let purchases = &self.used_purchases();
         let mut pop = Vec::new();
         self.model.popularity(global, &mut pop);
         let pct = repeat::percentiles(&pop);
@@ -374,7 +383,7 @@ impl Device {
             });
         }
         let scores = self.row_scores(global)?;
-        let past = self.store.items();
+        let past = self.history();
         let mut buy_again = metrics::top_k(&scores.buy_again, &[], k.min(past.len()));
         buy_again.retain(|i| past.binary_search(i).is_ok());
         Ok(Rows {
@@ -393,7 +402,7 @@ impl Device {
             return None;
         }
         let now = self.clock.unix_now();
-        let history = crate::repeat::History::new(self.store.purchases(), now.saturating_add(1));
+        let history = crate::repeat::History::new(&self.used_purchases(), now.saturating_add(1));
         let p = history.items.iter().find(|p| p.item == item)?;
         Some(RebuyReason {
             item,
@@ -438,9 +447,10 @@ impl Device {
             self.scores(global)
         };
         let target = self.held_out.map(|h| h.item);
+        let history = self.history();
         let exclude: &[u32] = match self.held_out {
             Some(h) if !h.exclude_history => &[],
-            _ => self.store.items(),
+            _ => &history,
         };
         let model = &self.model;
         let items = diversify(&scores, exclude, k, diversity, |i| {

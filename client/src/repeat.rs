@@ -416,11 +416,7 @@ mod tests {
     use super::*;
 
     fn p(item: u32, day: i64) -> Purchase {
-        Purchase {
-            item,
-            time: day * 86_400,
-            quantity: 1.0,
-        }
+        Purchase::new(item, day * 86_400, 1.0)
     }
 
     #[test]

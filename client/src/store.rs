@@ -1,18 +1,24 @@
 //! The device's local purchase store.
 //!
 //! Only what training needs is kept: the item, the time and the quantity of
-//! each purchase. There is no field for anything else, and a stored record
-//! with any other field is refused when loaded.
+//! each purchase, and the app's [`Tag`] when it gave one (so the shopper can
+//! exclude every purchase so tagged; see [`crate::exclusion`]). There is no
+//! field for anything else, and a stored record with any other field is
+//! refused when loaded.
 
 use crate::error::ClientError;
+use crate::exclusion::Exclusions;
 use crate::retention::RetentionPolicy;
 
 /// How far in the future (seconds, against the device's clock) a purchase
 /// time may lie: a little clock skew, not a way around retention.
 pub const MAX_FUTURE_SECS: i64 = 24 * 3600;
 
+/// Longest [`Tag`], in characters.
+pub const MAX_TAG_LEN: usize = 32;
+
 /// One purchase as the device stores it.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Purchase {
     /// Catalogue index of the item.
@@ -21,9 +27,127 @@ pub struct Purchase {
     pub time: i64,
     /// Quantity bought.
     pub quantity: f32,
+    /// The app's label for the purchase, if any (e.g. `gift`, `medical`):
+    /// only the label is stored, so the shopper can exclude every purchase
+    /// that carries it. Stores written before tags existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<Tag>,
+}
+
+impl Purchase {
+    /// An untagged purchase of `quantity` of `item` at `time` (Unix seconds).
+    pub fn new(item: u32, time: i64, quantity: f32) -> Self {
+        Self {
+            item,
+            time,
+            quantity,
+            tag: None,
+        }
+    }
+
+    /// This purchase, labelled `tag`.
+    pub fn with_tag(self, tag: Tag) -> Self {
+        Self {
+            tag: Some(tag),
+            ..self
+        }
+    }
+
+    /// What names this purchase for [`Exclusion::Purchase`](crate::exclusion::Exclusion::Purchase).
+    pub fn key(&self) -> PurchaseKey {
+        PurchaseKey {
+            item: self.item,
+            time: self.time,
+        }
+    }
+}
+
+/// One stored purchase, named by its item and time.
+///
+/// Why not a number assigned when it is recorded: the item and the time are
+/// already stored, so nothing is added to the store; they stay the same
+/// when retention drops other purchases and when the store is reopened; and
+/// the app knows them without keeping anything (its own order history).
+/// Purchases of the same item in the same second share a key: the store
+/// cannot tell them apart by anything that matters, and they are excluded
+/// together.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseKey {
+    /// Catalogue index of the item.
+    pub item: u32,
+    /// Unix seconds.
+    pub time: i64,
+}
+
+/// A label the app gives purchases (`gift`, `medical`, ...), so the shopper
+/// can exclude all of them at once.
+///
+/// 1 to [`MAX_TAG_LEN`] ASCII letters, digits, `-` or `_`, compared exactly
+/// (`Gift` and `gift` differ). The SDK stores the label and nothing else
+/// about it; what it means is the app's business.
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct Tag(String);
+
+impl Tag {
+    /// `tag` as a tag; [`ClientError::InvalidTag`] unless it is 1 to
+    /// [`MAX_TAG_LEN`] ASCII letters, digits, `-` or `_`.
+    pub fn new(tag: impl Into<String>) -> Result<Self, ClientError> {
+        let tag = tag.into();
+        let valid = (1..=MAX_TAG_LEN).contains(&tag.len())
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if valid {
+            Ok(Self(tag))
+        } else {
+            Err(ClientError::InvalidTag { tag })
+        }
+    }
+
+    /// The label.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Tag {
+    type Error = ClientError;
+
+    fn try_from(tag: String) -> Result<Self, ClientError> {
+        Self::new(tag)
+    }
+}
+
+impl std::str::FromStr for Tag {
+    type Err = ClientError;
+
+    fn from_str(tag: &str) -> Result<Self, ClientError> {
+        Self::new(tag)
+    }
+}
+
+impl From<Tag> for String {
+    fn from(tag: Tag) -> Self {
+        tag.0
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The purchases recorded on this device, in recording order.
+///
+/// It holds every stored purchase, excluded or not; what modelling uses is
+/// [`history`](Self::history) (through [`crate::device::Device::history`]).
 #[derive(Clone, Debug, Default)]
 pub struct PurchaseStore {
     purchases: Vec<Purchase>,
@@ -124,14 +248,47 @@ impl PurchaseStore {
         Some((min, max))
     }
 
-    /// All purchases, in recording order.
+    /// All stored purchases, excluded ones too, in recording order.
     pub fn purchases(&self) -> &[Purchase] {
         &self.purchases
     }
 
-    /// Distinct items bought, sorted ascending.
+    /// Distinct items among all stored purchases, excluded ones too, sorted
+    /// ascending. Modelling uses [`history`](Self::history) instead.
     pub fn items(&self) -> &[u32] {
         &self.distinct
+    }
+
+    /// The stored purchases that `exclusions` do not leave out, in
+    /// recording order (what the buy-again row is ranked from).
+    pub fn used(&self, exclusions: &Exclusions) -> Vec<Purchase> {
+        self.purchases
+            .iter()
+            .filter(|p| !exclusions.excludes(p))
+            .cloned()
+            .collect()
+    }
+
+    /// The history models see: the distinct items of the stored purchases
+    /// that `exclusions` do not leave out, sorted ascending.
+    pub fn history(&self, exclusions: &Exclusions) -> Vec<u32> {
+        if exclusions.is_empty() {
+            return self.distinct.clone();
+        }
+        let mut items: Vec<u32> = self
+            .purchases
+            .iter()
+            .filter(|p| !exclusions.excludes(p))
+            .map(|p| p.item)
+            .collect();
+        items.sort_unstable();
+        items.dedup();
+        items
+    }
+
+    /// Whether a purchase named `key` is stored.
+    pub fn contains(&self, key: PurchaseKey) -> bool {
+        self.purchases.iter().any(|p| p.key() == key)
     }
 
     /// Number of purchases stored.

@@ -5,8 +5,9 @@
 //! local training it did) with the kinds and byte counts of the messages it
 //! sent, and the messages sent outside rounds (joining, check-ins, model
 //! downloads). [`Device::transparency_report`] combines it with a summary of
-//! the stored purchases into a [`TransparencyReport`], serializable for an
-//! app and renderable as plain text for a settings screen.
+//! the stored purchases and of what the shopper excluded into a
+//! [`TransparencyReport`], serializable for an app and renderable as plain
+//! text for a settings screen.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consent::ConsentRecord;
 use crate::device::Device;
+use crate::exclusion::{Exclusion, Exclusions};
 use crate::participant::SentMessage;
 use crate::retention::RetentionPolicy;
 use crate::store::Purchase;
@@ -146,8 +148,11 @@ impl RoundRecord {
 /// What is stored on the device, in summary.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StoredSummary {
-    /// Purchases stored.
+    /// Purchases stored, excluded ones too (they are stored).
     pub purchases: usize,
+    /// How many of them are excluded by the shopper: stored, but used for
+    /// nothing.
+    pub not_used: usize,
     /// Distinct items among them.
     pub distinct_items: usize,
     /// Time of the earliest stored purchase (Unix seconds).
@@ -156,10 +161,36 @@ pub struct StoredSummary {
     pub last: Option<i64>,
     /// Values in the private user embedding (kept on the device only).
     pub private_embedding_values: usize,
-    /// The purchases themselves, only when asked for.
+    /// The purchases themselves (excluded ones too), only when asked for.
     pub items: Option<Vec<Purchase>>,
     /// Whether the store is an encrypted file (false: in memory only).
     pub encrypted_file: bool,
+}
+
+/// What the shopper excluded from personalization and training, in summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ExclusionSummary {
+    /// Single purchases excluded.
+    pub purchases: usize,
+    /// Items excluded (every purchase of them).
+    pub items: usize,
+    /// Tags excluded (every purchase with them).
+    pub tags: usize,
+    /// The exclusions themselves, only when asked for (they name items and
+    /// tags).
+    pub list: Option<Exclusions>,
+}
+
+impl ExclusionSummary {
+    fn new(exclusions: Exclusions, include_items: bool) -> Self {
+        let count = |f: fn(&Exclusion) -> bool| exclusions.iter().filter(|x| f(x)).count();
+        Self {
+            purchases: count(|x| matches!(x, Exclusion::Purchase(_))),
+            items: count(|x| matches!(x, Exclusion::Item(_))),
+            tags: count(|x| matches!(x, Exclusion::Tag(_))),
+            list: include_items.then_some(exclusions),
+        }
+    }
 }
 
 /// Everything the shopper may want to know, at one moment.
@@ -171,6 +202,8 @@ pub struct TransparencyReport {
     pub consent: ConsentRecord,
     /// What is stored.
     pub stored: StoredSummary,
+    /// What the shopper excluded.
+    pub exclusions: ExclusionSummary,
     /// The retention policy in force.
     pub retention: RetentionPolicy,
     /// Every round taken part in, with what was sent.
@@ -215,6 +248,13 @@ impl TransparencyReport {
                 let _ = writeln!(s, "Stored {place}: no purchases");
             }
         }
+        if st.not_used > 0 {
+            let _ = writeln!(
+                s,
+                "  of which {} not used for recommendations or training: you excluded them",
+                plural(st.not_used, "purchase")
+            );
+        }
         let _ = writeln!(
             s,
             "Also stored: a private profile of {} numbers that never leaves this device",
@@ -235,14 +275,48 @@ impl TransparencyReport {
         let _ = writeln!(s, "Kept: {age}, {count}");
         if let Some(items) = &st.items {
             for p in items {
-                let _ = writeln!(
-                    s,
+                let mut line = format!(
                     "  {}  item {}  quantity {}",
                     date(p.time),
                     p.item,
                     p.quantity
                 );
+                if let Some(tag) = &p.tag {
+                    let _ = write!(line, "  tag {tag}");
+                }
+                if self.exclusions.list.as_ref().is_some_and(|x| x.excludes(p)) {
+                    line.push_str("  (excluded: not used)");
+                }
+                let _ = writeln!(s, "{line}");
             }
+        }
+        let x = &self.exclusions;
+        let kinds: Vec<String> = [
+            (x.purchases, "single purchase"),
+            (x.items, "item"),
+            (x.tags, "tag"),
+        ]
+        .into_iter()
+        .filter(|&(n, _)| n > 0)
+        .map(|(n, noun)| plural(n, noun))
+        .collect();
+        if kinds.is_empty() {
+            let _ = writeln!(s, "Excluded by you: nothing");
+        } else {
+            let _ = writeln!(
+                s,
+                "Excluded by you from recommendations and training: {}",
+                kinds.join(", ")
+            );
+        }
+        for e in x.list.iter().flat_map(Exclusions::iter) {
+            let _ = match e {
+                Exclusion::Purchase(k) => {
+                    writeln!(s, "  the purchase of item {} on {}", k.item, date(k.time))
+                }
+                Exclusion::Item(item) => writeln!(s, "  every purchase of item {item}"),
+                Exclusion::Tag(tag) => writeln!(s, "  every purchase tagged {tag}"),
+            };
         }
         let _ = writeln!(
             s,
@@ -308,6 +382,15 @@ impl std::fmt::Display for TransparencyReport {
     }
 }
 
+/// `n` and `noun`, plural unless `n` is 1.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// `YYYY-MM-DD` (UTC) of a Unix time.
 pub(crate) fn date(unix: i64) -> String {
     // Days to civil date (H. Hinnant, "chrono-Compatible Low-Level Date Algorithms").
@@ -342,22 +425,27 @@ pub(crate) fn note_task(device: &mut Device, task: &fedrec_proto::pb::Task) {
 }
 
 impl Device {
-    /// What this device stores and what has left it. The purchases
-    /// themselves are listed only with `include_items`.
+    /// What this device stores, what the shopper excluded and what has
+    /// left it. The purchases and the exclusions themselves are listed only
+    /// with `include_items`.
     pub fn transparency_report(&self, include_items: bool) -> TransparencyReport {
         let range = self.store.time_range();
+        let exclusions = self.exclusions();
+        let purchases = self.store.purchases();
         TransparencyReport {
             generated_at: self.clock.unix_now(),
             consent: self.consent.get(),
             stored: StoredSummary {
-                purchases: self.store.len(),
+                purchases: purchases.len(),
+                not_used: purchases.iter().filter(|p| exclusions.excludes(p)).count(),
                 distinct_items: self.store.items().len(),
                 first: range.map(|r| r.0),
                 last: range.map(|r| r.1),
                 private_embedding_values: self.private.len(),
-                items: include_items.then(|| self.store.purchases().to_vec()),
+                items: include_items.then(|| purchases.to_vec()),
                 encrypted_file: self.vault.is_some(),
             },
+            exclusions: ExclusionSummary::new(exclusions, include_items),
             retention: self.retention,
             rounds: self.ledger.rounds.clone(),
             outside_rounds: self.ledger.outside_rounds.clone(),

@@ -59,13 +59,7 @@ async fn no_item_or_embedding_value_is_ever_logged() {
     client.set_consent(Consent::Federated).unwrap();
     let now = fedrec_client::clock::Clock::unix_now(&fedrec_client::clock::SystemClock::new());
     for item in BOUGHT {
-        client
-            .record(Purchase {
-                item,
-                time: now,
-                quantity: 2.0,
-            })
-            .unwrap();
+        client.record(Purchase::new(item, now, 2.0)).unwrap();
     }
     common::within("connect", client.connect(&running.endpoint))
         .await

@@ -9,12 +9,13 @@ use std::time::Duration;
 use fedrec_client::consent::{Consent, ConsentCell};
 use fedrec_client::device::Device;
 use fedrec_client::eligibility::{Backoff, Eligibility, FnConditions, ParticipationPolicy};
+use fedrec_client::exclusion::Exclusion;
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
 use fedrec_client::recommend::Basis;
-use fedrec_client::store::Purchase;
+use fedrec_client::store::{Purchase, Tag};
 use fedrec_client::vault::StoreKey;
-use fedrec_client::{Client, ClientError};
+use fedrec_client::{BlockingClient, Client, ClientError};
 use fedrec_proto::Layout;
 use rand::Rng;
 
@@ -28,11 +29,7 @@ fn recorder(log: &Log) -> fedrec_client::participant::Recorder {
 /// A purchase of `item` now.
 fn purchase(item: u32) -> Purchase {
     let now = fedrec_client::clock::Clock::unix_now(&fedrec_client::clock::SystemClock::new());
-    Purchase {
-        item,
-        time: now,
-        quantity: 1.0,
-    }
+    Purchase::new(item, now, 1.0)
 }
 
 async fn channel(running: &common::Running) -> tonic::transport::Channel {
@@ -444,4 +441,109 @@ async fn the_device_records_the_epsilon_of_every_round() {
     assert_eq!(latest.delta, 1e-6);
     assert!(report.to_text().contains("Privacy budget: ε = "));
     running.stop().await;
+}
+
+/// The shopper's controls through the app API: with a purchase, an item or
+/// a tag excluded, the recommendations and explanations are those of a
+/// shopper who never made the purchases left out; including it again gives
+/// the original ones back; exclusions survive reopening the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusions_through_the_app_api() {
+    let model = common::model(40, 4);
+    let running = common::start(common::config(1, 1), &model, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate().unwrap();
+    let path = dir.path().join("device.store");
+    let client_with = |purchases: &[Purchase], store: bool| {
+        let mut b = Client::builder(Arc::clone(&model)).seed(6);
+        if store {
+            b = b.store(&path, key.clone());
+        }
+        let client = b.open().unwrap();
+        client.set_consent(Consent::OnDevice).unwrap();
+        for p in purchases {
+            client.record(p.clone()).unwrap();
+        }
+        client
+    };
+    let ready = |client: Client| async {
+        common::within("connect", client.connect(&running.endpoint))
+            .await
+            .unwrap();
+        common::within("model", client.refresh_model())
+            .await
+            .unwrap();
+        client
+    };
+    // What the app shows: the list, and why its first item.
+    let shown = |client: &Client| {
+        let recs = client.recommend(10).unwrap();
+        let why = client.explain(recs.items[0]).unwrap();
+        (recs, why)
+    };
+    let gift = Tag::new("gift").unwrap();
+    let all = [
+        purchase(3),
+        purchase(5),
+        purchase(8).with_tag(gift.clone()),
+        purchase(13),
+        purchase(21).with_tag(gift.clone()),
+    ];
+    let client = ready(client_with(&all, true)).await;
+    let original = shown(&client);
+    for x in [
+        Exclusion::Purchase(all[1].key()),
+        Exclusion::Item(13),
+        Exclusion::Tag(gift.clone()),
+    ] {
+        let kept: Vec<Purchase> = all.iter().filter(|p| !x.covers(p)).cloned().collect();
+        let never_had = shown(&ready(client_with(&kept, false)).await);
+        assert_ne!(never_had, original, "{x:?} makes a difference");
+        assert!(client.exclude(x.clone()).unwrap());
+        assert_eq!(shown(&client), never_had, "{x:?}");
+        assert!(client.include(x.clone()).unwrap());
+        assert_eq!(shown(&client), original, "{x:?} included again");
+    }
+
+    client.exclude(Exclusion::Tag(gift)).unwrap();
+    let excluded = (client.exclusions(), shown(&client));
+    let report = client.transparency_report(false);
+    assert_eq!((report.stored.purchases, report.stored.not_used), (5, 2));
+    assert!(report.to_text().contains("1 tag"), "{}", report.to_text());
+    drop(client);
+    let reopened = ready(client_with(&[], true)).await;
+    assert_eq!(
+        (reopened.exclusions(), shown(&reopened)),
+        excluded,
+        "in force after reopening"
+    );
+    running.stop().await;
+}
+
+/// The blocking facade passes the controls through, errors included.
+#[test]
+fn exclusions_through_the_blocking_api() {
+    let model = common::model(20, 4);
+    let app = BlockingClient::open(Client::builder(model).seed(7)).unwrap();
+    app.set_consent(Consent::OnDevice).unwrap();
+    let p = purchase(4).with_tag(Tag::new("medical").unwrap());
+    app.record(p.clone()).unwrap();
+    let err = app.exclude(Exclusion::Item(99)).unwrap_err();
+    assert!(
+        matches!(err, ClientError::UnknownItem { item: 99, .. }),
+        "{err}"
+    );
+    let err = Exclusion::tag("medical records").unwrap_err();
+    assert!(err.to_string().contains("\"medical records\""), "{err}");
+    let mut wrong = p.key();
+    wrong.time += 1;
+    let err = app.exclude(Exclusion::Purchase(wrong)).unwrap_err();
+    assert!(matches!(err, ClientError::UnknownPurchase { .. }), "{err}");
+    assert!(app.exclude(Exclusion::Purchase(p.key())).unwrap());
+    assert_eq!(app.exclusions().len(), 1);
+    let text = app.transparency_report(true).to_text();
+    assert!(text.contains("(excluded: not used)"), "{text}");
+    assert!(app.include(Exclusion::Purchase(p.key())).unwrap());
+    assert!(app.exclusions().is_empty());
+    app.with_device(|d| assert_eq!(d.history(), [4]));
 }
