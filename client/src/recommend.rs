@@ -44,11 +44,19 @@ pub enum Basis {
     PopularColdStart,
 }
 
-/// A ranked list of items.
+/// The rows a shopping app shows, each best first.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Recommendations {
-    /// Items, best first.
+    /// "Recommended for you" (discover): items not bought before, by the
+    /// model's personal score, diversified by the knob; the most popular
+    /// items without a personal basis.
     pub items: Vec<u32>,
+    /// "Buy it again": the shopper's own past items by the buy-again score
+    /// ([`crate::repeat`]); empty without a personal basis.
+    pub buy_again: Vec<u32>,
+    /// The one list blending both by how often this shopper re-buys (the
+    /// discover row without a personal basis).
+    pub blended: Vec<u32>,
     /// What they were ranked on.
     pub basis: Basis,
 }
@@ -75,6 +83,28 @@ pub struct Explanation {
     /// The shopper's own purchases that make it relevant, largest first
     /// (only positive contributions; empty when not personal).
     pub because: Vec<Contribution>,
+    /// For an item the shopper bought before (the buy-again row): how often
+    /// and how regularly.
+    pub rebuy: Option<RebuyReason>,
+}
+
+impl Explanation {
+    /// A sentence for the app, with item numbers for the app to name: "you
+    /// buy this about every 30 days", "because you bought items 12 and 40",
+    /// or "popular with other shoppers".
+    pub fn text(&self) -> String {
+        if let Some(r) = &self.rebuy {
+            return r.text();
+        }
+        match self.because.as_slice() {
+            [] => "popular with other shoppers".to_owned(),
+            [one] => format!("because you bought item {}", one.item),
+            many => {
+                let items: Vec<String> = many.iter().take(3).map(|c| c.item.to_string()).collect();
+                format!("because you bought items {}", items.join(", "))
+            }
+        }
+    }
 }
 
 /// Maximal marginal relevance over `scores`: `k` items not in `exclude`
@@ -209,7 +239,23 @@ impl Device {
         let items = diversify(&scores, exclude, k, diversity, |i| {
             model.item_vector(global, i)
         });
-        Ok(Recommendations { items, basis })
+        if basis != Basis::Personal {
+            return Ok(Recommendations {
+                buy_again: Vec::new(),
+                blended: items.clone(),
+                items,
+                basis,
+            });
+        }
+        let rows = self.row_scores(global)?;
+        let mut buy_again = metrics::top_k(&rows.buy_again, &[], k.min(exclude.len()));
+        buy_again.retain(|i| exclude.binary_search(i).is_ok());
+        Ok(Recommendations {
+            items,
+            buy_again,
+            blended: metrics::top_k(&rows.blended, &[], k),
+            basis,
+        })
     }
 
     /// Which of the shopper's own purchases (not excluded) make `item` relevant, and how
@@ -239,6 +285,7 @@ impl Device {
             basis,
             baseline: pop[item as usize],
             because: Vec::new(),
+            rebuy: self.explain_rebuy(item),
         };
         if basis != Basis::Personal || self.consent.level() < Consent::OnDevice {
             return Ok(popular);
@@ -258,6 +305,7 @@ impl Device {
             basis,
             baseline,
             because,
+            rebuy: self.explain_rebuy(item),
         })
     }
 }
@@ -274,22 +322,6 @@ pub enum Row {
     BuyAgain,
     /// Buy-again and discover blended.
     Blended,
-}
-
-/// The three rows a shopping app shows, each best first.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Rows {
-    /// "Buy it again": the shopper's own past items (empty without a
-    /// personal basis).
-    pub buy_again: Vec<u32>,
-    /// "Recommended for you": items not bought before (the most popular
-    /// items without a personal basis).
-    pub discover: Vec<u32>,
-    /// The one list blending both by how often this shopper re-buys (the
-    /// discover row without a personal basis).
-    pub blended: Vec<u32>,
-    /// What the rows were ranked on.
-    pub basis: Basis,
 }
 
 /// Why a past item is in the buy-again row, in the shopper's terms.
@@ -366,31 +398,6 @@ impl Device {
             buy_again,
             blended,
             repeat_share,
-        })
-    }
-
-    /// The three rows at the device's current time (see [`Rows`]); the
-    /// discover row is diversified by `diversity` as
-    /// [`Device::recommendations`] does.
-    pub fn rows(&self, global: &[f32], k: usize, diversity: f32) -> Result<Rows, ClientError> {
-        let discover = self.recommendations(global, k, diversity)?;
-        if discover.basis != Basis::Personal {
-            return Ok(Rows {
-                buy_again: Vec::new(),
-                blended: discover.items.clone(),
-                discover: discover.items,
-                basis: discover.basis,
-            });
-        }
-        let scores = self.row_scores(global)?;
-        let past = self.history();
-        let mut buy_again = metrics::top_k(&scores.buy_again, &[], k.min(past.len()));
-        buy_again.retain(|i| past.binary_search(i).is_ok());
-        Ok(Rows {
-            buy_again,
-            discover: discover.items,
-            blended: metrics::top_k(&scores.blended, &[], k),
-            basis: Basis::Personal,
         })
     }
 
@@ -472,6 +479,88 @@ pub fn list_diversity(model: &dyn Model, global: &[f32], items: &[u32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use crate::clock::ManualClock;
+    use crate::exclusion::Exclusion;
+    use crate::model::{Loss, MatrixFactorization};
+    use crate::retention::RetentionPolicy;
+    use crate::store::Purchase;
+    use rand::SeedableRng;
+
+    const DAY: i64 = 86_400;
+
+    /// A shopper who buys item 3 every 14 days, item 4 once and item 5
+    /// twice, asked on day 60.
+    fn shopper() -> (Device, Vec<f32>) {
+        let model = Arc::new(MatrixFactorization::new(30, 4, 0.1).unwrap());
+        let global = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(3));
+        let clock = Arc::new(ManualClock::new(60 * DAY));
+        let mut d = Device::builder(model)
+            .seed(1)
+            .retention(RetentionPolicy::UNLIMITED)
+            .clock(clock)
+            .in_memory()
+            .unwrap();
+        d.set_consent(Consent::OnDevice).unwrap();
+        for day in [0, 14, 28, 42, 56] {
+            d.record(Purchase::new(3, day * DAY, 1.0)).unwrap();
+        }
+        d.record(Purchase::new(4, 10 * DAY, 1.0)).unwrap();
+        d.record(Purchase::new(5, 20 * DAY, 1.0)).unwrap();
+        d.record(Purchase::new(5, 30 * DAY, 2.0)).unwrap();
+        let cfg = TrainingConfig {
+            loss: Loss::Als,
+            ..TrainingConfig::default()
+        };
+        d.personalize(&global, &cfg).unwrap();
+        (d, global)
+    }
+
+    #[test]
+    fn three_rows_and_their_explanations() {
+        let (d, global) = shopper();
+        let recs = d.recommendations(&global, 5, 0.0).unwrap();
+        assert_eq!(recs.basis, Basis::Personal);
+        // Buy again: only past items, the staple first.
+        assert_eq!(recs.buy_again.len(), 3);
+        assert_eq!(recs.buy_again[0], 3, "{recs:?}");
+        // Discover: nothing already bought.
+        assert!(recs.items.iter().all(|i| ![3, 4, 5].contains(i)));
+        assert_eq!(recs.items.len(), 5);
+        // Blended: a mixture; this shopper re-buys in most baskets, so the
+        // staple leads it.
+        assert_eq!(recs.blended.len(), 5);
+        assert_eq!(recs.blended[0], 3);
+        let why = d.explain(&global, 3, &TrainingConfig::default()).unwrap();
+        assert_eq!(why.text(), "you buy this about every 14 days");
+        let once = d.explain(&global, 4, &TrainingConfig::default()).unwrap();
+        assert_eq!(once.text(), "you bought this 50 days ago");
+        let new = d
+            .explain(&global, recs.items[0], &TrainingConfig::default())
+            .unwrap();
+        assert!(new.rebuy.is_none());
+    }
+
+    #[test]
+    fn an_excluded_item_leaves_the_buy_again_row() {
+        let (mut d, global) = shopper();
+        d.exclude(Exclusion::Item(3)).unwrap();
+        let recs = d.recommendations(&global, 5, 0.0).unwrap();
+        assert!(!recs.buy_again.contains(&3), "{recs:?}");
+        assert_eq!(recs.buy_again.len(), 2);
+        assert!(d.explain_rebuy(3).is_none());
+    }
+
+    #[test]
+    fn without_consent_the_rows_are_popular_items() {
+        let (mut d, global) = shopper();
+        d.set_consent(Consent::None).unwrap();
+        let recs = d.recommendations(&global, 4, 0.0).unwrap();
+        assert_eq!(recs.basis, Basis::PopularNoConsent);
+        assert!(recs.buy_again.is_empty());
+        assert_eq!(recs.blended, recs.items);
+    }
 
     #[test]
     fn no_diversity_is_the_relevance_ranking() {
