@@ -94,18 +94,15 @@ fn main() -> anyhow::Result<()> {
     println!("took part in {trained} training rounds");
     app.refresh_model()?;
     let recs = app.recommend(5)?;
-    println!("after training ({:?}): {:?}", recs.basis, recs.items);
+    println!("after training ({:?}):", recs.basis);
+    println!("  recommended for you: {:?}", recs.items);
+    println!("  buy it again:        {:?}", recs.buy_again);
+    println!("  one list (blended):  {:?}", recs.blended);
     let why = app.explain(recs.items[0])?;
-    println!(
-        "item {} because you bought {:?} (popularity part {:.3})",
-        why.item,
-        why.because
-            .iter()
-            .take(3)
-            .map(|c| c.item)
-            .collect::<Vec<_>>(),
-        why.baseline
-    );
+    println!("item {}: {}", why.item, why.text());
+    if let Some(&again) = recs.buy_again.first() {
+        println!("item {again}: {}", app.explain(again)?.text());
+    }
     app.set_diversity(0.5)?;
     let recs = app.recommend(5)?;
     println!("diversified, knob 0.5: {:?}", recs.items);

@@ -342,14 +342,17 @@ impl RebuyReason {
     /// A sentence for the app: "you buy this about every 30 days", or "you
     /// bought this 3 times, last 12 days ago".
     pub fn text(&self) -> String {
+        let ago = match self.days_since_last.round() {
+            d if d < 1.0 => "today".to_owned(),
+            d if d < 2.0 => "yesterday".to_owned(),
+            d => format!("{d} days ago"),
+        };
         match self.every_days {
             Some(d) if d >= 1.0 => format!("you buy this about every {} days", d.round()),
-            _ if self.purchases > 1 => format!(
-                "you bought this {} times, last {} days ago",
-                self.purchases,
-                self.days_since_last.round()
-            ),
-            _ => format!("you bought this {} days ago", self.days_since_last.round()),
+            _ if self.purchases > 1 => {
+                format!("you bought this {} times, last {ago}", self.purchases)
+            }
+            _ => format!("you bought this {ago}"),
         }
     }
 }
