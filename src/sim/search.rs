@@ -41,9 +41,9 @@ pub struct SearchSpace {
     pub regularization: Vec<f32>,
 }
 
-/// The documented search space of `--preset auto`: 18 settings around the
-/// usual implicit-ALS ranges (factors 32 to 128; confidence 2 to 10;
-/// regularization from nearly none to strong).
+/// The documented search space of `--preset auto`: 18 settings across the
+/// usual implicit-ALS ranges (factors 32 to 128; confidence 2 to 20, the
+/// `implicit` library's α; regularization from nearly none to strong).
 pub fn auto_space() -> SearchSpace {
     SearchSpace {
         factors: AUTO_SPACE.0.to_vec(),
@@ -54,7 +54,7 @@ pub fn auto_space() -> SearchSpace {
 
 /// Factors, confidences and regularizations of [`auto_space`].
 pub const AUTO_SPACE: ([usize; 3], [f32; 3], [f32; 2]) =
-    ([32, 64, 128], [2.0, 5.0, 10.0], [0.01, 1.0]);
+    ([32, 64, 128], [2.0, 5.0, 20.0], [0.01, 1.0]);
 
 /// Rounds of each stage, as fractions of [`AUTO_ROUNDS`] (at least
 /// [`MIN_STAGE_ROUNDS`]); each stage keeps the best third.
