@@ -305,6 +305,91 @@ pub fn fit_repeat_weights(protocol: &Protocol) -> Option<([f32; repeat::FEATURES
     })
 }
 
+/// Chooses the blend's temperatures ([`repeat::Blend`]) on the validation
+/// events of `protocol`'s next-purchase track: a centralized ALS model
+/// (`model`, fitted on the validation cut with `cfg`) gives the discover
+/// scores a device would have, and each device's buy-again scores and
+/// re-buy share are computed as on the device. Returns every pair of
+/// [`repeat::Blend::GRID`] temperatures with its validation NDCG@10 and
+/// HR@10, best first; empty without next-purchase validation events.
+pub fn fit_blend(
+    protocol: &Protocol,
+    model: &Arc<dyn Model>,
+    cfg: &TrainingConfig,
+    seed: u64,
+) -> Vec<(repeat::Blend, f64, f64)> {
+    let Some(ev) = protocol.evaluation(crate::data::Track::NextPurchase, Stage::Validation) else {
+        return Vec::new();
+    };
+    let cut = &protocol.cuts[ev.cut];
+    let (params, users) = train_centralized(
+        model,
+        cut,
+        cfg,
+        crate::sim::ALS_CENTRALIZED_ITERATIONS,
+        seed,
+    );
+    let mut pop = Vec::new();
+    model.popularity(&params, &mut pop);
+    let pct = repeat::percentiles(&pop);
+    let grid: Vec<repeat::Blend> = repeat::Blend::GRID
+        .iter()
+        .flat_map(|&d| {
+            repeat::Blend::GRID.iter().map(move |&r| repeat::Blend {
+                discover_temperature: d,
+                rebuy_temperature: r,
+            })
+        })
+        .collect();
+    let targets: Vec<(usize, u32)> = ev
+        .targets
+        .iter()
+        .enumerate()
+        .filter_map(|(u, t)| Some((u, (*t)?)))
+        .collect();
+    let per_user: Vec<Vec<(f64, f64)>> = targets
+        .par_iter()
+        .map(|&(user, target)| {
+            let events = &protocol.histories.users[user];
+            let now = events[cut.ends[user]].time.saturating_add(1);
+            let purchases: Vec<fedrec_client::store::Purchase> = cut
+                .events(&protocol.histories, user)
+                .iter()
+                .map(|e| fedrec_client::store::Purchase::new(e.item, e.time, e.quantity))
+                .collect();
+            let history = repeat::History::new(&purchases, now);
+            let weights = repeat::device_weights(&purchases, now, &pct);
+            let rebuy = repeat::buy_again(&history, now, &pct, &weights);
+            let r = history.repeat_share(&purchases, now);
+            let mut discover = Vec::new();
+            model.score_all(&params, &users[user], &mut discover);
+            grid.iter()
+                .map(|b| {
+                    let scores = repeat::blend(&rebuy, &discover, r, b);
+                    let rank = metrics::full_rank(&scores, &[], target);
+                    (metrics::ndcg_at(rank, K), metrics::hit_at(rank, K))
+                })
+                .collect()
+        })
+        .collect();
+    let n = per_user.len().max(1) as f64;
+    let mut out: Vec<(repeat::Blend, f64, f64)> = grid
+        .iter()
+        .enumerate()
+        .map(|(g, b)| {
+            let ndcg = per_user.iter().map(|u| u[g].0).sum::<f64>() / n;
+            let hr = per_user.iter().map(|u| u[g].1).sum::<f64>() / n;
+            (*b, ndcg, hr)
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (b.1, b.2)
+            .partial_cmp(&(a.1, a.2))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    out
+}
+
 /// NDCG@10 of the chosen item among each choice's candidates under
 /// `weights` (ties: the earlier candidate first).
 pub fn choice_ndcg(choices: &[repeat::Choice], weights: &[f32; repeat::FEATURES]) -> f64 {

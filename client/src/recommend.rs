@@ -396,7 +396,12 @@ impl Device {
         }
         debug_assert!(top.is_finite());
         let repeat_share = history.repeat_share(purchases, now.saturating_add(1));
-        let blended = repeat::blend(&rebuy, &self.scores(global), repeat_share);
+        let blended = repeat::blend(
+            &rebuy,
+            &self.scores(global),
+            repeat_share,
+            &repeat::Blend::DEFAULT,
+        );
         Ok(RowScores {
             buy_again,
             blended,
