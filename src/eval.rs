@@ -362,7 +362,7 @@ pub fn fit_blend(
             let rebuy = repeat::buy_again(&history, now, &pct, &weights);
             let r = history.repeat_share(&purchases, now);
             let mut discover = Vec::new();
-            model.score_all(&params, &users[user], &mut discover);
+            model.score_all(&params, &users[user], &cut.items[user], &mut discover);
             grid.iter()
                 .map(|b| {
                     let scores = repeat::blend(&rebuy, &discover, r, b);
@@ -466,7 +466,7 @@ mod tests {
         let pop = evaluate(cut, ev, 1, |u, out| pop.score(u, out));
         let (params, users) = train_centralized(&model, cut, &TrainingConfig::default(), 20, 1);
         let cen = evaluate(cut, ev, 1, |u, out| {
-            model.score_all(&params, &users[u], out)
+            model.score_all(&params, &users[u], &cut.items[u], out)
         });
         assert!(pop.full.hr_at_10 > 0.0);
         assert!(

@@ -37,7 +37,9 @@ use fedrec_client::privacy::DpSpec;
 use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
-use fedrec_coordinator::config::{CoordinatorConfig, DpMode, SecureAggregationConfig};
+use fedrec_coordinator::config::{
+    CoordinatorConfig, DpMode, SecureAggregationConfig, StrategyName,
+};
 use fedrec_coordinator::privacy::PrivacySummary;
 use fedrec_coordinator::round::{
     CheckIn, Pseudonym, RoundCore, RoundSummary, SecureSummary, TaskKind, UpdateHeader,
@@ -463,11 +465,16 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let mut cfg = cfg.clone();
     let search = if cfg.auto {
         let report = search::search(&protocol, &cfg, observer)?;
-        let c = &mut cfg.coordinator;
-        c.model.factors = report.chosen.factors;
-        c.training.confidence = report.chosen.confidence;
-        c.training.regularization = report.chosen.regularization;
-        c.rounds.rounds = report.chosen.rounds;
+        let chosen = &report.chosen;
+        if chosen.model == "ease" {
+            cfg.coordinator = ease_recipe(chosen.regularization);
+        } else {
+            let c = &mut cfg.coordinator;
+            c.model.factors = chosen.factors;
+            c.training.confidence = chosen.confidence;
+            c.training.regularization = chosen.regularization;
+            c.rounds.rounds = chosen.rounds;
+        }
         Some(report)
     } else {
         None
@@ -622,10 +629,7 @@ pub(crate) fn run_cut(
     coord.rounds.seed = Some(cfg.seed);
     coord.model.items = Some(n_items);
     coord.rounds.final_evaluation = true;
-    let model: Arc<dyn Model> = Arc::new(
-        MatrixFactorization::new(n_items, coord.model.factors, coord.model.init_std)
-            .context("invalid model configuration")?,
-    );
+    let model = model_for(&coord, n_items)?;
     let devices = make_devices(&model, protocol, ev, cfg.seed)?;
     if devices.is_empty() {
         bail!("the data set has no user with training data");
@@ -727,24 +731,43 @@ pub(crate) fn run_cut(
 
     observer.phase(&format!("centralized baseline, {} cut", ev.track));
     let cen_start = Instant::now();
-    let (params, users) = eval::train_centralized(
-        &model,
-        cut,
-        &device_training(&coord.training),
-        cfg.centralized_epochs,
-        cfg.seed,
-    );
-    let centralized = std::iter::once(ev)
-        .chain(others.iter().copied())
-        .map(|e| {
-            (
-                e.track,
-                eval::evaluate(cut, e, cfg.seed, |u, out| {
-                    model.score_all(&params, &users[u], out)
-                }),
-            )
-        })
-        .collect();
+    let evals: Vec<&Evaluation> = std::iter::once(ev).chain(others.iter().copied()).collect();
+    let centralized = if coord.strategy.name == StrategyName::Ease {
+        // EASE in one place is the closed form on all the cut's data.
+        let fitted = crate::baselines::Baseline::Ease {
+            lambda: coord.strategy.ease_lambda,
+        }
+        .fit(&protocol.histories, cut)
+        .map_err(anyhow::Error::msg)?;
+        evals
+            .iter()
+            .map(|e| {
+                (
+                    e.track,
+                    eval::evaluate(cut, e, cfg.seed, |u, out| fitted.score(u, out)),
+                )
+            })
+            .collect()
+    } else {
+        let (params, users) = eval::train_centralized(
+            &model,
+            cut,
+            &device_training(&coord.training),
+            cfg.centralized_epochs,
+            cfg.seed,
+        );
+        evals
+            .iter()
+            .map(|e| {
+                (
+                    e.track,
+                    eval::evaluate(cut, e, cfg.seed, |u, out| {
+                        model.score_all(&params, &users[u], &cut.items[u], out)
+                    }),
+                )
+            })
+            .collect()
+    };
     Ok(CutRun {
         rounds,
         federated,
@@ -1144,6 +1167,39 @@ pub async fn connect(addr: &str, n: usize) -> anyhow::Result<Vec<tonic::transpor
     }
     Ok(channels)
 }
+
+/// The devices' model for a coordinator configuration: EASE under the
+/// `ease` step, matrix factorization otherwise.
+pub fn model_for(coord: &CoordinatorConfig, n_items: usize) -> anyhow::Result<Arc<dyn Model>> {
+    Ok(if coord.strategy.name == StrategyName::Ease {
+        Arc::new(fedrec_client::ease::Ease::new(n_items).context("invalid model configuration")?)
+    } else {
+        Arc::new(
+            MatrixFactorization::new(n_items, coord.model.factors, coord.model.init_std)
+                .context("invalid model configuration")?,
+        )
+    })
+}
+
+/// The federated EASE recipe: one round in which every device sends its
+/// co-purchases (uniform weighting: the sum is EASE's Gram matrix) and the
+/// coordinator's `ease` step solves it with λ = `lambda`.
+pub fn ease_recipe(lambda: f32) -> CoordinatorConfig {
+    use fedrec_coordinator::config::Weighting;
+    let mut cfg = default_coordinator_config();
+    cfg.rounds.rounds = 1;
+    // Every device: the coordinator's sum must be the whole co-purchase
+    // matrix (a simulation asks for all of its devices).
+    cfg.rounds.clients_per_round = EASE_COHORT;
+    cfg.strategy.name = StrategyName::Ease;
+    cfg.strategy.weighting = Weighting::Uniform;
+    cfg.strategy.ease_lambda = lambda;
+    cfg
+}
+
+/// The cohort the EASE recipe asks for: more devices than any data set
+/// here has, so that a simulation takes all of them.
+pub const EASE_COHORT: usize = 1_000_000;
 
 /// Default seed of simulations.
 pub const DEFAULT_SEED: u64 = 42;

@@ -262,3 +262,30 @@ fn als_loss_federated_matches_centralized_als() {
         );
     }
 }
+
+/// Federated EASE: one round in which every device sends its own
+/// co-purchases gives exactly the EASE of all the data in one place, over
+/// gRPC and in process.
+#[test]
+fn federated_ease_is_ease() {
+    let (ds, _) = common::small_split(120, 80, 5);
+    for transport in [Transport::Inproc, Transport::Grpc] {
+        let mut cfg = config(transport, 1, 1, 2);
+        cfg.coordinator = sim::ease_recipe(50.0);
+        let report = sim::run(&ds, &cfg, &mut ()).expect("simulation runs");
+        assert_eq!(report.rounds.len(), 1);
+        assert_eq!(report.rounds[0].participants, 120, "every device");
+        for track in &report.final_.tracks {
+            let (fed, cen) = (track.test("federated"), track.test("centralized"));
+            let (fed, cen) = (fed.expect("federated"), cen.expect("centralized"));
+            assert!(
+                (fed.full.hr_at_10 - cen.full.hr_at_10).abs() < 1e-9
+                    && (fed.full.ndcg_at_10 - cen.full.ndcg_at_10).abs() < 1e-6,
+                "{transport:?} {:?}: federated {fed:?} vs centralized {cen:?}",
+                track.track
+            );
+        }
+        let popularity = report.final_.popularity().full.hr_at_10;
+        assert!(report.final_.federated().full.hr_at_10 > 1.5 * popularity);
+    }
+}

@@ -648,7 +648,8 @@ impl Device {
     /// Scores of every item. Not kept: an idle device holds no per-item buffer.
     pub(crate) fn scores(&self, global: &[f32]) -> Vec<f32> {
         let mut scores = Vec::with_capacity(self.model.items());
-        self.model.score_all(global, &self.private, &mut scores);
+        self.model
+            .score_all(global, &self.private, &self.history(), &mut scores);
         scores
     }
 
@@ -1094,8 +1095,8 @@ mod tests {
             self.inner
                 .train_in_place(params, anchor, private, history, cfg, rng);
         }
-        fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
-            self.inner.score_all(global, private, out);
+        fn score_all(&self, global: &[f32], private: &[f32], history: &[u32], out: &mut Vec<f32>) {
+            self.inner.score_all(global, private, history, out);
         }
     }
 
@@ -1382,8 +1383,8 @@ mod tests {
                 hook();
             }
         }
-        fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
-            self.inner.score_all(global, private, out);
+        fn score_all(&self, global: &[f32], private: &[f32], history: &[u32], out: &mut Vec<f32>) {
+            self.inner.score_all(global, private, history, out);
         }
     }
 

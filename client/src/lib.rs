@@ -85,6 +85,7 @@ pub mod clock;
 pub mod connect;
 pub mod consent;
 pub mod device;
+pub mod ease;
 pub mod eligibility;
 pub mod error;
 pub mod exclusion;

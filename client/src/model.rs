@@ -177,8 +177,10 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         }
         local
     }
-    /// Scores every item for the user into `out` (resized to `items()`).
-    fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>);
+    /// Scores every item for the user with private state `private` and
+    /// purchase history `history` (sorted distinct items) into `out`
+    /// (resized to `items()`).
+    fn score_all(&self, global: &[f32], private: &[f32], history: &[u32], out: &mut Vec<f32>);
     /// Non-personal scores of every item into `out` (resized to `items()`):
     /// what the global model predicts for a shopper it knows nothing about,
     /// used when there is no history or no consent. Default: all equal.
@@ -615,7 +617,7 @@ impl Model for MatrixFactorization {
         Some((terms.iter().map(|&t| t as f32).collect(), baseline as f32))
     }
 
-    fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
+    fn score_all(&self, global: &[f32], private: &[f32], _history: &[u32], out: &mut Vec<f32>) {
         let k = self.factors;
         let bias = self.bias_offset();
         out.clear();

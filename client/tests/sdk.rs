@@ -116,8 +116,8 @@ impl Model for WithdrawsMidway {
             });
         }
     }
-    fn score_all(&self, global: &[f32], private: &[f32], out: &mut Vec<f32>) {
-        self.inner.score_all(global, private, out);
+    fn score_all(&self, global: &[f32], private: &[f32], history: &[u32], out: &mut Vec<f32>) {
+        self.inner.score_all(global, private, history, out);
     }
 }
 

@@ -426,6 +426,13 @@ pub enum StrategyName {
     /// visits per shopper as ALS needs iterations. Not with differential
     /// privacy: clipping the update would clip `x xᵀ` with it.
     Als,
+    /// EASE (Steck 2019), for the client's `Ease` model: each device's
+    /// update is the upper triangle of its own co-purchase matrix `x xᵀ`;
+    /// the step sums the cohort's (mean × devices), adds `ease_lambda` to
+    /// the diagonal and publishes the inverse's upper triangle as the new
+    /// model, replacing the old one. One round with every device is EASE
+    /// on all their data. Needs uniform weighting and the plain mean.
+    Ease,
 }
 
 /// `[strategy]`: the server optimizer and its hyperparameters.
@@ -463,7 +470,14 @@ pub struct StrategyConfig {
     /// Default: unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub norm_bound: Option<f32>,
+    /// Under `ease`: the L2 weight λ added to the co-purchase matrix's
+    /// diagonal. Default [`DEFAULT_EASE_LAMBDA`].
+    pub ease_lambda: f32,
 }
+
+/// Default `strategy.ease_lambda` (the middle of the EASE grid the
+/// baselines search; `--preset auto` chooses it on validation).
+pub const DEFAULT_EASE_LAMBDA: f32 = 200.0;
 
 /// Default `strategy.trim_fraction`.
 pub const DEFAULT_TRIM_FRACTION: f64 = 0.1;
@@ -535,6 +549,7 @@ impl Default for StrategyConfig {
             aggregation: Aggregation::Mean,
             trim_fraction: DEFAULT_TRIM_FRACTION,
             norm_bound: None,
+            ease_lambda: DEFAULT_EASE_LAMBDA,
         }
     }
 }
@@ -1019,6 +1034,32 @@ impl CoordinatorConfig {
                      strategy.aggregation = {:?} does not give (a coordinate-wise rule can make \
                      it indefinite); use \"mean\" with strategy.norm_bound against outliers",
                     st.aggregation
+                )));
+            }
+        }
+        if st.name == StrategyName::Ease {
+            let conflict = if st.weighting != Weighting::Uniform {
+                Some(
+                    "strategy.weighting = \"uniform\" (a weighted mean is not the sum of the co-purchases)",
+                )
+            } else if st.aggregation != Aggregation::Mean || st.norm_bound.is_some() {
+                Some(
+                    "strategy.aggregation = \"mean\" without strategy.norm_bound (either would change the counts)",
+                )
+            } else if self.privacy.enabled() {
+                Some("[privacy] off (clipping a device's co-purchases is not implemented for it)")
+            } else {
+                None
+            };
+            if let Some(need) = conflict {
+                return Err(invalid(format!(
+                    "strategy.name = \"ease\" sums the devices' co-purchase counts, so it needs {need}"
+                )));
+            }
+            if !(st.ease_lambda > 0.0 && st.ease_lambda.is_finite()) {
+                return Err(invalid(format!(
+                    "strategy.ease_lambda must be a positive number, got {}",
+                    st.ease_lambda
                 )));
             }
         }

@@ -1208,6 +1208,7 @@ impl RoundCore {
                         .strategy
                         .schedule
                         .factor(open.number.into(), self.config.rounds.rounds.into()),
+                    open.accepted,
                 ) {
                     Ok(params) => {
                         let layout = self.model.layout.clone();

@@ -16,6 +16,10 @@
 //! and for the three adaptive ones `m = β1 m + (1−β1) Δ`, `x += η m / (√v + τ)`,
 //! with `m` initialised to 0 and `v` to `τ²`; no bias correction, as in the paper.
 //!
+//! `ease` replaces the model by `P = (G + λI)⁻¹` (upper triangle), where
+//! `G` is the cohort's summed co-purchase matrix (the mean update times the
+//! number of devices): the closed form of EASE (Steck 2019).
+//!
 //! `als` (fedrec's own, for the ALS loss) is a Newton step on the item
 //! embeddings: each row `q_i` of the model's first tensor (items × k) moves
 //! by `η H⁻¹ Δ_i`, with one k×k matrix `H` for the round, which the
@@ -65,7 +69,7 @@ impl Strategy {
     pub fn new(config: StrategyConfig, layout: &Layout) -> Result<Self, String> {
         let num_values = layout.num_values();
         let (m_len, v_len) = match config.name {
-            StrategyName::FedAvg | StrategyName::Als => (0, 0),
+            StrategyName::FedAvg | StrategyName::Als | StrategyName::Ease => (0, 0),
             StrategyName::FedAvgM => (num_values, 0),
             StrategyName::FedAdam | StrategyName::FedYogi | StrategyName::FedAdagrad => {
                 (num_values, num_values)
@@ -83,6 +87,9 @@ impl Strategy {
             }
             _ => (0, 0),
         };
+        if config.name == StrategyName::Ease {
+            ease_size(num_values)?;
+        }
         Ok(Self {
             config,
             m: vec![0.0; m_len],
@@ -152,6 +159,7 @@ impl Strategy {
         params: &[f32],
         delta: &[f32],
         lr_factor: f32,
+        devices: usize,
     ) -> Result<Vec<f32>, StepError> {
         assert_eq!(
             params.len() + self.extra_values(),
@@ -188,6 +196,10 @@ impl Strategy {
                 for (xi, d) in x[block..].iter_mut().zip(&delta[block..]) {
                     *xi += eta * d;
                 }
+                check(&x)?;
+            }
+            StrategyName::Ease => {
+                x = ease_solve(delta, devices, c.ease_lambda)?;
                 check(&x)?;
             }
             StrategyName::FedAvg => {
@@ -232,6 +244,50 @@ impl Strategy {
     }
 }
 
+/// The side `n` of the symmetric matrix whose upper triangle has `values`
+/// values, or why there is none.
+fn ease_size(values: usize) -> Result<usize, String> {
+    // n(n+1)/2 = values
+    let n = ((((8 * values + 1) as f64).sqrt() - 1.0) / 2.0).round() as usize;
+    if n * (n + 1) / 2 == values && n > 0 {
+        Ok(n)
+    } else {
+        Err(format!(
+            "strategy \"ease\" needs a model that is the upper triangle of an items × items \
+             matrix (the client's Ease model); {values} values are not n(n+1)/2 for any n"
+        ))
+    }
+}
+
+/// `P = (mean · devices + λ I)⁻¹`, upper triangle in and out, row by row.
+fn ease_solve(mean: &[f32], devices: usize, lambda: f32) -> Result<Vec<f32>, StepError> {
+    let n = ease_size(mean.len()).map_err(|_| StepError::Indefinite)?;
+    let scale = devices.max(1) as f32;
+    let mut g = faer::Mat::<f32>::zeros(n, n);
+    let mut at = 0;
+    for r in 0..n {
+        for c in r..n {
+            let v = mean[at] * scale;
+            g[(r, c)] = v;
+            g[(c, r)] = v;
+            at += 1;
+        }
+        g[(r, r)] += lambda;
+    }
+    let llt = g
+        .llt(faer::Side::Lower)
+        .map_err(|_| StepError::Indefinite)?;
+    drop(g);
+    let p = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
+    let mut out = Vec::with_capacity(mean.len());
+    for r in 0..n {
+        for c in r..n {
+            out.push(p[(r, c)]);
+        }
+    }
+    Ok(out)
+}
+
 /// The sign function with `sign(0) = 0` (unlike `f32::signum`).
 fn sign(value: f32) -> f32 {
     if value > 0.0 {
@@ -254,6 +310,27 @@ fn check(values: &[f32]) -> Result<(), StepError> {
 mod tests {
     use super::*;
 
+    /// The `ease` step inverts the cohort's summed co-purchases plus λ I:
+    /// checked against a hand inversion of a 2×2 matrix.
+    #[test]
+    fn ease_publishes_the_inverse_of_the_summed_co_purchases() {
+        let layout = Layout::new(vec![("ease_p_upper".into(), vec![3])]);
+        let mut cfg = config(StrategyName::Ease);
+        cfg.ease_lambda = 1.0;
+        let mut s = Strategy::new(cfg, &layout).unwrap();
+        // Two devices: {0, 1} and {0}: G = [[2, 1], [1, 1]], mean = G / 2.
+        let mean = [1.0, 0.5, 0.5];
+        let p = s.step(&[1.0, 0.0, 1.0], &mean, 1.0, 2).unwrap();
+        // (G + I)⁻¹ = [[2, -1], [-1, 3]] / 5.
+        let want = [0.4, -0.2, 0.6];
+        for (a, b) in p.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{p:?}");
+        }
+        let flat = Layout::new(vec![("x".into(), vec![5])]);
+        let err = Strategy::new(config(StrategyName::Ease), &flat).unwrap_err();
+        assert!(err.contains("n(n+1)/2"), "{err}");
+    }
+
     fn config(name: StrategyName) -> StrategyConfig {
         StrategyConfig {
             name,
@@ -273,8 +350,8 @@ mod tests {
     /// Runs two steps from x = [1, -2] with Δ1 = [1, 0] and Δ2 = [-1, 2].
     fn two_steps(name: StrategyName) -> (Vec<f32>, Vec<f32>) {
         let mut s = new(name, 2);
-        let x1 = s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0).unwrap();
-        let x2 = s.step(&x1, &[-1.0, 2.0], 1.0).unwrap();
+        let x1 = s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0, 1).unwrap();
+        let x2 = s.step(&x1, &[-1.0, 2.0], 1.0, 1).unwrap();
         (x1, x2)
     }
 
@@ -357,15 +434,15 @@ mod tests {
         assert_eq!(s.factors(), Some(2));
         let params = [1.0, 1.0, 0.0, -1.0, 3.0, 4.0];
         let delta = [6.0, 5.0, 2.0, 1.0, 2.0, -2.0, 4.0, 2.0, 3.0];
-        let x = s.step(&params, &delta, 1.0).unwrap();
+        let x = s.step(&params, &delta, 1.0, 1).unwrap();
         assert_close(&x, &[1.5, 1.5, 0.25, -1.0, 4.0, 3.0]);
         // The learning-rate factor scales the step; no state carries over.
-        let x = s.step(&params, &delta, 0.5).unwrap();
+        let x = s.step(&params, &delta, 0.5, 1).unwrap();
         assert_close(&x, &[1.25, 1.25, 0.125, -1.0, 3.5, 3.5]);
         assert_eq!(s.moments(), (&[][..], &[][..]));
         // An indefinite curvature (only a malformed x xᵀ makes one) is refused.
         let bad = [6.0, 5.0, 2.0, 1.0, 2.0, -2.0, 1.0, 2.0, 1.0];
-        assert_eq!(s.step(&params, &bad, 1.0), Err(StepError::Indefinite));
+        assert_eq!(s.step(&params, &bad, 1.0, 1), Err(StepError::Indefinite));
         // A model whose first tensor is not a matrix cannot take the step.
         let flat = Layout::new(vec![("x".into(), vec![4])]);
         let err = Strategy::new(config(StrategyName::Als), &flat).unwrap_err();
@@ -376,7 +453,7 @@ mod tests {
     fn lr_factor_scales_the_step() {
         // FedAvg at half the rate: x = 1 + 0.25·2 = 1.5.
         let mut s = new(StrategyName::FedAvg, 1);
-        assert_eq!(s.step(&[1.0], &[2.0], 0.5).unwrap(), vec![1.5]);
+        assert_eq!(s.step(&[1.0], &[2.0], 0.5, 1).unwrap(), vec![1.5]);
     }
 
     #[test]
@@ -396,7 +473,7 @@ mod tests {
     fn yogi_sign_of_zero_is_zero() {
         // v0 = τ² = 0.25 = Δ²: sign(0) = 0, so v stays 0.25.
         let mut s = new(StrategyName::FedYogi, 1);
-        s.step(&[0.0], &[0.5], 1.0).unwrap();
+        s.step(&[0.0], &[0.5], 1.0, 1).unwrap();
         assert_eq!(s.v, vec![0.25]);
     }
 
@@ -404,7 +481,9 @@ mod tests {
     fn non_finite_result_changes_nothing() {
         let mut s = new(StrategyName::FedAvgM, 2);
         let before = s.clone();
-        let err = s.step(&[f32::MAX, 0.0], &[f32::MAX, 1.0], 1.0).unwrap_err();
+        let err = s
+            .step(&[f32::MAX, 0.0], &[f32::MAX, 1.0], 1.0, 1)
+            .unwrap_err();
         assert_eq!(err, StepError::NonFinite { index: 0 });
         assert_eq!(s, before);
     }
@@ -412,7 +491,7 @@ mod tests {
     #[test]
     fn state_serialises() {
         let mut s = new(StrategyName::FedAdam, 2);
-        s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0).unwrap();
+        s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0, 1).unwrap();
         // TOML is the crate's only serde format; checkpoints may use another.
         let text = toml::to_string(&s).unwrap();
         assert!(text.contains("fedadam"), "{text}");

@@ -19,6 +19,12 @@
 //! validation NDCG@10 of the best setting fell from 0.074 at 5 rounds to
 //! 0.067 at 20.)
 //!
+//! On catalogues up to [`fedrec_client::ease::MAX_ITEMS`] items the search
+//! also tries federated EASE ([`super::ease_recipe`]: one round in which
+//! every device sends its co-purchases) at each λ of
+//! [`crate::baselines::EASE_GRID`], and chooses between the two models on
+//! the same validation events.
+//!
 //! Not searched, with the reason: the step. The `als` server step at
 //! `server_lr` 1 is the exact item step of ALS for items nobody in the
 //! cohort bought (see [`super::als_recipe`]); the rounds and the cosine
@@ -70,13 +76,15 @@ pub const AUTO_ROUNDS: u32 = 40;
 /// One trial of the search.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Trial {
-    /// The stage (0 first).
+    /// The stage (0 first; EASE trials come after the ALS stages).
     pub stage: usize,
-    /// Latent factors.
+    /// `"als"` or `"ease"`.
+    pub model: &'static str,
+    /// ALS: latent factors (0 for EASE).
     pub factors: usize,
-    /// Confidence.
+    /// ALS: confidence (0 for EASE).
     pub confidence: f32,
-    /// Regularization.
+    /// ALS: regularization; EASE: its λ.
     pub regularization: f32,
     /// Rounds trained.
     pub rounds: u32,
@@ -167,6 +175,7 @@ pub fn search(
             let validation = run.federated.first().map(|(_, m)| *m).unwrap_or_default();
             results.push(Trial {
                 stage,
+                model: "als",
                 factors,
                 confidence,
                 regularization,
@@ -183,6 +192,25 @@ pub fn search(
             .map(|t| (t.factors, t.confidence, t.regularization))
             .collect();
         trials.extend(results);
+    }
+    if protocol.n_items() <= fedrec_client::ease::MAX_ITEMS {
+        let stage = stage_rounds.len();
+        for &lambda in &crate::baselines::EASE_GRID {
+            observer.phase(&format!("auto: federated EASE, lambda {lambda}"));
+            let mut trial_cfg = cfg.clone();
+            trial_cfg.coordinator = super::ease_recipe(lambda);
+            let run = run_cut(protocol, ev, &[], &trial_cfg, observer, RunKind::Trial)?;
+            trials.push(Trial {
+                stage,
+                model: "ease",
+                factors: 0,
+                confidence: 0.0,
+                regularization: lambda,
+                rounds: 1,
+                validation: run.federated.first().map(|(_, m)| *m).unwrap_or_default(),
+                device_rounds: run.rounds.iter().map(|r| r.participants).sum(),
+            });
+        }
     }
     let chosen = trials
         .iter()
