@@ -76,12 +76,20 @@ def main(argv):
         s = r.get("search")
         if s:
             ch = s["chosen"]
+            if ch.get("model") == "ease":
+                what = f"federated EASE, λ {ch['regularization']}"
+            else:
+                what = (
+                    f"ALS, {ch['factors']} factors, confidence {ch['confidence']}, "
+                    f"regularization {ch['regularization']}, {ch['rounds']} rounds"
+                )
             print(
-                f"`--preset auto` chose {ch['factors']} factors, confidence {ch['confidence']}, "
-                f"regularization {ch['regularization']}, {ch['rounds']} rounds "
+                f"`--preset auto` chose {what} "
                 f"(validation NDCG@10 {ch['validation']['full']['ndcg_at_10']:.4f}; "
                 f"{len(s['trials'])} trials, {s['device_rounds']} device tasks, {s['seconds']:.0f} s)."
             )
+        elif c["strategy"]["name"] == "ease":
+            print(f"Settings: federated EASE, λ {c['strategy']['ease_lambda']}.")
         else:
             print(
                 f"Settings: {c['training']['loss']} loss, {c['model']['factors']} factors, "
