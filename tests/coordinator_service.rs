@@ -7,6 +7,7 @@ mod common;
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -725,6 +726,94 @@ async fn upload_slots_are_reserved_before_uploading() {
     running.stop().await;
 }
 
+/// Stalled uploaders cannot hold the upload slots hostage (issue 19, item
+/// 1): as many cohort members as there are slots reserve them, send their
+/// header and stop. Each loses its slot once it falls behind
+/// `server.upload_min_bytes_per_sec` (after `server.upload_grace_secs`),
+/// refused as DEADLINE_EXCEEDED and counted as `upload_stalled`; the honest
+/// devices, waiting for a slot meanwhile, upload, their updates are folded
+/// in and the round completes. A device that reserves twice gets its one
+/// slot again, not a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploaders_lose_their_slots_and_the_round_completes() {
+    const STALLED: usize = 2;
+    let mut cfg = config(2, 1);
+    // Select the stalled devices and 2 honest ones; 2 updates complete the round.
+    cfg.rounds.over_selection = 2.0;
+    cfg.rounds.deadline_secs = 60.0;
+    cfg.server.max_concurrent_uploads = STALLED;
+    cfg.server.long_poll_secs = 0.5;
+    cfg.server.upload_grace_secs = 0.3;
+    cfg.server.upload_min_bytes_per_sec = 10_000_000;
+    let running = common::serve(cfg, Layout::new(vec![("b".into(), vec![3])]), vec![0.0; 3]).await;
+    let mut client = running.client().await;
+    let mut devices = Vec::new();
+    for _ in 0..4 {
+        devices.push(join(&mut client).await);
+    }
+    let tasks = tasks(&client, &devices).await;
+    let granted = |r: Result<tonic::Response<pb::UploadReservation>, tonic::Status>| {
+        r.expect("reservation").into_inner().granted
+    };
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let head = header(&devices[i], &tasks[i], 1, 3);
+        assert!(granted(client.reserve_upload(head.clone()).await));
+        assert!(
+            granted(client.reserve_upload(head.clone()).await),
+            "asking again gives the same slot"
+        );
+        // The header, then nothing more, with the stream left open.
+        let messages = tokio_stream::iter(vec![pb::UpdateChunk {
+            part: Some(Part::Header(head)),
+        }])
+        .chain(tokio_stream::pending());
+        let mut client = client.clone();
+        stalled.push(tokio::spawn(
+            async move { client.submit_update(messages).await },
+        ));
+    }
+    let honest: Vec<_> = (STALLED..4)
+        .map(|i| {
+            let mut client = client.clone();
+            let chunks = vec![
+                pb::UpdateChunk {
+                    part: Some(Part::Header(header(&devices[i], &tasks[i], 1, 3))),
+                },
+                pb::UpdateChunk {
+                    part: Some(Part::Values(tensor::encode(&[i as f32; 3]))),
+                },
+            ];
+            tokio::spawn(async move {
+                fedrec_proto::reserve_and_upload(&mut client, chunks, |_| {}).await
+            })
+        })
+        .collect();
+    for upload in honest {
+        common::within("an honest upload", upload)
+            .await
+            .unwrap()
+            .expect("the honest update is accepted");
+    }
+    for upload in stalled {
+        assert_status(
+            common::within("a stalled upload", upload).await.unwrap(),
+            Code::DeadlineExceeded,
+            "too slow",
+        );
+    }
+    let reason = common::within("the round ends", running.handle.finished()).await;
+    assert!(reason.contains("completed 1 training rounds"), "{reason}");
+    // The honest updates 2 and 3, weight 1 each.
+    assert_eq!(running.handle.model().unwrap().params, vec![2.5; 3]);
+    let metrics = running.handle.metrics().unwrap();
+    assert!(
+        metrics.contains(r#"reason="upload_stalled"} 2"#),
+        "{metrics}"
+    );
+    running.stop().await;
+}
+
 /// Downloads `task`'s model as a device decodes it, whatever the encoding;
 /// returns the values and the bytes received (values and q8 block parameters).
 async fn download_decoded(
@@ -911,4 +1000,61 @@ async fn compressed_uploads_are_decoded_into_the_mean_and_bad_runs_refused() {
     }
     drop(client);
     server.stop().await;
+}
+
+/// A checkpoint path that cannot be written fails serving at start-up
+/// (issue 19, item 9), not after the first round.
+#[tokio::test]
+async fn a_checkpoint_that_cannot_be_written_fails_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing").join("coordinator.ckpt");
+    let core = RoundCore::new(
+        config(1, 1),
+        Layout::new(vec![("b".into(), vec![1])]),
+        vec![0.0],
+    )
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = ServeOptions::default().with_checkpoint(&path);
+    let err = common::within(
+        "serving fails",
+        fedrec_coordinator::serve(listener, core, options, std::future::pending()),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("cannot create"),
+        "{err}"
+    );
+}
+
+/// A request that does not decode as its method's message is refused as
+/// INVALID_ARGUMENT, saying so (issue 19, item 10; prost says INTERNAL).
+#[tokio::test]
+async fn undecodable_requests_are_invalid_argument() {
+    let running = common::serve(
+        config(1, 1),
+        Layout::new(vec![("b".into(), vec![1])]),
+        vec![0.0],
+    )
+    .await;
+    let mut grpc = tonic::client::Grpc::new(common::channel(&running).await);
+    grpc.ready().await.unwrap();
+    // A string where Join expects its varint protocol version.
+    let result: Result<tonic::Response<pb::JoinResponse>, _> = grpc
+        .unary(
+            tonic::Request::new(pb::CheckInRequest {
+                pseudonym: "x".into(),
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static("/fedrec.v1.Coordinator/Join"),
+            fedrec_proto::protobuf_codec::Codec::default(),
+        )
+        .await;
+    assert_status(
+        result,
+        Code::InvalidArgument,
+        "undecodable protobuf message",
+    );
+    running.stop().await;
 }

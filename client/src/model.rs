@@ -77,18 +77,25 @@ impl Default for TrainingConfig {
 impl TrainingConfig {
     /// Checks every field; the error names the field and the value.
     pub fn validate(&self) -> Result<(), ClientError> {
-        in_range("local_epochs", self.local_epochs.into(), 1.0, false, 1000.0)?;
-        in_range("learning_rate", self.learning_rate.into(), 0.0, true, 10.0)?;
-        in_range(
-            "regularization",
-            self.regularization.into(),
-            0.0,
-            false,
-            10.0,
-        )?;
-        in_range("proximal_mu", self.proximal_mu.into(), 0.0, false, 100.0)?;
-        in_range("confidence", self.confidence.into(), 1.0, false, 1e4)?;
-        in_range("negatives", self.negatives.into(), 1.0, false, 1000.0)?;
+        use fedrec_proto::limits::{
+            CONFIDENCE, LEARNING_RATE, LOCAL_EPOCHS, NEGATIVES, PROXIMAL_MU, REGULARIZATION,
+        };
+        let invalid =
+            |e: fedrec_proto::limits::OutOfBounds| ClientError::InvalidConfig(e.to_string());
+        LOCAL_EPOCHS
+            .check(self.local_epochs.into())
+            .map_err(invalid)?;
+        LEARNING_RATE
+            .check(self.learning_rate.into())
+            .map_err(invalid)?;
+        REGULARIZATION
+            .check(self.regularization.into())
+            .map_err(invalid)?;
+        PROXIMAL_MU
+            .check(self.proximal_mu.into())
+            .map_err(invalid)?;
+        CONFIDENCE.check(self.confidence.into()).map_err(invalid)?;
+        NEGATIVES.check(self.negatives.into()).map_err(invalid)?;
         if self.user_moment && self.loss != Loss::Als {
             return Err(ClientError::InvalidConfig(
                 "user_moment is only defined under the ALS loss (the private vector is solved, not trained)"
@@ -97,18 +104,6 @@ impl TrainingConfig {
         }
         Ok(())
     }
-}
-
-/// Checks `lo <(=) value <= hi`; the error names the field, the range and the value.
-fn in_range(name: &str, value: f64, lo: f64, open_lo: bool, hi: f64) -> Result<(), ClientError> {
-    let above = if open_lo { value > lo } else { value >= lo };
-    if above && value <= hi {
-        return Ok(());
-    }
-    let open = if open_lo { '(' } else { '[' };
-    Err(ClientError::InvalidConfig(format!(
-        "{name} must be in {open}{lo}, {hi}], got {value}"
-    )))
 }
 
 /// A recommendation model split into global and private parameters.

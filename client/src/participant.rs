@@ -259,7 +259,10 @@ impl Participant {
         let mut summary = ParticipationSummary::default();
         // While the coordinator is unreachable: since when, and the next wait.
         let mut outage: Option<(tokio::time::Instant, Duration)> = None;
-        let mut rejoined = false;
+        // The wait before the next re-join, once a re-join did not lead to
+        // an accepted check-in (a back-off, so that a coordinator that keeps
+        // refusing fresh sessions is not flooded with joins).
+        let mut rejoin_wait: Option<Duration> = None;
         loop {
             // Consent, the app's conditions and the task limit, before every check-in.
             let done = summary.trained + summary.evaluated + summary.refused;
@@ -276,7 +279,7 @@ impl Participant {
                     if outage.take().is_some() {
                         summary.reconnects += 1;
                     }
-                    rejoined = false;
+                    rejoin_wait = None;
                     resp.into_inner()
                 }
                 Err(status) if unreachable(&status) => {
@@ -294,16 +297,24 @@ impl Participant {
                     *wait = (*wait * 2).min(policy.reconnect.max.max(policy.reconnect.initial));
                     continue;
                 }
-                // A session the coordinator no longer knows: join again,
-                // once per refusal (a second refusal in a row is final).
-                Err(status) if status.code() == tonic::Code::Unauthenticated && !rejoined => {
+                // A session the coordinator no longer knows (expired, or
+                // lost in a restart): join again, each time, after a
+                // back-off once a re-join was refused in turn. A join that
+                // is refused (a revoked token) ends the run.
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
                     tracing::debug!(message = status.message(), "session refused; joining again");
                     if outage.take().is_some() {
                         summary.reconnects += 1;
                     }
+                    let policy = &device.participation.reconnect;
+                    if let Some(wait) = rejoin_wait {
+                        tokio::time::sleep(wait).await;
+                    }
+                    rejoin_wait = Some(rejoin_wait.map_or(policy.initial, |w| {
+                        (w * 2).min(policy.max.max(policy.initial))
+                    }));
                     self.join_again().await?;
                     summary.rejoins += 1;
-                    rejoined = true;
                     continue;
                 }
                 Err(status) => return Err(rpc("CheckIn")(status)),

@@ -547,3 +547,30 @@ fn exclusions_through_the_blocking_api() {
     assert!(app.exclusions().is_empty());
     app.with_device(|d| assert_eq!(d.history(), [4]));
 }
+
+/// The device joins again whenever its session is refused, even several
+/// times in a row before any check-in succeeds (issue 19, item 3: it used
+/// to give up at the second refusal in a row), backing off between joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_joins_again_after_every_refused_session() {
+    let model = common::model(30, 4);
+    let mut cfg = common::config(1, 1);
+    // The abandoned sessions stay joined: no final round with everyone.
+    cfg.rounds.final_evaluation = false;
+    let running = common::start(cfg, &model, 1).await;
+    running
+        .refuse_check_ins
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    let mut device = Device::new(Arc::clone(&model), 3);
+    device.set_consent(Consent::Federated).unwrap();
+    for i in [1, 2, 3] {
+        device.record(purchase(i)).unwrap();
+    }
+    let mut p = Participant::join(channel(&running).await, None)
+        .await
+        .unwrap();
+    let (_, summary) = common::within("run", p.run(device)).await.unwrap();
+    assert_eq!((summary.rejoins, summary.trained), (3, 1), "{summary:?}");
+    assert_eq!(running.received("Join").0, 4);
+    running.stop().await;
+}

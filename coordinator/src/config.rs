@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedrec_proto::codec::Encoding;
+use fedrec_proto::limits::Number;
 use serde::{Deserialize, Serialize};
 
 use crate::CoordinatorError;
@@ -155,6 +156,11 @@ pub struct AuthConfig {
     pub session_ttl_secs: f64,
 }
 
+/// How much longer than `server.long_poll_secs` a session must last at
+/// least (`auth.session_ttl_secs`): a device checks in, waits out the long
+/// poll, and checks in again within this margin.
+pub const SESSION_MARGIN_SECS: f64 = 30.0;
+
 /// Default `auth.session_ttl_secs`: one hour.
 pub const DEFAULT_SESSION_TTL_SECS: f64 = 3600.0;
 
@@ -261,7 +267,29 @@ pub struct ServerConfig {
     /// unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub joins_per_minute_per_source: Option<u32>,
+    /// Head start of a granted upload slot, in seconds: a reserved slot
+    /// whose upload has not started within it is given to the next device
+    /// (the reservation's lease), and an upload gets it on top of the time
+    /// its bytes need at `upload_min_bytes_per_sec`. Default
+    /// [`DEFAULT_UPLOAD_GRACE_SECS`].
+    pub upload_grace_secs: f64,
+    /// Slowest upload that keeps its slot, in bytes per second: an upload
+    /// that has received `b` bytes must receive its next message within
+    /// `upload_grace_secs + (b + one message) / upload_min_bytes_per_sec`
+    /// of the slot's grant, or it loses the slot (`DEADLINE_EXCEEDED`,
+    /// counted as `upload_stalled`), so that stalled devices cannot hold
+    /// every slot until the round's deadline. Default
+    /// [`DEFAULT_UPLOAD_MIN_BYTES_PER_SEC`].
+    pub upload_min_bytes_per_sec: u64,
 }
+
+/// Default `server.upload_grace_secs`: 10 seconds.
+pub const DEFAULT_UPLOAD_GRACE_SECS: f64 = 10.0;
+/// Default `server.upload_min_bytes_per_sec`: 64 KiB/s (512 kbit/s), what
+/// a slow phone on a poor mobile network still uploads. A device that
+/// stalls right after its header loses its slot after 10 s + 1 MiB at that
+/// rate, about 27 s, well before the default 60 s deadline.
+pub const DEFAULT_UPLOAD_MIN_BYTES_PER_SEC: u64 = 64 * 1024;
 
 /// Default `server.max_streams_per_connection`.
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
@@ -275,7 +303,21 @@ impl Default for ServerConfig {
             max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             joins_per_minute_per_source: None,
+            upload_grace_secs: DEFAULT_UPLOAD_GRACE_SECS,
+            upload_min_bytes_per_sec: DEFAULT_UPLOAD_MIN_BYTES_PER_SEC,
         }
+    }
+}
+
+impl ServerConfig {
+    /// `upload_grace_secs` as a duration (valid after [`CoordinatorConfig::validate`]).
+    pub fn upload_grace(&self) -> Duration {
+        secs(self.upload_grace_secs)
+    }
+
+    /// `long_poll_secs` as a duration (valid after [`CoordinatorConfig::validate`]).
+    pub fn long_poll(&self) -> Duration {
+        secs(self.long_poll_secs)
     }
 }
 
@@ -454,6 +496,13 @@ pub struct StrategyConfig {
     pub tau: f32,
     /// How updates are weighted in the round's mean. Default `examples`.
     pub weighting: Weighting,
+    /// Under `weighting = "examples"` in plain rounds: the most examples an
+    /// update's weight counts (a device claiming more weighs this much), so
+    /// that no device sets the round's mean by claiming a huge
+    /// `num_examples`; the count is self-reported and unverifiable. Secure
+    /// rounds cap at `secure_aggregation.max_examples` instead. Default
+    /// [`DEFAULT_MAX_EXAMPLES`].
+    pub max_examples: u64,
     /// How the server learning rate changes over the rounds. Default `constant`.
     pub schedule: Schedule,
     /// How a round's updates are combined: "mean", or, against broken or
@@ -478,6 +527,12 @@ pub struct StrategyConfig {
 /// Default `strategy.ease_lambda` (the middle of the EASE grid the
 /// baselines search; `--preset auto` chooses it on validation).
 pub const DEFAULT_EASE_LAMBDA: f32 = 200.0;
+
+/// Default `strategy.max_examples` (and `secure_aggregation.max_examples`):
+/// 1,000 purchases, more than nearly every shopper's history, so honest
+/// devices keep their FedAvg weights while one device weighs at most 1,000
+/// times the smallest.
+pub const DEFAULT_MAX_EXAMPLES: u64 = 1000;
 
 /// Default `strategy.trim_fraction`.
 pub const DEFAULT_TRIM_FRACTION: f64 = 0.1;
@@ -545,6 +600,7 @@ impl Default for StrategyConfig {
             beta2: DEFAULT_BETA2,
             tau: DEFAULT_TAU,
             weighting: Weighting::Examples,
+            max_examples: DEFAULT_MAX_EXAMPLES,
             schedule: Schedule::Constant,
             aggregation: Aggregation::Mean,
             trim_fraction: DEFAULT_TRIM_FRACTION,
@@ -568,6 +624,36 @@ pub struct ModelConfig {
     /// Catalog size; unset = taken from the data set. Default: unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<usize>,
+    /// The largest model the coordinator accepts, in bytes as f32 (4 per
+    /// value; `items × factors` for the CLI's matrix factorization). The
+    /// coordinator holds several copies of the model (parameters, the
+    /// encoded download, the round's sum, optimizer moments, each upload
+    /// in flight), so its memory is several times this. Checked at
+    /// start-up, before anything is allocated. Default
+    /// [`DEFAULT_MODEL_MAX_BYTES`].
+    pub max_bytes: u64,
+}
+
+/// Default `model.max_bytes`: 1 GiB, 268 million values (4 million items
+/// × 64 factors).
+pub const DEFAULT_MODEL_MAX_BYTES: u64 = 1 << 30;
+
+impl ModelConfig {
+    /// Checks that a model of `values` values (described by `what`, such as
+    /// "model.items × model.factors = 100 × 32") fits `max_bytes`.
+    /// The error names both numbers.
+    pub fn check_size(&self, values: u64, what: &str) -> Result<(), String> {
+        let bytes = values.saturating_mul(4);
+        if bytes <= self.max_bytes {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} = {values} values ({bytes} bytes as f32) is more than model.max_bytes = {}; \
+             the coordinator holds several copies of the model, so raise model.max_bytes only \
+             where the memory is there",
+            self.max_bytes
+        ))
+    }
 }
 
 impl Default for ModelConfig {
@@ -577,6 +663,7 @@ impl Default for ModelConfig {
             init_std: DEFAULT_INIT_STD,
             seed: DEFAULT_MODEL_SEED,
             items: None,
+            max_bytes: DEFAULT_MODEL_MAX_BYTES,
         }
     }
 }
@@ -591,7 +678,7 @@ pub const DEFAULT_SECAGG_BITS: u32 = fedrec_proto::secagg::config::DEFAULT_BITS;
 /// Default `secure_aggregation.threshold`: two thirds of the neighbours.
 pub const DEFAULT_SECAGG_THRESHOLD: f64 = fedrec_proto::secagg::config::DEFAULT_THRESHOLD;
 /// Default `secure_aggregation.max_examples`.
-pub const DEFAULT_SECAGG_MAX_EXAMPLES: u64 = 1000;
+pub const DEFAULT_SECAGG_MAX_EXAMPLES: u64 = DEFAULT_MAX_EXAMPLES;
 /// Default `secure_aggregation.step_secs`.
 pub const DEFAULT_SECAGG_STEP_SECS: f64 = 30.0;
 
@@ -815,12 +902,13 @@ fn check_range(
     if value.is_finite() && ok_lo && value <= hi {
         return Ok(());
     }
+    let (lo, hi, value) = (Number(lo), Number(hi), Number(value));
     let lo_text = if open_lo {
         format!("> {lo}")
     } else {
         format!(">= {lo}")
     };
-    let text = if hi.is_finite() {
+    let text = if hi.0.is_finite() {
         format!("{name} must be {lo_text} and <= {hi}, got {value}")
     } else {
         format!("{name} must be finite and {lo_text}, got {value}")
@@ -892,11 +980,34 @@ impl CoordinatorConfig {
                 s.max_streams_per_connection, s.joins_per_minute_per_source
             )));
         }
+        check_range(
+            "server.upload_grace_secs",
+            s.upload_grace_secs,
+            0.0,
+            true,
+            MAX_SECS,
+        )?;
+        if s.upload_min_bytes_per_sec < 1 {
+            return Err(invalid(
+                "server.upload_min_bytes_per_sec must be >= 1, got 0".to_owned(),
+            ));
+        }
         if s.max_concurrent_uploads < 1 || s.max_concurrent_downloads < 1 {
             return Err(invalid(format!(
                 "server.max_concurrent_uploads and server.max_concurrent_downloads must be >= 1, \
                  got {} and {}",
                 s.max_concurrent_uploads, s.max_concurrent_downloads
+            )));
+        }
+
+        let shortest = s.long_poll_secs + SESSION_MARGIN_SECS;
+        if self.auth.session_ttl_secs < shortest {
+            return Err(invalid(format!(
+                "auth.session_ttl_secs must be at least server.long_poll_secs + {} = {}, got {}: \
+                 a shorter session can end in the middle of a check-in",
+                Number(SESSION_MARGIN_SECS),
+                Number(shortest),
+                Number(self.auth.session_ttl_secs)
             )));
         }
 
@@ -939,39 +1050,25 @@ impl CoordinatorConfig {
         )?;
 
         let t = &self.training;
-        if t.local_epochs < 1 {
-            return Err(invalid(format!(
-                "training.local_epochs must be >= 1, got {}",
-                t.local_epochs
-            )));
-        }
-        check_range(
-            "training.learning_rate",
-            t.learning_rate.into(),
-            0.0,
-            true,
-            f64::INFINITY,
-        )?;
-        check_range(
-            "training.regularization",
-            t.regularization.into(),
-            0.0,
-            false,
-            f64::INFINITY,
-        )?;
-        check_range(
-            "training.proximal_mu",
-            t.proximal_mu.into(),
-            0.0,
-            false,
-            f64::INFINITY,
-        )?;
-        check_range("training.confidence", t.confidence.into(), 1.0, false, 1e4)?;
-        if t.negatives < 1 {
-            return Err(invalid(format!(
-                "training.negatives must be >= 1, got {}",
-                t.negatives
-            )));
+        {
+            use fedrec_proto::limits::{
+                CONFIDENCE, LEARNING_RATE, LOCAL_EPOCHS, NEGATIVES, PROXIMAL_MU, REGULARIZATION,
+            };
+            let refused = |e: fedrec_proto::limits::OutOfBounds| {
+                invalid(format!(
+                    "training.{e}: devices refuse a task outside this range"
+                ))
+            };
+            LOCAL_EPOCHS.check(t.local_epochs.into()).map_err(refused)?;
+            LEARNING_RATE
+                .check(t.learning_rate.into())
+                .map_err(refused)?;
+            REGULARIZATION
+                .check(t.regularization.into())
+                .map_err(refused)?;
+            PROXIMAL_MU.check(t.proximal_mu.into()).map_err(refused)?;
+            CONFIDENCE.check(t.confidence.into()).map_err(refused)?;
+            NEGATIVES.check(t.negatives.into()).map_err(refused)?;
         }
 
         let st = &self.strategy;
@@ -992,6 +1089,11 @@ impl CoordinatorConfig {
         check_range("strategy.beta1", st.beta1.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.beta2", st.beta2.into(), 0.0, false, 0.999_999)?;
         check_range("strategy.tau", st.tau.into(), 0.0, true, f64::INFINITY)?;
+        if st.max_examples < 1 {
+            return Err(invalid(
+                "strategy.max_examples must be >= 1, got 0".to_owned(),
+            ));
+        }
         check_range(
             "strategy.trim_fraction",
             st.trim_fraction,
@@ -1088,6 +1190,13 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "model.items must be >= 1 when set, got 0".to_owned(),
             ));
+        }
+        if let Some(items) = m.items {
+            m.check_size(
+                (items as u64).saturating_mul(m.factors as u64),
+                &format!("model.items × model.factors = {items} × {}", m.factors),
+            )
+            .map_err(invalid)?;
         }
         self.validate_secure_aggregation()?;
         self.validate_privacy()
@@ -1329,6 +1438,21 @@ mod tests {
         assert!(err.to_string().contains("min_updates (3)"), "{err}");
         let err = CoordinatorConfig::from_toml_str("[strategy]\nname = \"als\"\n").unwrap_err();
         assert!(err.to_string().contains("training.loss = \"als\""), "{err}");
+        // Issue 19, item 3: a session must outlast a long poll.
+        let err = CoordinatorConfig::from_toml_str("[auth]\nsession_ttl_secs = 2\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: auth.session_ttl_secs must be at least \
+             server.long_poll_secs + 30 = 40, got 2: a shorter session can end in the middle \
+             of a check-in"
+        );
+        // Issue 19, item 10: a huge number is written short.
+        let err =
+            CoordinatorConfig::from_toml_str("[rounds]\ndeadline_secs = 1e300\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: rounds.deadline_secs must be > 0 and <= 31536000, got 1e300"
+        );
         let als = "[training]\nloss = \"als\"\n[strategy]\nname = \"als\"\n";
         assert!(CoordinatorConfig::from_toml_str(als).is_ok());
         let err = CoordinatorConfig::from_toml_str(&format!(
@@ -1339,6 +1463,55 @@ mod tests {
         let err = CoordinatorConfig::from_toml_str(&format!("{als}aggregation = \"median\"\n"))
             .unwrap_err();
         assert!(err.to_string().contains("x xᵀ"), "{err}");
+    }
+
+    /// Issue 19, items 6 and 7: the coordinator refuses training settings
+    /// every device would refuse (one definition, `fedrec_proto::limits`),
+    /// and a model larger than its memory budget, naming both numbers.
+    #[test]
+    fn settings_devices_refuse_and_oversized_models_are_refused() {
+        for (line, message) in [
+            (
+                "learning_rate = 20",
+                "training.learning_rate must be in (0, 10], got 20",
+            ),
+            (
+                "local_epochs = 3000",
+                "training.local_epochs must be in [1, 1000], got 3000",
+            ),
+            (
+                "regularization = 11",
+                "training.regularization must be in [0, 10]",
+            ),
+            (
+                "proximal_mu = 101",
+                "training.proximal_mu must be in [0, 100]",
+            ),
+            (
+                "negatives = 1001",
+                "training.negatives must be in [1, 1000]",
+            ),
+        ] {
+            let err = CoordinatorConfig::from_toml_str(&format!("[training]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(message), "{line}: {err}");
+            assert!(err.contains("devices refuse"), "{err}");
+        }
+        let limits = fedrec_proto::limits::LEARNING_RATE;
+        let edge = format!("[training]\nlearning_rate = {}\n", limits.hi);
+        assert!(CoordinatorConfig::from_toml_str(&edge).is_ok());
+
+        let err = CoordinatorConfig::from_toml_str("[model]\nitems = 100000000\nfactors = 64\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("100000000 × 64 = 6400000000 values (25600000000 bytes as f32)")
+                && err.contains("model.max_bytes = 1073741824"),
+            "{err}"
+        );
+        let fits = "[model]\nitems = 100000000\nfactors = 64\nmax_bytes = 30000000000\n";
+        assert!(CoordinatorConfig::from_toml_str(fits).is_ok());
     }
 
     #[test]

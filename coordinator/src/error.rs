@@ -156,6 +156,26 @@ pub enum CoordinatorError {
         /// The round.
         round: u32,
     },
+    /// An upload holding a slot fell below `server.upload_min_bytes_per_sec`
+    /// (after `server.upload_grace_secs`) and lost its slot.
+    #[error(
+        "upload for round {round} too slow: {received} bytes in {secs:.1} s since its slot was \
+         granted, below server.upload_min_bytes_per_sec = {min_rate} after \
+         server.upload_grace_secs; the slot went to another device"
+    )]
+    UploadStalled {
+        /// The round.
+        round: u32,
+        /// Bytes received before the upload stalled.
+        received: usize,
+        /// Seconds since the slot was granted.
+        secs: f64,
+        /// The configured minimum rate.
+        min_rate: u64,
+    },
+    /// A device asked for a second upload slot while holding or waiting for one.
+    #[error("this device already holds or waits for an upload slot (at most one per device)")]
+    UploadInProgress,
     /// A request is structurally wrong (missing field, header not first, ...).
     #[error("malformed request: {0}")]
     Malformed(String),
@@ -195,6 +215,11 @@ pub enum CoordinatorError {
         /// What is wrong with it.
         message: String,
     },
+    /// The checkpoint cannot be written (checked at start-up with a first
+    /// write, so that a missing or read-only directory is not found only
+    /// after the first round).
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// The gRPC server failed.
     #[error("gRPC transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -228,6 +253,8 @@ impl CoordinatorError {
             Self::TooLarge { .. } => "too_large",
             Self::JoinRateLimited { .. } => "join_rate_limited",
             Self::UploadTimeout { .. } => "upload_timeout",
+            Self::UploadStalled { .. } => "upload_stalled",
+            Self::UploadInProgress => "upload_in_progress",
             Self::Malformed(_) => "malformed",
             Self::SecAgg(e) => e.reason(),
             Self::WrongParty { .. } => "wrong_party",
@@ -235,6 +262,7 @@ impl CoordinatorError {
             Self::NotSecureRound { .. } => "not_secure_round",
             Self::Internal(_) => "internal",
             Self::Transport(_) => "transport",
+            Self::Checkpoint(_) => "checkpoint",
         }
     }
 }
@@ -265,7 +293,10 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::TooLarge { .. } | CoordinatorError::JoinRateLimited { .. } => {
                 Code::ResourceExhausted
             }
-            CoordinatorError::UploadTimeout { .. } => Code::DeadlineExceeded,
+            CoordinatorError::UploadTimeout { .. } | CoordinatorError::UploadStalled { .. } => {
+                Code::DeadlineExceeded
+            }
+            CoordinatorError::UploadInProgress => Code::AlreadyExists,
             CoordinatorError::SecAgg(e) => secagg_code(e),
             CoordinatorError::WrongParty { .. } => Code::PermissionDenied,
             CoordinatorError::SecureRound { .. } | CoordinatorError::NotSecureRound { .. } => {
@@ -276,6 +307,7 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::Tls { .. }
             | CoordinatorError::InvalidModel(_)
             | CoordinatorError::Internal(_)
+            | CoordinatorError::Checkpoint(_)
             | CoordinatorError::Transport(_) => Code::Internal,
         };
         tonic::Status::new(code, err.to_string())

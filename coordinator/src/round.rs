@@ -351,6 +351,10 @@ impl RoundCore {
         params: Vec<f32>,
     ) -> Result<Self, CoordinatorError> {
         config.validate()?;
+        config
+            .model
+            .check_size(layout.num_values() as u64, "the model's layout")
+            .map_err(CoordinatorError::InvalidModel)?;
         if params.len() != layout.num_values() {
             return Err(CoordinatorError::InvalidModel(format!(
                 "the layout has {} values, but {} parameters were given",
@@ -540,7 +544,9 @@ impl RoundCore {
     /// Every sixteenth of a session's lifetime, forgets the devices whose
     /// sessions ended, so that they are not selected and do not count as
     /// joined; members of the open round's cohort may still finish its task.
-    /// Sessions that ended since are noticed at their next check-in.
+    /// An ended session is remembered for one more lifetime, so that the
+    /// device's next check-in is told (and counted) `session_expired`
+    /// rather than `unknown_pseudonym`; then it is forgotten entirely.
     fn sweep_sessions(&mut self, now: Instant) {
         let Some(ttl) = self.config.auth.session_ttl() else {
             return;
@@ -549,17 +555,21 @@ impl RoundCore {
             return;
         }
         self.next_session_sweep = Some(now + ttl / 16);
+        let open = self.open.as_ref();
         let ended: Vec<Pseudonym> = self
             .sessions
             .iter()
             .filter(|&(p, &expires)| {
-                now >= expires && !self.open.as_ref().is_some_and(|o| o.cohort.contains_key(p))
+                now >= expires && !open.is_some_and(|o| o.cohort.contains_key(p))
             })
             .map(|(p, _)| *p)
             .collect();
         for pseudonym in &ended {
-            self.end_session(pseudonym);
+            self.joined.remove(pseudonym);
+            self.pool.remove(pseudonym);
         }
+        self.sessions
+            .retain(|_, &mut expires| now < expires.checked_add(ttl).unwrap_or(expires));
     }
 
     /// A device asks for work: its task if it is in the open round's cohort
@@ -573,7 +583,12 @@ impl RoundCore {
     ) -> Result<CheckIn, CoordinatorError> {
         self.advance(now);
         if !self.joined.contains(pseudonym) {
-            return Err(self.reject(CoordinatorError::UnknownPseudonym));
+            // A session swept out after it ended is still recognised.
+            let err = match self.sessions.remove(pseudonym) {
+                Some(_) => CoordinatorError::SessionExpired,
+                None => CoordinatorError::UnknownPseudonym,
+            };
+            return Err(self.reject(err));
         }
         if let Some(ttl) = self.config.auth.session_ttl() {
             let expires = *self.sessions.entry(*pseudonym).or_insert(now + ttl);
@@ -638,7 +653,9 @@ impl RoundCore {
             .map(|p| p.task.clip);
         let result = self.check_header(&header).and_then(|()| {
             let weight = match self.config.strategy.weighting {
-                crate::config::Weighting::Examples => header.num_examples,
+                crate::config::Weighting::Examples => {
+                    header.num_examples.min(self.config.strategy.max_examples)
+                }
                 crate::config::Weighting::Uniform => 1,
             };
             // Central DP bounds every update (weight 1: validated uniform);

@@ -14,7 +14,7 @@
 //! aggregation the driver also runs each round's unmasking (CPU-heavy) on a
 //! blocking thread, outside the lock, and hands the result back to the core.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -65,7 +65,8 @@ pub struct ServeOptions {
     /// [`DOWNLOAD_CHUNK_BYTES`].
     pub chunk_bytes: usize,
     /// Save the state here after every ended round (see
-    /// [`checkpoint`](crate::checkpoint)). Default: nowhere.
+    /// [`checkpoint`](crate::checkpoint)), and once when serving starts, so
+    /// that a path that cannot be written fails at once. Default: nowhere.
     pub checkpoint: Option<PathBuf>,
     /// Serve over TLS (mutual TLS if it names a client CA); see
     /// [`crate::tls::server_tls_config`]. Default: plain text.
@@ -169,13 +170,79 @@ async fn slot(slots: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, Status> {
         .map_err(|_| Status::unavailable("the coordinator is shutting down"))
 }
 
-/// How long a reserved upload slot waits for the device's upload to start.
-pub const UPLOAD_LEASE: Duration = Duration::from_secs(10);
-
-/// An upload slot held for a device until `until`.
+/// An upload slot held for a device until `until`, granted at `granted`.
 struct Reservation {
     permit: OwnedSemaphorePermit,
+    granted: tokio::time::Instant,
     until: tokio::time::Instant,
+}
+
+/// The pace an upload holding a slot must keep: `server.upload_grace_secs`
+/// and `server.upload_min_bytes_per_sec`.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    grace: Duration,
+    min_rate: u64,
+    /// The largest message the server decodes: what the next one may weigh.
+    max_message: usize,
+}
+
+/// An upload that holds a slot: the slot, and what the upload must keep up
+/// with (the pace since the grant, and the round's deadline).
+struct PacedUpload<'a> {
+    shared: &'a Shared,
+    round: u32,
+    granted: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+    /// Bytes received since the grant.
+    received: usize,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl PacedUpload<'_> {
+    /// The next message, if it arrives in time: refused as
+    /// [`CoordinatorError::UploadStalled`] when it falls behind the pace,
+    /// [`CoordinatorError::UploadTimeout`] at the round's deadline.
+    async fn next<T>(&mut self, stream: &mut Streaming<T>) -> Result<Option<T>, Status> {
+        let pace = self.shared.pace;
+        let need = (self.received + pace.max_message) as f64 / pace.min_rate as f64;
+        let by = Duration::try_from_secs_f64(need)
+            .ok()
+            .and_then(|d| self.granted.checked_add(pace.grace + d))
+            .map_or(self.deadline, |t| t.min(self.deadline));
+        match tokio::time::timeout_at(by, stream.message()).await {
+            Ok(message) => message,
+            Err(_) if by == self.deadline => Err(self
+                .shared
+                .reject_at_edge(CoordinatorError::UploadTimeout { round: self.round })),
+            Err(_) => Err(self.shared.reject_at_edge(CoordinatorError::UploadStalled {
+                round: self.round,
+                received: self.received,
+                secs: self.granted.elapsed().as_secs_f64(),
+                min_rate: pace.min_rate,
+            })),
+        }
+    }
+
+    /// Counts `bytes` received.
+    fn received(&mut self, bytes: usize) {
+        self.received += bytes;
+    }
+}
+
+/// A device's claim on the upload slots: while it lives, the device's other
+/// requests for a slot are refused (at most one per device).
+struct Busy<'a> {
+    shared: &'a Shared,
+    pseudonym: Pseudonym,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.shared.busy.lock() {
+            busy.remove(&self.pseudonym);
+        }
+    }
 }
 
 struct Shared {
@@ -203,6 +270,10 @@ struct Shared {
     downloads: Arc<Semaphore>,
     /// Upload slots reserved by devices that have not started uploading.
     reservations: Mutex<HashMap<Pseudonym, Reservation>>,
+    /// Devices reserving or uploading now (see [`Busy`]).
+    busy: Mutex<HashSet<Pseudonym>>,
+    /// The pace an upload must keep to hold its slot.
+    pace: Pace,
     /// `server.max_streams_per_connection`.
     max_streams: u32,
 }
@@ -240,9 +311,7 @@ impl JoinLimiter {
 
 impl Shared {
     fn lock(&self) -> Result<MutexGuard<'_, RoundCore>, CoordinatorError> {
-        self.core.lock().map_err(|_| {
-            CoordinatorError::Internal("coordinator state poisoned by an earlier panic".to_owned())
-        })
+        self.core.lock().map_err(|_| poisoned())
     }
 
     /// Runs `f` on the core, then publishes progress if a round started or ended.
@@ -282,9 +351,62 @@ impl Shared {
 
     /// Counts and logs a request rejected at the edge, before the core saw it.
     /// The upload slot `pseudonym` reserved, if its lease still runs.
-    fn take_reservation(&self, pseudonym: &Pseudonym) -> Option<OwnedSemaphorePermit> {
+    fn take_reservation(&self, pseudonym: &Pseudonym) -> Option<Reservation> {
         let reservation = self.reservations.lock().ok()?.remove(pseudonym)?;
-        (tokio::time::Instant::now() < reservation.until).then_some(reservation.permit)
+        (tokio::time::Instant::now() < reservation.until).then_some(reservation)
+    }
+
+    /// When the lease of the slot `pseudonym` reserved ends, if it runs.
+    fn reserved_until(&self, pseudonym: &Pseudonym) -> Option<tokio::time::Instant> {
+        let until = self.reservations.lock().ok()?.get(pseudonym)?.until;
+        (tokio::time::Instant::now() < until).then_some(until)
+    }
+
+    /// Marks `pseudonym` as reserving or uploading; refused while it already is.
+    fn busy(&self, pseudonym: Pseudonym) -> Result<Busy<'_>, Status> {
+        let fresh = self
+            .busy
+            .lock()
+            .map_err(|_| rejected(poisoned()))?
+            .insert(pseudonym);
+        if !fresh {
+            return Err(self.reject_at_edge(CoordinatorError::UploadInProgress));
+        }
+        Ok(Busy {
+            shared: self,
+            pseudonym,
+        })
+    }
+
+    /// Takes an upload slot for `pseudonym`: its reservation, or the next
+    /// free slot (in the order asked) if it comes before the round's
+    /// `deadline`.
+    async fn upload_slot(
+        &self,
+        pseudonym: &Pseudonym,
+        round: u32,
+        deadline: std::time::Instant,
+    ) -> Result<PacedUpload<'_>, Status> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let (slot, granted) = match self.take_reservation(pseudonym) {
+            Some(r) => (r.permit, r.granted),
+            None => {
+                let permit = tokio::time::timeout_at(deadline, slot(&self.uploads))
+                    .await
+                    .map_err(|_| {
+                        self.reject_at_edge(CoordinatorError::UploadTimeout { round })
+                    })??;
+                (permit, tokio::time::Instant::now())
+            }
+        };
+        Ok(PacedUpload {
+            shared: self,
+            round,
+            granted,
+            deadline,
+            received: 0,
+            _slot: slot,
+        })
     }
 
     /// Frees the slots whose lease ran out (devices that reserved and then
@@ -304,10 +426,20 @@ impl Shared {
     }
 }
 
+fn poisoned() -> CoordinatorError {
+    CoordinatorError::Internal("coordinator state poisoned by an earlier panic".to_owned())
+}
+
 /// Logs a rejection and turns it into a gRPC status.
 fn rejected(err: CoordinatorError) -> Status {
     tracing::debug!(reason = err.reason(), error = %err, "request rejected");
     err.into()
+}
+
+/// The server's receive limit per message: one chunk plus
+/// [`DECODING_SLACK_BYTES`].
+fn decoding_limit(chunk_bytes: usize) -> usize {
+    chunk_bytes.max(DEFAULT_CHUNK_BYTES) + DECODING_SLACK_BYTES
 }
 
 fn now() -> std::time::Instant {
@@ -400,6 +532,12 @@ impl CoordinatorService {
                 tls: opts.tls,
                 tokens: opts.tokens,
                 reservations: Mutex::new(HashMap::new()),
+                busy: Mutex::new(HashSet::new()),
+                pace: Pace {
+                    grace: server.upload_grace(),
+                    min_rate: server.upload_min_bytes_per_sec,
+                    max_message: decoding_limit(opts.chunk_bytes),
+                },
                 downloads: Arc::new(Semaphore::new(server.max_concurrent_downloads)),
             }),
         }
@@ -432,7 +570,7 @@ impl CoordinatorService {
     /// The tonic server for this service, with the receive limit raised to
     /// one chunk plus [`DECODING_SLACK_BYTES`].
     pub fn into_server(self) -> CoordinatorServer<Self> {
-        let limit = self.shared.chunk_bytes.max(DEFAULT_CHUNK_BYTES) + DECODING_SLACK_BYTES;
+        let limit = decoding_limit(self.shared.chunk_bytes);
         CoordinatorServer::new(self).max_decoding_message_size(limit)
     }
 
@@ -449,6 +587,12 @@ impl CoordinatorService {
                  (ServeOptions::with_enrollment_tokens)",
                 path.display()
             )));
+        }
+        if let Some(path) = &self.shared.checkpoint {
+            // Fail now, not after the first round: the state as it is (a
+            // resumed core writes back what it read).
+            let checkpoint = self.shared.lock()?.checkpoint();
+            checkpoint.write(path)?;
         }
         let streams = self.shared.max_streams;
         let mut builder = fedrec_proto::server_builder().max_concurrent_streams(Some(streams));
@@ -481,6 +625,31 @@ impl CoordinatorService {
         let _ = driver.await;
         tracing::info!("coordinator stopped");
         result.map_err(CoordinatorError::from)
+    }
+
+    /// Holds `permit` for `pseudonym` for `server.upload_grace_secs`: the
+    /// slot goes back to the pool when the lease ends unused. Returns when
+    /// it ends.
+    fn reserve(&self, pseudonym: Pseudonym, permit: OwnedSemaphorePermit) -> tokio::time::Instant {
+        let granted = tokio::time::Instant::now();
+        let until = granted + self.shared.pace.grace;
+        if let Ok(mut reservations) = self.shared.reservations.lock() {
+            reservations.insert(
+                pseudonym,
+                Reservation {
+                    permit,
+                    granted,
+                    until,
+                },
+            );
+        }
+        // Free the slot at the lease's end even if no other device asks.
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until).await;
+            shared.expire_reservations();
+        });
+        until
     }
 
     fn check_in_response(outcome: CheckIn, now: std::time::Instant) -> pb::CheckInResponse {
@@ -556,53 +725,48 @@ impl CoordinatorService {
         let limit = usize::try_from(header.num_values)
             .unwrap_or(usize::MAX)
             .saturating_mul(4);
-        let _permit = match shared.take_reservation(&header.pseudonym) {
-            Some(permit) => permit,
-            None => slot(&shared.uploads).await?,
-        };
+        let _busy = shared.busy(header.pseudonym)?;
+        let mut upload = shared
+            .upload_slot(&header.pseudonym, header.round, deadline)
+            .await?;
         let mut values = Vec::with_capacity(limit);
         // Bytes of values as sent (less than `values` when encoded).
         let mut wire = 0;
-        let read = async {
-            while let Some(chunk) = stream.message().await? {
-                match chunk.part {
-                    Some(Part::Values(bytes)) => {
-                        let got = values.len() + bytes.len();
-                        if got > limit {
-                            return Err(
-                                shared.reject_at_edge(CoordinatorError::TooLarge { limit, got })
-                            );
-                        }
-                        values.extend_from_slice(&bytes);
-                        wire += bytes.len();
+        while let Some(chunk) = upload.next(stream).await? {
+            match chunk.part {
+                Some(Part::Values(bytes)) => {
+                    let got = values.len() + bytes.len();
+                    if got > limit {
+                        return Err(
+                            shared.reject_at_edge(CoordinatorError::TooLarge { limit, got })
+                        );
                     }
-                    Some(Part::Encoded(run)) => {
-                        wire += run.values.len();
-                        codec::append_update_run(&run, &mut values, limit / 4).map_err(|e| {
-                            shared.reject_at_edge(CoordinatorError::Malformed(format!(
-                                "upload of {} values: {e}",
-                                limit / 4
-                            )))
-                        })?;
-                    }
-                    Some(Part::Header(_)) => {
-                        return Err(shared.reject_at_edge(CoordinatorError::Malformed(
-                            "an upload must have exactly one header".to_owned(),
-                        )));
-                    }
-                    None => {
-                        return Err(shared.reject_at_edge(CoordinatorError::Malformed(
-                            "upload chunk without header or values".to_owned(),
-                        )));
-                    }
+                    values.extend_from_slice(&bytes);
+                    wire += bytes.len();
+                    upload.received(bytes.len());
+                }
+                Some(Part::Encoded(run)) => {
+                    wire += run.values.len();
+                    upload.received(run.values.len());
+                    codec::append_update_run(&run, &mut values, limit / 4).map_err(|e| {
+                        shared.reject_at_edge(CoordinatorError::Malformed(format!(
+                            "upload of {} values: {e}",
+                            limit / 4
+                        )))
+                    })?;
+                }
+                Some(Part::Header(_)) => {
+                    return Err(shared.reject_at_edge(CoordinatorError::Malformed(
+                        "an upload must have exactly one header".to_owned(),
+                    )));
+                }
+                None => {
+                    return Err(shared.reject_at_edge(CoordinatorError::Malformed(
+                        "upload chunk without header or values".to_owned(),
+                    )));
                 }
             }
-            Ok(())
-        };
-        let round = header.round;
-        tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read)
-            .await
-            .map_err(|_| shared.reject_at_edge(CoordinatorError::UploadTimeout { round }))??;
+        }
         shared.bytes_in.fetch_add(wire as u64, Ordering::Relaxed);
         shared
             .with_core(|core| core.submit_update(now(), header, &values))?
@@ -838,25 +1002,24 @@ impl Coordinator for CoordinatorService {
         shared
             .with_core(|core| core.check_update_header(now(), &header))?
             .map_err(rejected)?;
-        shared.expire_reservations();
-        let granted = match tokio::time::timeout(shared.long_poll, slot(&shared.uploads)).await {
-            Ok(Ok(permit)) => {
-                let until = tokio::time::Instant::now() + UPLOAD_LEASE;
-                if let Ok(mut reservations) = shared.reservations.lock() {
-                    reservations.insert(header.pseudonym, Reservation { permit, until });
+        let _busy = shared.busy(header.pseudonym)?;
+        let until = match shared.reserved_until(&header.pseudonym) {
+            // Asked again: the same slot, not a second one.
+            Some(until) => Some(until),
+            None => {
+                shared.expire_reservations();
+                match tokio::time::timeout(shared.long_poll, slot(&shared.uploads)).await {
+                    Ok(permit) => Some(self.reserve(header.pseudonym, permit?)),
+                    Err(_) => None,
                 }
-                true
             }
-            Ok(Err(status)) => return Err(status),
-            Err(_) => false,
         };
+        let lease = until.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(tokio::time::Instant::now())
+        });
         Ok(Response::new(pb::UploadReservation {
-            granted,
-            lease_ms: if granted {
-                UPLOAD_LEASE.as_millis() as u32
-            } else {
-                0
-            },
+            granted: until.is_some(),
+            lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
         }))
     }
 

@@ -10,6 +10,8 @@
 //!   chunk on the coordinator.
 //! - [`linalg`]: the small dense solves of ALS (Cholesky), shared by the
 //!   devices' user step and the coordinator's `als` server step.
+//! - [`limits`]: the bounds of the training settings, checked by the
+//!   coordinator's configuration and by every device.
 //! - [`Layout`]: the names and shapes of the model's tensors.
 //!
 //! ```
@@ -25,7 +27,9 @@
 
 pub mod codec;
 pub mod eval;
+pub mod limits;
 pub mod linalg;
+pub mod protobuf_codec;
 pub mod secagg;
 pub mod tensor;
 

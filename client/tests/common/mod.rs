@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ pub struct Running {
     pub handle: ServiceHandle,
     /// What the server received, by method.
     pub counts: Counts,
+    /// Check-ins to refuse as UNAUTHENTICATED (as for an expired session)
+    /// before passing them on.
+    pub refuse_check_ins: Arc<AtomicU32>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -92,9 +96,11 @@ pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) ->
     let handle = service.handle();
     let driver = service.spawn_driver();
     let counts = Counts::default();
+    let refuse_check_ins = Arc::new(AtomicU32::new(0));
     let counting = Counting {
         inner: service.into_server(),
         counts: Arc::clone(&counts),
+        refuse_check_ins: Arc::clone(&refuse_check_ins),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -112,6 +118,7 @@ pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) ->
         endpoint,
         handle,
         counts,
+        refuse_check_ins,
         stop: Some(tx),
         task,
     }
@@ -124,6 +131,7 @@ pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) ->
 struct Counting<S> {
     inner: S,
     counts: Counts,
+    refuse_check_ins: Arc<AtomicU32>,
 }
 
 impl<S: NamedService> NamedService for Counting<S> {
@@ -154,7 +162,18 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let counts = Arc::clone(&self.counts);
+        let refuse = req.uri().path().ends_with("/CheckIn")
+            && self
+                .refuse_check_ins
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
         Box::pin(async move {
+            if refuse {
+                return Ok(
+                    tonic::Status::unauthenticated("session expired (refused by the test)")
+                        .into_http(),
+                );
+            }
             let (parts, body) = req.into_parts();
             let bytes = body
                 .collect()

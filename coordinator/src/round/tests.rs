@@ -174,6 +174,26 @@ fn full_round_applies_the_weighted_mean_exactly() {
     assert_eq!(core.finished(), None);
 }
 
+/// One device cannot set the round's mean by claiming a huge example count
+/// (issue 19, item 2): its weight is capped at `strategy.max_examples`.
+#[test]
+fn an_extreme_example_count_weighs_at_most_max_examples() {
+    let mut cfg = config(2, 0);
+    cfg.strategy.max_examples = 100;
+    let mut core = core_with(cfg, vec![0.0]);
+    let t0 = Instant::now();
+    let devices = join(&mut core, t0, 2);
+    let tasks = check_in_all(&mut core, t0, &devices);
+    let claims = [(1_000_000_000_000_000, 10.0), (100, -10.0)];
+    for ((device, task), (examples, delta)) in tasks.iter().zip(claims) {
+        core.submit_update(t0, header(*device, task, examples, 1), &encode(&[delta]))
+            .unwrap();
+    }
+    assert!(ended(&core.poll(t0))[0].completed);
+    // Both weigh 100: the mean is 0, not (nearly) the claimer's 10.
+    assert_eq!(core.model().params, vec![0.0]);
+}
+
 /// Cohorts of 2 under the ALS loss: λ = 0.5, lr = 1, uniform weighting.
 fn als_config() -> CoordinatorConfig {
     let mut cfg = config(2, 0);
@@ -1225,4 +1245,27 @@ fn sessions_expire_with_enrollment_tokens() {
     let mut open = core_with(config(1, 1), vec![0.0]);
     let device = open.join(t0);
     assert!(open.check_in(t0 + 1_000_000 * SECOND, &device).is_ok());
+}
+
+/// A session that ended and was swept out of the device table is still
+/// refused as `session_expired` (issue 19, item 3), for one more lifetime;
+/// then it is forgotten (`unknown_pseudonym`), so the table stays bounded.
+#[test]
+fn a_swept_session_is_refused_as_expired_then_forgotten() {
+    let mut cfg = config(5, 0);
+    cfg.auth.enrollment_tokens = Some("tokens.sha256".into());
+    cfg.auth.session_ttl_secs = 100.0;
+    let mut core = core_with(cfg, vec![0.0]);
+    let t0 = Instant::now();
+    let first = core.join(t0);
+    // A later join sweeps the first's ended session.
+    let second = core.join(t0 + 150 * SECOND);
+    assert_eq!(core.joined(), 1);
+    let err = core.check_in(t0 + 150 * SECOND, &first).unwrap_err();
+    assert!(matches!(err, CoordinatorError::SessionExpired), "{err}");
+    assert_eq!(core.rejections().get("session_expired"), Some(&1));
+    core.join(t0 + 400 * SECOND);
+    let err = core.check_in(t0 + 400 * SECOND, &second).unwrap_err();
+    assert!(matches!(err, CoordinatorError::UnknownPseudonym), "{err}");
+    assert_eq!(core.rejections().get("session_expired"), Some(&1));
 }

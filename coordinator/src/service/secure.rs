@@ -2,8 +2,6 @@
 //! out. The core checks every message against the caller's party; this
 //! layer parses, long-polls and streams only.
 
-use std::sync::Arc;
-
 use tonic::{Status, Streaming};
 
 use fedrec_proto::pb::{self, sec_agg_masked_chunk::Part};
@@ -171,42 +169,35 @@ impl CoordinatorService {
         let limit = usize::try_from(header.num_values)
             .unwrap_or(usize::MAX)
             .saturating_mul(4);
-        let _permit = Arc::clone(&shared.uploads)
-            .acquire_owned()
-            .await
-            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        let _busy = shared.busy(pseudonym)?;
+        let mut upload = shared.upload_slot(&pseudonym, round, deadline).await?;
         let mut bytes = Vec::with_capacity(limit);
-        let read = async {
-            while let Some(chunk) = stream.message().await? {
-                match chunk.part {
-                    Some(Part::Values(values)) => {
-                        let got = bytes.len() + values.len();
-                        if got > limit {
-                            return Err(
-                                shared.reject_at_edge(CoordinatorError::TooLarge { limit, got })
-                            );
-                        }
-                        bytes.extend_from_slice(&values);
+        while let Some(chunk) = upload.next(stream).await? {
+            match chunk.part {
+                Some(Part::Values(values)) => {
+                    let got = bytes.len() + values.len();
+                    if got > limit {
+                        return Err(
+                            shared.reject_at_edge(CoordinatorError::TooLarge { limit, got })
+                        );
                     }
-                    Some(Part::Header(_)) => {
-                        return Err(malformed(
-                            shared,
-                            "a masked input must have exactly one header",
-                        ));
-                    }
-                    None => {
-                        return Err(malformed(
-                            shared,
-                            "masked input chunk without header or values",
-                        ));
-                    }
+                    bytes.extend_from_slice(&values);
+                    upload.received(values.len());
+                }
+                Some(Part::Header(_)) => {
+                    return Err(malformed(
+                        shared,
+                        "a masked input must have exactly one header",
+                    ));
+                }
+                None => {
+                    return Err(malformed(
+                        shared,
+                        "masked input chunk without header or values",
+                    ));
                 }
             }
-            Ok(())
-        };
-        tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), read)
-            .await
-            .map_err(|_| shared.reject_at_edge(CoordinatorError::UploadTimeout { round }))??;
+        }
         shared
             .bytes_in
             .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
