@@ -11,8 +11,9 @@
 //! 1. devices [`join`](RoundCore::join) and [`check_in`](RoundCore::check_in);
 //!    a device without a task waits in the pool;
 //! 2. when the pool holds the wanted cohort (or the check-in window has
-//!    passed with at least `min_updates` waiting), a cohort is sampled from it
-//!    and the round opens; the cohort's next check-in returns a [`Task`];
+//!    passed with at least `min_updates` waiting, or every joined device
+//!    waits and they are at least `min_updates`), a cohort is sampled from
+//!    it and the round opens; the cohort's next check-in returns a [`Task`];
 //! 3. the cohort submits updates ([`submit_update`](RoundCore::submit_update))
 //!    or, in evaluation rounds, counts ([`submit_evaluation`](RoundCore::submit_evaluation));
 //! 4. the round ends when enough updates arrived, or at its deadline
@@ -1011,7 +1012,13 @@ impl RoundCore {
             }
             (TaskKind::Train, None) => {
                 let target = over(r.clients_per_round);
-                if !(waiting >= target || enough_after_window) {
+                // Every joined device waiting: waiting longer could only
+                // bring devices that have not joined yet, so the window
+                // ends now (a single-device deployment does not wait).
+                if !(waiting >= target
+                    || enough_after_window
+                    || (everyone_waits && waiting >= r.min_updates))
+                {
                     return false;
                 }
                 let selected = target.min(waiting);

@@ -11,6 +11,7 @@
 //! - [`linalg`]: the small dense solves of ALS (Cholesky), shared by the
 //!   devices' user step and the coordinator's `als` server step.
 //! - [`Layout`]: the names and shapes of the model's tensors.
+//! - [`catalogue`]: which item each row of the model is, announced at join.
 //!
 //! ```
 //! use fedrec_proto::{tensor, Layout};
@@ -23,6 +24,7 @@
 //! assert_eq!(sum[0], 1.0);
 //! ```
 
+pub mod catalogue;
 pub mod codec;
 pub mod eval;
 pub mod linalg;
@@ -192,5 +194,22 @@ impl Layout {
                 .map(|s| (s.name.clone(), s.shape.clone()))
                 .collect(),
         )
+    }
+}
+
+/// In words, e.g. `item_factors 100 × 32, item_bias 100`.
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tensors.is_empty() {
+            return f.write_str("no tensors");
+        }
+        for (i, (name, shape)) in self.tensors.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+            write!(f, "{name} {}", dims.join(" × "))?;
+        }
+        Ok(())
     }
 }
