@@ -17,7 +17,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Federated recommendation: devices train on their own purchases; a
 /// coordinator combines only their model updates.
 #[derive(Parser, Debug)]
-#[command(name = "fedrec", version, about)]
+#[command(
+    name = "fedrec",
+    version,
+    about,
+    after_help = "Logs go to stderr at the warn level; RUST_LOG=info (or debug) shows more."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -1043,7 +1048,13 @@ fn print_table(report: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\n{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s ({:.0} devices per second in the rounds)",
+        "{}{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s ({:.0} devices per second in the rounds)",
+        // A blank line after the progress bar on a terminal; none in a file.
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            "\n"
+        } else {
+            ""
+        },
         report.data.name,
         report.data.users,
         report.data.test_users,

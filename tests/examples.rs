@@ -336,3 +336,134 @@ fn the_commands_fedrec_certs_prints_run_as_printed() {
     assert!(serve.starts_with("fedrec serve") && client.starts_with("fedrec client"));
     tls_example(&paths, serve, client);
 }
+
+/// Runs a command expected to fail; returns its stderr, checked to be
+/// written for a person (one `error:` line, no backtrace, no Debug dump).
+fn fails(mut command: Command) -> String {
+    let out = wait(
+        command
+            .env("RUST_BACKTRACE", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(!out.status.success(), "{command:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    for dump in ["backtrace", "Caused by", "Status {", "Layout {", "Error {"] {
+        assert!(!err.contains(dump), "{dump:?} in {err}");
+    }
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+#[test]
+fn typical_mistakes_get_messages_for_people() {
+    let paths = Paths::new();
+    let readme = readme_block("three-terminals");
+    run(paths.command(&readme[0], None));
+    let client = "fedrec client --data /tmp/purchases.tsv";
+    // A user id the data do not hold: what the ids look like.
+    let err = fails(paths.command(&format!("{client} --user u0001"), None));
+    assert!(
+        err.contains("user ids are") && err.contains("to --user"),
+        "{err}"
+    );
+    // A missing file: said once.
+    let err = fails(paths.command("fedrec client --data /tmp/nothing.tsv --user 1", None));
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    // The TLS coordinator of the README, reached in plain text and without
+    // a device certificate.
+    let tls = readme_block("tls");
+    run(paths.command(&tls[0], None));
+    let serve = Serve::start(&paths, &tls[1]);
+    let port = Some(serve.port);
+    let err = fails(paths.command(
+        &format!("{client} --user 1 --coordinator http://127.0.0.1:50051"),
+        port,
+    ));
+    assert!(err.contains("https://127.0.0.1:"), "{err}");
+    let err = fails(paths.command(
+        &format!(
+            "{client} --user 1 --coordinator https://localhost:50051 --ca /tmp/fedrec-certs/ca.pem"
+        ),
+        port,
+    ));
+    assert!(err.contains("--cert FILE --key FILE"), "{err}");
+    serve.interrupt();
+}
+
+#[test]
+fn serve_saves_the_model_and_export_writes_the_same_file() {
+    let paths = Paths::new();
+    let readme = readme_block("three-terminals");
+    run(paths.command(&readme[0], None));
+    let serve = Serve::start(
+        &paths,
+        "fedrec serve --items 100 --rounds 2 --clients-per-round 1 --factors 4 \
+         --checkpoint /tmp/state.ckpt --model-out /tmp/model.safetensors",
+    );
+    let child = paths
+        .command(
+            &with_default_coordinator("fedrec client --data /tmp/purchases.tsv --user 1"),
+            Some(serve.port),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    expect_clients(vec![child], 2);
+    let seen = serve.expect_line("training finished");
+    assert!(
+        seen.last().unwrap().contains("model.safetensors"),
+        "{seen:#?}"
+    );
+    serve.interrupt();
+    let saved = std::fs::read(paths.dir.path().join("model.safetensors")).unwrap();
+    let model = fedrec::export::decode_model(&saved).unwrap();
+    let ids: Vec<String> = serde_json::from_str(&model.metadata["item_ids"]).unwrap();
+    assert_eq!(ids.len(), 100);
+    assert_eq!((ids[0].as_str(), ids[99].as_str()), ("1", "100"));
+    assert_eq!(model.tensors["item_factors"].0, vec![100, 4]);
+    assert_eq!(model.tensors["item_bias"].0, vec![100]);
+    run(paths.command(
+        "fedrec export --checkpoint /tmp/state.ckpt --items 100 --factors 4 \
+         --out /tmp/exported.safetensors",
+        None,
+    ));
+    let exported = std::fs::read(paths.dir.path().join("exported.safetensors")).unwrap();
+    assert_eq!(exported, saved, "export writes what serve saved");
+    python_snippet(&paths.dir.path().join("model.safetensors"));
+}
+
+/// Runs the README's Python snippet on `model` when python3 and numpy are
+/// installed (skipped otherwise).
+fn python_snippet(model: &Path) {
+    let has_numpy = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_numpy {
+        eprintln!("python3 with numpy not found: the README's snippet is not run");
+        return;
+    }
+    let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
+    let snippet = readme
+        .split_once("<!-- tested: python -->")
+        .and_then(|(_, rest)| rest.split_once("```python\n"))
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .expect("README has the tested python block")
+        .0
+        .replace("model.safetensors", &model.display().to_string());
+    let out = Command::new("python3")
+        .args(["-c", &snippet])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
