@@ -251,10 +251,10 @@ impl DataArgs {
 /// Flags that override the coordinator configuration file.
 #[derive(Args, Debug)]
 struct ConfigOverrides {
-    /// Training rounds.
+    /// Training rounds [simulate's default: 100; serve's: the config's, 0 = forever].
     #[arg(long)]
     rounds: Option<u32>,
-    /// Devices selected per round.
+    /// Devices selected per round [simulate's default: 100; serve's: 10].
     #[arg(long)]
     clients_per_round: Option<usize>,
     /// Fewest updates a round needs (rounds.min_updates); under distributed
@@ -267,7 +267,7 @@ struct ConfigOverrides {
     /// Latent factors of the model.
     #[arg(long)]
     factors: Option<usize>,
-    /// Local learning rate.
+    /// Local learning rate [default: 0.05].
     #[arg(long)]
     lr: Option<f32>,
     /// L2 regularization.

@@ -1261,6 +1261,7 @@ pub const DEFAULT_CLIENTS_PER_ROUND: usize = 100;
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     /// MovieLens-style ratings: the [`als_recipe`] with 50 rounds.
+    #[value(help = "ratings such as MovieLens: ALS, 50 rounds, 32 factors")]
     Movielens,
     /// Purchase logs (Online Retail): the [`als_recipe`] with 40 rounds,
     /// 128 factors, confidence 2 and regularization 0.01.
@@ -1283,11 +1284,13 @@ pub enum Preset {
     ///   each takes part about 9 times; with the preconditioned step that
     ///   matches centralized ALS's 15 iterations (federated 0.338 / 0.233
     ///   against 0.338 / 0.231; FedAdam needed 120 rounds for 0.334 / 0.223).
+    #[value(help = "purchase logs such as Online Retail: ALS, 40 rounds, 128 factors")]
     Retail,
     /// Any data: the [`als_recipe`] with [`search::AUTO_ROUNDS`] rounds,
     /// its factors, confidence and regularization chosen by federated
     /// evaluation on the devices' validation events ([`search`]). What
     /// `--data` gets when no preset is named.
+    #[value(help = "any data: ALS, settings chosen on the devices' validation purchases")]
     Auto,
 }
 
