@@ -308,7 +308,9 @@ pub struct RoundsConfig {
     /// started waiting (or the previous round ended); past it a round starts
     /// with the devices waiting, if at least `min_updates`. The window ends
     /// early when every joined device is waiting (and they are at least
-    /// `min_updates`): waiting longer could only bring new devices. Default
+    /// `min_updates`) and no device has joined for
+    /// [`JOIN_SETTLE`](crate::round::JOIN_SETTLE): waiting longer could only
+    /// bring new devices. Default
     /// [`DEFAULT_CHECKIN_WINDOW_SECS`].
     pub checkin_window_secs: f64,
     /// Ask training cohorts to evaluate the received model before training and

@@ -481,8 +481,11 @@ fn window_ends_once_every_joined_device_waits() {
     let mut core = core_with(config(3, 2), vec![0.0]);
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 1);
-    let tasks = check_in_all(&mut core, t0, &devices);
-    assert_eq!(tasks.len(), 1, "the only device is selected at once");
+    core.check_in(t0, &devices[0]).unwrap();
+    // Joins quiet for JOIN_SETTLE: the window ends then, not after 30 s.
+    assert_eq!(core.poll_timeout(), Some(t0 + JOIN_SETTLE));
+    let tasks = check_in_all(&mut core, t0 + JOIN_SETTLE, &devices);
+    assert_eq!(tasks.len(), 1, "the only device is selected");
     // Over-selection keeps its meaning while devices are missing: with two
     // joined and one waiting, the round waits for the window.
     let mut c = config(3, 2);
@@ -493,7 +496,7 @@ fn window_ends_once_every_joined_device_waits() {
     assert_eq!(core.poll_timeout(), Some(t0 + 30 * SECOND));
     assert!(core.poll(t0 + 29 * SECOND).is_empty());
     // Both waiting: the round starts with both, before the window ends.
-    let tasks = check_in_all(&mut core, t0 + SECOND, &devices);
+    let tasks = check_in_all(&mut core, t0 + 2 * SECOND, &devices);
     assert_eq!(tasks.len(), 2);
 }
 
