@@ -13,6 +13,7 @@ pub mod certs;
 pub mod data;
 pub mod diversity;
 pub mod eval;
+pub mod export;
 pub mod plot;
 pub mod sim;
 pub mod tradeoff;

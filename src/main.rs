@@ -17,7 +17,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Federated recommendation: devices train on their own purchases; a
 /// coordinator combines only their model updates.
 #[derive(Parser, Debug)]
-#[command(name = "fedrec", version, about)]
+#[command(
+    name = "fedrec",
+    version,
+    about,
+    after_help = "Logs go to stderr at the warn level; RUST_LOG=info (or debug) shows more."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,6 +38,9 @@ enum Command {
     /// Run one device: take part in rounds with a coordinator using one
     /// user's history from a data file.
     Client(ClientArgs),
+    /// Write the global model of a `serve --checkpoint` file for serving
+    /// (safetensors: item ids, embeddings, biases).
+    Export(ExportArgs),
     /// Write the leave-one-out split (training pairs, held-out items and the
     /// sampled candidates) for comparing external baselines on it.
     Split(SplitArgs),
@@ -243,10 +251,10 @@ impl DataArgs {
 /// Flags that override the coordinator configuration file.
 #[derive(Args, Debug)]
 struct ConfigOverrides {
-    /// Training rounds.
+    /// Training rounds [simulate's default: 100; serve's: the config's, 0 = forever].
     #[arg(long)]
     rounds: Option<u32>,
-    /// Devices selected per round.
+    /// Devices selected per round [simulate's default: 100; serve's: 10].
     #[arg(long)]
     clients_per_round: Option<usize>,
     /// Fewest updates a round needs (rounds.min_updates); under distributed
@@ -259,7 +267,7 @@ struct ConfigOverrides {
     /// Latent factors of the model.
     #[arg(long)]
     factors: Option<usize>,
-    /// Local learning rate.
+    /// Local learning rate [default: 0.05].
     #[arg(long)]
     lr: Option<f32>,
     /// L2 regularization.
@@ -530,9 +538,14 @@ struct ServeArgs {
     /// Address to listen on, e.g. 127.0.0.1:50051 (overrides server.listen).
     #[arg(long)]
     listen: Option<String>,
-    /// Items in the catalogue (overrides model.items).
-    #[arg(long)]
+    /// Items in the catalogue, whose ids are 1 to N as `fedrec gen-data` and
+    /// MovieLens number them (overrides model.items).
+    #[arg(long, value_name = "N")]
     items: Option<usize>,
+    /// The catalogue as a file of item ids, one a line, in model order
+    /// (for data whose ids are not 1 to N). Devices map their purchases into it.
+    #[arg(long, value_name = "FILE", conflicts_with = "items")]
+    catalogue: Option<PathBuf>,
     /// Save the coordinator's state to this file after every ended round,
     /// and resume from it when it exists (crash recovery).
     #[arg(long, value_name = "FILE")]
@@ -563,6 +576,31 @@ struct ServeArgs {
     /// updates then cross the network in plain text).
     #[arg(long)]
     insecure: bool,
+    /// Write the trained global model to FILE (safetensors: item ids,
+    /// embeddings, biases) when training finishes and when stopped.
+    #[arg(long, value_name = "FILE")]
+    model_out: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: ConfigOverrides,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// The checkpoint `fedrec serve --checkpoint FILE` wrote.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: PathBuf,
+    /// Where to write the model (safetensors).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// The configuration file serve had.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The --items serve had (item ids 1 to N).
+    #[arg(long, value_name = "N")]
+    items: Option<usize>,
+    /// The --catalogue serve had.
+    #[arg(long, value_name = "FILE", conflicts_with = "items")]
+    catalogue: Option<PathBuf>,
     #[command(flatten)]
     overrides: ConfigOverrides,
 }
@@ -591,9 +629,10 @@ struct ClientArgs {
     /// The user (external id in the data) whose history this device holds.
     #[arg(long)]
     user: String,
-    /// Latent factors (must match the coordinator's model.factors).
-    #[arg(long, default_value_t = fedrec_client::model::DEFAULT_FACTORS)]
-    factors: usize,
+    /// Latent factors to expect (checked against the coordinator's model;
+    /// by default the device takes the coordinator's).
+    #[arg(long)]
+    factors: Option<usize>,
     /// Seed of the device's local randomness.
     #[arg(long, default_value_t = sim::DEFAULT_SEED)]
     seed: u64,
@@ -644,13 +683,44 @@ struct GenDataArgs {
     seed: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; an error is printed for a person: what went wrong and
+/// why, each cause once, without a backtrace.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_text(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `err` and its causes joined by ": ", a cause whose text the previous
+/// one already holds left out (so that "No such file" appears once).
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: log files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // One crypto backend for every TLS connection of the process (ring; the
     // build has no other). Fails only if one is already installed.
@@ -660,6 +730,7 @@ fn main() -> anyhow::Result<()> {
         Command::Simulate(args) => simulate(args),
         Command::Serve(args) => serve(args),
         Command::Client(args) => client(args),
+        Command::Export(args) => export(args),
         Command::Split(args) => split(args),
         Command::FitRepeat(args) => fit_repeat(args),
         Command::GenData(args) => gen_data(args),
@@ -977,7 +1048,13 @@ fn print_table(report: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\n{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s ({:.0} devices per second in the rounds)",
+        "{}{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s ({:.0} devices per second in the rounds)",
+        // A blank line after the progress bar on a terminal; none in a file.
+        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            "\n"
+        } else {
+            ""
+        },
         report.data.name,
         report.data.users,
         report.data.test_users,
@@ -1064,22 +1141,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         eprintln!("warning: --insecure: serving plain text on {addr}");
     }
-    let Some(items) = cfg.model.items else {
-        bail!(
-            "the coordinator needs the catalogue size: set model.items in the config or pass --items"
-        );
-    };
-    let model = fedrec_client::model::MatrixFactorization::new(
-        items,
-        cfg.model.factors,
-        cfg.model.init_std,
-    )?;
+    let (catalogue, model) = serve_model(&mut cfg, args.catalogue.as_deref())?;
     let params = {
-        use fedrec_client::model::Model;
         use rand::SeedableRng;
         model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed))
     };
-    let layout = fedrec_client::model::Model::layout(&model);
+    let layout = model.layout();
     let listen = cfg.server.listen.clone();
     let core = match &args.checkpoint {
         Some(path) if path.exists() => {
@@ -1106,7 +1173,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "coordinator listening on {} over {security}, model downloads in {encoding} (Ctrl-C to stop)",
             listener.local_addr()?
         );
-        let mut options = fedrec_coordinator::service::ServeOptions::default();
+        let mut options =
+            fedrec_coordinator::service::ServeOptions::default().with_catalogue(&catalogue);
         if let Some(tls) = tls {
             options = options.with_tls(tls);
         }
@@ -1118,6 +1186,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         let service = fedrec_coordinator::service::CoordinatorService::new(core, options);
         let handle = service.handle();
+        let saver = ModelSaver {
+            path: args.model_out.clone(),
+            catalogue: catalogue.clone(),
+        };
+        let reporter = tokio::spawn(report_rounds(
+            handle.clone(),
+            saver.clone(),
+            args.checkpoint.clone(),
+        ));
         let metrics = match &args.metrics_listen {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
@@ -1141,12 +1218,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(metrics) = metrics {
             metrics.abort();
         }
+        reporter.abort();
         let p = handle.progress();
+        let training = p
+            .history
+            .iter()
+            .filter(|r| r.kind == fedrec_coordinator::round::TaskKind::Train)
+            .count();
+        let evaluations = p.history.len() - training;
         eprintln!(
-            "stopped after {} rounds; model version {}",
-            p.history.len(),
+            "stopped after {training} training rounds{}; model version {}",
+            match evaluations {
+                0 => String::new(),
+                1 => " and 1 evaluation round".to_owned(),
+                n => format!(" and {n} evaluation rounds"),
+            },
             p.status.model_version
         );
+        if let Some(path) = saver.save(&handle)? {
+            eprintln!("model saved to {}", path.display());
+        }
         anyhow::Ok(())
     })
 }
@@ -1157,7 +1248,7 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         .user_ids
         .iter()
         .position(|u| *u == args.user)
-        .with_context(|| format!("user {:?} is not in {}", args.user, ds.name))?;
+        .ok_or_else(|| unknown_user(&args.user, &ds))?;
     // The device holds its first track's (discover's) held-out event, and
     // the purchases before it.
     let protocol = data::Protocol::new(&ds);
@@ -1167,13 +1258,6 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
             ds.name
         )
     })?;
-    let model: Arc<dyn fedrec_client::model::Model> =
-        Arc::new(fedrec_client::model::MatrixFactorization::new(
-            ds.n_items(),
-            args.factors,
-            fedrec_client::model::DEFAULT_INIT_STD,
-        )?);
-    let device = sim::make_device(&model, &protocol, ev, user, args.seed)?;
     let mut options = fedrec_client::connect::ConnectOptions::from_files(
         args.ca.as_deref(),
         args.cert.as_deref(),
@@ -1183,11 +1267,69 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         options = options.enrollment_token_file(file)?;
     }
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
+    runtime.block_on(async {
         let mut participant =
             fedrec_client::participant::Participant::connect_with(&args.coordinator, &options)
                 .await?;
-        eprintln!("joined {} as {}", args.coordinator, participant.pseudonym());
+        // The coordinator says which model it trains and over which items:
+        // the device maps its purchases into that catalogue.
+        let Some(catalogue) = participant.catalogue().cloned() else {
+            bail!(
+                "the coordinator at {} did not announce its catalogue (it is an older \
+                 version of fedrec): run the same version of fedrec on both sides",
+                args.coordinator
+            );
+        };
+        let model = fedrec_client::model::for_layout(participant.layout())?;
+        if let Some(factors) = args.factors {
+            let theirs = participant
+                .layout()
+                .tensors()
+                .first()
+                .and_then(|(_, s)| s.get(1));
+            if theirs.is_some_and(|&k| k != factors as u64) {
+                bail!(
+                    "--factors {factors} differs from the coordinator's model ({}): leave \
+                     out --factors, the device takes the coordinator's",
+                    participant.layout()
+                );
+            }
+        }
+        let (device, unmapped) =
+            sim::make_catalogue_device(&model, &protocol, ev, user, args.seed, |item| {
+                catalogue.index(&ds.item_ids[item as usize])
+            })?;
+        let mapped = device.store().len();
+        if mapped == 0 {
+            bail!(
+                "none of user {}'s purchases is in the coordinator's catalogue ({}): give the \
+                 coordinator the catalogue of these data (serve --items N for ids 1 to N, or \
+                 --catalogue FILE)",
+                args.user,
+                describe_catalogue(&catalogue)
+            );
+        }
+        eprintln!(
+            "joined {} as {}: {} purchases of user {} in the coordinator's catalogue ({})",
+            args.coordinator,
+            participant.pseudonym(),
+            mapped,
+            args.user,
+            describe_catalogue(&catalogue),
+        );
+        if unmapped.purchases > 0 {
+            eprintln!(
+                "{} purchases of {} items the catalogue does not list stay on this device, \
+                 unused{}",
+                unmapped.purchases,
+                unmapped.items,
+                if unmapped.held_out {
+                    " (so does the held-out purchase: this device evaluates nothing)"
+                } else {
+                    ""
+                }
+            );
+        }
         let (_device, summary) = participant.run(device).await?;
         eprintln!(
             "done: {} training rounds, {} evaluations, {} refused, {} interrupted; {} reconnects, \
@@ -1203,6 +1345,201 @@ fn client(args: ClientArgs) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// The catalogue and the model `serve` trains, from `--catalogue FILE` or
+/// `model.items` (ids 1 to N) and the configuration.
+fn serve_model(
+    cfg: &mut CoordinatorConfig,
+    catalogue_file: Option<&Path>,
+) -> anyhow::Result<(
+    fedrec_proto::catalogue::Catalogue,
+    Arc<dyn fedrec_client::model::Model>,
+)> {
+    let catalogue = match catalogue_file {
+        Some(path) => {
+            let catalogue = read_catalogue(path)?;
+            cfg.model.items = Some(catalogue.len());
+            catalogue
+        }
+        None => {
+            let Some(items) = cfg.model.items else {
+                bail!(
+                    "the coordinator needs its catalogue: pass --items N (item ids 1 to N, as \
+                     `fedrec gen-data` writes them), --catalogue FILE (one item id a line), or \
+                     set model.items in the config"
+                );
+            };
+            fedrec_proto::catalogue::Catalogue::numbered(items)
+        }
+    };
+    let model = sim::model_for(cfg, catalogue.len())?;
+    Ok((catalogue, model))
+}
+
+/// Writes the model of a `serve --checkpoint` file as safetensors.
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let mut cfg = coordinator_config(args.config.as_deref())?;
+    if let Some(items) = args.items {
+        cfg.model.items = Some(items);
+    }
+    args.overrides.apply(&mut cfg);
+    let (catalogue, model) = serve_model(&mut cfg, args.catalogue.as_deref())?;
+    let checkpoint = fedrec_coordinator::checkpoint::Checkpoint::read(&args.checkpoint)?;
+    let layout = model.layout();
+    if checkpoint.params.len() != layout.num_values() {
+        bail!(
+            "{} holds a model of {} values, but the flags describe {layout} ({} values): give \
+             export the --config, --items (or --catalogue) and --factors that serve had",
+            args.checkpoint.display(),
+            checkpoint.params.len(),
+            layout.num_values()
+        );
+    }
+    fedrec::export::write_model(
+        &args.out,
+        &layout,
+        &checkpoint.params,
+        &catalogue,
+        checkpoint.model_version,
+    )?;
+    eprintln!(
+        "wrote model version {} ({layout}; {} training rounds) to {}",
+        checkpoint.model_version,
+        checkpoint.training_rounds,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Where `serve` writes the trained model, if anywhere.
+#[derive(Clone)]
+struct ModelSaver {
+    path: Option<PathBuf>,
+    catalogue: fedrec_proto::catalogue::Catalogue,
+}
+
+impl ModelSaver {
+    /// Writes the current global model; returns where, if anywhere.
+    fn save(
+        &self,
+        handle: &fedrec_coordinator::service::ServiceHandle,
+    ) -> anyhow::Result<Option<&Path>> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let model = handle.model()?;
+        fedrec::export::write_model(
+            path,
+            &model.layout,
+            &model.params,
+            &self.catalogue,
+            model.version,
+        )?;
+        Ok(Some(path))
+    }
+}
+
+/// Prints one line per ended round, and what to do once training has
+/// finished (saving the model then, if asked to).
+async fn report_rounds(
+    handle: fedrec_coordinator::service::ServiceHandle,
+    saver: ModelSaver,
+    checkpoint: Option<PathBuf>,
+) {
+    use fedrec_coordinator::round::TaskKind;
+    let mut rx = handle.subscribe();
+    let mut shown = rx.borrow().history.len();
+    let mut finished = rx.borrow().finished.is_some();
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        let p = rx.borrow_and_update().clone();
+        for r in p.history.iter().skip(shown) {
+            let hr = r
+                .evaluation
+                .hit_rate_full()
+                .map_or("no held-out purchases".to_owned(), |h| {
+                    format!("HR@10 {h:.3}")
+                });
+            let what = match r.kind {
+                TaskKind::Train => format!("round {}", r.round),
+                _ => format!("round {} (evaluation)", r.round),
+            };
+            if r.completed {
+                eprintln!(
+                    "{what}: {} of {} devices accepted, {:.1} s, cohort {hr}",
+                    r.participants, r.selected, r.seconds
+                );
+            } else {
+                eprintln!(
+                    "{what}: abandoned after {:.1} s: {}",
+                    r.seconds,
+                    r.abandon_reason.as_deref().unwrap_or("no reason given")
+                );
+            }
+        }
+        shown = p.history.len();
+        if let (Some(reason), false) = (&p.finished, finished) {
+            finished = true;
+            let saved = match saver.save(&handle) {
+                Ok(Some(path)) => format!("the model is saved to {}", path.display()),
+                Ok(None) => match &checkpoint {
+                    Some(file) => format!(
+                        "the model is in {} (`fedrec export --checkpoint {}` writes it for \
+                         serving)",
+                        file.display(),
+                        file.display()
+                    ),
+                    None => "the model is not saved: pass --model-out FILE next time".to_owned(),
+                },
+                Err(e) => format!("the model could not be saved: {e:#}"),
+            };
+            eprintln!(
+                "training finished ({reason}), model version {}; {saved}. Devices that check \
+                 in are told to stop; press Ctrl-C to stop the coordinator.",
+                p.status.model_version
+            );
+        }
+    }
+}
+
+/// Reads a catalogue file: one item id a line, in model order; blank lines
+/// and lines starting with `#` are skipped.
+fn read_catalogue(path: &Path) -> anyhow::Result<fedrec_proto::catalogue::Catalogue> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the catalogue {}", path.display()))?;
+    let ids: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect();
+    fedrec_proto::catalogue::Catalogue::from_ids(ids)
+        .with_context(|| format!("{} is not a usable catalogue", path.display()))
+}
+
+/// "100 items, ids 1 to 100", or "3 items, ids 85123A, 71053, …".
+fn describe_catalogue(c: &fedrec_proto::catalogue::Catalogue) -> String {
+    if c.is_numbered() {
+        return format!("{} items, ids 1 to {}", c.len(), c.len());
+    }
+    let first: Vec<String> = (0..c.len().min(3)).map(|i| c.id(i)).collect();
+    let more = if c.len() > 3 { ", …" } else { "" };
+    format!("{} items, ids {}{more}", c.len(), first.join(", "))
+}
+
+/// The error for a user id the data do not hold, showing what its ids look like.
+fn unknown_user(user: &str, ds: &Dataset) -> anyhow::Error {
+    let examples: Vec<&str> = ds.user_ids.iter().take(3).map(String::as_str).collect();
+    let more = if ds.user_ids.len() > 3 { ", …" } else { "" };
+    anyhow::anyhow!(
+        "user {user:?} is not in {}: its {} user ids are {}{more}; pass one of them to --user",
+        ds.name,
+        ds.user_ids.len(),
+        examples.join(", ")
+    )
 }
 
 fn tokens(args: TokensArgs) -> anyhow::Result<()> {

@@ -374,6 +374,34 @@ pub fn make_device(
     user: usize,
     seed: u64,
 ) -> anyhow::Result<Device> {
+    make_catalogue_device(model, protocol, ev, user, seed, Some).map(|(device, _)| device)
+}
+
+/// What [`make_catalogue_device`] could not map into the coordinator's
+/// catalogue: those purchases stay on the device, unused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unmapped {
+    /// Training purchases of items the catalogue does not list.
+    pub purchases: usize,
+    /// Distinct such items.
+    pub items: usize,
+    /// Whether the held-out purchase's item is not listed (the device then
+    /// holds nothing out and its evaluations count nothing).
+    pub held_out: bool,
+}
+
+/// [`make_device`] for a device whose model rows are the coordinator's
+/// catalogue rather than the data set's items: `index` maps a data-set item
+/// to its model row, if the catalogue lists it. Purchases of items it does
+/// not list are left out of the device's store and counted.
+pub fn make_catalogue_device(
+    model: &Arc<dyn Model>,
+    protocol: &Protocol,
+    ev: &Evaluation,
+    user: usize,
+    seed: u64,
+    index: impl Fn(u32) -> Option<u32>,
+) -> anyhow::Result<(Device, Unmapped)> {
     // The device lives at the moment of its held-out purchase (the first
     // event after its training data), or of its last purchase: replayed
     // data are in the past, and "now" is when the shopper shops.
@@ -387,13 +415,30 @@ pub fn make_device(
         .in_memory()?;
     // A simulated shopper has opted in to federated training.
     device.set_consent(Consent::Federated)?;
+    let mut unmapped = Unmapped::default();
+    let mut unknown_items = std::collections::HashSet::new();
     for e in protocol.cuts[ev.cut].events(&protocol.histories, user) {
-        device.record(Purchase::new(e.item, e.time, e.quantity))?;
+        match index(e.item) {
+            Some(item) => {
+                device.record(Purchase::new(item, e.time, e.quantity))?;
+            }
+            None => {
+                unmapped.purchases += 1;
+                unknown_items.insert(e.item);
+            }
+        }
     }
-    if let Some(held) = eval::held_out(ev, seed, user) {
-        device.hold_out(held)?;
+    unmapped.items = unknown_items.len();
+    if let Some(mut held) = eval::held_out(ev, seed, user) {
+        match index(held.item) {
+            Some(item) => {
+                held.item = item;
+                device.hold_out(held)?;
+            }
+            None => unmapped.held_out = true,
+        }
     }
-    Ok(device)
+    Ok((device, unmapped))
 }
 
 /// The device-side training configuration of a coordinator configuration.
@@ -1216,6 +1261,7 @@ pub const DEFAULT_CLIENTS_PER_ROUND: usize = 100;
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     /// MovieLens-style ratings: the [`als_recipe`] with 50 rounds.
+    #[value(help = "ratings such as MovieLens: ALS, 50 rounds, 32 factors")]
     Movielens,
     /// Purchase logs (Online Retail): the [`als_recipe`] with 40 rounds,
     /// 128 factors, confidence 2 and regularization 0.01.
@@ -1238,11 +1284,13 @@ pub enum Preset {
     ///   each takes part about 9 times; with the preconditioned step that
     ///   matches centralized ALS's 15 iterations (federated 0.338 / 0.233
     ///   against 0.338 / 0.231; FedAdam needed 120 rounds for 0.334 / 0.223).
+    #[value(help = "purchase logs such as Online Retail: ALS, 40 rounds, 128 factors")]
     Retail,
     /// Any data: the [`als_recipe`] with [`search::AUTO_ROUNDS`] rounds,
     /// its factors, confidence and regularization chosen by federated
     /// evaluation on the devices' validation events ([`search`]). What
     /// `--data` gets when no preset is named.
+    #[value(help = "any data: ALS, settings chosen on the devices' validation purchases")]
     Auto,
 }
 

@@ -125,14 +125,14 @@ pub fn table(t: &Tradeoff) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<10} {:>10} {:>8} {:>8} {:>9} {:>12} {:>13} {:>8}",
+        "{:<11} {:>10} {:>8} {:>8} {:>9} {:>12} {:>13} {:>8}",
         "z", "epsilon", "clip", "HR@10", "NDCG@10", "HR@10 (100)", "NDCG@10 (100)", "rounds"
     );
     for r in &t.rows {
         let m = &r.federated;
         let _ = writeln!(
             out,
-            "{:<10} {:>10} {:>8} {:>8.4} {:>9.4} {:>12.4} {:>13.4} {:>8}",
+            "{:<11} {:>10} {:>8} {:>8.4} {:>9.4} {:>12.4} {:>13.4} {:>8}",
             r.noise_multiplier
                 .map_or("no DP".to_owned(), |z| z.to_string()),
             r.epsilon.map_or("-".to_owned(), |e| format!("{e:.3}")),
@@ -147,8 +147,8 @@ pub fn table(t: &Tradeoff) -> String {
     let c = &t.centralized;
     let _ = writeln!(
         out,
-        "{:<10} {:>10} {:>8} {:>8.4} {:>9.4} {:>12.4} {:>13.4}",
-        "central.",
+        "{:<11} {:>10} {:>8} {:>8.4} {:>9.4} {:>12.4} {:>13.4}",
+        "centralized",
         "-",
         "-",
         c.full.hr_at_10,

@@ -108,7 +108,8 @@ fn serve_and_three_client_processes_then_ctrl_c() {
     // The process has exited: its stderr ends, and so does the reader.
     let rest: Vec<String> = rx.iter().collect();
     assert!(
-        rest.iter().any(|l| l.contains("stopped after 3 rounds")),
+        rest.iter()
+            .any(|l| l.contains("stopped after 2 training rounds and 1 evaluation round")),
         "{rest:?}"
     );
 }
@@ -559,8 +560,8 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
     assert!(out.status.success());
     let rest: Vec<String> = rx.iter().collect();
     assert!(
-        rest.iter()
-            .any(|l| l.contains("stopped after 21 rounds; model version 21")),
+        rest.iter().any(|l| l
+            .contains("stopped after 20 training rounds and 1 evaluation round; model version 21")),
         "20 training rounds and the final evaluation, each once: {rest:?}"
     );
 }

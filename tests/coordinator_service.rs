@@ -471,7 +471,9 @@ async fn check_in_long_poll_times_out_with_wait() {
     let server = common::serve(config, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
     let mut client = server.client().await;
     let device = join(&mut client).await;
-    // Alone, the device cannot fill the cohort of 2: the long poll ends in Wait.
+    // A second device has joined but does not check in: the one waiting
+    // cannot fill the cohort of 2, and the long poll ends in Wait.
+    let _absent = join(&mut client).await;
     match common::within("long poll", check_in(client.clone(), device))
         .await
         .unwrap()

@@ -132,8 +132,9 @@ impl ConnectOptions {
         self.ca_pem.is_some() || self.identity.is_some() || self.domain_name.is_some()
     }
 
-    /// Turns a transport failure of the first request over TLS into
-    /// [`ClientError::TlsRefused`], which says what it likely means.
+    /// Turns a transport failure of the first request into what it likely
+    /// means: over TLS, [`ClientError::TlsRefused`]; in plain text against
+    /// a TLS port, [`ClientError::PlainTextToTls`].
     pub(crate) fn explain_refusal(&self, endpoint: &str, err: ClientError) -> ClientError {
         use tonic::Code;
         match err {
@@ -148,6 +149,16 @@ impl ConnectOptions {
                 ClientError::TlsRefused {
                     endpoint: endpoint.to_owned(),
                     status,
+                }
+            }
+            ClientError::Rpc { status, .. }
+                if endpoint.starts_with("http://")
+                    && std::error::Error::source(&status).is_some()
+                    && speaks_tls(&status) =>
+            {
+                ClientError::PlainTextToTls {
+                    endpoint: endpoint.to_owned(),
+                    https: endpoint.replacen("http://", "https://", 1),
                 }
             }
             other => other,
@@ -202,4 +213,16 @@ fn read_pem(path: &Path, label: &str) -> Result<Vec<u8>, ClientError> {
         )));
     }
     Ok(bytes)
+}
+
+/// Whether a failed plain-text request met a TLS server: HTTP/2 reads the
+/// TLS alert it answers with as a frame of impossible size, or the server
+/// closes the connection at once: any transport failure after connecting.
+fn speaks_tls(status: &tonic::Status) -> bool {
+    let text = fedrec_proto::error_chain(status).to_ascii_lowercase();
+    // Or it closes the connection at the first bytes it cannot read as TLS
+    // (seen as a closed connection or a broken pipe). A connection that was
+    // never made is something else.
+    text.contains("frame_size_error")
+        || !(text.contains("tcp connect") || text.contains("refused") || text.contains("dns"))
 }

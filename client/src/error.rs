@@ -57,15 +57,29 @@ pub enum ClientError {
     /// lets the device finish its handshake before the coordinator checks
     /// the certificate, so the refusal cannot arrive earlier.
     #[error(
-        "the coordinator at {endpoint} closed the TLS connection at the first request: under \
-         mutual TLS it refuses a device certificate that is missing, expired or not signed by \
-         its client CA (--cert/--key); {status}"
+        "the coordinator at {endpoint} refused this device's TLS connection: under mutual TLS it \
+         accepts only devices presenting a certificate signed by its client CA and valid now; \
+         give the device's certificate and key (fedrec client --cert FILE --key FILE, or \
+         ConnectOptions::identity_pem in the SDK)"
     )]
     TlsRefused {
         /// Where we connected.
         endpoint: String,
         /// The status the Join request failed with.
         status: tonic::Status,
+    },
+    /// A plain-text (`http://`) connection was closed at the first request:
+    /// most likely the coordinator serves TLS.
+    #[error(
+        "the coordinator at {endpoint} closed the plain-text connection at the first request: \
+         it most likely serves TLS; connect to {https} and give the CA that signed its \
+         certificate (fedrec client --ca FILE)"
+    )]
+    PlainTextToTls {
+        /// The `http://` endpoint tried.
+        endpoint: String,
+        /// The same address with `https://`.
+        https: String,
     },
     /// The shopper's consent does not allow what was asked.
     #[error("consent {current} does not allow this: it needs {needed}")]
@@ -130,11 +144,31 @@ pub enum ClientError {
     #[error("secure aggregation: {0}")]
     SecAgg(#[from] fedrec_proto::secagg::SecAggError),
     /// The coordinator answered a request with an error.
-    #[error("coordinator refused {request}: {status}")]
+    #[error("the coordinator refused {request}: {}", status_text(status))]
     Rpc {
         /// Which request.
         request: &'static str,
         /// The gRPC status it answered.
         status: tonic::Status,
     },
+}
+
+/// A gRPC status as a sentence: its message (or its code's description),
+/// then the transport's reasons, each once.
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = if status.message().is_empty() {
+        status.code().description().to_owned()
+    } else {
+        status.message().to_owned()
+    };
+    let mut source = std::error::Error::source(status);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }

@@ -262,6 +262,53 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 /// The last global model seen and its Gram.
 type GramCache = Mutex<Option<(Vec<f32>, Arc<als::Gram>)>>;
 
+/// The model whose layout is `layout` (as a coordinator announces it when
+/// a device joins): matrix factorization (`item_factors` items × k,
+/// `item_bias` items) or federated EASE (`ease_p_upper`). New embeddings
+/// start with [`DEFAULT_INIT_STD`].
+///
+/// # Errors
+/// A layout of neither kind ([`ClientError::ModelMismatch`], saying what
+/// it holds).
+pub fn for_layout(layout: &Layout) -> Result<Arc<dyn Model>, ClientError> {
+    let t = layout.tensors();
+    let unknown = || {
+        ClientError::ModelMismatch(format!(
+            "the coordinator trains a model this device does not know ({layout}); \
+             this SDK knows matrix factorization (item_factors, item_bias) and \
+             federated EASE ({})",
+            crate::ease::TENSOR
+        ))
+    };
+    match t {
+        [(f, fs), (b, bs)]
+            if f == "item_factors" && b == "item_bias" && fs.len() == 2 && bs.len() == 1 =>
+        {
+            if fs[0] != bs[0] {
+                return Err(unknown());
+            }
+            let items = usize::try_from(fs[0]).map_err(|_| unknown())?;
+            let factors = usize::try_from(fs[1]).map_err(|_| unknown())?;
+            Ok(Arc::new(MatrixFactorization::new(
+                items,
+                factors,
+                DEFAULT_INIT_STD,
+            )?))
+        }
+        [(p, ps)] if p == crate::ease::TENSOR && ps.len() == 1 => {
+            // n(n+1)/2 values for n items.
+            let values = ps[0];
+            let n = (((8.0 * values as f64 + 1.0).sqrt() - 1.0) / 2.0).round() as u64;
+            if n * (n + 1) / 2 != values {
+                return Err(unknown());
+            }
+            let items = usize::try_from(n).map_err(|_| unknown())?;
+            Ok(Arc::new(crate::ease::Ease::new(items)?))
+        }
+        _ => Err(unknown()),
+    }
+}
+
 /// Default number of latent factors.
 pub const DEFAULT_FACTORS: usize = 32;
 /// Default standard deviation of the initial embeddings.
@@ -635,6 +682,21 @@ fn sigmoid(x: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn for_layout_builds_the_model_the_layout_names() {
+        let mf = MatrixFactorization::new(100, 8, DEFAULT_INIT_STD).unwrap();
+        let built = for_layout(&mf.layout()).unwrap();
+        assert_eq!(built.layout(), mf.layout());
+        let ease = crate::ease::Ease::new(37).unwrap();
+        assert_eq!(for_layout(&ease.layout()).unwrap().layout(), ease.layout());
+        let odd = Layout::new(vec![("ease_p_upper".into(), vec![4])]);
+        let err = for_layout(&odd).err().unwrap().to_string();
+        assert!(
+            err.contains("ease_p_upper 4") && err.contains("does not know"),
+            "{err}"
+        );
+    }
+
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;

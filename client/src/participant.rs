@@ -13,6 +13,7 @@ mod secure;
 
 use std::time::Duration;
 
+use fedrec_proto::catalogue::Catalogue;
 use fedrec_proto::codec::{CodecError, EncodedModel, Encoding, ModelAssembler};
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::{Layout, PROTOCOL_VERSION, pb};
@@ -145,6 +146,10 @@ pub struct Participant {
     token: Option<String>,
     chunk_bytes: usize,
     sent: SentLog,
+    /// The catalogue the coordinator announced at join, if it did.
+    catalogue: Option<Catalogue>,
+    /// The global model's layout, as announced at join (empty if not).
+    layout: Layout,
 }
 
 impl std::fmt::Debug for Participant {
@@ -202,6 +207,8 @@ impl Participant {
                 messages: Vec::new(),
                 recorder,
             },
+            catalogue: None,
+            layout: Layout::new(Vec::new()),
         };
         participant.join_again().await?;
         Ok(participant)
@@ -221,7 +228,28 @@ impl Participant {
             .map_err(rpc("Join"))?
             .into_inner();
         self.pseudonym = resp.pseudonym;
+        self.catalogue = resp
+            .catalogue
+            .as_ref()
+            .map(Catalogue::try_from)
+            .transpose()
+            .map_err(|e| ClientError::Protocol(format!("the coordinator's {e}")))?;
+        self.layout = Layout::from_pb(&resp.layout);
         Ok(())
+    }
+
+    /// The coordinator's catalogue, announced when the device joined: map
+    /// purchases' item ids into model rows with [`Catalogue::index`]. `None`
+    /// when the coordinator announced none (the app must know it).
+    pub fn catalogue(&self) -> Option<&Catalogue> {
+        self.catalogue.as_ref()
+    }
+
+    /// The global model's layout, announced when the device joined (no
+    /// tensors when the coordinator announced none); build the device's
+    /// model with [`crate::model::for_layout`].
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// The pseudonym the coordinator gave this device.

@@ -221,7 +221,8 @@ pub struct TransparencyReport {
 impl TransparencyReport {
     /// Plain text for a settings screen.
     pub fn to_text(&self) -> String {
-        let mut s = String::new();
+        let mut s = self.summary();
+        s.push_str("\nDetails\n");
         let c = &self.consent;
         let since = c
             .set_at
@@ -376,6 +377,52 @@ impl TransparencyReport {
     }
 }
 
+impl TransparencyReport {
+    /// The report in a few plain sentences: what is stored and for how
+    /// long, what was sent and what never was, and the privacy budget.
+    pub fn summary(&self) -> String {
+        let mut s = String::from("In short\n");
+        let st = &self.stored;
+        let place = if st.encrypted_file {
+            "in an encrypted file"
+        } else {
+            "in memory"
+        };
+        let age = self
+            .retention
+            .max_age
+            .map_or("with no age limit".to_owned(), |a| {
+                format!("for at most {} days", a.as_secs() / 86_400)
+            });
+        let _ = writeln!(
+            s,
+            "- This device keeps {} {place}, {age}; forgetting you erases them.",
+            plural(st.purchases, "purchase")
+        );
+        let kb = self.total_bytes_sent.div_ceil(1000);
+        let _ = writeln!(
+            s,
+            "- It sent {kb} KB in {}: changes to the shared model and counts of how well \
+             it recommends. Your purchases and your private profile never left it.",
+            plural(self.rounds.len(), "session")
+        );
+        let _ = match self.privacy {
+            Some(p) => writeln!(
+                s,
+                "- Privacy budget ε = {:.2}: the smaller it is, the less anyone can learn \
+                 about you from the shared model.",
+                p.epsilon
+            ),
+            None => writeln!(
+                s,
+                "- Privacy budget: none reported; the coordinator does not add the noise \
+                 that would bound what the shared model reveals about you."
+            ),
+        };
+        s
+    }
+}
+
 impl std::fmt::Display for TransparencyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_text())
@@ -499,6 +546,10 @@ mod tests {
         note_task(&mut d, &task);
         let text = d.transparency_report(false).to_text();
         assert!(text.contains("Privacy budget: not reported"), "{text}");
+        // The plain summary comes first, the detail after it.
+        assert!(text.starts_with("In short\n"), "{text}");
+        assert!(text.find("never left") < text.find("Details"), "{text}");
+        assert!(text.contains("Privacy budget: none reported"), "{text}");
         task.round = 5;
         task.privacy = Some(pb::PrivacyBudget {
             epsilon: 1.5,

@@ -348,7 +348,11 @@ pub struct RoundsConfig {
     pub deadline_secs: f64,
     /// Seconds to wait for a full cohort, counted from when the first device
     /// started waiting (or the previous round ended); past it a round starts
-    /// with the devices waiting, if at least `min_updates`. Default
+    /// with the devices waiting, if at least `min_updates`. The window ends
+    /// early when every joined device is waiting (and they are at least
+    /// `min_updates`) and no device has joined for
+    /// [`JOIN_SETTLE`](crate::round::JOIN_SETTLE): waiting longer could only
+    /// bring new devices. Default
     /// [`DEFAULT_CHECKIN_WINDOW_SECS`].
     pub checkin_window_secs: f64,
     /// Ask training cohorts to evaluate the received model before training and

@@ -11,8 +11,9 @@
 //! 1. devices [`join`](RoundCore::join) and [`check_in`](RoundCore::check_in);
 //!    a device without a task waits in the pool;
 //! 2. when the pool holds the wanted cohort (or the check-in window has
-//!    passed with at least `min_updates` waiting), a cohort is sampled from it
-//!    and the round opens; the cohort's next check-in returns a [`Task`];
+//!    passed with at least `min_updates` waiting, or every joined device
+//!    waits and they are at least `min_updates`), a cohort is sampled from
+//!    it and the round opens; the cohort's next check-in returns a [`Task`];
 //! 3. the cohort submits updates ([`submit_update`](RoundCore::submit_update))
 //!    or, in evaluation rounds, counts ([`submit_evaluation`](RoundCore::submit_evaluation));
 //! 4. the round ends when enough updates arrived, or at its deadline
@@ -237,6 +238,12 @@ pub struct RoundSummary {
     pub privacy: Option<Box<PrivacySummary>>,
 }
 
+/// How long joins must have been quiet before a round starts early because
+/// every joined device is waiting (devices starting together join within
+/// moments of each other; this keeps the first round from starting with the
+/// first of them alone).
+pub const JOIN_SETTLE: Duration = Duration::from_secs(1);
+
 /// Something that happened, reported by [`RoundCore::poll`].
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -321,6 +328,9 @@ pub struct RoundCore {
     /// When the check-in window started counting: the first check-in into an
     /// empty pool while no round is open, or the end of the last round.
     window_start: Option<Instant>,
+    /// When a device last joined: the check-in window ends early only once
+    /// joins have been quiet for [`JOIN_SETTLE`].
+    last_join: Option<Instant>,
     model: Arc<ModelSnapshot>,
     strategy: Strategy,
     aggregator: Aggregator,
@@ -401,6 +411,7 @@ impl RoundCore {
             next_session_sweep: None,
             pool: BTreeSet::new(),
             window_start: None,
+            last_join: None,
             open: None,
             last_round: 0,
             training_rounds: 0,
@@ -526,6 +537,7 @@ impl RoundCore {
             let pseudonym = Pseudonym(bytes);
             // A collision is astronomically unlikely, but cheap to rule out.
             if self.joined.insert(pseudonym) {
+                self.last_join = Some(now);
                 if let Some(ttl) = self.config.auth.session_ttl() {
                     self.sessions.insert(pseudonym, now + ttl);
                 }
@@ -731,8 +743,17 @@ impl RoundCore {
             };
         }
         let start = self.window_start?;
-        (self.pool.len() >= self.config.rounds.min_updates)
-            .then(|| start + self.config.rounds.checkin_window())
+        let window_end = start + self.config.rounds.checkin_window();
+        if self.pool.len() < self.config.rounds.min_updates {
+            return None;
+        }
+        // Every joined device waiting: the window ends once joins are quiet.
+        if self.pool.len() == self.joined.len()
+            && let Some(t) = self.last_join
+        {
+            return Some(window_end.min(t + JOIN_SETTLE));
+        }
+        Some(window_end)
     }
 
     /// The current global model.
@@ -1028,7 +1049,14 @@ impl RoundCore {
             }
             (TaskKind::Train, None) => {
                 let target = over(r.clients_per_round);
-                if !(waiting >= target || enough_after_window) {
+                // Every joined device waiting: waiting longer could only
+                // bring devices that have not joined yet, so the window
+                // ends now (a single-device deployment does not wait).
+                let settled = self.last_join.is_none_or(|t| now >= t + JOIN_SETTLE);
+                if !(waiting >= target
+                    || enough_after_window
+                    || (everyone_waits && settled && waiting >= r.min_updates))
+                {
                     return false;
                 }
                 let selected = target.min(waiting);

@@ -75,6 +75,10 @@ pub struct ServeOptions {
     /// when the configuration sets `auth.enrollment_tokens`. Default: none
     /// (any device may join).
     pub tokens: Option<TokenSet>,
+    /// The catalogue announced to every device that joins, so that it maps
+    /// its purchases' item ids into the model's rows. Default: none
+    /// announced (devices must know the catalogue already).
+    pub catalogue: Option<pb::Catalogue>,
 }
 
 impl Default for ServeOptions {
@@ -84,6 +88,7 @@ impl Default for ServeOptions {
             checkpoint: None,
             tls: None,
             tokens: None,
+            catalogue: None,
         }
     }
 }
@@ -99,6 +104,12 @@ impl ServeOptions {
     /// [`TokenSet::load`] from `auth.enrollment_tokens`).
     pub fn with_enrollment_tokens(mut self, tokens: TokenSet) -> Self {
         self.tokens = Some(tokens);
+        self
+    }
+
+    /// Announces `catalogue` to every device that joins.
+    pub fn with_catalogue(mut self, catalogue: &fedrec_proto::catalogue::Catalogue) -> Self {
+        self.catalogue = Some(catalogue.to_pb());
         self
     }
 
@@ -266,6 +277,8 @@ struct Shared {
     joins: Option<JoinLimiter>,
     /// The enrollment tokens that may join, when devices must present one.
     tokens: Option<TokenSet>,
+    /// The catalogue announced at join, if any.
+    catalogue: Option<pb::Catalogue>,
     /// Bounds the downloads streaming out at once.
     downloads: Arc<Semaphore>,
     /// Upload slots reserved by devices that have not started uploading.
@@ -531,6 +544,7 @@ impl CoordinatorService {
                 checkpoint: opts.checkpoint,
                 tls: opts.tls,
                 tokens: opts.tokens,
+                catalogue: opts.catalogue,
                 reservations: Mutex::new(HashMap::new()),
                 busy: Mutex::new(HashSet::new()),
                 pace: Pace {
@@ -899,14 +913,20 @@ impl Coordinator for CoordinatorService {
                     expected: PROTOCOL_VERSION,
                 }));
         }
-        let (pseudonym, ttl) = self
-            .shared
-            .with_core(|core| (core.join(now()), core.config().auth.session_ttl()))?;
+        let (pseudonym, ttl, layout) = self.shared.with_core(|core| {
+            (
+                core.join(now()),
+                core.config().auth.session_ttl(),
+                core.layout().to_pb(),
+            )
+        })?;
         tracing::debug!(%pseudonym, "device joined");
         Ok(Response::new(pb::JoinResponse {
             pseudonym: pseudonym.to_string(),
             protocol_version: PROTOCOL_VERSION,
             session_ttl_secs: ttl.map_or(0, |t| t.as_secs().max(1)),
+            catalogue: self.shared.catalogue.clone(),
+            layout,
         }))
     }
 

@@ -215,7 +215,7 @@ impl fmt::Display for Encoding {
 #[non_exhaustive]
 pub enum CodecError {
     /// The coordinator's model has another layout than the device's.
-    #[error("the coordinator's model layout {got:?} differs from this device's {want:?}")]
+    #[error("the coordinator's model ({got}) differs from this device's ({want})")]
     LayoutMismatch {
         /// The coordinator's.
         got: Layout,

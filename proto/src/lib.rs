@@ -13,6 +13,7 @@
 //! - [`limits`]: the bounds of the training settings, checked by the
 //!   coordinator's configuration and by every device.
 //! - [`Layout`]: the names and shapes of the model's tensors.
+//! - [`catalogue`]: which item each row of the model is, announced at join.
 //!
 //! ```
 //! use fedrec_proto::{tensor, Layout};
@@ -25,6 +26,7 @@
 //! assert_eq!(sum[0], 1.0);
 //! ```
 
+pub mod catalogue;
 pub mod codec;
 pub mod eval;
 pub mod limits;
@@ -196,5 +198,22 @@ impl Layout {
                 .map(|s| (s.name.clone(), s.shape.clone()))
                 .collect(),
         )
+    }
+}
+
+/// In words, e.g. `item_factors 100 × 32, item_bias 100`.
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tensors.is_empty() {
+            return f.write_str("no tensors");
+        }
+        for (i, (name, shape)) in self.tensors.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+            write!(f, "{name} {}", dims.join(" × "))?;
+        }
+        Ok(())
     }
 }

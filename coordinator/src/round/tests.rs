@@ -496,6 +496,31 @@ fn window_starts_a_smaller_round() {
 }
 
 #[test]
+fn window_ends_once_every_joined_device_waits() {
+    // One device, three wanted: it does not wait out the window.
+    let mut core = core_with(config(3, 2), vec![0.0]);
+    let t0 = Instant::now();
+    let devices = join(&mut core, t0, 1);
+    core.check_in(t0, &devices[0]).unwrap();
+    // Joins quiet for JOIN_SETTLE: the window ends then, not after 30 s.
+    assert_eq!(core.poll_timeout(), Some(t0 + JOIN_SETTLE));
+    let tasks = check_in_all(&mut core, t0 + JOIN_SETTLE, &devices);
+    assert_eq!(tasks.len(), 1, "the only device is selected");
+    // Over-selection keeps its meaning while devices are missing: with two
+    // joined and one waiting, the round waits for the window.
+    let mut c = config(3, 2);
+    c.rounds.over_selection = 1.5;
+    let mut core = core_with(c, vec![0.0]);
+    let devices = join(&mut core, t0, 2);
+    core.check_in(t0, &devices[0]).unwrap();
+    assert_eq!(core.poll_timeout(), Some(t0 + 30 * SECOND));
+    assert!(core.poll(t0 + 29 * SECOND).is_empty());
+    // Both waiting: the round starts with both, before the window ends.
+    let tasks = check_in_all(&mut core, t0 + 2 * SECOND, &devices);
+    assert_eq!(tasks.len(), 2);
+}
+
+#[test]
 fn wait_suggests_the_next_timer() {
     let mut core = core_with(config(2, 0), vec![0.0]);
     let t0 = Instant::now();
