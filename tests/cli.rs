@@ -1,7 +1,6 @@
 //! The `fedrec` binary as a user runs it: a standalone coordinator, device
 //! processes, Ctrl-C; and data errors that name the file and line.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -9,19 +8,14 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-mod common;
+use common::stderr_lines as lines;
 
-/// Waits for a child process without sleeping: a thread waits, we receive
-/// its result with a bounded timeout.
+/// Waits for a child process with the bounded timeout.
 fn wait(child: Child) -> std::process::Output {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(TIMEOUT)
-        .expect("process ends in time")
-        .expect("process output")
+    common::wait_output(child, TIMEOUT)
 }
+
+mod common;
 
 /// Generates 6 users × 40 items into `dir` with `fedrec gen-data`; returns
 /// the file and the data set as the devices will load it.
@@ -277,18 +271,6 @@ fn simulate_with_distributed_dp_stops_at_the_budget() {
         "{eps} vs {want}"
     );
     assert_eq!(json["secure_aggregation"]["enabled"], true);
-}
-
-/// Reads a child's stderr lines into a channel.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    rx
 }
 
 /// Waits (bounded) for a line containing `needle`; returns it.

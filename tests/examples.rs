@@ -6,7 +6,6 @@
 //! and the coordinator listens on port 0 (the devices get the port it
 //! printed). The commands `fedrec certs` prints are run the same way.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -15,6 +14,15 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const TIMEOUT: Duration = Duration::from_secs(180);
+
+mod common;
+
+use common::stderr_lines as lines;
+
+/// Waits for a child process with the bounded timeout.
+fn wait(child: Child) -> std::process::Output {
+    common::wait_output(child, TIMEOUT)
+}
 
 /// The commands of the README block tagged `name`, continuation lines
 /// joined and comments removed.
@@ -74,31 +82,6 @@ impl Paths {
             .args(words.map(|w| self.map(w, port)));
         command
     }
-}
-
-/// Reads a child's stderr line by line on a thread.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Waits for a child with a bounded timeout (a thread waits).
-fn wait(child: Child) -> std::process::Output {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(TIMEOUT)
-        .expect("process ends in time")
-        .expect("process output")
 }
 
 /// A process killed when dropped (a failed test leaves none behind).

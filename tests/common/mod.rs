@@ -204,3 +204,33 @@ impl Drop for Proxy {
         self.cut();
     }
 }
+
+/// Reads a child process's stderr line by line on a thread.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a child process without sleeping: a thread waits, and its
+/// result is received with a bounded timeout.
+pub fn wait_output(child: std::process::Child, timeout: Duration) -> std::process::Output {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(timeout)
+        .expect("process ends in time")
+        .expect("process output")
+}
