@@ -659,7 +659,7 @@ struct FitRepeatArgs {
 struct SplitArgs {
     #[command(flatten)]
     data: DataArgs,
-    /// Output directory (train.tsv, test.tsv, meta.json).
+    /// Output directory: a folder per evaluation track (see docs/evaluation.md).
     #[arg(long)]
     out: PathBuf,
     /// Evaluation seed (must equal the simulation's --seed to share candidates).
