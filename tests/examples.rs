@@ -62,7 +62,10 @@ impl Paths {
     /// `word` with `/tmp/` replaced by the test's directory and the port
     /// 50051 by `port`.
     fn map(&self, word: &str, port: Option<u16>) -> String {
-        let mut w = match word.strip_prefix("/tmp/") {
+        // A path already in the test's directory (which may itself be under
+        // /tmp/, when the checkout is) stays as it is.
+        let inside = word.starts_with(&*self.dir.path().to_string_lossy());
+        let mut w = match word.strip_prefix("/tmp/").filter(|_| !inside) {
             Some(rest) => format!("{}/{rest}", self.dir.path().display()),
             None => word.to_owned(),
         };
