@@ -91,14 +91,7 @@ fn serve_and_three_client_processes_then_ctrl_c() {
     }
 
     // Ctrl-C: the coordinator stops cleanly.
-    let serve = serve.take();
-    let status = Command::new("kill")
-        .args(["-INT", &serve.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = wait(serve);
-    assert!(out.status.success(), "coordinator exit: {:?}", out.status);
+    common::interrupt(serve.take(), TIMEOUT);
     // The process has exited: its stderr ends, and so does the reader.
     let rest: Vec<String> = rx.iter().collect();
     assert!(

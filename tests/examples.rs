@@ -159,13 +159,7 @@ impl Serve {
     /// Ctrl-C; returns the lines printed after it.
     fn interrupt(mut self) -> Vec<String> {
         let child = self.process.0.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let out = wait(child);
-        assert!(out.status.success(), "coordinator exit: {:?}", out.status);
+        common::interrupt(child, TIMEOUT);
         self.lines.iter().collect()
     }
 }

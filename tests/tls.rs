@@ -223,16 +223,9 @@ async fn a_device_certificate_from_another_ca_is_refused_under_mutual_tls() {
     .await;
 }
 
-/// Waits for a child process without sleeping: a thread waits, we receive
-/// its result with a bounded timeout.
+/// Waits for a child process with the bounded timeout.
 fn wait(child: Child) -> std::process::Output {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    rx.recv_timeout(common::TIMEOUT)
-        .expect("process ends in time")
-        .expect("process output")
+    common::wait_output(child, common::TIMEOUT)
 }
 
 #[test]
@@ -350,11 +343,5 @@ fn certs_then_serve_and_client_over_mutual_tls() {
     assert!(out.status.success(), "client failed: {err}");
     assert!(err.contains("done: 1 training rounds"), "{err}");
 
-    let status = Command::new("kill")
-        .args(["-INT", &serve.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = wait(serve);
-    assert!(out.status.success(), "coordinator exit: {:?}", out.status);
+    common::interrupt(serve, common::TIMEOUT);
 }

@@ -77,25 +77,16 @@ impl Default for TrainingConfig {
 impl TrainingConfig {
     /// Checks every field; the error names the field and the value.
     pub fn validate(&self) -> Result<(), ClientError> {
-        use fedrec_proto::limits::{
-            CONFIDENCE, LEARNING_RATE, LOCAL_EPOCHS, NEGATIVES, PROXIMAL_MU, REGULARIZATION,
-        };
-        let invalid =
-            |e: fedrec_proto::limits::OutOfBounds| ClientError::InvalidConfig(e.to_string());
-        LOCAL_EPOCHS
-            .check(self.local_epochs.into())
-            .map_err(invalid)?;
-        LEARNING_RATE
-            .check(self.learning_rate.into())
-            .map_err(invalid)?;
-        REGULARIZATION
-            .check(self.regularization.into())
-            .map_err(invalid)?;
-        PROXIMAL_MU
-            .check(self.proximal_mu.into())
-            .map_err(invalid)?;
-        CONFIDENCE.check(self.confidence.into()).map_err(invalid)?;
-        NEGATIVES.check(self.negatives.into()).map_err(invalid)?;
+        fedrec_proto::limits::Training {
+            local_epochs: self.local_epochs.into(),
+            learning_rate: self.learning_rate.into(),
+            regularization: self.regularization.into(),
+            proximal_mu: self.proximal_mu.into(),
+            confidence: self.confidence.into(),
+            negatives: self.negatives.into(),
+        }
+        .check()
+        .map_err(|e| ClientError::InvalidConfig(e.to_string()))?;
         if self.user_moment && self.loss != Loss::Als {
             return Err(ClientError::InvalidConfig(
                 "user_moment is only defined under the ALS loss (the private vector is solved, not trained)"

@@ -1054,26 +1054,20 @@ impl CoordinatorConfig {
         )?;
 
         let t = &self.training;
-        {
-            use fedrec_proto::limits::{
-                CONFIDENCE, LEARNING_RATE, LOCAL_EPOCHS, NEGATIVES, PROXIMAL_MU, REGULARIZATION,
-            };
-            let refused = |e: fedrec_proto::limits::OutOfBounds| {
-                invalid(format!(
-                    "training.{e}: devices refuse a task outside this range"
-                ))
-            };
-            LOCAL_EPOCHS.check(t.local_epochs.into()).map_err(refused)?;
-            LEARNING_RATE
-                .check(t.learning_rate.into())
-                .map_err(refused)?;
-            REGULARIZATION
-                .check(t.regularization.into())
-                .map_err(refused)?;
-            PROXIMAL_MU.check(t.proximal_mu.into()).map_err(refused)?;
-            CONFIDENCE.check(t.confidence.into()).map_err(refused)?;
-            NEGATIVES.check(t.negatives.into()).map_err(refused)?;
+        fedrec_proto::limits::Training {
+            local_epochs: t.local_epochs.into(),
+            learning_rate: t.learning_rate.into(),
+            regularization: t.regularization.into(),
+            proximal_mu: t.proximal_mu.into(),
+            confidence: t.confidence.into(),
+            negatives: t.negatives.into(),
         }
+        .check()
+        .map_err(|e| {
+            invalid(format!(
+                "training.{e}: devices refuse a task outside this range"
+            ))
+        })?;
 
         let st = &self.strategy;
         check_range(

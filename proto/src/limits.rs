@@ -100,6 +100,36 @@ pub const NEGATIVES: Bound = Bound {
     hi: 1000.0,
 };
 
+/// A task's training settings, as numbers, checked together against the
+/// bounds above (in this order; the first one outside is reported).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Training {
+    /// Passes over the device's purchases per task.
+    pub local_epochs: f64,
+    /// Learning rate of local SGD.
+    pub learning_rate: f64,
+    /// L2 regularization.
+    pub regularization: f64,
+    /// FedProx's proximal term.
+    pub proximal_mu: f64,
+    /// Confidence of a purchase under the ALS loss.
+    pub confidence: f64,
+    /// Negatives sampled per purchase.
+    pub negatives: f64,
+}
+
+impl Training {
+    /// Checks every setting against its bound.
+    pub fn check(&self) -> Result<(), OutOfBounds> {
+        LOCAL_EPOCHS.check(self.local_epochs)?;
+        LEARNING_RATE.check(self.learning_rate)?;
+        REGULARIZATION.check(self.regularization)?;
+        PROXIMAL_MU.check(self.proximal_mu)?;
+        CONFIDENCE.check(self.confidence)?;
+        NEGATIVES.check(self.negatives)
+    }
+}
+
 /// A number as people read it: plain when short (`20`, `0.05`), in
 /// scientific notation when plain would be long (`1e300`, `1e-12`).
 #[derive(Clone, Copy, Debug, PartialEq)]

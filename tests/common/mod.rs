@@ -234,3 +234,16 @@ pub fn wait_output(child: std::process::Child, timeout: Duration) -> std::proces
         .expect("process ends in time")
         .expect("process output")
 }
+
+/// Ctrl-C for a child process (SIGINT): waits for it with a bounded timeout
+/// and checks that it stopped cleanly.
+pub fn interrupt(child: std::process::Child, timeout: Duration) -> std::process::Output {
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let out = wait_output(child, timeout);
+    assert!(out.status.success(), "coordinator exit: {:?}", out.status);
+    out
+}
