@@ -281,7 +281,40 @@ pub struct ServerConfig {
     /// every slot until the round's deadline. Default
     /// [`DEFAULT_UPLOAD_MIN_BYTES_PER_SEC`].
     pub upload_min_bytes_per_sec: u64,
+    /// Most connections open at once; one more is accepted and closed at
+    /// once, and counted (`connection_limit`). Each idle connection holds
+    /// about 20 KB, and one file descriptor: the process's limit (`ulimit
+    /// -n`) must allow this many. Default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// A connection with no request in flight and none started or ended
+    /// for this long is closed, in seconds (devices reconnect on their
+    /// next request; a long poll keeps its connection busy). Default
+    /// [`DEFAULT_IDLE_TIMEOUT_SECS`].
+    pub idle_timeout_secs: f64,
+    /// Interval of HTTP/2 keepalive pings on each connection, in seconds: a
+    /// peer that does not answer within `keepalive_timeout_secs` is
+    /// dropped, so connections to vanished devices do not linger. Default
+    /// [`DEFAULT_KEEPALIVE_SECS`].
+    pub keepalive_secs: f64,
+    /// How long a keepalive ping may go unanswered, in seconds. Default
+    /// [`DEFAULT_KEEPALIVE_TIMEOUT_SECS`].
+    pub keepalive_timeout_secs: f64,
+    /// How long a TLS handshake may take, in seconds; a client that opens a
+    /// connection and says nothing is dropped after it. Default
+    /// [`DEFAULT_TLS_HANDSHAKE_SECS`].
+    pub tls_handshake_secs: f64,
 }
+
+/// Default `server.max_connections`: 50,000 (about 1 GB of idle connections).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 50_000;
+/// Default `server.idle_timeout_secs`: five minutes.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 300.0;
+/// Default `server.keepalive_secs`: one minute.
+pub const DEFAULT_KEEPALIVE_SECS: f64 = 60.0;
+/// Default `server.keepalive_timeout_secs`: 20 seconds.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: f64 = 20.0;
+/// Default `server.tls_handshake_secs`: 10 seconds.
+pub const DEFAULT_TLS_HANDSHAKE_SECS: f64 = 10.0;
 
 /// Default `server.upload_grace_secs`: 10 seconds.
 pub const DEFAULT_UPLOAD_GRACE_SECS: f64 = 10.0;
@@ -305,6 +338,11 @@ impl Default for ServerConfig {
             joins_per_minute_per_source: None,
             upload_grace_secs: DEFAULT_UPLOAD_GRACE_SECS,
             upload_min_bytes_per_sec: DEFAULT_UPLOAD_MIN_BYTES_PER_SEC,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            keepalive_secs: DEFAULT_KEEPALIVE_SECS,
+            keepalive_timeout_secs: DEFAULT_KEEPALIVE_TIMEOUT_SECS,
+            tls_handshake_secs: DEFAULT_TLS_HANDSHAKE_SECS,
         }
     }
 }
@@ -318,6 +356,26 @@ impl ServerConfig {
     /// `long_poll_secs` as a duration (valid after [`CoordinatorConfig::validate`]).
     pub fn long_poll(&self) -> Duration {
         secs(self.long_poll_secs)
+    }
+
+    /// `idle_timeout_secs` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        secs(self.idle_timeout_secs)
+    }
+
+    /// `keepalive_secs` as a duration.
+    pub fn keepalive(&self) -> Duration {
+        secs(self.keepalive_secs)
+    }
+
+    /// `keepalive_timeout_secs` as a duration.
+    pub fn keepalive_timeout(&self) -> Duration {
+        secs(self.keepalive_timeout_secs)
+    }
+
+    /// `tls_handshake_secs` as a duration.
+    pub fn tls_handshake(&self) -> Duration {
+        secs(self.tls_handshake_secs)
     }
 }
 
@@ -991,6 +1049,19 @@ impl CoordinatorConfig {
             true,
             MAX_SECS,
         )?;
+        for (name, value) in [
+            ("server.idle_timeout_secs", s.idle_timeout_secs),
+            ("server.keepalive_secs", s.keepalive_secs),
+            ("server.keepalive_timeout_secs", s.keepalive_timeout_secs),
+            ("server.tls_handshake_secs", s.tls_handshake_secs),
+        ] {
+            check_range(name, value, 0.0, true, MAX_SECS)?;
+        }
+        if s.max_connections < 1 {
+            return Err(invalid(
+                "server.max_connections must be >= 1, got 0".to_owned(),
+            ));
+        }
         if s.upload_min_bytes_per_sec < 1 {
             return Err(invalid(
                 "server.upload_min_bytes_per_sec must be >= 1, got 0".to_owned(),

@@ -150,6 +150,13 @@ pub enum CoordinatorError {
         /// The configured limit.
         limit: u32,
     },
+    /// A connection closed at once because `server.max_connections` were
+    /// open (counted only: the peer gets no gRPC status).
+    #[error("too many connections: at most {limit} at once (server.max_connections)")]
+    TooManyConnections {
+        /// The configured limit.
+        limit: usize,
+    },
     /// The round's deadline passed while the update was still streaming in.
     #[error("round {round} reached its deadline before the upload finished")]
     UploadTimeout {
@@ -252,6 +259,7 @@ impl CoordinatorError {
             Self::BadEvaluation { .. } => "bad_evaluation",
             Self::TooLarge { .. } => "too_large",
             Self::JoinRateLimited { .. } => "join_rate_limited",
+            Self::TooManyConnections { .. } => "connection_limit",
             Self::UploadTimeout { .. } => "upload_timeout",
             Self::UploadStalled { .. } => "upload_stalled",
             Self::UploadInProgress => "upload_in_progress",
@@ -290,9 +298,9 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::ZeroExamples
             | CoordinatorError::BadEvaluation { .. }
             | CoordinatorError::Malformed(_) => Code::InvalidArgument,
-            CoordinatorError::TooLarge { .. } | CoordinatorError::JoinRateLimited { .. } => {
-                Code::ResourceExhausted
-            }
+            CoordinatorError::TooLarge { .. }
+            | CoordinatorError::JoinRateLimited { .. }
+            | CoordinatorError::TooManyConnections { .. } => Code::ResourceExhausted,
             CoordinatorError::UploadTimeout { .. } | CoordinatorError::UploadStalled { .. } => {
                 Code::DeadlineExceeded
             }

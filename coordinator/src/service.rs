@@ -23,8 +23,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
@@ -36,6 +34,7 @@ mod secure;
 use crate::CoordinatorError;
 use crate::aggregate::EvalCounts;
 use crate::auth::TokenSet;
+use crate::listener::{self, ConnectionInfo, ConnectionLimits, TrackRequestsLayer};
 use crate::round::{
     CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, TaskKind,
     UpdateAccepted, UpdateHeader,
@@ -608,21 +607,28 @@ impl CoordinatorService {
             let checkpoint = self.shared.lock()?.checkpoint();
             checkpoint.write(path)?;
         }
-        let streams = self.shared.max_streams;
-        let mut builder = fedrec_proto::server_builder().max_concurrent_streams(Some(streams));
+        let server = self.shared.lock()?.config().server.clone();
+        let mut builder = fedrec_proto::server_builder()
+            .max_concurrent_streams(Some(self.shared.max_streams))
+            .http2_keepalive_interval(Some(server.keepalive()))
+            .http2_keepalive_timeout(Some(server.keepalive_timeout()));
         if let Some(tls) = self.shared.tls.clone() {
-            builder = builder.tls_config(tls)?;
+            builder = builder.tls_config(tls.timeout(server.tls_handshake()))?;
         }
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, tls = self.shared.tls.is_some(), "coordinator listening");
         }
         let shared = Arc::clone(&self.shared);
         let driver = self.spawn_driver();
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            conn.inspect(|stream| {
-                // Small request/response messages: do not wait to coalesce.
-                let _ = stream.set_nodelay(true);
-            })
+        let limits = ConnectionLimits {
+            max_connections: server.max_connections,
+            idle_timeout: server.idle_timeout(),
+        };
+        let counter = Arc::clone(&self.shared);
+        let incoming = listener::incoming(listener, limits, move || {
+            let _ = counter.reject_at_edge(CoordinatorError::TooManyConnections {
+                limit: limits.max_connections,
+            });
         });
         // The standard gRPC health service: SERVING while the coordinator
         // runs, for load balancers and orchestrators.
@@ -631,6 +637,7 @@ impl CoordinatorService {
             .set_serving::<CoordinatorServer<CoordinatorService>>()
             .await;
         let result = builder
+            .layer(TrackRequestsLayer)
             .add_service(health_service)
             .add_service(self.into_server())
             .serve_with_incoming_shutdown(incoming, shutdown)
@@ -889,7 +896,8 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
-        if let (Some(limiter), Some(source)) = (&self.shared.joins, request.remote_addr())
+        let source = ConnectionInfo::of(request.extensions()).map(|c| c.remote);
+        if let (Some(limiter), Some(source)) = (&self.shared.joins, source)
             && !limiter.allow(source.ip(), now())
         {
             return Err(self
