@@ -117,6 +117,27 @@ enum BenchCommand {
     /// aggregation, in process (real coordinator core and device state
     /// machines, local training stubbed), for each cohort and update size.
     Secagg(SecaggBenchArgs),
+    /// The coordinator's memory per joined device and per open connection
+    /// holding a check-in, and its CPU while they wait (a `fedrec serve`
+    /// process; this process is the devices). Needs `ulimit -n` above
+    /// --connections in both.
+    Idle(BenchIdleArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchIdleArgs {
+    /// Devices that join over a few connections and go quiet.
+    #[arg(long, default_value_t = 100_000)]
+    joined: usize,
+    /// Devices on a connection of their own, each holding a check-in.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Seconds over which the coordinator's CPU is measured while they wait.
+    #[arg(long, default_value_t = 10.0)]
+    wait_secs: f64,
+    /// Coordinator configuration to start from (its [server] limits).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -801,6 +822,29 @@ fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        BenchCommand::Idle(a) => {
+            let base = match &a.config {
+                Some(path) => CoordinatorConfig::from_file(path)?,
+                None => CoordinatorConfig::default(),
+            };
+            let wait = std::time::Duration::try_from_secs_f64(a.wait_secs)
+                .map_err(|_| anyhow::anyhow!("--wait-secs must be a positive number of seconds"))?;
+            let row = fedrec::bench::idle::idle(base, a.joined, a.connections, wait)?;
+            eprintln!(
+                "coordinator: {:.0} MB at start; {} joined devices: +{:.0} MB ({:.0} bytes each, {:.0} joins/s); \
+                 {} connections holding a check-in: +{:.0} MB ({:.0} bytes each), {:.3} cores while they waited",
+                row.base_rss_mb,
+                row.joined,
+                row.joined_rss_mb - row.base_rss_mb,
+                row.bytes_per_joined_device,
+                row.joined as f64 / row.join_secs,
+                row.connections,
+                row.connected_rss_mb - row.joined_rss_mb,
+                row.bytes_per_connection,
+                row.idle_cpu_cores,
+            );
+            println!("{}", serde_json::to_string(&row)?);
         }
         BenchCommand::Round(a) => {
             let base = match &a.config {

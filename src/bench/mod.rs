@@ -11,7 +11,10 @@
 //! - [`device`]: one device's local training time and the process's peak
 //!   memory.
 //! - [`secagg`]: rounds with and without secure aggregation.
+//! - [`idle`]: the coordinator's memory per joined device and per open
+//!   connection holding a check-in, and its CPU while they wait.
 
+pub mod idle;
 pub mod secagg;
 
 use std::io::{BufRead, BufReader};
@@ -232,6 +235,33 @@ impl ServeProcess {
     fn peak_rss_mb(&self) -> anyhow::Result<f64> {
         peak_rss_mb(&format!("/proc/{}/status", self.child.id()))
     }
+
+    /// The process's resident memory now (VmRSS), in MB.
+    fn rss_mb(&self) -> anyhow::Result<f64> {
+        status_mb(&format!("/proc/{}/status", self.child.id()), "VmRSS:")
+    }
+
+    /// CPU seconds the process has used (user and system), from
+    /// `/proc/PID/stat` in clock ticks of 1/100 s.
+    fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+        // Fields after the command name (which is in parentheses).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("no command name in /proc/PID/stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i)
+                .context("short /proc/PID/stat")?
+                .parse::<f64>()?)
+        };
+        // utime and stime are fields 14 and 15, 12 and 13 after the name.
+        Ok((ticks(11)? + ticks(12)?) / 100.0)
+    }
 }
 
 impl Drop for ServeProcess {
@@ -243,13 +273,18 @@ impl Drop for ServeProcess {
 
 /// Peak resident memory (VmHWM) from a `/proc/*/status` file, in MB.
 pub fn peak_rss_mb(status_path: &str) -> anyhow::Result<f64> {
+    status_mb(status_path, "VmHWM:")
+}
+
+/// A memory line (`VmHWM:`, `VmRSS:`) of a `/proc/*/status` file, in MB.
+fn status_mb(status_path: &str, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(status_path)
         .with_context(|| format!("cannot read {status_path} (Linux only)"))?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmHWM line")?;
+        .with_context(|| format!("no {field} line in {status_path}"))?;
     Ok(kb / 1024.0)
 }
 
