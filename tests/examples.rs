@@ -447,3 +447,126 @@ fn python_snippet(model: &Path) {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
+
+/// The example app `client/examples/shop_app.rs`, built by `cargo test`
+/// with the other examples (or here, when only this test program was built).
+fn shop_app() -> PathBuf {
+    let bin = Path::new(BIN).with_file_name("examples").join("shop_app");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "fedrec-client", "--example", "shop_app"])
+            .current_dir(ROOT)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build --example shop_app failed");
+    }
+    bin
+}
+
+/// A transparency report with what may change from run to run masked:
+/// dates, and the counts of the messages sent outside rounds (the app's
+/// extra status and model requests depend on timing) and of the total.
+fn masked(report: &str) -> String {
+    report
+        .lines()
+        .map(|line| {
+            let volatile = line.starts_with("Sent:") || line.starts_with("  outside rounds:");
+            let mut out = String::with_capacity(line.len());
+            let mut chars = line.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c.is_ascii_digit() && volatile {
+                    while chars.peek().is_some_and(char::is_ascii_digit) {
+                        chars.next();
+                    }
+                    out.push('N');
+                } else {
+                    out.push(c);
+                }
+            }
+            // Dates: 2026-11-29 -> DATE.
+            let mut words: Vec<String> = Vec::new();
+            for word in out.split(' ') {
+                let date = word.trim_end_matches([')', ',', ':']);
+                let is_date = date.len() == 10
+                    && date.char_indices().all(|(i, c)| {
+                        if i == 4 || i == 7 {
+                            c == '-'
+                        } else {
+                            c.is_ascii_digit()
+                        }
+                    });
+                words.push(if is_date {
+                    word.replacen(date, "DATE", 1)
+                } else {
+                    word.to_owned()
+                });
+            }
+            words.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The report as the README shows it: the first round's line, then "…"
+/// for the others.
+fn elided(report: &str) -> String {
+    let mut out = Vec::new();
+    let mut rounds = 0;
+    for line in report.lines() {
+        if line.starts_with("  round ") {
+            rounds += 1;
+            match rounds {
+                1 => out.push(line.to_owned()),
+                2 => out.push("  …".to_owned()),
+                _ => {}
+            }
+        } else {
+            out.push(line.to_owned());
+        }
+    }
+    out.join("\n")
+}
+
+/// The README's sample transparency report is the one the example app
+/// prints (dates and timing-dependent counts aside), so that it cannot go
+/// stale. `FEDREC_BLESS=1 cargo test --test examples` rewrites the sample.
+#[test]
+fn the_readme_transparency_sample_is_what_the_example_prints() {
+    let out = Command::new(shop_app()).output().expect("shop_app runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The report: its summary, a blank line, its details up to the next
+    // blank line.
+    let report = stdout
+        .split_once("--- transparency report ---\n")
+        .and_then(|(_, rest)| {
+            let details = rest.find("\nDetails\n")?;
+            let end = rest[details + 1..]
+                .find("\n\n")
+                .map_or(rest.len(), |e| details + 1 + e);
+            Some(elided(&rest[..end]))
+        })
+        .expect("shop_app prints its transparency report");
+    let path = Path::new(ROOT).join("README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let (before, rest) = readme
+        .split_once("<!-- tested: transparency -->\n```\n")
+        .expect("README has the tested transparency block");
+    let (sample, after) = rest.split_once("\n```").expect("the block ends");
+    if std::env::var_os("FEDREC_BLESS").is_some() {
+        let updated = format!("{before}<!-- tested: transparency -->\n```\n{report}\n```{after}");
+        std::fs::write(&path, updated).unwrap();
+        return;
+    }
+    assert_eq!(
+        masked(sample),
+        masked(&report),
+        "README.md's transparency sample differs from what client/examples/shop_app.rs prints; \
+         FEDREC_BLESS=1 cargo test --test examples rewrites it"
+    );
+}
