@@ -48,6 +48,9 @@ pub struct Tradeoff {
     pub sampling_rate: Option<f64>,
     /// The centralized baseline (from the run without DP).
     pub centralized: Metrics,
+    /// Popularity (from the run without DP): the floor any personal model
+    /// should stay above.
+    pub popularity: Metrics,
     /// The run without DP first, then one per noise multiplier.
     pub rows: Vec<TradeoffRow>,
     /// Every simulation's full report, in the same order.
@@ -105,6 +108,7 @@ pub fn sweep(
         delta: privacy.delta,
         sampling_rate: dp.privacy.last_round.as_ref().map(|p| p.sampling_rate),
         centralized: reports[0].final_.centralized(),
+        popularity: reports[0].final_.popularity(),
         rows,
         reports,
     })
@@ -125,36 +129,33 @@ pub fn table(t: &Tradeoff) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<11} {:>10} {:>8} {:>8} {:>9} {:>12} {:>13} {:>8}",
-        "z", "epsilon", "clip", "HR@10", "NDCG@10", "HR@10 (100)", "NDCG@10 (100)", "rounds"
+        "{:<13} {:>10} {:>8} {:>8} {:>9} {:>12} {:>13} {:>7}",
+        "noise z", "epsilon", "clip", "HR@10", "NDCG@10", "HR@10 (100)", "NDCG@10 (100)", "rounds"
     );
-    for r in &t.rows {
-        let m = &r.federated;
+    let row = |out: &mut String, label: &str, eps: &str, clip: &str, m: &Metrics, rounds: &str| {
+        let sampled = m.sampled100.unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:<11} {:>10} {:>8} {:>8.4} {:>9.4} {:>12.4} {:>13.4} {:>8}",
-            r.noise_multiplier
-                .map_or("no DP".to_owned(), |z| z.to_string()),
-            r.epsilon.map_or("-".to_owned(), |e| format!("{e:.3}")),
-            r.clip.map_or("-".to_owned(), |c| format!("{c:.3}")),
-            m.full.hr_at_10,
-            m.full.ndcg_at_10,
-            m.sampled100.unwrap_or_default().hr_at_10,
-            m.sampled100.unwrap_or_default().ndcg_at_10,
-            r.training_rounds
+            "{label:<13} {eps:>10} {clip:>8} {:>8.4} {:>9.4} {:>12.4} {:>13.4} {rounds:>7}",
+            m.full.hr_at_10, m.full.ndcg_at_10, sampled.hr_at_10, sampled.ndcg_at_10,
+        );
+    };
+    for r in &t.rows {
+        row(
+            &mut out,
+            &r.noise_multiplier
+                .map_or("without DP".to_owned(), |z| z.to_string()),
+            &r.epsilon.map_or("-".to_owned(), |e| format!("{e:.3}")),
+            &r.clip.map_or("-".to_owned(), |c| format!("{c:.3}")),
+            &r.federated,
+            &r.training_rounds.to_string(),
         );
     }
-    let c = &t.centralized;
+    row(&mut out, "centralized", "-", "-", &t.centralized, "");
+    row(&mut out, "popularity", "-", "-", &t.popularity, "");
     let _ = writeln!(
         out,
-        "{:<11} {:>10} {:>8} {:>8.4} {:>9.4} {:>12.4} {:>13.4}",
-        "centralized",
-        "-",
-        "-",
-        c.full.hr_at_10,
-        c.full.ndcg_at_10,
-        c.sampled100.unwrap_or_default().hr_at_10,
-        c.sampled100.unwrap_or_default().ndcg_at_10
+        "(HR/NDCG: full ranking; (100): among 100 sampled candidates; epsilon at delta above)"
     );
     out
 }
@@ -170,12 +171,13 @@ pub fn write_svg(t: &Tradeoff, path: &Path) -> Result<(), PlotError> {
         path: path.display().to_string(),
         message: e.to_string(),
     };
-    let points: Vec<(f64, &Metrics)> = t
+    let points: Vec<(f64, f64, &Metrics)> = t
         .rows
         .iter()
         .filter_map(|r| {
             Some((
                 r.epsilon.filter(|e| e.is_finite() && *e > 0.0)?,
+                r.noise_multiplier?,
                 &r.federated,
             ))
         })
@@ -183,8 +185,8 @@ pub fn write_svg(t: &Tradeoff, path: &Path) -> Result<(), PlotError> {
     if points.is_empty() {
         return Err(err(&"no run with a finite epsilon to plot"));
     }
-    let lo = points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.5;
-    let hi = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.5;
+    let lo = points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 2.0;
+    let hi = points.iter().map(|p| p.0).fold(0.0, f64::max) * 2.0;
     let root = SVGBackend::new(path, (1100, 450)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let title = format!(
@@ -202,7 +204,7 @@ pub fn write_svg(t: &Tradeoff, path: &Path) -> Result<(), PlotError> {
     for (panel, (name, value)) in root.split_evenly((1, 2)).iter().zip(series) {
         let top = points
             .iter()
-            .map(|p| value(p.1))
+            .map(|p| value(p.2))
             .chain([value(no_dp), value(&t.centralized)])
             .fold(0.0_f64, f64::max)
             * 1.5;
@@ -220,11 +222,15 @@ pub fn write_svg(t: &Tradeoff, path: &Path) -> Result<(), PlotError> {
             .configure_mesh()
             .x_desc("epsilon (log scale)")
             .y_desc(name)
+            .x_labels(8)
+            .y_labels(6)
+            .x_label_formatter(&|e| short_number(*e))
+            .y_label_formatter(&|v| format!("{v:.2}"))
             .draw()
             .map_err(|e| err(&e))?;
         chart
             .draw_series(LineSeries::new(
-                points.iter().map(|(e, m)| (*e, value(m))),
+                points.iter().map(|(e, _, m)| (*e, value(m))),
                 BLUE.stroke_width(2),
             ))
             .map_err(|e| err(&e))?
@@ -234,12 +240,20 @@ pub fn write_svg(t: &Tradeoff, path: &Path) -> Result<(), PlotError> {
             .draw_series(
                 points
                     .iter()
-                    .map(|(e, m)| Circle::new((*e, value(m)), 4, BLUE.filled())),
+                    .map(|(e, _, m)| Circle::new((*e, value(m)), 4, BLUE.filled())),
             )
+            .map_err(|e| err(&e))?;
+        // Each point's noise multiplier, just above it.
+        chart
+            .draw_series(points.iter().map(|(e, z, m)| {
+                EmptyElement::at((*e, value(m)))
+                    + Text::new(format!("z={z}"), (-12, -18), ("sans-serif", 12))
+            }))
             .map_err(|e| err(&e))?;
         for (label, v, color) in [
             ("federated without DP", value(no_dp), GREEN),
             ("centralized", value(&t.centralized), RED),
+            ("popularity", value(&t.popularity), BLACK),
         ] {
             chart
                 .draw_series(LineSeries::new([(lo, v), (hi, v)], color))
@@ -257,6 +271,19 @@ pub fn write_svg(t: &Tradeoff, path: &Path) -> Result<(), PlotError> {
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+/// A tick label: a few significant digits, no float noise (0.3, 2, 15, 120).
+fn short_number(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 1.0 {
+        let s = format!("{x:.1}");
+        s.trim_end_matches(".0").to_owned()
+    } else {
+        let s = format!("{x:.2}");
+        s.trim_end_matches('0').to_owned()
+    }
 }
 
 #[cfg(test)]
@@ -293,12 +320,22 @@ mod tests {
         let (e1, e2) = (t.rows[1].epsilon.unwrap(), t.rows[2].epsilon.unwrap());
         assert!(e1 > e2 && e2 > 0.0, "{e1} {e2}");
         assert_eq!(t.sampling_rate, Some(0.25));
-        assert!(table(&t).contains("no DP"));
+        let text = table(&t);
+        assert!(
+            text.contains("without DP") && text.contains("popularity"),
+            "{text}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tradeoff.svg");
         write_svg(&t, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.contains("<svg") && svg.contains("against epsilon"));
+        // Every point is labelled with its noise multiplier; popularity is drawn.
+        assert!(svg.contains("z=0.5") && svg.contains("z=4"), "{svg}");
+        assert!(svg.contains("popularity: "), "the popularity line's legend");
+        assert_eq!(short_number(0.30000000000000004), "0.3");
+        assert_eq!(short_number(12.0), "12");
+        assert_eq!(short_number(2.5), "2.5");
         let mut plain = cfg.clone();
         plain.coordinator.privacy.mode = DpMode::Off;
         assert!(sweep(&ds, &plain, &[1.0], &mut ()).is_err());
