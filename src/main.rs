@@ -1051,19 +1051,24 @@ impl Observer for Bar {
     fn start(&mut self, rounds: u32) {
         let bar = ProgressBar::new(rounds.into());
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} rounds {elapsed} {msg}")
+            ProgressStyle::with_template("{prefix} [{bar:30}] {elapsed} {msg}")
                 .expect("static template is valid")
                 .progress_chars("=> "),
         );
         bar.set_prefix("federated");
+        bar.set_message(format!("0/{rounds} rounds"));
         self.bar = Some(bar);
     }
 
     fn round(&mut self, row: &RoundRow) {
         if let Some(bar) = &self.bar {
+            // The count is in the message, so that one redraw shows the
+            // round's number and its figures together.
             bar.inc(1);
             bar.set_message(format!(
-                "round {}: {} devices, cohort HR@10 {:.3}{}",
+                "{}/{} rounds; round {}: {} devices, cohort HR@10 {:.3}{}",
+                bar.position(),
+                bar.length().unwrap_or_default(),
                 row.round,
                 row.participants,
                 row.hr_at_10,
