@@ -37,6 +37,8 @@ async fn join(client: &mut CoordinatorClient<Channel>) -> String {
         .unwrap()
         .into_inner();
     assert_eq!(response.protocol_version, PROTOCOL_VERSION);
+    // Sessions expire without enrollment tokens too (issue 19, item 4).
+    assert!(response.session_ttl_secs > 0, "{response:?}");
     response.pseudonym
 }
 
@@ -596,11 +598,14 @@ async fn serve_function_runs_until_shutdown() {
 }
 
 /// Joins beyond `server.joins_per_minute_per_source` from one address are
-/// refused with RESOURCE_EXHAUSTED, a message naming the limit, and counted.
+/// refused with RESOURCE_EXHAUSTED, a message naming the limit, and counted
+/// (from loopback only with `server.join_limit_loopback`; the limiter's own
+/// test covers other addresses and the loopback exemption).
 #[tokio::test]
 async fn joins_beyond_the_rate_limit_are_refused_and_counted() {
     let mut cfg = config(1, 0);
-    cfg.server.joins_per_minute_per_source = Some(3);
+    cfg.server.joins_per_minute_per_source = 3;
+    cfg.server.join_limit_loopback = true;
     let running = common::serve(cfg, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
     let mut client = running.client().await;
     let request = || pb::JoinRequest {
