@@ -589,8 +589,8 @@ struct ServeArgs {
     /// auth.enrollment_tokens).
     #[arg(long, value_name = "FILE")]
     enrollment_tokens: Option<PathBuf>,
-    /// With enrollment tokens: seconds a session lasts before the device
-    /// joins again (overrides auth.session_ttl_secs).
+    /// Seconds a session (pseudonym) lasts before the device joins again
+    /// (overrides auth.session_ttl_secs).
     #[arg(long, value_name = "SECS")]
     session_ttl: Option<f64>,
     /// Allow listening on a non-loopback address without TLS (pseudonyms and
@@ -1200,8 +1200,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let core = match &args.checkpoint {
         Some(path) if path.exists() => {
             let checkpoint = fedrec_coordinator::checkpoint::Checkpoint::read(path)?;
-            let core = fedrec_coordinator::round::RoundCore::resume(cfg, layout, checkpoint)
-                .with_context(|| format!("cannot resume from {}", path.display()))?;
+            let core = fedrec_coordinator::round::RoundCore::resume(
+                cfg,
+                layout,
+                checkpoint,
+                std::time::Instant::now(),
+            )
+            .with_context(|| format!("cannot resume from {}", path.display()))?;
             eprintln!(
                 "resumed from {}: {} rounds ended, model version {}",
                 path.display(),

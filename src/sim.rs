@@ -37,6 +37,7 @@ use fedrec_client::privacy::DpSpec;
 use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
+use fedrec_coordinator::CoordinatorError;
 use fedrec_coordinator::config::{
     CoordinatorConfig, DpMode, SecureAggregationConfig, StrategyName,
 };
@@ -839,7 +840,7 @@ fn run_inproc(
 ) -> anyhow::Result<Outcome> {
     let base = Instant::now();
     let mut clock = base;
-    let pseudonyms: Vec<Pseudonym> = devices.iter().map(|_| core.join(clock)).collect();
+    let mut pseudonyms: Vec<Pseudonym> = devices.iter().map(|_| core.join(clock, None)).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut rows = Vec::new();
     let mut final_counts = EvalCounts::default();
@@ -847,8 +848,8 @@ fn run_inproc(
     loop {
         let mut tasks = Vec::new();
         let mut finished = false;
-        for (i, p) in pseudonyms.iter().enumerate() {
-            match core.check_in(clock, p)? {
+        for (i, p) in pseudonyms.iter_mut().enumerate() {
+            match check_in(&mut core, clock, p)? {
                 CheckIn::Task(task) => tasks.push((i, task)),
                 CheckIn::Finished { .. } => finished = true,
                 _ => {}
@@ -861,8 +862,8 @@ fn run_inproc(
             // A secure round needs its whole cohort at once: devices that
             // checked in before it started get their tasks on a second pass.
             tasks.clear();
-            for (i, p) in pseudonyms.iter().enumerate() {
-                if let CheckIn::Task(task) = core.check_in(clock, p)? {
+            for (i, p) in pseudonyms.iter_mut().enumerate() {
+                if let CheckIn::Task(task) = check_in(&mut core, clock, p)? {
                     tasks.push((i, task));
                 }
             }
@@ -896,6 +897,23 @@ fn run_inproc(
     }
     let global = core.model().download.decode();
     Ok((rows, final_counts, global, devices))
+}
+
+/// Checks a device in; a device whose session ended (the virtual clock of a
+/// long simulation can pass `auth.session_ttl_secs`) joins again first, as
+/// the SDK does when a check-in is refused `UNAUTHENTICATED`.
+fn check_in(
+    core: &mut RoundCore,
+    clock: Instant,
+    pseudonym: &mut Pseudonym,
+) -> anyhow::Result<CheckIn> {
+    match core.check_in(clock, pseudonym) {
+        Err(CoordinatorError::SessionExpired) => {
+            *pseudonym = core.join(clock, None);
+            Ok(core.check_in(clock, pseudonym)?)
+        }
+        outcome => Ok(outcome?),
+    }
 }
 
 /// Updates in flight per worker thread: the cohort is trained in batches of
@@ -1408,6 +1426,23 @@ pub fn default_coordinator_config() -> CoordinatorConfig {
 mod tests {
     use super::*;
     use crate::data::Interaction;
+
+    /// Sessions expire without enrollment tokens too (issue 19, item 4).
+    /// The virtual clock moves only to a timer while no device has work, so
+    /// a simulation stays far below `auth.session_ttl_secs`; should it pass
+    /// it, a device joins again, as the SDK's do, rather than failing the run.
+    #[test]
+    fn an_inproc_device_joins_again_when_its_session_expired() {
+        let layout = fedrec_proto::Layout::new(vec![("b".into(), vec![1])]);
+        let mut core = RoundCore::new(CoordinatorConfig::default(), layout, vec![0.0]).unwrap();
+        let t0 = Instant::now();
+        let first = core.join(t0, None);
+        let mut pseudonym = first;
+        let later = t0 + core.config().auth.session_ttl();
+        assert!(check_in(&mut core, later, &mut pseudonym).is_ok());
+        assert_ne!(pseudonym, first, "a fresh session");
+        assert_eq!(core.joined(), 1);
+    }
 
     /// Replayed purchases of any date become devices: a simulated device
     /// lives at the moment of its held-out purchase, so neither a past

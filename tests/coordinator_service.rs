@@ -37,6 +37,8 @@ async fn join(client: &mut CoordinatorClient<Channel>) -> String {
         .unwrap()
         .into_inner();
     assert_eq!(response.protocol_version, PROTOCOL_VERSION);
+    // Sessions expire without enrollment tokens too (issue 19, item 4).
+    assert!(response.session_ttl_secs > 0, "{response:?}");
     response.pseudonym
 }
 
@@ -596,11 +598,14 @@ async fn serve_function_runs_until_shutdown() {
 }
 
 /// Joins beyond `server.joins_per_minute_per_source` from one address are
-/// refused with RESOURCE_EXHAUSTED, a message naming the limit, and counted.
+/// refused with RESOURCE_EXHAUSTED, a message naming the limit, and counted
+/// (from loopback only with `server.join_limit_loopback`; the limiter's own
+/// test covers other addresses and the loopback exemption).
 #[tokio::test]
 async fn joins_beyond_the_rate_limit_are_refused_and_counted() {
     let mut cfg = config(1, 0);
-    cfg.server.joins_per_minute_per_source = Some(3);
+    cfg.server.joins_per_minute_per_source = 3;
+    cfg.server.join_limit_loopback = true;
     let running = common::serve(cfg, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
     let mut client = running.client().await;
     let request = || pb::JoinRequest {
@@ -626,7 +631,8 @@ async fn joins_beyond_the_rate_limit_are_refused_and_counted() {
 /// Under `auth.enrollment_tokens`, a join without a token or with an
 /// unknown one gets UNAUTHENTICATED and is counted by reason; a device
 /// with a valid token joins and is told how long its session lasts. A
-/// device of the SDK with its token joins through `connect_with`.
+/// device of the SDK with its token joins through `connect_with`, which
+/// ends the first session of that token (`session_replaced`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_need_an_enrolled_token_and_refusals_are_counted() {
     use fedrec_coordinator::auth::TokenSet;
@@ -663,11 +669,22 @@ async fn joins_need_an_enrolled_token_and_refusals_are_counted() {
     fedrec_client::participant::Participant::connect_with(&running.endpoint(), &options)
         .await
         .expect("an SDK device joins with its token");
+    // That join with the same token replaced the first session
+    // (auth.max_sessions_per_token = 1).
+    let replaced = check_in(client.clone(), joined.pseudonym)
+        .await
+        .unwrap_err();
+    assert_eq!(replaced.code(), Code::Unauthenticated);
+    assert!(
+        replaced.message().contains("replaced by a newer join"),
+        "{replaced:?}"
+    );
     let metrics = running.handle.metrics().unwrap();
     for expected in [
         "fedrec_requests_rejected_total{reason=\"missing_token\"} 1",
         "fedrec_requests_rejected_total{reason=\"unknown_token\"} 2",
-        "fedrec_devices_joined 2",
+        "fedrec_requests_rejected_total{reason=\"session_replaced\"} 1",
+        "fedrec_devices_joined 1",
     ] {
         assert!(metrics.contains(expected), "{expected}: {metrics}");
     }

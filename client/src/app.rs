@@ -384,9 +384,12 @@ impl Client {
 
     /// Downloads the coordinator's current global model for on-device
     /// recommendations (any consent level: the requests carry only the
-    /// pseudonym and the model version). Returns its version.
+    /// pseudonym and the model version), unless the device holds that
+    /// version already (the coordinator limits downloads of one version,
+    /// `server.max_downloads_per_version`). Returns its version.
     pub async fn refresh_model(&self) -> Result<u64, ClientError> {
         let layout = self.local().device.model().layout();
+        let held = self.model_version();
         let mut guard = self.inner.link.lock().await;
         let link = guard.as_mut().ok_or(ClientError::NotConnected)?;
         let mut raw = CoordinatorClient::new(link.channel.clone());
@@ -394,7 +397,7 @@ impl Client {
         let mut sent = Vec::new();
         let mut result = Err(ClientError::Protocol("no download attempted".into()));
         for _ in 0..FETCH_ATTEMPTS {
-            result = fetch_model(&mut raw, &pseudonym, &layout, &mut sent).await;
+            result = fetch_model(&mut raw, &pseudonym, &layout, held, &mut sent).await;
             match &result {
                 Err(ClientError::Rpc { status, .. })
                     if status.code() == tonic::Code::FailedPrecondition => {}
@@ -404,7 +407,10 @@ impl Client {
         drop(guard);
         let mut local = self.local();
         local.device.note_sent(&sent)?;
-        let (version, params) = result?;
+        let (version, params) = match result? {
+            (version, Some(params)) => (version, params),
+            (version, None) => return Ok(version),
+        };
         tracing::debug!(model_version = version, "global model downloaded");
         *self
             .inner
@@ -458,13 +464,15 @@ impl Local {
 }
 
 /// Downloads the current model: a status request for its version, then the
-/// chunked download. Logs every request it sends in `sent`.
+/// chunked download, unless that version is `held` already (`None` then).
+/// Logs every request it sends in `sent`.
 async fn fetch_model(
     raw: &mut CoordinatorClient<Channel>,
     pseudonym: &str,
     layout: &Layout,
+    held: Option<u64>,
     sent: &mut Vec<SentMessage>,
-) -> Result<(u64, Vec<f32>), ClientError> {
+) -> Result<(u64, Option<Vec<f32>>), ClientError> {
     let rpc = |request: &'static str| move |status| ClientError::Rpc { request, status };
     let req = pb::StatusRequest {};
     sent.push(SentMessage {
@@ -478,6 +486,9 @@ async fn fetch_model(
         .map_err(rpc("Status"))?
         .into_inner()
         .model_version;
+    if held == Some(version) {
+        return Ok((version, None));
+    }
     let req = pb::ModelRequest {
         pseudonym: pseudonym.to_owned(),
         round: 0,
@@ -494,5 +505,5 @@ async fn fetch_model(
         .map_err(rpc("DownloadModel"))?
         .into_inner();
     let values = crate::participant::receive_model(&mut stream, layout.clone()).await?;
-    Ok((version, values))
+    Ok((version, Some(values)))
 }

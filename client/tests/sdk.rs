@@ -329,6 +329,29 @@ async fn reported_bytes_equal_the_bytes_received() {
     running.stop().await;
 }
 
+/// Refreshing the model again downloads it only when the coordinator has a
+/// new version: the coordinator refuses a session's fifth download of one
+/// version (`server.max_downloads_per_version`, issue 19 item 4), and an
+/// app may refresh on every screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshing_the_model_skips_a_version_already_held() {
+    let model = common::model(40, 4);
+    let running = common::start(common::config(1, 1), &model, 1).await;
+    let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
+    common::within("connect", client.connect(&running.endpoint))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        let version = common::within("model", client.refresh_model())
+            .await
+            .unwrap();
+        assert_eq!(version, 1);
+    }
+    assert_eq!(running.received("Status").0, 6);
+    assert_eq!(running.received("DownloadModel").0, 1);
+    running.stop().await;
+}
+
 /// Consent levels through the app API: `None` stores nothing and
 /// recommends popular items; `OnDevice` stores and personalizes but never
 /// trains; lowering to `None` offers to erase.

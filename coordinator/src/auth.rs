@@ -3,15 +3,16 @@
 //! A token is a random secret given to one device when it is enrolled. The
 //! coordinator keeps only the SHA-256 digests of the valid tokens, read from
 //! `auth.enrollment_tokens` at start-up ([`TokenSet::load`]), and checks the
-//! token a device presents when it joins ([`TokenSet::check`]). The
-//! pseudonym the join returns is the device's session credential; its
-//! expiry is kept by the round core ([`crate::round::RoundCore`]).
+//! token a device presents when it joins ([`TokenSet::check`]), which names
+//! the token by a [`TokenId`]. The pseudonym the join returns is the
+//! device's session credential; its expiry, and the most live sessions a
+//! token holds, are kept by the round core ([`crate::round::RoundCore::join`]).
 //!
 //! The lookup compares digests, so timing can only reveal something about
 //! a digest, from which no token can be found (SHA-256 is preimage
 //! resistant and tokens carry 256 random bits).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -29,10 +30,15 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Which enrollment token a device joined with: the token's place in its
+/// [`TokenSet`] (valid for that set only, so not kept across restarts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenId(u32);
+
 /// The digests of the tokens that may join.
 #[derive(Clone, Debug, Default)]
 pub struct TokenSet {
-    digests: HashSet<String>,
+    digests: HashMap<String, TokenId>,
 }
 
 impl TokenSet {
@@ -46,7 +52,7 @@ impl TokenSet {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| err(format!("auth.enrollment_tokens: cannot read: {e}")))?;
-        let mut digests = HashSet::new();
+        let mut digests = HashMap::new();
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -60,7 +66,8 @@ impl TokenSet {
                     truncate(line)
                 )));
             }
-            digests.insert(line.to_ascii_lowercase());
+            let id = TokenId(digests.len() as u32);
+            digests.entry(line.to_ascii_lowercase()).or_insert(id);
         }
         if digests.is_empty() {
             return Err(err(
@@ -73,9 +80,12 @@ impl TokenSet {
 
     /// A set of the given tokens (for tests and embedding).
     pub fn from_tokens<'a>(tokens: impl IntoIterator<Item = &'a str>) -> Self {
-        Self {
-            digests: tokens.into_iter().map(digest).collect(),
+        let mut digests = HashMap::new();
+        for token in tokens {
+            let id = TokenId(digests.len() as u32);
+            digests.entry(digest(token)).or_insert(id);
         }
+        Self { digests }
     }
 
     /// Number of tokens that may join.
@@ -88,16 +98,15 @@ impl TokenSet {
         self.digests.is_empty()
     }
 
-    /// Accepts `token` if its digest is in the set.
-    pub fn check(&self, token: &str) -> Result<(), CoordinatorError> {
+    /// Accepts `token` if its digest is in the set, and says which it is.
+    pub fn check(&self, token: &str) -> Result<TokenId, CoordinatorError> {
         if token.trim().is_empty() {
             return Err(CoordinatorError::MissingToken);
         }
-        if self.digests.contains(&digest(token)) {
-            Ok(())
-        } else {
-            Err(CoordinatorError::UnknownToken)
-        }
+        self.digests
+            .get(&digest(token))
+            .copied()
+            .ok_or(CoordinatorError::UnknownToken)
     }
 }
 
@@ -136,8 +145,9 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let set = TokenSet::load(&path).unwrap();
         assert_eq!(set.len(), 2);
-        assert!(set.check("alpha").is_ok());
-        assert!(set.check("beta").is_ok());
+        let (alpha, beta) = (set.check("alpha").unwrap(), set.check("beta").unwrap());
+        assert_ne!(alpha, beta, "each token is told apart");
+        assert_eq!(set.check(" alpha\n").unwrap(), alpha);
         assert!(matches!(
             set.check("gamma"),
             Err(CoordinatorError::UnknownToken)

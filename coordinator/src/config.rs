@@ -131,17 +131,23 @@ pub struct CoordinatorConfig {
     pub upload: UploadConfig,
 }
 
-/// `[auth]`: device authentication by enrollment token.
+/// `[auth]`: sessions, and device authentication by enrollment token.
 ///
-/// Each device is given a secret token when it is enrolled (`fedrec
+/// A device that joins receives a pseudonym that acts as its session
+/// credential for `session_ttl_secs`, with or without tokens; after that its
+/// check-ins are refused (`UNAUTHENTICATED`, counted as `session_expired`)
+/// and it joins again (the SDK does so by itself), so that devices that
+/// never come back do not stay in the device table.
+///
+/// Each device may be given a secret token when it is enrolled (`fedrec
 /// tokens` makes them); the coordinator holds only the tokens' SHA-256
-/// digests, so its disk never holds a credential. A device presents its
-/// token when it joins and receives a pseudonym that acts as its session
-/// credential for `session_ttl_secs`; after that its check-ins are refused
-/// (`UNAUTHENTICATED`, counted as `session_expired`) and it joins again
-/// with its token. A join without a token, or with a token not in the file,
-/// gets `UNAUTHENTICATED` and is counted (`missing_token`, `unknown_token`).
-/// Revoking a device is deleting its digest and restarting the coordinator.
+/// digests, so its disk never holds a credential. A device then presents
+/// its token when it joins. A join without a token, or with a token not in
+/// the file, gets `UNAUTHENTICATED` and is counted (`missing_token`,
+/// `unknown_token`). A token holds at most `max_sessions_per_token` live
+/// sessions: a further join ends the oldest (its next check-in is refused
+/// `UNAUTHENTICATED`, counted as `session_replaced`). Revoking a device is
+/// deleting its digest and restarting the coordinator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
@@ -149,11 +155,19 @@ pub struct AuthConfig {
     /// comments and blank lines ignored. Default: unset (no tokens needed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enrollment_tokens: Option<PathBuf>,
-    /// How long a session lets a device start new work, in seconds (only
-    /// with `enrollment_tokens`: without them anyone may join, so expiring
-    /// sessions would protect nothing). A task already handed out can be
-    /// finished after expiry. Default [`DEFAULT_SESSION_TTL_SECS`].
+    /// How long a session lets a device start new work, in seconds, with or
+    /// without `enrollment_tokens`. A task already handed out can be
+    /// finished after expiry. At least `server.long_poll_secs + 30`.
+    /// Default [`DEFAULT_SESSION_TTL_SECS`].
     pub session_ttl_secs: f64,
+    /// Most live sessions one enrollment token holds (with
+    /// `enrollment_tokens`): a join beyond it ends the token's oldest
+    /// session, so a leaked or shared token cannot fill the device table.
+    /// The link between a token and its sessions is not checkpointed: after
+    /// a restart, sessions resumed from the checkpoint count for no token
+    /// and end by `session_ttl_secs`. Default
+    /// [`DEFAULT_MAX_SESSIONS_PER_TOKEN`].
+    pub max_sessions_per_token: u32,
 }
 
 /// How much longer than `server.long_poll_secs` a session must last at
@@ -164,21 +178,23 @@ pub const SESSION_MARGIN_SECS: f64 = 30.0;
 /// Default `auth.session_ttl_secs`: one hour.
 pub const DEFAULT_SESSION_TTL_SECS: f64 = 3600.0;
 
+/// Default `auth.max_sessions_per_token`: one device, one session.
+pub const DEFAULT_MAX_SESSIONS_PER_TOKEN: u32 = 1;
+
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             enrollment_tokens: None,
             session_ttl_secs: DEFAULT_SESSION_TTL_SECS,
+            max_sessions_per_token: DEFAULT_MAX_SESSIONS_PER_TOKEN,
         }
     }
 }
 
 impl AuthConfig {
-    /// How long a session lasts, when sessions expire (with tokens).
-    pub fn session_ttl(&self) -> Option<Duration> {
-        self.enrollment_tokens
-            .as_ref()
-            .map(|_| Duration::from_secs_f64(self.session_ttl_secs))
+    /// How long a session lasts (valid after [`CoordinatorConfig::validate`]).
+    pub fn session_ttl(&self) -> Duration {
+        secs(self.session_ttl_secs)
     }
 }
 
@@ -262,11 +278,21 @@ pub struct ServerConfig {
     /// [`DEFAULT_MAX_STREAMS_PER_CONNECTION`].
     pub max_streams_per_connection: u32,
     /// Most joins per minute from one IP address (a token bucket: bursts up
-    /// to the limit); more get RESOURCE_EXHAUSTED and are counted. Unset =
-    /// no limit (simulations join every device from 127.0.0.1). Default:
-    /// unset.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub joins_per_minute_per_source: Option<u32>,
+    /// to the limit); more get RESOURCE_EXHAUSTED, counted as
+    /// `join_rate_limited`. 0 = no limit. Behind a load balancer every join
+    /// comes from the balancer's address: set 0 and limit at the balancer,
+    /// or raise it. Default [`DEFAULT_JOINS_PER_MINUTE_PER_SOURCE`].
+    pub joins_per_minute_per_source: u32,
+    /// Whether joins from loopback (127.0.0.0/8, ::1) count against
+    /// `joins_per_minute_per_source`. Off, they are exempt: simulations join
+    /// every device from 127.0.0.1, and a local proxy's or health checker's
+    /// requests come from there too. Default: false.
+    pub join_limit_loopback: bool,
+    /// How many times one session may download the same model version
+    /// (counted afresh whenever the device is selected for a round); more
+    /// get RESOURCE_EXHAUSTED, counted as `download_limit`. Default
+    /// [`DEFAULT_MAX_DOWNLOADS_PER_VERSION`].
+    pub max_downloads_per_version: u32,
     /// Head start of a granted upload slot, in seconds: a reserved slot
     /// whose upload has not started within it is given to the next device
     /// (the reservation's lease), and an upload gets it on top of the time
@@ -283,7 +309,7 @@ pub struct ServerConfig {
     pub upload_min_bytes_per_sec: u64,
     /// Most connections open at once; one more is accepted and closed at
     /// once, and counted (`connection_limit`). Each idle connection holds
-    /// about 20 KB, and one file descriptor: the process's limit (`ulimit
+    /// about 27 KB (BENCHMARKS.md), and one file descriptor: the process's limit (`ulimit
     /// -n`) must allow this many. Default [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: usize,
     /// A connection with no request in flight and none started or ended
@@ -324,6 +350,16 @@ pub const DEFAULT_UPLOAD_GRACE_SECS: f64 = 10.0;
 /// rate, about 27 s, well before the default 60 s deadline.
 pub const DEFAULT_UPLOAD_MIN_BYTES_PER_SEC: u64 = 64 * 1024;
 
+/// Default `server.joins_per_minute_per_source`: 60, one a second on
+/// average. A device joins once per session (an hour by default), so even a
+/// household or office of devices behind one NAT address stays far below
+/// it, while one address cannot mint pseudonyms faster than 3,600 an hour.
+pub const DEFAULT_JOINS_PER_MINUTE_PER_SOURCE: u32 = 60;
+
+/// Default `server.max_downloads_per_version`: 4, the download a task
+/// needs plus retries after dropped connections.
+pub const DEFAULT_MAX_DOWNLOADS_PER_VERSION: u32 = 4;
+
 /// Default `server.max_streams_per_connection`.
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
@@ -335,7 +371,9 @@ impl Default for ServerConfig {
             max_concurrent_uploads: DEFAULT_MAX_CONCURRENT_UPLOADS,
             max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
-            joins_per_minute_per_source: None,
+            joins_per_minute_per_source: DEFAULT_JOINS_PER_MINUTE_PER_SOURCE,
+            join_limit_loopback: false,
+            max_downloads_per_version: DEFAULT_MAX_DOWNLOADS_PER_VERSION,
             upload_grace_secs: DEFAULT_UPLOAD_GRACE_SECS,
             upload_min_bytes_per_sec: DEFAULT_UPLOAD_MIN_BYTES_PER_SEC,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -1035,11 +1073,16 @@ impl CoordinatorConfig {
             true,
             MAX_SECS,
         )?;
-        if s.max_streams_per_connection < 1 || s.joins_per_minute_per_source == Some(0) {
+        if s.max_streams_per_connection < 1 {
+            return Err(invalid(
+                "server.max_streams_per_connection must be >= 1, got 0".to_owned(),
+            ));
+        }
+        if s.max_downloads_per_version < 1 || self.auth.max_sessions_per_token < 1 {
             return Err(invalid(format!(
-                "server.max_streams_per_connection and server.joins_per_minute_per_source must be \
-                 >= 1, got {} and {:?}",
-                s.max_streams_per_connection, s.joins_per_minute_per_source
+                "server.max_downloads_per_version and auth.max_sessions_per_token must be >= 1, \
+                 got {} and {}",
+                s.max_downloads_per_version, self.auth.max_sessions_per_token
             )));
         }
         check_range(

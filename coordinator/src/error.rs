@@ -50,8 +50,15 @@ pub enum CoordinatorError {
     #[error("enrollment token not recognised (not enrolled, or revoked)")]
     UnknownToken,
     /// A check-in after the session (pseudonym) expired.
-    #[error("session expired (auth.session_ttl_secs): join again with the enrollment token")]
+    #[error("session expired (auth.session_ttl_secs): join again")]
     SessionExpired,
+    /// A check-in with a session that a newer join with the same
+    /// enrollment token ended (`auth.max_sessions_per_token`).
+    #[error(
+        "this session was replaced by a newer join with the same enrollment token \
+         (auth.max_sessions_per_token)"
+    )]
+    SessionReplaced,
     /// No round is open, and the request names a round that never started.
     #[error("no round is open (request is for round {round})")]
     NoRoundOpen {
@@ -157,6 +164,17 @@ pub enum CoordinatorError {
         /// The configured limit.
         limit: usize,
     },
+    /// A session downloaded the same model version too often.
+    #[error(
+        "model version {version} was already downloaded {limit} times by this session \
+         (server.max_downloads_per_version)"
+    )]
+    DownloadLimit {
+        /// The version asked for.
+        version: u64,
+        /// The configured limit.
+        limit: u32,
+    },
     /// The round's deadline passed while the update was still streaming in.
     #[error("round {round} reached its deadline before the upload finished")]
     UploadTimeout {
@@ -243,6 +261,7 @@ impl CoordinatorError {
             Self::MissingToken => "missing_token",
             Self::UnknownToken => "unknown_token",
             Self::SessionExpired => "session_expired",
+            Self::SessionReplaced => "session_replaced",
             Self::NoRoundOpen { .. } => "no_round_open",
             Self::RoundClosed { .. } => "round_closed",
             Self::WrongRound { .. } => "wrong_round",
@@ -260,6 +279,7 @@ impl CoordinatorError {
             Self::TooLarge { .. } => "too_large",
             Self::JoinRateLimited { .. } => "join_rate_limited",
             Self::TooManyConnections { .. } => "connection_limit",
+            Self::DownloadLimit { .. } => "download_limit",
             Self::UploadTimeout { .. } => "upload_timeout",
             Self::UploadStalled { .. } => "upload_stalled",
             Self::UploadInProgress => "upload_in_progress",
@@ -283,7 +303,8 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::UnknownPseudonym
             | CoordinatorError::MissingToken
             | CoordinatorError::UnknownToken
-            | CoordinatorError::SessionExpired => Code::Unauthenticated,
+            | CoordinatorError::SessionExpired
+            | CoordinatorError::SessionReplaced => Code::Unauthenticated,
             CoordinatorError::NotInCohort { .. } => Code::PermissionDenied,
             CoordinatorError::Duplicate { .. } => Code::AlreadyExists,
             CoordinatorError::ProtocolVersion { .. }
@@ -300,7 +321,8 @@ impl From<CoordinatorError> for tonic::Status {
             | CoordinatorError::Malformed(_) => Code::InvalidArgument,
             CoordinatorError::TooLarge { .. }
             | CoordinatorError::JoinRateLimited { .. }
-            | CoordinatorError::TooManyConnections { .. } => Code::ResourceExhausted,
+            | CoordinatorError::TooManyConnections { .. }
+            | CoordinatorError::DownloadLimit { .. } => Code::ResourceExhausted,
             CoordinatorError::UploadTimeout { .. } | CoordinatorError::UploadStalled { .. } => {
                 Code::DeadlineExceeded
             }

@@ -51,7 +51,7 @@
 //! let mut core = RoundCore::new(config, layout, vec![0.0; 3]).unwrap();
 //!
 //! let now = Instant::now();
-//! let devices = [core.join(now), core.join(now)];
+//! let devices = [core.join(now, None), core.join(now, None)];
 //! // The first device waits; the second fills the cohort and starts round 1.
 //! assert!(matches!(core.check_in(now, &devices[0]).unwrap(), CheckIn::Wait { .. }));
 //! let CheckIn::Task(task) = core.check_in(now, &devices[1]).unwrap() else { panic!("cohort is full") };

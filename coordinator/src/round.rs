@@ -39,6 +39,7 @@ use fedrec_proto::{Layout, linalg, tensor};
 
 use crate::CoordinatorError;
 use crate::aggregate::{Aggregator, EvalCounts};
+use crate::auth::TokenId;
 use crate::checkpoint::{Checkpoint, PrivacyState};
 use crate::config::{CoordinatorConfig, LossName, TrainingConfig};
 use crate::privacy::{Mechanism, NoisySum, PrivacySummary, RoundPrivacy, TaskPrivacy};
@@ -308,6 +309,28 @@ struct OpenRound {
     privacy: Option<RoundPrivacy>,
 }
 
+/// A device's session: what its pseudonym may do, and until when.
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    /// When it stops letting the device start new work.
+    expires: Instant,
+    /// Ended by a newer join with the same token (refused as
+    /// `session_replaced` rather than `session_expired`).
+    replaced: bool,
+    /// The model version last downloaded, and how many times.
+    downloads: (u64, u32),
+}
+
+impl Session {
+    fn new(expires: Instant) -> Self {
+        Self {
+            expires,
+            replaced: false,
+            downloads: (0, 0),
+        }
+    }
+}
+
 /// The coordinator's sans-IO core. See the [module docs](self).
 #[derive(Debug)]
 pub struct RoundCore {
@@ -317,10 +340,13 @@ pub struct RoundCore {
     /// that turning it on does not change pseudonyms or cohorts.
     secure_rng: ChaCha20Rng,
     joined: BTreeSet<Pseudonym>,
-    /// When each device's session ends (only with `auth.enrollment_tokens`);
-    /// a device resumed from a checkpoint gets a fresh session at its first
-    /// check-in.
-    sessions: BTreeMap<Pseudonym, Instant>,
+    /// Every joined device's session (`auth.session_ttl_secs`), and the
+    /// ended ones not yet forgotten (see [`sweep`](Self::sweep)).
+    sessions: BTreeMap<Pseudonym, Session>,
+    /// Each enrollment token's sessions, oldest first (at most
+    /// `auth.max_sessions_per_token` live; ended ones are dropped at the
+    /// token's next join). Not checkpointed.
+    token_sessions: BTreeMap<TokenId, VecDeque<Pseudonym>>,
     /// When expired sessions are next swept out of `joined` and the pool.
     next_session_sweep: Option<Instant>,
     /// Devices waiting for a task (always a subset of `joined`).
@@ -408,6 +434,7 @@ impl RoundCore {
             secure_rng,
             joined: BTreeSet::new(),
             sessions: BTreeMap::new(),
+            token_sessions: BTreeMap::new(),
             next_session_sweep: None,
             pool: BTreeSet::new(),
             window_start: None,
@@ -427,15 +454,18 @@ impl RoundCore {
         })
     }
 
-    /// A core that carries on from `checkpoint` (see [`crate::checkpoint`]):
-    /// its model, optimizer moments, counters, history, joined devices and
-    /// privacy accountant. Refuses a checkpoint that does not fit `config`
-    /// and `layout` (another model size or optimizer, or differential
-    /// privacy switched on or off since), saying which.
+    /// A core that carries on from `checkpoint` (see [`crate::checkpoint`])
+    /// at `now`: its model, optimizer moments, counters, history, joined
+    /// devices (each with a fresh session of `auth.session_ttl_secs` from
+    /// `now`, so that those that never come back are swept) and privacy
+    /// accountant. Refuses a checkpoint that does not fit `config` and
+    /// `layout` (another model size or optimizer, or differential privacy
+    /// switched on or off since), saying which.
     pub fn resume(
         config: CoordinatorConfig,
         layout: Layout,
         checkpoint: Checkpoint,
+        now: Instant,
     ) -> Result<Self, CoordinatorError> {
         let Checkpoint {
             model_version,
@@ -487,6 +517,12 @@ impl RoundCore {
             .map(|p| p.parse())
             .collect::<Result<_, _>>()
             .map_err(|e| invalid(format!("a joined pseudonym: {e}")))?;
+        let expires = now + core.config.auth.session_ttl();
+        core.sessions = core
+            .joined
+            .iter()
+            .map(|p| (*p, Session::new(expires)))
+            .collect();
         core.last_round = last_round;
         core.training_rounds = training_rounds;
         core.final_evaluation_done = final_evaluation_done;
@@ -506,6 +542,8 @@ impl RoundCore {
     /// The durable state as of the last ended round (see
     /// [`crate::checkpoint`]); an open round is left out, as if it had not
     /// started. Its privacy cost stays counted, which can only overstate ε.
+    /// It holds the devices whose sessions were live when that round ended
+    /// (every round's end sweeps the ended sessions out).
     pub fn checkpoint(&self) -> Checkpoint {
         let (m, v) = self.strategy.moments();
         let open = self.open.as_ref();
@@ -528,60 +566,84 @@ impl RoundCore {
         }
     }
 
-    /// Admits a new device and returns its fresh random pseudonym.
-    pub fn join(&mut self, now: Instant) -> Pseudonym {
+    /// Admits a new device and returns its fresh random pseudonym, whose
+    /// session lasts `auth.session_ttl_secs`. A device that joined with an
+    /// enrollment token (`token`, from [`crate::auth::TokenSet::check`])
+    /// ends the token's oldest live session when the token already holds
+    /// `auth.max_sessions_per_token`.
+    pub fn join(&mut self, now: Instant, token: Option<TokenId>) -> Pseudonym {
         self.advance(now);
-        loop {
+        let pseudonym = loop {
             let mut bytes = [0u8; 16];
             self.rng.fill_bytes(&mut bytes);
             let pseudonym = Pseudonym(bytes);
-            // A collision is astronomically unlikely, but cheap to rule out.
-            if self.joined.insert(pseudonym) {
-                self.last_join = Some(now);
-                if let Some(ttl) = self.config.auth.session_ttl() {
-                    self.sessions.insert(pseudonym, now + ttl);
-                }
-                return pseudonym;
+            // A collision (with a live or a remembered session) is
+            // astronomically unlikely, but cheap to rule out.
+            if !self.sessions.contains_key(&pseudonym) && self.joined.insert(pseudonym) {
+                break pseudonym;
             }
+        };
+        self.last_join = Some(now);
+        let ttl = self.config.auth.session_ttl();
+        self.sessions.insert(pseudonym, Session::new(now + ttl));
+        if let Some(token) = token {
+            let max = self.config.auth.max_sessions_per_token as usize;
+            let mut held = self.token_sessions.remove(&token).unwrap_or_default();
+            // Live: joined, and not expired (those are swept soon).
+            held.retain(|p| {
+                self.joined.contains(p) && self.sessions.get(p).is_some_and(|s| now < s.expires)
+            });
+            while held.len() >= max {
+                if let Some(oldest) = held.pop_front() {
+                    self.end_session(&oldest);
+                    if let Some(session) = self.sessions.get_mut(&oldest) {
+                        session.replaced = true;
+                    }
+                }
+            }
+            held.push_back(pseudonym);
+            self.token_sessions.insert(token, held);
         }
+        pseudonym
     }
 
-    /// Forgets a device whose session ended.
+    /// Takes a device out of the joined devices and the pool; its session
+    /// is remembered until the sweep forgets it.
     fn end_session(&mut self, pseudonym: &Pseudonym) {
         self.joined.remove(pseudonym);
         self.pool.remove(pseudonym);
-        self.sessions.remove(pseudonym);
     }
 
-    /// Every sixteenth of a session's lifetime, forgets the devices whose
-    /// sessions ended, so that they are not selected and do not count as
-    /// joined; members of the open round's cohort may still finish its task.
-    /// An ended session is remembered for one more lifetime, so that the
-    /// device's next check-in is told (and counted) `session_expired`
-    /// rather than `unknown_pseudonym`; then it is forgotten entirely.
+    /// Every sixteenth of a session's lifetime, [`sweep`](Self::sweep)s.
     fn sweep_sessions(&mut self, now: Instant) {
-        let Some(ttl) = self.config.auth.session_ttl() else {
-            return;
-        };
-        if self.next_session_sweep.is_some_and(|t| now < t) {
-            return;
+        if self.next_session_sweep.is_none_or(|t| now >= t) {
+            self.sweep(now);
         }
+    }
+
+    /// Forgets the devices whose sessions ended by `now`, so that they are
+    /// not selected, do not count as joined and are not checkpointed;
+    /// members of the open round's cohort may still finish its task. An
+    /// ended session is remembered for one more lifetime, so that the
+    /// device's next check-in is told (and counted) `session_expired` or
+    /// `session_replaced` rather than `unknown_pseudonym`; then it is
+    /// forgotten entirely. Runs every sixteenth of a lifetime, and when a
+    /// round ends (before its checkpoint).
+    fn sweep(&mut self, now: Instant) {
+        let ttl = self.config.auth.session_ttl();
         self.next_session_sweep = Some(now + ttl / 16);
         let open = self.open.as_ref();
         let ended: Vec<Pseudonym> = self
             .sessions
             .iter()
-            .filter(|&(p, &expires)| {
-                now >= expires && !open.is_some_and(|o| o.cohort.contains_key(p))
-            })
+            .filter(|&(p, s)| now >= s.expires && !open.is_some_and(|o| o.cohort.contains_key(p)))
             .map(|(p, _)| *p)
             .collect();
         for pseudonym in &ended {
-            self.joined.remove(pseudonym);
-            self.pool.remove(pseudonym);
+            self.end_session(pseudonym);
         }
         self.sessions
-            .retain(|_, &mut expires| now < expires.checked_add(ttl).unwrap_or(expires));
+            .retain(|_, s| now < s.expires.checked_add(ttl).unwrap_or(s.expires));
     }
 
     /// A device asks for work: its task if it is in the open round's cohort
@@ -595,19 +657,24 @@ impl RoundCore {
     ) -> Result<CheckIn, CoordinatorError> {
         self.advance(now);
         if !self.joined.contains(pseudonym) {
-            // A session swept out after it ended is still recognised.
+            // A session that ended (and maybe was swept out) is still
+            // recognised, once.
             let err = match self.sessions.remove(pseudonym) {
+                Some(s) if s.replaced => CoordinatorError::SessionReplaced,
                 Some(_) => CoordinatorError::SessionExpired,
                 None => CoordinatorError::UnknownPseudonym,
             };
             return Err(self.reject(err));
         }
-        if let Some(ttl) = self.config.auth.session_ttl() {
-            let expires = *self.sessions.entry(*pseudonym).or_insert(now + ttl);
-            if now >= expires {
-                self.end_session(pseudonym);
-                return Err(self.reject(CoordinatorError::SessionExpired));
-            }
+        if self
+            .sessions
+            .get(pseudonym)
+            .is_none_or(|s| now >= s.expires)
+        {
+            // Told once: the device's next check-in is `unknown_pseudonym`.
+            self.end_session(pseudonym);
+            self.sessions.remove(pseudonym);
+            return Err(self.reject(CoordinatorError::SessionExpired));
         }
         if let Some(reason) = &self.finished {
             return Ok(CheckIn::Finished {
@@ -703,12 +770,17 @@ impl RoundCore {
     }
 
     /// A device asks for the model: the current snapshot, if the device
-    /// joined and names the current version. Rejections are counted.
+    /// joined, names the current version and has not downloaded it
+    /// `server.max_downloads_per_version` times already (counted afresh
+    /// whenever the device is selected for a round, so that rounds
+    /// abandoned without a new version cannot lock it out). Rejections are
+    /// counted.
     pub fn download(
         &mut self,
         pseudonym: &Pseudonym,
         model_version: u64,
     ) -> Result<Arc<ModelSnapshot>, CoordinatorError> {
+        let limit = self.config.server.max_downloads_per_version;
         if !self.joined.contains(pseudonym) {
             return Err(self.reject(CoordinatorError::UnknownPseudonym));
         }
@@ -718,6 +790,20 @@ impl RoundCore {
                 current: self.model.version,
             }));
         }
+        let Some(session) = self.sessions.get_mut(pseudonym) else {
+            return Err(self.reject(CoordinatorError::UnknownPseudonym));
+        };
+        let (version, count) = &mut session.downloads;
+        if *version != model_version {
+            (*version, *count) = (model_version, 0);
+        }
+        if *count >= limit {
+            return Err(self.reject(CoordinatorError::DownloadLimit {
+                version: model_version,
+                limit,
+            }));
+        }
+        *count += 1;
         Ok(self.model())
     }
 
@@ -1097,6 +1183,9 @@ impl RoundCore {
         };
         for p in cohort.keys() {
             self.pool.remove(p);
+            if let Some(session) = self.sessions.get_mut(p) {
+                session.downloads = (0, 0);
+            }
         }
         let (selected, needed) = if dp {
             (cohort.len(), cohort.len())
@@ -1290,6 +1379,7 @@ impl RoundCore {
         };
         self.history.push(summary.clone());
         self.events.push_back(Event::RoundEnded(summary));
+        self.sweep(now);
         self.window_start = (!self.pool.is_empty()).then_some(now);
         self.generation += 1;
         self.finish_if_done();

@@ -272,7 +272,8 @@ struct Shared {
     /// Update bytes received and model bytes sent (for metrics).
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
-    /// Joins per source address: a token bucket each, when limited.
+    /// Joins per source address: a token bucket each, unless unlimited
+    /// (`server.joins_per_minute_per_source = 0`).
     joins: Option<JoinLimiter>,
     /// The enrollment tokens that may join, when devices must present one.
     tokens: Option<TokenSet>,
@@ -291,15 +292,29 @@ struct Shared {
 }
 
 /// A token bucket per source address: `limit` joins per minute, in bursts
-/// of at most `limit`.
+/// of at most `limit`; loopback sources are exempt unless `loopback`
+/// (`server.join_limit_loopback`).
 struct JoinLimiter {
     limit: u32,
+    loopback: bool,
     buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
 }
 
 impl JoinLimiter {
+    /// The limiter `server` asks for, if any.
+    fn new(server: &crate::config::ServerConfig) -> Option<Self> {
+        (server.joins_per_minute_per_source > 0).then(|| Self {
+            limit: server.joins_per_minute_per_source,
+            loopback: server.join_limit_loopback,
+            buckets: Mutex::new(Default::default()),
+        })
+    }
+
     /// Takes a token for `source` at `now`; false when none is left.
     fn allow(&self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
+        if !self.loopback && source.to_canonical().is_loopback() {
+            return true;
+        }
         let Ok(mut buckets) = self.buckets.lock() else {
             return true;
         };
@@ -536,10 +551,7 @@ impl CoordinatorService {
                 bytes_in: AtomicU64::new(0),
                 bytes_out: AtomicU64::new(0),
                 max_streams: server.max_streams_per_connection,
-                joins: server.joins_per_minute_per_source.map(|limit| JoinLimiter {
-                    limit,
-                    buckets: Mutex::new(Default::default()),
-                }),
+                joins: JoinLimiter::new(&server),
                 checkpoint: opts.checkpoint,
                 tls: opts.tls,
                 tokens: opts.tokens,
@@ -907,11 +919,14 @@ impl Coordinator for CoordinatorService {
                 }));
         }
         let request = request.into_inner();
-        if let Some(tokens) = &self.shared.tokens
-            && let Err(e) = tokens.check(&request.enrollment_token)
-        {
-            return Err(self.shared.reject_at_edge(e));
-        }
+        let token = match &self.shared.tokens {
+            Some(tokens) => Some(
+                tokens
+                    .check(&request.enrollment_token)
+                    .map_err(|e| self.shared.reject_at_edge(e))?,
+            ),
+            None => None,
+        };
         let got = request.protocol_version;
         if got != PROTOCOL_VERSION {
             return Err(self
@@ -923,7 +938,7 @@ impl Coordinator for CoordinatorService {
         }
         let (pseudonym, ttl, layout) = self.shared.with_core(|core| {
             (
-                core.join(now()),
+                core.join(now(), token),
                 core.config().auth.session_ttl(),
                 core.layout().to_pb(),
             )
@@ -932,7 +947,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::JoinResponse {
             pseudonym: pseudonym.to_string(),
             protocol_version: PROTOCOL_VERSION,
-            session_ttl_secs: ttl.map_or(0, |t| t.as_secs().max(1)),
+            session_ttl_secs: ttl.as_secs().max(1),
             catalogue: self.shared.catalogue.clone(),
             layout,
         }))
@@ -1202,5 +1217,58 @@ pub fn summary_to_pb(s: &RoundSummary) -> pb::RoundSummary {
             epsilon: p.epsilon,
             delta: p.delta,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+    use std::time::{Duration, Instant};
+
+    use super::JoinLimiter;
+    use crate::config::ServerConfig;
+
+    fn limiter(limit: u32, loopback: bool) -> Option<JoinLimiter> {
+        JoinLimiter::new(&ServerConfig {
+            joins_per_minute_per_source: limit,
+            join_limit_loopback: loopback,
+            ..ServerConfig::default()
+        })
+    }
+
+    /// Issue 19, item 4: joins are limited per source by default (60 a
+    /// minute, refilled over time), except from loopback unless
+    /// `server.join_limit_loopback`; 0 means no limit.
+    #[test]
+    fn joins_are_limited_per_source_except_from_loopback() {
+        let t0 = Instant::now();
+        let default = limiter(ServerConfig::default().joins_per_minute_per_source, false)
+            .expect("limited by default");
+        let remote: IpAddr = "192.0.2.7".parse().unwrap();
+        assert!((0..60).all(|_| default.allow(remote, t0)));
+        assert!(
+            !default.allow(remote, t0),
+            "the 61st join within the minute"
+        );
+        assert!(
+            default.allow("192.0.2.8".parse().unwrap(), t0),
+            "another source"
+        );
+        assert!(
+            default.allow(remote, t0 + Duration::from_secs(1)),
+            "refilled"
+        );
+        for loopback in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            let ip: IpAddr = loopback.parse().unwrap();
+            assert!(
+                (0..1000).all(|_| default.allow(ip, t0)),
+                "{loopback} exempt"
+            );
+        }
+        let strict = limiter(3, true).unwrap();
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!((0..3).all(|_| strict.allow(local, t0)));
+        assert!(!strict.allow(local, t0), "loopback limited when asked");
+        assert!(limiter(0, true).is_none(), "0 = no limit");
     }
 }

@@ -153,7 +153,7 @@ fn open_round(devices: usize, values: usize, secure: bool, seed: u64) -> anyhow:
     let layout = Layout::new(vec![("update".into(), vec![values as u64])]);
     let mut core = RoundCore::new(config(devices, secure, seed), layout, vec![0.0; values])?;
     let now = Instant::now();
-    let pseudonyms: Vec<Pseudonym> = (0..devices).map(|_| core.join(now)).collect();
+    let pseudonyms: Vec<Pseudonym> = (0..devices).map(|_| core.join(now, None)).collect();
     for p in &pseudonyms {
         core.check_in(now, p)?;
     }

@@ -31,7 +31,7 @@ fn core_with(config: CoordinatorConfig, params: Vec<f32>) -> RoundCore {
 }
 
 fn join(core: &mut RoundCore, now: Instant, n: usize) -> Vec<Pseudonym> {
-    (0..n).map(|_| core.join(now)).collect()
+    (0..n).map(|_| core.join(now, None)).collect()
 }
 
 /// Checks every device in; returns the tasks of those selected.
@@ -76,7 +76,7 @@ fn ended(events: &[Event]) -> Vec<RoundSummary> {
 #[test]
 fn pseudonyms_are_hex_and_parse_back() {
     let mut core = core_with(config(1, 0), vec![0.0]);
-    let p = core.join(Instant::now());
+    let p = core.join(Instant::now(), None);
     let text = p.to_string();
     assert_eq!(text.len(), 32);
     assert!(
@@ -1111,7 +1111,7 @@ fn a_resumed_core_carries_on_from_its_checkpoint() {
     assert_eq!(saved.params, core.model().params);
     assert_eq!(saved.m, core.strategy().moments().0);
 
-    let mut resumed = RoundCore::resume(c.clone(), layout(3), saved.clone()).unwrap();
+    let mut resumed = RoundCore::resume(c.clone(), layout(3), saved.clone(), now).unwrap();
     assert_eq!(resumed.model().version, core.model().version);
     assert_eq!(resumed.model().params, core.model().params);
     assert_eq!(resumed.history(), core.history());
@@ -1132,7 +1132,7 @@ fn a_resumed_core_carries_on_from_its_checkpoint() {
     // Switching privacy off since the checkpoint is refused, with the reason.
     let mut off = c;
     off.privacy.mode = DpMode::Off;
-    let err = RoundCore::resume(off, layout(3), saved)
+    let err = RoundCore::resume(off, layout(3), saved, now)
         .unwrap_err()
         .to_string();
     assert!(err.contains("differential privacy"), "{err}");
@@ -1227,12 +1227,13 @@ fn random_and_mutated_messages_never_panic_and_keep_the_model_finite() {
     assert!(core.model().params.iter().all(|v| v.is_finite()));
 }
 
-/// With enrollment tokens, a session lets a device check in until it
-/// expires; then the check-in is refused and counted, and the device must
-/// join again. Expired devices are swept from the pool, so a round does not
-/// wait for them, while a cohort member may finish its task after expiry.
+/// A session lets a device check in until it expires; then the check-in is
+/// refused and counted, and the device must join again. Expired devices are
+/// swept from the pool, so a round does not wait for them, while a cohort
+/// member may finish its task after expiry. Without tokens too (issue 19,
+/// item 4).
 #[test]
-fn sessions_expire_with_enrollment_tokens() {
+fn sessions_expire_with_and_without_enrollment_tokens() {
     let mut cfg = config(2, 2);
     cfg.auth.enrollment_tokens = Some("tokens.sha256".into());
     cfg.auth.session_ttl_secs = 100.0;
@@ -1261,15 +1262,19 @@ fn sessions_expire_with_enrollment_tokens() {
         Err(CoordinatorError::UnknownPseudonym)
     ));
     // Joining again gives a fresh session.
-    let again = core.join(late);
+    let again = core.join(late, None);
     assert!(matches!(
         core.check_in(late, &again),
         Ok(CheckIn::Wait { .. })
     ));
-    // Without tokens sessions never expire.
+    // Without tokens sessions expire too, after auth.session_ttl_secs.
     let mut open = core_with(config(1, 1), vec![0.0]);
-    let device = open.join(t0);
-    assert!(open.check_in(t0 + 1_000_000 * SECOND, &device).is_ok());
+    let device = open.join(t0, None);
+    assert!(open.check_in(t0 + 3599 * SECOND, &device).is_ok());
+    assert!(matches!(
+        open.check_in(t0 + 3600 * SECOND, &device),
+        Err(CoordinatorError::SessionExpired)
+    ));
 }
 
 /// A session that ended and was swept out of the device table is still
@@ -1282,15 +1287,197 @@ fn a_swept_session_is_refused_as_expired_then_forgotten() {
     cfg.auth.session_ttl_secs = 100.0;
     let mut core = core_with(cfg, vec![0.0]);
     let t0 = Instant::now();
-    let first = core.join(t0);
+    let first = core.join(t0, None);
     // A later join sweeps the first's ended session.
-    let second = core.join(t0 + 150 * SECOND);
+    let second = core.join(t0 + 150 * SECOND, None);
     assert_eq!(core.joined(), 1);
     let err = core.check_in(t0 + 150 * SECOND, &first).unwrap_err();
     assert!(matches!(err, CoordinatorError::SessionExpired), "{err}");
     assert_eq!(core.rejections().get("session_expired"), Some(&1));
-    core.join(t0 + 400 * SECOND);
+    core.join(t0 + 400 * SECOND, None);
     let err = core.check_in(t0 + 400 * SECOND, &second).unwrap_err();
     assert!(matches!(err, CoordinatorError::UnknownPseudonym), "{err}");
     assert_eq!(core.rejections().get("session_expired"), Some(&1));
+}
+
+/// The size in bytes of `core`'s checkpoint file.
+fn checkpoint_bytes(core: &RoundCore) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck");
+    core.checkpoint().write(&path).unwrap();
+    std::fs::metadata(&path).unwrap().len()
+}
+
+/// Runs one single-device training round at `now` with a fresh device.
+fn one_round(core: &mut RoundCore, now: Instant) {
+    let device = core.join(now, None);
+    let tasks = check_in_all(core, now, &[device]);
+    let (p, task) = &tasks[0];
+    let n = core.model().params.len() as u64;
+    core.submit_update(now, header(*p, task, 1, n), &encode(&vec![0.0; n as usize]))
+        .unwrap();
+    core.poll(now);
+}
+
+/// Issue 19, item 4: 50,000 joins without tokens fill the device table
+/// and the checkpoint; once their sessions have ended, the next round's end
+/// sweeps them out of both, and after one more lifetime they are forgotten
+/// entirely.
+#[test]
+fn joins_without_tokens_expire_and_leave_the_table_and_the_checkpoint() {
+    let mut core = core_with(config(1, 0), vec![0.0]);
+    let t0 = Instant::now();
+    let ttl = core.config().auth.session_ttl();
+    join(&mut core, t0, 50_000);
+    assert_eq!(core.joined(), 50_000);
+    let full = checkpoint_bytes(&core);
+    assert!(full > 50_000 * 32, "{full} bytes");
+
+    let later = t0 + ttl + SECOND;
+    one_round(&mut core, later);
+    assert_eq!(core.history().len(), 1);
+    assert_eq!(core.joined(), 1, "only the fresh device is left");
+    let small = checkpoint_bytes(&core);
+    assert!(small < 4096, "{small} bytes, down from {full}");
+    // Told once that their session expired...
+    let swept: Pseudonym = *core
+        .sessions
+        .keys()
+        .find(|p| !core.joined.contains(p))
+        .unwrap();
+    assert!(matches!(
+        core.check_in(later, &swept),
+        Err(CoordinatorError::SessionExpired)
+    ));
+    // ... and forgotten after one more lifetime.
+    one_round(&mut core, later + 2 * ttl);
+    assert_eq!(core.sessions.len(), 1, "only the last round's device");
+}
+
+/// Issue 19, item 4: a second join with the same enrollment token ends the
+/// first session; its next check-in is refused (UNAUTHENTICATED, saying
+/// why) and counted as `session_replaced`. Another token is unaffected.
+#[test]
+fn a_second_join_with_the_same_token_replaces_the_first() {
+    let tokens = crate::auth::TokenSet::from_tokens(["alpha", "beta"]);
+    let (alpha, beta) = (tokens.check("alpha").ok(), tokens.check("beta").ok());
+    let mut core = core_with(config(5, 0), vec![0.0]);
+    let t0 = Instant::now();
+    let first = core.join(t0, alpha);
+    let other = core.join(t0, beta);
+    let second = core.join(t0 + SECOND, alpha);
+    assert_eq!(core.joined(), 2);
+    let err = core.check_in(t0 + SECOND, &first).unwrap_err();
+    assert!(matches!(err, CoordinatorError::SessionReplaced), "{err}");
+    assert_eq!(core.rejections().get("session_replaced"), Some(&1));
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    assert!(
+        status
+            .message()
+            .contains("replaced by a newer join with the same enrollment token"),
+        "{status:?}"
+    );
+    for device in [second, other] {
+        assert!(core.check_in(t0 + SECOND, &device).is_ok());
+    }
+}
+
+/// With `auth.max_sessions_per_token = 2`, a token holds two live sessions;
+/// a third join ends the oldest.
+#[test]
+fn a_token_holds_at_most_max_sessions_per_token() {
+    let mut cfg = config(5, 0);
+    cfg.auth.max_sessions_per_token = 2;
+    let token = crate::auth::TokenSet::from_tokens(["alpha"])
+        .check("alpha")
+        .ok();
+    let mut core = core_with(cfg, vec![0.0]);
+    let t0 = Instant::now();
+    let devices: Vec<Pseudonym> = (0..3).map(|i| core.join(t0 + i * SECOND, token)).collect();
+    let now = t0 + 3 * SECOND;
+    assert!(matches!(
+        core.check_in(now, &devices[0]),
+        Err(CoordinatorError::SessionReplaced)
+    ));
+    for device in &devices[1..] {
+        assert!(core.check_in(now, device).is_ok());
+    }
+    assert_eq!(core.joined(), 2);
+    assert_eq!(core.rejections().get("session_replaced"), Some(&1));
+}
+
+/// Issue 19, item 4: a session downloads one model version at most
+/// `server.max_downloads_per_version` (4) times; the 5th is refused
+/// (RESOURCE_EXHAUSTED, `download_limit`). The count starts afresh for the
+/// next version, and when the device is selected for a round (so that
+/// rounds abandoned without a new version cannot lock it out).
+#[test]
+fn downloads_of_one_version_are_limited_per_session() {
+    let mut core = core_with(config(1, 0), vec![0.0]);
+    let t0 = Instant::now();
+    let device = core.join(t0, None);
+    let four = |core: &mut RoundCore, version| {
+        for _ in 0..4 {
+            core.download(&device, version).unwrap();
+        }
+        core.download(&device, version).unwrap_err()
+    };
+    let err = four(&mut core, 1);
+    assert!(
+        matches!(
+            err,
+            CoordinatorError::DownloadLimit {
+                version: 1,
+                limit: 4
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("server.max_downloads_per_version"),
+        "{err}"
+    );
+    assert_eq!(
+        tonic::Status::from(err).code(),
+        tonic::Code::ResourceExhausted
+    );
+    assert_eq!(core.rejections().get("download_limit"), Some(&1));
+
+    // Another device completes a round: version 2.
+    one_round(&mut core, t0 + SECOND);
+    assert_eq!(core.model().version, 2);
+    four(&mut core, 2);
+    assert_eq!(core.rejections().get("download_limit"), Some(&2));
+
+    // Selected for a round of version 2: its task's download is allowed.
+    let tasks = check_in_all(&mut core, t0 + 2 * SECOND, &[device]);
+    assert_eq!(tasks[0].1.model_version, 2);
+    assert!(core.download(&device, 2).is_ok());
+}
+
+/// Issue 19, item 4: pseudonyms restored from a checkpoint get a session of
+/// one lifetime from the resume, so those that never come back are swept
+/// out (of the device table and the next checkpoint).
+#[test]
+fn resumed_pseudonyms_expire_one_lifetime_after_the_resume() {
+    let cfg = config(1, 0);
+    let mut core = core_with(cfg.clone(), vec![0.0]);
+    let t0 = Instant::now();
+    let devices = join(&mut core, t0, 3);
+    let ttl = core.config().auth.session_ttl();
+    let resumed_at = t0 + 10 * ttl;
+    let mut resumed = RoundCore::resume(cfg, layout(1), core.checkpoint(), resumed_at).unwrap();
+    assert_eq!(resumed.joined(), 3);
+    for device in &devices {
+        assert_eq!(resumed.sessions[device].expires, resumed_at + ttl);
+    }
+    let later = resumed_at + ttl;
+    one_round(&mut resumed, later);
+    assert_eq!(resumed.joined(), 1, "only the fresh device is left");
+    assert_eq!(resumed.checkpoint().joined.len(), 1);
+    assert!(matches!(
+        resumed.check_in(later, &devices[1]),
+        Err(CoordinatorError::SessionExpired)
+    ));
 }

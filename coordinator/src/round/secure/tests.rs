@@ -76,7 +76,7 @@ impl Cohort {
         let layout = Layout::new(vec![("item_bias".into(), vec![VALUES as u64])]);
         let mut core = RoundCore::new(config, layout, vec![0.5; VALUES]).unwrap();
         let now = Instant::now();
-        let pseudonyms: Vec<Pseudonym> = (0..n).map(|_| core.join(now)).collect();
+        let pseudonyms: Vec<Pseudonym> = (0..n).map(|_| core.join(now, None)).collect();
         let mut cohort = Self {
             core,
             now,
@@ -372,7 +372,7 @@ fn messages_must_come_from_the_callers_party_and_the_right_step() {
         .unwrap_err();
     assert_eq!(err.reason(), "wrong_round", "{err}");
     // A stranger is not in the cohort.
-    let stranger = c.core.join(c.now);
+    let stranger = c.core.join(c.now, None);
     let err = c
         .core
         .secagg_poll(c.now, &stranger, round, SecureWant::Roster)
