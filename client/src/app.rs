@@ -393,14 +393,26 @@ impl Client {
         let mut guard = self.inner.link.lock().await;
         let link = guard.as_mut().ok_or(ClientError::NotConnected)?;
         let mut raw = CoordinatorClient::new(link.channel.clone());
-        let pseudonym = link.participant.pseudonym().to_owned();
         let mut sent = Vec::new();
         let mut result = Err(ClientError::Protocol("no download attempted".into()));
+        let mut joined_again = false;
         for _ in 0..FETCH_ATTEMPTS {
+            let pseudonym = link.participant.pseudonym().to_owned();
             result = fetch_model(&mut raw, &pseudonym, &layout, held, &mut sent).await;
             match &result {
                 Err(ClientError::Rpc { status, .. })
                     if status.code() == tonic::Code::FailedPrecondition => {}
+                // The session expired (or was replaced): join again once,
+                // as a participating device does, and retry.
+                Err(ClientError::Rpc { status, .. })
+                    if status.code() == tonic::Code::Unauthenticated && !joined_again =>
+                {
+                    joined_again = true;
+                    let rejoined = link.participant.join_again().await;
+                    sent.extend_from_slice(&link.participant.sent().messages()[link.absorbed..]);
+                    link.absorbed = link.participant.sent().messages().len();
+                    rejoined?;
+                }
                 _ => break,
             }
         }

@@ -215,7 +215,7 @@ impl Participant {
     }
 
     /// Joins (again), replacing the pseudonym.
-    async fn join_again(&mut self) -> Result<(), ClientError> {
+    pub(crate) async fn join_again(&mut self) -> Result<(), ClientError> {
         let req = pb::JoinRequest {
             protocol_version: PROTOCOL_VERSION,
             enrollment_token: self.token.clone().unwrap_or_default(),

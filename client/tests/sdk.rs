@@ -352,6 +352,31 @@ async fn refreshing_the_model_skips_a_version_already_held() {
     running.stop().await;
 }
 
+/// A model refresh whose session has expired (or was replaced by a newer
+/// join with the same token) joins again and downloads: an app that only
+/// shows recommendations never calls `participate`, which re-joins too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshing_the_model_joins_again_when_the_session_expired() {
+    use std::sync::atomic::Ordering;
+    let model = common::model(40, 4);
+    let running = common::start(common::config(1, 1), &model, 1).await;
+    let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
+    common::within("connect", client.connect(&running.endpoint))
+        .await
+        .unwrap();
+    running.refuse_downloads.store(1, Ordering::SeqCst);
+    let version = common::within("model", client.refresh_model())
+        .await
+        .expect("the refresh joins again and downloads");
+    assert_eq!(version, 1);
+    assert_eq!(running.received("Join").0, 2, "joined again once");
+    assert_eq!(running.received("DownloadModel").0, 1);
+    let report = client.transparency_report(false);
+    let joins = report.outside_rounds.get("JoinRequest").map(|m| m.count);
+    assert_eq!(joins, Some(2), "the report lists both joins");
+    running.stop().await;
+}
+
 /// Consent levels through the app API: `None` stores nothing and
 /// recommends popular items; `OnDevice` stores and personalizes but never
 /// trains; lowering to `None` offers to erase.

@@ -59,6 +59,8 @@ pub struct Running {
     /// Check-ins to refuse as UNAUTHENTICATED (as for an expired session)
     /// before passing them on.
     pub refuse_check_ins: Arc<AtomicU32>,
+    /// Model downloads to refuse in the same way.
+    pub refuse_downloads: Arc<AtomicU32>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -97,10 +99,12 @@ pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) ->
     let driver = service.spawn_driver();
     let counts = Counts::default();
     let refuse_check_ins = Arc::new(AtomicU32::new(0));
+    let refuse_downloads = Arc::new(AtomicU32::new(0));
     let counting = Counting {
         inner: service.into_server(),
         counts: Arc::clone(&counts),
         refuse_check_ins: Arc::clone(&refuse_check_ins),
+        refuse_downloads: Arc::clone(&refuse_downloads),
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -119,6 +123,7 @@ pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) ->
         handle,
         counts,
         refuse_check_ins,
+        refuse_downloads,
         stop: Some(tx),
         task,
     }
@@ -132,6 +137,7 @@ struct Counting<S> {
     inner: S,
     counts: Counts,
     refuse_check_ins: Arc<AtomicU32>,
+    refuse_downloads: Arc<AtomicU32>,
 }
 
 impl<S: NamedService> NamedService for Counting<S> {
@@ -162,11 +168,18 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let counts = Arc::clone(&self.counts);
-        let refuse = req.uri().path().ends_with("/CheckIn")
-            && self
-                .refuse_check_ins
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
+        let path = req.uri().path();
+        let refusals = if path.ends_with("/CheckIn") {
+            Some(&self.refuse_check_ins)
+        } else if path.ends_with("/DownloadModel") {
+            Some(&self.refuse_downloads)
+        } else {
+            None
+        };
+        let refuse = refusals.is_some_and(|n| {
+            n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        });
         Box::pin(async move {
             if refuse {
                 return Ok(
