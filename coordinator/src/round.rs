@@ -35,13 +35,13 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
 use fedrec_proto::codec::{EncodedModel, Encoding};
-use fedrec_proto::{Layout, linalg, tensor};
+use fedrec_proto::{Layout, tensor};
 
 use crate::CoordinatorError;
 use crate::aggregate::{Aggregator, EvalCounts};
 use crate::auth::TokenId;
 use crate::checkpoint::{Checkpoint, PrivacyState};
-use crate::config::{CoordinatorConfig, LossName, TrainingConfig};
+use crate::config::{CoordinatorConfig, TrainingConfig};
 use crate::privacy::{Mechanism, NoisySum, PrivacySummary, RoundPrivacy, TaskPrivacy};
 use crate::strategy::Strategy;
 
@@ -1238,77 +1238,6 @@ impl RoundCore {
         self.model.params.len() + self.strategy.extra_values()
     }
 
-    /// Under the ALS loss, adds the item embeddings' part of the objective
-    /// to the round's mean update: centralized ALS minimizes
-    /// `Σ_u (L_u + λ‖x_u‖²) + λ Σ_i ‖q_i‖²`, while each device sends the
-    /// gradient of its own `L_u + λ‖x_u‖²` only (the item term belongs to no
-    /// user). Without `λ‖q_i‖²` the federated objective is not bounded below
-    /// in the scale of the items: scaling every `q_i` up and the solved
-    /// `x_u` down keeps the fit and shrinks the users' penalty, so training
-    /// would drift towards an under-regularized model. The mean of the
-    /// cohort's gradients estimates `1/N` of the sum over all `N` joined
-    /// devices, so the term's share is `2λ q / N` (exact under uniform
-    /// weighting). It depends on the global model and the number of joined
-    /// devices only, never on a device's data.
-    fn regularize_items(&self, mut mean: Vec<f32>) -> Vec<f32> {
-        let t = &self.config.training;
-        if t.loss != LossName::Als || t.regularization == 0.0 || self.joined.is_empty() {
-            return mean;
-        }
-        let c = t.learning_rate * 2.0 * t.regularization / self.joined.len() as f32;
-        for (d, p) in mean.iter_mut().zip(self.model.params.iter()) {
-            *d -= c * p;
-        }
-        mean
-    }
-
-    /// Under the `als` strategy, turns the mean of the devices' `x xᵀ`
-    /// after the mean gradient into the curvature the strategy steps with:
-    /// `lr (2M + 2λ/N I)`, the Hessian in `q_i` of the cohort's mean loss
-    /// (regularization share included, see
-    /// [`regularize_items`](Self::regularize_items)) for an item nobody in
-    /// the cohort bought, times the devices' learning rate (their update is
-    /// `−lr` times the gradient), so that `η = 1` is the exact Newton step
-    /// for such items, which is ALS's item step. A bought item's curvature
-    /// is higher by its buyers' confidence terms, so its step is damped
-    /// rather than exact.
-    ///
-    /// Every device's `x xᵀ` is positive semidefinite, so the curvature is at
-    /// least `lr 2λ/N I`, which bounds every pivot of its Cholesky factor
-    /// from below. A curvature that falls below half of that bound cannot
-    /// come from honest devices: some update carried a malformed `x xᵀ`, or
-    /// secure aggregation's range clipped entries of one. The round is then
-    /// abandoned with that reason (a near-singular curvature would throw the
-    /// items far).
-    fn curvature(&self, mut mean: Vec<f32>) -> Result<Vec<f32>, String> {
-        let Some(k) = self.strategy.factors() else {
-            return Ok(mean);
-        };
-        let t = &self.config.training;
-        let ridge = 2.0 * t.regularization / self.joined.len().max(1) as f32;
-        let upper = &mut mean[self.model.params.len()..];
-        let mut at = 0;
-        for r in 0..k {
-            for c in r..k {
-                let diagonal = if r == c { ridge } else { 0.0 };
-                upper[at] = t.learning_rate * (2.0 * upper[at] + diagonal);
-                at += 1;
-            }
-        }
-        let floor = 0.5 * f64::from(t.learning_rate * ridge);
-        let smallest = linalg::cholesky(&mut linalg::from_upper(upper, k), k);
-        if smallest >= floor {
-            Ok(mean)
-        } else {
-            Err(format!(
-                "the cohort's curvature (the mean of the devices' x xᵀ) is not positive \
-                 semidefinite (smallest pivot {smallest:.3e}, at least {floor:.3e} expected): an \
-                 update carried a malformed x xᵀ, or secure_aggregation.range clipped one; \
-                 the model was not changed"
-            ))
-        }
-    }
-
     /// Ends the open round: completes it (applying the strategy for a
     /// training round) unless `abandon` gives a reason.
     fn close(&mut self, now: Instant, mut abandon: Option<String>) {
@@ -1332,18 +1261,18 @@ impl RoundCore {
                 )),
                 (_, _, totals) => totals.map(|t| t.mean()),
             };
-            let mean = mean.map(|mean| self.curvature(self.regularize_items(mean)));
+            let round = crate::strategy::Round {
+                lr_factor: self
+                    .config
+                    .strategy
+                    .schedule
+                    .factor(open.number.into(), self.config.rounds.rounds.into()),
+                devices: open.accepted,
+                joined: self.joined.len(),
+                training: &self.config.training,
+            };
             match mean {
-                Some(Err(reason)) => abandon = Some(reason),
-                Some(Ok(mean)) => match self.strategy.step(
-                    &self.model.params,
-                    &mean,
-                    self.config
-                        .strategy
-                        .schedule
-                        .factor(open.number.into(), self.config.rounds.rounds.into()),
-                    open.accepted,
-                ) {
+                Some(mean) => match self.strategy.step(&self.model.params, mean, &round) {
                     Ok(params) => {
                         let layout = self.model.layout.clone();
                         self.model = Arc::new(ModelSnapshot::new(

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use fedrec_proto::tensor::encode;
 
 use super::*;
+use crate::config::LossName;
 
 const SECOND: Duration = Duration::from_secs(1);
 

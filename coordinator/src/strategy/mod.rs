@@ -22,15 +22,26 @@
 //!
 //! `als` (fedrec's own, for the ALS loss) is a Newton step on the item
 //! embeddings: each row `q_i` of the model's first tensor (items × k) moves
-//! by `η H⁻¹ Δ_i`, with one k×k matrix `H` for the round, which the
-//! coordinator builds from the cohort's curvature and passes after `Δ` as
-//! its upper triangle ([`Strategy::extra_values`] more values); every other
-//! parameter moves as under FedAvg. No state.
+//! by `η H⁻¹ Δ_i`, with one k×k matrix `H` for the round built from the
+//! cohort's mean `x xᵀ`, which devices send after their update
+//! ([`Strategy::extra_values`] more values); every other parameter moves as
+//! under FedAvg. No state. See [`als`].
+//!
+//! Each step is in its own file ([`fedavg`], [`momentum`], [`adaptive`],
+//! [`als`], [`ease`]); [`Strategy::step`] is the one interface the round
+//! core calls, with the round's mean update and what it knows of the round
+//! ([`Round`]). The core never looks inside: it names no step and no loss.
 
 use fedrec_proto::{Layout, linalg};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{StrategyConfig, StrategyName};
+use crate::config::{LossName, StrategyConfig, StrategyName, TrainingConfig};
+
+pub mod adaptive;
+pub mod als;
+pub mod ease;
+pub mod fedavg;
+pub mod momentum;
 
 /// A server optimizer with its state (moments), serialisable for checkpoints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,6 +54,20 @@ pub struct Strategy {
     /// `als`: the preconditioned block, `(rows, k)`; `(0, 0)` otherwise.
     #[serde(default)]
     block: (usize, usize),
+}
+
+/// What a step knows of the round besides its mean update.
+#[derive(Clone, Copy, Debug)]
+pub struct Round<'a> {
+    /// The round's factor of the server learning rate (its
+    /// [`Schedule`](crate::config::Schedule)).
+    pub lr_factor: f32,
+    /// Updates in the round's mean.
+    pub devices: usize,
+    /// Devices joined (the population the cohort's mean stands for).
+    pub joined: usize,
+    /// The training settings the devices were sent.
+    pub training: &'a TrainingConfig,
 }
 
 /// Why the strategy could not step; nothing was changed.
@@ -61,6 +86,19 @@ pub enum StepError {
         "the cohort's curvature (the mean of the devices' x xᵀ) is not positive definite, so some update carried a malformed one"
     )]
     Indefinite,
+    /// `als`: the curvature's smallest Cholesky pivot fell below half the
+    /// bound honest devices guarantee (see [`als`]).
+    #[error(
+        "the cohort's curvature (the mean of the devices' x xᵀ) is not positive semidefinite \
+         (smallest pivot {smallest:.3e}, at least {floor:.3e} expected): an update carried a \
+         malformed x xᵀ, or secure_aggregation.range clipped one"
+    )]
+    Curvature {
+        /// The smallest pivot found.
+        smallest: f64,
+        /// Half the bound honest devices guarantee.
+        floor: f64,
+    },
 }
 
 impl Strategy {
@@ -75,20 +113,12 @@ impl Strategy {
                 (num_values, num_values)
             }
         };
-        let block = match (config.name, layout.tensors().first()) {
-            (StrategyName::Als, Some((_, shape))) if shape.len() == 2 && shape[1] > 0 => {
-                (shape[0] as usize, shape[1] as usize)
-            }
-            (StrategyName::Als, first) => {
-                return Err(format!(
-                    "strategy \"als\" steps the rows of the model's first tensor, which must be a \
-                     matrix (items × factors); this model's is {first:?}"
-                ));
-            }
+        let block = match config.name {
+            StrategyName::Als => als::block(layout)?,
             _ => (0, 0),
         };
         if config.name == StrategyName::Ease {
-            ease_size(num_values)?;
+            ease::size(num_values)?;
         }
         Ok(Self {
             config,
@@ -105,11 +135,6 @@ impl Strategy {
             StrategyName::Als => linalg::upper_len(self.block.1),
             _ => 0,
         }
-    }
-
-    /// Under `als`, the number of factors `k`; `None` otherwise.
-    pub fn factors(&self) -> Option<usize> {
-        (self.config.name == StrategyName::Als).then_some(self.block.1)
     }
 
     /// The configuration it was built from.
@@ -143,12 +168,13 @@ impl Strategy {
         Ok(())
     }
 
-    /// Computes the next parameters from `params` and the mean update `delta`
-    /// (same length, plus [`extra_values`](Self::extra_values) after it),
-    /// with the server learning rate scaled by `lr_factor`
-    /// (the round's [`Schedule`](crate::config::Schedule) factor). On success the optimizer state advances and the new
-    /// parameters are returned; when any new parameter or moment would not be
-    /// finite, nothing changes and the first offending index is returned.
+    /// Computes the next parameters from `params` and the round's mean
+    /// update `mean` (same length, plus [`extra_values`](Self::extra_values)
+    /// after it). Under the ALS loss the item embeddings' share of the
+    /// objective is added first ([`als::regularize_items`]), whatever the
+    /// step. On success the optimizer state advances and the new parameters
+    /// are returned; when the step cannot be taken or a new parameter or
+    /// moment would not be finite, nothing changes.
     ///
     /// # Panics
     ///
@@ -157,148 +183,34 @@ impl Strategy {
     pub fn step(
         &mut self,
         params: &[f32],
-        delta: &[f32],
-        lr_factor: f32,
-        devices: usize,
+        mut mean: Vec<f32>,
+        round: &Round<'_>,
     ) -> Result<Vec<f32>, StepError> {
         assert_eq!(
             params.len() + self.extra_values(),
-            delta.len(),
-            "params and delta lengths differ"
+            mean.len(),
+            "params and mean update lengths differ"
         );
-        let c = self.config;
-        let eta = c.server_lr * lr_factor;
-        let mut x = params.to_vec();
-        match c.name {
-            StrategyName::Als => {
-                let (delta, upper) = delta.split_at(params.len());
-                let (rows, k) = self.block;
-                let mut h = linalg::from_upper(upper, k);
-                let smallest = linalg::cholesky(&mut h, k);
-                if smallest.is_nan() || smallest <= 0.0 {
-                    return Err(StepError::Indefinite);
-                }
-                let mut z = vec![0.0_f64; k];
-                let eta64 = f64::from(eta);
-                let block = rows * k;
-                for (xi, d) in x[..block]
-                    .chunks_exact_mut(k)
-                    .zip(delta[..block].chunks_exact(k))
-                {
-                    for (z, &d) in z.iter_mut().zip(d) {
-                        *z = f64::from(d);
-                    }
-                    linalg::cholesky_solve_factored(&h, &mut z, k);
-                    for (xi, z) in xi.iter_mut().zip(&z) {
-                        *xi += (eta64 * z) as f32;
-                    }
-                }
-                for (xi, d) in x[block..].iter_mut().zip(&delta[block..]) {
-                    *xi += eta * d;
-                }
-                check(&x)?;
-            }
-            StrategyName::Ease => {
-                x = ease_solve(delta, devices, c.ease_lambda)?;
-                check(&x)?;
-            }
-            StrategyName::FedAvg => {
-                for (xi, d) in x.iter_mut().zip(delta) {
-                    *xi += eta * d;
-                }
-                check(&x)?;
-            }
-            StrategyName::FedAvgM => {
-                let mut m = self.m.clone();
-                for ((xi, mi), d) in x.iter_mut().zip(m.iter_mut()).zip(delta) {
-                    *mi = c.momentum * *mi + d;
-                    *xi += eta * *mi;
-                }
-                check(&x)?;
-                check(&m)?;
-                self.m = m;
-            }
-            StrategyName::FedAdam | StrategyName::FedYogi | StrategyName::FedAdagrad => {
-                let mut m = self.m.clone();
-                let mut v = self.v.clone();
-                for (((xi, mi), vi), &d) in
-                    x.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta)
-                {
-                    let d2 = d * d;
-                    *vi = match c.name {
-                        StrategyName::FedAdagrad => *vi + d2,
-                        StrategyName::FedAdam => c.beta2 * *vi + (1.0 - c.beta2) * d2,
-                        _ => *vi - (1.0 - c.beta2) * d2 * sign(*vi - d2),
-                    };
-                    *mi = c.beta1 * *mi + (1.0 - c.beta1) * d;
-                    *xi += eta * *mi / (vi.sqrt() + c.tau);
-                }
-                check(&x)?;
-                check(&m)?;
-                check(&v)?;
-                self.m = m;
-                self.v = v;
-            }
+        if round.training.loss == LossName::Als {
+            als::regularize_items(&mut mean, params, round);
         }
+        let c = self.config;
+        let eta = c.server_lr * round.lr_factor;
+        let x = match c.name {
+            StrategyName::Als => als::step(params, &mut mean, self.block, eta, round)?,
+            StrategyName::Ease => ease::step(&mean, round.devices, c.ease_lambda)?,
+            StrategyName::FedAvg => fedavg::step(params, &mean, eta),
+            StrategyName::FedAvgM => momentum::step(params, &mean, eta, c.momentum, &mut self.m)?,
+            StrategyName::FedAdam | StrategyName::FedYogi | StrategyName::FedAdagrad => {
+                adaptive::step(params, &mean, eta, &c, &mut self.m, &mut self.v)?
+            }
+        };
+        check(&x)?;
         Ok(x)
     }
 }
 
-/// The side `n` of the symmetric matrix whose upper triangle has `values`
-/// values, or why there is none.
-fn ease_size(values: usize) -> Result<usize, String> {
-    // n(n+1)/2 = values
-    let n = ((((8 * values + 1) as f64).sqrt() - 1.0) / 2.0).round() as usize;
-    if n * (n + 1) / 2 == values && n > 0 {
-        Ok(n)
-    } else {
-        Err(format!(
-            "strategy \"ease\" needs a model that is the upper triangle of an items × items \
-             matrix (the client's Ease model); {values} values are not n(n+1)/2 for any n"
-        ))
-    }
-}
-
-/// `P = (mean · devices + λ I)⁻¹`, upper triangle in and out, row by row.
-fn ease_solve(mean: &[f32], devices: usize, lambda: f32) -> Result<Vec<f32>, StepError> {
-    let n = ease_size(mean.len()).map_err(|_| StepError::Indefinite)?;
-    let scale = devices.max(1) as f32;
-    let mut g = faer::Mat::<f32>::zeros(n, n);
-    let mut at = 0;
-    for r in 0..n {
-        for c in r..n {
-            let v = mean[at] * scale;
-            g[(r, c)] = v;
-            g[(c, r)] = v;
-            at += 1;
-        }
-        g[(r, r)] += lambda;
-    }
-    let llt = g
-        .llt(faer::Side::Lower)
-        .map_err(|_| StepError::Indefinite)?;
-    drop(g);
-    let p = faer::linalg::solvers::DenseSolveCore::inverse(&llt);
-    let mut out = Vec::with_capacity(mean.len());
-    for r in 0..n {
-        for c in r..n {
-            out.push(p[(r, c)]);
-        }
-    }
-    Ok(out)
-}
-
-/// The sign function with `sign(0) = 0` (unlike `f32::signum`).
-fn sign(value: f32) -> f32 {
-    if value > 0.0 {
-        1.0
-    } else if value < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
-}
-
+/// The first non-finite value, as the error.
 fn check(values: &[f32]) -> Result<(), StepError> {
     match values.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
@@ -310,6 +222,30 @@ fn check(values: &[f32]) -> Result<(), StepError> {
 mod tests {
     use super::*;
 
+    /// One step as the core takes it: a round of `devices` updates out of
+    /// as many joined, training settings under which no loss term is added
+    /// (and, for `als`, the curvature is the mean `x xᵀ` itself: lr ½, λ 0).
+    fn step(
+        s: &mut Strategy,
+        params: &[f32],
+        delta: &[f32],
+        lr_factor: f32,
+        devices: usize,
+    ) -> Result<Vec<f32>, StepError> {
+        let training = TrainingConfig {
+            learning_rate: 0.5,
+            regularization: 0.0,
+            ..TrainingConfig::default()
+        };
+        let round = Round {
+            lr_factor,
+            devices,
+            joined: devices,
+            training: &training,
+        };
+        s.step(params, delta.to_vec(), &round)
+    }
+
     /// The `ease` step inverts the cohort's summed co-purchases plus λ I:
     /// checked against a hand inversion of a 2×2 matrix.
     #[test]
@@ -320,7 +256,7 @@ mod tests {
         let mut s = Strategy::new(cfg, &layout).unwrap();
         // Two devices: {0, 1} and {0}: G = [[2, 1], [1, 1]], mean = G / 2.
         let mean = [1.0, 0.5, 0.5];
-        let p = s.step(&[1.0, 0.0, 1.0], &mean, 1.0, 2).unwrap();
+        let p = step(&mut s, &[1.0, 0.0, 1.0], &mean, 1.0, 2).unwrap();
         // (G + I)⁻¹ = [[2, -1], [-1, 3]] / 5.
         let want = [0.4, -0.2, 0.6];
         for (a, b) in p.iter().zip(want) {
@@ -350,8 +286,8 @@ mod tests {
     /// Runs two steps from x = [1, -2] with Δ1 = [1, 0] and Δ2 = [-1, 2].
     fn two_steps(name: StrategyName) -> (Vec<f32>, Vec<f32>) {
         let mut s = new(name, 2);
-        let x1 = s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0, 1).unwrap();
-        let x2 = s.step(&x1, &[-1.0, 2.0], 1.0, 1).unwrap();
+        let x1 = step(&mut s, &[1.0, -2.0], &[1.0, 0.0], 1.0, 1).unwrap();
+        let x2 = step(&mut s, &x1, &[-1.0, 2.0], 1.0, 1).unwrap();
         (x1, x2)
     }
 
@@ -431,18 +367,20 @@ mod tests {
         let layout = Layout::new(vec![("q".into(), vec![2, 2]), ("b".into(), vec![2])]);
         let mut s = Strategy::new(config(StrategyName::Als), &layout).unwrap();
         assert_eq!(s.extra_values(), 3);
-        assert_eq!(s.factors(), Some(2));
         let params = [1.0, 1.0, 0.0, -1.0, 3.0, 4.0];
         let delta = [6.0, 5.0, 2.0, 1.0, 2.0, -2.0, 4.0, 2.0, 3.0];
-        let x = s.step(&params, &delta, 1.0, 1).unwrap();
+        let x = step(&mut s, &params, &delta, 1.0, 1).unwrap();
         assert_close(&x, &[1.5, 1.5, 0.25, -1.0, 4.0, 3.0]);
         // The learning-rate factor scales the step; no state carries over.
-        let x = s.step(&params, &delta, 0.5, 1).unwrap();
+        let x = step(&mut s, &params, &delta, 0.5, 1).unwrap();
         assert_close(&x, &[1.25, 1.25, 0.125, -1.0, 3.5, 3.5]);
         assert_eq!(s.moments(), (&[][..], &[][..]));
         // An indefinite curvature (only a malformed x xᵀ makes one) is refused.
         let bad = [6.0, 5.0, 2.0, 1.0, 2.0, -2.0, 1.0, 2.0, 1.0];
-        assert_eq!(s.step(&params, &bad, 1.0, 1), Err(StepError::Indefinite));
+        assert!(matches!(
+            step(&mut s, &params, &bad, 1.0, 1),
+            Err(StepError::Curvature { .. })
+        ));
         // A model whose first tensor is not a matrix cannot take the step.
         let flat = Layout::new(vec![("x".into(), vec![4])]);
         let err = Strategy::new(config(StrategyName::Als), &flat).unwrap_err();
@@ -453,7 +391,7 @@ mod tests {
     fn lr_factor_scales_the_step() {
         // FedAvg at half the rate: x = 1 + 0.25·2 = 1.5.
         let mut s = new(StrategyName::FedAvg, 1);
-        assert_eq!(s.step(&[1.0], &[2.0], 0.5, 1).unwrap(), vec![1.5]);
+        assert_eq!(step(&mut s, &[1.0], &[2.0], 0.5, 1).unwrap(), vec![1.5]);
     }
 
     #[test]
@@ -473,7 +411,7 @@ mod tests {
     fn yogi_sign_of_zero_is_zero() {
         // v0 = τ² = 0.25 = Δ²: sign(0) = 0, so v stays 0.25.
         let mut s = new(StrategyName::FedYogi, 1);
-        s.step(&[0.0], &[0.5], 1.0, 1).unwrap();
+        step(&mut s, &[0.0], &[0.5], 1.0, 1).unwrap();
         assert_eq!(s.v, vec![0.25]);
     }
 
@@ -481,9 +419,7 @@ mod tests {
     fn non_finite_result_changes_nothing() {
         let mut s = new(StrategyName::FedAvgM, 2);
         let before = s.clone();
-        let err = s
-            .step(&[f32::MAX, 0.0], &[f32::MAX, 1.0], 1.0, 1)
-            .unwrap_err();
+        let err = step(&mut s, &[f32::MAX, 0.0], &[f32::MAX, 1.0], 1.0, 1).unwrap_err();
         assert_eq!(err, StepError::NonFinite { index: 0 });
         assert_eq!(s, before);
     }
@@ -491,7 +427,7 @@ mod tests {
     #[test]
     fn state_serialises() {
         let mut s = new(StrategyName::FedAdam, 2);
-        s.step(&[1.0, -2.0], &[1.0, 0.0], 1.0, 1).unwrap();
+        step(&mut s, &[1.0, -2.0], &[1.0, 0.0], 1.0, 1).unwrap();
         // TOML is the crate's only serde format; checkpoints may use another.
         let text = toml::to_string(&s).unwrap();
         assert!(text.contains("fedadam"), "{text}");
