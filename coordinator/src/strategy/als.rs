@@ -84,7 +84,8 @@ pub fn step(
     let floor = 0.5 * f64::from(t.learning_rate * ridge);
     let mut h = linalg::from_upper(upper, k);
     let smallest = linalg::cholesky(&mut h, k);
-    if !(smallest >= floor) {
+    // NaN (a non-finite x xᵀ) fails this check too.
+    if smallest.is_nan() || smallest < floor {
         return Err(StepError::Curvature { smallest, floor });
     }
     if smallest <= 0.0 {
