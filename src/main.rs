@@ -1255,9 +1255,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot listen for metrics on {addr}"))?;
                 eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+                let handle = handle.clone();
                 Some(tokio::spawn(fedrec_coordinator::metrics::serve_metrics(
                     listener,
-                    handle.clone(),
+                    move || handle.metrics(),
                     std::future::pending(),
                 )))
             }

@@ -26,8 +26,8 @@ use fedrec_proto::tensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::history::RoundSummary;
 use crate::privacy::accountant::Ledger;
-use crate::round::RoundSummary;
 
 /// The file's first bytes, with the format version.
 const MAGIC: &[u8; 12] = b"FEDRECCKPT1\n";

@@ -97,6 +97,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod listener;
 pub mod metrics;
 pub mod privacy;

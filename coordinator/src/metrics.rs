@@ -18,8 +18,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::CoordinatorError;
 use crate::round::{RoundCore, TaskKind};
-use crate::service::ServiceHandle;
 
 /// Upper bounds of the round-duration histogram, in seconds.
 const DURATION_BUCKETS: [f64; 9] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
@@ -140,13 +140,13 @@ pub fn render(core: &RoundCore, bytes_in: u64, bytes_out: u64) -> String {
     out
 }
 
-/// Answers `GET /metrics` on `listener` with the coordinator's metrics
+/// Answers `GET /metrics` on `listener` with what `render` returns (e.g.
+/// [`ServiceHandle::metrics`](crate::service::ServiceHandle::metrics))
 /// until `shutdown` completes; anything else gets 404.
-pub async fn serve_metrics(
-    listener: TcpListener,
-    handle: ServiceHandle,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve_metrics<R>(listener: TcpListener, render: R, shutdown: impl Future<Output = ()>)
+where
+    R: Fn() -> Result<String, CoordinatorError> + Clone + Send + Sync + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -159,11 +159,11 @@ pub async fn serve_metrics(
                 }
             },
         };
-        let handle = handle.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let handle = handle.clone();
-                async move { Ok::<_, Infallible>(answer(&handle, request.uri().path())) }
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(answer(render, request.uri().path())) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -175,11 +175,14 @@ pub async fn serve_metrics(
     }
 }
 
-fn answer(handle: &ServiceHandle, path: &str) -> Response<Full<Bytes>> {
-    let (status, body) = match (path, handle.metrics()) {
-        ("/metrics", Ok(text)) => (StatusCode::OK, text),
-        ("/metrics", Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        _ => (
+fn answer(
+    render: impl Fn() -> Result<String, CoordinatorError>,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    let (status, body) = match (path == "/metrics").then(render) {
+        Some(Ok(text)) => (StatusCode::OK, text),
+        Some(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        None => (
             StatusCode::NOT_FOUND,
             "not found; try /metrics\n".to_owned(),
         ),

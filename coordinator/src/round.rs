@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use serde::{Deserialize, Serialize};
 
 use fedrec_proto::codec::{EncodedModel, Encoding};
 use fedrec_proto::{Layout, tensor};
@@ -42,7 +41,8 @@ use crate::aggregate::{Aggregator, EvalCounts};
 use crate::auth::TokenId;
 use crate::checkpoint::{Checkpoint, PrivacyState};
 use crate::config::{CoordinatorConfig, TrainingConfig};
-use crate::privacy::{Mechanism, NoisySum, PrivacySummary, RoundPrivacy, TaskPrivacy};
+pub use crate::history::{RoundSummary, TaskKind};
+use crate::privacy::{Mechanism, NoisySum, RoundPrivacy, TaskPrivacy};
 use crate::strategy::Strategy;
 
 pub mod secure;
@@ -87,25 +87,6 @@ impl FromStr for Pseudonym {
                 .map_err(|_| CoordinatorError::UnknownPseudonym)?;
         }
         Ok(Self(out))
-    }
-}
-
-/// What a round asks its cohort to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[non_exhaustive]
-pub enum TaskKind {
-    /// Train locally and submit an update.
-    Train,
-    /// Evaluate the model locally and submit counts.
-    Evaluate,
-}
-
-impl fmt::Display for TaskKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Train => "training",
-            Self::Evaluate => "evaluation",
-        })
     }
 }
 
@@ -207,36 +188,6 @@ pub struct UpdateAccepted {
     pub round: u32,
     /// Submissions the round has accepted so far, this one included.
     pub accepted: usize,
-}
-
-/// What happened in one round.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RoundSummary {
-    /// The round's number.
-    pub round: u32,
-    /// Training or evaluation.
-    pub kind: TaskKind,
-    /// True when the round completed; false when it was abandoned.
-    pub completed: bool,
-    /// Why it was abandoned.
-    pub abandon_reason: Option<String>,
-    /// The model version after the round.
-    pub model_version: u64,
-    /// Devices selected.
-    pub selected: usize,
-    /// Devices whose submission was accepted.
-    pub participants: usize,
-    /// Duration from start to end.
-    pub seconds: f64,
-    /// Evaluation counts summed over the participants.
-    pub evaluation: EvalCounts,
-    /// What secure aggregation did in the round, when it ran.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secure_aggregation: Option<SecureSummary>,
-    /// What differential privacy did in the round, when it ran: the (ε, δ)
-    /// spent once the round counted, z, C, q.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<Box<PrivacySummary>>,
 }
 
 /// How long joins must have been quiet before a round starts early because

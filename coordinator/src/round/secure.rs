@@ -55,27 +55,7 @@ pub struct SecureTask {
     pub weighting: payload::Weighting,
 }
 
-/// What secure aggregation did in one round: devices left after each step.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SecureSummary {
-    /// Devices selected.
-    pub selected: usize,
-    /// Devices whose keys were advertised (the roster).
-    pub advertised: usize,
-    /// Devices that shared their keys and went on to step 3.
-    pub shared: usize,
-    /// Devices whose masked input is in the sum.
-    pub survivors: usize,
-    /// Unmask responses received.
-    pub responded: usize,
-    /// Neighbours per device (0 before the roster was fixed).
-    pub neighbours: usize,
-    /// Shares needed per secret (0 before the roster was fixed).
-    pub threshold: usize,
-    /// The step at which the round was abandoned, if it was.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub abandoned_at: Option<String>,
-}
+pub use crate::history::SecureSummary;
 
 /// Which message a device waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
