@@ -1,0 +1,355 @@
+//! `fedrec serve`: a standalone coordinator until Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fedrec::sim;
+use fedrec_coordinator::config::CoordinatorConfig;
+
+use super::*;
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Coordinator configuration file (TOML). Without it: the defaults.
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:50051 (overrides server.listen).
+    #[arg(long)]
+    pub(crate) listen: Option<String>,
+    /// Items in the catalogue, whose ids are 1 to N as `fedrec gen-data` and
+    /// MovieLens number them (overrides model.items).
+    #[arg(long, value_name = "N")]
+    pub(crate) items: Option<usize>,
+    /// The catalogue as a file of item ids, one a line, in model order
+    /// (for data whose ids are not 1 to N). Devices map their purchases into it.
+    #[arg(long, value_name = "FILE", conflicts_with = "items")]
+    pub(crate) catalogue: Option<PathBuf>,
+    /// Save the coordinator's state to this file after every ended round,
+    /// and resume from it when it exists (crash recovery).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) checkpoint: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_listen: Option<String>,
+    /// Serve over TLS with this certificate (PEM; overrides tls.cert).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM; overrides tls.key).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only devices presenting a certificate signed by
+    /// this CA (PEM; overrides tls.client_ca).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) client_ca: Option<PathBuf>,
+    /// Admit only devices that join with an enrollment token whose SHA-256
+    /// digest is in FILE (written by `fedrec tokens`; overrides
+    /// auth.enrollment_tokens).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) enrollment_tokens: Option<PathBuf>,
+    /// Seconds a session (pseudonym) lasts before the device joins again
+    /// (overrides auth.session_ttl_secs).
+    #[arg(long, value_name = "SECS")]
+    pub(crate) session_ttl: Option<f64>,
+    /// Allow listening on a non-loopback address without TLS (pseudonyms and
+    /// updates then cross the network in plain text).
+    #[arg(long)]
+    pub(crate) insecure: bool,
+    /// Write the trained global model to FILE (safetensors: item ids,
+    /// embeddings, biases) when training finishes and when stopped.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) model_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) overrides: ConfigOverrides,
+}
+
+pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = coordinator_config(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        cfg.server.listen = listen;
+    }
+    if let Some(items) = args.items {
+        cfg.model.items = Some(items);
+    }
+    args.overrides.apply(&mut cfg);
+    if let Some(cert) = &args.tls_cert {
+        cfg.tls.cert = Some(cert.clone());
+    }
+    if let Some(key) = &args.tls_key {
+        cfg.tls.key = Some(key.clone());
+    }
+    if let Some(ca) = &args.client_ca {
+        cfg.tls.client_ca = Some(ca.clone());
+    }
+    if let Some(file) = &args.enrollment_tokens {
+        cfg.auth.enrollment_tokens = Some(file.clone());
+    }
+    if let Some(ttl) = args.session_ttl {
+        cfg.auth.session_ttl_secs = ttl;
+    }
+    cfg.validate()?;
+    let tokens = match &cfg.auth.enrollment_tokens {
+        Some(path) => {
+            let tokens = fedrec_coordinator::auth::TokenSet::load(path)?;
+            eprintln!(
+                "admitting enrolled devices only: {} enrollment tokens from {}, sessions of {} s",
+                tokens.len(),
+                path.display(),
+                cfg.auth.session_ttl_secs
+            );
+            Some(tokens)
+        }
+        None => None,
+    };
+    let tls = fedrec_coordinator::tls::server_tls_config(&cfg.tls)?;
+    let addr: std::net::SocketAddr = cfg
+        .server
+        .listen
+        .parse()
+        .with_context(|| format!("bad listen address {:?}", cfg.server.listen))?;
+    let security = match (&tls, &cfg.tls.client_ca) {
+        (Some(_), Some(_)) => "mutual TLS",
+        (Some(_), None) => "TLS",
+        (None, _) => "plain text",
+    };
+    if tls.is_none() && !addr.ip().is_loopback() {
+        if !args.insecure {
+            bail!(
+                "refusing to listen on {addr} without TLS: devices' pseudonyms and model updates \
+                 would cross the network in plain text. Give --tls-cert and --tls-key (or [tls] \
+                 in the config; `fedrec certs --out DIR` makes development ones), listen on a \
+                 loopback address, or pass --insecure to serve plain text anyway"
+            );
+        }
+        eprintln!("warning: --insecure: serving plain text on {addr}");
+    }
+    let (catalogue, model) = serve_model(&mut cfg, args.catalogue.as_deref())?;
+    let params = {
+        use rand::SeedableRng;
+        model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed))
+    };
+    let layout = model.layout();
+    let listen = cfg.server.listen.clone();
+    let core = match &args.checkpoint {
+        Some(path) if path.exists() => {
+            let checkpoint = fedrec_coordinator::checkpoint::Checkpoint::read(path)?;
+            let core = fedrec_coordinator::round::RoundCore::resume(
+                cfg,
+                layout,
+                checkpoint,
+                std::time::Instant::now(),
+            )
+            .with_context(|| format!("cannot resume from {}", path.display()))?;
+            eprintln!(
+                "resumed from {}: {} rounds ended, model version {}",
+                path.display(),
+                core.history().len(),
+                core.model().version
+            );
+            core
+        }
+        _ => fedrec_coordinator::round::RoundCore::new(cfg, layout, params)?,
+    };
+    let encoding = core.config().download.encoding;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        eprintln!(
+            "coordinator listening on {} over {security}, model downloads in {encoding} (Ctrl-C to stop)",
+            listener.local_addr()?
+        );
+        let mut options =
+            fedrec_coordinator::service::ServeOptions::default().with_catalogue(&catalogue);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls);
+        }
+        if let Some(path) = &args.checkpoint {
+            options = options.with_checkpoint(path);
+        }
+        if let Some(tokens) = tokens {
+            options = options.with_enrollment_tokens(tokens);
+        }
+        let service = fedrec_coordinator::service::CoordinatorService::new(core, options);
+        let handle = service.handle();
+        let saver = ModelSaver {
+            path: args.model_out.clone(),
+            catalogue: catalogue.clone(),
+        };
+        let reporter = tokio::spawn(report_rounds(
+            handle.clone(),
+            saver.clone(),
+            args.checkpoint.clone(),
+        ));
+        let metrics = match &args.metrics_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+                eprintln!("metrics on http://{}/metrics", listener.local_addr()?);
+                let handle = handle.clone();
+                Some(tokio::spawn(fedrec_coordinator::metrics::serve_metrics(
+                    listener,
+                    move || handle.metrics(),
+                    std::future::pending(),
+                )))
+            }
+            None => None,
+        };
+        service
+            .serve(listener, async {
+                shutdown_signal().await;
+                eprintln!("shutting down");
+            })
+            .await?;
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
+        reporter.abort();
+        let p = handle.progress();
+        let training = p
+            .history
+            .iter()
+            .filter(|r| r.kind == fedrec_coordinator::round::TaskKind::Train)
+            .count();
+        let evaluations = p.history.len() - training;
+        eprintln!(
+            "stopped after {training} training rounds{}; model version {}",
+            match evaluations {
+                0 => String::new(),
+                1 => " and 1 evaluation round".to_owned(),
+                n => format!(" and {n} evaluation rounds"),
+            },
+            p.status.model_version
+        );
+        if let Some(path) = saver.save(&handle)? {
+            eprintln!("model saved to {}", path.display());
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// The catalogue and the model `serve` trains, from `--catalogue FILE` or
+/// `model.items` (ids 1 to N) and the configuration.
+pub(crate) fn serve_model(
+    cfg: &mut CoordinatorConfig,
+    catalogue_file: Option<&Path>,
+) -> anyhow::Result<(
+    fedrec_proto::catalogue::Catalogue,
+    Arc<dyn fedrec_client::model::Model>,
+)> {
+    let catalogue = match catalogue_file {
+        Some(path) => {
+            let catalogue = read_catalogue(path)?;
+            cfg.model.items = Some(catalogue.len());
+            catalogue
+        }
+        None => {
+            let Some(items) = cfg.model.items else {
+                bail!(
+                    "the coordinator needs its catalogue: pass --items N (item ids 1 to N, as \
+                     `fedrec gen-data` writes them), --catalogue FILE (one item id a line), or \
+                     set model.items in the config"
+                );
+            };
+            fedrec_proto::catalogue::Catalogue::numbered(items)
+        }
+    };
+    let model = sim::model_for(cfg, catalogue.len())?;
+    Ok((catalogue, model))
+}
+
+/// Where `serve` writes the trained model, if anywhere.
+#[derive(Clone)]
+pub(crate) struct ModelSaver {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) catalogue: fedrec_proto::catalogue::Catalogue,
+}
+
+impl ModelSaver {
+    /// Writes the current global model; returns where, if anywhere.
+    pub(crate) fn save(
+        &self,
+        handle: &fedrec_coordinator::service::ServiceHandle,
+    ) -> anyhow::Result<Option<&Path>> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let model = handle.model()?;
+        fedrec::export::write_model(
+            path,
+            &model.layout,
+            &model.params,
+            &self.catalogue,
+            model.version,
+        )?;
+        Ok(Some(path))
+    }
+}
+
+/// Prints one line per ended round, and what to do once training has
+/// finished (saving the model then, if asked to).
+pub(crate) async fn report_rounds(
+    handle: fedrec_coordinator::service::ServiceHandle,
+    saver: ModelSaver,
+    checkpoint: Option<PathBuf>,
+) {
+    use fedrec_coordinator::round::TaskKind;
+    let mut rx = handle.subscribe();
+    let mut shown = rx.borrow().history.len();
+    let mut finished = rx.borrow().finished.is_some();
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        let p = rx.borrow_and_update().clone();
+        for r in p.history.iter().skip(shown) {
+            let hr = r
+                .evaluation
+                .hit_rate_full()
+                .map_or("no held-out purchases".to_owned(), |h| {
+                    format!("HR@10 {h:.3}")
+                });
+            let what = match r.kind {
+                TaskKind::Train => format!("round {}", r.round),
+                _ => format!("round {} (evaluation)", r.round),
+            };
+            if r.completed {
+                eprintln!(
+                    "{what}: {} of {} devices accepted, {:.1} s, cohort {hr}",
+                    r.participants, r.selected, r.seconds
+                );
+            } else {
+                eprintln!(
+                    "{what}: abandoned after {:.1} s: {}",
+                    r.seconds,
+                    r.abandon_reason.as_deref().unwrap_or("no reason given")
+                );
+            }
+        }
+        shown = p.history.len();
+        if let (Some(reason), false) = (&p.finished, finished) {
+            finished = true;
+            let saved = match saver.save(&handle) {
+                Ok(Some(path)) => format!("the model is saved to {}", path.display()),
+                Ok(None) => match &checkpoint {
+                    Some(file) => format!(
+                        "the model is in {} (`fedrec export --checkpoint {}` writes it for \
+                         serving)",
+                        file.display(),
+                        file.display()
+                    ),
+                    None => "the model is not saved: pass --model-out FILE next time".to_owned(),
+                },
+                Err(e) => format!("the model could not be saved: {e:#}"),
+            };
+            eprintln!(
+                "training finished ({reason}), model version {}; {saved}. Devices that check \
+                 in are told to stop; press Ctrl-C to stop the coordinator.",
+                p.status.model_version
+            );
+        }
+    }
+}
