@@ -145,10 +145,16 @@ async fn start_coordinator(
     cfg.rounds.over_selection = 1.0;
     cfg.rounds.final_evaluation = false;
     let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
-    let core = fedrec_coordinator::RoundCore::new(cfg, model.layout(), params)?;
+    let start = fedrec_coordinator::bootstrap::prepare(
+        cfg,
+        model.layout(),
+        params,
+        None,
+        Default::default(),
+    )?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
-    let service = fedrec_coordinator::CoordinatorService::new(core, Default::default());
+    let service = fedrec_coordinator::CoordinatorService::new(start.core, start.options);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(service.serve(listener, async {
         let _ = stopped.await;

@@ -19,6 +19,14 @@ pub enum CoordinatorError {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// A checkpoint could not be resumed from (at start-up).
+    #[error("cannot resume from {}: {source}", path.display())]
+    Resume {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Why.
+        source: Box<CoordinatorError>,
+    },
     /// A configuration file could not be read, parsed or validated.
     #[error("configuration file {}: {message}", path.display())]
     ConfigFile {
@@ -254,7 +262,10 @@ impl CoordinatorError {
     /// A short, stable label for this error, used to count rejections.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::InvalidConfig(_) | Self::ConfigFile { .. } | Self::Tls { .. } => "invalid_config",
+            Self::InvalidConfig(_)
+            | Self::ConfigFile { .. }
+            | Self::Tls { .. }
+            | Self::Resume { .. } => "invalid_config",
             Self::InvalidModel(_) => "invalid_model",
             Self::ProtocolVersion { .. } => "protocol_version",
             Self::UnknownPseudonym => "unknown_pseudonym",
@@ -335,6 +346,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::InvalidConfig(_)
             | CoordinatorError::ConfigFile { .. }
             | CoordinatorError::Tls { .. }
+            | CoordinatorError::Resume { .. }
             | CoordinatorError::InvalidModel(_)
             | CoordinatorError::Internal(_)
             | CoordinatorError::Checkpoint(_)

@@ -94,6 +94,7 @@
 
 pub mod aggregate;
 pub mod auth;
+pub mod bootstrap;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

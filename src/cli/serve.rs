@@ -88,69 +88,52 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(ttl) = args.session_ttl {
         cfg.auth.session_ttl_secs = ttl;
     }
-    cfg.validate()?;
-    let tokens = match &cfg.auth.enrollment_tokens {
-        Some(path) => {
-            let tokens = fedrec_coordinator::auth::TokenSet::load(path)?;
-            eprintln!(
-                "admitting enrolled devices only: {} enrollment tokens from {}, sessions of {} s",
-                tokens.len(),
-                path.display(),
-                cfg.auth.session_ttl_secs
-            );
-            Some(tokens)
-        }
-        None => None,
-    };
-    let tls = fedrec_coordinator::tls::server_tls_config(&cfg.tls)?;
     let addr: std::net::SocketAddr = cfg
         .server
         .listen
         .parse()
         .with_context(|| format!("bad listen address {:?}", cfg.server.listen))?;
-    let security = match (&tls, &cfg.tls.client_ca) {
-        (Some(_), Some(_)) => "mutual TLS",
-        (Some(_), None) => "TLS",
-        (None, _) => "plain text",
-    };
-    if tls.is_none() && !addr.ip().is_loopback() {
-        if !args.insecure {
-            bail!(
-                "refusing to listen on {addr} without TLS: devices' pseudonyms and model updates \
-                 would cross the network in plain text. Give --tls-cert and --tls-key (or [tls] \
-                 in the config; `fedrec certs --out DIR` makes development ones), listen on a \
-                 loopback address, or pass --insecure to serve plain text anyway"
-            );
-        }
-        eprintln!("warning: --insecure: serving plain text on {addr}");
-    }
+    // Before anything is allocated for the model (model.max_bytes).
+    cfg.validate()?;
     let (catalogue, model) = serve_model(&mut cfg, args.catalogue.as_deref())?;
     let params = {
         use rand::SeedableRng;
         model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed))
     };
-    let layout = model.layout();
     let listen = cfg.server.listen.clone();
-    let core = match &args.checkpoint {
-        Some(path) if path.exists() => {
-            let checkpoint = fedrec_coordinator::checkpoint::Checkpoint::read(path)?;
-            let core = fedrec_coordinator::round::RoundCore::resume(
-                cfg,
-                layout,
-                checkpoint,
-                std::time::Instant::now(),
-            )
-            .with_context(|| format!("cannot resume from {}", path.display()))?;
-            eprintln!(
-                "resumed from {}: {} rounds ended, model version {}",
-                path.display(),
-                core.history().len(),
-                core.model().version
-            );
-            core
-        }
-        _ => fedrec_coordinator::round::RoundCore::new(cfg, layout, params)?,
-    };
+    let session_ttl = cfg.auth.session_ttl_secs;
+    let start = fedrec_coordinator::bootstrap::prepare(
+        cfg,
+        model.layout(),
+        params,
+        args.checkpoint.as_deref(),
+        fedrec_coordinator::service::ServeOptions::default().with_catalogue(&catalogue),
+    )?;
+    if fedrec_coordinator::bootstrap::check_transport(
+        addr,
+        start.options.tls.is_some(),
+        args.insecure,
+    )? {
+        eprintln!("warning: --insecure: serving plain text on {addr}");
+    }
+    if let (Some(tokens), Some(path)) = (
+        &start.options.tokens,
+        &start.core.config().auth.enrollment_tokens,
+    ) {
+        eprintln!(
+            "admitting enrolled devices only: {} enrollment tokens from {}, sessions of {session_ttl} s",
+            tokens.len(),
+            path.display(),
+        );
+    }
+    if let (Some((rounds, version)), Some(path)) = (start.resumed, &args.checkpoint) {
+        eprintln!(
+            "resumed from {}: {rounds} rounds ended, model version {version}",
+            path.display()
+        );
+    }
+    let security = start.security;
+    let (core, options) = (start.core, start.options);
     let encoding = core.config().download.encoding;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -161,17 +144,6 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "coordinator listening on {} over {security}, model downloads in {encoding} (Ctrl-C to stop)",
             listener.local_addr()?
         );
-        let mut options =
-            fedrec_coordinator::service::ServeOptions::default().with_catalogue(&catalogue);
-        if let Some(tls) = tls {
-            options = options.with_tls(tls);
-        }
-        if let Some(path) = &args.checkpoint {
-            options = options.with_checkpoint(path);
-        }
-        if let Some(tokens) = tokens {
-            options = options.with_enrollment_tokens(tokens);
-        }
         let service = fedrec_coordinator::service::CoordinatorService::new(core, options);
         let handle = service.handle();
         let saver = ModelSaver {
@@ -244,6 +216,7 @@ pub(crate) fn serve_model(
         Some(path) => {
             let catalogue = read_catalogue(path)?;
             cfg.model.items = Some(catalogue.len());
+            cfg.validate()?;
             catalogue
         }
         None => {

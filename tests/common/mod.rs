@@ -9,7 +9,6 @@ use std::time::Duration;
 use fedrec::data::{Protocol, SyntheticConfig, synthetic};
 use fedrec_client::model::{MatrixFactorization, Model};
 use fedrec_coordinator::config::CoordinatorConfig;
-use fedrec_coordinator::round::RoundCore;
 use fedrec_coordinator::service::{CoordinatorService, ServeOptions, ServiceHandle};
 use fedrec_proto::Layout;
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
@@ -110,12 +109,13 @@ pub async fn serve_with(
     params: Vec<f32>,
     options: ServeOptions,
 ) -> Running {
-    let core = RoundCore::new(cfg, layout, params).expect("valid coordinator");
+    let start = fedrec_coordinator::bootstrap::prepare(cfg, layout, params, None, options)
+        .expect("valid coordinator");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let service = CoordinatorService::new(core, options);
+    let service = CoordinatorService::new(start.core, start.options);
     let handle = service.handle();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(service.serve(listener, async {

@@ -89,12 +89,19 @@ impl Running {
 /// Serves a coordinator for `model` (initialised from `seed`) with `cfg`.
 pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) -> Running {
     let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    let core = RoundCore::new(cfg, model.layout(), params).expect("valid coordinator");
+    let start = fedrec_coordinator::bootstrap::prepare(
+        cfg,
+        model.layout(),
+        params,
+        None,
+        ServeOptions::default(),
+    )
+    .expect("valid coordinator");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-    let service = CoordinatorService::new(core, ServeOptions::default());
+    let service = CoordinatorService::new(start.core, start.options);
     let handle = service.handle();
     let driver = service.spawn_driver();
     let counts = Counts::default();
