@@ -29,15 +29,22 @@ use fedrec_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use fedrec_proto::pb::{self, update_chunk::Part};
 use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, codec};
 
+mod admission;
+mod convert;
+mod driver;
 mod secure;
+
+use admission::{Busy, JoinLimiter, Pace, PacedUpload, Reservation, slot};
+pub use convert::{summary_to_pb, task_kind_to_pb};
+use driver::drive;
 
 use crate::CoordinatorError;
 use crate::aggregate::EvalCounts;
 use crate::auth::TokenSet;
 use crate::listener::{self, ConnectionInfo, ConnectionLimits, TrackRequestsLayer};
 use crate::round::{
-    CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, TaskKind,
-    UpdateAccepted, UpdateHeader,
+    CheckIn, CoordinatorStatus, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, UpdateAccepted,
+    UpdateHeader,
 };
 
 /// Extra room in the server's receive limit beyond one chunk of values, for
@@ -172,89 +179,6 @@ impl tokio_stream::Stream for Download {
     }
 }
 
-/// Waits for one of `slots` (uploads or downloads).
-async fn slot(slots: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, Status> {
-    Arc::clone(slots)
-        .acquire_owned()
-        .await
-        .map_err(|_| Status::unavailable("the coordinator is shutting down"))
-}
-
-/// An upload slot held for a device until `until`, granted at `granted`.
-struct Reservation {
-    permit: OwnedSemaphorePermit,
-    granted: tokio::time::Instant,
-    until: tokio::time::Instant,
-}
-
-/// The pace an upload holding a slot must keep: `server.upload_grace_secs`
-/// and `server.upload_min_bytes_per_sec`.
-#[derive(Clone, Copy, Debug)]
-struct Pace {
-    grace: Duration,
-    min_rate: u64,
-    /// The largest message the server decodes: what the next one may weigh.
-    max_message: usize,
-}
-
-/// An upload that holds a slot: the slot, and what the upload must keep up
-/// with (the pace since the grant, and the round's deadline).
-struct PacedUpload<'a> {
-    shared: &'a Shared,
-    round: u32,
-    granted: tokio::time::Instant,
-    deadline: tokio::time::Instant,
-    /// Bytes received since the grant.
-    received: usize,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl PacedUpload<'_> {
-    /// The next message, if it arrives in time: refused as
-    /// [`CoordinatorError::UploadStalled`] when it falls behind the pace,
-    /// [`CoordinatorError::UploadTimeout`] at the round's deadline.
-    async fn next<T>(&mut self, stream: &mut Streaming<T>) -> Result<Option<T>, Status> {
-        let pace = self.shared.pace;
-        let need = (self.received + pace.max_message) as f64 / pace.min_rate as f64;
-        let by = Duration::try_from_secs_f64(need)
-            .ok()
-            .and_then(|d| self.granted.checked_add(pace.grace + d))
-            .map_or(self.deadline, |t| t.min(self.deadline));
-        match tokio::time::timeout_at(by, stream.message()).await {
-            Ok(message) => message,
-            Err(_) if by == self.deadline => Err(self
-                .shared
-                .reject_at_edge(CoordinatorError::UploadTimeout { round: self.round })),
-            Err(_) => Err(self.shared.reject_at_edge(CoordinatorError::UploadStalled {
-                round: self.round,
-                received: self.received,
-                secs: self.granted.elapsed().as_secs_f64(),
-                min_rate: pace.min_rate,
-            })),
-        }
-    }
-
-    /// Counts `bytes` received.
-    fn received(&mut self, bytes: usize) {
-        self.received += bytes;
-    }
-}
-
-/// A device's claim on the upload slots: while it lives, the device's other
-/// requests for a slot are refused (at most one per device).
-struct Busy<'a> {
-    shared: &'a Shared,
-    pseudonym: Pseudonym,
-}
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut busy) = self.shared.busy.lock() {
-            busy.remove(&self.pseudonym);
-        }
-    }
-}
-
 struct Shared {
     core: Mutex<RoundCore>,
     progress: watch::Sender<Progress>,
@@ -289,51 +213,6 @@ struct Shared {
     pace: Pace,
     /// `server.max_streams_per_connection`.
     max_streams: u32,
-}
-
-/// A token bucket per source address: `limit` joins per minute, in bursts
-/// of at most `limit`; loopback sources are exempt unless `loopback`
-/// (`server.join_limit_loopback`).
-struct JoinLimiter {
-    limit: u32,
-    loopback: bool,
-    buckets: Mutex<std::collections::HashMap<std::net::IpAddr, (f64, std::time::Instant)>>,
-}
-
-impl JoinLimiter {
-    /// The limiter `server` asks for, if any.
-    fn new(server: &crate::config::ServerConfig) -> Option<Self> {
-        (server.joins_per_minute_per_source > 0).then(|| Self {
-            limit: server.joins_per_minute_per_source,
-            loopback: server.join_limit_loopback,
-            buckets: Mutex::new(Default::default()),
-        })
-    }
-
-    /// Takes a token for `source` at `now`; false when none is left.
-    fn allow(&self, source: std::net::IpAddr, now: std::time::Instant) -> bool {
-        if !self.loopback && source.to_canonical().is_loopback() {
-            return true;
-        }
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return true;
-        };
-        let capacity = f64::from(self.limit);
-        let per_sec = capacity / 60.0;
-        if buckets.len() > 100_000 {
-            // Forget sources whose bucket has refilled: they are full anyway.
-            buckets.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() * per_sec < capacity);
-        }
-        let (tokens, last) = buckets.entry(source).or_insert((capacity, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_sec).min(capacity);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 impl Shared {
@@ -685,53 +564,6 @@ impl CoordinatorService {
         until
     }
 
-    fn check_in_response(outcome: CheckIn, now: std::time::Instant) -> pb::CheckInResponse {
-        use pb::check_in_response::Outcome;
-        let outcome = match outcome {
-            CheckIn::Task(task) => Outcome::Task(pb::Task {
-                kind: task_kind_to_pb(task.kind) as i32,
-                round: task.round,
-                model_version: task.model_version,
-                deadline_ms: millis(task.deadline.saturating_duration_since(now)),
-                training: Some(pb::TrainingConfig {
-                    local_epochs: task.training.local_epochs,
-                    learning_rate: task.training.learning_rate,
-                    regularization: task.training.regularization,
-                    negatives: task.training.negatives,
-                    proximal_mu: task.training.proximal_mu,
-                    loss: match task.training.loss {
-                        crate::config::LossName::Bpr => pb::Loss::Bpr,
-                        crate::config::LossName::Als => pb::Loss::Als,
-                    } as i32,
-                    confidence: task.training.confidence,
-                    evaluate: task.evaluate,
-                    user_moment: task.user_moment,
-                }),
-                // Without differential privacy there is no budget to
-                // report; devices then show "not reported".
-                privacy: task.privacy.map(|p| pb::PrivacyBudget {
-                    epsilon: p.epsilon,
-                    delta: p.delta,
-                }),
-                dp: task.privacy.map(|p| pb::DpTask {
-                    clip: p.clip,
-                    noise_stddev: p.noise_std,
-                    report_clipping: p.count_noise_std.is_some(),
-                    count_noise_stddev: p.count_noise_std.unwrap_or(0.0),
-                }),
-                secure_aggregation: task.secure_aggregation.as_ref().map(secure::task_to_pb),
-                upload_encoding: task.upload_encoding.to_pb().into(),
-            }),
-            CheckIn::Wait { retry_after } => Outcome::Wait(pb::Wait {
-                retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
-            }),
-            CheckIn::Finished { reason } => Outcome::Finished(pb::Finished { reason }),
-        };
-        pb::CheckInResponse {
-            outcome: Some(outcome),
-        }
-    }
-
     /// Receives an upload: header first (checked before any value is read),
     /// then the values into one buffer of at most 4 bytes per model value:
     /// f32 bytes as they come, encoded runs (compressed uploads) decoded
@@ -821,83 +653,6 @@ pub async fn serve(
         .await
 }
 
-/// The driver: polls the core when a timer is due or its state changed.
-async fn drive(shared: Arc<Shared>) {
-    let mut changes = shared.progress.subscribe();
-    loop {
-        // Mark changes seen *before* polling, so a change made after the poll
-        // wakes the next iteration.
-        changes.borrow_and_update();
-        let step = shared.with_core(|core| {
-            let events = core.poll(now());
-            (events, core.poll_timeout(), core.finished().is_some())
-        });
-        let Ok((events, timeout, finished)) = step else {
-            tracing::error!("driver stopped: coordinator state poisoned");
-            return;
-        };
-        events.iter().for_each(log_event);
-        if finished {
-            return;
-        }
-        // A secure round whose last step closed: unmask off the lock, then
-        // look again (the round has ended).
-        if secure::run_unmask_job(&shared).await {
-            continue;
-        }
-        let timer = async {
-            match timeout {
-                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = timer => {}
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-            () = shared.stop_driver.notified() => return,
-        }
-    }
-}
-
-fn log_event(event: &Event) {
-    match event {
-        Event::RoundStarted {
-            round,
-            kind,
-            model_version,
-            selected,
-        } => tracing::info!(round, %kind, model_version, selected, "round started"),
-        Event::RoundEnded(s) if s.completed => tracing::info!(
-            round = s.round,
-            kind = %s.kind,
-            model_version = s.model_version,
-            selected = s.selected,
-            participants = s.participants,
-            seconds = s.seconds,
-            epsilon = s.privacy.as_ref().map(|p| p.epsilon),
-            "round completed"
-        ),
-        Event::RoundEnded(s) => tracing::warn!(
-            round = s.round,
-            kind = %s.kind,
-            selected = s.selected,
-            participants = s.participants,
-            epsilon = s.privacy.as_ref().map(|p| p.epsilon),
-            reason = s.abandon_reason.as_deref().unwrap_or(""),
-            "round abandoned"
-        ),
-        Event::Finished { reason } => tracing::info!(%reason, "coordinator finished"),
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 fn parse_pseudonym(shared: &Shared, text: &str) -> Result<Pseudonym, Status> {
     text.parse().map_err(|e| shared.reject_at_edge(e))
 }
@@ -976,7 +731,7 @@ impl Coordinator for CoordinatorService {
                     }
                     () = tokio::time::sleep_until(until) => {}
                 }
-                return Ok(Response::new(Self::check_in_response(
+                return Ok(Response::new(convert::check_in_response(
                     CheckIn::Wait {
                         retry_after: Duration::ZERO,
                     },
@@ -986,7 +741,7 @@ impl Coordinator for CoordinatorService {
             if let CheckIn::Task(task) = &outcome {
                 tracing::debug!(%pseudonym, round = task.round, kind = %task.kind, "task assigned");
             }
-            return Ok(Response::new(Self::check_in_response(outcome, now)));
+            return Ok(Response::new(convert::check_in_response(outcome, now)));
         }
     }
 
@@ -1173,102 +928,5 @@ impl Coordinator for CoordinatorService {
             }
         })?;
         Ok(Response::new(response))
-    }
-}
-
-// Conversions between protobuf messages and domain types, at the edge only.
-
-impl TryFrom<pb::UpdateHeader> for UpdateHeader {
-    type Error = CoordinatorError;
-
-    fn try_from(header: pb::UpdateHeader) -> Result<Self, Self::Error> {
-        Ok(Self {
-            pseudonym: header.pseudonym.parse()?,
-            round: header.round,
-            model_version: header.model_version,
-            num_examples: header.num_examples,
-            num_values: header.num_values,
-            evaluation: header.evaluation.map(EvalCounts::from),
-        })
-    }
-}
-
-/// The protobuf twin of a task kind.
-pub fn task_kind_to_pb(kind: TaskKind) -> pb::TaskKind {
-    match kind {
-        TaskKind::Train => pb::TaskKind::Train,
-        TaskKind::Evaluate => pb::TaskKind::Evaluate,
-    }
-}
-
-/// A round summary as its protobuf twin.
-pub fn summary_to_pb(s: &RoundSummary) -> pb::RoundSummary {
-    pb::RoundSummary {
-        round: s.round,
-        kind: task_kind_to_pb(s.kind) as i32,
-        completed: s.completed,
-        abandon_reason: s.abandon_reason.clone().unwrap_or_default(),
-        model_version: s.model_version,
-        participants: u32::try_from(s.participants).unwrap_or(u32::MAX),
-        selected: u32::try_from(s.selected).unwrap_or(u32::MAX),
-        seconds: s.seconds,
-        evaluation: Some(pb::EvaluationCounts::from(&s.evaluation)),
-        privacy: s.privacy.as_ref().map(|p| pb::PrivacyBudget {
-            epsilon: p.epsilon,
-            delta: p.delta,
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::IpAddr;
-    use std::time::{Duration, Instant};
-
-    use super::JoinLimiter;
-    use crate::config::ServerConfig;
-
-    fn limiter(limit: u32, loopback: bool) -> Option<JoinLimiter> {
-        JoinLimiter::new(&ServerConfig {
-            joins_per_minute_per_source: limit,
-            join_limit_loopback: loopback,
-            ..ServerConfig::default()
-        })
-    }
-
-    /// Issue 19, item 4: joins are limited per source by default (60 a
-    /// minute, refilled over time), except from loopback unless
-    /// `server.join_limit_loopback`; 0 means no limit.
-    #[test]
-    fn joins_are_limited_per_source_except_from_loopback() {
-        let t0 = Instant::now();
-        let default = limiter(ServerConfig::default().joins_per_minute_per_source, false)
-            .expect("limited by default");
-        let remote: IpAddr = "192.0.2.7".parse().unwrap();
-        assert!((0..60).all(|_| default.allow(remote, t0)));
-        assert!(
-            !default.allow(remote, t0),
-            "the 61st join within the minute"
-        );
-        assert!(
-            default.allow("192.0.2.8".parse().unwrap(), t0),
-            "another source"
-        );
-        assert!(
-            default.allow(remote, t0 + Duration::from_secs(1)),
-            "refilled"
-        );
-        for loopback in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
-            let ip: IpAddr = loopback.parse().unwrap();
-            assert!(
-                (0..1000).all(|_| default.allow(ip, t0)),
-                "{loopback} exempt"
-            );
-        }
-        let strict = limiter(3, true).unwrap();
-        let local: IpAddr = "127.0.0.1".parse().unwrap();
-        assert!((0..3).all(|_| strict.allow(local, t0)));
-        assert!(!strict.allow(local, t0), "loopback limited when asked");
-        assert!(limiter(0, true).is_none(), "0 = no limit");
     }
 }
