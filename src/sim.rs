@@ -33,10 +33,10 @@ use fedrec_client::device::Device;
 use fedrec_client::metrics::EvalCounts;
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
-use fedrec_client::privacy::DpSpec;
 use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
+use fedrec_client::task::{Task as DeviceTask, TaskOutput};
 use fedrec_coordinator::CoordinatorError;
 use fedrec_coordinator::config::{
     CoordinatorConfig, DpMode, SecureAggregationConfig, StrategyName,
@@ -45,7 +45,7 @@ use fedrec_coordinator::privacy::PrivacySummary;
 use fedrec_coordinator::round::{
     CheckIn, Pseudonym, RoundCore, RoundSummary, SecureSummary, TaskKind, UpdateHeader,
 };
-use fedrec_coordinator::service::{CoordinatorService, ServeOptions};
+use fedrec_coordinator::service::{CoordinatorService, ServeOptions, task_to_pb};
 use fedrec_proto::codec::{EncodedModel, Encoding};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -456,14 +456,6 @@ pub fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> Traini
         },
         confidence: t.confidence,
         user_moment: false,
-    }
-}
-
-/// The device-side training configuration of a task.
-pub fn task_training(task: &fedrec_coordinator::round::Task) -> TrainingConfig {
-    TrainingConfig {
-        user_moment: task.user_moment,
-        ..device_training(&task.training)
     }
 }
 
@@ -923,7 +915,8 @@ const IN_FLIGHT_PER_THREAD: usize = 4;
 
 /// Trains or evaluates the cohort in parallel, batch by batch, and submits
 /// the results in task order, so the sum is formed in the same order every
-/// run.
+/// run. Each device receives its task as over gRPC: the coordinator's task
+/// in its wire form, converted by the device ([`DeviceTask::try_from`]).
 fn run_cohort(
     core: &mut RoundCore,
     clock: Instant,
@@ -937,8 +930,7 @@ fn run_cohort(
     // gRPC, in the configured encoding.
     let received = core.model().download.decode();
     let global = &received;
-    let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> =
-        Vec::with_capacity(tasks.len());
+    let mut selected: Vec<(&mut Device, DeviceTask)> = Vec::with_capacity(tasks.len());
     {
         let mut it = devices.iter_mut().enumerate();
         for (i, task) in tasks {
@@ -946,6 +938,8 @@ fn run_cohort(
                 .by_ref()
                 .find(|(j, _)| j == i)
                 .context("task for an unknown device")?;
+            let task = DeviceTask::try_from(&task_to_pb(task, clock))
+                .context("the device refused its task")?;
             selected.push((d, task));
         }
     }
@@ -954,7 +948,7 @@ fn run_cohort(
         let cohort = selected
             .into_iter()
             .zip(tasks)
-            .map(|((device, task), (i, _))| (pseudonyms[*i], task.clone(), device))
+            .map(|(device, (i, task))| (pseudonyms[*i], task.clone(), device))
             .collect();
         secure::drive_round(
             core,
@@ -963,14 +957,14 @@ fn run_cohort(
             seed,
             threads,
             IN_FLIGHT_PER_THREAD,
-            |task, device| secure_input(device, task, global),
+            |_, (device, task)| Ok(device.run_task(task, global)?.secure_input(task)?),
         )?;
         return Ok(());
     }
     let batch = threads * IN_FLIGHT_PER_THREAD;
     for (part, part_tasks) in selected.chunks_mut(batch).zip(tasks.chunks(batch)) {
         let chunk = part.len().div_ceil(threads).max(1);
-        let results: Vec<anyhow::Result<TaskResult>> = std::thread::scope(|s| {
+        let results: Vec<anyhow::Result<TaskOutput>> = std::thread::scope(|s| {
             let handles: Vec<_> = part
                 .chunks_mut(chunk)
                 .map(|share| {
@@ -990,7 +984,7 @@ fn run_cohort(
         let seed = core.config().rounds.seed.unwrap_or_default();
         for ((i, task), result) in part_tasks.iter().zip(results) {
             let mut result = result?;
-            if let (Some(attack), TaskResult::Update(update)) = (&attack, &mut result)
+            if let (Some(attack), TaskOutput::Update(update)) = (&attack, &mut result)
                 && attack.applies(seed, *i)
             {
                 attack.corrupt(&mut update.delta, seed ^ *i as u64, task.round);
@@ -1007,10 +1001,10 @@ fn submit(
     clock: Instant,
     who: Pseudonym,
     task: &fedrec_coordinator::round::Task,
-    result: TaskResult,
+    result: TaskOutput,
 ) -> anyhow::Result<()> {
     match result {
-        TaskResult::Update(update) => {
+        TaskOutput::Update(update) => {
             let header = UpdateHeader {
                 pseudonym: who,
                 round: task.round,
@@ -1022,7 +1016,7 @@ fn submit(
             let bytes = fedrec_proto::tensor::encode(&update.delta);
             core.submit_update(clock, header, &bytes)?;
         }
-        TaskResult::Evaluation(counts) => {
+        TaskOutput::Evaluation(counts) => {
             core.submit_evaluation(
                 clock,
                 &who,
@@ -1031,69 +1025,24 @@ fn submit(
                 counts.unwrap_or_default(),
             )?;
         }
+        _ => bail!(
+            "round {}: a task output the simulation does not know",
+            task.round
+        ),
     }
     Ok(())
 }
 
-enum TaskResult {
-    Update(fedrec_client::device::LocalUpdate),
-    Evaluation(Option<EvalCounts>),
-}
-
-/// Trains a device of a secure round and returns what it masks.
-fn secure_input(
-    device: &mut Device,
-    task: &fedrec_coordinator::round::Task,
-    global: &[f32],
-) -> anyhow::Result<Vec<f32>> {
-    let secure = task
-        .secure_aggregation
-        .as_ref()
-        .context("a secure round's task without secure aggregation")?;
-    let update = device.train_task(
-        global,
-        &task_training(task),
-        task.evaluate,
-        device_privacy(task).as_ref(),
-    )?;
-    Ok(fedrec_proto::secagg::payload::encode(
-        &update.delta,
-        update.num_examples,
-        update.evaluation.as_ref(),
-        secure.weighting,
-        secure.config.range,
-        update.within_clip,
-    ))
-}
-
-fn run_task(
-    device: &mut Device,
-    task: &fedrec_coordinator::round::Task,
-    global: &[f32],
-) -> anyhow::Result<TaskResult> {
-    let cfg = task_training(task);
-    Ok(match task.kind {
-        TaskKind::Evaluate => TaskResult::Evaluation(device.evaluate(global, &cfg)?),
-        _ => {
-            let mut update =
-                device.train_task(global, &cfg, task.evaluate, device_privacy(task).as_ref())?;
-            // What a gRPC upload in the task's encoding delivers.
-            if task.upload_encoding != Encoding::F32 {
-                update.delta =
-                    EncodedModel::for_upload(&update.delta, task.upload_encoding).decode();
-            }
-            TaskResult::Update(update)
-        }
-    })
-}
-
-/// What the task's differential privacy asks of the device.
-fn device_privacy(task: &fedrec_coordinator::round::Task) -> Option<DpSpec> {
-    task.privacy.map(|p| DpSpec {
-        clip: p.clip,
-        noise_std: p.noise_std,
-        count_noise_std: p.count_noise_std,
-    })
+/// The device's work on a plain round's task, and what its upload in the
+/// task's encoding delivers to the coordinator.
+fn run_task(device: &mut Device, task: &DeviceTask, global: &[f32]) -> anyhow::Result<TaskOutput> {
+    let mut output = device.run_task(task, global)?;
+    if let TaskOutput::Update(update) = &mut output
+        && task.upload_encoding() != Encoding::F32
+    {
+        update.delta = EncodedModel::for_upload(&update.delta, task.upload_encoding()).decode();
+    }
+    Ok(output)
 }
 
 fn record_event(
