@@ -1,7 +1,10 @@
 //! Simulations: one virtual device per user of a data set, against a real
 //! coordinator core.
 //!
-//! Two transports run the same coordinator core and the same device code:
+//! Two transports run the same coordinator core and the same device code
+//! (each device converts the wire form of its task into a
+//! [`fedrec_client::task::Task`] and works on it with
+//! [`Device::run_task`]):
 //! - [`Transport::Grpc`]: a coordinator served on 127.0.0.1 (port 0), every
 //!   device a [`Participant`] speaking the whole protocol, as in a
 //!   deployment (the devices share [`SIM_CONNECTIONS`] HTTP/2 connections);

@@ -1,9 +1,11 @@
 //! The gRPC participant: takes a [`Device`] through rounds with a coordinator.
 //!
 //! The participant only moves bytes. It joins (receiving a pseudonym), checks
-//! in, downloads the global model, lets the device train or evaluate, and
-//! uploads what the device produced. Every message it sends is logged in a
-//! [`SentLog`] (kind, round, bytes), so an app can show what left the device.
+//! in, converts the task it receives into a [`Task`] (the one place a wire
+//! task is read and checked), downloads the global model, lets the device
+//! work on the task ([`Device::run_task`]), and uploads the [`TaskOutput`].
+//! Every message it sends is logged in a [`SentLog`] (kind, round, bytes),
+//! so an app can show what left the device.
 //!
 //! A training task with secure aggregation takes the four SecAgg+ steps
 //! instead of the plain upload (see the `secure` submodule): the
