@@ -1396,6 +1396,89 @@ mod tests {
         assert_eq!(core.joined(), 1);
     }
 
+    /// The in-process transport's edge: a device reads its task through the
+    /// wire form, as over gRPC, and finds what the coordinator set.
+    #[test]
+    fn devices_read_their_task_as_the_coordinator_set_it() {
+        use fedrec_coordinator::config::{DpMode, LossName, Weighting};
+        let mut secure = default_coordinator_config();
+        secure.rounds.clients_per_round = 3;
+        secure.rounds.min_updates = 3;
+        secure.secure_aggregation.enabled = true;
+        secure.privacy.mode = DpMode::Distributed;
+        secure.privacy.noise_multiplier = 0.5;
+        secure.privacy.sampling_rate = Some(0.5);
+        secure.privacy.adaptive_clip = true;
+        secure.strategy.weighting = Weighting::Uniform;
+        let mut plain = default_coordinator_config();
+        plain.rounds.clients_per_round = 3;
+        plain.rounds.min_updates = 3;
+        plain.upload.encoding = Encoding::Q8;
+        plain.training.loss = LossName::Als;
+        plain.training.proximal_mu = 0.5;
+        for cfg in [secure, plain] {
+            let layout = fedrec_proto::Layout::new(vec![("b".into(), vec![4])]);
+            let mut core = RoundCore::new(cfg.clone(), layout, vec![0.0; 4]).unwrap();
+            let t0 = Instant::now();
+            let mut pseudonyms: Vec<_> = (0..3).map(|_| core.join(t0, None)).collect();
+            // As `run_inproc` does: check in, else move the clock to the
+            // next timer, until a round hands out a task.
+            let mut now = t0 + Duration::from_millis(1_250);
+            let mut task = None;
+            for _ in 0..20 {
+                for p in &mut pseudonyms {
+                    if let CheckIn::Task(t) = check_in(&mut core, now, p).unwrap() {
+                        task.get_or_insert(t);
+                    }
+                }
+                if task.is_some() {
+                    break;
+                }
+                now = core.poll_timeout().filter(|t| *t > now).unwrap_or(now)
+                    + Duration::from_millis(250);
+                core.poll(now);
+            }
+            let task = task.expect("a task");
+            let device = DeviceTask::try_from(&task_to_pb(&task, now)).unwrap();
+            assert_eq!(device.round(), task.round);
+            assert_eq!(device.model_version(), task.model_version);
+            assert_eq!(
+                device.deadline().as_millis(),
+                task.deadline.duration_since(now).as_millis()
+            );
+            assert_eq!(
+                *device.training(),
+                TrainingConfig {
+                    user_moment: task.user_moment,
+                    ..device_training(&task.training)
+                }
+            );
+            assert_eq!(device.evaluate(), task.evaluate);
+            assert_eq!(device.upload_encoding(), task.upload_encoding);
+            let dp = device
+                .dp()
+                .map(|d| (d.clip, d.noise_std, d.count_noise_std));
+            let want = task
+                .privacy
+                .map(|p| (p.clip, p.noise_std, p.count_noise_std));
+            assert_eq!(dp, want);
+            assert_eq!(
+                device.privacy().map(|p| (p.epsilon, p.delta)),
+                task.privacy.map(|p| (p.epsilon, p.delta))
+            );
+            let secure = device
+                .secure()
+                .map(|s| (s.party, s.config.clone(), s.weighting));
+            let want = task
+                .secure_aggregation
+                .as_ref()
+                .map(|s| (s.party, s.config.clone(), s.weighting));
+            assert_eq!(secure, want);
+            assert_eq!(secure.is_some(), cfg.secure_aggregation.enabled);
+            assert_eq!(dp.is_some(), cfg.privacy.enabled());
+        }
+    }
+
     /// Replayed purchases of any date become devices: a simulated device
     /// lives at the moment of its held-out purchase, so neither a past
     /// data set nor one dated after today's clock is refused.
