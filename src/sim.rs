@@ -1,7 +1,10 @@
 //! Simulations: one virtual device per user of a data set, against a real
 //! coordinator core.
 //!
-//! Two transports run the same coordinator core and the same device code:
+//! Two transports run the same coordinator core and the same device code
+//! (each device converts the wire form of its task into a
+//! [`fedrec_client::task::Task`] and works on it with
+//! [`Device::run_task`]):
 //! - [`Transport::Grpc`]: a coordinator served on 127.0.0.1 (port 0), every
 //!   device a [`Participant`] speaking the whole protocol, as in a
 //!   deployment (the devices share [`SIM_CONNECTIONS`] HTTP/2 connections);
@@ -33,10 +36,10 @@ use fedrec_client::device::Device;
 use fedrec_client::metrics::EvalCounts;
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
-use fedrec_client::privacy::DpSpec;
 use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
+use fedrec_client::task::{Task as DeviceTask, TaskOutput};
 use fedrec_coordinator::CoordinatorError;
 use fedrec_coordinator::config::{
     CoordinatorConfig, DpMode, SecureAggregationConfig, StrategyName,
@@ -45,7 +48,7 @@ use fedrec_coordinator::privacy::PrivacySummary;
 use fedrec_coordinator::round::{
     CheckIn, Pseudonym, RoundCore, RoundSummary, SecureSummary, TaskKind, UpdateHeader,
 };
-use fedrec_coordinator::service::{CoordinatorService, ServeOptions};
+use fedrec_coordinator::service::{CoordinatorService, ServeOptions, task_to_pb};
 use fedrec_proto::codec::{EncodedModel, Encoding};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -456,14 +459,6 @@ pub fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> Traini
         },
         confidence: t.confidence,
         user_moment: false,
-    }
-}
-
-/// The device-side training configuration of a task.
-pub fn task_training(task: &fedrec_coordinator::round::Task) -> TrainingConfig {
-    TrainingConfig {
-        user_moment: task.user_moment,
-        ..device_training(&task.training)
     }
 }
 
@@ -923,7 +918,8 @@ const IN_FLIGHT_PER_THREAD: usize = 4;
 
 /// Trains or evaluates the cohort in parallel, batch by batch, and submits
 /// the results in task order, so the sum is formed in the same order every
-/// run.
+/// run. Each device receives its task as over gRPC: the coordinator's task
+/// in its wire form, converted by the device ([`DeviceTask::try_from`]).
 fn run_cohort(
     core: &mut RoundCore,
     clock: Instant,
@@ -937,8 +933,7 @@ fn run_cohort(
     // gRPC, in the configured encoding.
     let received = core.model().download.decode();
     let global = &received;
-    let mut selected: Vec<(&mut Device, &fedrec_coordinator::round::Task)> =
-        Vec::with_capacity(tasks.len());
+    let mut selected: Vec<(&mut Device, DeviceTask)> = Vec::with_capacity(tasks.len());
     {
         let mut it = devices.iter_mut().enumerate();
         for (i, task) in tasks {
@@ -946,6 +941,8 @@ fn run_cohort(
                 .by_ref()
                 .find(|(j, _)| j == i)
                 .context("task for an unknown device")?;
+            let task = DeviceTask::try_from(&task_to_pb(task, clock))
+                .context("the device refused its task")?;
             selected.push((d, task));
         }
     }
@@ -954,7 +951,7 @@ fn run_cohort(
         let cohort = selected
             .into_iter()
             .zip(tasks)
-            .map(|((device, task), (i, _))| (pseudonyms[*i], task.clone(), device))
+            .map(|(device, (i, task))| (pseudonyms[*i], task.clone(), device))
             .collect();
         secure::drive_round(
             core,
@@ -963,14 +960,14 @@ fn run_cohort(
             seed,
             threads,
             IN_FLIGHT_PER_THREAD,
-            |task, device| secure_input(device, task, global),
+            |_, (device, task)| Ok(device.run_task(task, global)?.secure_input(task)?),
         )?;
         return Ok(());
     }
     let batch = threads * IN_FLIGHT_PER_THREAD;
     for (part, part_tasks) in selected.chunks_mut(batch).zip(tasks.chunks(batch)) {
         let chunk = part.len().div_ceil(threads).max(1);
-        let results: Vec<anyhow::Result<TaskResult>> = std::thread::scope(|s| {
+        let results: Vec<anyhow::Result<TaskOutput>> = std::thread::scope(|s| {
             let handles: Vec<_> = part
                 .chunks_mut(chunk)
                 .map(|share| {
@@ -990,7 +987,7 @@ fn run_cohort(
         let seed = core.config().rounds.seed.unwrap_or_default();
         for ((i, task), result) in part_tasks.iter().zip(results) {
             let mut result = result?;
-            if let (Some(attack), TaskResult::Update(update)) = (&attack, &mut result)
+            if let (Some(attack), TaskOutput::Update(update)) = (&attack, &mut result)
                 && attack.applies(seed, *i)
             {
                 attack.corrupt(&mut update.delta, seed ^ *i as u64, task.round);
@@ -1007,10 +1004,10 @@ fn submit(
     clock: Instant,
     who: Pseudonym,
     task: &fedrec_coordinator::round::Task,
-    result: TaskResult,
+    result: TaskOutput,
 ) -> anyhow::Result<()> {
     match result {
-        TaskResult::Update(update) => {
+        TaskOutput::Update(update) => {
             let header = UpdateHeader {
                 pseudonym: who,
                 round: task.round,
@@ -1022,7 +1019,7 @@ fn submit(
             let bytes = fedrec_proto::tensor::encode(&update.delta);
             core.submit_update(clock, header, &bytes)?;
         }
-        TaskResult::Evaluation(counts) => {
+        TaskOutput::Evaluation(counts) => {
             core.submit_evaluation(
                 clock,
                 &who,
@@ -1031,69 +1028,24 @@ fn submit(
                 counts.unwrap_or_default(),
             )?;
         }
+        _ => bail!(
+            "round {}: a task output the simulation does not know",
+            task.round
+        ),
     }
     Ok(())
 }
 
-enum TaskResult {
-    Update(fedrec_client::device::LocalUpdate),
-    Evaluation(Option<EvalCounts>),
-}
-
-/// Trains a device of a secure round and returns what it masks.
-fn secure_input(
-    device: &mut Device,
-    task: &fedrec_coordinator::round::Task,
-    global: &[f32],
-) -> anyhow::Result<Vec<f32>> {
-    let secure = task
-        .secure_aggregation
-        .as_ref()
-        .context("a secure round's task without secure aggregation")?;
-    let update = device.train_task(
-        global,
-        &task_training(task),
-        task.evaluate,
-        device_privacy(task).as_ref(),
-    )?;
-    Ok(fedrec_proto::secagg::payload::encode(
-        &update.delta,
-        update.num_examples,
-        update.evaluation.as_ref(),
-        secure.weighting,
-        secure.config.range,
-        update.within_clip,
-    ))
-}
-
-fn run_task(
-    device: &mut Device,
-    task: &fedrec_coordinator::round::Task,
-    global: &[f32],
-) -> anyhow::Result<TaskResult> {
-    let cfg = task_training(task);
-    Ok(match task.kind {
-        TaskKind::Evaluate => TaskResult::Evaluation(device.evaluate(global, &cfg)?),
-        _ => {
-            let mut update =
-                device.train_task(global, &cfg, task.evaluate, device_privacy(task).as_ref())?;
-            // What a gRPC upload in the task's encoding delivers.
-            if task.upload_encoding != Encoding::F32 {
-                update.delta =
-                    EncodedModel::for_upload(&update.delta, task.upload_encoding).decode();
-            }
-            TaskResult::Update(update)
-        }
-    })
-}
-
-/// What the task's differential privacy asks of the device.
-fn device_privacy(task: &fedrec_coordinator::round::Task) -> Option<DpSpec> {
-    task.privacy.map(|p| DpSpec {
-        clip: p.clip,
-        noise_std: p.noise_std,
-        count_noise_std: p.count_noise_std,
-    })
+/// The device's work on a plain round's task, and what its upload in the
+/// task's encoding delivers to the coordinator.
+fn run_task(device: &mut Device, task: &DeviceTask, global: &[f32]) -> anyhow::Result<TaskOutput> {
+    let mut output = device.run_task(task, global)?;
+    if let TaskOutput::Update(update) = &mut output
+        && task.upload_encoding() != Encoding::F32
+    {
+        update.delta = EncodedModel::for_upload(&update.delta, task.upload_encoding()).decode();
+    }
+    Ok(output)
 }
 
 fn record_event(
@@ -1442,6 +1394,89 @@ mod tests {
         assert!(check_in(&mut core, later, &mut pseudonym).is_ok());
         assert_ne!(pseudonym, first, "a fresh session");
         assert_eq!(core.joined(), 1);
+    }
+
+    /// The in-process transport's edge: a device reads its task through the
+    /// wire form, as over gRPC, and finds what the coordinator set.
+    #[test]
+    fn devices_read_their_task_as_the_coordinator_set_it() {
+        use fedrec_coordinator::config::{DpMode, LossName, Weighting};
+        let mut secure = default_coordinator_config();
+        secure.rounds.clients_per_round = 3;
+        secure.rounds.min_updates = 3;
+        secure.secure_aggregation.enabled = true;
+        secure.privacy.mode = DpMode::Distributed;
+        secure.privacy.noise_multiplier = 0.5;
+        secure.privacy.sampling_rate = Some(0.5);
+        secure.privacy.adaptive_clip = true;
+        secure.strategy.weighting = Weighting::Uniform;
+        let mut plain = default_coordinator_config();
+        plain.rounds.clients_per_round = 3;
+        plain.rounds.min_updates = 3;
+        plain.upload.encoding = Encoding::Q8;
+        plain.training.loss = LossName::Als;
+        plain.training.proximal_mu = 0.5;
+        for cfg in [secure, plain] {
+            let layout = fedrec_proto::Layout::new(vec![("b".into(), vec![4])]);
+            let mut core = RoundCore::new(cfg.clone(), layout, vec![0.0; 4]).unwrap();
+            let t0 = Instant::now();
+            let mut pseudonyms: Vec<_> = (0..3).map(|_| core.join(t0, None)).collect();
+            // As `run_inproc` does: check in, else move the clock to the
+            // next timer, until a round hands out a task.
+            let mut now = t0 + Duration::from_millis(1_250);
+            let mut task = None;
+            for _ in 0..20 {
+                for p in &mut pseudonyms {
+                    if let CheckIn::Task(t) = check_in(&mut core, now, p).unwrap() {
+                        task.get_or_insert(t);
+                    }
+                }
+                if task.is_some() {
+                    break;
+                }
+                now = core.poll_timeout().filter(|t| *t > now).unwrap_or(now)
+                    + Duration::from_millis(250);
+                core.poll(now);
+            }
+            let task = task.expect("a task");
+            let device = DeviceTask::try_from(&task_to_pb(&task, now)).unwrap();
+            assert_eq!(device.round(), task.round);
+            assert_eq!(device.model_version(), task.model_version);
+            assert_eq!(
+                device.deadline().as_millis(),
+                task.deadline.duration_since(now).as_millis()
+            );
+            assert_eq!(
+                *device.training(),
+                TrainingConfig {
+                    user_moment: task.user_moment,
+                    ..device_training(&task.training)
+                }
+            );
+            assert_eq!(device.evaluate(), task.evaluate);
+            assert_eq!(device.upload_encoding(), task.upload_encoding);
+            let dp = device
+                .dp()
+                .map(|d| (d.clip, d.noise_std, d.count_noise_std));
+            let want = task
+                .privacy
+                .map(|p| (p.clip, p.noise_std, p.count_noise_std));
+            assert_eq!(dp, want);
+            assert_eq!(
+                device.privacy().map(|p| (p.epsilon, p.delta)),
+                task.privacy.map(|p| (p.epsilon, p.delta))
+            );
+            let secure = device
+                .secure()
+                .map(|s| (s.party, s.config.clone(), s.weighting));
+            let want = task
+                .secure_aggregation
+                .as_ref()
+                .map(|s| (s.party, s.config.clone(), s.weighting));
+            assert_eq!(secure, want);
+            assert_eq!(secure.is_some(), cfg.secure_aggregation.enabled);
+            assert_eq!(dp.is_some(), cfg.privacy.enabled());
+        }
     }
 
     /// Replayed purchases of any date become devices: a simulated device

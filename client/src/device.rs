@@ -2,8 +2,10 @@
 //!
 //! [`Device`] is the sans-IO heart of the SDK. Given the global parameters it
 //! trains locally and returns a [`LocalUpdate`] (the dense change to the
-//! global parameters and nothing else), evaluates, or recommends. Moving bytes
-//! to and from a coordinator is the [`crate::participant`]'s job.
+//! global parameters and nothing else), evaluates, or recommends; a
+//! coordinator's [`Task`](crate::task::Task) is worked on in one step,
+//! [`Device::run_task`]. Moving bytes to and from a coordinator is the
+//! [`crate::participant`]'s job.
 //!
 //! What the shopper allows is checked here, where the data is: with
 //! [`Consent::None`] nothing is recorded, and without [`Consent::Federated`]
@@ -27,7 +29,6 @@ use crate::error::ClientError;
 use crate::exclusion::{Exclusion, ExclusionCell, Exclusions};
 use crate::metrics::{self, EvalCounts, HeldOut};
 use crate::model::{Loss, Model, TrainingConfig};
-use crate::privacy::{self, DpSpec};
 use crate::retention::RetentionPolicy;
 use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseStore};
 use crate::transparency::{Ledger, TrainingReport};
@@ -40,6 +41,11 @@ pub struct LocalUpdate {
     /// bought), followed by the upper triangle of `x xᵀ` when the task asked
     /// for it ([`TrainingConfig::user_moment`]).
     pub delta: Vec<f32>,
+    /// How many of `delta`'s last values are not the model's but the extra
+    /// values the coordinator's strategy asked for (the upper triangle of
+    /// `x xᵀ`, `k(k+1)/2` values, under [`TrainingConfig::user_moment`]);
+    /// 0 otherwise.
+    pub extras: usize,
     /// FedAvg weight: the number of distinct purchases trained on.
     pub num_examples: u64,
     /// Evaluation of the received model, when it was asked for.
@@ -47,8 +53,21 @@ pub struct LocalUpdate {
     /// How much local training was done (stays on the device).
     pub training: TrainingReport,
     /// Under adaptive DP clipping, the indicator the device reports (see
-    /// [`privacy::privatize`]); 0 otherwise.
+    /// [`crate::privacy::privatize`]); 0 otherwise.
     pub within_clip: f32,
+}
+
+impl LocalUpdate {
+    /// The change to the global parameters: `delta` without the extras.
+    pub fn model_delta(&self) -> &[f32] {
+        &self.delta[..self.delta.len().saturating_sub(self.extras)]
+    }
+
+    /// The extra values the task asked for after the model's (see
+    /// [`extras`](Self::extras)); empty when it asked for none.
+    pub fn extras(&self) -> &[f32] {
+        &self.delta[self.delta.len().saturating_sub(self.extras)..]
+    }
 }
 
 /// What became of a purchase given to [`Device::record`].
@@ -488,12 +507,28 @@ impl Device {
         cfg: &TrainingConfig,
         evaluate: bool,
     ) -> Result<LocalUpdate, ClientError> {
-        self.consent.require_training()?;
-        self.check_global(global)?;
+        self.ready_for_task(global)?;
         cfg.validate()?;
+        Ok(self.train_ready(global, cfg, evaluate))
+    }
+
+    /// Whether the device may work for a coordinator now (federated
+    /// consent) on `global` (parameters of its model).
+    pub(crate) fn ready_for_task(&self, global: &[f32]) -> Result<(), ClientError> {
+        self.consent.require_training()?;
+        self.check_global(global)
+    }
+
+    /// [`train`](Self::train) once the device is
+    /// [ready](Self::ready_for_task) and `cfg` is valid.
+    pub(crate) fn train_ready(
+        &mut self,
+        global: &[f32],
+        cfg: &TrainingConfig,
+        evaluate: bool,
+    ) -> LocalUpdate {
         let start = self.clock.monotonic();
-        Ok(self
-            .on_history(|device, history| device.train_on(global, cfg, evaluate, history, start)))
+        self.on_history(|device, history| device.train_on(global, cfg, evaluate, history, start))
     }
 
     /// [`train`](Self::train) on `history`, checked, started at `start`.
@@ -563,11 +598,13 @@ impl Device {
             report.train_epochs = report.personalize_epochs;
             delta
         };
+        let model_values = delta.len();
         if cfg.user_moment {
             // Validated: only under the ALS loss, whose private vector was
             // just solved against `global`.
             fedrec_proto::linalg::push_outer_upper(&self.private, &mut delta);
         }
+        let extras = delta.len() - model_values;
         let elapsed = self.clock.monotonic() - start;
         report.millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         report.stopped_by_budget = by_epoch
@@ -587,27 +624,12 @@ impl Device {
         }
         LocalUpdate {
             delta,
+            extras,
             num_examples: history.len() as u64,
             evaluation,
             training: report,
             within_clip: 0.0,
         }
-    }
-
-    /// [`train`](Self::train), then what the task's differential privacy
-    /// asks of the update (clipping, the device's noise), if anything.
-    pub fn train_task(
-        &mut self,
-        global: &[f32],
-        cfg: &TrainingConfig,
-        evaluate: bool,
-        dp: Option<&DpSpec>,
-    ) -> Result<LocalUpdate, ClientError> {
-        let mut update = self.train(global, cfg, evaluate)?;
-        if let Some(spec) = dp {
-            update.within_clip = privacy::privatize(&mut update.delta, spec, &mut self.rng);
-        }
-        Ok(update)
     }
 
     /// Fits the private embedding to `global` and evaluates it on the held-out
@@ -618,13 +640,22 @@ impl Device {
         global: &[f32],
         cfg: &TrainingConfig,
     ) -> Result<Option<EvalCounts>, ClientError> {
-        self.consent.require_training()?;
-        self.check_global(global)?;
+        self.ready_for_task(global)?;
         cfg.validate()?;
-        Ok(self.on_history(|device, history| {
+        Ok(self.evaluate_ready(global, cfg))
+    }
+
+    /// [`evaluate`](Self::evaluate) once the device is
+    /// [ready](Self::ready_for_task) and `cfg` is valid.
+    pub(crate) fn evaluate_ready(
+        &mut self,
+        global: &[f32],
+        cfg: &TrainingConfig,
+    ) -> Option<EvalCounts> {
+        self.on_history(|device, history| {
             device.personalize_with(global, cfg, history);
             device.score_held_out(global, history)
-        }))
+        })
     }
 
     /// Fits the private embedding to `global` and the purchases in use, for

@@ -40,6 +40,15 @@ pub enum ClientError {
     /// The coordinator sent something this device cannot use.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The coordinator sent a task this device refuses: a field is missing
+    /// or outside its bounds (see [`crate::task::Task`]).
+    #[error("the coordinator's task is refused: {field}: {reason}")]
+    InvalidTask {
+        /// The refused field of the wire task, e.g. `training.learning_rate`.
+        field: String,
+        /// Why, with the refused value.
+        reason: String,
+    },
     /// Could not reach the coordinator.
     #[error(
         "cannot connect to the coordinator at {endpoint}: {}",

@@ -41,6 +41,9 @@
 //! - [`device::Device`]: sans-IO; holds the store, the consent, the private
 //!   embedding and the ledger; trains, evaluates and recommends given the
 //!   global parameters.
+//! - [`task::Task`]: a coordinator's task, converted once from the wire and
+//!   checked; [`device::Device::run_task`] is the device's whole work on it,
+//!   without I/O, for the gRPC participant and the simulations alike.
 //! - [`store::PurchaseStore`]: the purchases; [`exclusion`]: what the
 //!   shopper left out of them; [`vault::Vault`]: the file.
 //! - [`model::Model`] / [`model::MatrixFactorization`]: global item embeddings
@@ -98,6 +101,7 @@ pub mod repeat;
 pub mod retention;
 pub mod secagg;
 pub mod store;
+pub mod task;
 pub mod transparency;
 pub mod vault;
 

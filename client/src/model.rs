@@ -77,6 +77,15 @@ impl Default for TrainingConfig {
 impl TrainingConfig {
     /// Checks every field; the error names the field and the value.
     pub fn validate(&self) -> Result<(), ClientError> {
+        self.check()
+            .map_err(|(_, reason)| ClientError::InvalidConfig(reason))
+    }
+
+    /// [`validate`](Self::validate), with the refused field's name apart
+    /// from why it is refused (which names it and its value too): the
+    /// shared bounds of [`fedrec_proto::limits::Training`], and
+    /// `user_moment` only under the ALS loss.
+    pub(crate) fn check(&self) -> Result<(), (&'static str, String)> {
         fedrec_proto::limits::Training {
             local_epochs: self.local_epochs.into(),
             learning_rate: self.learning_rate.into(),
@@ -86,9 +95,10 @@ impl TrainingConfig {
             negatives: self.negatives.into(),
         }
         .check()
-        .map_err(|e| ClientError::InvalidConfig(e.to_string()))?;
+        .map_err(|e| (e.bound.name, e.to_string()))?;
         if self.user_moment && self.loss != Loss::Als {
-            return Err(ClientError::InvalidConfig(
+            return Err((
+                "user_moment",
                 "user_moment is only defined under the ALS loss (the private vector is solved, not trained)"
                     .into(),
             ));

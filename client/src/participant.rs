@@ -1,9 +1,11 @@
 //! The gRPC participant: takes a [`Device`] through rounds with a coordinator.
 //!
 //! The participant only moves bytes. It joins (receiving a pseudonym), checks
-//! in, downloads the global model, lets the device train or evaluate, and
-//! uploads what the device produced. Every message it sends is logged in a
-//! [`SentLog`] (kind, round, bytes), so an app can show what left the device.
+//! in, converts the task it receives into a [`Task`] (the one place a wire
+//! task is read and checked), downloads the global model, lets the device
+//! work on the task ([`Device::run_task`]), and uploads the [`TaskOutput`].
+//! Every message it sends is logged in a [`SentLog`] (kind, round, bytes),
+//! so an app can show what left the device.
 //!
 //! A training task with secure aggregation takes the four SecAgg+ steps
 //! instead of the plain upload (see the `secure` submodule): the
@@ -21,12 +23,11 @@ use prost::Message;
 use tonic::transport::Channel;
 
 use crate::connect::ConnectOptions;
-use crate::device::Device;
+use crate::device::{Device, LocalUpdate};
 use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
 use crate::metrics::EvalCounts;
-use crate::model::TrainingConfig;
-use crate::privacy::DpSpec;
+use crate::task::{Task, TaskKind, TaskOutput};
 use crate::transparency;
 
 /// One message that left the device.
@@ -365,13 +366,15 @@ impl Participant {
                     ));
                 }
             };
+            // The one conversion of the wire task: checked here, trusted after.
+            let task = Task::try_from(&task)?;
             transparency::note_task(&mut device, &task);
             let (back, ended) = self.do_task(device, &task).await?;
             device = back;
             match (ended, task.kind()) {
                 (TaskEnd::Refused, _) => summary.refused += 1,
                 (TaskEnd::Interrupted, _) => summary.interrupted += 1,
-                (TaskEnd::Accepted, pb::TaskKind::Evaluate) => summary.evaluated += 1,
+                (TaskEnd::Accepted, TaskKind::Evaluate) => summary.evaluated += 1,
                 (TaskEnd::Accepted, _) => summary.trained += 1,
             }
         }
@@ -380,54 +383,35 @@ impl Participant {
     async fn do_task(
         &mut self,
         device: Device,
-        task: &pb::Task,
+        task: &Task,
     ) -> Result<(Device, TaskEnd), ClientError> {
-        if let Some(secure) = &task.secure_aggregation
-            && task.kind() == pb::TaskKind::Train
-        {
-            return self.do_secure_task(device, task, secure).await;
+        if task.secure().is_some() {
+            return self.do_secure_task(device, task).await;
         }
-        let cfg = training_config(task)?;
-        let dp = DpSpec::from_task(task)?;
         let global = match self.download(&device, task).await {
             Ok(global) => global,
             Err(e) => return TaskEnd::after(e).map(|end| (device, end)),
         };
-        let kind = task.kind();
-        let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
-        // The encoding the task asks for; one this device does not know
-        // (a newer coordinator) falls back to f32, which is always accepted.
-        let encoding = Encoding::from_pb(task.upload_encoding).unwrap_or_default();
-        let (device, outcome) = tokio::task::spawn_blocking(move || {
+        let work = task.clone();
+        let (device, upload) = tokio::task::spawn_blocking(move || {
             let mut device = device;
-            let outcome = match kind {
-                pb::TaskKind::Evaluate => {
-                    device.evaluate(&global, &cfg).map(TaskOutcome::Evaluation)
-                }
-                _ => device
-                    .train_task(&global, &cfg, evaluate, dp.as_ref())
-                    .map(|mut update| {
-                        let encoded = EncodedModel::for_upload(&update.delta, encoding);
-                        // The encoding is what is sent: a device waiting for
-                        // an upload slot holds one copy of its update, not two.
-                        update.delta = Vec::new();
-                        TaskOutcome::Update(update, encoded)
-                    }),
-            };
-            (device, outcome)
+            let upload = device
+                .run_task(&work, &global)
+                .map(|output| Upload::new(output, work.upload_encoding()));
+            (device, upload)
         })
         .await
         .map_err(|e| ClientError::Protocol(format!("local training task failed: {e}")))?;
         // The shopper may have withdrawn consent while the device trained.
         device.consent_cell().require_training()?;
-        let result = match outcome? {
-            TaskOutcome::Evaluation(counts) => self.submit_evaluation(task, counts).await,
-            TaskOutcome::Update(update, encoded) => self.submit_update(task, update, encoded).await,
+        let result = match upload? {
+            Upload::Evaluation(counts) => self.submit_evaluation(task, counts).await,
+            Upload::Update(update, encoded) => self.submit_update(task, update, encoded).await,
         };
         match result {
             Ok(()) => Ok((device, TaskEnd::Accepted)),
             Err(e) => {
-                tracing::debug!(pseudonym = %self.pseudonym, round = task.round, error = %e, "submission not accepted");
+                tracing::debug!(pseudonym = %self.pseudonym, round = task.round(), error = %e, "submission not accepted");
                 TaskEnd::after(e).map(|end| (device, end))
             }
         }
@@ -435,17 +419,13 @@ impl Participant {
 
     /// Downloads the task's model version. Nothing is kept between tasks, so
     /// an idle device holds no copy of the model.
-    async fn download(
-        &mut self,
-        device: &Device,
-        task: &pb::Task,
-    ) -> Result<Vec<f32>, ClientError> {
+    async fn download(&mut self, device: &Device, task: &Task) -> Result<Vec<f32>, ClientError> {
         let req = pb::ModelRequest {
             pseudonym: self.pseudonym.clone(),
-            round: task.round,
-            model_version: task.model_version,
+            round: task.round(),
+            model_version: task.model_version(),
         };
-        self.sent.log("ModelRequest", task.round, &req);
+        self.sent.log("ModelRequest", task.round(), &req);
         let mut stream = self
             .client
             .download_model(req)
@@ -457,21 +437,21 @@ impl Participant {
 
     async fn submit_update(
         &mut self,
-        task: &pb::Task,
-        update: crate::device::LocalUpdate,
+        task: &Task,
+        update: LocalUpdate,
         encoded: EncodedModel,
     ) -> Result<(), ClientError> {
         let header = pb::UpdateHeader {
             pseudonym: self.pseudonym.clone(),
-            round: task.round,
-            model_version: task.model_version,
+            round: task.round(),
+            model_version: task.model_version(),
             num_examples: update.num_examples,
             num_values: encoded.num_values() as u64,
             evaluation: update.evaluation.as_ref().map(pb::EvaluationCounts::from),
         };
         let chunks = encoded.update_chunks(header, self.chunk_bytes);
         for c in &chunks {
-            self.sent.log("UpdateChunk", task.round, c);
+            self.sent.log("UpdateChunk", task.round(), c);
         }
         let sent = &mut self.sent;
         fedrec_proto::reserve_and_upload(&mut self.client, chunks, |header| {
@@ -484,16 +464,16 @@ impl Participant {
 
     async fn submit_evaluation(
         &mut self,
-        task: &pb::Task,
+        task: &Task,
         counts: Option<EvalCounts>,
     ) -> Result<(), ClientError> {
         let req = pb::EvaluationReport {
             pseudonym: self.pseudonym.clone(),
-            round: task.round,
-            model_version: task.model_version,
+            round: task.round(),
+            model_version: task.model_version(),
             counts: Some(pb::EvaluationCounts::from(&counts.unwrap_or_default())),
         };
-        self.sent.log("EvaluationReport", task.round, &req);
+        self.sent.log("EvaluationReport", task.round(), &req);
         self.client
             .submit_evaluation(req)
             .await
@@ -502,33 +482,27 @@ impl Participant {
     }
 }
 
-enum TaskOutcome {
+/// A task's output, ready for a plain upload.
+enum Upload {
     /// The update (its `delta` emptied), and its values encoded for upload.
-    Update(crate::device::LocalUpdate, EncodedModel),
+    Update(LocalUpdate, EncodedModel),
     Evaluation(Option<EvalCounts>),
 }
 
-/// The task's training configuration, validated.
-fn training_config(task: &pb::Task) -> Result<TrainingConfig, ClientError> {
-    let t = task
-        .training
-        .as_ref()
-        .ok_or_else(|| ClientError::Protocol("task without training configuration".into()))?;
-    let cfg = TrainingConfig {
-        local_epochs: t.local_epochs,
-        learning_rate: t.learning_rate,
-        regularization: t.regularization,
-        negatives: t.negatives,
-        proximal_mu: t.proximal_mu,
-        loss: match t.loss() {
-            pb::Loss::Bpr => crate::model::Loss::Bpr,
-            pb::Loss::Als => crate::model::Loss::Als,
-        },
-        confidence: t.confidence,
-        user_moment: t.user_moment,
-    };
-    cfg.validate()?;
-    Ok(cfg)
+impl Upload {
+    /// Encodes an update's values in `encoding`. The encoding is what is
+    /// sent: a device waiting for an upload slot holds one copy of its
+    /// update, not two.
+    fn new(output: TaskOutput, encoding: Encoding) -> Self {
+        match output {
+            TaskOutput::Update(mut update) => {
+                let encoded = EncodedModel::for_upload(&update.delta, encoding);
+                update.delta = Vec::new();
+                Upload::Update(update, encoded)
+            }
+            TaskOutput::Evaluation(counts) => Upload::Evaluation(counts),
+        }
+    }
 }
 
 /// Reads a model download to its end and decodes it, whatever the

@@ -4,15 +4,14 @@
 //!
 //! The coordinator sizes the share so that the sum of the fewest updates it
 //! will ever decode carries noise of standard deviation `z · C`; the device
-//! only applies what the task says, and refuses a malformed task.
+//! only applies what the task says (a malformed task is refused when it is
+//! converted, see [`crate::task`]).
 
-use fedrec_proto::pb;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::error::ClientError;
-
-/// What the task asks the device to do to its update.
+/// What the task asks the device to do to its update; made from the wire
+/// task's, checked, by the [`Task`](crate::task::Task) conversion.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DpSpec {
     /// The update's L2 norm is scaled down to at most this.
@@ -23,37 +22,6 @@ pub struct DpSpec {
     /// Under adaptive clipping: report whether the update was within the
     /// bound, plus Gaussian noise of this standard deviation.
     pub count_noise_std: Option<f32>,
-}
-
-impl DpSpec {
-    /// The task's DP instructions, if any; refuses a bound that is not
-    /// positive and finite, or a negative or non-finite noise.
-    pub fn from_task(task: &pb::Task) -> Result<Option<Self>, ClientError> {
-        let Some(dp) = &task.dp else {
-            return Ok(None);
-        };
-        if !(dp.clip.is_finite() && dp.clip > 0.0) {
-            return Err(ClientError::Protocol(format!(
-                "task's clipping bound must be positive and finite, got {}",
-                dp.clip
-            )));
-        }
-        for (name, std) in [
-            ("noise_stddev", dp.noise_stddev),
-            ("count_noise_stddev", dp.count_noise_stddev),
-        ] {
-            if !(std.is_finite() && std >= 0.0) {
-                return Err(ClientError::Protocol(format!(
-                    "task's {name} must be finite and >= 0, got {std}"
-                )));
-            }
-        }
-        Ok(Some(Self {
-            clip: dp.clip,
-            noise_std: dp.noise_stddev,
-            count_noise_std: dp.report_clipping.then_some(dp.count_noise_stddev),
-        }))
-    }
 }
 
 /// Scales `update` down to L2 norm at most `spec.clip` and adds the noise.
@@ -159,22 +127,5 @@ mod tests {
         // one with overwhelming probability (its own std is 0.16%).
         assert!((var.sqrt() - 0.25).abs() < 0.0025, "std {}", var.sqrt());
         assert!(mean.abs() < 0.003, "mean {mean}");
-    }
-
-    #[test]
-    fn a_malformed_task_is_refused() {
-        let mut task = pb::Task::default();
-        assert_eq!(DpSpec::from_task(&task).unwrap(), None);
-        task.dp = Some(pb::DpTask {
-            clip: 0.0,
-            ..pb::DpTask::default()
-        });
-        assert!(DpSpec::from_task(&task).is_err());
-        task.dp = Some(pb::DpTask {
-            clip: 1.0,
-            noise_stddev: f32::NAN,
-            ..pb::DpTask::default()
-        });
-        assert!(DpSpec::from_task(&task).is_err());
     }
 }

@@ -20,6 +20,7 @@ use crate::exclusion::{Exclusion, Exclusions};
 use crate::participant::SentMessage;
 use crate::retention::RetentionPolicy;
 use crate::store::Purchase;
+use crate::task::{Task, TaskKind};
 
 /// Messages of one kind: how many, and their encoded size.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -455,20 +456,16 @@ pub(crate) fn date(unix: i64) -> String {
 
 /// Notes a task the participant received (its round, kind and the privacy
 /// budget reported with it), before the device works on it.
-pub(crate) fn note_task(device: &mut Device, task: &fedrec_proto::pb::Task) {
+pub(crate) fn note_task(device: &mut Device, task: &Task) {
     let kind = match task.kind() {
-        fedrec_proto::pb::TaskKind::Evaluate => "evaluate",
+        TaskKind::Evaluate => "evaluate",
         _ => "train",
     };
-    let privacy = task.privacy.map(|p| PrivacyBudget {
-        epsilon: p.epsilon,
-        delta: p.delta,
-    });
     let now = device.clock.unix_now();
     device
         .ledger
         .rounds
-        .push(RoundRecord::new(task.round, kind, now, privacy));
+        .push(RoundRecord::new(task.round(), kind, now, task.privacy()));
 }
 
 impl Device {
@@ -535,35 +532,25 @@ mod tests {
 
     #[test]
     fn a_reported_privacy_budget_is_recorded_and_shown() {
-        use fedrec_proto::pb;
         let model = std::sync::Arc::new(crate::model::MatrixFactorization::new(5, 2, 0.1).unwrap());
         let mut d = Device::new(model, 1);
-        let mut task = pb::Task {
-            kind: pb::TaskKind::Train as i32,
-            round: 4,
-            ..pb::Task::default()
-        };
-        note_task(&mut d, &task);
+        note_task(&mut d, &Task::for_tests(TaskKind::Train, 4));
         let text = d.transparency_report(false).to_text();
         assert!(text.contains("Privacy budget: not reported"), "{text}");
         // The plain summary comes first, the detail after it.
         assert!(text.starts_with("In short\n"), "{text}");
         assert!(text.find("never left") < text.find("Details"), "{text}");
         assert!(text.contains("Privacy budget: none reported"), "{text}");
-        task.round = 5;
-        task.privacy = Some(pb::PrivacyBudget {
+        let budget = PrivacyBudget {
             epsilon: 1.5,
             delta: 1e-6,
-        });
-        note_task(&mut d, &task);
-        let report = d.transparency_report(false);
-        assert_eq!(
-            report.privacy,
-            Some(PrivacyBudget {
-                epsilon: 1.5,
-                delta: 1e-6
-            })
+        };
+        note_task(
+            &mut d,
+            &Task::for_tests(TaskKind::Train, 5).with_privacy(budget),
         );
+        let report = d.transparency_report(false);
+        assert_eq!(report.privacy, Some(budget));
         assert!(
             report.to_text().contains("ε = 1.500, δ = 1e-6"),
             "{}",

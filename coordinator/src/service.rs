@@ -35,7 +35,7 @@ mod driver;
 mod secure;
 
 use admission::{Busy, JoinLimiter, Pace, PacedUpload, Reservation, slot};
-pub use convert::{summary_to_pb, task_kind_to_pb};
+pub use convert::{summary_to_pb, task_kind_to_pb, task_to_pb};
 use driver::drive;
 
 use crate::CoordinatorError;

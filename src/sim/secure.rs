@@ -140,8 +140,9 @@ fn parallel<T: Send, R: Send>(
 
 /// Drives the open round's secure aggregation to its end: every device in
 /// `cohort` takes the four steps; `input` produces a device's payload
-/// (`fedrec_proto::secagg::payload::encode` of its update) in a worker
-/// thread, `threads × in_flight_per_thread` devices at a time, so that only
+/// (`fedrec_proto::secagg::payload::encode` of its update: in a
+/// simulation, [`fedrec_client::task::TaskOutput::secure_input`], as over
+/// gRPC) in a worker thread, `threads × in_flight_per_thread` devices at a time, so that only
 /// that many inputs are in memory at once. Device work runs on `threads`
 /// threads, coordinator calls on this one. `seed` makes the keys
 /// reproducible. Returns the timing.

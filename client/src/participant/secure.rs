@@ -14,14 +14,14 @@
 use std::time::Duration;
 
 use fedrec_proto::pb::{self, sec_agg_poll_response::Outcome};
-use fedrec_proto::secagg::{PartyId, Roster, ShareDelivery, UnmaskRequest, crypto, payload, wire};
+use fedrec_proto::secagg::{PartyId, Roster, ShareDelivery, UnmaskRequest, crypto, wire};
 use fedrec_proto::tensor;
 
-use super::{Participant, TaskEnd, rpc, training_config, unreachable};
+use super::{Participant, TaskEnd, rpc, unreachable};
 use crate::device::Device;
 use crate::error::ClientError;
-use crate::privacy::DpSpec;
 use crate::secagg::SecAggClient;
+use crate::task::Task;
 
 /// How a secure task ended for this device.
 enum Refusal {
@@ -64,18 +64,17 @@ impl Participant {
     pub(super) async fn do_secure_task(
         &mut self,
         device: Device,
-        task: &pb::Task,
-        secure: &pb::SecAggTask,
+        task: &Task,
     ) -> Result<(Device, TaskEnd), ClientError> {
-        let cfg = training_config(task)?;
-        let dp = DpSpec::from_task(task)?;
-        let (party, config, weighting) = wire::task_from_pb(secure)?;
-        let range = config.range;
-        let round = task.round;
+        let secure = task.secure().ok_or_else(|| {
+            ClientError::Protocol("a secure task without secure aggregation".into())
+        })?;
+        let party = secure.party;
+        let round = task.round();
         let mut client = {
             let mut rng = rand::rng();
             let identity = crypto::generate_identity(&mut rng);
-            SecAggClient::new(config, round.into(), party, identity)?
+            SecAggClient::new(secure.config.clone(), round.into(), party, identity)?
         };
         // Step 1 first: the keys do not depend on the update, and the step
         // closes as soon as the whole cohort advertised.
@@ -95,32 +94,25 @@ impl Participant {
         };
 
         // Train while the keys are exchanged.
-        let evaluate = task.training.as_ref().is_some_and(|t| t.evaluate);
+        let work = task.clone();
         let training = tokio::task::spawn_blocking(move || {
             let mut device = device;
-            let update = device.train_task(&global, &cfg, evaluate, dp.as_ref());
-            (device, update)
+            let output = device.run_task(&work, &global);
+            (device, output)
         });
         let exchanged = self.exchange_keys(round, party, &mut client).await;
-        let (device, update) = training
+        let (device, output) = training
             .await
             .map_err(|e| ClientError::Protocol(format!("local training task failed: {e}")))?;
         let delivery = match exchanged {
             Ok(delivery) => delivery,
             Err(refusal) => return self.give_up(device, round, refusal),
         };
-        let update = update?;
+        let output = output?;
 
         // Step 3: mask (CPU: one mask expansion per neighbour) off the runtime.
-        let input = payload::encode(
-            &update.delta,
-            update.num_examples,
-            update.evaluation.as_ref(),
-            weighting,
-            range,
-            update.within_clip,
-        );
-        drop(update);
+        let input = output.secure_input(task)?;
+        drop(output);
         let (mut client, masked) = tokio::task::spawn_blocking(move || {
             let masked = client.handle_shares(&delivery, &input);
             (client, masked)
@@ -250,14 +242,14 @@ impl Participant {
     /// Streams a masked input: its header, then the values in chunks.
     async fn send_masked(
         &mut self,
-        task: &pb::Task,
+        task: &Task,
         party: PartyId,
         encoded: &bytes::Bytes,
     ) -> Result<(), Refusal> {
         let header = pb::SecAggMaskedHeader {
             pseudonym: self.pseudonym.clone(),
-            round: task.round,
-            model_version: task.model_version,
+            round: task.round(),
+            model_version: task.model_version(),
             sender: party.0,
             num_values: (encoded.len() / 4) as u64,
         };
@@ -270,7 +262,7 @@ impl Participant {
             }),
         );
         for c in &chunks {
-            self.sent.log("SecAggMaskedChunk", task.round, c);
+            self.sent.log("SecAggMaskedChunk", task.round(), c);
         }
         self.client
             .sec_agg_masked_input(tokio_stream::iter(chunks))

@@ -8,46 +8,15 @@ use crate::CoordinatorError;
 use crate::aggregate::EvalCounts;
 use crate::round::{CheckIn, RoundSummary, TaskKind, UpdateHeader};
 
+use crate::round::Task;
+
 use super::*;
 
 /// A check-in's outcome as its protobuf answer; deadlines relative to `now`.
 pub(super) fn check_in_response(outcome: CheckIn, now: std::time::Instant) -> pb::CheckInResponse {
     use pb::check_in_response::Outcome;
     let outcome = match outcome {
-        CheckIn::Task(task) => Outcome::Task(pb::Task {
-            kind: task_kind_to_pb(task.kind) as i32,
-            round: task.round,
-            model_version: task.model_version,
-            deadline_ms: millis(task.deadline.saturating_duration_since(now)),
-            training: Some(pb::TrainingConfig {
-                local_epochs: task.training.local_epochs,
-                learning_rate: task.training.learning_rate,
-                regularization: task.training.regularization,
-                negatives: task.training.negatives,
-                proximal_mu: task.training.proximal_mu,
-                loss: match task.training.loss {
-                    crate::config::LossName::Bpr => pb::Loss::Bpr,
-                    crate::config::LossName::Als => pb::Loss::Als,
-                } as i32,
-                confidence: task.training.confidence,
-                evaluate: task.evaluate,
-                user_moment: task.user_moment,
-            }),
-            // Without differential privacy there is no budget to
-            // report; devices then show "not reported".
-            privacy: task.privacy.map(|p| pb::PrivacyBudget {
-                epsilon: p.epsilon,
-                delta: p.delta,
-            }),
-            dp: task.privacy.map(|p| pb::DpTask {
-                clip: p.clip,
-                noise_stddev: p.noise_std,
-                report_clipping: p.count_noise_std.is_some(),
-                count_noise_stddev: p.count_noise_std.unwrap_or(0.0),
-            }),
-            secure_aggregation: task.secure_aggregation.as_ref().map(secure::task_to_pb),
-            upload_encoding: task.upload_encoding.to_pb().into(),
-        }),
+        CheckIn::Task(task) => Outcome::Task(task_to_pb(&task, now)),
         CheckIn::Wait { retry_after } => Outcome::Wait(pb::Wait {
             retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
         }),
@@ -103,5 +72,45 @@ pub fn summary_to_pb(s: &RoundSummary) -> pb::RoundSummary {
             epsilon: p.epsilon,
             delta: p.delta,
         }),
+    }
+}
+
+/// A device's task as its protobuf twin, its deadline counted from `now`:
+/// what a device receives (the gRPC service's check-in answer, and an
+/// in-process simulation's devices).
+pub fn task_to_pb(task: &Task, now: std::time::Instant) -> pb::Task {
+    pb::Task {
+        kind: task_kind_to_pb(task.kind) as i32,
+        round: task.round,
+        model_version: task.model_version,
+        deadline_ms: millis(task.deadline.saturating_duration_since(now)),
+        training: Some(pb::TrainingConfig {
+            local_epochs: task.training.local_epochs,
+            learning_rate: task.training.learning_rate,
+            regularization: task.training.regularization,
+            negatives: task.training.negatives,
+            proximal_mu: task.training.proximal_mu,
+            loss: match task.training.loss {
+                crate::config::LossName::Bpr => pb::Loss::Bpr,
+                crate::config::LossName::Als => pb::Loss::Als,
+            } as i32,
+            confidence: task.training.confidence,
+            evaluate: task.evaluate,
+            user_moment: task.user_moment,
+        }),
+        // Without differential privacy there is no budget to report;
+        // devices then show "not reported".
+        privacy: task.privacy.map(|p| pb::PrivacyBudget {
+            epsilon: p.epsilon,
+            delta: p.delta,
+        }),
+        dp: task.privacy.map(|p| pb::DpTask {
+            clip: p.clip,
+            noise_stddev: p.noise_std,
+            report_clipping: p.count_noise_std.is_some(),
+            count_noise_stddev: p.count_noise_std.unwrap_or(0.0),
+        }),
+        secure_aggregation: task.secure_aggregation.as_ref().map(secure::task_to_pb),
+        upload_encoding: task.upload_encoding.to_pb().into(),
     }
 }
