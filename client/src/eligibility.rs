@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::device::Device;
+use crate::consent::ConsentCell;
 use crate::error::ClientError;
 
 /// Whether the device may take part now.
@@ -127,19 +127,22 @@ pub(crate) enum Gate {
     Stop(String),
 }
 
-/// Decides whether the participant may check in now, waiting (with
-/// back-off, sending nothing) while the device is not eligible. Errors when
-/// the shopper's consent does not allow training. `tasks_done`: tasks this
-/// run has done so far.
-pub(crate) async fn before_check_in(device: &Device, tasks_done: u32) -> Result<Gate, ClientError> {
-    let policy = &device.participation;
+/// Decides whether the participant may check in now under `policy`,
+/// waiting (with back-off, sending nothing) while the device is not
+/// eligible. Errors when the shopper's `consent` does not allow training.
+/// `tasks_done`: tasks this run has done so far.
+pub(crate) async fn before_check_in(
+    policy: &ParticipationPolicy,
+    consent: &ConsentCell,
+    tasks_done: u32,
+) -> Result<Gate, ClientError> {
     if policy.max_tasks.is_some_and(|max| tasks_done >= max) {
         return Ok(Gate::Stop(format!("did the {tasks_done} tasks asked for")));
     }
     let mut wait = policy.backoff.initial;
     let mut waited = Duration::ZERO;
     loop {
-        device.consent.require_training()?;
+        consent.require_training()?;
         match policy.conditions.eligible() {
             Eligibility::Eligible => return Ok(Gate::Proceed),
             Eligibility::NotNow(reason) => {

@@ -28,18 +28,7 @@ use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
 use crate::metrics::EvalCounts;
 use crate::task::{Task, TaskKind, TaskOutput};
-use crate::transparency;
-
-/// One message that left the device.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct SentMessage {
-    /// The message kind, e.g. `"UpdateChunk"`.
-    pub kind: &'static str,
-    /// The round it belonged to (0 outside rounds).
-    pub round: u32,
-    /// Its size, protobuf-encoded, in bytes.
-    pub bytes: usize,
-}
+pub use crate::transparency::SentMessage;
 
 /// A hook that sees the encoded bytes of every message the device sends.
 pub type Recorder = Box<dyn FnMut(&'static str, &[u8]) + Send>;
@@ -295,7 +284,9 @@ impl Participant {
         loop {
             // Consent, the app's conditions and the task limit, before every check-in.
             let done = summary.trained + summary.evaluated + summary.refused;
-            if let Gate::Stop(reason) = eligibility::before_check_in(&device, done).await? {
+            if let Gate::Stop(reason) =
+                eligibility::before_check_in(&device.participation, &device.consent, done).await?
+            {
                 summary.finished_reason = reason;
                 return Ok((device, summary));
             }
@@ -368,7 +359,7 @@ impl Participant {
             };
             // The one conversion of the wire task: checked here, trusted after.
             let task = Task::try_from(&task)?;
-            transparency::note_task(&mut device, &task);
+            device.note_task(&task);
             let (back, ended) = self.do_task(device, &task).await?;
             device = back;
             match (ended, task.kind()) {

@@ -57,12 +57,12 @@ use fedrec_proto::pb;
 use fedrec_proto::secagg::payload::{self, Weighting};
 use fedrec_proto::secagg::{PartyId, SecAggConfig, wire};
 
-use crate::device::{Device, LocalUpdate};
 use crate::error::ClientError;
 use crate::metrics::EvalCounts;
 use crate::model::{Loss, TrainingConfig};
-use crate::privacy::{self, DpSpec};
+use crate::privacy::DpSpec;
 use crate::transparency::PrivacyBudget;
+use crate::transparency::TrainingReport;
 
 /// What a task asks of the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -272,6 +272,42 @@ impl TryFrom<&pb::SecAggTask> for SecureTask {
     }
 }
 
+/// What a device sends back after local training.
+#[derive(Clone, Debug)]
+pub struct LocalUpdate {
+    /// Dense change to the global parameters (same length whatever was
+    /// bought), followed by the upper triangle of `x xᵀ` when the task asked
+    /// for it ([`TrainingConfig::user_moment`]).
+    pub delta: Vec<f32>,
+    /// How many of `delta`'s last values are not the model's but the extra
+    /// values the coordinator's strategy asked for (the upper triangle of
+    /// `x xᵀ`, `k(k+1)/2` values, under [`TrainingConfig::user_moment`]);
+    /// 0 otherwise.
+    pub extras: usize,
+    /// FedAvg weight: the number of distinct purchases trained on.
+    pub num_examples: u64,
+    /// Evaluation of the received model, when it was asked for.
+    pub evaluation: Option<EvalCounts>,
+    /// How much local training was done (stays on the device).
+    pub training: TrainingReport,
+    /// Under adaptive DP clipping, the indicator the device reports (see
+    /// [`crate::privacy::privatize`]); 0 otherwise.
+    pub within_clip: f32,
+}
+
+impl LocalUpdate {
+    /// The change to the global parameters: `delta` without the extras.
+    pub fn model_delta(&self) -> &[f32] {
+        &self.delta[..self.delta.len().saturating_sub(self.extras)]
+    }
+
+    /// The extra values the task asked for after the model's (see
+    /// [`extras`](Self::extras)); empty when it asked for none.
+    pub fn extras(&self) -> &[f32] {
+        &self.delta[self.delta.len().saturating_sub(self.extras)..]
+    }
+}
+
 /// What the device computed for a task.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -308,35 +344,6 @@ impl TaskOutput {
     }
 }
 
-impl Device {
-    /// Works on `task` with the downloaded global parameters `global`: the
-    /// device's whole part of a round, without I/O. A training task fits the
-    /// private embedding, evaluates if asked, trains, and applies the task's
-    /// differential privacy to the update; an evaluation task fits the
-    /// private embedding and ranks the held-out purchase.
-    ///
-    /// Needs [`Consent::Federated`](crate::consent::Consent::Federated);
-    /// refuses parameters that do not fit the device's model. Honours the
-    /// participation policy's time budget, like [`Device::train`]; the
-    /// update's [`training`](LocalUpdate::training) says what was done,
-    /// and it is also in the ledger's latest round.
-    pub fn run_task(&mut self, task: &Task, global: &[f32]) -> Result<TaskOutput, ClientError> {
-        self.ready_for_task(global)?;
-        Ok(match task.kind {
-            TaskKind::Evaluate => {
-                TaskOutput::Evaluation(self.evaluate_ready(global, &task.training))
-            }
-            TaskKind::Train => {
-                let mut update = self.train_ready(global, &task.training, task.evaluate);
-                if let Some(spec) = &task.dp {
-                    update.within_clip = privacy::privatize(&mut update.delta, spec, &mut self.rng);
-                }
-                TaskOutput::Update(update)
-            }
-        })
-    }
-}
-
 #[cfg(test)]
 impl Task {
     /// A valid task of `kind` for `round` with the default training
@@ -367,6 +374,7 @@ impl Task {
 
 #[cfg(test)]
 mod tests {
+    use crate::device::Device;
     use std::sync::Arc;
 
     use rand::SeedableRng;

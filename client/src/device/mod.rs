@@ -16,6 +16,12 @@
 //! after every change; the [`RetentionPolicy`] is enforced on every write
 //! and every load.
 
+pub use crate::task::LocalUpdate;
+
+mod recommend;
+mod report;
+mod run;
+
 use std::sync::Arc;
 
 use rand::SeedableRng;
@@ -33,42 +39,6 @@ use crate::retention::RetentionPolicy;
 use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseStore};
 use crate::transparency::{Ledger, TrainingReport};
 use crate::vault::Vault;
-
-/// What a device sends back after local training.
-#[derive(Clone, Debug)]
-pub struct LocalUpdate {
-    /// Dense change to the global parameters (same length whatever was
-    /// bought), followed by the upper triangle of `x xᵀ` when the task asked
-    /// for it ([`TrainingConfig::user_moment`]).
-    pub delta: Vec<f32>,
-    /// How many of `delta`'s last values are not the model's but the extra
-    /// values the coordinator's strategy asked for (the upper triangle of
-    /// `x xᵀ`, `k(k+1)/2` values, under [`TrainingConfig::user_moment`]);
-    /// 0 otherwise.
-    pub extras: usize,
-    /// FedAvg weight: the number of distinct purchases trained on.
-    pub num_examples: u64,
-    /// Evaluation of the received model, when it was asked for.
-    pub evaluation: Option<EvalCounts>,
-    /// How much local training was done (stays on the device).
-    pub training: TrainingReport,
-    /// Under adaptive DP clipping, the indicator the device reports (see
-    /// [`crate::privacy::privatize`]); 0 otherwise.
-    pub within_clip: f32,
-}
-
-impl LocalUpdate {
-    /// The change to the global parameters: `delta` without the extras.
-    pub fn model_delta(&self) -> &[f32] {
-        &self.delta[..self.delta.len().saturating_sub(self.extras)]
-    }
-
-    /// The extra values the task asked for after the model's (see
-    /// [`extras`](Self::extras)); empty when it asked for none.
-    pub fn extras(&self) -> &[f32] {
-        &self.delta[self.delta.len().saturating_sub(self.extras)..]
-    }
-}
 
 /// What became of a purchase given to [`Device::record`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1569,7 +1539,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         let key = StoreKey::from_bytes([13; 32]);
-        let fixture = include_str!("../testdata/store-before-tags.json");
+        let fixture = include_str!("../../testdata/store-before-tags.json");
         Vault::new(&path, &key).save(fixture.as_bytes()).unwrap();
         let clock = ManualClock::new(T0);
         let d = open(&path, &key, &clock).unwrap();
