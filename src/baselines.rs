@@ -413,7 +413,7 @@ mod tests {
     }
 
     fn order(scores: &[f32]) -> Vec<u32> {
-        fedrec_client::metrics::top_k(scores, &[], scores.len())
+        fedrec_client::ranking::top_k(scores, &[], scores.len())
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::io::Write;
 
 use fedrec_client::device::Device;
-use fedrec_client::metrics::K;
+use fedrec_client::ranking::K;
 use fedrec_client::recommend::list_diversity;
 use serde::Serialize;
 

@@ -9,8 +9,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fedrec_client::metrics::{self, EvalCounts, HeldOut, K};
 use fedrec_client::model::{Model, TrainingConfig};
+use fedrec_client::ranking::{self, EvalCounts, HeldOut, K};
 use fedrec_client::repeat;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -132,14 +132,14 @@ pub fn evaluate(
             let held = held_out(ev, seed, user).expect("filtered on targets");
             let excluded = ev.excluded(cut, user);
             let mut rng = held.candidate_seed.map(ChaCha8Rng::seed_from_u64);
-            let counts = metrics::evaluate_user(
+            let counts = ranking::evaluate_user(
                 scores,
                 excluded,
                 &cut.items[user],
                 held.item,
                 rng.as_mut().map(|r| r as &mut dyn rand::Rng),
             );
-            (counts, metrics::top_k(scores, excluded, K))
+            (counts, ranking::top_k(scores, excluded, K))
         })
         .collect();
     let mut counts = EvalCounts::default();
@@ -239,7 +239,7 @@ pub fn write_split(
                 write!(test, "{user}\t{}", held.item)?;
                 if let Some(cseed) = held.candidate_seed {
                     let mut rng = ChaCha8Rng::seed_from_u64(cseed);
-                    let cands = metrics::sample_candidates(
+                    let cands = ranking::sample_candidates(
                         cut.n_items,
                         &cut.items[user],
                         held.item,
@@ -366,8 +366,8 @@ pub fn fit_blend(
             grid.iter()
                 .map(|b| {
                     let scores = repeat::blend(&rebuy, &discover, r, b);
-                    let rank = metrics::full_rank(&scores, &[], target);
-                    (metrics::ndcg_at(rank, K), metrics::hit_at(rank, K))
+                    let rank = ranking::full_rank(&scores, &[], target);
+                    (ranking::ndcg_at(rank, K), ranking::hit_at(rank, K))
                 })
                 .collect()
         })
@@ -403,7 +403,7 @@ pub fn choice_ndcg(choices: &[repeat::Choice], weights: &[f32; repeat::FEATURES]
                 .enumerate()
                 .filter(|&(j, &v)| v > t || (v == t && j < c.chosen))
                 .count();
-            metrics::ndcg_at(rank, K)
+            ranking::ndcg_at(rank, K)
         })
         .sum();
     total / choices.len().max(1) as f64
@@ -502,7 +502,7 @@ mod tests {
             }
             let mut rng = ChaCha8Rng::seed_from_u64(candidate_seed(3, Stage::Test, user));
             assert_eq!(
-                metrics::sampled_rank(&scores, &cut.items[user], target, &mut rng),
+                ranking::sampled_rank(&scores, &cut.items[user], target, &mut rng),
                 cands.len()
             );
         }

@@ -21,7 +21,7 @@
 //! state machines ([`secure`] in process).
 
 pub mod search;
-pub mod secure;
+pub mod secagg;
 pub mod tracks;
 
 pub use tracks::{Baselines, Final};
@@ -33,9 +33,9 @@ use anyhow::{Context, bail};
 use fedrec_client::clock::ManualClock;
 use fedrec_client::consent::Consent;
 use fedrec_client::device::Device;
-use fedrec_client::metrics::EvalCounts;
 use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
 use fedrec_client::participant::Participant;
+use fedrec_client::ranking::EvalCounts;
 use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
@@ -953,7 +953,7 @@ fn run_cohort(
             .zip(tasks)
             .map(|(device, (i, task))| (pseudonyms[*i], task.clone(), device))
             .collect();
-        secure::drive_round(
+        secagg::drive_round(
             core,
             clock,
             cohort,

@@ -59,7 +59,7 @@
 //! - [`participant::Participant`]: the gRPC transport that takes a device
 //!   through rounds with a coordinator, through secure aggregation when a
 //!   task asks for it.
-//! - [`metrics`]: leave-one-out HR@10 / NDCG@10 computed on the device.
+//! - [`ranking`]: leave-one-out HR@10 / NDCG@10 computed on the device.
 //!
 //! The device alone, without a coordinator:
 //!
@@ -92,10 +92,10 @@ pub mod ease;
 pub mod eligibility;
 pub mod error;
 pub mod exclusion;
-pub mod metrics;
 pub mod model;
 pub mod participant;
 pub mod privacy;
+pub mod ranking;
 pub mod recommend;
 pub mod repeat;
 pub mod retention;

@@ -11,7 +11,7 @@
 //! instead of the plain upload (see the `secure` submodule): the
 //! coordinator then learns only the cohort's sum.
 
-mod secure;
+mod secagg;
 
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use crate::connect::ConnectOptions;
 use crate::device::{Device, LocalUpdate};
 use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
-use crate::metrics::EvalCounts;
+use crate::ranking::EvalCounts;
 use crate::task::{Task, TaskKind, TaskOutput};
 pub use crate::transparency::SentMessage;
 

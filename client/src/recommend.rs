@@ -19,8 +19,8 @@
 
 use serde::Serialize;
 
-use crate::metrics;
 use crate::model::Model;
+use crate::ranking;
 
 /// Candidates considered by diversification: this many times `k`...
 pub const POOL: usize = 10;
@@ -116,10 +116,10 @@ pub fn diversify<'a>(
     vector: impl Fn(u32) -> Option<&'a [f32]>,
 ) -> Vec<u32> {
     if diversity <= 0.0 || k <= 1 {
-        return metrics::top_k(scores, exclude, k);
+        return ranking::top_k(scores, exclude, k);
     }
     let lambda = diversity.min(1.0);
-    let pool = metrics::top_k(scores, exclude, (k * POOL).max(MIN_POOL));
+    let pool = ranking::top_k(scores, exclude, (k * POOL).max(MIN_POOL));
     let (lo, hi) = pool
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &i| {

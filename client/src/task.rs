@@ -58,9 +58,9 @@ use fedrec_proto::secagg::payload::{self, Weighting};
 use fedrec_proto::secagg::{PartyId, SecAggConfig, wire};
 
 use crate::error::ClientError;
-use crate::metrics::EvalCounts;
 use crate::model::{Loss, TrainingConfig};
 use crate::privacy::DpSpec;
+use crate::ranking::EvalCounts;
 use crate::transparency::PrivacyBudget;
 use crate::transparency::TrainingReport;
 

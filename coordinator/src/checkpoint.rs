@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::history::RoundSummary;
-use crate::privacy::accountant::Ledger;
+use crate::privacy::accountant::MechanismLog;
 
 /// The file's first bytes, with the format version.
 const MAGIC: &[u8; 12] = b"FEDRECCKPT1\n";
@@ -46,7 +46,7 @@ pub struct CheckpointError {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyState {
     /// Every (q, z, rounds) composed.
-    pub ledger: Ledger,
+    pub ledger: MechanismLog,
     /// The clipping bound for the next round.
     pub clip: f32,
 }
@@ -220,7 +220,7 @@ mod tests {
             history: Vec::new(),
             joined: vec!["00112233445566778899aabbccddeeff".to_owned()],
             privacy: Some(PrivacyState {
-                ledger: Ledger {
+                ledger: MechanismLog {
                     steps: vec![(0.1, 1.2, 6)],
                 },
                 clip: 0.7,

@@ -16,7 +16,7 @@
 //!   and queries (`poll_timeout`, `model`, `history`, `status`). No tokio, no
 //!   sockets, no clock: tests and in-process simulations step it directly.
 //!   With `[secure_aggregation]` enabled, training rounds run the four
-//!   SecAgg+ steps ([`round::secure`]) over the state machine of [`secagg`]:
+//!   SecAgg+ steps ([`round::secagg`]) over the state machine of [`secagg`]:
 //!   the coordinator learns the cohort's sum, never one device's update.
 //! - [`secagg`]: [`secagg::SecAggRound`], the coordinator side of one secure
 //!   aggregation (sans-IO, memory `O(update + n·k)`).

@@ -45,9 +45,9 @@ pub use crate::history::{RoundSummary, TaskKind};
 use crate::privacy::{Mechanism, NoisySum, RoundPrivacy, TaskPrivacy};
 use crate::strategy::Strategy;
 
-pub mod secure;
+pub mod secagg;
 
-pub use secure::{
+pub use secagg::{
     SecurePoll, SecureSum, SecureSummary, SecureTask, SecureWant, UnmaskDone, UnmaskJob,
 };
 
@@ -255,7 +255,7 @@ struct OpenRound {
     accepted: usize,
     evaluation: EvalCounts,
     /// Secure aggregation, in training rounds when it is enabled.
-    secure: Option<secure::SecureRound>,
+    secure: Option<secagg::SecureRound>,
     /// Differential privacy, in training rounds when it is enabled.
     privacy: Option<RoundPrivacy>,
 }
@@ -1151,8 +1151,8 @@ impl RoundCore {
         self.aggregator.reset();
         let number = self.last_round;
         let r_min = self.config.rounds.min_updates;
-        let secure = secure::is_secure(kind, self.config.secure_aggregation.enabled)
-            .then(|| secure::SecureRound::new(self, number, cohort.keys().copied(), now));
+        let secure = secagg::is_secure(kind, self.config.secure_aggregation.enabled)
+            .then(|| secagg::SecureRound::new(self, number, cohort.keys().copied(), now));
         self.open = Some(OpenRound {
             number: self.last_round,
             kind,
@@ -1254,7 +1254,7 @@ impl RoundCore {
             participants: open.accepted,
             seconds: now.saturating_duration_since(open.started).as_secs_f64(),
             evaluation: open.evaluation,
-            secure_aggregation: open.secure.as_ref().map(secure::SecureRound::summary),
+            secure_aggregation: open.secure.as_ref().map(secagg::SecureRound::summary),
             privacy: open.privacy.map(|p| Box::new(p.summary)),
         };
         self.history.push(summary.clone());

@@ -32,7 +32,7 @@ use fedrec_proto::{DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, codec};
 mod admission;
 mod convert;
 mod driver;
-mod secure;
+mod secagg;
 
 use admission::{Busy, JoinLimiter, Pace, PacedUpload, Reservation, slot};
 pub use convert::{summary_to_pb, task_kind_to_pb, task_to_pb};

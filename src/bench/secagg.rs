@@ -10,7 +10,7 @@ use fedrec_proto::secagg::payload;
 use fedrec_proto::{Layout, tensor};
 use serde::Serialize;
 
-use crate::sim::secure::{SecureTiming, drive_round};
+use crate::sim::secagg::{SecureTiming, drive_round};
 
 /// Default cohort sizes of [`secagg`].
 pub const DEFAULT_COHORTS: [usize; 3] = [10, 100, 500];

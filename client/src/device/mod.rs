@@ -33,8 +33,8 @@ use crate::consent::{Consent, ConsentCell, ConsentChange, ConsentRecord};
 use crate::eligibility::ParticipationPolicy;
 use crate::error::ClientError;
 use crate::exclusion::{Exclusion, ExclusionCell, Exclusions};
-use crate::metrics::{self, EvalCounts, HeldOut};
 use crate::model::{Loss, Model, TrainingConfig};
+use crate::ranking::{self, EvalCounts, HeldOut};
 use crate::retention::RetentionPolicy;
 use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseStore};
 use crate::transparency::{Ledger, TrainingReport};
@@ -690,7 +690,7 @@ impl Device {
         };
         Ok((
             rank_held_out(&scores, held_out, &history),
-            metrics::top_k(&scores, exclude, metrics::K),
+            ranking::top_k(&scores, exclude, ranking::K),
         ))
     }
 
@@ -699,7 +699,7 @@ impl Device {
     /// embedding as it is.
     pub fn recommend(&mut self, global: &[f32], k: usize) -> Result<Vec<u32>, ClientError> {
         self.check_global(global)?;
-        Ok(metrics::top_k(&self.scores(global), &self.history(), k))
+        Ok(ranking::top_k(&self.scores(global), &self.history(), k))
     }
 
     /// Drops what the retention policy does not allow now, and the
@@ -825,7 +825,7 @@ fn rank_held_out(scores: &[f32], held_out: &HeldOut, history: &[u32]) -> EvalCou
         &[]
     };
     let mut rng = held_out.candidate_seed.map(ChaCha8Rng::seed_from_u64);
-    metrics::evaluate_user(
+    ranking::evaluate_user(
         scores,
         exclude,
         history,

@@ -5,8 +5,8 @@
 use super::Device;
 use crate::consent::Consent;
 use crate::error::ClientError;
-use crate::metrics;
 use crate::model::TrainingConfig;
+use crate::ranking;
 use crate::recommend::*;
 
 impl Device {
@@ -66,12 +66,12 @@ impl Device {
             });
         }
         let rows = self.row_scores(global)?;
-        let mut buy_again = metrics::top_k(&rows.buy_again, &[], k.min(exclude.len()));
+        let mut buy_again = ranking::top_k(&rows.buy_again, &[], k.min(exclude.len()));
         buy_again.retain(|i| exclude.binary_search(i).is_ok());
         Ok(Recommendations {
             items,
             buy_again,
-            blended: metrics::top_k(&rows.blended, &[], k),
+            blended: ranking::top_k(&rows.blended, &[], k),
             basis,
         })
     }
@@ -220,7 +220,7 @@ impl Device {
             model.item_vector(global, i)
         });
         let hit_ndcg = target.map(|t| match items.iter().position(|&i| i == t) {
-            Some(rank) => (metrics::hit_at(rank, k), metrics::ndcg_at(rank, k)),
+            Some(rank) => (ranking::hit_at(rank, k), ranking::ndcg_at(rank, k)),
             None => (0.0, 0.0),
         });
         Ok(ListEvaluation { items, hit_ndcg })

@@ -35,26 +35,26 @@ const MAX_SERIES_TERMS: usize = 1000;
 /// The privacy spent so far: RDP at each order, summed over rounds.
 ///
 /// Serializable, so that a coordinator's checkpoint carries it: it is stored
-/// as its [`Ledger`] of mechanisms (exact, readable), and the RDP is
+/// as its [`MechanismLog`] of mechanisms (exact, readable), and the RDP is
 /// recomputed on load.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(from = "Ledger", into = "Ledger")]
+#[serde(from = "MechanismLog", into = "MechanismLog")]
 pub struct RdpAccountant {
     orders: Vec<f64>,
     rdp: Vec<f64>,
-    ledger: Ledger,
+    ledger: MechanismLog,
 }
 
 /// Every mechanism composed so far: runs of rounds with the same rate and
 /// noise multiplier.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Ledger {
+pub struct MechanismLog {
     /// `(q, z, rounds)`, in the order they were composed.
     pub steps: Vec<(f64, f64, u64)>,
 }
 
-impl From<Ledger> for RdpAccountant {
-    fn from(ledger: Ledger) -> Self {
+impl From<MechanismLog> for RdpAccountant {
+    fn from(ledger: MechanismLog) -> Self {
         let mut acc = Self::new();
         for (q, z, rounds) in ledger.steps {
             acc.compose(q, z, rounds);
@@ -63,7 +63,7 @@ impl From<Ledger> for RdpAccountant {
     }
 }
 
-impl From<RdpAccountant> for Ledger {
+impl From<RdpAccountant> for MechanismLog {
     fn from(acc: RdpAccountant) -> Self {
         acc.ledger
     }
@@ -83,7 +83,7 @@ impl RdpAccountant {
         Self {
             orders,
             rdp,
-            ledger: Ledger::default(),
+            ledger: MechanismLog::default(),
         }
     }
 
@@ -109,7 +109,7 @@ impl RdpAccountant {
     }
 
     /// What was composed so far.
-    pub fn ledger(&self) -> &Ledger {
+    pub fn ledger(&self) -> &MechanismLog {
         &self.ledger
     }
 

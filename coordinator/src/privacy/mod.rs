@@ -154,7 +154,7 @@ impl Mechanism {
 
     /// Restores what a checkpoint saved: the accountant's ledger and the
     /// clipping bound.
-    pub fn restore(&mut self, ledger: accountant::Ledger, clip: f32) {
+    pub fn restore(&mut self, ledger: accountant::MechanismLog, clip: f32) {
         self.accountant = RdpAccountant::from(ledger);
         self.clip = clip;
     }

@@ -110,7 +110,7 @@ pub fn task_to_pb(task: &Task, now: std::time::Instant) -> pb::Task {
             report_clipping: p.count_noise_std.is_some(),
             count_noise_stddev: p.count_noise_std.unwrap_or(0.0),
         }),
-        secure_aggregation: task.secure_aggregation.as_ref().map(secure::task_to_pb),
+        secure_aggregation: task.secure_aggregation.as_ref().map(secagg::task_to_pb),
         upload_encoding: task.upload_encoding.to_pb().into(),
     }
 }

@@ -29,7 +29,7 @@ pub(super) async fn drive(shared: Arc<Shared>) {
         }
         // A secure round whose last step closed: unmask off the lock, then
         // look again (the round has ended).
-        if secure::run_unmask_job(&shared).await {
+        if secagg::run_unmask_job(&shared).await {
             continue;
         }
         let timer = async {
