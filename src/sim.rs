@@ -453,10 +453,7 @@ pub fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> Traini
         regularization: t.regularization,
         negatives: t.negatives,
         proximal_mu: t.proximal_mu,
-        loss: match t.loss {
-            fedrec_coordinator::config::LossName::Bpr => fedrec_client::model::Loss::Bpr,
-            fedrec_coordinator::config::LossName::Als => fedrec_client::model::Loss::Als,
-        },
+        loss: t.loss,
         confidence: t.confidence,
         user_moment: false,
     }
@@ -1328,10 +1325,10 @@ pub const ALS_CENTRALIZED_ITERATIONS: u32 = 15;
 ///   the curvature is no longer positive definite, and every round is
 ///   abandoned.
 pub fn als_recipe() -> CoordinatorConfig {
-    use fedrec_coordinator::config::{LossName, Schedule, StrategyName, Weighting};
+    use fedrec_coordinator::config::{Loss, Schedule, StrategyName, Weighting};
     let mut cfg = default_coordinator_config();
     cfg.rounds.clients_per_round = 1000;
-    cfg.training.loss = LossName::Als;
+    cfg.training.loss = Loss::Als;
     cfg.training.confidence = 5.0;
     cfg.training.regularization = 0.1;
     cfg.training.learning_rate = 1.0;
@@ -1400,7 +1397,7 @@ mod tests {
     /// wire form, as over gRPC, and finds what the coordinator set.
     #[test]
     fn devices_read_their_task_as_the_coordinator_set_it() {
-        use fedrec_coordinator::config::{DpMode, LossName, Weighting};
+        use fedrec_coordinator::config::{DpMode, Loss, Weighting};
         let mut secure = default_coordinator_config();
         secure.rounds.clients_per_round = 3;
         secure.rounds.min_updates = 3;
@@ -1414,7 +1411,7 @@ mod tests {
         plain.rounds.clients_per_round = 3;
         plain.rounds.min_updates = 3;
         plain.upload.encoding = Encoding::Q8;
-        plain.training.loss = LossName::Als;
+        plain.training.loss = Loss::Als;
         plain.training.proximal_mu = 0.5;
         for cfg in [secure, plain] {
             let layout = fedrec_proto::Layout::new(vec![("b".into(), vec![4])]);

@@ -16,22 +16,9 @@ use std::sync::{Arc, Mutex};
 use crate::als;
 use crate::error::ClientError;
 
-/// The training objective of [`MatrixFactorization`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum Loss {
-    /// Bayesian personalized ranking over sampled negatives, by local SGD
-    /// (Rendle et al. 2009): several local epochs, the private vector
-    /// trained alongside.
-    #[default]
-    Bpr,
-    /// Confidence-weighted least squares over all items (Hu, Koren &
-    /// Volinsky 2008, as implicit ALS): the private vector is solved exactly
-    /// on the device and the update is one exact gradient step of the
-    /// global parameters (`local_epochs` is not used).
-    Als,
-}
+/// The training objective of [`MatrixFactorization`] (shared with the
+/// coordinator and the wire: [`fedrec_proto::Loss`]).
+pub use fedrec_proto::Loss;
 
 /// Hyperparameters of one local training task, validated.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

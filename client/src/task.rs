@@ -58,7 +58,7 @@ use fedrec_proto::secagg::payload::{self, Weighting};
 use fedrec_proto::secagg::{PartyId, SecAggConfig, wire};
 
 use crate::error::ClientError;
-use crate::model::{Loss, TrainingConfig};
+use crate::model::TrainingConfig;
 use crate::privacy::DpSpec;
 use crate::ranking::EvalCounts;
 use crate::transparency::PrivacyBudget;
@@ -192,10 +192,7 @@ impl TryFrom<&pb::Task> for Task {
             regularization: t.regularization,
             negatives: t.negatives,
             proximal_mu: t.proximal_mu,
-            loss: match t.loss() {
-                pb::Loss::Bpr => Loss::Bpr,
-                pb::Loss::Als => Loss::Als,
-            },
+            loss: t.loss().into(),
             confidence: t.confidence,
             user_moment: t.user_moment,
         };
@@ -375,6 +372,7 @@ impl Task {
 #[cfg(test)]
 mod tests {
     use crate::device::Device;
+    use crate::model::Loss;
     use std::sync::Arc;
 
     use rand::SeedableRng;

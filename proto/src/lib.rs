@@ -31,11 +31,13 @@ pub mod codec;
 pub mod eval;
 pub mod limits;
 pub mod linalg;
+pub mod loss;
 pub mod protobuf_codec;
 pub mod secagg;
 pub mod tensor;
 
 pub use eval::EvalCounts;
+pub use loss::Loss;
 
 /// Messages and services generated from `proto/fedrec.proto`.
 pub mod pb {

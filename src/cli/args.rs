@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
 use fedrec_coordinator::config::{
-    Aggregation, CoordinatorConfig, DpMode, LossName, Schedule, StrategyName, Weighting,
+    Aggregation, CoordinatorConfig, DpMode, Loss, Schedule, StrategyName, Weighting,
 };
 use fedrec_proto::codec::Encoding;
 
@@ -114,8 +114,8 @@ pub(crate) struct ConfigOverrides {
     #[arg(long)]
     pub(crate) proximal_mu: Option<f32>,
     /// Training objective on the devices: bpr or als.
-    #[arg(long, value_parser = parse_name::<LossName>)]
-    pub(crate) loss: Option<LossName>,
+    #[arg(long, value_parser = parse_name::<Loss>)]
+    pub(crate) loss: Option<Loss>,
     /// Confidence of a purchase under the als loss.
     #[arg(long)]
     pub(crate) confidence: Option<f32>,

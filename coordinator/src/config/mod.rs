@@ -202,7 +202,7 @@ impl CoordinatorConfig {
             )));
         }
         if st.name == StrategyName::Als {
-            if t.loss != LossName::Als {
+            if t.loss != Loss::Als {
                 return Err(invalid(
                     "strategy.name = \"als\" preconditions by the ALS loss's curvature, so it needs \
                      training.loss = \"als\""

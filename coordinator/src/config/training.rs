@@ -37,21 +37,13 @@ pub struct TrainingConfig {
     /// The devices' training objective: "bpr" (sampled negatives, local SGD)
     /// or "als" (weighted least squares over all items, exact private
     /// vector, one exact gradient per round). Default "bpr".
-    pub loss: LossName,
+    pub loss: Loss,
     /// Confidence of a purchase under "als". Default [`DEFAULT_CONFIDENCE`].
     pub confidence: f32,
 }
 
-/// The devices' training objective (see the client's `model::Loss`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LossName {
-    /// BPR over sampled negatives.
-    #[default]
-    Bpr,
-    /// Weighted least squares over all items.
-    Als,
-}
+/// The devices' training objective (one enum with the wire and the device).
+pub use fedrec_proto::Loss;
 
 impl Default for TrainingConfig {
     fn default() -> Self {
@@ -61,7 +53,7 @@ impl Default for TrainingConfig {
             regularization: DEFAULT_REGULARIZATION,
             negatives: DEFAULT_NEGATIVES,
             proximal_mu: DEFAULT_PROXIMAL_MU,
-            loss: LossName::Bpr,
+            loss: Loss::Bpr,
             confidence: DEFAULT_CONFIDENCE,
         }
     }

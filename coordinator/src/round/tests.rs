@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use fedrec_proto::tensor::encode;
 
 use super::*;
-use crate::config::LossName;
+use crate::config::Loss;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -198,7 +198,7 @@ fn an_extreme_example_count_weighs_at_most_max_examples() {
 /// Cohorts of 2 under the ALS loss: λ = 0.5, lr = 1, uniform weighting.
 fn als_config() -> CoordinatorConfig {
     let mut cfg = config(2, 0);
-    cfg.training.loss = LossName::Als;
+    cfg.training.loss = Loss::Als;
     cfg.training.regularization = 0.5;
     cfg.training.learning_rate = 1.0;
     cfg.strategy.weighting = crate::config::Weighting::Uniform;

@@ -90,10 +90,7 @@ pub fn task_to_pb(task: &Task, now: std::time::Instant) -> pb::Task {
             regularization: task.training.regularization,
             negatives: task.training.negatives,
             proximal_mu: task.training.proximal_mu,
-            loss: match task.training.loss {
-                crate::config::LossName::Bpr => pb::Loss::Bpr,
-                crate::config::LossName::Als => pb::Loss::Als,
-            } as i32,
+            loss: pb::Loss::from(task.training.loss) as i32,
             confidence: task.training.confidence,
             evaluate: task.evaluate,
             user_moment: task.user_moment,

@@ -35,7 +35,7 @@
 use fedrec_proto::{Layout, linalg};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LossName, StrategyConfig, StrategyName, TrainingConfig};
+use crate::config::{Loss, StrategyConfig, StrategyName, TrainingConfig};
 
 pub mod adaptive;
 pub mod als;
@@ -191,7 +191,7 @@ impl Strategy {
             mean.len(),
             "params and mean update lengths differ"
         );
-        if round.training.loss == LossName::Als {
+        if round.training.loss == Loss::Als {
             als::regularize_items(&mut mean, params, round);
         }
         let c = self.config;
