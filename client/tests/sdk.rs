@@ -329,18 +329,24 @@ async fn reported_bytes_equal_the_bytes_received() {
     running.stop().await;
 }
 
-/// Refreshing the model again downloads it only when the coordinator has a
-/// new version: the coordinator refuses a session's fifth download of one
-/// version (`server.max_downloads_per_version`, issue 19 item 4), and an
-/// app may refresh on every screen.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refreshing_the_model_skips_a_version_already_held() {
+/// A coordinator of one round for one device, and a client connected to it.
+async fn connected() -> (common::Running, Client) {
     let model = common::model(40, 4);
     let running = common::start(common::config(1, 1), &model, 1).await;
     let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
     common::within("connect", client.connect(&running.endpoint))
         .await
         .unwrap();
+    (running, client)
+}
+
+/// Refreshing the model again downloads it only when the coordinator has a
+/// new version: the coordinator refuses a session's fifth download of one
+/// version (`server.max_downloads_per_version`, issue 19 item 4), and an
+/// app may refresh on every screen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshing_the_model_skips_a_version_already_held() {
+    let (running, client) = connected().await;
     for _ in 0..6 {
         let version = common::within("model", client.refresh_model())
             .await
@@ -358,12 +364,7 @@ async fn refreshing_the_model_skips_a_version_already_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refreshing_the_model_joins_again_when_the_session_expired() {
     use std::sync::atomic::Ordering;
-    let model = common::model(40, 4);
-    let running = common::start(common::config(1, 1), &model, 1).await;
-    let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
-    common::within("connect", client.connect(&running.endpoint))
-        .await
-        .unwrap();
+    let (running, client) = connected().await;
     running.refuse_downloads.store(1, Ordering::SeqCst);
     let version = common::within("model", client.refresh_model())
         .await
