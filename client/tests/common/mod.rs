@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use fedrec_client::model::{MatrixFactorization, Model};
 use fedrec_coordinator::config::CoordinatorConfig;
-use fedrec_coordinator::round::RoundCore;
 use fedrec_coordinator::service::{CoordinatorService, ServeOptions, ServiceHandle};
 use http_body_util::{BodyExt, Full};
 use rand::SeedableRng;
