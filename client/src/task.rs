@@ -458,25 +458,25 @@ mod tests {
     #[test]
     fn a_bad_field_is_named_in_the_refusal() {
         let good = wire(pb::TaskKind::Train, pb::Loss::Bpr);
-        let mut w = good.clone();
+        let mut w = good;
         w.training = None;
         assert_eq!(refused_field(&w), "training");
 
-        let mut w = good.clone();
+        let mut w = good;
         w.training.as_mut().unwrap().learning_rate = 20.0;
         assert_eq!(refused_field(&w), "training.learning_rate");
         let err = Task::try_from(&w).unwrap_err().to_string();
         assert!(err.contains("got 20"), "{err}");
 
-        let mut w = good.clone();
+        let mut w = good;
         w.training.as_mut().unwrap().local_epochs = 0;
         assert_eq!(refused_field(&w), "training.local_epochs");
 
-        let mut w = good.clone();
+        let mut w = good;
         w.training.as_mut().unwrap().user_moment = true;
         assert_eq!(refused_field(&w), "training.user_moment");
 
-        let mut w = good.clone();
+        let mut w = good;
         w.dp = Some(pb::DpTask {
             clip: 0.0,
             ..Default::default()
@@ -497,7 +497,7 @@ mod tests {
         assert_eq!(refused_field(&w), "dp.count_noise_stddev");
 
         // A threshold of one half or less would let the coordinator unmask.
-        let mut w = good.clone();
+        let mut w = good;
         w.secure_aggregation = Some(pb::SecAggTask {
             party: 1,
             threshold: 0.5,
