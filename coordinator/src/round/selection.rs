@@ -1,0 +1,196 @@
+//! Starting rounds: what comes next, the check-in window, and the cohort
+//! selected from the waiting devices.
+
+use std::time::Instant;
+
+use super::*;
+
+impl RoundCore {
+    /// Runs the state machine until nothing more is due at `now`.
+    pub(super) fn advance(&mut self, now: Instant) {
+        loop {
+            match &self.open {
+                Some(open) if open.secure.is_some() => {
+                    if !self.advance_secure(now) {
+                        return;
+                    }
+                }
+                Some(open) if open.accepted >= open.needed => self.close(now, None),
+                Some(open) if now >= open.deadline => {
+                    let min = self.config.rounds.min_updates;
+                    if open.accepted >= min {
+                        self.close(now, None);
+                    } else {
+                        let reason = format!(
+                            "only {} of {} selected devices submitted by the deadline; {} required (rounds.min_updates)",
+                            open.accepted,
+                            open.cohort.len(),
+                            min
+                        );
+                        self.close(now, Some(reason));
+                    }
+                }
+                Some(_) => return,
+                None => {
+                    if !self.try_start(now) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The kind of the next round, or `None` when all rounds are done.
+    pub(super) fn next_kind(&self) -> Option<TaskKind> {
+        let rounds = self.config.rounds.rounds;
+        if self.training_stopped.is_none() && (rounds == 0 || self.training_rounds < rounds) {
+            Some(TaskKind::Train)
+        } else if self.config.rounds.final_evaluation && !self.final_evaluation_done {
+            Some(TaskKind::Evaluate)
+        } else {
+            None
+        }
+    }
+
+    /// Opens the next round if its start condition holds.
+    pub(super) fn try_start(&mut self, now: Instant) -> bool {
+        self.sweep_sessions(now);
+        if self.finished.is_some() || self.pool.is_empty() {
+            return false;
+        }
+        let Some(kind) = self.next_kind() else {
+            return false;
+        };
+        let r = &self.config.rounds;
+        let waiting = self.pool.len();
+        let window_passed = self
+            .window_start
+            .is_some_and(|t| now >= t + r.checkin_window());
+        let enough_after_window = window_passed && waiting >= r.min_updates;
+        let everyone_waits = waiting == self.joined.len();
+        let over = |n: usize| ((n as f64) * r.over_selection).ceil() as usize;
+        let dp = kind == TaskKind::Train && self.privacy.is_some();
+        let (selected, needed) = match (kind, r.fraction) {
+            (TaskKind::Train, _) if dp => {
+                // Poisson sampling, once every device waits (or the window
+                // passed): the accountant's q holds for each of them.
+                if !((everyone_waits && waiting >= r.min_updates) || enough_after_window) {
+                    return false;
+                }
+                (0, 0)
+            }
+            (TaskKind::Evaluate, _) => {
+                if !(everyone_waits || enough_after_window) {
+                    return false;
+                }
+                (waiting, waiting)
+            }
+            (TaskKind::Train, Some(fraction)) => {
+                if !((everyone_waits && waiting >= r.min_updates) || enough_after_window) {
+                    return false;
+                }
+                let wanted = ((waiting as f64 * fraction).ceil() as usize)
+                    .max(r.min_updates)
+                    .min(waiting);
+                let selected = over(wanted).min(waiting);
+                (selected, wanted.min(selected))
+            }
+            (TaskKind::Train, None) => {
+                let target = over(r.clients_per_round);
+                // Every joined device waiting: waiting longer could only
+                // bring devices that have not joined yet, so the window
+                // ends now (a single-device deployment does not wait).
+                let settled = self.last_join.is_none_or(|t| now >= t + JOIN_SETTLE);
+                if !(waiting >= target
+                    || enough_after_window
+                    || (everyone_waits && settled && waiting >= r.min_updates))
+                {
+                    return false;
+                }
+                let selected = target.min(waiting);
+                (selected, r.clients_per_round.min(selected))
+            }
+        };
+        let mut privacy = None;
+        if dp && let Some(mechanism) = self.privacy.as_mut() {
+            match mechanism.start_round(waiting) {
+                Ok(round) => privacy = Some(round),
+                Err(refused) => {
+                    tracing::warn!(reason = %refused.0, "training stopped");
+                    self.training_stopped = Some(refused.0);
+                    self.finish_if_done();
+                    return true;
+                }
+            }
+        }
+        let cohort: BTreeMap<Pseudonym, bool> = if dp {
+            let mechanism = self.privacy.as_ref().expect("dp implies a mechanism");
+            let rng = &mut self.rng;
+            self.pool
+                .iter()
+                .filter(|_| mechanism.sample(rng))
+                .map(|p| (*p, false))
+                .collect()
+        } else if selected == waiting {
+            std::mem::take(&mut self.pool)
+                .into_iter()
+                .map(|p| (p, false))
+                .collect()
+        } else {
+            let candidates: Vec<Pseudonym> = self.pool.iter().copied().collect();
+            rand::seq::index::sample(&mut self.rng, waiting, selected)
+                .into_iter()
+                .map(|i| (candidates[i], false))
+                .collect()
+        };
+        for p in cohort.keys() {
+            self.pool.remove(p);
+            if let Some(session) = self.sessions.get_mut(p) {
+                session.downloads = (0, 0);
+            }
+        }
+        let (selected, needed) = if dp {
+            (cohort.len(), cohort.len())
+        } else {
+            (selected, needed)
+        };
+        self.last_round += 1;
+        if kind == TaskKind::Train {
+            self.training_rounds += 1;
+        }
+        self.window_start = None;
+        self.aggregator.reset();
+        let number = self.last_round;
+        let r_min = self.config.rounds.min_updates;
+        let secure = secagg::is_secure(kind, self.config.secure_aggregation.enabled)
+            .then(|| secagg::SecureRound::new(self, number, cohort.keys().copied(), now));
+        self.open = Some(OpenRound {
+            number: self.last_round,
+            kind,
+            model_version: self.model.version,
+            started: now,
+            deadline: now + self.config.rounds.deadline(),
+            cohort,
+            needed,
+            accepted: 0,
+            evaluation: EvalCounts::default(),
+            secure,
+            privacy,
+        });
+        self.generation += 1;
+        self.events.push_back(Event::RoundStarted {
+            round: self.last_round,
+            kind,
+            model_version: self.model.version,
+            selected,
+        });
+        if dp && selected < r_min {
+            let reason = format!(
+                "Poisson sampling drew {selected} devices, fewer than rounds.min_updates = {r_min}; \
+                 the round still counts against the privacy budget"
+            );
+            self.close(now, Some(reason));
+        }
+        true
+    }
+}

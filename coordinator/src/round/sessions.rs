@@ -1,0 +1,110 @@
+//! Sessions: joins, pseudonyms and their expiry, and the sweep of ended
+//! sessions out of the device table.
+
+use std::time::Instant;
+
+use super::*;
+
+/// A device's session: what its pseudonym may do, and until when.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Session {
+    /// When it stops letting the device start new work.
+    pub(super) expires: Instant,
+    /// Ended by a newer join with the same token (refused as
+    /// `session_replaced` rather than `session_expired`).
+    pub(super) replaced: bool,
+    /// The model version last downloaded, and how many times.
+    pub(super) downloads: (u64, u32),
+}
+
+impl Session {
+    pub(super) fn new(expires: Instant) -> Self {
+        Self {
+            expires,
+            replaced: false,
+            downloads: (0, 0),
+        }
+    }
+}
+
+impl RoundCore {
+    /// Admits a new device and returns its fresh random pseudonym, whose
+    /// session lasts `auth.session_ttl_secs`. A device that joined with an
+    /// enrollment token (`token`, from [`crate::auth::TokenSet::check`])
+    /// ends the token's oldest live session when the token already holds
+    /// `auth.max_sessions_per_token`.
+    pub fn join(&mut self, now: Instant, token: Option<TokenId>) -> Pseudonym {
+        self.advance(now);
+        let pseudonym = loop {
+            let mut bytes = [0u8; 16];
+            self.rng.fill_bytes(&mut bytes);
+            let pseudonym = Pseudonym(bytes);
+            // A collision (with a live or a remembered session) is
+            // astronomically unlikely, but cheap to rule out.
+            if !self.sessions.contains_key(&pseudonym) && self.joined.insert(pseudonym) {
+                break pseudonym;
+            }
+        };
+        self.last_join = Some(now);
+        let ttl = self.config.auth.session_ttl();
+        self.sessions.insert(pseudonym, Session::new(now + ttl));
+        if let Some(token) = token {
+            let max = self.config.auth.max_sessions_per_token as usize;
+            let mut held = self.token_sessions.remove(&token).unwrap_or_default();
+            // Live: joined, and not expired (those are swept soon).
+            held.retain(|p| {
+                self.joined.contains(p) && self.sessions.get(p).is_some_and(|s| now < s.expires)
+            });
+            while held.len() >= max {
+                if let Some(oldest) = held.pop_front() {
+                    self.end_session(&oldest);
+                    if let Some(session) = self.sessions.get_mut(&oldest) {
+                        session.replaced = true;
+                    }
+                }
+            }
+            held.push_back(pseudonym);
+            self.token_sessions.insert(token, held);
+        }
+        pseudonym
+    }
+
+    /// Takes a device out of the joined devices and the pool; its session
+    /// is remembered until the sweep forgets it.
+    pub(super) fn end_session(&mut self, pseudonym: &Pseudonym) {
+        self.joined.remove(pseudonym);
+        self.pool.remove(pseudonym);
+    }
+
+    /// Every sixteenth of a session's lifetime, [`sweep`](Self::sweep)s.
+    pub(super) fn sweep_sessions(&mut self, now: Instant) {
+        if self.next_session_sweep.is_none_or(|t| now >= t) {
+            self.sweep(now);
+        }
+    }
+
+    /// Forgets the devices whose sessions ended by `now`, so that they are
+    /// not selected, do not count as joined and are not checkpointed;
+    /// members of the open round's cohort may still finish its task. An
+    /// ended session is remembered for one more lifetime, so that the
+    /// device's next check-in is told (and counted) `session_expired` or
+    /// `session_replaced` rather than `unknown_pseudonym`; then it is
+    /// forgotten entirely. Runs every sixteenth of a lifetime, and when a
+    /// round ends (before its checkpoint).
+    pub(super) fn sweep(&mut self, now: Instant) {
+        let ttl = self.config.auth.session_ttl();
+        self.next_session_sweep = Some(now + ttl / 16);
+        let open = self.open.as_ref();
+        let ended: Vec<Pseudonym> = self
+            .sessions
+            .iter()
+            .filter(|&(p, s)| now >= s.expires && !open.is_some_and(|o| o.cohort.contains_key(p)))
+            .map(|(p, _)| *p)
+            .collect();
+        for pseudonym in &ended {
+            self.end_session(pseudonym);
+        }
+        self.sessions
+            .retain(|_, s| now < s.expires.checked_add(ttl).unwrap_or(s.expires));
+    }
+}
