@@ -176,11 +176,13 @@ impl ConnectionInfo {
 /// has been idle for the timeout, and frees its `max_connections` slot when
 /// dropped.
 pub struct Connection {
+    /// Declared first so that it is dropped first: the slot is free again
+    /// by the time the peer sees the socket close.
+    _slot: OwnedSemaphorePermit,
     stream: TcpStream,
     info: ConnectionInfo,
     idle_timeout: Duration,
     timer: Pin<Box<Sleep>>,
-    _slot: OwnedSemaphorePermit,
 }
 
 impl Connection {
