@@ -48,7 +48,7 @@ use fedrec_client::ranking::EvalCounts;
 use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
 use fedrec_client::store::Purchase;
-use fedrec_coordinator::config::{CoordinatorConfig, StrategyName};
+use fedrec_coordinator::config::{CoordinatorConfig, StrategyName, ValidConfig};
 use fedrec_coordinator::round::RoundCore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -263,7 +263,7 @@ pub(crate) struct CutRun {
     diversity: Option<crate::diversity::DiversityReport>,
     federated_seconds: f64,
     centralized_seconds: f64,
-    coord: CoordinatorConfig,
+    coord: ValidConfig,
 }
 
 /// Runs a whole simulation on `ds`: for each training cut of the
@@ -387,7 +387,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         privacy,
         download,
         config: SimConfig {
-            coordinator: coord,
+            coordinator: coord.into_inner(),
             ..cfg.clone()
         },
         data: DataSummary {
@@ -461,8 +461,8 @@ pub(crate) fn run_cut(
         coord.privacy.sampling_rate =
             Some(coord.rounds.clients_per_round as f64 / devices.len() as f64);
     }
-    coord
-        .validate()
+    let coord = coord
+        .validated()
         .context("invalid coordinator configuration")?;
     let params = model.init_global(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
     let core = RoundCore::new(coord.clone(), model.layout(), params)
@@ -620,7 +620,7 @@ mod tests {
     #[test]
     fn an_inproc_device_joins_again_when_its_session_expired() {
         let layout = fedrec_proto::Layout::new(vec![("b".into(), vec![1])]);
-        let mut core = RoundCore::new(CoordinatorConfig::default(), layout, vec![0.0]).unwrap();
+        let mut core = RoundCore::new(ValidConfig::default(), layout, vec![0.0]).unwrap();
         let t0 = Instant::now();
         let first = core.join(t0, None);
         let mut pseudonym = first;
@@ -652,7 +652,8 @@ mod tests {
         plain.training.proximal_mu = 0.5;
         for cfg in [secure, plain] {
             let layout = fedrec_proto::Layout::new(vec![("b".into(), vec![4])]);
-            let mut core = RoundCore::new(cfg.clone(), layout, vec![0.0; 4]).unwrap();
+            let mut core =
+                RoundCore::new(cfg.clone().validated().unwrap(), layout, vec![0.0; 4]).unwrap();
             let t0 = Instant::now();
             let mut pseudonyms: Vec<_> = (0..3).map(|_| core.join(t0, None)).collect();
             // As `run_inproc` does: check in, else move the clock to the

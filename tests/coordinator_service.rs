@@ -537,7 +537,7 @@ async fn serve_function_runs_until_shutdown() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let core = RoundCore::new(
-        config(1, 0),
+        config(1, 0).validated().unwrap(),
         Layout::new(vec![("b".into(), vec![1])]),
         vec![0.0],
     )
@@ -693,7 +693,7 @@ async fn joins_need_an_enrolled_token_and_refusals_are_counted() {
     // A configuration that asks for tokens without the service being given
     // them refuses to serve rather than admitting everyone.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let core = RoundCore::new(cfg, layout, vec![0.0]).unwrap();
+    let core = RoundCore::new(cfg.validated().unwrap(), layout, vec![0.0]).unwrap();
     let service = fedrec_coordinator::CoordinatorService::new(core, ServeOptions::default());
     let err = common::within("serve", service.serve(listener, std::future::pending()))
         .await
@@ -1028,7 +1028,7 @@ async fn a_checkpoint_that_cannot_be_written_fails_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("missing").join("coordinator.ckpt");
     let core = RoundCore::new(
-        config(1, 1),
+        config(1, 1).validated().unwrap(),
         Layout::new(vec![("b".into(), vec![1])]),
         vec![0.0],
     )

@@ -146,7 +146,7 @@ async fn start_coordinator(
     cfg.rounds.final_evaluation = false;
     let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let start = fedrec_coordinator::bootstrap::prepare(
-        cfg,
+        cfg.validated()?,
         model.layout(),
         params,
         None,

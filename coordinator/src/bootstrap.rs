@@ -1,18 +1,18 @@
 //! Starting a coordinator from its configuration: what `fedrec serve`, the
-//! tests and the example share. [`prepare`] validates the configuration,
-//! reads the enrollment tokens and the TLS files, applies the transport
+//! tests and the example share. [`prepare`] takes the validated
+//! configuration, reads the enrollment tokens and the TLS files, applies the transport
 //! policy (no plain text off loopback unless asked), and resumes from the
 //! checkpoint when there is one, or starts afresh.
 //!
 //! ```
 //! use fedrec_coordinator::bootstrap::{self, Start};
-//! use fedrec_coordinator::config::CoordinatorConfig;
+//! use fedrec_coordinator::config::ValidConfig;
 //! use fedrec_coordinator::service::ServeOptions;
 //! use fedrec_proto::Layout;
 //!
 //! let layout = Layout::new(vec![("item_bias".into(), vec![3])]);
 //! let start = bootstrap::prepare(
-//!     CoordinatorConfig::default(),
+//!     ValidConfig::default(),
 //!     layout,
 //!     vec![0.0; 3],
 //!     None,
@@ -31,7 +31,7 @@ use fedrec_proto::Layout;
 use crate::CoordinatorError;
 use crate::auth::TokenSet;
 use crate::checkpoint::Checkpoint;
-use crate::config::CoordinatorConfig;
+use crate::config::ValidConfig;
 use crate::round::RoundCore;
 use crate::service::ServeOptions;
 
@@ -56,17 +56,16 @@ pub struct Start {
 /// file are read into it when it has none.
 ///
 /// # Errors
-/// An invalid configuration; unreadable tokens, TLS files or checkpoint; a
+/// Unreadable tokens, TLS files or checkpoint; a
 /// checkpoint of another model. The transport policy is checked on the
 /// address actually bound, by [`check_transport`].
 pub fn prepare(
-    cfg: CoordinatorConfig,
+    cfg: ValidConfig,
     layout: Layout,
     params: Vec<f32>,
     checkpoint: Option<&Path>,
     mut options: ServeOptions,
 ) -> Result<Start, CoordinatorError> {
-    cfg.validate()?;
     if options.tokens.is_none()
         && let Some(path) = &cfg.auth.enrollment_tokens
     {
@@ -154,7 +153,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.ckpt");
         let fresh = prepare(
-            CoordinatorConfig::default(),
+            ValidConfig::default(),
             layout.clone(),
             vec![0.5, -0.5],
             Some(&path),
@@ -165,7 +164,7 @@ mod tests {
         assert_eq!(fresh.options.checkpoint.as_deref(), Some(path.as_path()));
         fresh.core.checkpoint().write(&path).unwrap();
         let again = prepare(
-            CoordinatorConfig::default(),
+            ValidConfig::default(),
             layout,
             vec![9.0, 9.0],
             Some(&path),

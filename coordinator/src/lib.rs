@@ -48,7 +48,7 @@
 //! config.rounds.final_evaluation = false;
 //! config.rounds.seed = Some(7);
 //! let layout = Layout::new(vec![("item_bias".into(), vec![3])]);
-//! let mut core = RoundCore::new(config, layout, vec![0.0; 3]).unwrap();
+//! let mut core = RoundCore::new(config.validated().unwrap(), layout, vec![0.0; 3]).unwrap();
 //!
 //! let now = Instant::now();
 //! let devices = [core.join(now, None), core.join(now, None)];
@@ -109,7 +109,7 @@ pub mod strategy;
 pub mod tls;
 
 pub use aggregate::{Aggregator, EvalCounts};
-pub use config::CoordinatorConfig;
+pub use config::{CoordinatorConfig, ValidConfig};
 pub use error::CoordinatorError;
 pub use round::{
     CheckIn, CoordinatorStatus, Event, ModelSnapshot, Pseudonym, RoundCore, RoundSummary,

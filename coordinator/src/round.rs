@@ -40,7 +40,7 @@ use crate::CoordinatorError;
 use crate::aggregate::{Aggregator, EvalCounts};
 use crate::auth::TokenId;
 use crate::checkpoint::{Checkpoint, PrivacyState};
-use crate::config::{CoordinatorConfig, TrainingConfig};
+use crate::config::{CoordinatorConfig, TrainingConfig, ValidConfig};
 pub use crate::history::{RoundSummary, TaskKind};
 use crate::privacy::{Mechanism, NoisySum, RoundPrivacy, TaskPrivacy};
 use crate::strategy::Strategy;
@@ -268,7 +268,7 @@ struct OpenRound {
 /// The coordinator's sans-IO core. See the [module docs](self).
 #[derive(Debug)]
 pub struct RoundCore {
-    config: CoordinatorConfig,
+    config: ValidConfig,
     rng: ChaCha20Rng,
     /// Secure aggregation's randomness (graph seeds), apart from `rng` so
     /// that turning it on does not change pseudonyms or cohorts.
@@ -313,14 +313,14 @@ pub struct RoundCore {
 
 impl RoundCore {
     /// A core for the model `params` (laid out as `layout`), which becomes
-    /// model version 1. Fails on an invalid configuration, a parameter count
-    /// that does not match the layout, or a non-finite parameter.
+    /// model version 1. Fails on a model larger than `model.max_bytes`, a
+    /// parameter count that does not match the layout, or a non-finite
+    /// parameter.
     pub fn new(
-        config: CoordinatorConfig,
+        config: ValidConfig,
         layout: Layout,
         params: Vec<f32>,
     ) -> Result<Self, CoordinatorError> {
-        config.validate()?;
         config
             .model
             .check_size(layout.num_values() as u64, "the model's layout")
@@ -396,7 +396,7 @@ impl RoundCore {
     /// `layout` (another model size or optimizer, or differential privacy
     /// switched on or off since), saying which.
     pub fn resume(
-        config: CoordinatorConfig,
+        config: ValidConfig,
         layout: Layout,
         checkpoint: Checkpoint,
         now: Instant,

@@ -94,7 +94,7 @@ mod tests {
                 tls,
                 ..CoordinatorConfig::default()
             };
-            cfg.validate().map_err(|e| e.to_string())
+            cfg.validated().map(drop).map_err(|e| e.to_string())
         };
         let e = check(TlsConfig {
             cert: Some("server.pem".into()),

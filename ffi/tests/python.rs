@@ -81,7 +81,7 @@ async fn start_coordinator() -> (String, tokio::sync::oneshot::Sender<()>, Serve
     cfg.rounds.seed = Some(1);
     let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let start = fedrec_coordinator::bootstrap::prepare(
-        cfg,
+        cfg.validated().expect("a valid configuration"),
         model.layout(),
         params,
         None,

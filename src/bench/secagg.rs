@@ -151,7 +151,11 @@ type OpenRound = (RoundCore, Instant, Vec<(Pseudonym, Task)>);
 /// A core with one open round of `devices` devices over `values` values.
 fn open_round(devices: usize, values: usize, secure: bool, seed: u64) -> anyhow::Result<OpenRound> {
     let layout = Layout::new(vec![("update".into(), vec![values as u64])]);
-    let mut core = RoundCore::new(config(devices, secure, seed), layout, vec![0.0; values])?;
+    let mut core = RoundCore::new(
+        config(devices, secure, seed).validated()?,
+        layout,
+        vec![0.0; values],
+    )?;
     let now = Instant::now();
     let pseudonyms: Vec<Pseudonym> = (0..devices).map(|_| core.join(now, None)).collect();
     for p in &pseudonyms {

@@ -311,9 +311,11 @@ pub(crate) fn parse_name<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, S
     T::deserialize(StrDeserializer::<Error>::new(s)).map_err(|e| e.to_string())
 }
 
+/// The configuration file, parsed but not yet validated (a command applies
+/// its options first, then validates once), or the defaults.
 pub(crate) fn coordinator_config(path: Option<&Path>) -> anyhow::Result<CoordinatorConfig> {
     Ok(match path {
-        Some(p) => CoordinatorConfig::from_file(p)?,
+        Some(p) => CoordinatorConfig::parse_file(p)?,
         None => CoordinatorConfig::default(),
     })
 }
@@ -413,12 +415,12 @@ mod tests {
         let cfg = apply(&dp);
         assert_eq!(cfg.strategy.name, StrategyName::FedAdam);
         assert_eq!(cfg.strategy.server_lr, 0.01);
-        cfg.validate().expect("a valid DP configuration");
+        cfg.clone().validated().expect("a valid DP configuration");
         // Explicit flags win; `als` under DP is then refused, saying why.
         let cfg = apply(&[&dp[..], &["--server-lr", "0.02"]].concat());
         assert_eq!(cfg.strategy.server_lr, 0.02);
         let cfg = apply(&[&dp[..], &["--strategy", "als"]].concat());
-        let err = cfg.validate().unwrap_err().to_string();
+        let err = cfg.validated().unwrap_err().to_string();
         assert!(err.contains("differential privacy"), "{err}");
         // Without DP the preset's own step stays.
         assert_eq!(apply(&[]).strategy.name, StrategyName::Als);

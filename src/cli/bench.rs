@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use fedrec::sim::{self};
-use fedrec_coordinator::config::CoordinatorConfig;
 use fedrec_proto::codec::Encoding;
 
 use super::*;
@@ -134,10 +133,7 @@ pub(crate) fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
             }
         }
         BenchCommand::Idle(a) => {
-            let base = match &a.config {
-                Some(path) => CoordinatorConfig::from_file(path)?,
-                None => CoordinatorConfig::default(),
-            };
+            let base = coordinator_config(a.config.as_deref())?;
             let wait = std::time::Duration::try_from_secs_f64(a.wait_secs)
                 .map_err(|_| anyhow::anyhow!("--wait-secs must be a positive number of seconds"))?;
             let row = fedrec::bench::idle::idle(base, a.joined, a.connections, wait)?;
@@ -157,10 +153,7 @@ pub(crate) fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&row)?);
         }
         BenchCommand::Round(a) => {
-            let base = match &a.config {
-                Some(path) => CoordinatorConfig::from_file(path)?,
-                None => CoordinatorConfig::default(),
-            };
+            let base = coordinator_config(a.config.as_deref())?;
             let row = fedrec::bench::round(
                 base,
                 a.clients,

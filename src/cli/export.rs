@@ -35,7 +35,9 @@ pub(crate) fn export(args: ExportArgs) -> anyhow::Result<()> {
         cfg.model.items = Some(items);
     }
     args.overrides.apply(&mut cfg);
-    let (catalogue, model) = serve_model(&mut cfg, args.catalogue.as_deref())?;
+    let Served {
+        catalogue, model, ..
+    } = serve_model(cfg, args.config.as_deref(), args.catalogue.as_deref())?;
     let checkpoint = fedrec_coordinator::checkpoint::Checkpoint::read(&args.checkpoint)?;
     let layout = model.layout();
     if checkpoint.params.len() != layout.num_values() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Args;
 use fedrec::sim;
-use fedrec_coordinator::config::CoordinatorConfig;
+use fedrec_coordinator::config::{CoordinatorConfig, ValidConfig};
 
 use super::*;
 
@@ -93,9 +93,11 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .listen
         .parse()
         .with_context(|| format!("bad listen address {:?}", cfg.server.listen))?;
-    // Before anything is allocated for the model (model.max_bytes).
-    cfg.validate()?;
-    let (catalogue, model) = serve_model(&mut cfg, args.catalogue.as_deref())?;
+    let Served {
+        cfg,
+        catalogue,
+        model,
+    } = serve_model(cfg, args.config.as_deref(), args.catalogue.as_deref())?;
     let params = {
         use rand::SeedableRng;
         model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed))
@@ -203,35 +205,46 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The catalogue and the model `serve` trains, from `--catalogue FILE` or
-/// `model.items` (ids 1 to N) and the configuration.
+/// What `serve` runs: the configuration, validated once (after the command
+/// line's options and the catalogue's size are applied, before anything is
+/// allocated for the model: `model.max_bytes`), the catalogue from
+/// `--catalogue FILE` or `model.items` (ids 1 to N), and the model.
+pub(crate) struct Served {
+    pub(crate) cfg: ValidConfig,
+    pub(crate) catalogue: fedrec_proto::catalogue::Catalogue,
+    pub(crate) model: Arc<dyn fedrec_client::model::Model>,
+}
+
+/// [`Served`] from the configuration read from `config_file` (if any) with
+/// the command line's options applied.
 pub(crate) fn serve_model(
-    cfg: &mut CoordinatorConfig,
+    mut cfg: CoordinatorConfig,
+    config_file: Option<&Path>,
     catalogue_file: Option<&Path>,
-) -> anyhow::Result<(
-    fedrec_proto::catalogue::Catalogue,
-    Arc<dyn fedrec_client::model::Model>,
-)> {
-    let catalogue = match catalogue_file {
+) -> anyhow::Result<Served> {
+    let listed = match catalogue_file {
         Some(path) => {
             let catalogue = read_catalogue(path)?;
             cfg.model.items = Some(catalogue.len());
-            cfg.validate()?;
-            catalogue
+            Some(catalogue)
         }
-        None => {
-            let Some(items) = cfg.model.items else {
-                bail!(
-                    "the coordinator needs its catalogue: pass --items N (item ids 1 to N, as \
-                     `fedrec gen-data` writes them), --catalogue FILE (one item id a line), or \
-                     set model.items in the config"
-                );
-            };
-            fedrec_proto::catalogue::Catalogue::numbered(items)
-        }
+        None => None,
     };
-    let model = sim::model_for(cfg, catalogue.len())?;
-    Ok((catalogue, model))
+    let Some(items) = cfg.model.items else {
+        bail!(
+            "the coordinator needs its catalogue: pass --items N (item ids 1 to N, as \
+             `fedrec gen-data` writes them), --catalogue FILE (one item id a line), or \
+             set model.items in the config"
+        );
+    };
+    let cfg = cfg.validated_from(config_file)?;
+    let catalogue = listed.unwrap_or_else(|| fedrec_proto::catalogue::Catalogue::numbered(items));
+    let model = sim::model_for(&cfg, catalogue.len())?;
+    Ok(Served {
+        cfg,
+        catalogue,
+        model,
+    })
 }
 
 /// Where `serve` writes the trained model, if anywhere.

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 use fedrec::sim::{self, Observer, Report, RoundRow, SimConfig, Transport};
-use fedrec_coordinator::config::CoordinatorConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::*;
@@ -87,7 +86,7 @@ pub(crate) fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     }
     let (mut coord, centralized_epochs) = match (&args.config, preset) {
         (Some(p), _) => (
-            CoordinatorConfig::from_file(p)?,
+            coordinator_config(Some(p))?,
             sim::DEFAULT_CENTRALIZED_EPOCHS,
         ),
         (None, Some(preset)) => preset.config(),

@@ -109,6 +109,7 @@ pub async fn serve_with(
     params: Vec<f32>,
     options: ServeOptions,
 ) -> Running {
+    let cfg = cfg.validated().expect("a valid configuration");
     let start = fedrec_coordinator::bootstrap::prepare(cfg, layout, params, None, options)
         .expect("valid coordinator");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -89,7 +89,7 @@ impl Running {
 pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) -> Running {
     let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     let start = fedrec_coordinator::bootstrap::prepare(
-        cfg,
+        cfg.validated().expect("a valid configuration"),
         model.layout(),
         params,
         None,

@@ -120,32 +120,103 @@ fn check_range(
     Err(invalid(text))
 }
 
+fn config_file_error(path: &Path, message: impl ToString) -> CoordinatorError {
+    CoordinatorError::ConfigFile {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
 /// Longest time accepted for the `*_secs` options (one year), so that
 /// deadlines never overflow an `Instant`.
 const MAX_SECS: f64 = 365.0 * 24.0 * 3600.0;
 
+/// A configuration that passed every check of [`CoordinatorConfig::validated`]:
+/// the only form the coordinator starts from ([`RoundCore::new`],
+/// [`bootstrap::prepare`]), so it is checked once, where it is loaded or
+/// built, and read-only afterwards. It reads as the configuration it holds;
+/// [`ValidConfig::into_inner`] gives that back to change and validate again.
+///
+/// [`RoundCore::new`]: crate::RoundCore::new
+/// [`bootstrap::prepare`]: crate::bootstrap::prepare
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct ValidConfig(CoordinatorConfig);
+
+impl ValidConfig {
+    /// The configuration, to change (and validate again).
+    pub fn into_inner(self) -> CoordinatorConfig {
+        self.0
+    }
+}
+
+/// The defaults, which are valid (tested).
+impl Default for ValidConfig {
+    fn default() -> Self {
+        Self(CoordinatorConfig::default())
+    }
+}
+
+impl std::ops::Deref for ValidConfig {
+    type Target = CoordinatorConfig;
+
+    fn deref(&self) -> &CoordinatorConfig {
+        &self.0
+    }
+}
+
+impl PartialEq<CoordinatorConfig> for ValidConfig {
+    fn eq(&self, other: &CoordinatorConfig) -> bool {
+        &self.0 == other
+    }
+}
+
+impl TryFrom<CoordinatorConfig> for ValidConfig {
+    type Error = CoordinatorError;
+
+    fn try_from(config: CoordinatorConfig) -> Result<Self, CoordinatorError> {
+        config.validated()
+    }
+}
+
 impl CoordinatorConfig {
     /// Parses and validates a configuration from TOML text.
-    pub fn from_toml_str(text: &str) -> Result<Self, CoordinatorError> {
+    pub fn from_toml_str(text: &str) -> Result<ValidConfig, CoordinatorError> {
         let config: Self = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        config.validate()?;
-        Ok(config)
+        config.validated()
     }
 
     /// Reads, parses and validates a configuration file; errors name the file.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, CoordinatorError> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<ValidConfig, CoordinatorError> {
         let path = path.as_ref();
-        let file_error = |message: String| CoordinatorError::ConfigFile {
-            path: path.to_owned(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let config: Self = toml::from_str(&text).map_err(|e| file_error(e.to_string()))?;
-        config.validate().map_err(|e| match e {
-            CoordinatorError::InvalidConfig(message) => file_error(message),
-            other => other,
-        })?;
-        Ok(config)
+        Self::parse_file(path)?.validated_from(Some(path))
+    }
+
+    /// Reads and parses a configuration file without validating it, for a
+    /// caller that changes it first (a command line's options) and then
+    /// calls [`validated_from`](Self::validated_from) once.
+    pub fn parse_file(path: impl AsRef<Path>) -> Result<Self, CoordinatorError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| config_file_error(path, e))?;
+        toml::from_str(&text).map_err(|e| config_file_error(path, e))
+    }
+
+    /// Checks every option's range, section by section, then what one
+    /// section requires of another; the first problem found is reported.
+    pub fn validated(self) -> Result<ValidConfig, CoordinatorError> {
+        self.validate()?;
+        Ok(ValidConfig(self))
+    }
+
+    /// [`validated`](Self::validated), with a problem reported as one of
+    /// `file`, where the configuration was read from (if it was).
+    pub fn validated_from(self, file: Option<&Path>) -> Result<ValidConfig, CoordinatorError> {
+        self.validated().map_err(|e| match (e, file) {
+            (CoordinatorError::InvalidConfig(message), Some(path)) => {
+                config_file_error(path, message)
+            }
+            (other, _) => other,
+        })
     }
 
     /// The configuration as TOML text (every option, defaults included).
@@ -153,9 +224,7 @@ impl CoordinatorConfig {
         toml::to_string(self).map_err(|e| invalid(e.to_string()))
     }
 
-    /// Checks every option's range, section by section, then what one
-    /// section requires of another; the first problem found is reported.
-    pub fn validate(&self) -> Result<(), CoordinatorError> {
+    fn validate(&self) -> Result<(), CoordinatorError> {
         self.tls.validate()?;
         self.auth.validate()?;
         self.server.validate()?;

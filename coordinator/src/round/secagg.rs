@@ -179,7 +179,7 @@ impl SecureRound {
         let weighting = sa.weighting(core.config.strategy.weighting);
         let step_deadline = now + sa.step();
         let num_values = core.update_len() + EXTRA_VALUES;
-        // The configuration was validated by `RoundCore::new` and
+        // The configuration was validated before `RoundCore::new` and
         // `num_values` is at least EXTRA_VALUES > 0: the only two ways
         // `SecAggRound::new` can fail.
         let agg = SecAggRound::new(

@@ -26,9 +26,13 @@ fn config(clients_per_round: usize, rounds: u32) -> CoordinatorConfig {
     config
 }
 
+fn valid(config: CoordinatorConfig) -> ValidConfig {
+    config.validated().unwrap()
+}
+
 fn core_with(config: CoordinatorConfig, params: Vec<f32>) -> RoundCore {
     let n = params.len() as u64;
-    RoundCore::new(config, layout(n), params).unwrap()
+    RoundCore::new(config.validated().unwrap(), layout(n), params).unwrap()
 }
 
 fn join(core: &mut RoundCore, now: Instant, n: usize) -> Vec<Pseudonym> {
@@ -94,16 +98,16 @@ fn pseudonyms_are_hex_and_parse_back() {
 
 #[test]
 fn new_rejects_bad_models() {
-    let err = RoundCore::new(config(1, 0), layout(3), vec![0.0; 2]).unwrap_err();
+    let err = RoundCore::new(valid(config(1, 0)), layout(3), vec![0.0; 2]).unwrap_err();
     assert!(
         err.to_string().contains("3 values, but 2 parameters"),
         "{err}"
     );
-    let err = RoundCore::new(config(1, 0), layout(2), vec![0.0, f32::NAN]).unwrap_err();
+    let err = RoundCore::new(valid(config(1, 0)), layout(2), vec![0.0, f32::NAN]).unwrap_err();
     assert!(err.to_string().contains("index 1"), "{err}");
     let mut bad = config(1, 0);
     bad.rounds.clients_per_round = 0;
-    assert!(RoundCore::new(bad, layout(1), vec![0.0]).is_err());
+    assert!(bad.validated().is_err());
 }
 
 #[test]
@@ -242,7 +246,7 @@ fn the_als_strategy_steps_with_the_cohorts_curvature() {
     cfg.strategy.name = crate::config::StrategyName::Als;
     cfg.strategy.server_lr = 1.0;
     let matrix = Layout::new(vec![("q".into(), vec![1, 2]), ("b".into(), vec![1])]);
-    let mut core = RoundCore::new(cfg.clone(), matrix, vec![2.0, -4.0, 0.0]).unwrap();
+    let mut core = RoundCore::new(valid(cfg.clone()), matrix, vec![2.0, -4.0, 0.0]).unwrap();
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 4);
     let tasks = check_in_all(&mut core, t0, &devices);
@@ -296,7 +300,7 @@ fn the_als_strategy_steps_with_the_cohorts_curvature() {
     assert_eq!(core.model().params, before);
 
     // A model without an item matrix cannot take the step.
-    let err = RoundCore::new(cfg, layout(3), vec![0.0; 3]).unwrap_err();
+    let err = RoundCore::new(valid(cfg), layout(3), vec![0.0; 3]).unwrap_err();
     assert!(err.to_string().contains("matrix"), "{err}");
 }
 
@@ -1112,7 +1116,7 @@ fn a_resumed_core_carries_on_from_its_checkpoint() {
     assert_eq!(saved.params, core.model().params);
     assert_eq!(saved.m, core.strategy().moments().0);
 
-    let mut resumed = RoundCore::resume(c.clone(), layout(3), saved.clone(), now).unwrap();
+    let mut resumed = RoundCore::resume(valid(c.clone()), layout(3), saved.clone(), now).unwrap();
     assert_eq!(resumed.model().version, core.model().version);
     assert_eq!(resumed.model().params, core.model().params);
     assert_eq!(resumed.history(), core.history());
@@ -1133,7 +1137,7 @@ fn a_resumed_core_carries_on_from_its_checkpoint() {
     // Switching privacy off since the checkpoint is refused, with the reason.
     let mut off = c;
     off.privacy.mode = DpMode::Off;
-    let err = RoundCore::resume(off, layout(3), saved, now)
+    let err = RoundCore::resume(valid(off), layout(3), saved, now)
         .unwrap_err()
         .to_string();
     assert!(err.contains("differential privacy"), "{err}");
@@ -1468,7 +1472,8 @@ fn resumed_pseudonyms_expire_one_lifetime_after_the_resume() {
     let devices = join(&mut core, t0, 3);
     let ttl = core.config().auth.session_ttl();
     let resumed_at = t0 + 10 * ttl;
-    let mut resumed = RoundCore::resume(cfg, layout(1), core.checkpoint(), resumed_at).unwrap();
+    let mut resumed =
+        RoundCore::resume(valid(cfg), layout(1), core.checkpoint(), resumed_at).unwrap();
     assert_eq!(resumed.joined(), 3);
     for device in &devices {
         assert_eq!(resumed.sessions[device].expires, resumed_at + ttl);

@@ -74,7 +74,8 @@ impl Cohort {
     fn open(config: CoordinatorConfig) -> Self {
         let n = config.rounds.clients_per_round;
         let layout = Layout::new(vec![("item_bias".into(), vec![VALUES as u64])]);
-        let mut core = RoundCore::new(config, layout, vec![0.5; VALUES]).unwrap();
+        let mut core =
+            RoundCore::new(config.validated().unwrap(), layout, vec![0.5; VALUES]).unwrap();
         let now = Instant::now();
         let pseudonyms: Vec<Pseudonym> = (0..n).map(|_| core.join(now, None)).collect();
         let mut cohort = Self {
