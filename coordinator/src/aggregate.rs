@@ -95,10 +95,7 @@ impl Aggregator {
     /// fold. The bound makes the second pass safe without looking at the sum:
     /// `MAX_UPDATES` terms of at most `MAX_WEIGHTED_VALUE` cannot overflow `f32`.
     pub fn add(&mut self, bytes: &[u8], weight: u64) -> Result<(), CoordinatorError> {
-        if weight == 0 {
-            return Err(CoordinatorError::ZeroExamples);
-        }
-        self.add_scaled(bytes, weight as f32, weight)
+        self.add_discounted(bytes, None, weight, 1.0)
     }
 
     /// Like [`add`](Self::add), but first scales the update down to L2
@@ -110,25 +107,48 @@ impl Aggregator {
         clip: f32,
         weight: u64,
     ) -> Result<(), CoordinatorError> {
+        self.add_discounted(bytes, Some(clip), weight, 1.0)
+    }
+
+    /// The general form of [`add`](Self::add) and
+    /// [`add_clipped`](Self::add_clipped): adds `discount × weight × update`
+    /// (clipped first when `clip` is given) to the sum but the full `weight`
+    /// to the total weight, so a discounted update pulls the mean less
+    /// (async mode's staleness weighting, FedBuff's `s(τ)`).
+    pub fn add_discounted(
+        &mut self,
+        bytes: &[u8],
+        clip: Option<f32>,
+        weight: u64,
+        discount: f32,
+    ) -> Result<(), CoordinatorError> {
         if weight == 0 {
             return Err(CoordinatorError::ZeroExamples);
         }
-        self.check_shape(bytes)?;
-        // Non-finite values make the norm non-finite: `add_scaled` then
-        // names the first bad value.
-        let norm = bytes
-            .chunks_exact(4)
-            .map(|b| f64::from(decode(b)).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let within = norm <= f64::from(clip);
-        let scale = if within || !norm.is_finite() {
-            1.0
-        } else {
-            (f64::from(clip) / norm) as f32
+        let (scale, within) = match clip {
+            Some(clip) => {
+                self.check_shape(bytes)?;
+                // Non-finite values make the norm non-finite: `add_scaled`
+                // then names the first bad value.
+                let norm = bytes
+                    .chunks_exact(4)
+                    .map(|b| f64::from(decode(b)).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let within = norm <= f64::from(clip);
+                let scale = if within || !norm.is_finite() {
+                    1.0
+                } else {
+                    (f64::from(clip) / norm) as f32
+                };
+                (scale, Some(within))
+            }
+            None => (1.0, None),
         };
-        self.add_scaled(bytes, scale * weight as f32, weight)?;
-        self.within_clip += u64::from(within);
+        self.add_scaled(bytes, discount * scale * weight as f32, weight)?;
+        if let Some(within) = within {
+            self.within_clip += u64::from(within);
+        }
         Ok(())
     }
 

@@ -79,6 +79,30 @@ pub enum CoordinatorError {
         /// The round named by the request.
         round: u32,
     },
+    /// Async mode: the update started from a model version too far behind.
+    #[error(
+        "the update was computed from model version {started_from}, {} versions behind the \
+         current version {current}; async mode refuses updates more than {bound} versions \
+         stale (rounds.async_max_staleness): check in for a new task",
+        current - started_from
+    )]
+    TooStale {
+        /// The version the device trained on.
+        started_from: u64,
+        /// The current version.
+        current: u64,
+        /// `rounds.async_max_staleness`.
+        bound: u64,
+    },
+    /// Async mode: the device's task passed its deadline before its update came.
+    #[error(
+        "the task of step {round} passed its deadline (rounds.deadline_secs) before the update \
+         arrived: check in for a new task"
+    )]
+    TaskExpired {
+        /// The step the task was issued in.
+        round: u32,
+    },
     /// The request is for another round than the open one.
     #[error("update is for round {got}, but round {open} is open")]
     WrongRound {
@@ -275,6 +299,8 @@ impl CoordinatorError {
             Self::SessionReplaced => "session_replaced",
             Self::NoRoundOpen { .. } => "no_round_open",
             Self::RoundClosed { .. } => "round_closed",
+            Self::TooStale { .. } => "too_stale",
+            Self::TaskExpired { .. } => "task_expired",
             Self::WrongRound { .. } => "wrong_round",
             Self::WrongModelVersion { .. } => "wrong_model_version",
             Self::NotInCohort { .. } => "not_in_cohort",
@@ -321,6 +347,8 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::ProtocolVersion { .. }
             | CoordinatorError::NoRoundOpen { .. }
             | CoordinatorError::RoundClosed { .. }
+            | CoordinatorError::TooStale { .. }
+            | CoordinatorError::TaskExpired { .. }
             | CoordinatorError::WrongRound { .. }
             | CoordinatorError::WrongModelVersion { .. }
             | CoordinatorError::WrongTaskKind { .. } => Code::FailedPrecondition,

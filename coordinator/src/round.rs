@@ -45,6 +45,7 @@ pub use crate::history::{RoundSummary, TaskKind};
 use crate::privacy::{Mechanism, NoisySum, RoundPrivacy, TaskPrivacy};
 use crate::strategy::Strategy;
 
+pub mod buffered;
 mod close;
 pub mod secagg;
 mod selection;
@@ -309,6 +310,8 @@ pub struct RoundCore {
     privacy: Option<Mechanism>,
     /// Why training stopped before `rounds.rounds` (the privacy budget).
     training_stopped: Option<String>,
+    /// Async mode's step being filled, while training.
+    buffer: Option<buffered::Buffer>,
 }
 
 impl RoundCore {
@@ -385,6 +388,7 @@ impl RoundCore {
             last_secure_sum: None,
             privacy,
             training_stopped: None,
+            buffer: None,
         })
     }
 
@@ -538,6 +542,11 @@ impl RoundCore {
         if let Some(task) = self.pending_task(pseudonym) {
             return Ok(CheckIn::Task(task));
         }
+        if self.buffered_training()
+            && let Some(task) = self.issue_buffered(now, pseudonym)
+        {
+            return Ok(CheckIn::Task(task));
+        }
         if self.pool.insert(*pseudonym) && self.open.is_none() && self.window_start.is_none() {
             self.window_start = Some(now);
         }
@@ -563,8 +572,11 @@ impl RoundCore {
     ) -> Result<Instant, CoordinatorError> {
         self.advance(now);
         match self.check_header(header) {
-            Ok(()) => Ok(self.open.as_ref().map_or(now, |o| o.deadline)),
-            Err(e) => Err(self.reject(e)),
+            Ok(_) => Ok(match self.buffered_task(&header.pseudonym) {
+                Some(task) => task.deadline,
+                None => self.open.as_ref().map_or(now, |o| o.deadline),
+            }),
+            Err(e) => Err(self.refuse_update(&header.pseudonym, e)),
         }
     }
 
@@ -584,7 +596,7 @@ impl RoundCore {
             .as_ref()
             .and_then(|o| o.privacy.as_ref())
             .map(|p| p.task.clip);
-        let result = self.check_header(&header).and_then(|()| {
+        let result = self.check_header(&header).and_then(|discount| {
             let weight = match self.config.strategy.weighting {
                 crate::config::Weighting::Examples => {
                     header.num_examples.min(self.config.strategy.max_examples)
@@ -593,13 +605,12 @@ impl RoundCore {
             };
             // Central DP bounds every update (weight 1: validated uniform);
             // otherwise the optional norm bound does.
-            match clip.or(self.config.strategy.norm_bound) {
-                Some(bound) => self.aggregator.add_clipped(values, bound, weight)?,
-                None => self.aggregator.add(values, weight)?,
-            }
+            let bound = clip.or(self.config.strategy.norm_bound);
+            self.aggregator
+                .add_discounted(values, bound, weight, discount)?;
             Ok(self.record_submission(&header.pseudonym, header.evaluation.as_ref()))
         });
-        let result = result.map_err(|e| self.reject(e));
+        let result = result.map_err(|e| self.refuse_update(&header.pseudonym, e));
         self.advance(now);
         result
     }
@@ -676,6 +687,9 @@ impl RoundCore {
         if self.finished.is_some() {
             return None;
         }
+        if let Some(timeout) = self.buffer_timeout() {
+            return timeout;
+        }
         if let Some(open) = &self.open {
             return match &open.secure {
                 Some(secure) => secure.poll_timeout(),
@@ -725,10 +739,18 @@ impl RoundCore {
             finished: self.finished.is_some(),
             joined: self.joined.len(),
             waiting: self.pool.len(),
-            selected: self.open.as_ref().map_or(0, |o| o.cohort.len()),
-            accepted: self.open.as_ref().map_or(0, |o| {
-                o.secure.as_ref().map_or(o.accepted, |s| s.received())
-            }),
+            selected: self.buffer_status().map_or_else(
+                || self.open.as_ref().map_or(0, |o| o.cohort.len()),
+                |(out, _)| out,
+            ),
+            accepted: self.buffer_status().map_or_else(
+                || {
+                    self.open.as_ref().map_or(0, |o| {
+                        o.secure.as_ref().map_or(o.accepted, |s| s.received())
+                    })
+                },
+                |(_, accepted)| accepted,
+            ),
         }
     }
 
@@ -776,7 +798,19 @@ impl RoundCore {
         err
     }
 
+    /// Counts a refused update; one refused as too stale gives back its
+    /// async slot (its device may check in for a fresh task).
+    fn refuse_update(&mut self, pseudonym: &Pseudonym, err: CoordinatorError) -> CoordinatorError {
+        if matches!(err, CoordinatorError::TooStale { .. }) {
+            self.drop_buffered(pseudonym);
+        }
+        self.reject(err)
+    }
+
     fn pending_task(&self, pseudonym: &Pseudonym) -> Option<Task> {
+        if let Some(task) = self.buffered_task(pseudonym) {
+            return Some(task);
+        }
         let open = self.open.as_ref()?;
         if open.cohort.get(pseudonym) != Some(&false) {
             return None;
@@ -803,18 +837,25 @@ impl RoundCore {
         })
     }
 
-    fn check_header(&self, header: &UpdateHeader) -> Result<(), CoordinatorError> {
-        self.check_submission(
-            &header.pseudonym,
-            header.round,
-            header.model_version,
-            TaskKind::Train,
-        )?;
-        if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
-            return Err(CoordinatorError::SecureRound {
-                round: header.round,
-            });
-        }
+    /// Checks an update's header; returns the weight discount its
+    /// staleness earns in async mode (1 in rounds).
+    fn check_header(&self, header: &UpdateHeader) -> Result<f32, CoordinatorError> {
+        let discount = if self.buffer.is_some() {
+            self.check_buffered(header)?
+        } else {
+            self.check_submission(
+                &header.pseudonym,
+                header.round,
+                header.model_version,
+                TaskKind::Train,
+            )?;
+            if self.open.as_ref().is_some_and(|o| o.secure.is_some()) {
+                return Err(CoordinatorError::SecureRound {
+                    round: header.round,
+                });
+            }
+            1.0
+        };
         let expected = self.update_len();
         if header.num_values != expected as u64 {
             return Err(CoordinatorError::WrongNumValues {
@@ -828,7 +869,7 @@ impl RoundCore {
         if let Some(counts) = &header.evaluation {
             crate::aggregate::validate_counts(counts)?;
         }
-        Ok(())
+        Ok(discount)
     }
 
     fn check_submission(
@@ -881,6 +922,9 @@ impl RoundCore {
         pseudonym: &Pseudonym,
         counts: Option<&EvalCounts>,
     ) -> UpdateAccepted {
+        if let Some(accepted) = self.record_buffered(pseudonym, counts) {
+            return accepted;
+        }
         // Only called after `check_submission` succeeded, so a round is open
         // and the device is in its cohort.
         let open = self

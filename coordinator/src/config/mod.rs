@@ -235,7 +235,47 @@ impl CoordinatorConfig {
         self.validate_strategy()?;
         self.model.validate()?;
         self.validate_secure_aggregation()?;
-        self.validate_privacy()
+        self.validate_privacy()?;
+        self.validate_async()
+    }
+
+    /// What asynchronous buffered aggregation cannot combine with, and why.
+    fn validate_async(&self) -> Result<(), CoordinatorError> {
+        if self.rounds.mode != RoundsMode::Async {
+            return Ok(());
+        }
+        let refused = if self.secure_aggregation.enabled {
+            Some(
+                "secure aggregation: its masks cancel only within a cohort that starts together, \
+                 and async devices start and finish one by one; use mode = \"sync\" with \
+                 [secure_aggregation]",
+            )
+        } else if self.privacy.enabled() {
+            Some(
+                "differential privacy: the accountant's ε assumes every device is sampled \
+                 independently for each round (Poisson sampling), which async check-ins are \
+                 not; rather than print a wrong ε, use mode = \"sync\" with [privacy]",
+            )
+        } else if matches!(self.strategy.name, StrategyName::Als | StrategyName::Ease) {
+            Some(
+                "strategy.name = \"als\" or \"ease\": the als step's curvature and ease's \
+                 co-purchase sum are over one cohort on one model version; use \"fedavg\" \
+                 (FedBuff's server step, with strategy.server_lr) or an adaptive step",
+            )
+        } else if self.strategy.aggregation != Aggregation::Mean {
+            Some(
+                "a robust strategy.aggregation: it needs a round's updates side by side; use \
+                 \"mean\" with strategy.norm_bound against outliers",
+            )
+        } else {
+            None
+        };
+        match refused {
+            Some(why) => Err(invalid(format!(
+                "rounds.mode = \"async\" does not work with {why}"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// A session outlasts a long poll.

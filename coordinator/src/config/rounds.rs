@@ -23,6 +23,31 @@ pub const DEFAULT_CHECKIN_WINDOW_SECS: f64 = 30.0;
 pub const DEFAULT_EVALUATE: bool = true;
 /// Default `rounds.final_evaluation`.
 pub const DEFAULT_FINAL_EVALUATION: bool = true;
+/// Default `rounds.async_concurrency`.
+pub const DEFAULT_ASYNC_CONCURRENCY: usize = 100;
+/// Default `rounds.async_buffer`.
+pub const DEFAULT_ASYNC_BUFFER: usize = 10;
+/// Default `rounds.async_max_staleness`.
+pub const DEFAULT_ASYNC_MAX_STALENESS: u64 = 10;
+
+/// How training is paced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoundsMode {
+    /// Synchronous rounds: a cohort is selected, trains on one model version
+    /// and the round closes at its target count or deadline.
+    #[default]
+    Sync,
+    /// Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022): an
+    /// eligible device gets a task whenever it checks in (up to
+    /// `async_concurrency` training at once); each accepted update is
+    /// weighted by its staleness τ (versions since the one it started from)
+    /// as `1/√(1+τ)` and folded into a buffer; every `async_buffer`
+    /// accepted updates the server step runs and the model version
+    /// advances. `rounds.rounds` counts these steps. Updates more than
+    /// `async_max_staleness` versions stale are refused (`too_stale`).
+    Async,
+}
 
 /// `[rounds]`: how rounds are formed and ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -64,6 +89,18 @@ pub struct RoundsConfig {
     /// After the last training round, run one evaluation round with every
     /// joined device. Default [`DEFAULT_FINAL_EVALUATION`].
     pub final_evaluation: bool,
+    /// Synchronous rounds or asynchronous buffered aggregation. Default
+    /// [`RoundsMode::Sync`].
+    pub mode: RoundsMode,
+    /// Async mode: most devices training at once. Default
+    /// [`DEFAULT_ASYNC_CONCURRENCY`].
+    pub async_concurrency: usize,
+    /// Async mode: accepted updates per server step (FedBuff's K). Default
+    /// [`DEFAULT_ASYNC_BUFFER`].
+    pub async_buffer: usize,
+    /// Async mode: most model versions an update may lag behind the current
+    /// one. Default [`DEFAULT_ASYNC_MAX_STALENESS`].
+    pub async_max_staleness: u64,
     /// Seed of the pseudonym and cohort-sampling RNG; unset = OS entropy.
     /// Set it for reproducible simulations only: with a known seed, pseudonyms
     /// (which act as the devices' credentials) are predictable. Default: unset.
@@ -83,6 +120,10 @@ impl Default for RoundsConfig {
             checkin_window_secs: DEFAULT_CHECKIN_WINDOW_SECS,
             evaluate: DEFAULT_EVALUATE,
             final_evaluation: DEFAULT_FINAL_EVALUATION,
+            mode: RoundsMode::Sync,
+            async_concurrency: DEFAULT_ASYNC_CONCURRENCY,
+            async_buffer: DEFAULT_ASYNC_BUFFER,
+            async_max_staleness: DEFAULT_ASYNC_MAX_STALENESS,
             seed: None,
         }
     }
@@ -140,6 +181,13 @@ impl RoundsConfig {
             false,
             MAX_SECS,
         )?;
+        if r.async_buffer < 1 || r.async_buffer > r.async_concurrency {
+            return Err(invalid(format!(
+                "rounds.async_buffer must be >= 1 and <= rounds.async_concurrency ({}), got {}: \
+                 a server step needs that many devices training at once",
+                r.async_concurrency, r.async_buffer
+            )));
+        }
 
         Ok(())
     }

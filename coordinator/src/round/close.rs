@@ -35,33 +35,7 @@ impl RoundCore {
                 )),
                 (_, _, totals) => totals.map(|t| t.mean()),
             };
-            let round = crate::strategy::Round {
-                lr_factor: self
-                    .config
-                    .strategy
-                    .schedule
-                    .factor(open.number.into(), self.config.rounds.rounds.into()),
-                devices: open.accepted,
-                joined: self.joined.len(),
-                training: &self.config.training,
-            };
-            match mean {
-                Some(mean) => match self.strategy.step(&self.model.params, mean, &round) {
-                    Ok(params) => {
-                        let layout = self.model.layout.clone();
-                        self.model = Arc::new(ModelSnapshot::new(
-                            self.model.version + 1,
-                            layout,
-                            params,
-                            self.config.download.encoding,
-                        ));
-                    }
-                    Err(e) => {
-                        abandon = Some(format!("{e}; the model was not changed"));
-                    }
-                },
-                None => abandon = Some("no update to apply".to_owned()),
-            }
+            abandon = self.apply_mean(mean, open.number, open.accepted);
         }
         self.aggregator.reset();
         if open.kind == TaskKind::Evaluate {
@@ -86,6 +60,43 @@ impl RoundCore {
         self.window_start = (!self.pool.is_empty()).then_some(now);
         self.generation += 1;
         self.finish_if_done();
+    }
+
+    /// Steps the model with the `devices` devices' mean update (training
+    /// round or async step `number`) through the strategy, making the next
+    /// version; or returns why the model was not changed.
+    pub(super) fn apply_mean(
+        &mut self,
+        mean: Option<Vec<f32>>,
+        number: u32,
+        devices: usize,
+    ) -> Option<String> {
+        let Some(mean) = mean else {
+            return Some("no update to apply".to_owned());
+        };
+        let round = crate::strategy::Round {
+            lr_factor: self
+                .config
+                .strategy
+                .schedule
+                .factor(number.into(), self.config.rounds.rounds.into()),
+            devices,
+            joined: self.joined.len(),
+            training: &self.config.training,
+        };
+        match self.strategy.step(&self.model.params, mean, &round) {
+            Ok(params) => {
+                let layout = self.model.layout.clone();
+                self.model = Arc::new(ModelSnapshot::new(
+                    self.model.version + 1,
+                    layout,
+                    params,
+                    self.config.download.encoding,
+                ));
+                None
+            }
+            Err(e) => Some(format!("{e}; the model was not changed")),
+        }
     }
 
     /// Finishes when no round is left to run.

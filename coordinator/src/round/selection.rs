@@ -31,6 +31,12 @@ impl RoundCore {
                     }
                 }
                 Some(_) => return,
+                None if self.buffered_training() => {
+                    self.advance_buffer(now);
+                    if self.buffered_training() {
+                        return;
+                    }
+                }
                 None => {
                     if !self.try_start(now) {
                         return;

@@ -1,0 +1,285 @@
+//! Asynchronous buffered aggregation (`rounds.mode = "async"`; FedBuff,
+//! Nguyen et al. 2022).
+//!
+//! While training, no round is open: an eligible device gets a task
+//! whenever it checks in, up to `rounds.async_concurrency` at once, on the
+//! current model version. Each accepted update is weighted by its
+//! staleness τ (versions published since the one it started from) as
+//! `1/√(1+τ)` ([`staleness_discount`]) and folded into the aggregator; every
+//! `rounds.async_buffer` accepted updates the strategy steps, the model
+//! version advances and the step is recorded in the history like a round
+//! (`rounds.rounds` counts steps). An update more than
+//! `rounds.async_max_staleness` versions stale is refused (`too_stale`);
+//! a task not answered by its deadline (`rounds.deadline_secs` after it was
+//! issued) frees its slot (`task_expired` when its update comes later).
+//! After the last step the final evaluation, if any, is an ordinary
+//! synchronous round.
+//!
+//! The buffer is not checkpointed: a checkpoint is written after a step,
+//! when the buffer is empty; updates accepted since the last step are lost
+//! with the process, as an open round's are.
+
+use std::time::Instant;
+
+use super::*;
+
+/// FedBuff's staleness weight `s(τ) = 1/√(1+τ)`.
+pub fn staleness_discount(staleness: u64) -> f32 {
+    (1.0 / (1.0 + staleness as f64).sqrt()) as f32
+}
+
+/// A task handed out in async mode.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Issued {
+    /// The step it was issued in (the task's `round`).
+    round: u32,
+    /// The version it trains on.
+    model_version: u64,
+    deadline: Instant,
+}
+
+/// Async mode's state while training: the step being filled.
+#[derive(Debug)]
+pub(super) struct Buffer {
+    /// The step's number (also `last_round`).
+    number: u32,
+    started: Instant,
+    /// Tasks out, by device.
+    active: BTreeMap<Pseudonym, Issued>,
+    /// Tasks that passed their deadline since the last step, and the step
+    /// each was issued in (to say so when their update comes).
+    expired: BTreeMap<Pseudonym, u32>,
+    /// Tasks issued during this step.
+    issued: usize,
+    /// Updates accepted into this step.
+    accepted: usize,
+    evaluation: EvalCounts,
+}
+
+impl RoundCore {
+    /// Whether training runs in async mode now (a step is being filled or
+    /// the next one is due).
+    pub(super) fn buffered_training(&self) -> bool {
+        self.config.rounds.mode == crate::config::RoundsMode::Async
+            && self.finished.is_none()
+            && (self.buffer.is_some() || self.next_kind() == Some(TaskKind::Train))
+    }
+
+    /// Async mode's part of [`advance`](Self::advance): starts the first
+    /// step, frees the slots of tasks past their deadline, and steps the
+    /// model when the buffer is full.
+    pub(super) fn advance_buffer(&mut self, now: Instant) {
+        self.sweep_sessions(now);
+        if self.buffer.is_none() {
+            self.start_step(now);
+        }
+        let Some(buffer) = self.buffer.as_mut() else {
+            return;
+        };
+        let late: Vec<Pseudonym> = buffer
+            .active
+            .iter()
+            .filter(|(_, t)| now >= t.deadline)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in late {
+            if let Some(task) = buffer.active.remove(&p) {
+                buffer.expired.insert(p, task.round);
+            }
+        }
+        if buffer.accepted >= self.config.rounds.async_buffer {
+            self.step_buffer(now);
+        }
+    }
+
+    fn start_step(&mut self, now: Instant) {
+        self.last_round += 1;
+        self.training_rounds += 1;
+        self.aggregator.reset();
+        let active = self.buffer.take().map(|b| b.active).unwrap_or_default();
+        self.buffer = Some(Buffer {
+            number: self.last_round,
+            started: now,
+            active,
+            expired: BTreeMap::new(),
+            issued: 0,
+            accepted: 0,
+            evaluation: EvalCounts::default(),
+        });
+        self.generation += 1;
+        self.events.push_back(Event::RoundStarted {
+            round: self.last_round,
+            kind: TaskKind::Train,
+            model_version: self.model.version,
+            selected: 0,
+        });
+    }
+
+    /// The server step on the buffer's mean; then the next step, or the end
+    /// of training.
+    fn step_buffer(&mut self, now: Instant) {
+        let Some(buffer) = self.buffer.as_ref() else {
+            return;
+        };
+        let (number, accepted, issued, started, evaluation) = (
+            buffer.number,
+            buffer.accepted,
+            buffer.issued,
+            buffer.started,
+            buffer.evaluation,
+        );
+        let mean = self.aggregator.totals().map(|t| t.mean());
+        let abandon = self.apply_mean(mean, number, accepted);
+        self.aggregator.reset();
+        let summary = RoundSummary {
+            round: number,
+            kind: TaskKind::Train,
+            completed: abandon.is_none(),
+            abandon_reason: abandon,
+            model_version: self.model.version,
+            selected: issued,
+            participants: accepted,
+            seconds: now.saturating_duration_since(started).as_secs_f64(),
+            evaluation,
+            secure_aggregation: None,
+            privacy: None,
+        };
+        self.history.push(summary.clone());
+        self.events.push_back(Event::RoundEnded(summary));
+        self.sweep(now);
+        self.generation += 1;
+        if self.next_kind() == Some(TaskKind::Train) {
+            self.start_step(now);
+        } else {
+            // Tasks still out are answered `round_closed`.
+            self.buffer = None;
+            self.window_start = (!self.pool.is_empty()).then_some(now);
+            self.finish_if_done();
+        }
+    }
+
+    /// A task for `pseudonym` if a slot is free.
+    pub(super) fn issue_buffered(&mut self, now: Instant, pseudonym: &Pseudonym) -> Option<Task> {
+        let limit = self.config.rounds.async_concurrency;
+        let deadline = now + self.config.rounds.deadline();
+        let version = self.model.version;
+        let buffer = self.buffer.as_mut()?;
+        if buffer.active.len() >= limit {
+            return None;
+        }
+        buffer.active.insert(
+            *pseudonym,
+            Issued {
+                round: buffer.number,
+                model_version: version,
+                deadline,
+            },
+        );
+        buffer.expired.remove(pseudonym);
+        buffer.issued += 1;
+        self.pool.remove(pseudonym);
+        if let Some(session) = self.sessions.get_mut(pseudonym) {
+            session.downloads = (0, 0);
+        }
+        self.generation += 1;
+        self.buffered_task(pseudonym)
+    }
+
+    /// The task out for `pseudonym`, if any.
+    pub(super) fn buffered_task(&self, pseudonym: &Pseudonym) -> Option<Task> {
+        let issued = self.buffer.as_ref()?.active.get(pseudonym)?;
+        Some(Task {
+            kind: TaskKind::Train,
+            round: issued.round,
+            model_version: issued.model_version,
+            deadline: issued.deadline,
+            training: self.config.training,
+            evaluate: self.config.rounds.evaluate,
+            secure_aggregation: None,
+            privacy: None,
+            upload_encoding: self.config.upload.encoding,
+            user_moment: false,
+        })
+    }
+
+    /// The earliest deadline of a task out, when async training runs.
+    pub(super) fn buffer_timeout(&self) -> Option<Option<Instant>> {
+        let buffer = self.buffer.as_ref()?;
+        Some(buffer.active.values().map(|t| t.deadline).min())
+    }
+
+    /// Checks an async update's device, step and version; returns its
+    /// staleness discount.
+    pub(super) fn check_buffered(&self, header: &UpdateHeader) -> Result<f32, CoordinatorError> {
+        let Some(buffer) = &self.buffer else {
+            return Ok(1.0);
+        };
+        if !self.joined.contains(&header.pseudonym) {
+            return Err(CoordinatorError::UnknownPseudonym);
+        }
+        let Some(issued) = buffer.active.get(&header.pseudonym) else {
+            return Err(match buffer.expired.get(&header.pseudonym) {
+                Some(&round) => CoordinatorError::TaskExpired { round },
+                None => CoordinatorError::NotInCohort {
+                    round: header.round,
+                },
+            });
+        };
+        if header.round != issued.round {
+            return Err(CoordinatorError::WrongRound {
+                got: header.round,
+                open: issued.round,
+            });
+        }
+        if header.model_version != issued.model_version {
+            return Err(CoordinatorError::WrongModelVersion {
+                got: header.model_version,
+                current: issued.model_version,
+            });
+        }
+        let current = self.model.version;
+        let staleness = current.saturating_sub(issued.model_version);
+        let bound = self.config.rounds.async_max_staleness;
+        if staleness > bound {
+            return Err(CoordinatorError::TooStale {
+                started_from: issued.model_version,
+                current,
+                bound,
+            });
+        }
+        Ok(staleness_discount(staleness))
+    }
+
+    /// Frees the slot of a task whose update was refused as too stale.
+    pub(super) fn drop_buffered(&mut self, pseudonym: &Pseudonym) {
+        if let Some(buffer) = self.buffer.as_mut() {
+            buffer.active.remove(pseudonym);
+        }
+    }
+
+    /// Counts an accepted async update; `None` outside async training.
+    pub(super) fn record_buffered(
+        &mut self,
+        pseudonym: &Pseudonym,
+        counts: Option<&EvalCounts>,
+    ) -> Option<UpdateAccepted> {
+        let buffer = self.buffer.as_mut()?;
+        let issued = buffer.active.remove(pseudonym)?;
+        buffer.accepted += 1;
+        if let Some(counts) = counts {
+            buffer.evaluation.add(counts);
+        }
+        Some(UpdateAccepted {
+            round: issued.round,
+            accepted: buffer.accepted,
+        })
+    }
+
+    /// Tasks out and updates in the step being filled.
+    pub(super) fn buffer_status(&self) -> Option<(usize, usize)> {
+        self.buffer.as_ref().map(|b| (b.active.len(), b.accepted))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+//! Async mode: staleness weighting, the staleness bound, buffer steps,
+//! concurrency, expired tasks, and what it refuses to run with.
+
+use std::time::{Duration, Instant};
+
+use fedrec_proto::tensor::encode;
+
+use super::*;
+use crate::config::{RoundsMode, StrategyName};
+
+/// One value; async steps of `buffer` updates, at most `concurrency` out.
+fn config(buffer: usize, concurrency: usize, rounds: u32) -> CoordinatorConfig {
+    let mut c = CoordinatorConfig::default();
+    c.rounds.mode = RoundsMode::Async;
+    c.rounds.rounds = rounds;
+    c.rounds.async_buffer = buffer;
+    c.rounds.async_concurrency = concurrency;
+    c.rounds.evaluate = false;
+    c.rounds.final_evaluation = false;
+    c.rounds.seed = Some(5);
+    c.rounds.deadline_secs = 60.0;
+    c
+}
+
+fn core(config: CoordinatorConfig) -> RoundCore {
+    let layout = Layout::new(vec![("item_bias".into(), vec![1])]);
+    RoundCore::new(config.validated().unwrap(), layout, vec![0.0]).unwrap()
+}
+
+fn task(core: &mut RoundCore, now: Instant, p: &Pseudonym) -> Option<Task> {
+    match core.check_in(now, p).unwrap() {
+        CheckIn::Task(t) => Some(t),
+        _ => None,
+    }
+}
+
+fn submit(
+    core: &mut RoundCore,
+    now: Instant,
+    p: Pseudonym,
+    t: &Task,
+    value: f32,
+) -> Result<UpdateAccepted, CoordinatorError> {
+    let header = UpdateHeader {
+        pseudonym: p,
+        round: t.round,
+        model_version: t.model_version,
+        num_examples: 1,
+        num_values: 1,
+        evaluation: None,
+    };
+    core.submit_update(now, header, &encode(&[value]))
+}
+
+#[test]
+fn the_discount_is_one_over_the_root_of_one_plus_staleness() {
+    assert_eq!(staleness_discount(0), 1.0);
+    assert!((staleness_discount(1) - 1.0 / 2f32.sqrt()).abs() < 1e-7);
+    assert!((staleness_discount(3) - 0.5).abs() < 1e-7);
+}
+
+#[test]
+fn every_k_updates_step_the_model_with_stale_ones_discounted() {
+    let mut core = core(config(2, 3, 2));
+    let now = Instant::now();
+    let [a, b, c] = [0; 3].map(|_| core.join(now, None));
+    // Tasks on demand, on version 1, without waiting for a cohort.
+    let ta = task(&mut core, now, &a).expect("a slot");
+    let tb = task(&mut core, now, &b).expect("a slot");
+    let tc = task(&mut core, now, &c).expect("a slot");
+    assert_eq!((ta.round, ta.model_version), (1, 1));
+    assert_eq!(task(&mut core, now, &a), Some(ta.clone()), "asking again");
+    submit(&mut core, now, a, &ta, 1.0).unwrap();
+    assert_eq!(core.model().version, 1, "the buffer holds one of 2");
+    submit(&mut core, now, b, &tb, 3.0).unwrap();
+    assert_eq!(core.model().version, 2);
+    assert_eq!(core.model().params, vec![2.0], "fedavg: x + mean");
+    // c trained on version 1 (staleness 1); a's new task is on version 2.
+    let ta2 = task(&mut core, now, &a).unwrap();
+    assert_eq!((ta2.round, ta2.model_version), (2, 2));
+    submit(&mut core, now, c, &tc, 2.0).unwrap();
+    submit(&mut core, now, a, &ta2, 1.0).unwrap();
+    let want = 2.0 + (2.0 * staleness_discount(1) + 1.0) / 2.0;
+    assert!((core.model().params[0] - want).abs() < 1e-6);
+    let steps = core.history();
+    assert_eq!(steps.len(), 2);
+    assert!(steps.iter().all(|s| s.completed && s.participants == 2));
+    assert_eq!((steps[0].selected, steps[1].selected), (3, 1));
+    assert_eq!(core.finished(), Some("completed 2 training rounds"));
+}
+
+#[test]
+fn updates_beyond_the_staleness_bound_are_refused_counted_and_free_their_slot() {
+    let mut cfg = config(1, 2, 0);
+    cfg.rounds.async_max_staleness = 0;
+    let mut core = core(cfg);
+    let now = Instant::now();
+    let [a, b] = [0; 2].map(|_| core.join(now, None));
+    let ta = task(&mut core, now, &a).unwrap();
+    let tb = task(&mut core, now, &b).unwrap();
+    submit(&mut core, now, a, &ta, 1.0).unwrap();
+    let err = submit(&mut core, now, b, &tb, 1.0).unwrap_err();
+    assert!(matches!(err, CoordinatorError::TooStale { .. }), "{err}");
+    assert!(
+        err.to_string().contains("rounds.async_max_staleness"),
+        "{err}"
+    );
+    assert_eq!(core.rejections().get("too_stale"), Some(&1));
+    assert_eq!(core.model().params, vec![1.0], "the stale update is not in");
+    let fresh = task(&mut core, now, &b).expect("b's slot was freed");
+    assert_eq!(fresh.model_version, 2);
+}
+
+#[test]
+fn concurrency_is_capped_and_expired_tasks_free_their_slot() {
+    let mut core = core(config(1, 1, 0));
+    let t0 = Instant::now();
+    let [a, b] = [0; 2].map(|_| core.join(t0, None));
+    let ta = task(&mut core, t0, &a).unwrap();
+    let CheckIn::Wait { retry_after } = core.check_in(t0, &b).unwrap() else {
+        panic!("one task at a time")
+    };
+    assert!(retry_after <= Duration::from_secs(60));
+    assert_eq!(core.poll_timeout(), Some(ta.deadline));
+    let late = ta.deadline + Duration::from_secs(1);
+    assert!(task(&mut core, late, &b).is_some(), "a's task expired");
+    let err = submit(&mut core, late, a, &ta, 1.0).unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::TaskExpired { round: 1 }),
+        "{err}"
+    );
+    assert_eq!(core.model().version, 1);
+}
+
+#[test]
+fn the_final_evaluation_is_a_round_after_the_last_step() {
+    let mut cfg = config(1, 1, 1);
+    cfg.rounds.final_evaluation = true;
+    cfg.rounds.checkin_window_secs = 0.0;
+    let mut core = core(cfg);
+    let now = Instant::now();
+    let a = core.join(now, None);
+    let ta = task(&mut core, now, &a).unwrap();
+    submit(&mut core, now, a, &ta, 1.0).unwrap();
+    let later = now + Duration::from_secs(2);
+    let te = task(&mut core, later, &a).expect("the evaluation round");
+    assert_eq!(te.kind, TaskKind::Evaluate);
+    assert_eq!((te.round, te.model_version), (2, 2));
+}
+
+#[test]
+fn async_mode_refuses_what_needs_a_synchronized_cohort() {
+    let refused = |edit: fn(&mut CoordinatorConfig)| {
+        let mut c = config(2, 4, 10);
+        edit(&mut c);
+        c.validated().unwrap_err().to_string()
+    };
+    let e = refused(|c| c.secure_aggregation.enabled = true);
+    assert!(e.contains("secure aggregation"), "{e}");
+    let e = refused(|c| {
+        c.privacy.mode = crate::config::DpMode::Central;
+        c.privacy.sampling_rate = Some(0.1);
+        c.strategy.weighting = crate::config::Weighting::Uniform;
+    });
+    assert!(
+        e.contains("differential privacy") && e.contains("wrong ε"),
+        "{e}"
+    );
+    let e = refused(|c| {
+        c.strategy.name = StrategyName::Als;
+        c.training.loss = crate::config::Loss::Als;
+    });
+    assert!(e.contains("\"als\""), "{e}");
+    let e = refused(|c| c.rounds.async_buffer = 5);
+    assert!(e.contains("rounds.async_buffer"), "{e}");
+    assert!(config(2, 4, 10).validated().is_ok());
+}
