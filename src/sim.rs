@@ -22,6 +22,7 @@
 
 mod grpc;
 mod inproc;
+pub mod population;
 mod presets;
 mod report;
 pub mod search;
@@ -87,6 +88,10 @@ pub struct SimConfig {
     /// robust aggregation. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attack: Option<Attack>,
+    /// Simulate a fleet of phones on a virtual clock instead of
+    /// always-available devices ([`population`]; in process).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub population: Option<population::Population>,
 }
 
 /// Some devices send bad updates.
@@ -264,6 +269,7 @@ pub(crate) struct CutRun {
     federated_seconds: f64,
     centralized_seconds: f64,
     coord: ValidConfig,
+    population: Option<population::PopulationReport>,
 }
 
 /// Runs a whole simulation on `ds`: for each training cut of the
@@ -365,6 +371,10 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let mut runs = runs.into_iter();
     let main = runs.next().context("no federated run")?;
     let latest = runs.next();
+    let population = std::iter::once(&main)
+        .chain(latest.as_ref())
+        .filter_map(|r| r.population.clone())
+        .collect();
     let coord = main.coord.clone();
     let rounds = main.rounds;
     let device_rounds: usize = rounds.iter().map(|r| r.participants).sum();
@@ -382,6 +392,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         .evaluation(first, Stage::Test)
         .context("first track")?;
     Ok(Report {
+        population,
         search,
         secure_aggregation,
         privacy,
@@ -447,7 +458,8 @@ pub(crate) fn run_cut(
     let mut coord = cfg.coordinator.clone();
     coord.rounds.seed = Some(cfg.seed);
     coord.model.items = Some(n_items);
-    coord.rounds.final_evaluation = true;
+    // A population run measures quality itself, on the devices it has.
+    coord.rounds.final_evaluation = cfg.population.is_none();
     let model = model_for(&coord, n_items)?;
     let devices = make_devices(&model, protocol, ev, cfg.seed)?;
     if devices.is_empty() {
@@ -471,9 +483,17 @@ pub(crate) fn run_cut(
     observer.phase(&format!("federated training, {} cut", ev.track));
     observer.start(coord.rounds.rounds);
     let fed_start = Instant::now();
-    let (rounds, final_counts, global, mut devices) = match cfg.transport {
-        Transport::Inproc => run_inproc(core, devices, observer, cfg.attack)?,
-        Transport::Grpc => run_grpc(core, devices, observer)?,
+    let mut fleet = None;
+    let (rounds, final_counts, global, mut devices) = match (&cfg.population, cfg.transport) {
+        (Some(p), _) => {
+            let training = device_training(&coord.training);
+            let (outcome, report) =
+                population::run_population(core, devices, p, ev, &training, cfg.seed, observer)?;
+            fleet = Some(report);
+            outcome
+        }
+        (None, Transport::Inproc) => run_inproc(core, devices, observer, cfg.attack)?,
+        (None, Transport::Grpc) => run_grpc(core, devices, observer)?,
     };
     // Coverage of the federated model: each evaluated device's own top 10
     // (computed on the device; a simulation can look, a deployment would
@@ -545,13 +565,14 @@ pub(crate) fn run_cut(
             federated_seconds,
             centralized_seconds: 0.0,
             coord,
+            population: fleet,
         });
     }
 
     observer.phase(&format!("centralized baseline, {} cut", ev.track));
     let cen_start = Instant::now();
     let evals: Vec<&Evaluation> = std::iter::once(ev).chain(others.iter().copied()).collect();
-    let centralized = if coord.strategy.name == StrategyName::Ease {
+    let centralized: Vec<(Track, Metrics)> = if coord.strategy.name == StrategyName::Ease {
         // EASE in one place is the closed form on all the cut's data.
         let fitted = crate::baselines::Baseline::Ease {
             lambda: coord.strategy.ease_lambda,
@@ -587,6 +608,11 @@ pub(crate) fn run_cut(
             })
             .collect()
     };
+    if let Some(fleet) = fleet.as_mut()
+        && let Some((_, m)) = centralized.iter().find(|(t, _)| *t == ev.track)
+    {
+        fleet.set_target(m.full.hr_at_10, population::TARGET_FRACTION);
+    }
     Ok(CutRun {
         rounds,
         federated,
@@ -596,6 +622,7 @@ pub(crate) fn run_cut(
         federated_seconds,
         centralized_seconds: cen_start.elapsed().as_secs_f64(),
         coord,
+        population: fleet,
     })
 }
 

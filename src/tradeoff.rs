@@ -313,6 +313,7 @@ mod tests {
             baselines: crate::sim::Baselines::Quick,
             auto: false,
             attack: None,
+            population: None,
         };
         let t = sweep(&ds, &cfg, &[0.5, 4.0], &mut ()).unwrap();
         assert_eq!(t.rows.len(), 3);

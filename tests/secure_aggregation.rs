@@ -978,6 +978,7 @@ fn quality_config(secure: bool) -> SimConfig {
         baselines: sim::Baselines::Quick,
         auto: false,
         attack: None,
+        population: None,
     }
 }
 

@@ -18,6 +18,7 @@ fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimCo
         baselines: sim::Baselines::Quick,
         auto: false,
         attack: None,
+        population: None,
     }
 }
 

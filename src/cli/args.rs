@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use fedrec::data::{self, Dataset, Format, LoadOptions, SyntheticConfig};
 use fedrec_coordinator::config::{
-    Aggregation, CoordinatorConfig, DpMode, Loss, Schedule, StrategyName, Weighting,
+    Aggregation, CoordinatorConfig, DpMode, Loss, RoundsMode, Schedule, StrategyName, Weighting,
 };
 use fedrec_proto::codec::Encoding;
 
@@ -106,6 +106,16 @@ pub(crate) struct ConfigOverrides {
     /// Server learning rate of the strategy.
     #[arg(long)]
     pub(crate) server_lr: Option<f32>,
+    /// Training pace: sync (rounds) or async (buffered aggregation,
+    /// FedBuff; see rounds.mode).
+    #[arg(long, value_parser = parse_name::<RoundsMode>)]
+    pub(crate) mode: Option<RoundsMode>,
+    /// Async mode: accepted updates per server step (rounds.async_buffer).
+    #[arg(long, value_name = "K")]
+    pub(crate) async_buffer: Option<usize>,
+    /// Async mode: most devices training at once (rounds.async_concurrency).
+    #[arg(long, value_name = "N")]
+    pub(crate) async_concurrency: Option<usize>,
     /// FedAdam, FedYogi, FedAdagrad: the adaptivity tau (added to the root
     /// of the second moment).
     #[arg(long)]
@@ -244,6 +254,15 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.strategy {
             cfg.strategy.name = v;
+        }
+        if let Some(v) = self.mode {
+            cfg.rounds.mode = v;
+        }
+        if let Some(v) = self.async_buffer {
+            cfg.rounds.async_buffer = v;
+        }
+        if let Some(v) = self.async_concurrency {
+            cfg.rounds.async_concurrency = v;
         }
         if let Some(v) = self.server_lr {
             cfg.strategy.server_lr = v;

@@ -90,15 +90,16 @@ pub(super) fn run_inproc(
 }
 
 /// Checks a device in; a device whose session ended (the virtual clock of a
-/// long simulation can pass `auth.session_ttl_secs`) joins again first, as
-/// the SDK does when a check-in is refused `UNAUTHENTICATED`.
+/// long simulation can pass `auth.session_ttl_secs`; a device away for
+/// longer finds its session swept out) joins again first, as the SDK does
+/// when a check-in is refused `UNAUTHENTICATED`.
 pub(super) fn check_in(
     core: &mut RoundCore,
     clock: Instant,
     pseudonym: &mut Pseudonym,
 ) -> anyhow::Result<CheckIn> {
     match core.check_in(clock, pseudonym) {
-        Err(CoordinatorError::SessionExpired) => {
+        Err(CoordinatorError::SessionExpired | CoordinatorError::UnknownPseudonym) => {
             *pseudonym = core.join(clock, None);
             Ok(core.check_in(clock, pseudonym)?)
         }

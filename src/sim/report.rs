@@ -170,6 +170,9 @@ pub struct Report {
     /// The `--preset auto` search, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub search: Option<search::SearchReport>,
+    /// Population runs ([`super::population`]): one per training cut.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub population: Vec<super::population::PopulationReport>,
     /// Every round of the federated run on the first track's cut.
     pub rounds: Vec<RoundRow>,
     /// Every round of the federated run on the latest-time cut (buy-again
