@@ -635,7 +635,8 @@ impl RoundCore {
     }
 
     /// A device asks for the model: the current snapshot, if the device
-    /// joined, names the current version and has not downloaded it
+    /// joined, names the current version (or, in async mode, the version of
+    /// its task) and has not downloaded it
     /// `server.max_downloads_per_version` times already (counted afresh
     /// whenever the device is selected for a round, so that rounds
     /// abandoned without a new version cannot lock it out). Rejections are
@@ -649,7 +650,14 @@ impl RoundCore {
         if !self.joined.contains(pseudonym) {
             return Err(self.reject(CoordinatorError::UnknownPseudonym));
         }
-        if model_version != self.model.version {
+        // In async mode a task may name a version the model has since moved
+        // past: the device gets the current one, and its update is still
+        // weighed by its staleness from the version its task named (an
+        // over-estimate, so a conservative discount).
+        let issued = self
+            .buffered_task(pseudonym)
+            .is_some_and(|t| t.model_version == model_version);
+        if model_version != self.model.version && !issued {
             return Err(self.reject(CoordinatorError::WrongModelVersion {
                 got: model_version,
                 current: self.model.version,

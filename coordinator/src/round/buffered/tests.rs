@@ -78,6 +78,9 @@ fn every_k_updates_step_the_model_with_stale_ones_discounted() {
     // c trained on version 1 (staleness 1); a's new task is on version 2.
     let ta2 = task(&mut core, now, &a).unwrap();
     assert_eq!((ta2.round, ta2.model_version), (2, 2));
+    // c downloads late: the current model, for its version-1 task.
+    assert_eq!(core.download(&c, 1).unwrap().version, 2);
+    assert!(core.download(&b, 1).is_err(), "b has no task out");
     submit(&mut core, now, c, &tc, 2.0).unwrap();
     submit(&mut core, now, a, &ta2, 1.0).unwrap();
     let want = 2.0 + (2.0 * staleness_discount(1) + 1.0) / 2.0;
