@@ -437,6 +437,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
             } else {
                 0.0
             },
+            peak_rss_mb: crate::bench::peak_rss_mb("/proc/self/status").ok(),
         },
     })
 }

@@ -41,6 +41,10 @@ fn federated_over_grpc_approaches_centralized() {
     );
     assert_eq!(report.rounds.len(), 90, "every round reported");
     assert!(
+        report.timing.peak_rss_mb.is_some_and(|mb| mb > 0.0),
+        "the peak memory is reported"
+    );
+    assert!(
         report
             .rounds
             .iter()

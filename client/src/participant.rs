@@ -13,6 +13,7 @@
 
 mod secagg;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fedrec_proto::catalogue::Catalogue;
@@ -140,6 +141,9 @@ pub struct Participant {
     catalogue: Option<Catalogue>,
     /// The global model's layout, as announced at join (empty if not).
     layout: Layout,
+    /// Permits shared by the participants of one process: a task holds one
+    /// from its download to its upload's end (see [`Participant::with_work_limit`]).
+    work_limit: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl std::fmt::Debug for Participant {
@@ -199,6 +203,7 @@ impl Participant {
             },
             catalogue: None,
             layout: Layout::new(Vec::new()),
+            work_limit: None,
         };
         participant.join_again().await?;
         Ok(participant)
@@ -371,11 +376,30 @@ impl Participant {
         }
     }
 
+    /// Shares `permits` with other participants of the process: at most
+    /// that many of them hold a task's model, training and update at once
+    /// (a simulation of thousands of devices in one process keeps its
+    /// memory bounded; a device waiting for a permit has not downloaded
+    /// yet).
+    pub fn with_work_limit(mut self, permits: Arc<tokio::sync::Semaphore>) -> Self {
+        self.work_limit = Some(permits);
+        self
+    }
+
     async fn do_task(
         &mut self,
         device: Device,
         task: &Task,
     ) -> Result<(Device, TaskEnd), ClientError> {
+        let _permit = match &self.work_limit {
+            Some(permits) => Some(
+                Arc::clone(permits)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ClientError::Protocol("the work limit was closed".into()))?,
+            ),
+            None => None,
+        };
         if task.secure().is_some() {
             return self.do_secure_task(device, task).await;
         }

@@ -214,7 +214,7 @@ pub(crate) fn print_table(report: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{}{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s ({:.0} devices per second in the rounds)",
+        "{}{} — {} users ({} evaluated), {} items, {} rounds, {:.1}s ({:.0} devices per second in the rounds){}",
         // A blank line after the progress bar on a terminal; none in a file.
         if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             "\n"
@@ -227,7 +227,11 @@ pub(crate) fn print_table(report: &Report) {
         report.data.items,
         report.rounds.len(),
         report.timing.total_seconds,
-        report.timing.devices_per_second
+        report.timing.devices_per_second,
+        report
+            .timing
+            .peak_rss_mb
+            .map_or(String::new(), |mb| format!(", peak memory {mb:.0} MB"))
     );
     let _ = sim::tracks::write_tables(&mut out, f);
     if let Some(p) = &report.privacy.last_round {

@@ -42,11 +42,19 @@ pub(super) fn run_grpc(
             .max(devices.len().div_ceil(max_streams))
             .min(devices.len());
         let channels = connect(&addr.to_string(), connections).await?;
+        // At most SIM_ACTIVE devices hold a model, a training and an update
+        // at once: every device of a large cohort otherwise holds its
+        // encoded update while it waits for an upload slot (6,040 devices
+        // peaked at 3.2 GB).
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(SIM_ACTIVE));
         let mut participants = tokio::task::JoinSet::new();
         for (i, (user, device)) in devices.into_iter().enumerate() {
             let channel = channels[i % channels.len()].clone();
+            let permits = std::sync::Arc::clone(&permits);
             participants.spawn(async move {
-                let mut participant = Participant::join(channel, None).await?;
+                let mut participant = Participant::join(channel, None)
+                    .await?
+                    .with_work_limit(permits);
                 let (device, _summary) = participant.run(device).await?;
                 anyhow::Ok((user, device))
             });
@@ -88,6 +96,10 @@ pub(super) fn run_grpc(
         Ok((rows, final_counts, global, returned))
     })
 }
+
+/// Devices of a gRPC simulation working on a task at once (from download
+/// to the end of the upload); the others wait before downloading.
+pub const SIM_ACTIVE: usize = 256;
 
 /// HTTP/2 connections the simulated devices share, in a gRPC simulation
 /// (more when `server.max_streams_per_connection` would otherwise be

@@ -158,6 +158,10 @@ pub struct Timing {
     /// too when rounds are evaluated; over gRPC the first round also
     /// includes the devices joining). 0 when no round ran.
     pub devices_per_second: f64,
+    /// The process's peak resident memory (VmHWM) at the end, in MB
+    /// (`None` off Linux).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mb: Option<f64>,
 }
 
 /// The simulation's report (written as JSON by `--report`).
