@@ -478,18 +478,21 @@ impl RoundCore {
     }
 
     /// The durable state as of the last ended round (see
-    /// [`crate::checkpoint`]); an open round is left out, as if it had not
-    /// started. Its privacy cost stays counted, which can only overstate ε.
+    /// [`crate::checkpoint`]); an open round (or async step being filled)
+    /// is left out, as if it had not started. Its privacy cost stays counted, which can only overstate ε.
     /// It holds the devices whose sessions were live when that round ended
     /// (every round's end sweeps the ended sessions out).
     pub fn checkpoint(&self) -> Checkpoint {
         let (m, v) = self.strategy.moments();
         let open = self.open.as_ref();
+        // An async step being filled is left out like an open round.
+        let filling = u32::from(self.buffer.is_some());
         Checkpoint {
             model_version: self.model.version,
-            last_round: self.last_round - u32::from(open.is_some()),
+            last_round: self.last_round - u32::from(open.is_some()) - filling,
             training_rounds: self.training_rounds
-                - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train)),
+                - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train))
+                - filling,
             final_evaluation_done: self.final_evaluation_done,
             training_stopped: self.training_stopped.clone(),
             history: self.history.clone(),

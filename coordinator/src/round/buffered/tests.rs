@@ -178,3 +178,24 @@ fn async_mode_refuses_what_needs_a_synchronized_cohort() {
     assert!(e.contains("rounds.async_buffer"), "{e}");
     assert!(config(2, 4, 10).validated().is_ok());
 }
+
+#[test]
+fn a_checkpoint_after_a_step_resumes_async_training() {
+    let cfg = config(1, 2, 3);
+    let mut core = core(cfg.clone());
+    let now = Instant::now();
+    let a = core.join(now, None);
+    let ta = task(&mut core, now, &a).unwrap();
+    submit(&mut core, now, a, &ta, 1.0).unwrap();
+    let saved = core.checkpoint();
+    let layout = Layout::new(vec![("item_bias".into(), vec![1])]);
+    let mut resumed = RoundCore::resume(cfg.validated().unwrap(), layout, saved, now).unwrap();
+    assert_eq!(resumed.model().version, 2);
+    let t = task(&mut resumed, now, &a).expect("the pseudonym carries on");
+    assert_eq!((t.round, t.model_version), (2, 2), "the next step");
+    submit(&mut resumed, now, a, &t, 1.0).unwrap();
+    let t = task(&mut resumed, now, &a).unwrap();
+    submit(&mut resumed, now, a, &t, 1.0).unwrap();
+    assert_eq!(resumed.model().params, vec![3.0]);
+    assert_eq!(resumed.finished(), Some("completed 3 training rounds"));
+}
