@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{Coordinator, ITEMS, Pki};
@@ -18,22 +17,10 @@ const ROUNDS: u32 = 2;
 /// The whole script's bound (it takes about a second).
 const SCRIPT_TIMEOUT_SECS: u32 = 120;
 
-/// The generated module and a copy of the library beside it, in `dir`.
-fn python_module(dir: &Path) -> PathBuf {
-    let module = dir.join("python");
-    common::generate(&[uniffi::TargetLanguage::Python], &module);
-    std::fs::copy(
-        common::library(),
-        module.join(common::library().file_name().expect("file name")),
-    )
-    .expect("library beside the module");
-    module
-}
-
 #[test]
 fn python_plays_the_shop_app_story_against_a_coordinator() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let module = python_module(dir.path());
+    let module = common::python_module(dir.path());
     let stores = dir.path().join("stores");
     std::fs::create_dir(&stores).expect("stores directory");
     let pki = Pki::new(dir.path());

@@ -36,6 +36,19 @@ pub fn generate(languages: &[uniffi::TargetLanguage], out: &Path) {
     .expect("bindings generated");
 }
 
+/// The generated Python module with a copy of the library beside it, in
+/// `dir/python`.
+pub fn python_module(dir: &Path) -> PathBuf {
+    let module = dir.join("python");
+    generate(&[uniffi::TargetLanguage::Python], &module);
+    std::fs::copy(
+        library(),
+        module.join(library().file_name().expect("file name")),
+    )
+    .expect("library beside the module");
+    module
+}
+
 /// Items in the test coordinators' catalogue (numbered "1" to `ITEMS`).
 pub const ITEMS: usize = 60;
 /// Factors of their model.
