@@ -54,8 +54,10 @@ fn main() -> anyhow::Result<()> {
             Eligibility::NotNow("not charging".into())
         }
     });
+    // The model's shape and the catalogue come from the coordinator at
+    // connect (and are kept in the store for the next start).
     let app = BlockingClient::open(
-        Client::builder(Arc::clone(&model))
+        Client::builder_from_coordinator()
             .store(&path, key)
             .conditions(Arc::new(conditions))
             .time_budget(std::time::Duration::from_secs(2)),

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
+use fedrec_proto::catalogue::Catalogue;
 use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use fedrec_proto::{Layout, pb};
 use prost::Message;
@@ -59,7 +60,8 @@ const FETCH_ATTEMPTS: usize = 3;
 /// Builds a [`Client`].
 #[derive(Debug)]
 pub struct ClientBuilder {
-    model: Arc<dyn Model>,
+    /// `None`: the coordinator's, learned at connect and stored.
+    model: Option<Arc<dyn Model>>,
     store: Option<(PathBuf, StoreKey)>,
     retention: RetentionPolicy,
     clock: Option<Arc<dyn Clock>>,
@@ -137,7 +139,12 @@ impl ClientBuilder {
     pub fn open(self) -> Result<Client, ClientError> {
         check_diversity(self.diversity)?;
         self.personalization.validate()?;
-        let mut b = Device::builder(self.model)
+        let from_coordinator = self.model.is_none();
+        let b = match self.model {
+            Some(model) => Device::builder(model),
+            None => Device::builder_from_coordinator(),
+        };
+        let mut b = b
             .retention(self.retention)
             .participation(self.participation);
         if let Some(seed) = self.seed {
@@ -160,6 +167,7 @@ impl ClientBuilder {
                 }),
                 global: RwLock::new(None),
                 link: tokio::sync::Mutex::new(None),
+                from_coordinator,
             }),
         })
     }
@@ -190,6 +198,9 @@ struct Inner {
     /// The coordinator connection; held across awaits by one network
     /// operation at a time.
     link: tokio::sync::Mutex<Option<Link>>,
+    /// The model's shape and the catalogue are the coordinator's, taken at
+    /// every join ([`Client::builder_from_coordinator`]).
+    from_coordinator: bool,
 }
 
 #[derive(Debug)]
@@ -216,8 +227,25 @@ struct Link {
 }
 
 impl Client {
-    /// A builder for a client of `model` (which must match the coordinator's).
+    /// A builder for a client whose model and catalogue are the
+    /// coordinator's: learned when it [connects](Self::connect) and kept in
+    /// the store file, so a client reopened offline knows them. What apps
+    /// use. Before the first connection it records no purchase
+    /// ([`ClientError::NoCatalogue`]) and its rows are empty.
+    pub fn builder_from_coordinator() -> ClientBuilder {
+        ClientBuilder {
+            model: None,
+            ..Self::builder_for(None)
+        }
+    }
+
+    /// A builder for a client of `model`, which must match the
+    /// coordinator's (simulations and tests, which build both sides).
     pub fn builder(model: Arc<dyn Model>) -> ClientBuilder {
+        Self::builder_for(Some(model))
+    }
+
+    fn builder_for(model: Option<Arc<dyn Model>>) -> ClientBuilder {
         ClientBuilder {
             model,
             store: None,
@@ -316,9 +344,13 @@ impl Client {
     /// The `k` items to show, computed on the device: personal, with items
     /// already bought left out, when consent and history allow; the most
     /// popular items of the global model otherwise (see the result's
-    /// `basis`). Needs a global model ([`refresh_model`](Self::refresh_model)).
+    /// `basis`). Before a global model is on the device
+    /// ([`refresh_model`](Self::refresh_model)), only the buy-again row (see
+    /// [`Device::recommendations_without_model`]).
     pub fn recommend(&self, k: usize) -> Result<Recommendations, ClientError> {
-        let global = self.global().ok_or(ClientError::NoModel)?;
+        let Some(global) = self.global() else {
+            return Ok(self.local().device.recommendations_without_model(k));
+        };
         let mut local = self.local();
         local.refresh(&global.params)?;
         let diversity = local.diversity;
@@ -338,6 +370,13 @@ impl Client {
     /// and exclusions listed only with `include_items`).
     pub fn transparency_report(&self, include_items: bool) -> TransparencyReport {
         self.local().device.transparency_report(include_items)
+    }
+
+    /// The coordinator's catalogue, as announced at the last join (and
+    /// stored), if it announced one: maps the app's item ids to the model's
+    /// item indices ([`Catalogue::index`]).
+    pub fn catalogue(&self) -> Option<Catalogue> {
+        self.local().device.catalogue().cloned()
     }
 
     /// The version of the global model on the device, if any.
@@ -373,7 +412,27 @@ impl Client {
             .await
             .map_err(|e| options.explain_refusal(endpoint, e))?;
         let sent = participant.sent().messages().to_vec();
-        self.local().device.note_sent(&sent)?;
+        {
+            let mut local = self.local();
+            local.device.note_sent(&sent)?;
+            if self.inner.from_coordinator {
+                if participant.layout().tensors().is_empty() {
+                    return Err(ClientError::ModelMismatch(format!(
+                        "the coordinator at {endpoint} announces no model layout \
+                         (an older coordinator): build the client with its model"
+                    )));
+                }
+                let catalogue = participant.catalogue().cloned();
+                if local.device.adopt_shape(participant.layout(), catalogue)? {
+                    local.stale = true;
+                    *self
+                        .inner
+                        .global
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner) = None;
+                }
+            }
+        }
         *self.inner.link.lock().await = Some(Link {
             channel,
             participant,

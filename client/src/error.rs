@@ -142,6 +142,10 @@ pub enum ClientError {
     /// ([`crate::Client::refresh_model`]).
     #[error("no global model on the device yet: fetch one from the coordinator first")]
     NoModel,
+    /// A purchase was recorded before the device learned the coordinator's
+    /// catalogue: connect once (the catalogue is then stored).
+    #[error("the coordinator's catalogue is not known yet: connect to the coordinator once")]
+    NoCatalogue,
     /// A network operation was asked for before connecting to a coordinator.
     #[error("not connected to a coordinator")]
     NotConnected,

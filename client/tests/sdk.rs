@@ -378,6 +378,71 @@ async fn refreshing_the_model_joins_again_when_the_session_expired() {
     running.stop().await;
 }
 
+/// A client built without a model learns its shape and the catalogue from
+/// the coordinator at connect and keeps them in its store: reopened
+/// offline, it records purchases and shows them to buy again, before any
+/// model download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_shape_comes_from_the_coordinator_and_is_stored() {
+    let model = common::model(40, 4);
+    let ids: Vec<String> = (0..40).map(|i| format!("sku-{i}")).collect();
+    let catalogue = fedrec_proto::catalogue::Catalogue::from_ids(ids).unwrap();
+    let options = fedrec_coordinator::service::ServeOptions::default().with_catalogue(&catalogue);
+    let running = common::start_with(common::config(1, 1), &model, 1, options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate().unwrap();
+    let path = dir.path().join("device.store");
+    let open = || {
+        Client::builder_from_coordinator()
+            .store(&path, key.clone())
+            .seed(3)
+            .open()
+            .unwrap()
+    };
+    let client = open();
+    client.set_consent(Consent::OnDevice).unwrap();
+    assert!(
+        matches!(client.record(purchase(3)), Err(ClientError::NoCatalogue)),
+        "no purchase before the catalogue is known"
+    );
+    let rows = client.recommend(5).unwrap();
+    assert!(
+        rows.items.is_empty() && rows.buy_again.is_empty(),
+        "{rows:?}"
+    );
+    assert!(client.catalogue().is_none());
+    common::within("connect", client.connect(&running.endpoint))
+        .await
+        .unwrap();
+    assert_eq!(client.with_device(|d| d.model().layout()), model.layout());
+    assert_eq!(client.catalogue(), Some(catalogue.clone()));
+    client.record(purchase(39)).unwrap();
+    assert!(matches!(
+        client.record(purchase(40)),
+        Err(ClientError::UnknownItem {
+            item: 40,
+            items: 40
+        })
+    ));
+    drop(client);
+    running.stop().await;
+
+    // Offline: the shape and catalogue come from the store.
+    let again = open();
+    assert_eq!(again.with_device(|d| d.model().layout()), model.layout());
+    let stored = again.catalogue().expect("the catalogue is stored");
+    assert_eq!(stored.index("sku-39"), Some(39));
+    again.record(purchase(5)).unwrap();
+    let rows = again.recommend(5).unwrap();
+    assert_eq!(rows.basis, Basis::Personal);
+    assert!(rows.items.is_empty(), "nothing to discover without a model");
+    let mut bought = rows.buy_again.clone();
+    bought.sort_unstable();
+    assert_eq!(bought, vec![5, 39], "{rows:?}");
+    assert_eq!(rows.blended, rows.buy_again);
+    assert!(matches!(again.explain(5), Err(ClientError::NoModel)));
+}
+
 /// Consent levels through the app API: `None` stores nothing and
 /// recommends popular items; `OnDevice` stores and personalizes but never
 /// trains; lowering to `None` offers to erase.
@@ -387,7 +452,12 @@ async fn consent_levels_through_the_app_api() {
     let running = common::start(common::config(1, 1), &model, 1).await;
     let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
     assert_eq!(client.consent().level, Consent::None, "opt-in by default");
-    assert!(matches!(client.recommend(5), Err(ClientError::NoModel)));
+    let before = client.recommend(5).unwrap();
+    assert_eq!(before.basis, Basis::PopularNoConsent);
+    assert!(
+        before.items.is_empty(),
+        "nothing to discover before a model"
+    );
     common::within("connect", client.connect(&running.endpoint))
         .await
         .unwrap();

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use fedrec_client::connect::ConnectOptions;
 use fedrec_client::eligibility::ParticipationPolicy;
-use fedrec_client::model::{MatrixFactorization, Model};
 use fedrec_client::vault::StoreKey;
 use fedrec_client::{BlockingClient, Client};
 
@@ -18,10 +17,6 @@ use crate::types::{
     Recommendations, Recorded, TransparencyReport, exclusion_from,
 };
 
-/// Spread of the initial item embeddings of the on-device model. Only its
-/// shape matters: the values are replaced by the coordinator's model.
-const INIT_STD: f32 = 0.1;
-
 /// How to open a client.
 #[derive(Clone, Debug, uniffi::Record)]
 pub struct OpenOptions {
@@ -30,10 +25,6 @@ pub struct OpenOptions {
     /// The store's 32-byte key, from the Android Keystore or the iOS
     /// Keychain. The same key must be given every time.
     pub store_key: Vec<u8>,
-    /// Items in the coordinator's catalogue (the model's rows).
-    pub items: u32,
-    /// Factors of the coordinator's matrix-factorization model.
-    pub factors: u32,
     /// The diversity knob λ in [0, 1] of the discover row (0 = pure
     /// relevance). Default 0.
     #[uniffi(default = 0.0)]
@@ -109,10 +100,11 @@ pub struct FedrecClient {
 
 #[uniffi::export]
 impl FedrecClient {
-    /// Opens the encrypted store (or starts an empty one) for a model of
-    /// `items` × `factors`, which must match the coordinator's. A damaged
-    /// store or a wrong key is an error and leaves the file untouched.
-    /// `conditions`: when the device may train; `None`: always.
+    /// Opens the encrypted store (or starts an empty one). The model's
+    /// shape and the catalogue are the coordinator's: learned at `connect`
+    /// and kept in the store, so a client reopened offline knows them. A
+    /// damaged store or a wrong key is an error and leaves the file
+    /// untouched. `conditions`: when the device may train; `None`: always.
     #[uniffi::constructor]
     pub fn open(
         options: OpenOptions,
@@ -125,11 +117,6 @@ impl FedrecClient {
                     options.store_key.len()
                 ))
             })?;
-            let model: Arc<dyn Model> = Arc::new(MatrixFactorization::new(
-                options.items as usize,
-                options.factors as usize,
-                INIT_STD,
-            )?);
             let mut policy = ParticipationPolicy {
                 // One task per call, and no waiting inside the SDK while the
                 // device is not eligible: the app's scheduler calls again.
@@ -141,7 +128,7 @@ impl FedrecClient {
             if let Some(conditions) = conditions {
                 policy.conditions = Arc::new(AppConditions(conditions));
             }
-            let mut builder = Client::builder(model)
+            let mut builder = Client::builder_from_coordinator()
                 .store(PathBuf::from(options.store_path), StoreKey::from_bytes(key))
                 .participation(policy)
                 .diversity(options.diversity);
@@ -155,7 +142,8 @@ impl FedrecClient {
     }
 
     /// Connects to the coordinator at `url` (e.g. `https://shop.example:443`)
-    /// and joins; joining sends nothing about the shopper.
+    /// and joins, learning the model's shape and the catalogue (stored);
+    /// joining sends nothing about the shopper.
     pub fn connect(&self, url: String, config: Option<ConnectConfig>) -> Result<(), FedrecError> {
         guard(|| {
             let options = ConnectOptions::try_from(config.unwrap_or_default())?;
@@ -174,13 +162,16 @@ impl FedrecClient {
         guard(|| Ok(self.inner.set_consent(level.into())?.into()))
     }
 
-    /// Records a purchase (stored only if the consent allows).
+    /// Records a purchase (stored only if the consent allows). Before the
+    /// first `connect` ever, the catalogue is unknown: `NoCatalogue`.
     pub fn record(&self, purchase: Purchase) -> Result<Recorded, FedrecError> {
         guard(|| Ok(self.inner.record(purchase.try_into()?)?.into()))
     }
 
     /// The rows to show, `k` items each: discover (diversified), buy again
-    /// and blended. The popular items without consent or history.
+    /// and blended. The popular items without consent or history. Before
+    /// the first `refresh_model` (offline after a restart, say): the
+    /// buy-again row only, discover empty; never an error.
     pub fn recommend(&self, k: i32) -> Result<Recommendations, FedrecError> {
         guard(|| Ok(self.inner.recommend(count(k)?)?.into()))
     }
@@ -223,6 +214,13 @@ impl FedrecClient {
     /// returns its version.
     pub fn refresh_model(&self) -> Result<u64, FedrecError> {
         guard(|| Ok(self.inner.refresh_model()?))
+    }
+
+    /// The model's item index of the app's item `id` in the coordinator's
+    /// catalogue (as last announced and stored); `None` when the catalogue
+    /// does not list it, or no catalogue is known.
+    pub fn item_index(&self, id: String) -> Result<Option<u32>, FedrecError> {
+        guard(|| Ok(self.inner.client().catalogue().and_then(|c| c.index(&id))))
     }
 
     /// The version of the model on the device, if any.

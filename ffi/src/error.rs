@@ -42,7 +42,8 @@ pub enum FedrecError {
     /// message, a refused task, a secure-aggregation violation).
     #[error("{0}")]
     Protocol(String),
-    /// The coordinator's model does not have the shape given to `open`.
+    /// The coordinator trains a model this SDK does not know, or its new
+    /// catalogue does not hold the stored purchases.
     #[error("{0}")]
     ModelMismatch(String),
     /// The store file is damaged, truncated, tampered with or not a store.
@@ -55,9 +56,14 @@ pub enum FedrecError {
     /// Reading or writing the store file failed (permissions, disk full).
     #[error("{0}")]
     StoreIo(String),
-    /// No global model on the device yet: call `refresh_model` first.
+    /// No global model on the device yet (for `explain`): call
+    /// `refresh_model` first.
     #[error("{0}")]
     NoModel(String),
+    /// A purchase recorded before the device ever connected: the
+    /// coordinator's catalogue is not known yet (it is stored once learned).
+    #[error("{0}")]
+    NoCatalogue(String),
     /// A network call before `connect`.
     #[error("{0}")]
     NotConnected(String),
@@ -107,6 +113,7 @@ impl From<ClientError> for FedrecError {
             ClientError::StoreIo { .. } => Self::StoreIo(message),
             ClientError::NoModel => Self::NoModel(message),
             ClientError::NotConnected => Self::NotConnected(message),
+            ClientError::NoCatalogue => Self::NoCatalogue(message),
             // `Random`, and kinds added to the SDK after this mapping.
             _ => Self::Internal(message),
         }

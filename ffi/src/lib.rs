@@ -30,8 +30,10 @@
 //! smaller and the same in every language.
 //!
 //! # The model's shape
-//! [`OpenOptions`] takes the coordinator's catalogue size and factors: the
-//! SDK builds its model before it connects.
+//! The app does not supply it: [`FedrecClient::connect`] learns the model's
+//! shape and the catalogue from the coordinator and keeps them in the
+//! encrypted store, so a client reopened offline knows them. Before the
+//! first model download the rows hold the shopper's buy-again items only.
 //!
 //! ```no_run
 //! use fedrec_ffi::{Consent, FedrecClient, OpenOptions, Purchase};
@@ -40,8 +42,6 @@
 //!     OpenOptions {
 //!         store_path: "/data/app/fedrec.store".into(),
 //!         store_key: vec![7; 32], // from the platform keystore
-//!         items: 200,
-//!         factors: 16,
 //!         diversity: 0.0,
 //!         time_budget_ms: None,
 //!         seed: None,
@@ -88,8 +88,6 @@ mod tests {
         let options = |key: Vec<u8>| OpenOptions {
             store_path: dir.path().join("s").to_string_lossy().into_owned(),
             store_key: key,
-            items: 20,
-            factors: 4,
             diversity: 0.0,
             time_budget_ms: None,
             seed: Some(1),
@@ -108,7 +106,20 @@ mod tests {
             client.refresh_model(),
             Err(FedrecError::NotConnected(_))
         ));
-        assert!(matches!(client.recommend(3), Err(FedrecError::NoModel(_))));
+        let rows = client.recommend(3).unwrap();
+        assert!(rows.discover.is_empty() && rows.buy_again.is_empty());
+        assert!(matches!(client.explain(3), Err(FedrecError::NoModel(_))));
+        client.set_consent(Consent::OnDevice).unwrap();
+        let purchase = Purchase {
+            item: 3,
+            time: 1_700_000_000,
+            quantity: 1.0,
+            tag: None,
+        };
+        assert!(matches!(
+            client.record(purchase),
+            Err(FedrecError::NoCatalogue(_))
+        ));
         assert!(matches!(
             client.exclude(Exclusion::Tag {
                 tag: "not a tag!".into()

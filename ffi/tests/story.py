@@ -1,7 +1,9 @@
 """The shop-app story through the generated Python bindings, against a real
 coordinator. Run by ffi/tests/python.rs, which generates the module, starts
-the coordinator and passes FEDREC_ENDPOINT, FEDREC_DIR, FEDREC_ITEMS and
-FEDREC_FACTORS. Every call blocks with a bound inside the SDK; the Rust
+the coordinators and passes FEDREC_ENDPOINT, FEDREC_TLS_ENDPOINT (a TLS
+coordinator), FEDREC_OTHER_CA (a CA that did not sign its certificate),
+FEDREC_DIR and FEDREC_ITEMS (the coordinator's catalogue size, which the app
+does not supply: only the bad-input checks use it). Every call blocks with a bound inside the SDK; the Rust
 test bounds the whole script. Prints "story: ok" at the end."""
 
 import json
@@ -13,7 +15,8 @@ import fedrec_ffi as f
 ENDPOINT = os.environ["FEDREC_ENDPOINT"]
 DIR = os.environ["FEDREC_DIR"]
 ITEMS = int(os.environ["FEDREC_ITEMS"])
-FACTORS = int(os.environ["FEDREC_FACTORS"])
+TLS_ENDPOINT = os.environ["FEDREC_TLS_ENDPOINT"]
+OTHER_CA = os.environ["FEDREC_OTHER_CA"]
 KEY = bytes(range(32))
 NOW = int(time.time())
 
@@ -44,13 +47,18 @@ class Phone(f.DeviceConditions):
 
 
 def options(path, key=KEY):
-    return f.OpenOptions(store_path=path, store_key=key, items=ITEMS, factors=FACTORS, seed=7)
+    return f.OpenOptions(store_path=path, store_key=key, seed=7)
 
 
 def story():
     phone = Phone()
     path = os.path.join(DIR, "shop.store")
     app = f.FedrecClient.open(options(path), phone)
+    # Before the first connection: no catalogue yet, empty rows, no error.
+    assert app.recommend(5).discover == []
+    app.set_consent(f.Consent.ON_DEVICE)
+    expect(f.FedrecError.NoCatalogue, app.record, f.Purchase(item=1, time=NOW, quantity=1.0))
+    app.set_consent(f.Consent.NONE)
     app.connect(ENDPOINT, None)
     first_version = app.refresh_model()
     assert app.model_version() == first_version
@@ -122,8 +130,15 @@ def story():
     assert app.recommend(5).basis == f.Basis.POPULAR_COLD_START
     del app
 
-    # Reopened from its file: the same state.
+    # Reopened from its file, offline: the same state, and the catalogue.
     again = f.FedrecClient.open(options(path), None)
+    assert again.item_index("1") == 0 and again.item_index(str(ITEMS + 1)) is None
+    again.set_consent(f.Consent.ON_DEVICE)
+    assert again.record(f.Purchase(item=10, time=NOW, quantity=1.0)) == f.Recorded.STORED
+    rows = again.recommend(5)
+    assert rows.discover == [] and rows.buy_again == [10], rows
+    again.set_consent(f.Consent.FEDERATED)
+    again.forget_me()
     assert again.consent().level == f.Consent.FEDERATED
     assert again.transparency_report(False).stored.purchases == 0
     assert again.exclusions() == [f.Exclusion.TAG(tag="gift")]
@@ -149,7 +164,11 @@ def bad_input(path):
 
     app = f.FedrecClient.open(options(os.path.join(DIR, "fresh.store")), None)
     expect(f.FedrecError.NotConnected, app.participate)
-    expect(f.FedrecError.NoModel, app.recommend, 5)
+    expect(f.FedrecError.NoModel, app.explain, 1)
+    # A coordinator whose certificate another CA signed: refused, typed.
+    e = expect(f.FedrecError.CoordinatorUnreachable, app.connect, TLS_ENDPOINT,
+               f.ConnectConfig(ca_pem=OTHER_CA))
+    assert "UnknownIssuer" in str(e), e
     expect(f.FedrecError.InvalidArgument, app.connect, ENDPOINT, f.ConnectConfig(cert_pem="x"))
     app.connect(ENDPOINT, None)
     app.refresh_model()

@@ -24,6 +24,8 @@ mod run;
 
 use std::sync::Arc;
 
+use fedrec_proto::Layout;
+use fedrec_proto::catalogue::Catalogue;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -33,7 +35,7 @@ use crate::consent::{Consent, ConsentCell, ConsentChange, ConsentRecord};
 use crate::eligibility::ParticipationPolicy;
 use crate::error::ClientError;
 use crate::exclusion::{Exclusion, ExclusionCell, Exclusions};
-use crate::model::{Loss, Model, TrainingConfig};
+use crate::model::{self, Loss, MatrixFactorization, Model, TrainingConfig};
 use crate::ranking::{self, EvalCounts, HeldOut};
 use crate::retention::RetentionPolicy;
 use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseStore};
@@ -80,15 +82,23 @@ pub struct Device {
     /// Where the device keeps its state; `None`: in memory only.
     pub(crate) vault: Option<Vault>,
     /// Incremented whenever the private embedding must not be taken back
-    /// from a copy made before (`forget_me`, an exclusion), so results
-    /// computed on such a copy are not merged back.
+    /// from a copy made before (`forget_me`, an exclusion, a new model
+    /// shape), so results computed on such a copy are not merged back.
     pub(crate) generation: u64,
+    /// Whether `model` is the coordinator's (given by the app, or learned
+    /// from the coordinator and stored); `false`: a placeholder until the
+    /// device first joins (see [`Device::builder_from_coordinator`]).
+    pub(crate) shaped: bool,
+    /// The coordinator's catalogue, as announced at join and stored; `None`
+    /// before (or when the coordinator announces none).
+    pub(crate) catalogue: Option<Catalogue>,
 }
 
 /// Builds a [`Device`]: in memory, or opened on an encrypted store file.
 #[derive(Debug)]
 pub struct DeviceBuilder {
-    model: Arc<dyn Model>,
+    /// `None`: from the store file, else learned at the first join.
+    model: Option<Arc<dyn Model>>,
     seed: Option<u64>,
     retention: RetentionPolicy,
     clock: Arc<dyn Clock>,
@@ -126,7 +136,7 @@ impl DeviceBuilder {
     /// A device whose state lives in memory only.
     pub fn in_memory(self) -> Result<Device, ClientError> {
         self.retention.validate()?;
-        Ok(self.make(None))
+        self.make(None, None)
     }
 
     /// Opens the device stored in `vault`, or starts an empty one there if
@@ -136,13 +146,18 @@ impl DeviceBuilder {
     pub fn open(self, vault: Vault) -> Result<Device, ClientError> {
         self.retention.validate()?;
         let loaded = vault.load()?;
-        let mut device = self.make(Some(vault));
-        if let Some(plain) = loaded {
-            let state: StoredState =
-                serde_json::from_slice(&plain).map_err(|e| ClientError::StoreFormat {
-                    path: device.vault_path(),
+        let mut state = match loaded {
+            Some(plain) => Some(serde_json::from_slice::<StoredState>(&plain).map_err(|e| {
+                ClientError::StoreFormat {
+                    path: vault.path().to_owned(),
                     detail: format!("unreadable contents: {e}"),
-                })?;
+                }
+            })?),
+            None => None,
+        };
+        let shape = state.as_mut().and_then(|s| s.shape.take());
+        let mut device = self.make(Some(vault), shape.as_ref())?;
+        if let Some(state) = state {
             device.restore(state)?;
         }
         let dropped = device.enforce_retention();
@@ -155,15 +170,39 @@ impl DeviceBuilder {
         Ok(device)
     }
 
-    fn make(self, vault: Option<Vault>) -> Device {
+    /// The device, its model given by the app, else `stored`'s (a store
+    /// file's), else a placeholder until the first join.
+    fn make(
+        self,
+        vault: Option<Vault>,
+        stored: Option<&StoredShape>,
+    ) -> Result<Device, ClientError> {
         let mut rng = match self.seed {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => rand::make_rng(),
         };
-        let private = self.model.init_private(&mut rng);
-        Device {
-            store: PurchaseStore::new(self.model.items()),
-            model: self.model,
+        let (model, shaped) = match (self.model, stored) {
+            (Some(model), _) => (model, true),
+            (None, Some(shape)) => (model::for_layout(&Layout::new(shape.layout.clone()))?, true),
+            (None, None) => (placeholder_model(), false),
+        };
+        let catalogue = match stored.and_then(|s| s.catalogue.clone()) {
+            None => None,
+            Some(ids) if ids.is_empty() => Some(Catalogue::numbered(model.items())),
+            Some(ids) => Some(Catalogue::from_ids(ids).map_err(|e| {
+                ClientError::StoreFormat {
+                    path: vault
+                        .as_ref()
+                        .map(|v| v.path().to_owned())
+                        .unwrap_or_default(),
+                    detail: format!("stored {e}"),
+                }
+            })?),
+        };
+        let private = model.init_private(&mut rng);
+        Ok(Device {
+            store: PurchaseStore::new(model.items()),
+            model,
             private,
             rng,
             held_out: None,
@@ -176,8 +215,33 @@ impl DeviceBuilder {
             ledger: Ledger::default(),
             vault,
             generation: 0,
-        }
+            shaped,
+            catalogue,
+        })
     }
+}
+
+/// The model of a device that has not learned the coordinator's yet: one
+/// item, one factor. It is never trained or sent: recording and ranking
+/// wait for the real one ([`Device::adopt_shape`]).
+fn placeholder_model() -> Arc<dyn Model> {
+    // One item and one factor are within MatrixFactorization's bounds.
+    Arc::new(
+        MatrixFactorization::new(1, 1, model::DEFAULT_INIT_STD)
+            .expect("1 item x 1 factor is a valid shape"),
+    )
+}
+
+/// The coordinator's model shape and catalogue as stored on the device, so
+/// that a device reopened offline knows them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoredShape {
+    /// The model's tensors: names and shapes, in wire order.
+    layout: Vec<(String, Vec<u64>)>,
+    /// The catalogue's item ids in model order (empty: numbered "1" to
+    /// `items`); `None`: the coordinator announced no catalogue.
+    catalogue: Option<Vec<String>>,
 }
 
 /// Everything a device keeps in its store file. Nothing else can be stored:
@@ -192,6 +256,10 @@ pub(crate) struct StoredState {
     exclusions: Exclusions,
     private: Vec<f32>,
     ledger: Ledger,
+    /// The model's shape and the catalogue, learned from the coordinator
+    /// (absent before the first join, and from older stores).
+    #[serde(default)]
+    shape: Option<StoredShape>,
 }
 
 impl Device {
@@ -203,13 +271,26 @@ impl Device {
         Self::builder(model)
             .seed(seed)
             .retention(RetentionPolicy::UNLIMITED)
-            .make(None)
+            .make(None, None)
+            .expect("a device with a given model needs no stored shape")
     }
 
-    /// A builder with the app defaults.
+    /// A builder with the app defaults, for `model` (which must match the
+    /// coordinator's).
     pub fn builder(model: Arc<dyn Model>) -> DeviceBuilder {
         DeviceBuilder {
-            model,
+            model: Some(model),
+            ..Self::builder_from_coordinator()
+        }
+    }
+
+    /// A builder with the app defaults whose model is the coordinator's:
+    /// read from the store file, where [`adopt_shape`](Self::adopt_shape)
+    /// keeps it once learned at a join. Until then the device records no
+    /// purchase ([`ClientError::NoCatalogue`]) and ranks nothing.
+    pub fn builder_from_coordinator() -> DeviceBuilder {
+        DeviceBuilder {
+            model: None,
             seed: None,
             retention: RetentionPolicy::default(),
             clock: clock::system(),
@@ -225,6 +306,9 @@ impl Device {
     pub fn record(&mut self, purchase: Purchase) -> Result<Recorded, ClientError> {
         if !self.consent.level().stores_history() {
             return Ok(Recorded::NotStored);
+        }
+        if !self.shaped {
+            return Err(ClientError::NoCatalogue);
         }
         let now = self.clock.unix_now();
         if purchase.time > now.saturating_add(MAX_FUTURE_SECS) {
@@ -429,6 +513,68 @@ impl Device {
     /// The model this device trains.
     pub fn model(&self) -> &Arc<dyn Model> {
         &self.model
+    }
+
+    /// Whether the device knows the coordinator's model (given, or learned
+    /// at a join and stored): see [`builder_from_coordinator`](Self::builder_from_coordinator).
+    pub fn is_shaped(&self) -> bool {
+        self.shaped
+    }
+
+    /// The coordinator's catalogue as last announced (and stored), if any.
+    pub fn catalogue(&self) -> Option<&Catalogue> {
+        self.catalogue.as_ref()
+    }
+
+    /// Takes the coordinator's model `layout` and `catalogue`, as announced
+    /// when the device joined, and saves them. A layout other than the
+    /// device's replaces its model (a fresh private embedding); stored
+    /// purchases are kept, and must fit the new catalogue. Returns whether
+    /// the model changed.
+    ///
+    /// # Errors
+    /// [`ClientError::ModelMismatch`] for a layout this SDK cannot train or
+    /// a catalogue too small for the stored purchases (nothing changes).
+    pub fn adopt_shape(
+        &mut self,
+        layout: &Layout,
+        catalogue: Option<Catalogue>,
+    ) -> Result<bool, ClientError> {
+        let changed = !self.shaped || self.model.layout() != *layout;
+        if changed {
+            let model = model::for_layout(layout)?;
+            if let Some(c) = &catalogue
+                && c.len() != model.items()
+            {
+                return Err(ClientError::ModelMismatch(format!(
+                    "the coordinator's catalogue lists {} items, its model {}",
+                    c.len(),
+                    model.items()
+                )));
+            }
+            let store =
+                PurchaseStore::from_purchases(model.items(), self.store.purchases().to_vec())
+                    .map_err(|e| {
+                        ClientError::ModelMismatch(format!(
+                            "the coordinator's model does not fit the stored purchases: {e}"
+                        ))
+                    })?;
+            tracing::info!(
+                items = model.items(),
+                "model shape learned from the coordinator"
+            );
+            self.private = model.init_private(&mut self.rng);
+            self.model = model;
+            self.store = store;
+            self.fitted = false;
+            self.shaped = true;
+            self.generation += 1;
+        } else if self.catalogue == catalogue {
+            return Ok(false);
+        }
+        self.catalogue = catalogue;
+        self.persist()?;
+        Ok(changed)
     }
 
     /// The private user embedding (for on-device use and tests; never sent).
@@ -729,6 +875,13 @@ impl Device {
             exclusions: self.exclusions.get(),
             private: self.private.clone(),
             ledger: self.ledger.clone(),
+            shape: self.shaped.then(|| StoredShape {
+                layout: self.model.layout().tensors().to_vec(),
+                catalogue: self
+                    .catalogue
+                    .as_ref()
+                    .map(|c| if c.is_numbered() { Vec::new() } else { c.ids() }),
+            }),
         };
         let plain = zeroize::Zeroizing::new(serde_json::to_vec(&state).map_err(|e| {
             ClientError::StoreFormat {
@@ -790,6 +943,8 @@ impl Device {
             ledger: Ledger::default(),
             vault: None,
             generation: self.generation,
+            shaped: self.shaped,
+            catalogue: self.catalogue.clone(),
         }
     }
 

@@ -76,6 +76,34 @@ impl Device {
         })
     }
 
+    /// The rows before any global model is on the device (offline after a
+    /// restart, or before the first download): the buy-again row from the
+    /// shopper's own purchases when the consent and a history allow it
+    /// (every item equally popular: popularity comes with the model),
+    /// blended equal to it, and nothing to discover.
+    pub fn recommendations_without_model(&self, k: usize) -> Recommendations {
+        let history = self.history();
+        let basis = self.basis_for(&history);
+        let mut buy_again = Vec::new();
+        if basis == Basis::Personal && self.shaped {
+            use crate::repeat;
+            let now = self.clock.unix_now().saturating_add(1);
+            let purchases = self.used_purchases();
+            let flat = vec![0.5_f32; self.model.items()];
+            let past = repeat::History::new(&purchases, now);
+            let weights = repeat::device_weights(&purchases, now, &flat);
+            let mut rebuy = repeat::buy_again(&past, now, &flat, &weights);
+            rebuy.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            buy_again = rebuy.into_iter().take(k).map(|(item, _)| item).collect();
+        }
+        Recommendations {
+            items: Vec::new(),
+            blended: buy_again.clone(),
+            buy_again,
+            basis,
+        }
+    }
+
     /// Which of the shopper's own purchases (not excluded) make `item` relevant, and how
     /// much, under the least-squares fit with `cfg`'s confidence and
     /// regularization (exact when the private embedding was fitted by

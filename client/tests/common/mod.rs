@@ -87,13 +87,23 @@ impl Running {
 
 /// Serves a coordinator for `model` (initialised from `seed`) with `cfg`.
 pub async fn start(cfg: CoordinatorConfig, model: &Arc<dyn Model>, seed: u64) -> Running {
+    start_with(cfg, model, seed, ServeOptions::default()).await
+}
+
+/// [`start`] with the service's `options` (a catalogue, say).
+pub async fn start_with(
+    cfg: CoordinatorConfig,
+    model: &Arc<dyn Model>,
+    seed: u64,
+    options: ServeOptions,
+) -> Running {
     let params = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     let start = fedrec_coordinator::bootstrap::prepare(
         cfg.validated().expect("a valid configuration"),
         model.layout(),
         params,
         None,
-        ServeOptions::default(),
+        options,
     )
     .expect("valid coordinator");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
