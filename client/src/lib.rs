@@ -92,6 +92,7 @@ pub mod ease;
 pub mod eligibility;
 pub mod error;
 pub mod exclusion;
+mod linalg;
 pub mod model;
 pub mod participant;
 pub mod privacy;

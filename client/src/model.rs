@@ -7,9 +7,11 @@
 //! sees a [`Layout`] and a flat vector of global parameters.
 
 use fedrec_proto::Layout;
+use ndarray::ArrayView1;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngExt};
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
 use std::sync::{Arc, Mutex};
 
@@ -345,11 +347,7 @@ impl MatrixFactorization {
     }
 
     fn view<'a>(&self, params: &'a [f32]) -> als::Items<'a> {
-        als::Items {
-            params,
-            items: self.items,
-            k: self.factors,
-        }
+        als::Items::new(params, self.items, self.factors)
     }
 
     /// The Gram of `global`, from the cache when `global` is the model it
@@ -565,24 +563,15 @@ impl Model for MatrixFactorization {
                 buyers[i as usize].push(u as u32);
             }
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         for _ in 0..epochs {
             let w = self.view(params);
             let g = als::gram(w);
-            let per_thread = users.len().div_ceil(threads).max(1);
-            std::thread::scope(|s| {
-                for (xs, hs) in users
-                    .chunks_mut(per_thread)
-                    .zip(histories.chunks(per_thread))
-                {
-                    let g = &g;
-                    s.spawn(move || {
-                        for (x, h) in xs.iter_mut().zip(hs) {
-                            *x = als::solve_user(w, g, h, alpha, lambda);
-                        }
-                    });
-                }
-            });
+            // Each user's solve is independent: the result does not depend
+            // on how rayon splits them.
+            users
+                .par_iter_mut()
+                .zip(histories)
+                .for_each(|(x, h)| *x = als::solve_user(w, &g, h, alpha, lambda));
             als::item_step(
                 params,
                 self.items,
@@ -591,7 +580,6 @@ impl Model for MatrixFactorization {
                 &buyers,
                 alpha,
                 lambda,
-                threads,
             );
         }
     }
@@ -610,12 +598,8 @@ impl Model for MatrixFactorization {
             out.extend_from_slice(biases);
             return;
         }
-        let k = self.factors;
-        out.extend(
-            global[..self.bias_offset()]
-                .chunks_exact(k)
-                .map(|q| dot(q, q)),
-        );
+        let q = self.view(global).q;
+        out.extend(q.rows().into_iter().map(|q| q.dot(&q)));
     }
 
     fn item_vector<'a>(&self, global: &'a [f32], item: u32) -> Option<&'a [f32]> {
@@ -648,15 +632,10 @@ impl Model for MatrixFactorization {
     }
 
     fn score_all(&self, global: &[f32], private: &[f32], _history: &[u32], out: &mut Vec<f32>) {
-        let k = self.factors;
-        let bias = self.bias_offset();
+        let w = self.view(global);
+        let scores = w.q.dot(&ArrayView1::from(private)) + w.bias;
         out.clear();
-        out.extend(
-            global[..bias]
-                .chunks_exact(k)
-                .zip(&global[bias..])
-                .map(|(q, b)| dot(private, q) + b),
-        );
+        out.extend(scores);
     }
 }
 

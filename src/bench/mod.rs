@@ -684,7 +684,7 @@ pub fn device(
         ..crate::sim::device_training(&cfg.training)
     };
     let moment = if training.user_moment {
-        fedrec_proto::linalg::upper_len(cfg.model.factors)
+        fedrec_proto::symmetric::upper_len(cfg.model.factors)
     } else {
         0
     };

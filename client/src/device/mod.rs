@@ -572,7 +572,7 @@ impl Device {
         if cfg.user_moment {
             // Validated: only under the ALS loss, whose private vector was
             // just solved against `global`.
-            fedrec_proto::linalg::push_outer_upper(&self.private, &mut delta);
+            fedrec_proto::symmetric::push_outer_upper(&self.private, &mut delta);
         }
         let extras = delta.len() - model_values;
         let elapsed = self.clock.monotonic() - start;
