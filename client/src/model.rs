@@ -22,9 +22,13 @@ use crate::error::ClientError;
 /// coordinator and the wire: [`fedrec_proto::Loss`]).
 pub use fedrec_proto::Loss;
 
-/// Hyperparameters of one local training task, validated.
+/// How this device trains on one task: the hyperparameters of its local
+/// training, validated. (The coordinator's `[training]` section,
+/// `fedrec_coordinator::config::TrainingConfig`, is what it asks of its
+/// devices; it travels as the wire's `pb::TrainingConfig` and becomes this
+/// type on the device, in [`crate::task`].)
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TrainingConfig {
+pub struct LocalTraining {
     /// Passes over the device's own purchases per round.
     pub local_epochs: u32,
     /// SGD learning rate.
@@ -48,7 +52,7 @@ pub struct TrainingConfig {
     pub user_moment: bool,
 }
 
-impl Default for TrainingConfig {
+impl Default for LocalTraining {
     fn default() -> Self {
         Self {
             local_epochs: 5,
@@ -63,7 +67,7 @@ impl Default for TrainingConfig {
     }
 }
 
-impl TrainingConfig {
+impl LocalTraining {
     /// Checks every field; the error names the field and the value.
     pub fn validate(&self) -> Result<(), ClientError> {
         self.check()
@@ -116,7 +120,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         global: &[f32],
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     );
     /// Trains on `history`, moving `params` (global parameters) and `private`
@@ -129,7 +133,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         anchor: Option<&[f32]>,
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     );
     /// Trains the model on every user's history in one place (the
@@ -139,7 +143,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         params: &mut [f32],
         users: &mut [Vec<f32>],
         histories: &[Vec<u32>],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         epochs: u32,
         rng: &mut dyn Rng,
     ) {
@@ -152,7 +156,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         global: &[f32],
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) -> Vec<f32> {
         let mut local = global.to_vec();
@@ -189,7 +193,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         global: &[f32],
         history: &[u32],
         item: u32,
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
     ) -> Option<(Vec<f32>, f32)> {
         let _ = (global, history, item, cfg);
         None
@@ -203,11 +207,11 @@ pub fn fit_by_sgd<M: Model + ?Sized>(
     params: &mut [f32],
     users: &mut [Vec<f32>],
     histories: &[Vec<u32>],
-    cfg: &TrainingConfig,
+    cfg: &LocalTraining,
     epochs: u32,
     rng: &mut dyn Rng,
 ) {
-    let one_epoch = TrainingConfig {
+    let one_epoch = LocalTraining {
         local_epochs: 1,
         ..*cfg
     };
@@ -396,7 +400,7 @@ impl MatrixFactorization {
         anchor: Option<&[f32]>,
         p: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         let k = self.factors;
@@ -497,7 +501,7 @@ impl Model for MatrixFactorization {
         global: &[f32],
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         if history.is_empty() {
@@ -526,7 +530,7 @@ impl Model for MatrixFactorization {
         anchor: Option<&[f32]>,
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         if cfg.loss == Loss::Als {
@@ -548,7 +552,7 @@ impl Model for MatrixFactorization {
         params: &mut [f32],
         users: &mut [Vec<f32>],
         histories: &[Vec<u32>],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         epochs: u32,
         rng: &mut dyn Rng,
     ) {
@@ -615,7 +619,7 @@ impl Model for MatrixFactorization {
         global: &[f32],
         history: &[u32],
         item: u32,
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
     ) -> Option<(Vec<f32>, f32)> {
         if item as usize >= self.items || global.len() != self.num_values() {
             return None;
@@ -673,11 +677,11 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let global = model.init_global(&mut rng);
         let mut p = model.init_private(&mut rng);
-        let cfg = TrainingConfig {
+        let cfg = LocalTraining {
             local_epochs: 20,
             learning_rate: 0.1,
             proximal_mu: mu,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         let delta = model.train(&global, &mut p, &[1, 2, 3, 4, 5], &cfg, &mut rng);
         delta.iter().map(|d| d * d).sum::<f32>().sqrt()
@@ -693,9 +697,9 @@ mod tests {
 
     #[test]
     fn invalid_hyperparameters_are_named() {
-        let cfg = TrainingConfig {
+        let cfg = LocalTraining {
             proximal_mu: -1.0,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proximal_mu") && err.contains("-1"), "{err}");
