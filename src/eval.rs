@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fedrec_client::model::{Model, TrainingConfig};
+use fedrec_client::model::{LocalTraining, Model};
 use fedrec_client::ranking::{self, EvalCounts, HeldOut, K};
 use fedrec_client::repeat;
 use rand::SeedableRng;
@@ -158,7 +158,7 @@ pub fn evaluate(
 pub fn train_centralized(
     model: &Arc<dyn Model>,
     cut: &Cut,
-    cfg: &TrainingConfig,
+    cfg: &LocalTraining,
     epochs: u32,
     seed: u64,
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
@@ -315,7 +315,7 @@ pub fn fit_repeat_weights(protocol: &Protocol) -> Option<([f32; repeat::FEATURES
 pub fn fit_blend(
     protocol: &Protocol,
     model: &Arc<dyn Model>,
-    cfg: &TrainingConfig,
+    cfg: &LocalTraining,
     seed: u64,
 ) -> Vec<(repeat::Blend, f64, f64)> {
     let Some(ev) = protocol.evaluation(crate::data::Track::NextPurchase, Stage::Validation) else {
@@ -464,7 +464,7 @@ mod tests {
         let model: Arc<dyn Model> = Arc::new(MatrixFactorization::new(200, 16, 0.1).unwrap());
         let pop = Baseline::Popularity.fit(&p.histories, cut).unwrap();
         let pop = evaluate(cut, ev, 1, |u, out| pop.score(u, out));
-        let (params, users) = train_centralized(&model, cut, &TrainingConfig::default(), 20, 1);
+        let (params, users) = train_centralized(&model, cut, &LocalTraining::default(), 20, 1);
         let cen = evaluate(cut, ev, 1, |u, out| {
             model.score_all(&params, &users[u], &cut.items[u], out)
         });

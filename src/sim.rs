@@ -44,7 +44,7 @@ use anyhow::{Context, bail};
 use fedrec_client::clock::ManualClock;
 use fedrec_client::consent::Consent;
 use fedrec_client::device::Device;
-use fedrec_client::model::{Model, TrainingConfig};
+use fedrec_client::model::{LocalTraining, Model};
 use fedrec_client::ranking::EvalCounts;
 use fedrec_client::recommend::Row;
 use fedrec_client::retention::RetentionPolicy;
@@ -232,8 +232,8 @@ pub fn make_catalogue_device(
 }
 
 /// The device-side training configuration of a coordinator configuration.
-pub fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> TrainingConfig {
-    TrainingConfig {
+pub fn device_training(t: &fedrec_coordinator::config::TrainingConfig) -> LocalTraining {
+    LocalTraining {
         local_epochs: t.local_epochs,
         learning_rate: t.learning_rate,
         regularization: t.regularization,
@@ -711,7 +711,7 @@ mod tests {
             );
             assert_eq!(
                 *device.training(),
-                TrainingConfig {
+                LocalTraining {
                     user_moment: task.user_moment,
                     ..device_training(&task.training)
                 }

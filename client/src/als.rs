@@ -24,43 +24,90 @@
 //! `Σ_i q_i q_iᵀ` ([`Gram`]) depends on the global model only, and the
 //! purchases add a correction.
 
-use fedrec_proto::linalg::cholesky_solve;
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
+use rayon::prelude::*;
 
-/// What of the global model every user solve needs: `Σ_i q_i q_iᵀ`, k×k
-/// row-major.
+use crate::linalg::solve_spd;
+
+/// What of the global model every user solve needs: `Σ_i q_i q_iᵀ` (k×k).
 #[derive(Clone, Debug)]
 pub(crate) struct Gram {
-    qq: Vec<f64>,
+    qq: Array2<f64>,
 }
 
-/// A view of the global parameters: `items × k` embeddings, then `items`
-/// biases (unused by this loss).
+/// A view of the global parameters: the `items × k` embeddings, then the
+/// `items` biases (unused by this loss).
 #[derive(Clone, Copy)]
 pub(crate) struct Items<'a> {
-    pub params: &'a [f32],
-    pub items: usize,
-    pub k: usize,
+    /// The item embeddings `q_i`, one row each.
+    pub q: ArrayView2<'a, f32>,
+    /// The item biases.
+    pub bias: ArrayView1<'a, f32>,
 }
 
-impl Items<'_> {
-    fn q(&self, i: usize) -> &[f32] {
-        &self.params[i * self.k..(i + 1) * self.k]
+impl<'a> Items<'a> {
+    /// The view of `params` for `items` items of `k` factors.
+    ///
+    /// # Panics
+    ///
+    /// When `params` holds fewer than `items × (k + 1)` values.
+    pub(crate) fn new(params: &'a [f32], items: usize, k: usize) -> Self {
+        let (q, bias) = params.split_at(items * k);
+        Self {
+            // `q` holds items × k values, split off just above.
+            q: ArrayView2::from_shape((items, k), q).expect("items × k values"),
+            bias: ArrayView1::from(&bias[..items]),
+        }
+    }
+
+    fn k(&self) -> usize {
+        self.q.ncols()
     }
 }
+
+/// The rows `rows` of `m` (in that order), in f64.
+fn gather<T: Copy + Into<f64>>(m: ArrayView2<'_, T>, rows: &[u32]) -> Array2<f64> {
+    Array2::from_shape_fn((rows.len(), m.ncols()), |(r, d)| {
+        m[[rows[r] as usize, d]].into()
+    })
+}
+
+/// `a += c · vᵀ v` for the rows `v` of `rows` (a no-op without rows).
+fn add_gram(a: &mut Array2<f64>, rows: ArrayView2<'_, f64>, c: f64) {
+    if rows.nrows() > 0 {
+        general_mat_mul(c, &rows.t(), &rows, 1.0, a);
+    }
+}
+
+/// Rows of the global embeddings converted to f64 at a time by [`gram`]
+/// (bounds its working memory whatever the catalogue's size).
+const GRAM_BLOCK: usize = 1024;
 
 /// The [`Gram`] of the global model.
 pub(crate) fn gram(w: Items<'_>) -> Gram {
-    let k = w.k;
-    let mut qq = vec![0.0_f64; k * k];
-    let mut q = vec![0.0_f64; k];
-    for i in 0..w.items {
-        for (d, s) in q.iter_mut().zip(w.q(i)) {
-            *d = f64::from(*s);
-        }
-        rank_one_upper(&mut qq, &q, 1.0);
+    let k = w.k();
+    let mut qq = Array2::zeros((k, k));
+    for block in w.q.axis_chunks_iter(Axis(0), GRAM_BLOCK) {
+        add_gram(&mut qq, block.mapv(f64::from).view(), 1.0);
     }
-    mirror_upper(&mut qq, k);
     Gram { qq }
+}
+
+/// The user's system matrix `Σ_i c_i q_i q_iᵀ + λI` (the Gram plus the
+/// purchases' correction), and the purchased items' embeddings in f64.
+fn user_system(
+    w: Items<'_>,
+    g: &Gram,
+    history: &[u32],
+    alpha: f64,
+    lambda: f64,
+) -> (Array2<f64>, Array2<f64>) {
+    let mut a = g.qq.clone();
+    a.diag_mut().mapv_inplace(|d| d + lambda);
+    let bought = gather(w.q, history);
+    add_gram(&mut a, bought.view(), alpha - 1.0);
+    (a, bought)
 }
 
 /// The user vector minimizing the loss for `history` (sorted distinct items)
@@ -72,25 +119,10 @@ pub(crate) fn solve_user(
     alpha: f64,
     lambda: f64,
 ) -> Vec<f32> {
-    let k = w.k;
-    let mut a = g.qq.clone();
-    for d in 0..k {
-        a[d * k + d] += lambda;
-    }
+    let (a, bought) = user_system(w, g, history, alpha, lambda);
     // Right-hand side Σ_i c_i y_i q_i: the purchased items only.
-    let mut rhs = vec![0.0_f64; k];
-    let mut q = vec![0.0_f64; k];
-    for &i in history {
-        for (d, s) in q.iter_mut().zip(w.q(i as usize)) {
-            *d = f64::from(*s);
-        }
-        for (r, qr) in rhs.iter_mut().zip(&q) {
-            *r += alpha * qr;
-        }
-        rank_one_upper(&mut a, &q, alpha - 1.0);
-    }
-    mirror_upper(&mut a, k);
-    cholesky_solve(&mut a, &mut rhs, k);
+    let mut rhs = bought.sum_axis(Axis(0)) * alpha;
+    solve_spd(a.view(), rhs.view_mut());
     rhs.iter().map(|&v| v as f32).collect()
 }
 
@@ -109,70 +141,29 @@ pub(crate) fn explain(
     lambda: f64,
     item: u32,
 ) -> (Vec<f64>, f64) {
-    let k = w.k;
-    let mut a = g.qq.clone();
-    for d in 0..k {
-        a[d * k + d] += lambda;
-    }
-    let mut q = vec![0.0_f64; k];
-    for &j in history {
-        for (d, s) in q.iter_mut().zip(w.q(j as usize)) {
-            *d = f64::from(*s);
-        }
-        rank_one_upper(&mut a, &q, alpha - 1.0);
-    }
-    mirror_upper(&mut a, k);
-    let mut z: Vec<f64> = w.q(item as usize).iter().map(|&v| f64::from(v)).collect();
-    cholesky_solve(&mut a, &mut z, k);
-    let terms = history
-        .iter()
-        .map(|&j| {
-            let qj: f64 = w
-                .q(j as usize)
-                .iter()
-                .zip(&z)
-                .map(|(&v, zz)| f64::from(v) * zz)
-                .sum();
-            alpha * qj
-        })
-        .collect();
+    let (a, bought) = user_system(w, g, history, alpha, lambda);
+    let mut z = w.q.row(item as usize).mapv(f64::from);
+    solve_spd(a.view(), z.view_mut());
+    let terms = (bought.dot(&z) * alpha).to_vec();
     // The score's part that no purchase explains: the item's bias (0 when
     // the model was trained under this loss).
-    let baseline = f64::from(w.params[w.items * w.k + item as usize]);
+    let baseline = f64::from(w.bias[item as usize]);
     (terms, baseline)
-}
-
-/// `a += c · v vᵀ` on the upper triangle of the n×n row-major `a` (n = v.len()).
-fn rank_one_upper(a: &mut [f64], v: &[f64], c: f64) {
-    let n = v.len();
-    for (r, &vr) in v.iter().enumerate() {
-        let cv = c * vr;
-        for (x, &vc) in a[r * n + r..(r + 1) * n].iter_mut().zip(&v[r..]) {
-            *x += cv * vc;
-        }
-    }
-}
-
-/// Copies the upper triangle of the n×n row-major `a` onto its lower one.
-fn mirror_upper(a: &mut [f64], n: usize) {
-    for r in 0..n {
-        for c in 0..r {
-            a[r * n + c] = a[c * n + r];
-        }
-    }
 }
 
 /// Gradient of one user's loss with respect to every item's embedding at the
 /// user vector `x`, laid out like the global parameters (the biases' part
 /// is 0).
 pub(crate) fn gradient(w: Items<'_>, x: &[f32], history: &[u32], alpha: f32) -> Vec<f32> {
-    let (k, n) = (w.k, w.items);
+    let (n, k) = w.q.dim();
+    let x = ArrayView1::from(x);
+    let scores = w.q.dot(&x);
     let mut grad = vec![0.0_f32; n * (k + 1)];
-    let embeddings = &mut grad[..n * k];
+    // The first n × k values of `grad`, which holds n × (k + 1).
+    let mut embeddings =
+        ArrayViewMut2::from_shape((n, k), &mut grad[..n * k]).expect("n × k values");
     let mut purchased = history.iter().peekable();
-    for i in 0..n {
-        let q = w.q(i);
-        let s: f32 = x.iter().zip(q).map(|(a, b)| a * b).sum::<f32>();
+    for (i, (row, &s)) in embeddings.rows_mut().into_iter().zip(&scores).enumerate() {
         // d/dq of c (y − x·q)² is −2 c (y − x·q) x.
         let bought = purchased.next_if(|&&j| j as usize == i).is_some();
         let coef = if bought {
@@ -180,17 +171,15 @@ pub(crate) fn gradient(w: Items<'_>, x: &[f32], history: &[u32], alpha: f32) -> 
         } else {
             2.0 * s
         };
-        for (g, xf) in embeddings[i * k..(i + 1) * k].iter_mut().zip(x) {
-            *g = coef * xf;
-        }
+        Zip::from(row).and(&x).for_each(|g, &xf| *g = coef * xf);
     }
     grad
 }
 
 /// The exact item step of centralized ALS: every item's embedding solved
-/// given all user vectors, the items split across `threads` threads.
+/// given all user vectors (items in parallel, on rayon's pool; each item's
+/// solve is independent, so the result does not depend on the threads).
 /// `buyers[i]` lists the users who bought item `i`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn item_step(
     params: &mut [f32],
     items: usize,
@@ -199,69 +188,40 @@ pub(crate) fn item_step(
     buyers: &[Vec<u32>],
     alpha: f64,
     lambda: f64,
-    threads: usize,
 ) {
-    let d = k;
-    // Each user's x in f64, and Σ_u x xᵀ over all users (upper triangle).
-    let z: Vec<f64> = users
-        .iter()
-        .flat_map(|x| x.iter().map(|&v| f64::from(v)))
+    // Each user's x in f64, and Σ_u x xᵀ + λI over all users.
+    let z = Array2::from_shape_fn((users.len(), k), |(u, d)| f64::from(users[u][d]));
+    let mut zz = Array2::zeros((k, k));
+    add_gram(&mut zz, z.view(), 1.0);
+    zz.diag_mut().mapv_inplace(|d| d + lambda);
+    let solved: Vec<Array1<f64>> = buyers[..items]
+        .par_iter()
+        .map(|who| {
+            let mut a = zz.clone();
+            let bought = gather(z.view(), who);
+            add_gram(&mut a, bought.view(), alpha - 1.0);
+            let mut rhs = bought.sum_axis(Axis(0)) * alpha;
+            solve_spd(a.view(), rhs.view_mut());
+            rhs
+        })
         .collect();
-    let mut zz = vec![0.0_f64; d * d];
-    for zu in z.chunks_exact(d) {
-        rank_one_upper(&mut zz, zu, 1.0);
+    let (embeddings, biases) = params.split_at_mut(items * k);
+    let mut embeddings =
+        ArrayViewMut2::from_shape((items, k), embeddings).expect("items × k values");
+    for (mut row, w) in embeddings.rows_mut().into_iter().zip(&solved) {
+        row.zip_mut_with(w, |q, &v| *q = v as f32);
     }
-    let solve = |i: usize| -> Vec<f64> {
-        let mut a = zz.clone();
-        for j in 0..d {
-            a[j * d + j] += lambda;
-        }
-        let mut rhs = vec![0.0_f64; d];
-        for &u in &buyers[i] {
-            let zu = &z[u as usize * d..(u as usize + 1) * d];
-            for (r, v) in rhs.iter_mut().zip(zu) {
-                *r += alpha * v;
-            }
-            rank_one_upper(&mut a, zu, alpha - 1.0);
-        }
-        mirror_upper(&mut a, d);
-        cholesky_solve(&mut a, &mut rhs, d);
-        rhs
-    };
-    let per_thread = items.div_ceil(threads.max(1)).max(1);
-    let solved: Vec<Vec<f64>> = std::thread::scope(|s| {
-        let solve = &solve;
-        let handles: Vec<_> = (0..items)
-            .step_by(per_thread)
-            .map(|start| {
-                s.spawn(move || {
-                    (start..(start + per_thread).min(items))
-                        .map(solve)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("item solve thread panicked"))
-            .collect()
-    });
-    for (i, w) in solved.iter().enumerate() {
-        for p in 0..k {
-            params[i * k + p] = w[p] as f32;
-        }
-        params[items * k + i] = 0.0;
-    }
+    biases[..items].fill(0.0);
 }
 
 /// One user's loss (for tests): `Σ_i c_i (y_i − x·q_i)² + λ‖x‖²`.
 #[cfg(test)]
 fn loss(w: Items<'_>, x: &[f32], history: &[u32], alpha: f64, lambda: f64) -> f64 {
     let mut total = lambda * x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
-    for i in 0..w.items {
+    for i in 0..w.q.nrows() {
         let s: f64 = x
             .iter()
-            .zip(w.q(i))
+            .zip(w.q.row(i))
             .map(|(a, b)| f64::from(*a) * f64::from(*b))
             .sum::<f64>();
         let bought = history.contains(&(i as u32));
@@ -288,11 +248,7 @@ mod tests {
     fn the_user_solve_is_the_minimum() {
         let (n, k) = (30, 4);
         let p = params(n, k, 1);
-        let w = Items {
-            params: &p,
-            items: n,
-            k,
-        };
+        let w = Items::new(&p, n, k);
         let history = [2, 5, 11, 17];
         let x = solve_user(w, &gram(w), &history, 5.0, 0.1);
         let best = loss(w, &x, &history, 5.0, 0.1);
@@ -312,23 +268,19 @@ mod tests {
     fn an_explanation_sums_to_the_solved_score() {
         let (items, k) = (30, 4);
         let p = params(items, k, 9);
-        let w = Items {
-            params: &p,
-            items,
-            k,
-        };
+        let w = Items::new(&p, items, k);
         let g = gram(w);
         let history = [2, 7, 11, 20];
         let x = solve_user(w, &g, &history, 5.0, 0.1);
         for item in [0_u32, 7, 29] {
             let (terms, baseline) = explain(w, &g, &history, 5.0, 0.1, item);
-            let score: f64 = w
-                .q(item as usize)
-                .iter()
-                .zip(&x)
-                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                .sum::<f64>()
-                + f64::from(p[items * k + item as usize]);
+            let score: f64 =
+                w.q.row(item as usize)
+                    .iter()
+                    .zip(&x)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum::<f64>()
+                    + f64::from(p[items * k + item as usize]);
             let sum = terms.iter().sum::<f64>() + baseline;
             assert!((sum - score).abs() < 1e-4, "item {item}: {sum} vs {score}");
         }
@@ -340,43 +292,14 @@ mod tests {
         let p = params(n, k, 2);
         let history = [1, 4, 7];
         let x = [0.3_f32, -0.2, 0.5];
-        let g = gradient(
-            Items {
-                params: &p,
-                items: n,
-                k,
-            },
-            &x,
-            &history,
-            4.0,
-        );
+        let g = gradient(Items::new(&p, n, k), &x, &history, 4.0);
         for idx in [0, 4, 5, 13, 22, n * k + 1, n * k + 4] {
             let h = 1e-3_f32;
             let (mut up, mut down) = (p.clone(), p.clone());
             up[idx] += h;
             down[idx] -= h;
-            let fu = loss(
-                Items {
-                    params: &up,
-                    items: n,
-                    k,
-                },
-                &x,
-                &history,
-                4.0,
-                0.0,
-            );
-            let fd = loss(
-                Items {
-                    params: &down,
-                    items: n,
-                    k,
-                },
-                &x,
-                &history,
-                4.0,
-                0.0,
-            );
+            let fu = loss(Items::new(&up, n, k), &x, &history, 4.0, 0.0);
+            let fd = loss(Items::new(&down, n, k), &x, &history, 4.0, 0.0);
             let numeric = (fu - fd) / (2.0 * f64::from(h));
             assert!(
                 (numeric - f64::from(g[idx])).abs() < 1e-2,
@@ -393,22 +316,14 @@ mod tests {
         let histories: Vec<Vec<u32>> =
             vec![vec![0, 1, 2], vec![1, 2, 3], vec![10, 11], vec![0, 10, 19]];
         let total = |p: &[f32], xs: &[Vec<f32>]| {
-            let w = Items {
-                params: p,
-                items: n,
-                k,
-            };
+            let w = Items::new(p, n, k);
             histories
                 .iter()
                 .zip(xs)
                 .map(|(h, x)| loss(w, x, h, 5.0, 0.1))
                 .sum::<f64>()
         };
-        let w = Items {
-            params: &p,
-            items: n,
-            k,
-        };
+        let w = Items::new(&p, n, k);
         let g = gram(w);
         let xs: Vec<Vec<f32>> = histories
             .iter()
@@ -421,7 +336,7 @@ mod tests {
                 buyers[i as usize].push(u as u32);
             }
         }
-        item_step(&mut p, n, k, &xs, &buyers, 5.0, 0.1, 2);
+        item_step(&mut p, n, k, &xs, &buyers, 5.0, 0.1);
         assert!(total(&p, &xs) < before);
     }
 }

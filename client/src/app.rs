@@ -31,7 +31,7 @@ use crate::device::{Device, Recorded};
 use crate::eligibility::{Conditions, ParticipationPolicy};
 use crate::error::ClientError;
 use crate::exclusion::{Exclusion, Exclusions};
-use crate::model::{Loss, Model, TrainingConfig};
+use crate::model::{LocalTraining, Loss, Model};
 use crate::participant::{Participant, ParticipationSummary, SentMessage};
 use crate::recommend::{Explanation, Recommendations};
 use crate::retention::RetentionPolicy;
@@ -44,12 +44,12 @@ use crate::vault::{StoreKey, Vault};
 /// solve of the ALS loss with these confidence and regularization values,
 /// the middle of the usual implicit-ALS ranges. It is deterministic and
 /// makes [`Client::explain`] exact.
-pub fn default_personalization() -> TrainingConfig {
-    TrainingConfig {
+pub fn default_personalization() -> LocalTraining {
+    LocalTraining {
         loss: Loss::Als,
         confidence: 5.0,
         regularization: 0.1,
-        ..TrainingConfig::default()
+        ..LocalTraining::default()
     }
 }
 
@@ -67,7 +67,7 @@ pub struct ClientBuilder {
     clock: Option<Arc<dyn Clock>>,
     participation: ParticipationPolicy,
     diversity: f32,
-    personalization: TrainingConfig,
+    personalization: LocalTraining,
     seed: Option<u64>,
 }
 
@@ -122,7 +122,7 @@ impl ClientBuilder {
 
     /// How the private embedding is fitted for on-device recommendations.
     /// Default [`default_personalization`].
-    pub fn personalization(mut self, cfg: TrainingConfig) -> Self {
+    pub fn personalization(mut self, cfg: LocalTraining) -> Self {
         self.personalization = cfg;
         self
     }
@@ -209,7 +209,7 @@ struct Local {
     /// The private embedding must be refitted before the next recommendation.
     stale: bool,
     diversity: f32,
-    personalization: TrainingConfig,
+    personalization: LocalTraining,
 }
 
 #[derive(Debug)]

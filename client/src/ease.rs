@@ -26,7 +26,7 @@ use fedrec_proto::Layout;
 use rand::Rng;
 
 use crate::error::ClientError;
-use crate::model::{Model, TrainingConfig};
+use crate::model::{LocalTraining, Model};
 
 /// The name of the model's one tensor: `P`'s upper triangle, row by row.
 pub const TENSOR: &str = "ease_p_upper";
@@ -97,7 +97,7 @@ impl Model for Ease {
         _global: &[f32],
         _private: &mut [f32],
         _history: &[u32],
-        _cfg: &TrainingConfig,
+        _cfg: &LocalTraining,
         _rng: &mut dyn Rng,
     ) {
     }
@@ -109,7 +109,7 @@ impl Model for Ease {
         _anchor: Option<&[f32]>,
         _private: &mut [f32],
         _history: &[u32],
-        _cfg: &TrainingConfig,
+        _cfg: &LocalTraining,
         _rng: &mut dyn Rng,
     ) {
     }
@@ -122,7 +122,7 @@ impl Model for Ease {
         _global: &[f32],
         _private: &mut [f32],
         history: &[u32],
-        _cfg: &TrainingConfig,
+        _cfg: &LocalTraining,
         _rng: &mut dyn Rng,
     ) -> Vec<f32> {
         let mut g = vec![0.0; upper_len(self.items)];
@@ -173,7 +173,7 @@ impl Model for Ease {
         global: &[f32],
         history: &[u32],
         item: u32,
-        _cfg: &TrainingConfig,
+        _cfg: &LocalTraining,
     ) -> Option<(Vec<f32>, f32)> {
         let j = item as usize;
         if j >= self.items || global.len() != upper_len(self.items) {
@@ -221,7 +221,7 @@ mod tests {
             &m.init_global(&mut rng),
             &mut [],
             &[1, 3],
-            &TrainingConfig::default(),
+            &LocalTraining::default(),
             &mut rng,
         );
         assert_eq!(g.len(), 10, "dense whatever was bought");
@@ -252,7 +252,7 @@ mod tests {
             assert!((o - w).abs() < 1e-6, "{out:?}");
         }
         let (terms, base) = m
-            .explain(&global, &[0, 1], 2, &TrainingConfig::default())
+            .explain(&global, &[0, 1], 2, &LocalTraining::default())
             .unwrap();
         assert!((terms.iter().sum::<f32>() + base - out[2]).abs() < 1e-6);
     }

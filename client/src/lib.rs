@@ -65,7 +65,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use fedrec_client::{consent::Consent, device::Device, model::{MatrixFactorization, Model, TrainingConfig}, store::Purchase};
+//! use fedrec_client::{consent::Consent, device::Device, model::{MatrixFactorization, Model, LocalTraining}, store::Purchase};
 //! use rand::SeedableRng;
 //!
 //! let model = Arc::new(MatrixFactorization::new(50, 8, 0.1).unwrap());
@@ -75,7 +75,7 @@
 //! for item in [3, 4, 5] {
 //!     device.record(Purchase::new(item, 0, 1.0)).unwrap();
 //! }
-//! let update = device.train(&global, &TrainingConfig::default(), false).unwrap();
+//! let update = device.train(&global, &LocalTraining::default(), false).unwrap();
 //! assert_eq!(update.delta.len(), global.len()); // dense, whatever was bought
 //! let recs = device.recommend(&global, 10).unwrap();
 //! assert!(!recs.contains(&3)); // already bought
@@ -92,6 +92,7 @@ pub mod ease;
 pub mod eligibility;
 pub mod error;
 pub mod exclusion;
+mod linalg;
 pub mod model;
 pub mod participant;
 pub mod privacy;

@@ -7,9 +7,11 @@
 //! sees a [`Layout`] and a flat vector of global parameters.
 
 use fedrec_proto::Layout;
+use ndarray::ArrayView1;
 use rand::seq::SliceRandom;
 use rand::{Rng, RngExt};
 use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
 
 use std::sync::{Arc, Mutex};
 
@@ -20,9 +22,13 @@ use crate::error::ClientError;
 /// coordinator and the wire: [`fedrec_proto::Loss`]).
 pub use fedrec_proto::Loss;
 
-/// Hyperparameters of one local training task, validated.
+/// How this device trains on one task: the hyperparameters of its local
+/// training, validated. (The coordinator's `[training]` section,
+/// `fedrec_coordinator::config::TrainingConfig`, is what it asks of its
+/// devices; it travels as the wire's `pb::TrainingConfig` and becomes this
+/// type on the device, in [`crate::task`].)
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TrainingConfig {
+pub struct LocalTraining {
     /// Passes over the device's own purchases per round.
     pub local_epochs: u32,
     /// SGD learning rate.
@@ -46,7 +52,7 @@ pub struct TrainingConfig {
     pub user_moment: bool,
 }
 
-impl Default for TrainingConfig {
+impl Default for LocalTraining {
     fn default() -> Self {
         Self {
             local_epochs: 5,
@@ -61,7 +67,7 @@ impl Default for TrainingConfig {
     }
 }
 
-impl TrainingConfig {
+impl LocalTraining {
     /// Checks every field; the error names the field and the value.
     pub fn validate(&self) -> Result<(), ClientError> {
         self.check()
@@ -114,7 +120,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         global: &[f32],
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     );
     /// Trains on `history`, moving `params` (global parameters) and `private`
@@ -127,7 +133,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         anchor: Option<&[f32]>,
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     );
     /// Trains the model on every user's history in one place (the
@@ -137,7 +143,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         params: &mut [f32],
         users: &mut [Vec<f32>],
         histories: &[Vec<u32>],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         epochs: u32,
         rng: &mut dyn Rng,
     ) {
@@ -150,7 +156,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         global: &[f32],
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) -> Vec<f32> {
         let mut local = global.to_vec();
@@ -187,7 +193,7 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         global: &[f32],
         history: &[u32],
         item: u32,
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
     ) -> Option<(Vec<f32>, f32)> {
         let _ = (global, history, item, cfg);
         None
@@ -201,11 +207,11 @@ pub fn fit_by_sgd<M: Model + ?Sized>(
     params: &mut [f32],
     users: &mut [Vec<f32>],
     histories: &[Vec<u32>],
-    cfg: &TrainingConfig,
+    cfg: &LocalTraining,
     epochs: u32,
     rng: &mut dyn Rng,
 ) {
-    let one_epoch = TrainingConfig {
+    let one_epoch = LocalTraining {
         local_epochs: 1,
         ..*cfg
     };
@@ -345,11 +351,7 @@ impl MatrixFactorization {
     }
 
     fn view<'a>(&self, params: &'a [f32]) -> als::Items<'a> {
-        als::Items {
-            params,
-            items: self.items,
-            k: self.factors,
-        }
+        als::Items::new(params, self.items, self.factors)
     }
 
     /// The Gram of `global`, from the cache when `global` is the model it
@@ -398,7 +400,7 @@ impl MatrixFactorization {
         anchor: Option<&[f32]>,
         p: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         let k = self.factors;
@@ -499,7 +501,7 @@ impl Model for MatrixFactorization {
         global: &[f32],
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         if history.is_empty() {
@@ -528,7 +530,7 @@ impl Model for MatrixFactorization {
         anchor: Option<&[f32]>,
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         if cfg.loss == Loss::Als {
@@ -550,7 +552,7 @@ impl Model for MatrixFactorization {
         params: &mut [f32],
         users: &mut [Vec<f32>],
         histories: &[Vec<u32>],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         epochs: u32,
         rng: &mut dyn Rng,
     ) {
@@ -565,24 +567,15 @@ impl Model for MatrixFactorization {
                 buyers[i as usize].push(u as u32);
             }
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         for _ in 0..epochs {
             let w = self.view(params);
             let g = als::gram(w);
-            let per_thread = users.len().div_ceil(threads).max(1);
-            std::thread::scope(|s| {
-                for (xs, hs) in users
-                    .chunks_mut(per_thread)
-                    .zip(histories.chunks(per_thread))
-                {
-                    let g = &g;
-                    s.spawn(move || {
-                        for (x, h) in xs.iter_mut().zip(hs) {
-                            *x = als::solve_user(w, g, h, alpha, lambda);
-                        }
-                    });
-                }
-            });
+            // Each user's solve is independent: the result does not depend
+            // on how rayon splits them.
+            users
+                .par_iter_mut()
+                .zip(histories)
+                .for_each(|(x, h)| *x = als::solve_user(w, &g, h, alpha, lambda));
             als::item_step(
                 params,
                 self.items,
@@ -591,7 +584,6 @@ impl Model for MatrixFactorization {
                 &buyers,
                 alpha,
                 lambda,
-                threads,
             );
         }
     }
@@ -610,12 +602,8 @@ impl Model for MatrixFactorization {
             out.extend_from_slice(biases);
             return;
         }
-        let k = self.factors;
-        out.extend(
-            global[..self.bias_offset()]
-                .chunks_exact(k)
-                .map(|q| dot(q, q)),
-        );
+        let q = self.view(global).q;
+        out.extend(q.rows().into_iter().map(|q| q.dot(&q)));
     }
 
     fn item_vector<'a>(&self, global: &'a [f32], item: u32) -> Option<&'a [f32]> {
@@ -631,7 +619,7 @@ impl Model for MatrixFactorization {
         global: &[f32],
         history: &[u32],
         item: u32,
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
     ) -> Option<(Vec<f32>, f32)> {
         if item as usize >= self.items || global.len() != self.num_values() {
             return None;
@@ -648,15 +636,10 @@ impl Model for MatrixFactorization {
     }
 
     fn score_all(&self, global: &[f32], private: &[f32], _history: &[u32], out: &mut Vec<f32>) {
-        let k = self.factors;
-        let bias = self.bias_offset();
+        let w = self.view(global);
+        let scores = w.q.dot(&ArrayView1::from(private)) + w.bias;
         out.clear();
-        out.extend(
-            global[..bias]
-                .chunks_exact(k)
-                .zip(&global[bias..])
-                .map(|(q, b)| dot(private, q) + b),
-        );
+        out.extend(scores);
     }
 }
 
@@ -694,11 +677,11 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let global = model.init_global(&mut rng);
         let mut p = model.init_private(&mut rng);
-        let cfg = TrainingConfig {
+        let cfg = LocalTraining {
             local_epochs: 20,
             learning_rate: 0.1,
             proximal_mu: mu,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         let delta = model.train(&global, &mut p, &[1, 2, 3, 4, 5], &cfg, &mut rng);
         delta.iter().map(|d| d * d).sum::<f32>().sqrt()
@@ -714,9 +697,9 @@ mod tests {
 
     #[test]
     fn invalid_hyperparameters_are_named() {
-        let cfg = TrainingConfig {
+        let cfg = LocalTraining {
             proximal_mu: -1.0,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proximal_mu") && err.contains("-1"), "{err}");

@@ -58,7 +58,7 @@ use fedrec_proto::secagg::payload::{self, Weighting};
 use fedrec_proto::secagg::{PartyId, SecAggConfig, wire};
 
 use crate::error::ClientError;
-use crate::model::TrainingConfig;
+use crate::model::LocalTraining;
 use crate::privacy::DpSpec;
 use crate::ranking::EvalCounts;
 use crate::transparency::PrivacyBudget;
@@ -97,7 +97,7 @@ pub struct Task {
     round: u32,
     model_version: u64,
     deadline: Duration,
-    training: TrainingConfig,
+    training: LocalTraining,
     evaluate: bool,
     dp: Option<DpSpec>,
     secure: Option<SecureTask>,
@@ -128,7 +128,7 @@ impl Task {
 
     /// The local training configuration (also what evaluation fits the
     /// private embedding with), within the shared bounds.
-    pub fn training(&self) -> &TrainingConfig {
+    pub fn training(&self) -> &LocalTraining {
         &self.training
     }
 
@@ -186,7 +186,7 @@ impl TryFrom<&pb::Task> for Task {
             .training
             .as_ref()
             .ok_or_else(|| invalid("training", "missing"))?;
-        let training = TrainingConfig {
+        let training = LocalTraining {
             local_epochs: t.local_epochs,
             learning_rate: t.learning_rate,
             regularization: t.regularization,
@@ -274,11 +274,11 @@ impl TryFrom<&pb::SecAggTask> for SecureTask {
 pub struct LocalUpdate {
     /// Dense change to the global parameters (same length whatever was
     /// bought), followed by the upper triangle of `x xᵀ` when the task asked
-    /// for it ([`TrainingConfig::user_moment`]).
+    /// for it ([`LocalTraining::user_moment`]).
     pub delta: Vec<f32>,
     /// How many of `delta`'s last values are not the model's but the extra
     /// values the coordinator's strategy asked for (the upper triangle of
-    /// `x xᵀ`, `k(k+1)/2` values, under [`TrainingConfig::user_moment`]);
+    /// `x xᵀ`, `k(k+1)/2` values, under [`LocalTraining::user_moment`]);
     /// 0 otherwise.
     pub extras: usize,
     /// FedAvg weight: the number of distinct purchases trained on.
@@ -351,7 +351,7 @@ impl Task {
             round,
             model_version: 0,
             deadline: Duration::ZERO,
-            training: TrainingConfig::default(),
+            training: LocalTraining::default(),
             evaluate: false,
             dp: None,
             secure: None,

@@ -10,7 +10,7 @@ use fedrec_client::consent::{Consent, ConsentCell};
 use fedrec_client::device::Device;
 use fedrec_client::eligibility::{Backoff, Eligibility, FnConditions, ParticipationPolicy};
 use fedrec_client::exclusion::Exclusion;
-use fedrec_client::model::{MatrixFactorization, Model, TrainingConfig};
+use fedrec_client::model::{LocalTraining, MatrixFactorization, Model};
 use fedrec_client::participant::Participant;
 use fedrec_client::recommend::Basis;
 use fedrec_client::store::{Purchase, Tag};
@@ -93,7 +93,7 @@ impl Model for WithdrawsMidway {
         global: &[f32],
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         self.inner.personalize(global, private, history, cfg, rng);
@@ -104,7 +104,7 @@ impl Model for WithdrawsMidway {
         anchor: Option<&[f32]>,
         private: &mut [f32],
         history: &[u32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) {
         self.inner

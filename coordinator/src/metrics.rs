@@ -1,13 +1,12 @@
 //! Prometheus metrics: [`render`] writes the coordinator's counters in the
-//! text exposition format, and [`serve_metrics`] answers `GET /metrics` on
-//! its own HTTP port (apart from the gRPC one, so that it can stay inside
-//! the operator's network).
+//! OpenMetrics text format (through `prometheus-client`), and
+//! [`serve_metrics`] answers `GET /metrics` on its own HTTP port (apart
+//! from the gRPC one, so that it can stay inside the operator's network).
 //!
 //! Only counts and durations are exported, never pseudonyms, purchases or
 //! updates.
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::future::Future;
 
 use http_body_util::Full;
@@ -16,6 +15,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::CoordinatorError;
@@ -24,119 +29,123 @@ use crate::round::{RoundCore, TaskKind};
 /// Upper bounds of the round-duration histogram, in seconds.
 const DURATION_BUCKETS: [f64; 9] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
 
-/// The metrics of `core`, with the service's byte counts, as Prometheus text.
+/// The media type of what [`render`] writes.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A metric's labels, e.g. `[("outcome", "completed")]`.
+type Labels = Vec<(&'static str, String)>;
+
+/// A counter holding `n`.
+fn counter(n: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(n);
+    c
+}
+
+/// A gauge holding `n`.
+fn gauge(n: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(n).unwrap_or(i64::MAX));
+    g
+}
+
+/// The metrics of `core`, with the service's byte counts, as OpenMetrics
+/// text. The values are read from the core at each call (a fresh registry
+/// each time): nothing is counted twice and nothing else keeps them.
+/// Counters are registered without their `_total` suffix, which the
+/// format adds to their samples (`fedrec_rounds_total{outcome="…"}`);
+/// `prometheus-client` ends every help text with a period.
 pub fn render(core: &RoundCore, bytes_in: u64, bytes_out: u64) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
+    let mut registry = Registry::default();
     let history = core.history();
     let training = || history.iter().filter(|s| s.kind == TaskKind::Train);
     let completed = training().filter(|s| s.completed).count();
     let abandoned = training().filter(|s| !s.completed).count();
-    metric(
-        "fedrec_rounds_total",
-        "counter",
-        "Training rounds ended, by outcome.",
-        &[
-            ("{outcome=\"completed\"}".into(), completed as f64),
-            ("{outcome=\"abandoned\"}".into(), abandoned as f64),
-        ],
-    );
+    let rounds = Family::<Labels, Counter>::default();
+    for (outcome, n) in [("completed", completed), ("abandoned", abandoned)] {
+        rounds
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc_by(n as u64);
+    }
+    registry.register("fedrec_rounds", "Training rounds ended, by outcome", rounds);
     let status = core.status();
     let last = history.last();
-    metric(
+    let cohort = if status.selected > 0 {
+        status.selected
+    } else {
+        last.map_or(0, |s| s.selected)
+    };
+    registry.register(
         "fedrec_cohort_size",
-        "gauge",
-        "Devices selected for the open round (or the last one).",
-        &[(
-            String::new(),
-            if status.selected > 0 {
-                status.selected
-            } else {
-                last.map_or(0, |s| s.selected)
-            } as f64,
-        )],
+        "Devices selected for the open round (or the last one)",
+        gauge(cohort as u64),
     );
     let accepted: usize = training().map(|s| s.participants).sum();
     let dropped: usize = training()
         .map(|s| s.selected.saturating_sub(s.participants))
         .sum();
-    metric(
-        "fedrec_updates_accepted_total",
-        "counter",
-        "Updates accepted into training rounds.",
-        &[(String::new(), accepted as f64)],
+    registry.register(
+        "fedrec_updates_accepted",
+        "Updates accepted into training rounds",
+        counter(accepted as u64),
     );
-    metric(
-        "fedrec_dropouts_total",
-        "counter",
-        "Selected devices whose update did not count (late, silent or refused).",
-        &[(String::new(), dropped as f64)],
+    registry.register(
+        "fedrec_dropouts",
+        "Selected devices whose update did not count (late, silent or refused)",
+        counter(dropped as u64),
     );
-    let rejected: Vec<(String, f64)> = core
-        .rejections()
-        .iter()
-        .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64))
-        .collect();
-    metric(
-        "fedrec_requests_rejected_total",
-        "counter",
-        "Requests rejected, by reason.",
-        &rejected,
+    let rejected = Family::<Labels, Counter>::default();
+    for (reason, n) in core.rejections() {
+        rejected
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc_by(*n);
+    }
+    registry.register(
+        "fedrec_requests_rejected",
+        "Requests rejected, by reason",
+        rejected,
     );
-    metric(
-        "fedrec_update_bytes_received_total",
-        "counter",
-        "Bytes of updates received (plain updates and masked inputs).",
-        &[(String::new(), bytes_in as f64)],
+    registry.register(
+        "fedrec_update_bytes_received",
+        "Bytes of updates received (plain updates and masked inputs)",
+        counter(bytes_in),
     );
-    metric(
-        "fedrec_model_bytes_sent_total",
-        "counter",
-        "Bytes of model parameters sent.",
-        &[(String::new(), bytes_out as f64)],
+    registry.register(
+        "fedrec_model_bytes_sent",
+        "Bytes of model parameters sent",
+        counter(bytes_out),
     );
-    let mut buckets: Vec<(String, f64)> = DURATION_BUCKETS
-        .iter()
-        .map(|le| {
-            let n = history.iter().filter(|s| s.seconds <= *le).count();
-            (format!("_bucket{{le=\"{le}\"}}"), n as f64)
-        })
-        .collect();
-    buckets.push(("_bucket{le=\"+Inf\"}".into(), history.len() as f64));
-    buckets.push(("_sum".into(), history.iter().map(|s| s.seconds).sum()));
-    buckets.push(("_count".into(), history.len() as f64));
-    metric(
+    let durations = Histogram::new(DURATION_BUCKETS);
+    for s in history {
+        durations.observe(s.seconds);
+    }
+    registry.register(
         "fedrec_round_duration_seconds",
-        "histogram",
-        "Round durations.",
-        &buckets,
+        "Round durations",
+        durations,
     );
-    metric(
+    registry.register(
         "fedrec_devices_joined",
-        "gauge",
-        "Devices that joined.",
-        &[(String::new(), status.joined as f64)],
+        "Devices that joined",
+        gauge(status.joined as u64),
     );
-    metric(
+    registry.register(
         "fedrec_model_version",
-        "gauge",
-        "The global model's version.",
-        &[(String::new(), status.model_version as f64)],
+        "The global model's version",
+        gauge(status.model_version),
     );
     if let Some(privacy) = core.privacy() {
-        metric(
+        let epsilon = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        epsilon.set(privacy.epsilon());
+        registry.register(
             "fedrec_privacy_epsilon",
-            "gauge",
-            "Differential privacy: epsilon spent so far at the configured delta.",
-            &[(String::new(), privacy.epsilon())],
+            "Differential privacy: epsilon spent so far at the configured delta",
+            epsilon,
         );
     }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    encode(&mut out, &registry).expect("formatting into a String");
     out
 }
 
@@ -191,7 +200,7 @@ fn answer(
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        hyper::header::HeaderValue::from_static(CONTENT_TYPE),
     );
     response
 }

@@ -8,8 +8,8 @@
 //!   quantized): the download, encoded once per model version and decoded
 //!   chunk by chunk on the device, and compressed uploads, decoded chunk by
 //!   chunk on the coordinator.
-//! - [`linalg`]: the small dense solves of ALS (Cholesky), shared by the
-//!   devices' user step and the coordinator's `als` server step.
+//! - [`symmetric`]: how a symmetric matrix (a device's `x xᵀ` under the
+//!   ALS loss) travels: its upper triangle, row by row.
 //! - [`limits`]: the bounds of the training settings, checked by the
 //!   coordinator's configuration and by every device.
 //! - [`Layout`]: the names and shapes of the model's tensors.
@@ -30,10 +30,10 @@ pub mod catalogue;
 pub mod codec;
 pub mod eval;
 pub mod limits;
-pub mod linalg;
 pub mod loss;
 pub mod protobuf_codec;
 pub mod secagg;
+pub mod symmetric;
 pub mod tensor;
 
 pub use eval::EvalCounts;

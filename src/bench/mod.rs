@@ -679,12 +679,12 @@ pub fn device(
     let global = mf.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed));
     let model: Arc<dyn Model> = Arc::new(mf);
     // What a training task of the preset asks of a device.
-    let training = fedrec_client::model::TrainingConfig {
+    let training = fedrec_client::model::LocalTraining {
         user_moment: cfg.strategy.name == fedrec_coordinator::config::StrategyName::Als,
         ..crate::sim::device_training(&cfg.training)
     };
     let moment = if training.user_moment {
-        fedrec_proto::linalg::upper_len(cfg.model.factors)
+        fedrec_proto::symmetric::upper_len(cfg.model.factors)
     } else {
         0
     };

@@ -89,11 +89,11 @@ pub(crate) fn fit_repeat(args: FitRepeatArgs) -> anyhow::Result<()> {
     let model: Arc<dyn fedrec_client::model::Model> = Arc::new(
         fedrec_client::model::MatrixFactorization::new(protocol.n_items(), 64, 0.01)?,
     );
-    let als = fedrec_client::model::TrainingConfig {
+    let als = fedrec_client::model::LocalTraining {
         loss: fedrec_client::model::Loss::Als,
         confidence: 2.0,
         regularization: 0.01,
-        ..fedrec_client::model::TrainingConfig::default()
+        ..fedrec_client::model::LocalTraining::default()
     };
     println!(
         "blend temperatures on next-purchase validation events (discover, buy-again: NDCG@10, HR@10):"

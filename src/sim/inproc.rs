@@ -13,6 +13,7 @@ use fedrec_coordinator::round::{
 };
 use fedrec_coordinator::service::task_to_pb;
 use fedrec_proto::codec::{EncodedModel, Encoding};
+use rayon::prelude::*;
 
 use super::*;
 
@@ -162,24 +163,12 @@ pub(super) fn run_cohort(
     }
     let batch = threads * IN_FLIGHT_PER_THREAD;
     for (part, part_tasks) in selected.chunks_mut(batch).zip(tasks.chunks(batch)) {
-        let chunk = part.len().div_ceil(threads).max(1);
-        let results: Vec<anyhow::Result<TaskOutput>> = std::thread::scope(|s| {
-            let handles: Vec<_> = part
-                .chunks_mut(chunk)
-                .map(|share| {
-                    s.spawn(move || {
-                        share
-                            .iter_mut()
-                            .map(|(device, task)| run_task(device, task, global))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("device thread panicked"))
-                .collect()
-        });
+        // Devices train independently (each with its own seeded state); the
+        // ordered collect hands results to the core in cohort order.
+        let results: Vec<anyhow::Result<TaskOutput>> = part
+            .par_iter_mut()
+            .map(|(device, task)| run_task(device, task, global))
+            .collect();
         let seed = core.config().rounds.seed.unwrap_or_default();
         for ((i, task), result) in part_tasks.iter().zip(results) {
             let mut result = result?;

@@ -394,7 +394,7 @@ pub(super) fn run_population(
     mut devices: Vec<(usize, Device)>,
     population: &Population,
     ev: &Evaluation,
-    training: &fedrec_client::model::TrainingConfig,
+    training: &fedrec_client::model::LocalTraining,
     seed: u64,
     observer: &mut dyn Observer,
 ) -> anyhow::Result<(super::inproc::Outcome, PopulationReport)> {
@@ -573,7 +573,7 @@ fn evaluate(
     core: &RoundCore,
     devices: &mut [(usize, Device)],
     ev: &Evaluation,
-    training: &fedrec_client::model::TrainingConfig,
+    training: &fedrec_client::model::LocalTraining,
     seed: u64,
     t: f64,
 ) -> anyhow::Result<(QualityPoint, EvalCounts)> {

@@ -16,6 +16,7 @@ use fedrec_coordinator::round::{Pseudonym, RoundCore, SecurePoll, SecureWant, Ta
 use fedrec_proto::secagg::{MaskedInput, crypto};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+use rayon::prelude::*;
 
 /// Where the time of one secure round went.
 #[derive(Clone, Debug, Default)]
@@ -106,34 +107,21 @@ impl<D> Member<D> {
     }
 }
 
-/// Runs `f` on every item, `threads` at a time, and returns the results in
-/// order with the time each took.
+/// Runs `f` on every item on `pool`, and returns the results in order
+/// with the time each took.
 fn parallel<T: Send, R: Send>(
+    pool: &rayon::ThreadPool,
     items: &mut [T],
-    threads: usize,
     f: impl Fn(&mut T) -> R + Sync,
 ) -> Vec<(R, Duration)> {
-    let per_thread = items.len().div_ceil(threads.max(1)).max(1);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks_mut(per_thread)
-            .map(|share| {
-                s.spawn(move || {
-                    share
-                        .iter_mut()
-                        .map(|item| {
-                            let start = Instant::now();
-                            let r = f(item);
-                            (r, start.elapsed())
-                        })
-                        .collect::<Vec<_>>()
-                })
+    pool.install(|| {
+        items
+            .par_iter_mut()
+            .map(|item| {
+                let start = Instant::now();
+                let r = f(item);
+                (r, start.elapsed())
             })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("device thread panicked"))
             .collect()
     })
 }
@@ -163,6 +151,12 @@ where
     let Some(round) = cohort.first().map(|(_, t, _)| t.round) else {
         return Ok(timing);
     };
+    // A pool of its own: the device work runs on exactly `threads` threads
+    // (the secure-aggregation benchmark sets them).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .context("starting the device threads")?;
     let round_seed = seed ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut members: Vec<Member<D>> = cohort
         .into_iter()
@@ -177,7 +171,7 @@ where
         .collect();
 
     // Step 1: advertise.
-    let advertisements = parallel(&mut members, threads, |m| {
+    let advertisements = parallel(&pool, &mut members, |m| {
         let secure = m
             .task
             .secure_aggregation
@@ -211,7 +205,7 @@ where
         rosters.push(Some(roster));
     }
     let mut work: Vec<(&mut Member<D>, Option<_>)> = members.iter_mut().zip(rosters).collect();
-    let keys = parallel(&mut work, threads, |(m, roster)| {
+    let keys = parallel(&pool, &mut work, |(m, roster)| {
         let roster = roster.take().context("one roster per device")?;
         let rng = &mut m.rng;
         let keys = m
@@ -247,35 +241,19 @@ where
             };
             deliveries.push(delivery);
         }
-        let per_thread = part.len().div_ceil(threads.max(1)).max(1);
-        let input = &input;
-        let results: Vec<anyhow::Result<(MaskedInput, Duration, Duration)>> =
-            std::thread::scope(|s| {
-                let handles: Vec<_> = part
-                    .chunks_mut(per_thread)
-                    .zip(deliveries.chunks(per_thread))
-                    .map(|(share, delivery)| {
-                        s.spawn(move || {
-                            share
-                                .iter_mut()
-                                .zip(delivery)
-                                .map(|(m, d)| {
-                                    let start = Instant::now();
-                                    let values = input(&m.task, &mut m.data)?;
-                                    let made = start.elapsed();
-                                    let start = Instant::now();
-                                    let masked = m.client()?.handle_shares(d, &values)?;
-                                    Ok((masked, made, start.elapsed()))
-                                })
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("device thread panicked"))
-                    .collect()
-            });
+        let results: Vec<anyhow::Result<(MaskedInput, Duration, Duration)>> = pool.install(|| {
+            part.par_iter_mut()
+                .zip(&deliveries)
+                .map(|(m, d)| {
+                    let start = Instant::now();
+                    let values = input(&m.task, &mut m.data)?;
+                    let made = start.elapsed();
+                    let start = Instant::now();
+                    let masked = m.client()?.handle_shares(d, &values)?;
+                    Ok((masked, made, start.elapsed()))
+                })
+                .collect()
+        });
         for (m, result) in part.iter().zip(results) {
             let (masked, made, spent) = result?;
             timing.inputs += made;

@@ -35,7 +35,7 @@ use crate::consent::{Consent, ConsentCell, ConsentChange, ConsentRecord};
 use crate::eligibility::ParticipationPolicy;
 use crate::error::ClientError;
 use crate::exclusion::{Exclusion, ExclusionCell, Exclusions};
-use crate::model::{self, Loss, MatrixFactorization, Model, TrainingConfig};
+use crate::model::{self, LocalTraining, Loss, MatrixFactorization, Model};
 use crate::ranking::{self, EvalCounts, HeldOut};
 use crate::retention::RetentionPolicy;
 use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseStore};
@@ -620,7 +620,7 @@ impl Device {
     pub fn train(
         &mut self,
         global: &[f32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         evaluate: bool,
     ) -> Result<LocalUpdate, ClientError> {
         self.ready_for_task(global)?;
@@ -640,7 +640,7 @@ impl Device {
     pub(crate) fn train_ready(
         &mut self,
         global: &[f32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         evaluate: bool,
     ) -> LocalUpdate {
         let start = self.clock.monotonic();
@@ -651,7 +651,7 @@ impl Device {
     fn train_on(
         &mut self,
         global: &[f32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
         evaluate: bool,
         history: &[u32],
         start: std::time::Duration,
@@ -663,7 +663,7 @@ impl Device {
             ..TrainingReport::default()
         };
         let by_epoch = budget.is_some() && cfg.loss == Loss::Bpr;
-        let one_epoch = TrainingConfig {
+        let one_epoch = LocalTraining {
             local_epochs: 1,
             ..*cfg
         };
@@ -718,7 +718,7 @@ impl Device {
         if cfg.user_moment {
             // Validated: only under the ALS loss, whose private vector was
             // just solved against `global`.
-            fedrec_proto::linalg::push_outer_upper(&self.private, &mut delta);
+            fedrec_proto::symmetric::push_outer_upper(&self.private, &mut delta);
         }
         let extras = delta.len() - model_values;
         let elapsed = self.clock.monotonic() - start;
@@ -754,7 +754,7 @@ impl Device {
     pub fn evaluate(
         &mut self,
         global: &[f32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
     ) -> Result<Option<EvalCounts>, ClientError> {
         self.ready_for_task(global)?;
         cfg.validate()?;
@@ -766,7 +766,7 @@ impl Device {
     pub(crate) fn evaluate_ready(
         &mut self,
         global: &[f32],
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
     ) -> Option<EvalCounts> {
         self.on_history(|device, history| {
             device.personalize_with(global, cfg, history);
@@ -778,7 +778,7 @@ impl Device {
     /// on-device recommendations (any consent that stores history; with
     /// [`Consent::None`] nothing happens). With [`Loss::Als`] this is the
     /// exact least-squares fit, which makes [`Device::explain`] exact.
-    pub fn personalize(&mut self, global: &[f32], cfg: &TrainingConfig) -> Result<(), ClientError> {
+    pub fn personalize(&mut self, global: &[f32], cfg: &LocalTraining) -> Result<(), ClientError> {
         self.check_global(global)?;
         cfg.validate()?;
         if self.consent.level().stores_history() {
@@ -787,7 +787,7 @@ impl Device {
         Ok(())
     }
 
-    fn personalize_with(&mut self, global: &[f32], cfg: &TrainingConfig, history: &[u32]) {
+    fn personalize_with(&mut self, global: &[f32], cfg: &LocalTraining, history: &[u32]) {
         self.model
             .personalize(global, &mut self.private, history, cfg, &mut self.rng);
     }
@@ -1036,7 +1036,7 @@ mod tests {
         assert!(d.store().is_empty());
         d.set_consent(Consent::OnDevice).unwrap();
         assert_eq!(d.record(at(1, 0)).unwrap(), Recorded::Stored);
-        let cfg = TrainingConfig::default();
+        let cfg = LocalTraining::default();
         for err in [
             d.train(&global, &cfg, false).unwrap_err(),
             d.evaluate(&global, &cfg).unwrap_err(),
@@ -1139,7 +1139,7 @@ mod tests {
             privacy: None,
             training: None,
         });
-        d.train(&global, &TrainingConfig::default(), false).unwrap();
+        d.train(&global, &LocalTraining::default(), false).unwrap();
         d.persist().unwrap();
         let trained = d.private_embedding().to_vec();
         drop(d);
@@ -1230,7 +1230,7 @@ mod tests {
             global: &[f32],
             private: &mut [f32],
             history: &[u32],
-            cfg: &TrainingConfig,
+            cfg: &LocalTraining,
             rng: &mut dyn rand::Rng,
         ) {
             self.clock
@@ -1243,7 +1243,7 @@ mod tests {
             anchor: Option<&[f32]>,
             private: &mut [f32],
             history: &[u32],
-            cfg: &TrainingConfig,
+            cfg: &LocalTraining,
             rng: &mut dyn rand::Rng,
         ) {
             self.clock
@@ -1281,9 +1281,9 @@ mod tests {
 
     #[test]
     fn the_time_budget_stops_local_training_between_epochs() {
-        let cfg = TrainingConfig {
+        let cfg = LocalTraining {
             local_epochs: 10,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         let (mut d, global) = budgeted(Some(Duration::from_millis(2500)));
         let update = d.train(&global, &cfg, false).unwrap();
@@ -1309,15 +1309,15 @@ mod tests {
 
     #[test]
     fn asked_for_it_an_als_update_ends_with_the_private_vectors_outer_product() {
-        let als = TrainingConfig {
+        let als = LocalTraining {
             loss: Loss::Als,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         let (mut a, global) = budgeted(None);
         let plain = a.train(&global, &als, false).unwrap().delta;
         assert_eq!(plain.len(), global.len());
         let (mut b, _) = budgeted(None);
-        let cfg = TrainingConfig {
+        let cfg = LocalTraining {
             user_moment: true,
             ..als
         };
@@ -1336,9 +1336,9 @@ mod tests {
         }
         assert!(moment[0] > 0.0, "x was solved: {x:?}");
         // Only the ALS loss solves x: asked under BPR, the task is refused.
-        let bpr = TrainingConfig {
+        let bpr = LocalTraining {
             user_moment: true,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         let err = b.train(&global, &bpr, false).unwrap_err().to_string();
         assert!(err.contains("user_moment"), "{err}");
@@ -1392,7 +1392,7 @@ mod tests {
     /// What a device computes from its purchases: the update, the private
     /// embedding after it, the evaluation, the recommendations.
     fn outcome(d: &mut Device, global: &[f32]) -> (Vec<f32>, u64, Vec<f32>, Vec<u32>) {
-        let update = d.train(global, &TrainingConfig::default(), false).unwrap();
+        let update = d.train(global, &LocalTraining::default(), false).unwrap();
         let recs = d.recommend(global, 10).unwrap();
         (
             update.delta,
@@ -1433,7 +1433,7 @@ mod tests {
             exclude_history: true,
             candidate_seed: Some(3),
         };
-        let cfg = TrainingConfig::default();
+        let cfg = LocalTraining::default();
         let mut d = device_with(&model, &all);
         d.exclude(Exclusion::Item(7)).unwrap();
         d.hold_out(held).unwrap();
@@ -1451,7 +1451,7 @@ mod tests {
         let model = mf(30);
         let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
         let mut d = device_with(&model, &purchases());
-        d.train(&global, &TrainingConfig::default(), false).unwrap();
+        d.train(&global, &LocalTraining::default(), false).unwrap();
         let fitted = d.private_embedding().to_vec();
         // Excluding an item not bought changes no history: nothing to replace.
         d.exclude(Exclusion::Item(29)).unwrap();
@@ -1518,7 +1518,7 @@ mod tests {
             global: &[f32],
             private: &mut [f32],
             history: &[u32],
-            cfg: &TrainingConfig,
+            cfg: &LocalTraining,
             rng: &mut dyn rand::Rng,
         ) {
             self.inner.personalize(global, private, history, cfg, rng);
@@ -1529,7 +1529,7 @@ mod tests {
             anchor: Option<&[f32]>,
             private: &mut [f32],
             history: &[u32],
-            cfg: &TrainingConfig,
+            cfg: &LocalTraining,
             rng: &mut dyn rand::Rng,
         ) {
             self.inner

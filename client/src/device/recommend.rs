@@ -5,7 +5,7 @@
 use super::Device;
 use crate::consent::Consent;
 use crate::error::ClientError;
-use crate::model::TrainingConfig;
+use crate::model::LocalTraining;
 use crate::ranking;
 use crate::recommend::*;
 
@@ -113,7 +113,7 @@ impl Device {
         &self,
         global: &[f32],
         item: u32,
-        cfg: &TrainingConfig,
+        cfg: &LocalTraining,
     ) -> Result<Explanation, ClientError> {
         self.check_global(global)?;
         if item as usize >= self.model.items() {
@@ -289,9 +289,9 @@ mod tests {
         d.record(Purchase::new(4, 10 * DAY, 1.0)).unwrap();
         d.record(Purchase::new(5, 20 * DAY, 1.0)).unwrap();
         d.record(Purchase::new(5, 30 * DAY, 2.0)).unwrap();
-        let cfg = TrainingConfig {
+        let cfg = LocalTraining {
             loss: Loss::Als,
-            ..TrainingConfig::default()
+            ..LocalTraining::default()
         };
         d.personalize(&global, &cfg).unwrap();
         (d, global)
@@ -312,12 +312,12 @@ mod tests {
         // staple leads it.
         assert_eq!(recs.blended.len(), 5);
         assert_eq!(recs.blended[0], 3);
-        let why = d.explain(&global, 3, &TrainingConfig::default()).unwrap();
+        let why = d.explain(&global, 3, &LocalTraining::default()).unwrap();
         assert_eq!(why.text(), "you buy this about every 14 days");
-        let once = d.explain(&global, 4, &TrainingConfig::default()).unwrap();
+        let once = d.explain(&global, 4, &LocalTraining::default()).unwrap();
         assert_eq!(once.text(), "you bought this 50 days ago");
         let new = d
-            .explain(&global, recs.items[0], &TrainingConfig::default())
+            .explain(&global, recs.items[0], &LocalTraining::default())
             .unwrap();
         assert!(new.rebuy.is_none());
     }

@@ -19,9 +19,13 @@
 //! update carried a malformed `x xᵀ`, or secure aggregation's range clipped
 //! entries of one. The round is then abandoned with that reason (a
 //! near-singular curvature would throw the items far). `H` is factored
-//! once, for the check and the step.
+//! once (faer's Cholesky), for the check and the step, which solves for
+//! every row at once.
 
-use fedrec_proto::{Layout, linalg};
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt;
+use faer::{Mat, MatMut, Par};
+use fedrec_proto::{Layout, symmetric};
 
 use super::{Round, StepError};
 
@@ -82,8 +86,7 @@ pub fn step(
         }
     }
     let floor = 0.5 * f64::from(t.learning_rate * ridge);
-    let mut h = linalg::from_upper(upper, k);
-    let smallest = linalg::cholesky(&mut h, k);
+    let (h, smallest) = factor(&symmetric::from_upper(upper, k), k);
     // NaN (a non-finite x xᵀ) fails this check too.
     if smallest.is_nan() || smallest < floor {
         return Err(StepError::Curvature { smallest, floor });
@@ -92,23 +95,63 @@ pub fn step(
         return Err(StepError::Indefinite);
     }
     let mut x = params.to_vec();
-    let mut z = vec![0.0_f64; k];
-    let eta64 = f64::from(eta);
     let block = rows * k;
-    for (xi, d) in x[..block]
-        .chunks_exact_mut(k)
-        .zip(delta[..block].chunks_exact(k))
-    {
-        for (z, &d) in z.iter_mut().zip(d) {
-            *z = f64::from(d);
-        }
-        linalg::cholesky_solve_factored(&h, &mut z, k);
-        for (xi, z) in xi.iter_mut().zip(&z) {
-            *xi += (eta64 * z) as f32;
-        }
+    // The rows × k block, row-major, is H⁻¹'s k × rows right-hand side,
+    // column-major: one solve for all rows.
+    let mut z: Vec<f64> = delta[..block].iter().map(|&d| f64::from(d)).collect();
+    llt::solve::solve_in_place(
+        h.as_ref(),
+        MatMut::from_column_major_slice_mut(&mut z, k, rows),
+        Par::Seq,
+        MemStack::new(&mut []),
+    );
+    let eta64 = f64::from(eta);
+    for (xi, z) in x[..block].iter_mut().zip(&z) {
+        *xi += (eta64 * z) as f32;
     }
     for (xi, d) in x[block..].iter_mut().zip(&delta[block..]) {
         *xi += eta * d;
     }
     Ok(x)
+}
+
+/// The lower Cholesky factor of the symmetric `h` (k × k, row-major; its
+/// lower triangle is read) and its smallest pivot (the squared diagonal of
+/// the factor): positive exactly when `h` is positive definite. When the
+/// factorization stops at a pivot that is not positive (or NaN), that
+/// pivot, recomputed from the columns factored before it; the factor is
+/// then unusable and the caller refuses the step.
+fn factor(h: &[f64], k: usize) -> (Mat<f64>, f64) {
+    let mut l = Mat::<f64>::from_fn(k, k, |r, c| if r >= c { h[r * k + c] } else { 0.0 });
+    let mut mem = MemBuffer::new(llt::factor::cholesky_in_place_scratch::<f64>(
+        k,
+        Par::Seq,
+        Default::default(),
+    ));
+    match llt::factor::cholesky_in_place(
+        l.as_mut(),
+        Default::default(),
+        Par::Seq,
+        MemStack::new(&mut mem),
+        Default::default(),
+    ) {
+        Ok(_) => {
+            let smallest = (0..k)
+                .map(|j| l[(j, j)] * l[(j, j)])
+                .fold(f64::INFINITY, f64::min);
+            (l, smallest)
+        }
+        Err(llt::factor::LltError::NonPositivePivot { index: j }) => {
+            let pivot = h[j * k + j] - (0..j).map(|p| l[(j, p)] * l[(j, p)]).sum::<f64>();
+            // A NaN pivot stays NaN; any other is not positive.
+            (
+                l,
+                if pivot.is_nan() {
+                    pivot
+                } else {
+                    pivot.min(0.0)
+                },
+            )
+        }
+    }
 }

@@ -32,7 +32,7 @@
 //! core calls, with the round's mean update and what it knows of the round
 //! ([`Round`]). The core never looks inside: it names no step and no loss.
 
-use fedrec_proto::{Layout, linalg};
+use fedrec_proto::{Layout, symmetric};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Loss, StrategyConfig, StrategyName, TrainingConfig};
@@ -132,7 +132,7 @@ impl Strategy {
     /// mean: under `als`, the upper triangle of a k×k matrix; 0 otherwise.
     pub fn extra_values(&self) -> usize {
         match self.config.name {
-            StrategyName::Als => linalg::upper_len(self.block.1),
+            StrategyName::Als => symmetric::upper_len(self.block.1),
             _ => 0,
         }
     }

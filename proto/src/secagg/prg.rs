@@ -25,6 +25,7 @@
 
 use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20::{ChaCha12, ChaCha20};
+use rayon::prelude::*;
 
 use super::Secret32;
 
@@ -138,7 +139,7 @@ pub enum Sign {
 }
 
 /// Adds or subtracts the masks of every `(seed, sign)` into `acc`, splitting
-/// `acc` into `threads` contiguous parts expanded in parallel (each part's
+/// `acc` into `threads` contiguous parts expanded in parallel on the rayon pool (each part's
 /// stream starts at its offset). The result does not depend on `threads`.
 pub fn apply_masks(masks: &[(Secret32, Sign)], acc: &mut [u32], threads: usize) {
     // Parts of whole 64-byte ChaCha blocks, so that no block is computed twice.
@@ -160,12 +161,11 @@ pub fn apply_masks(masks: &[(Secret32, Sign)], acc: &mut [u32], threads: usize) 
         apply(0, acc);
         return;
     }
-    std::thread::scope(|s| {
-        for (i, chunk) in acc.chunks_mut(part).enumerate() {
-            let apply = &apply;
-            s.spawn(move || apply(i * part, chunk));
-        }
-    });
+    // Each part adds its own stretch of every stream (wrapping integer sums:
+    // exact in any order), on rayon's pool.
+    acc.par_chunks_mut(part)
+        .enumerate()
+        .for_each(|(i, chunk)| apply(i * part, chunk));
 }
 
 #[cfg(test)]
