@@ -142,7 +142,9 @@ fn a_kill_during_record_leaves_the_old_or_the_new_store() {
 fn a_kill_during_participate_leaves_the_old_or_the_new_store() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let module = common::python_module(dir.path());
-    let coordinator = Coordinator::start(1_000, None);
+    // A child killed mid-task leaves its round waiting for it: a short
+    // deadline abandons that round, and the next child gets the next one.
+    let coordinator = Coordinator::start_with_deadline(1_000, None, 2.0);
     let path = dir.path().join("shop.store");
     prepared(&path, &coordinator.endpoint, Consent::Federated);
     {

@@ -110,6 +110,14 @@ impl Coordinator {
     /// `pki`'s certificate when given. It announces a numbered catalogue
     /// of [`ITEMS`] items and a model of [`ITEMS`] × [`FACTORS`].
     pub fn start(rounds: u32, pki: Option<&Pki>) -> Self {
+        Self::start_with_deadline(rounds, pki, 60.0)
+    }
+
+    /// [`start`](Self::start) with rounds that end `deadline_secs` after
+    /// they start: a test that kills devices mid-round sets it short, so
+    /// that the round of a dead device is abandoned and the next selects a
+    /// live one.
+    pub fn start_with_deadline(rounds: u32, pki: Option<&Pki>, deadline_secs: f64) -> Self {
         use fedrec_client::model::{MatrixFactorization, Model};
         use rand::SeedableRng;
         let model = MatrixFactorization::new(ITEMS, FACTORS, 0.1).expect("valid model");
@@ -119,7 +127,7 @@ impl Coordinator {
         cfg.rounds.min_updates = 1;
         cfg.rounds.over_selection = 1.0;
         cfg.rounds.final_evaluation = false;
-        cfg.rounds.deadline_secs = 60.0;
+        cfg.rounds.deadline_secs = deadline_secs;
         cfg.rounds.checkin_window_secs = 60.0;
         cfg.rounds.seed = Some(1);
         let mut options = fedrec_coordinator::ServeOptions::default()
