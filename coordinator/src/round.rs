@@ -883,6 +883,28 @@ impl RoundCore {
         Ok(discount)
     }
 
+    /// The open round, if `pseudonym` joined and `round` is it.
+    fn open_round_for(
+        &self,
+        pseudonym: &Pseudonym,
+        round: u32,
+    ) -> Result<&OpenRound, CoordinatorError> {
+        if !self.joined.contains(pseudonym) {
+            return Err(CoordinatorError::UnknownPseudonym);
+        }
+        match &self.open {
+            Some(open) if open.number == round => Ok(open),
+            Some(open) => Err(CoordinatorError::WrongRound {
+                got: round,
+                open: open.number,
+            }),
+            None if round >= 1 && round <= self.last_round => {
+                Err(CoordinatorError::RoundClosed { round })
+            }
+            None => Err(CoordinatorError::NoRoundOpen { round }),
+        }
+    }
+
     fn check_submission(
         &self,
         pseudonym: &Pseudonym,
@@ -890,22 +912,7 @@ impl RoundCore {
         model_version: u64,
         kind: TaskKind,
     ) -> Result<(), CoordinatorError> {
-        if !self.joined.contains(pseudonym) {
-            return Err(CoordinatorError::UnknownPseudonym);
-        }
-        let open = match &self.open {
-            Some(open) if open.number == round => open,
-            Some(open) => {
-                return Err(CoordinatorError::WrongRound {
-                    got: round,
-                    open: open.number,
-                });
-            }
-            None if round >= 1 && round <= self.last_round => {
-                return Err(CoordinatorError::RoundClosed { round });
-            }
-            None => return Err(CoordinatorError::NoRoundOpen { round }),
-        };
+        let open = self.open_round_for(pseudonym, round)?;
         if model_version != open.model_version {
             return Err(CoordinatorError::WrongModelVersion {
                 got: model_version,

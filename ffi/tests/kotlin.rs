@@ -15,8 +15,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Coordinator, ITEMS, Pki};
-
 const ROUNDS: u32 = 2;
 /// Bounds kotlinc and the story's run (about 35 s and 2 s here).
 const COMPILE_TIMEOUT_SECS: u32 = 300;
@@ -156,11 +154,6 @@ fn kotlin_plays_the_shop_app_story_on_the_jvm() {
         String::from_utf8_lossy(&compiled.stderr)
     );
 
-    let stores = dir.path().join("stores");
-    std::fs::create_dir(&stores).expect("stores directory");
-    let pki = Pki::new(dir.path());
-    let coordinator = Coordinator::start(ROUNDS, None);
-    let tls = Coordinator::start(1, Some(&pki));
     let library_dir = common::library()
         .parent()
         .expect("library directory")
@@ -168,27 +161,12 @@ fn kotlin_plays_the_shop_app_story_on_the_jvm() {
     let mut classpath = jar.into_os_string();
     classpath.push(":");
     classpath.push(&jna);
-    let output = Command::new("timeout")
-        .arg(RUN_TIMEOUT_SECS.to_string())
+    let mut java = Command::new("timeout");
+    java.arg(RUN_TIMEOUT_SECS.to_string())
         .arg("java")
         .arg(format!("-Djna.library.path={}", library_dir.display()))
         .arg("-cp")
         .arg(classpath)
-        .arg("StoryKt")
-        .env("FEDREC_ENDPOINT", &coordinator.endpoint)
-        .env("FEDREC_TLS_ENDPOINT", &tls.endpoint)
-        .env("FEDREC_OTHER_CA", &pki.other_ca_pem)
-        .env("FEDREC_DIR", &stores)
-        .env("FEDREC_ITEMS", ITEMS.to_string())
-        .output()
-        .expect("java runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("story: ok"),
-        "story.kt failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    coordinator.stop();
-    tls.stop();
+        .arg("StoryKt");
+    common::play_story(dir.path(), ROUNDS, "story.kt (java)", java);
 }

@@ -11,8 +11,6 @@ mod common;
 
 use std::process::Command;
 
-use common::{Coordinator, ITEMS, Pki};
-
 const ROUNDS: u32 = 2;
 /// The whole script's bound (it takes about a second).
 const SCRIPT_TIMEOUT_SECS: u32 = 120;
@@ -21,33 +19,13 @@ const SCRIPT_TIMEOUT_SECS: u32 = 120;
 fn python_plays_the_shop_app_story_against_a_coordinator() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let module = common::python_module(dir.path());
-    let stores = dir.path().join("stores");
-    std::fs::create_dir(&stores).expect("stores directory");
-    let pki = Pki::new(dir.path());
-    let coordinator = Coordinator::start(ROUNDS, None);
-    let tls = Coordinator::start(1, Some(&pki));
-
     // `timeout` bounds the script even if a call into the SDK hangs.
-    let output = Command::new("timeout")
+    let mut python = Command::new("timeout");
+    python
         .arg(SCRIPT_TIMEOUT_SECS.to_string())
         .arg("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/story.py"))
         .env("PYTHONPATH", &module)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("FEDREC_ENDPOINT", &coordinator.endpoint)
-        .env("FEDREC_TLS_ENDPOINT", &tls.endpoint)
-        .env("FEDREC_OTHER_CA", &pki.other_ca_pem)
-        .env("FEDREC_DIR", &stores)
-        .env("FEDREC_ITEMS", ITEMS.to_string())
-        .output()
-        .expect("python3 runs (is it installed?)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("story: ok"),
-        "story.py failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
-    coordinator.stop();
-    tls.stop();
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    common::play_story(dir.path(), ROUNDS, "story.py (python3)", python);
 }

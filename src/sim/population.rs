@@ -49,7 +49,7 @@ use fedrec_client::ranking::EvalCounts;
 use fedrec_client::recommend::Row;
 use fedrec_client::task::Task as DeviceTask;
 use fedrec_coordinator::CoordinatorError;
-use fedrec_coordinator::round::{CheckIn, ModelSnapshot, Pseudonym, RoundCore, Task};
+use fedrec_coordinator::round::{CheckIn, Pseudonym, RoundCore, Task};
 use fedrec_coordinator::service::task_to_pb;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -382,7 +382,9 @@ enum Due {
 /// A task on a device: what it trains on and when it started computing.
 struct Busy {
     task: Task,
-    model: Arc<ModelSnapshot>,
+    /// The model as the device decoded its download (shared by every task
+    /// on the same version).
+    global: Arc<Vec<f32>>,
     compute_secs: f64,
 }
 
@@ -422,6 +424,8 @@ pub(super) fn run_population(
     }
     queue.push(Reverse((0, Due::Evaluate)));
     let mut busy: Vec<Option<Busy>> = devices.iter().map(|_| None).collect();
+    // The current version as devices decode it, decoded once per version.
+    let mut decoded: Option<(u64, Arc<Vec<f32>>)> = None;
     let mut report = PopulationReport {
         track: ev.track.to_string(),
         mode: format!("{:?}", core.config().rounds.mode).to_lowercase(),
@@ -483,7 +487,7 @@ pub(super) fn run_population(
                                     };
                                     busy[i] = Some(Busy {
                                         task,
-                                        model: core.model(),
+                                        global: received(&core, &mut decoded),
                                         compute_secs: tr.compute_secs,
                                     });
                                     match drop_at {
@@ -514,8 +518,7 @@ pub(super) fn run_population(
                     spent += b.compute_secs;
                     let task = DeviceTask::try_from(&task_to_pb(&b.task, now))
                         .context("the device refused its task")?;
-                    let global = b.model.download.decode();
-                    let output = run_task(&mut devices[i].1, &task, &global)?;
+                    let output = run_task(&mut devices[i].1, &task, &b.global)?;
                     match submit(&mut core, now, pseudonyms[i], &b.task, output) {
                         Ok(()) => report.accepted += 1,
                         Err(e) if e.downcast_ref::<CoordinatorError>().is_some() => {
@@ -565,6 +568,20 @@ pub(super) fn run_population(
         (report.accepted + report.refused) as f64 / wall.elapsed().as_secs_f64();
     let global = core.model().download.decode();
     Ok(((rows, last_counts, global, devices), report))
+}
+
+/// The current model as a device decodes its download, from `cache` when
+/// it holds this version.
+fn received(core: &RoundCore, cache: &mut Option<(u64, Arc<Vec<f32>>)>) -> Arc<Vec<f32>> {
+    let model = core.model();
+    match cache {
+        Some((version, global)) if *version == model.version => Arc::clone(global),
+        _ => {
+            let global = Arc::new(model.download.decode());
+            *cache = Some((model.version, Arc::clone(&global)));
+            global
+        }
+    }
 }
 
 /// Every device fits its private vector to the current model and ranks its

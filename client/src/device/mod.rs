@@ -1205,14 +1205,38 @@ mod tests {
     /// A byte inside the ciphertext.
     const HEADER_AT: usize = crate::vault::HEADER_LEN + 3;
 
-    /// A model whose every pass over the data takes one second of a manual clock.
-    #[derive(Debug)]
-    struct Slow {
+    /// A model that lets a test watch its passes over the data: each
+    /// pass takes one second of `clock` per epoch (when given), and `hook`
+    /// runs once after the first training pass (when set).
+    struct Instrumented {
         inner: MatrixFactorization,
-        clock: ManualClock,
+        clock: Option<ManualClock>,
+        hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
     }
 
-    impl Model for Slow {
+    impl Instrumented {
+        fn new(clock: Option<ManualClock>) -> Self {
+            Self {
+                inner: MatrixFactorization::new(30, 4, 0.1).unwrap(),
+                clock,
+                hook: std::sync::Mutex::new(None),
+            }
+        }
+
+        fn pass(&self, cfg: &LocalTraining) {
+            if let Some(clock) = &self.clock {
+                clock.advance(Duration::from_secs(cfg.local_epochs.into()));
+            }
+        }
+    }
+
+    impl std::fmt::Debug for Instrumented {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Instrumented")
+        }
+    }
+
+    impl Model for Instrumented {
         fn items(&self) -> usize {
             self.inner.items()
         }
@@ -1233,8 +1257,7 @@ mod tests {
             cfg: &LocalTraining,
             rng: &mut dyn rand::Rng,
         ) {
-            self.clock
-                .advance(Duration::from_secs(cfg.local_epochs.into()));
+            self.pass(cfg);
             self.inner.personalize(global, private, history, cfg, rng);
         }
         fn train_in_place(
@@ -1246,10 +1269,13 @@ mod tests {
             cfg: &LocalTraining,
             rng: &mut dyn rand::Rng,
         ) {
-            self.clock
-                .advance(Duration::from_secs(cfg.local_epochs.into()));
+            self.pass(cfg);
             self.inner
                 .train_in_place(params, anchor, private, history, cfg, rng);
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
         }
         fn score_all(&self, global: &[f32], private: &[f32], history: &[u32], out: &mut Vec<f32>) {
             self.inner.score_all(global, private, history, out);
@@ -1258,10 +1284,7 @@ mod tests {
 
     fn budgeted(budget: Option<Duration>) -> (Device, Vec<f32>) {
         let clock = ManualClock::new(T0);
-        let model: Arc<dyn Model> = Arc::new(Slow {
-            inner: MatrixFactorization::new(30, 4, 0.1).unwrap(),
-            clock: clock.clone(),
-        });
+        let model: Arc<dyn Model> = Arc::new(Instrumented::new(Some(clock.clone())));
         let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(3));
         let mut d = Device::builder(model)
             .seed(5)
@@ -1488,68 +1511,9 @@ mod tests {
         );
     }
 
-    /// A model that runs a hook (once) after its first training pass.
-    struct Hooked {
-        inner: MatrixFactorization,
-        hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
-    }
-
-    impl std::fmt::Debug for Hooked {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Hooked")
-        }
-    }
-
-    impl Model for Hooked {
-        fn items(&self) -> usize {
-            self.inner.items()
-        }
-        fn layout(&self) -> fedrec_proto::Layout {
-            self.inner.layout()
-        }
-        fn init_global(&self, rng: &mut dyn rand::Rng) -> Vec<f32> {
-            self.inner.init_global(rng)
-        }
-        fn init_private(&self, rng: &mut dyn rand::Rng) -> Vec<f32> {
-            self.inner.init_private(rng)
-        }
-        fn personalize(
-            &self,
-            global: &[f32],
-            private: &mut [f32],
-            history: &[u32],
-            cfg: &LocalTraining,
-            rng: &mut dyn rand::Rng,
-        ) {
-            self.inner.personalize(global, private, history, cfg, rng);
-        }
-        fn train_in_place(
-            &self,
-            params: &mut [f32],
-            anchor: Option<&[f32]>,
-            private: &mut [f32],
-            history: &[u32],
-            cfg: &LocalTraining,
-            rng: &mut dyn rand::Rng,
-        ) {
-            self.inner
-                .train_in_place(params, anchor, private, history, cfg, rng);
-            let hook = self.hook.lock().unwrap().take();
-            if let Some(hook) = hook {
-                hook();
-            }
-        }
-        fn score_all(&self, global: &[f32], private: &[f32], history: &[u32], out: &mut Vec<f32>) {
-            self.inner.score_all(global, private, history, out);
-        }
-    }
-
     #[test]
     fn an_exclusion_made_during_a_round_applies_to_that_round() {
-        let hooked = Arc::new(Hooked {
-            inner: MatrixFactorization::new(30, 4, 0.1).unwrap(),
-            hook: std::sync::Mutex::new(None),
-        });
+        let hooked = Arc::new(Instrumented::new(None));
         let model: Arc<dyn Model> = hooked.clone();
         let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
         let all = purchases();

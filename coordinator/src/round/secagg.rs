@@ -257,22 +257,7 @@ impl RoundCore {
         pseudonym: &Pseudonym,
         round: u32,
     ) -> Result<(&OpenRound, PartyId), CoordinatorError> {
-        if !self.joined.contains(pseudonym) {
-            return Err(CoordinatorError::UnknownPseudonym);
-        }
-        let open = match &self.open {
-            Some(open) if open.number == round => open,
-            Some(open) => {
-                return Err(CoordinatorError::WrongRound {
-                    got: round,
-                    open: open.number,
-                });
-            }
-            None if round >= 1 && round <= self.last_round => {
-                return Err(CoordinatorError::RoundClosed { round });
-            }
-            None => return Err(CoordinatorError::NoRoundOpen { round }),
-        };
+        let open = self.open_round_for(pseudonym, round)?;
         let Some(secure) = &open.secure else {
             return Err(CoordinatorError::NotSecureRound { round });
         };

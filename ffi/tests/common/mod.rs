@@ -186,3 +186,32 @@ impl Coordinator {
             .expect("server ran cleanly");
     }
 }
+
+/// Plays an app's shop story: `app` (the program, with its own arguments)
+/// runs against a plain coordinator of `rounds` rounds and a TLS one, with
+/// the endpoints, the other CA, a stores directory under `dir` and the
+/// catalogue's size in its environment, and must print `story: ok`.
+pub fn play_story(dir: &Path, rounds: u32, name: &str, mut app: std::process::Command) {
+    let stores = dir.join("stores");
+    std::fs::create_dir(&stores).expect("stores directory");
+    let pki = Pki::new(dir);
+    let coordinator = Coordinator::start(rounds, None);
+    let tls = Coordinator::start(1, Some(&pki));
+    let output = app
+        .env("FEDREC_ENDPOINT", &coordinator.endpoint)
+        .env("FEDREC_TLS_ENDPOINT", &tls.endpoint)
+        .env("FEDREC_OTHER_CA", &pki.other_ca_pem)
+        .env("FEDREC_DIR", &stores)
+        .env("FEDREC_ITEMS", ITEMS.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("{name} runs: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("story: ok"),
+        "{name} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    coordinator.stop();
+    tls.stop();
+}
