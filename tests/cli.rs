@@ -589,3 +589,43 @@ fn bench_round_prints_consistent_json_last() {
         "{v}"
     );
 }
+
+/// The README's population command, as written (from the repository's
+/// root): a fleet of phones on the embedded default data, in process.
+#[test]
+fn the_readme_population_command_runs() {
+    let readme = include_str!("../README.md");
+    assert!(readme.contains("fedrec simulate --population populations/phones.toml"));
+    let out = Command::new(BIN)
+        .args(["simulate", "--population", "populations/phones.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("population (discover track, sync mode)") && stdout.contains("thrown away"),
+        "{stdout}"
+    );
+}
+
+/// The README's async `[rounds]` block is a valid configuration.
+#[test]
+fn the_readme_async_rounds_block_is_valid() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("```toml\n[rounds]\nmode = \"async\"")
+        .expect("the README's async block")
+        + "```toml\n".len();
+    let block = &readme[start..start + readme[start..].find("```").unwrap()];
+    let cfg = fedrec_coordinator::config::CoordinatorConfig::from_toml_str(block)
+        .unwrap_or_else(|e| panic!("{e}\n{block}"));
+    assert_eq!(
+        cfg.rounds.mode,
+        fedrec_coordinator::config::RoundsMode::Async
+    );
+}
