@@ -124,6 +124,10 @@ pub struct Task {
     /// Append the upper triangle of `x xᵀ` to the update (training tasks
     /// of the `als` strategy; see the client's `TrainingConfig::user_moment`).
     pub user_moment: bool,
+    /// A trial of the settings search (`[model] preset = "auto"`): the
+    /// device trains without its own validation purchase and evaluates on
+    /// it (see [`RoundCore::start_run`]).
+    pub validation: bool,
 }
 
 /// The answer to a check-in.
@@ -312,6 +316,16 @@ pub struct RoundCore {
     training_stopped: Option<String>,
     /// Async mode's step being filled, while training.
     buffer: Option<buffered::Buffer>,
+    /// The current run is a trial of the settings search: its tasks ask
+    /// devices to hold out their validation purchase, and when its rounds
+    /// are done the core waits for [`start_run`](Self::start_run) instead
+    /// of finishing.
+    trial: bool,
+    /// The last round before the current run (the search's trials run
+    /// before the final run): the learning-rate schedule counts from it.
+    run_start: u32,
+    /// A trial's rounds are done and the next run has not started.
+    between_runs: bool,
 }
 
 impl RoundCore {
@@ -389,6 +403,9 @@ impl RoundCore {
             privacy,
             training_stopped: None,
             buffer: None,
+            trial: false,
+            run_start: 0,
+            between_runs: false,
         })
     }
 
@@ -845,6 +862,7 @@ impl RoundCore {
             privacy: open.privacy.as_ref().map(|p| p.task),
             upload_encoding,
             user_moment: open.kind == TaskKind::Train && self.strategy.extra_values() > 0,
+            validation: self.trial,
         })
     }
 

@@ -199,6 +199,7 @@ impl RoundCore {
             privacy: None,
             upload_encoding: self.config.upload.encoding,
             user_moment: false,
+            validation: self.trial,
         })
     }
 

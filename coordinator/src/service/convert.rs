@@ -109,5 +109,6 @@ pub fn task_to_pb(task: &Task, now: std::time::Instant) -> pb::Task {
         }),
         secure_aggregation: task.secure_aggregation.as_ref().map(secagg::task_to_pb),
         upload_encoding: task.upload_encoding.to_pb().into(),
+        validation: task.validation,
     }
 }
