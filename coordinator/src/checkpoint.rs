@@ -58,6 +58,10 @@ pub struct Checkpoint {
     pub model_version: u64,
     /// Number of the last round started (all of them ended).
     pub last_round: u32,
+    /// The last round before the current run (a settings search's trials
+    /// run before the final run); 0 without a search.
+    #[serde(default)]
+    pub run_start: u32,
     /// Training rounds counted (completed or abandoned).
     pub training_rounds: u32,
     /// Whether the final evaluation ran.
@@ -214,6 +218,7 @@ mod tests {
         Checkpoint {
             model_version: 7,
             last_round: 6,
+            run_start: 0,
             training_rounds: 6,
             final_evaluation_done: false,
             training_stopped: None,

@@ -249,6 +249,11 @@ pub struct CoordinatorStatus {
     pub selected: usize,
     /// Submissions accepted in the open round.
     pub accepted: usize,
+    /// The current run is a trial of the settings search.
+    pub trial: bool,
+    /// A trial's rounds are done and the next run has not started
+    /// ([`RoundCore::start_run`]).
+    pub between_runs: bool,
 }
 
 #[derive(Debug)]
@@ -425,6 +430,7 @@ impl RoundCore {
         let Checkpoint {
             model_version,
             last_round,
+            run_start,
             training_rounds,
             final_evaluation_done,
             training_stopped,
@@ -479,6 +485,7 @@ impl RoundCore {
             .map(|p| (*p, Session::new(expires)))
             .collect();
         core.last_round = last_round;
+        core.run_start = run_start;
         core.training_rounds = training_rounds;
         core.final_evaluation_done = final_evaluation_done;
         core.training_stopped = training_stopped;
@@ -494,6 +501,74 @@ impl RoundCore {
         Ok(core)
     }
 
+    /// Makes the current run a trial of the settings search (see
+    /// [`start_run`](Self::start_run)): its tasks carry `validation`, and
+    /// when its rounds are done the core waits for the next run instead of
+    /// finishing.
+    pub fn into_trial(mut self) -> Self {
+        self.trial = true;
+        self
+    }
+
+    /// Starts the next run once a trial's rounds are done: `config` with
+    /// the model `params` laid out as `layout` (a new shape is allowed),
+    /// which become the next model version; a trial again if `trial`.
+    /// Joined devices, their sessions and the waiting pool carry over;
+    /// round numbers go on counting, and the new run's learning-rate
+    /// schedule starts afresh. The previous run's optimizer state is
+    /// dropped.
+    ///
+    /// # Errors
+    /// Not between runs; a model that does not fit `model.max_bytes` or its
+    /// layout, or is not finite; differential privacy (a run cannot start
+    /// under a guarantee, nor leave one).
+    pub fn start_run(
+        &mut self,
+        now: Instant,
+        config: ValidConfig,
+        layout: Layout,
+        params: Vec<f32>,
+        trial: bool,
+    ) -> Result<(), CoordinatorError> {
+        if !self.between_runs {
+            return Err(CoordinatorError::InvalidConfig(
+                "a new run starts only after a trial's rounds are done".to_owned(),
+            ));
+        }
+        if config.privacy.enabled() || self.privacy.is_some() {
+            return Err(CoordinatorError::InvalidConfig(
+                "a settings search cannot run under differential privacy: every trial would \
+                 spend privacy budget"
+                    .to_owned(),
+            ));
+        }
+        let seed = config.rounds.seed;
+        let mut next = Self::new(config, layout, params)?;
+        let version = self.model.version + 1;
+        let model = Arc::get_mut(&mut next.model).expect("not shared yet");
+        model.version = version;
+        self.model = next.model;
+        self.strategy = next.strategy;
+        self.aggregator = next.aggregator;
+        self.config = next.config;
+        if seed.is_some() {
+            // Same seed, same cohorts: trials differ only in their settings.
+            self.rng = next.rng;
+            self.secure_rng = next.secure_rng;
+        }
+        self.run_start = self.last_round;
+        self.training_rounds = 0;
+        self.final_evaluation_done = false;
+        self.training_stopped = None;
+        self.buffer = None;
+        self.trial = trial;
+        self.between_runs = false;
+        self.window_start = (!self.pool.is_empty()).then_some(now);
+        self.generation += 1;
+        self.advance(now);
+        Ok(())
+    }
+
     /// The durable state as of the last ended round (see
     /// [`crate::checkpoint`]); an open round (or async step being filled)
     /// is left out, as if it had not started. Its privacy cost stays counted, which can only overstate ε.
@@ -507,6 +582,7 @@ impl RoundCore {
         Checkpoint {
             model_version: self.model.version,
             last_round: self.last_round - u32::from(open.is_some()) - filling,
+            run_start: self.run_start,
             training_rounds: self.training_rounds
                 - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train))
                 - filling,
@@ -779,7 +855,15 @@ impl RoundCore {
                 },
                 |(_, accepted)| accepted,
             ),
+            trial: self.trial,
+            between_runs: self.between_runs,
         }
+    }
+
+    /// Whether the current run is a trial of the settings search, or a
+    /// trial has ended and the next run has not started.
+    pub fn in_search(&self) -> bool {
+        self.trial || self.between_runs
     }
 
     /// Rejected requests so far, counted by [`CoordinatorError::reason`].

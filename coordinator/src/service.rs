@@ -243,7 +243,9 @@ impl Shared {
             return;
         };
         let ended = core.history().len();
-        if self.saved_rounds.load(Ordering::Relaxed) == ended {
+        // A settings search's trials are not saved: a restart runs the
+        // search again (its result is saved by its driver).
+        if core.in_search() || self.saved_rounds.load(Ordering::Relaxed) == ended {
             return;
         }
         match core.checkpoint().write(path) {

@@ -79,7 +79,10 @@ impl RoundCore {
                 .config
                 .strategy
                 .schedule
-                .factor(number.into(), self.config.rounds.rounds.into()),
+                .factor(
+                    (number - self.run_start).into(),
+                    self.config.rounds.rounds.into(),
+                ),
             devices,
             joined: self.joined.len(),
             training: &self.config.training,
@@ -101,7 +104,14 @@ impl RoundCore {
 
     /// Finishes when no round is left to run.
     pub(super) fn finish_if_done(&mut self) {
-        if self.next_kind().is_some() {
+        if self.next_kind().is_some() || self.between_runs {
+            return;
+        }
+        if self.trial {
+            // The search's driver starts the next run; devices wait.
+            self.between_runs = true;
+            self.window_start = None;
+            self.generation += 1;
             return;
         }
         let rounds = self.training_rounds;

@@ -1487,3 +1487,63 @@ fn resumed_pseudonyms_expire_one_lifetime_after_the_resume() {
         Err(CoordinatorError::SessionExpired)
     ));
 }
+
+/// A settings search's trial: its tasks ask for validation, its end leaves
+/// the devices waiting (not finished), and the next run starts with a new
+/// shape and the next version, counting its schedule afresh.
+#[test]
+fn a_trial_waits_for_the_next_run_and_a_new_shape_follows() {
+    let t0 = Instant::now();
+    let mut core = core_with(config(2, 1), vec![0.0; 2]).into_trial();
+    let devices = join(&mut core, t0, 2);
+    let tasks = check_in_all(&mut core, t0, &devices);
+    assert_eq!(tasks.len(), 2);
+    assert!(tasks.iter().all(|(_, t)| t.validation), "trial tasks hold out");
+    for (d, t) in &tasks {
+        core.submit_update(t0, header(*d, t, 1, 2), &encode(&[1.0, 1.0]))
+            .unwrap();
+    }
+    assert_eq!(core.model().version, 2);
+    let status = core.status();
+    assert!(status.between_runs && status.trial && !status.finished);
+    assert!(core.in_search());
+    for d in &devices {
+        assert!(
+            matches!(core.check_in(t0, d).unwrap(), CheckIn::Wait { .. }),
+            "devices wait between runs"
+        );
+    }
+    // Only between runs.
+    let mut other = core_with(config(2, 1), vec![0.0; 2]);
+    let err = other
+        .start_run(t0, valid(config(2, 1)), layout(3), vec![0.0; 3], false)
+        .unwrap_err();
+    assert!(err.to_string().contains("after a trial"), "{err}");
+    // The final run: three values now, the next version; the waiting
+    // devices are selected at once.
+    core.start_run(t0, valid(config(2, 2)), layout(3), vec![0.5; 3], false)
+        .unwrap();
+    assert_eq!(core.model().version, 3);
+    assert_eq!(core.layout().num_values(), 3);
+    assert!(!core.in_search());
+    let tasks: Vec<_> = devices
+        .iter()
+        .filter_map(|d| match core.check_in(t0, d).unwrap() {
+            CheckIn::Task(t) => Some((*d, t)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tasks.len(), 2);
+    assert!(tasks.iter().all(|(_, t)| !t.validation && t.round == 2));
+    for (d, t) in &tasks {
+        core.submit_update(t0, header(*d, t, 1, 3), &encode(&[1.0, 1.0, 1.0]))
+            .unwrap();
+    }
+    assert_eq!(core.checkpoint().run_start, 1);
+    assert!(core.finished().is_none(), "one of two rounds done");
+    assert!(
+        core.start_run(t0, valid(config(2, 1)), layout(3), vec![0.0; 3], true)
+            .is_err(),
+        "a final run is not interrupted"
+    );
+}
