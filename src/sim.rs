@@ -290,16 +290,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let mut cfg = cfg.clone();
     let search = if cfg.auto {
         let report = search::search(&protocol, &cfg, observer)?;
-        let chosen = &report.chosen;
-        if chosen.model == "ease" {
-            cfg.coordinator = ease_recipe(chosen.regularization);
-        } else {
-            let c = &mut cfg.coordinator;
-            c.model.factors = chosen.factors;
-            c.training.confidence = chosen.confidence;
-            c.training.regularization = chosen.regularization;
-            c.rounds.rounds = chosen.rounds;
-        }
+        report.chosen.settings.apply(&mut cfg.coordinator);
         Some(report)
     } else {
         None

@@ -8,8 +8,6 @@ use fedrec_client::model::{MatrixFactorization, Model};
 use fedrec_coordinator::config::{CoordinatorConfig, StrategyName};
 use serde::Serialize;
 
-use super::*;
-
 /// The devices' model for a coordinator configuration: EASE under the
 /// `ease` step, matrix factorization otherwise.
 pub fn model_for(coord: &CoordinatorConfig, n_items: usize) -> anyhow::Result<Arc<dyn Model>> {
@@ -83,7 +81,7 @@ pub enum Preset {
     ///   against 0.338 / 0.231; FedAdam needed 120 rounds for 0.334 / 0.223).
     #[value(help = "purchase logs such as Online Retail: ALS, 40 rounds, 128 factors")]
     Retail,
-    /// Any data: the [`als_recipe`] with [`search::AUTO_ROUNDS`] rounds,
+    /// Any data: the [`als_recipe`] with `search.rounds` ([`DEFAULT_SEARCH_ROUNDS`](fedrec_coordinator::config::DEFAULT_SEARCH_ROUNDS)) rounds,
     /// its factors, confidence and regularization chosen by federated
     /// evaluation on the devices' validation events ([`search`]). What
     /// `--data` gets when no preset is named.
@@ -103,7 +101,7 @@ impl Preset {
                 (cfg.rounds.rounds, cfg.model.factors) = (40, 128);
                 (cfg.training.confidence, cfg.training.regularization) = (2.0, 0.01);
             }
-            Preset::Auto => cfg.rounds.rounds = search::AUTO_ROUNDS,
+            Preset::Auto => cfg.rounds.rounds = cfg.search.rounds,
         }
         (cfg, ALS_CENTRALIZED_ITERATIONS)
     }

@@ -9,9 +9,12 @@
 //! the summed NDCG@10 (ties: HR@10, then the earlier trial).
 //!
 //! The search is successive halving (Jamieson & Talwalkar 2016; the
-//! resource is rounds): every setting of [`AUTO_SPACE`] trains
-//! [`STAGE_ROUNDS`]`[0]` of [`AUTO_ROUNDS`]; the best third goes on to the
-//! next stage with more rounds, and so on. Each trial runs its own cosine
+//! resource is rounds): every setting of the `[search]` space
+//! ([`SearchConfig`], the same for `fedrec serve`'s `[model] preset =
+//! "auto"`) trains [`STAGE_ROUNDS`]`[0]` of `search.rounds`; the best third
+//! goes on to the next stage with more rounds, and so on. [`Halving`] is
+//! that schedule; this module's [`search`] runs it in a simulation, and
+//! `fedrec serve` runs it against real devices. Each trial runs its own cosine
 //! schedule to its own end, so a short trial is a complete (short)
 //! training, not the start of a long one, and the number of rounds is part
 //! of what is chosen: the best trial of any stage (setting and rounds) is
@@ -22,7 +25,7 @@
 //! On catalogues up to [`fedrec_client::ease::MAX_ITEMS`] items the search
 //! also tries federated EASE ([`super::ease_recipe`]: one round in which
 //! every device sends its co-purchases) at each λ of
-//! [`crate::baselines::EASE_GRID`], and chooses between the two models on
+//! [`crate::baselines::EASE_GRID`] (when `search.ease`), and chooses between the two models on
 //! the same validation events.
 //!
 //! Not searched, with the reason: the step. The `als` server step at
@@ -30,52 +33,25 @@
 //! cohort bought (see [`super::als_recipe`]); the rounds and the cosine
 //! schedule set how far it moves.
 
+use std::collections::VecDeque;
+
+use fedrec_coordinator::config::SearchConfig;
 use serde::Serialize;
 
 use super::{Observer, RunKind, SimConfig, run_cut};
 use crate::data::{Protocol, Stage};
 use crate::eval::Metrics;
 
-/// The settings `--preset auto` searches.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct SearchSpace {
-    /// Latent factors.
-    pub factors: Vec<usize>,
-    /// ALS confidence of a purchase (an item not bought has 1).
-    pub confidence: Vec<f32>,
-    /// L2 regularization.
-    pub regularization: Vec<f32>,
-}
-
-/// The documented search space of `--preset auto`: 18 settings across the
-/// usual implicit-ALS ranges (factors 32 to 128; confidence 2 to 20, the
-/// `implicit` library's α; regularization from nearly none to strong).
-pub fn auto_space() -> SearchSpace {
-    SearchSpace {
-        factors: AUTO_SPACE.0.to_vec(),
-        confidence: AUTO_SPACE.1.to_vec(),
-        regularization: AUTO_SPACE.2.to_vec(),
-    }
-}
-
-/// Factors, confidences and regularizations of [`auto_space`].
-pub const AUTO_SPACE: ([usize; 3], [f32; 3], [f32; 2]) =
-    ([32, 64, 128], [2.0, 5.0, 20.0], [0.01, 1.0]);
-
-/// Rounds of each stage, as fractions of [`AUTO_ROUNDS`] (at least
+/// Rounds of each stage, as fractions of `search.rounds` (at least
 /// [`MIN_STAGE_ROUNDS`]); each stage keeps the best third.
 pub const STAGE_ROUNDS: [f64; 3] = [0.125, 0.25, 0.5];
 
 /// Fewest rounds a trial trains.
 pub const MIN_STAGE_ROUNDS: u32 = 2;
 
-/// The rounds the stages' fractions refer to (the recipe's budget for one
-/// run: about ten visits per device at its cohort of up to 1,000).
-pub const AUTO_ROUNDS: u32 = 40;
-
-/// One trial of the search.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Trial {
+/// What one trial trains.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TrialSettings {
     /// The stage (0 first; EASE trials come after the ALS stages).
     pub stage: usize,
     /// `"als"` or `"ease"`.
@@ -88,6 +64,40 @@ pub struct Trial {
     pub regularization: f32,
     /// Rounds trained.
     pub rounds: u32,
+}
+
+impl TrialSettings {
+    /// Sets `cfg` to train these settings: for ALS its factors,
+    /// confidence, regularization and rounds; for EASE the sections
+    /// [`super::ease_recipe`] sets (training, strategy, model, the cohort
+    /// and one round, secure aggregation's range). Everything else (the
+    /// server, sessions, deadlines, seeds) stays as it is.
+    pub fn apply(&self, cfg: &mut fedrec_coordinator::config::CoordinatorConfig) {
+        if self.model == "ease" {
+            let ease = super::ease_recipe(self.regularization);
+            cfg.training = ease.training;
+            cfg.strategy = ease.strategy;
+            cfg.model.factors = ease.model.factors;
+            cfg.model.init_std = ease.model.init_std;
+            cfg.rounds.rounds = ease.rounds.rounds;
+            cfg.rounds.clients_per_round = ease.rounds.clients_per_round;
+            cfg.secure_aggregation.range = ease.secure_aggregation.range;
+            cfg.secure_aggregation.bits = ease.secure_aggregation.bits;
+        } else {
+            cfg.model.factors = self.factors;
+            cfg.training.confidence = self.confidence;
+            cfg.training.regularization = self.regularization;
+            cfg.rounds.rounds = self.rounds;
+        }
+    }
+}
+
+/// One trial of the search.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Trial {
+    /// What it trained.
+    #[serde(flatten)]
+    pub settings: TrialSettings,
     /// The devices' evaluation of the trial's model on their validation
     /// events.
     pub validation: Metrics,
@@ -98,8 +108,8 @@ pub struct Trial {
 /// The search in the report.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SearchReport {
-    /// What was searched.
-    pub space: SearchSpace,
+    /// What was searched, and the budget.
+    pub space: SearchConfig,
     /// Rounds per stage.
     pub stage_rounds: Vec<u32>,
     /// Every trial, in the order run.
@@ -113,9 +123,166 @@ pub struct SearchReport {
     pub seconds: f64,
 }
 
+/// Successive halving over a [`SearchConfig`]: which trial comes next,
+/// given the validation figures of those run so far.
+#[derive(Clone, Debug)]
+pub struct Halving {
+    space: SearchConfig,
+    stage_rounds: Vec<u32>,
+    /// The current stage's trials not run yet, in order.
+    pending: VecDeque<TrialSettings>,
+    /// The current stage's trials run so far.
+    stage_trials: Vec<Trial>,
+    /// EASE's λ still to try once the ALS stages are done.
+    ease: VecDeque<f32>,
+    trials: Vec<Trial>,
+}
+
+impl Halving {
+    /// The schedule of `space`, then federated EASE at each of
+    /// `ease_lambdas` (none: EASE is not tried).
+    pub fn new(space: &SearchConfig, ease_lambdas: &[f32]) -> Self {
+        let stage_rounds: Vec<u32> = STAGE_ROUNDS
+            .iter()
+            .map(|x| ((f64::from(space.rounds) * x).ceil() as u32).max(MIN_STAGE_ROUNDS))
+            .collect();
+        let mut pending = VecDeque::new();
+        for &factors in &space.factors {
+            for &confidence in &space.confidence {
+                for &regularization in &space.regularization {
+                    pending.push_back(TrialSettings {
+                        stage: 0,
+                        model: "als",
+                        factors,
+                        confidence,
+                        regularization,
+                        rounds: stage_rounds[0],
+                    });
+                }
+            }
+        }
+        Self {
+            space: space.clone(),
+            stage_rounds,
+            pending,
+            stage_trials: Vec::new(),
+            ease: ease_lambdas.iter().copied().collect(),
+            trials: Vec::new(),
+        }
+    }
+
+    /// Trials the whole search runs: every setting at the first stage, a
+    /// third (rounded up) at each next one, and the EASE trials.
+    pub fn planned_trials(&self) -> usize {
+        let mut n = self.space.factors.len()
+            * self.space.confidence.len()
+            * self.space.regularization.len();
+        let mut total = 0;
+        for _ in &self.stage_rounds {
+            total += n;
+            n = n.div_ceil(3).max(1);
+        }
+        total + self.ease.len()
+    }
+
+    /// Rounds per stage.
+    pub fn stage_rounds(&self) -> &[u32] {
+        &self.stage_rounds
+    }
+
+    /// The next trial to run, or `None` when the search is done.
+    pub fn next(&self) -> Option<TrialSettings> {
+        if let Some(settings) = self.pending.front() {
+            return Some(*settings);
+        }
+        self.ease.front().map(|&lambda| TrialSettings {
+            stage: self.stage_rounds.len(),
+            model: "ease",
+            factors: 0,
+            confidence: 0.0,
+            regularization: lambda,
+            rounds: 1,
+        })
+    }
+
+    /// Records the result of the trial [`next`](Self::next) gave; a stage's
+    /// last trial keeps the best third for the next stage.
+    pub fn record(&mut self, validation: Metrics, device_rounds: usize) {
+        let Some(settings) = self.next() else {
+            return;
+        };
+        let trial = Trial {
+            settings,
+            validation,
+            device_rounds,
+        };
+        if self.pending.pop_front().is_none() {
+            self.ease.pop_front();
+            self.trials.push(trial);
+            return;
+        }
+        self.stage_trials.push(trial);
+        if !self.pending.is_empty() {
+            return;
+        }
+        // Best first; a stable sort keeps the earlier trial first on ties.
+        let mut results = std::mem::take(&mut self.stage_trials);
+        results.sort_by(|a, b| better(b, a));
+        let stage = settings.stage + 1;
+        if let Some(&rounds) = self.stage_rounds.get(stage) {
+            let keep = results.len().div_ceil(3).max(1);
+            self.pending = results[..keep]
+                .iter()
+                .map(|t| TrialSettings {
+                    stage,
+                    rounds,
+                    ..t.settings
+                })
+                .collect();
+        }
+        self.trials.extend(results);
+    }
+
+    /// The search's report, once [`next`](Self::next) gives nothing more;
+    /// `seconds` is how long it took.
+    ///
+    /// # Errors
+    /// When no trial ran.
+    pub fn finish(self, seconds: f64) -> anyhow::Result<SearchReport> {
+        let chosen = self
+            .trials
+            .iter()
+            .fold(None::<&Trial>, |best, t| match best {
+                Some(b) if better(b, t) != std::cmp::Ordering::Less => Some(b),
+                _ => Some(t),
+            })
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("the search ran no trial"))?;
+        Ok(SearchReport {
+            space: self.space,
+            stage_rounds: self.stage_rounds,
+            device_rounds: self.trials.iter().map(|t| t.device_rounds).sum(),
+            trials: self.trials,
+            chosen,
+            seconds,
+        })
+    }
+}
+
+/// The λ of federated EASE the search tries on a catalogue of `items`:
+/// [`crate::baselines::EASE_GRID`] when `space.ease` and the catalogue is
+/// small enough for its item-item model, else none.
+pub fn ease_lambdas(space: &SearchConfig, items: usize) -> &'static [f32] {
+    if space.ease && items <= fedrec_client::ease::MAX_ITEMS {
+        &crate::baselines::EASE_GRID
+    } else {
+        &[]
+    }
+}
+
 /// Runs the search on `protocol`'s first track's validation cut with `cfg`
-/// (whose coordinator is the ALS recipe) and returns it; the caller trains
-/// the chosen setting.
+/// (whose coordinator is the ALS recipe; its `[search]` is the space) and
+/// returns it; the caller trains the chosen setting.
 ///
 /// # Errors
 /// Under differential privacy (every trial would have to be counted in ε,
@@ -142,92 +309,34 @@ pub fn search(
         .evaluation(first, Stage::Validation)
         .filter(|e| e.n_users() > 0)
         .ok_or_else(|| anyhow::anyhow!("no validation event to choose settings on"))?;
-    let space = auto_space();
-    let mut candidates: Vec<(usize, f32, f32)> = Vec::new();
-    for &f in &space.factors {
-        for &c in &space.confidence {
-            for &r in &space.regularization {
-                candidates.push((f, c, r));
-            }
-        }
-    }
-    let stage_rounds: Vec<u32> = STAGE_ROUNDS
-        .iter()
-        .map(|x| ((f64::from(AUTO_ROUNDS) * x).ceil() as u32).max(MIN_STAGE_ROUNDS))
-        .collect();
-    let mut trials: Vec<Trial> = Vec::new();
-    for (stage, &rounds) in stage_rounds.iter().enumerate() {
-        let mut results: Vec<Trial> = Vec::new();
-        for &(factors, confidence, regularization) in &candidates {
+    let space = &cfg.coordinator.search;
+    let mut halving = Halving::new(space, ease_lambdas(space, protocol.n_items()));
+    let stages = halving.stage_rounds().len();
+    while let Some(t) = halving.next() {
+        let mut trial_cfg = cfg.clone();
+        t.apply(&mut trial_cfg.coordinator);
+        if t.model == "ease" {
             observer.phase(&format!(
-                "auto: stage {} of {}, {factors} factors, confidence {confidence}, \
-                 regularization {regularization}, {rounds} rounds",
-                stage + 1,
-                stage_rounds.len()
+                "auto: federated EASE, lambda {}",
+                t.regularization
             ));
-            let mut trial_cfg = cfg.clone();
-            let c = &mut trial_cfg.coordinator;
-            c.model.factors = factors;
-            c.training.confidence = confidence;
-            c.training.regularization = regularization;
-            c.rounds.rounds = rounds;
-            let run = run_cut(protocol, ev, &[], &trial_cfg, observer, RunKind::Trial)?;
-            let validation = run.federated.first().map(|(_, m)| *m).unwrap_or_default();
-            results.push(Trial {
-                stage,
-                model: "als",
-                factors,
-                confidence,
-                regularization,
-                rounds,
-                validation,
-                device_rounds: run.rounds.iter().map(|r| r.participants).sum(),
-            });
+        } else {
+            observer.phase(&format!(
+                "auto: stage {} of {stages}, {} factors, confidence {}, regularization {}, {} rounds",
+                t.stage + 1,
+                t.factors,
+                t.confidence,
+                t.regularization,
+                t.rounds
+            ));
         }
-        // Best first; a stable sort keeps the earlier trial first on ties.
-        results.sort_by(|a, b| better(b, a));
-        let keep = results.len().div_ceil(3).max(1);
-        candidates = results[..keep]
-            .iter()
-            .map(|t| (t.factors, t.confidence, t.regularization))
-            .collect();
-        trials.extend(results);
+        let run = run_cut(protocol, ev, &[], &trial_cfg, observer, RunKind::Trial)?;
+        halving.record(
+            run.federated.first().map(|(_, m)| *m).unwrap_or_default(),
+            run.rounds.iter().map(|r| r.participants).sum(),
+        );
     }
-    if protocol.n_items() <= fedrec_client::ease::MAX_ITEMS {
-        let stage = stage_rounds.len();
-        for &lambda in &crate::baselines::EASE_GRID {
-            observer.phase(&format!("auto: federated EASE, lambda {lambda}"));
-            let mut trial_cfg = cfg.clone();
-            trial_cfg.coordinator = super::ease_recipe(lambda);
-            let run = run_cut(protocol, ev, &[], &trial_cfg, observer, RunKind::Trial)?;
-            trials.push(Trial {
-                stage,
-                model: "ease",
-                factors: 0,
-                confidence: 0.0,
-                regularization: lambda,
-                rounds: 1,
-                validation: run.federated.first().map(|(_, m)| *m).unwrap_or_default(),
-                device_rounds: run.rounds.iter().map(|r| r.participants).sum(),
-            });
-        }
-    }
-    let chosen = trials
-        .iter()
-        .fold(None::<&Trial>, |best, t| match best {
-            Some(b) if better(b, t) != std::cmp::Ordering::Less => Some(b),
-            _ => Some(t),
-        })
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("the search ran no trial"))?;
-    Ok(SearchReport {
-        space,
-        stage_rounds,
-        device_rounds: trials.iter().map(|t| t.device_rounds).sum(),
-        trials,
-        chosen,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    halving.finish(start.elapsed().as_secs_f64())
 }
 
 /// Orders trials by validation NDCG@10, then HR@10.
@@ -236,4 +345,83 @@ fn better(a: &Trial, b: &Trial) -> std::cmp::Ordering {
     key(a)
         .partial_cmp(&key(b))
         .unwrap_or(std::cmp::Ordering::Equal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::Ranking;
+
+    fn scored(ndcg: f64) -> Metrics {
+        Metrics {
+            full: Ranking {
+                hr_at_10: ndcg * 2.0,
+                ndcg_at_10: ndcg,
+            },
+            ..Metrics::default()
+        }
+    }
+
+    /// Every setting at the first stage, the best third at each next one
+    /// with more rounds, then EASE; the best trial of any stage is chosen.
+    #[test]
+    fn halving_keeps_the_best_third_and_chooses_the_best_trial() {
+        let space = SearchConfig {
+            rounds: 16,
+            factors: vec![8, 16, 32],
+            confidence: vec![2.0, 5.0],
+            regularization: vec![0.1],
+            ease: true,
+        };
+        let mut halving = Halving::new(&space, &[100.0]);
+        assert_eq!(halving.stage_rounds(), &[2, 4, 8]);
+        // 6 settings, then 2, then 1, then one EASE trial.
+        let planned = halving.planned_trials();
+        assert_eq!(planned, 10);
+        let mut ran = Vec::new();
+        while let Some(t) = halving.next() {
+            // Validation favours 32 factors at confidence 5, more so with
+            // more rounds; EASE scores below the best ALS trial.
+            let score = match t.model {
+                "ease" => 0.01,
+                _ => {
+                    t.factors as f64 / 1000.0 * t.confidence as f64 / 5.0
+                        + f64::from(t.rounds) / 1000.0
+                }
+            };
+            ran.push(t);
+            halving.record(scored(score), 10);
+        }
+        assert_eq!(ran.len(), planned);
+        let stage = |s: usize| ran.iter().filter(|t| t.stage == s).count();
+        assert_eq!((stage(0), stage(1), stage(2), stage(3)), (6, 2, 1, 1));
+        // The best two of the first stage, best first, with more rounds.
+        let second: Vec<_> = ran[6..8].iter().map(|t| (t.factors, t.rounds)).collect();
+        assert_eq!(second, [(32, 4), (16, 4)]);
+        assert!(ran[6..8].iter().all(|t| t.confidence == 5.0));
+        assert_eq!(ran[9].model, "ease");
+        let report = halving.finish(1.0).unwrap();
+        assert_eq!(report.trials.len(), 10);
+        assert_eq!(report.device_rounds, 100);
+        let chosen = report.chosen.settings;
+        assert_eq!(
+            (
+                chosen.model,
+                chosen.factors,
+                chosen.confidence,
+                chosen.rounds
+            ),
+            ("als", 32, 5.0, 8)
+        );
+        let mut cfg = fedrec_coordinator::config::CoordinatorConfig::default();
+        chosen.apply(&mut cfg);
+        assert_eq!((cfg.model.factors, cfg.rounds.rounds), (32, 8));
+        assert_eq!(cfg.training.confidence, 5.0);
+        ran[9].apply(&mut cfg);
+        assert_eq!(
+            cfg.strategy.name,
+            fedrec_coordinator::config::StrategyName::Ease
+        );
+        assert_eq!(cfg.rounds.rounds, 1);
+    }
 }

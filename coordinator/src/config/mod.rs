@@ -38,6 +38,7 @@ mod auth;
 mod model;
 mod privacy;
 mod rounds;
+mod search;
 mod secure_aggregation;
 mod server;
 mod strategy;
@@ -48,6 +49,7 @@ pub use auth::*;
 pub use model::*;
 pub use privacy::*;
 pub use rounds::*;
+pub use search::*;
 pub use secure_aggregation::*;
 pub use server::*;
 pub use strategy::*;
@@ -84,6 +86,9 @@ pub struct CoordinatorConfig {
     pub download: DownloadConfig,
     /// `[upload]`: how devices send their updates in plain rounds.
     pub upload: UploadConfig,
+    /// `[search]`: what `[model] preset = "auto"` tries, and its budget
+    /// (read by the CLI, not the core).
+    pub search: SearchConfig,
 }
 
 fn secs(s: f64) -> Duration {
@@ -236,7 +241,33 @@ impl CoordinatorConfig {
         self.model.validate()?;
         self.validate_secure_aggregation()?;
         self.validate_privacy()?;
-        self.validate_async()
+        self.validate_async()?;
+        self.validate_search()
+    }
+
+    /// What the settings search needs: a budget that fits the devices'
+    /// bounds, rounds, and no privacy guarantee to spend.
+    fn validate_search(&self) -> Result<(), CoordinatorError> {
+        self.search.validate(&self.training)?;
+        if self.model.preset != Some(ModelPreset::Auto) {
+            return Ok(());
+        }
+        if self.privacy.enabled() {
+            return Err(invalid(
+                "model.preset = \"auto\" is refused under differential privacy: each of its \
+                 trials would spend privacy budget, and the accountant counts only the final \
+                 run; choose the settings by hand"
+                    .to_owned(),
+            ));
+        }
+        if self.rounds.mode == RoundsMode::Async {
+            return Err(invalid(
+                "model.preset = \"auto\" trains the ALS recipe, whose server step needs \
+                 synchronous rounds; use rounds.mode = \"sync\""
+                    .to_owned(),
+            ));
+        }
+        Ok(())
     }
 
     /// What asynchronous buffered aggregation cannot combine with, and why.

@@ -23,6 +23,11 @@ pub struct ModelConfig {
     pub init_std: f32,
     /// Seed of the initial parameters. Default [`DEFAULT_MODEL_SEED`].
     pub seed: u64,
+    /// `"auto"`: the coordinator chooses factors, confidence,
+    /// regularization and rounds itself, by the search of `[search]`,
+    /// before it trains. Default: unset (the settings as given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<ModelPreset>,
     /// Catalog size; unset = taken from the data set. Default: unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<usize>,
@@ -64,6 +69,7 @@ impl Default for ModelConfig {
             factors: DEFAULT_FACTORS,
             init_std: DEFAULT_INIT_STD,
             seed: DEFAULT_MODEL_SEED,
+            preset: None,
             items: None,
             max_bytes: DEFAULT_MODEL_MAX_BYTES,
         }

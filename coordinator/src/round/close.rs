@@ -75,14 +75,10 @@ impl RoundCore {
             return Some("no update to apply".to_owned());
         };
         let round = crate::strategy::Round {
-            lr_factor: self
-                .config
-                .strategy
-                .schedule
-                .factor(
-                    (number - self.run_start).into(),
-                    self.config.rounds.rounds.into(),
-                ),
+            lr_factor: self.config.strategy.schedule.factor(
+                (number - self.run_start).into(),
+                self.config.rounds.rounds.into(),
+            ),
             devices,
             joined: self.joined.len(),
             training: &self.config.training,

@@ -1498,7 +1498,10 @@ fn a_trial_waits_for_the_next_run_and_a_new_shape_follows() {
     let devices = join(&mut core, t0, 2);
     let tasks = check_in_all(&mut core, t0, &devices);
     assert_eq!(tasks.len(), 2);
-    assert!(tasks.iter().all(|(_, t)| t.validation), "trial tasks hold out");
+    assert!(
+        tasks.iter().all(|(_, t)| t.validation),
+        "trial tasks hold out"
+    );
     for (d, t) in &tasks {
         core.submit_update(t0, header(*d, t, 1, 2), &encode(&[1.0, 1.0]))
             .unwrap();
