@@ -39,17 +39,22 @@ pub fn write_model(
     model_version: u64,
 ) -> anyhow::Result<()> {
     let bytes = encode_model(layout, params, catalogue, model_version)?;
+    write_atomically(path, &bytes)
+        .with_context(|| format!("cannot write the model to {}", path.display()))
+}
+
+/// Replaces `path` with `bytes` through a temporary file beside it, flushed
+/// before it is renamed into place: a crash leaves the old file or the new
+/// one, never a mix.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write the model to {}", path.display()))?;
-    tmp.write_all(&bytes)
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write the model to {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write the model to {}", path.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 

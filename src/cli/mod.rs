@@ -1,6 +1,7 @@
 //! The commands of `fedrec`, one module each; `main.rs` parses and dispatches.
 
 pub(crate) mod args;
+pub(crate) mod auto;
 pub(crate) mod bench;
 pub(crate) mod client;
 pub(crate) mod data;

@@ -98,10 +98,14 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         catalogue,
         model,
     } = serve_model(cfg, args.config.as_deref(), args.catalogue.as_deref())?;
-    let params = {
-        use rand::SeedableRng;
-        model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.model.seed))
-    };
+    let (cfg, model, search) = super::auto::plan(
+        cfg,
+        model,
+        catalogue.len(),
+        args.config.as_deref(),
+        args.checkpoint.as_deref(),
+    )?;
+    let params = super::auto::initial_params(&cfg, model.as_ref());
     let listen = cfg.server.listen.clone();
     let session_ttl = cfg.auth.session_ttl_secs;
     let start = fedrec_coordinator::bootstrap::prepare(
@@ -136,6 +140,10 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let security = start.security;
     let (core, options) = (start.core, start.options);
+    let core = match &search {
+        Some(_) => core.into_trial(),
+        None => core,
+    };
     let encoding = core.config().download.encoding;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
@@ -172,12 +180,32 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let mut searching = search.map(|s| tokio::spawn(s.drive(handle.clone())));
+        let mut search_failed = None;
         service
             .serve(listener, async {
-                shutdown_signal().await;
-                eprintln!("shutting down");
+                let failed = async {
+                    match searching.as_mut() {
+                        Some(task) => match task.await {
+                            Ok(Ok(_)) => std::future::pending().await,
+                            Ok(Err(e)) => e,
+                            Err(e) => anyhow::Error::new(e),
+                        },
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = shutdown_signal() => eprintln!("shutting down"),
+                    e = failed => {
+                        eprintln!("the settings search failed, shutting down: {e:#}");
+                        search_failed = Some(e);
+                    }
+                }
             })
             .await?;
+        if let Some(e) = search_failed {
+            return Err(e.context("the settings search failed"));
+        }
         if let Some(metrics) = metrics {
             metrics.abort();
         }

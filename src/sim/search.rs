@@ -36,7 +36,7 @@
 use std::collections::VecDeque;
 
 use fedrec_coordinator::config::SearchConfig;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Observer, RunKind, SimConfig, run_cut};
 use crate::data::{Protocol, Stage};
@@ -49,13 +49,23 @@ pub const STAGE_ROUNDS: [f64; 3] = [0.125, 0.25, 0.5];
 /// Fewest rounds a trial trains.
 pub const MIN_STAGE_ROUNDS: u32 = 2;
 
+/// The model a trial trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchModel {
+    /// Matrix factorization by the ALS recipe.
+    Als,
+    /// Federated EASE (one round of co-purchases).
+    Ease,
+}
+
 /// What one trial trains.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrialSettings {
     /// The stage (0 first; EASE trials come after the ALS stages).
     pub stage: usize,
-    /// `"als"` or `"ease"`.
-    pub model: &'static str,
+    /// ALS or EASE.
+    pub model: SearchModel,
     /// ALS: latent factors (0 for EASE).
     pub factors: usize,
     /// ALS: confidence (0 for EASE).
@@ -73,7 +83,7 @@ impl TrialSettings {
     /// and one round, secure aggregation's range). Everything else (the
     /// server, sessions, deadlines, seeds) stays as it is.
     pub fn apply(&self, cfg: &mut fedrec_coordinator::config::CoordinatorConfig) {
-        if self.model == "ease" {
+        if self.model == SearchModel::Ease {
             let ease = super::ease_recipe(self.regularization);
             cfg.training = ease.training;
             cfg.strategy = ease.strategy;
@@ -152,7 +162,7 @@ impl Halving {
                 for &regularization in &space.regularization {
                     pending.push_back(TrialSettings {
                         stage: 0,
-                        model: "als",
+                        model: SearchModel::Als,
                         factors,
                         confidence,
                         regularization,
@@ -190,6 +200,19 @@ impl Halving {
         &self.stage_rounds
     }
 
+    /// The trials known before any has run: every setting of the first
+    /// stage, and the EASE trials.
+    pub fn candidates(&self) -> Vec<TrialSettings> {
+        let mut all: Vec<TrialSettings> = self.pending.iter().copied().collect();
+        let mut ease = self.clone();
+        ease.pending.clear();
+        while let Some(t) = ease.next() {
+            all.push(t);
+            ease.ease.pop_front();
+        }
+        all
+    }
+
     /// The next trial to run, or `None` when the search is done.
     pub fn next(&self) -> Option<TrialSettings> {
         if let Some(settings) = self.pending.front() {
@@ -197,7 +220,7 @@ impl Halving {
         }
         self.ease.front().map(|&lambda| TrialSettings {
             stage: self.stage_rounds.len(),
-            model: "ease",
+            model: SearchModel::Ease,
             factors: 0,
             confidence: 0.0,
             regularization: lambda,
@@ -248,7 +271,7 @@ impl Halving {
     ///
     /// # Errors
     /// When no trial ran.
-    pub fn finish(self, seconds: f64) -> anyhow::Result<SearchReport> {
+    pub fn finish(&self, seconds: f64) -> anyhow::Result<SearchReport> {
         let chosen = self
             .trials
             .iter()
@@ -259,10 +282,10 @@ impl Halving {
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("the search ran no trial"))?;
         Ok(SearchReport {
-            space: self.space,
-            stage_rounds: self.stage_rounds,
+            space: self.space.clone(),
+            stage_rounds: self.stage_rounds.clone(),
             device_rounds: self.trials.iter().map(|t| t.device_rounds).sum(),
-            trials: self.trials,
+            trials: self.trials.clone(),
             chosen,
             seconds,
         })
@@ -315,7 +338,7 @@ pub fn search(
     while let Some(t) = halving.next() {
         let mut trial_cfg = cfg.clone();
         t.apply(&mut trial_cfg.coordinator);
-        if t.model == "ease" {
+        if t.model == SearchModel::Ease {
             observer.phase(&format!(
                 "auto: federated EASE, lambda {}",
                 t.regularization
@@ -383,7 +406,7 @@ mod tests {
             // Validation favours 32 factors at confidence 5, more so with
             // more rounds; EASE scores below the best ALS trial.
             let score = match t.model {
-                "ease" => 0.01,
+                SearchModel::Ease => 0.01,
                 _ => {
                     t.factors as f64 / 1000.0 * t.confidence as f64 / 5.0
                         + f64::from(t.rounds) / 1000.0
@@ -399,7 +422,7 @@ mod tests {
         let second: Vec<_> = ran[6..8].iter().map(|t| (t.factors, t.rounds)).collect();
         assert_eq!(second, [(32, 4), (16, 4)]);
         assert!(ran[6..8].iter().all(|t| t.confidence == 5.0));
-        assert_eq!(ran[9].model, "ease");
+        assert_eq!(ran[9].model, SearchModel::Ease);
         let report = halving.finish(1.0).unwrap();
         assert_eq!(report.trials.len(), 10);
         assert_eq!(report.device_rounds, 100);
@@ -411,7 +434,7 @@ mod tests {
                 chosen.confidence,
                 chosen.rounds
             ),
-            ("als", 32, 5.0, 8)
+            (SearchModel::Als, 32, 5.0, 8)
         );
         let mut cfg = fedrec_coordinator::config::CoordinatorConfig::default();
         chosen.apply(&mut cfg);
