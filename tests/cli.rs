@@ -629,3 +629,104 @@ fn the_readme_async_rounds_block_is_valid() {
         fedrec_coordinator::config::RoundsMode::Async
     );
 }
+
+/// `[model] preset = "auto"` in `fedrec serve`: the coordinator runs its
+/// settings search against real device processes, which evaluate every
+/// trial on their own validation purchase (counts only), then trains the
+/// chosen settings; the devices follow the model's shape from trial to
+/// trial. The search's report is saved beside the checkpoint, and a
+/// restart takes the chosen settings from it instead of searching again.
+#[test]
+fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ds) = gen_data(dir.path());
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rounds]\nrounds = 3\nclients_per_round = 6\nmin_updates = 4\nseed = 1\n\n\
+             [model]\nitems = {}\npreset = \"auto\"\n\n\
+             [search]\nrounds = 4\nfactors = [4, 8]\nconfidence = [2.0]\n\
+             regularization = [0.1]\nease = false\n",
+            ds.n_items()
+        ),
+    )
+    .unwrap();
+    let checkpoint = dir.path().join("coordinator.ckpt");
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+    ];
+    let (mut serve, rx, addr, before) = start_serve(&args);
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("choosing the settings first, 4 trials")),
+        "{before:?}"
+    );
+    // No --factors: each device takes the coordinator's shape.
+    let clients: Vec<Child> = ds
+        .user_ids
+        .iter()
+        .map(|user| {
+            Command::new(BIN)
+                .args(["client", "--coordinator", &format!("http://{addr}")])
+                .args(["--user", user, "--data"])
+                .arg(&data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for trial in 1..=4 {
+        let line = expect_line(&rx, &format!("settings search: trial {trial} of 4"));
+        // "... (N devices with a validation purchase)"
+        let devices: u64 = line
+            .rsplit('(')
+            .next()
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(devices >= 4, "the devices evaluated the trial: {line}");
+    }
+    let done = expect_line(&rx, "settings search done");
+    assert!(done.contains("training ALS"), "{done}");
+    for client in clients {
+        let out = wait(client);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+    }
+    expect_line(&rx, "coordinator finished");
+    let saved = dir.path().join("coordinator.ckpt.search.json");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    let trials = report["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 4);
+    assert!(
+        trials
+            .iter()
+            .all(|t| t["validation"]["users"].as_u64() >= Some(4)),
+        "{trials:?}"
+    );
+    let chosen = &report["chosen"];
+    assert_eq!(chosen["model"], "als");
+    assert!(done.contains(&format!("{} factors", chosen["factors"])), "{done}");
+    drop(serve.take());
+
+    // A restart reads the chosen settings instead of searching again.
+    let (mut again, _rx, _addr, before) = start_serve(&args);
+    assert!(
+        before
+            .iter()
+            .any(|l| l.contains("settings chosen by the search saved in")),
+        "{before:?}"
+    );
+    assert!(
+        before.iter().any(|l| l.contains("resumed from")),
+        "{before:?}"
+    );
+    drop(again.take());
+}
