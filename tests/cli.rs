@@ -659,7 +659,7 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
         "--checkpoint",
         checkpoint.to_str().unwrap(),
     ];
-    let (mut serve, rx, addr, before) = start_serve(&args);
+    let (serve, rx, addr, before) = start_serve(&args);
     assert!(
         before
             .iter()
@@ -714,10 +714,10 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
     let chosen = &report["chosen"];
     assert_eq!(chosen["model"], "als");
     assert!(done.contains(&format!("{} factors", chosen["factors"])), "{done}");
-    drop(serve.take());
+    drop(serve);
 
     // A restart reads the chosen settings instead of searching again.
-    let (mut again, _rx, _addr, before) = start_serve(&args);
+    let (again, _rx, _addr, before) = start_serve(&args);
     assert!(
         before
             .iter()
@@ -728,5 +728,5 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
         before.iter().any(|l| l.contains("resumed from")),
         "{before:?}"
     );
-    drop(again.take());
+    drop(again);
 }
