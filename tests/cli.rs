@@ -713,7 +713,10 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
     );
     let chosen = &report["chosen"];
     assert_eq!(chosen["model"], "als");
-    assert!(done.contains(&format!("{} factors", chosen["factors"])), "{done}");
+    assert!(
+        done.contains(&format!("{} factors", chosen["factors"])),
+        "{done}"
+    );
     drop(serve);
 
     // A restart reads the chosen settings instead of searching again.

@@ -52,6 +52,11 @@ pub(crate) struct ServeArgs {
     /// (overrides auth.session_ttl_secs).
     #[arg(long, value_name = "SECS")]
     pub(crate) session_ttl: Option<f64>,
+    /// `auto`: choose the model's settings by federated evaluation on the
+    /// devices' validation purchases before training (overrides
+    /// model.preset; the search is `[search]` in the config).
+    #[arg(long, value_parser = parse_name::<fedrec_coordinator::config::ModelPreset>)]
+    pub(crate) preset: Option<fedrec_coordinator::config::ModelPreset>,
     /// Allow listening on a non-loopback address without TLS (pseudonyms and
     /// updates then cross the network in plain text).
     #[arg(long)]
@@ -71,6 +76,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(items) = args.items {
         cfg.model.items = Some(items);
+    }
+    if let Some(preset) = args.preset {
+        cfg.model.preset = Some(preset);
     }
     args.overrides.apply(&mut cfg);
     if let Some(cert) = &args.tls_cert {

@@ -83,7 +83,10 @@ impl SearchConfig {
                     ..*training
                 }
                 .validate()
-                .map_err(|e| invalid(format!("search: {e}")))?;
+                .map_err(|e| match e {
+                    CoordinatorError::InvalidConfig(m) => invalid(format!("search: {m}")),
+                    other => other,
+                })?;
             }
         }
         Ok(())

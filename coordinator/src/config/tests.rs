@@ -253,3 +253,30 @@ fn file_errors_name_the_file() {
         3
     );
 }
+
+#[test]
+fn the_settings_search_is_refused_where_it_cannot_run_and_checked() {
+    let err = |text: &str| {
+        CoordinatorConfig::from_toml_str(text)
+            .unwrap_err()
+            .to_string()
+    };
+    let auto = "[model]\npreset = \"auto\"\n";
+    let ok = CoordinatorConfig::from_toml_str(auto).unwrap();
+    assert_eq!(ok.model.preset, Some(ModelPreset::Auto));
+    assert_eq!(ok.search, SearchConfig::default());
+    let e = err(&format!(
+        "{auto}[strategy]\nweighting = \"uniform\"\n[privacy]\nmode = \"central\"\nsampling_rate = 0.1\n"
+    ));
+    assert!(e.contains("refused under differential privacy"), "{e}");
+    let e = err(&format!("{auto}[rounds]\nmode = \"async\"\n"));
+    assert!(e.contains("rounds.mode = \"sync\""), "{e}");
+    let e = err("[search]\nfactors = []\n");
+    assert!(e.contains("search.factors lists nothing"), "{e}");
+    let e = err("[search]\nconfidence = [0.0]\n");
+    assert!(e.contains("search: training.confidence"), "{e}");
+    let e = err("[search]\nrounds = 0\n");
+    assert!(e.contains("search.rounds"), "{e}");
+    let e = err("[model]\npreset = \"movielens\"\n");
+    assert!(e.contains("auto"), "{e}");
+}
