@@ -447,4 +447,22 @@ mod tests {
         );
         assert_eq!(cfg.rounds.rounds, 1);
     }
+
+    /// On the simulation's ALS recipe, an EASE trial's settings make
+    /// exactly the EASE recipe (so the search's figures did not move when
+    /// serve began to share it).
+    #[test]
+    fn an_ease_trial_on_the_als_recipe_is_the_ease_recipe() {
+        let mut cfg = super::super::als_recipe();
+        let t = TrialSettings {
+            stage: 3,
+            model: SearchModel::Ease,
+            factors: 0,
+            confidence: 0.0,
+            regularization: 200.0,
+            rounds: 1,
+        };
+        t.apply(&mut cfg);
+        assert_eq!(cfg, super::super::ease_recipe(200.0));
+    }
 }
