@@ -575,6 +575,11 @@ async fn fetch_model(
         .await
         .map_err(rpc("DownloadModel"))?
         .into_inner();
-    let values = crate::participant::receive_model(&mut stream, layout.clone()).await?;
+    let (_, values) = crate::participant::receive_model(
+        &mut stream,
+        layout.clone(),
+        crate::participant::OtherLayouts::Refused,
+    )
+    .await?;
     Ok((version, Some(values)))
 }

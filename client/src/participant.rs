@@ -27,6 +27,7 @@ use crate::connect::ConnectOptions;
 use crate::device::{Device, LocalUpdate};
 use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
+use crate::model;
 use crate::ranking::EvalCounts;
 use crate::task::{Task, TaskKind, TaskOutput};
 pub use crate::transparency::SentMessage;
@@ -403,7 +404,8 @@ impl Participant {
         if task.secure().is_some() {
             return self.do_secure_task(device, task).await;
         }
-        let global = match self.download(&device, task).await {
+        let mut device = device;
+        let global = match self.download(&mut device, task).await {
             Ok(global) => global,
             Err(e) => return TaskEnd::after(e).map(|end| (device, end)),
         };
@@ -434,7 +436,19 @@ impl Participant {
 
     /// Downloads the task's model version. Nothing is kept between tasks, so
     /// an idle device holds no copy of the model.
-    async fn download(&mut self, device: &Device, task: &Task) -> Result<Vec<f32>, ClientError> {
+    ///
+    /// The model's shape may change between tasks (the trials of the
+    /// coordinator's settings search, [`Task::validation`]): a download of
+    /// another layout that this SDK can build is adopted, the device's
+    /// model replaced and its private embedding started afresh at the new
+    /// size ([`adopt_layout`]), and the participant's
+    /// [`layout`](Self::layout) follows. A layout it cannot build is a
+    /// [`ClientError::ModelMismatch`], refused from the first chunk.
+    async fn download(
+        &mut self,
+        device: &mut Device,
+        task: &Task,
+    ) -> Result<Vec<f32>, ClientError> {
         let req = pb::ModelRequest {
             pseudonym: self.pseudonym.clone(),
             round: task.round(),
@@ -447,7 +461,15 @@ impl Participant {
             .await
             .map_err(rpc("DownloadModel"))?
             .into_inner();
-        receive_model(&mut stream, device.model().layout()).await
+        let (layout, values) = receive_model(
+            &mut stream,
+            device.model().layout(),
+            OtherLayouts::IfBuildable,
+        )
+        .await?;
+        adopt_layout(device, &layout)?;
+        self.layout = layout;
+        Ok(values)
     }
 
     async fn submit_update(
@@ -520,19 +542,107 @@ impl Upload {
     }
 }
 
+/// Which layouts a model download may have besides the one expected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OtherLayouts {
+    /// None: another layout is a [`ClientError::ModelMismatch`].
+    Refused,
+    /// Any this SDK can build a model for ([`model::for_layout`]); another
+    /// is a [`ClientError::ModelMismatch`] saying why.
+    IfBuildable,
+}
+
 /// Reads a model download to its end and decodes it, whatever the
-/// coordinator's encoding. A layout other than `layout` is a
-/// [`ClientError::ModelMismatch`]; a malformed or incomplete download a
-/// [`ClientError::Protocol`] naming the problem.
+/// coordinator's encoding; returns its layout and values. A layout other
+/// than `layout` is taken as `others` says; a malformed or incomplete
+/// download is a [`ClientError::Protocol`] naming the problem.
 pub(crate) async fn receive_model(
     stream: &mut tonic::Streaming<pb::ModelChunk>,
     layout: Layout,
-) -> Result<Vec<f32>, ClientError> {
-    let mut model = ModelAssembler::new(layout);
+    others: OtherLayouts,
+) -> Result<(Layout, Vec<f32>), ClientError> {
+    let mut download = Download::new(layout, others);
     while let Some(chunk) = stream.message().await.map_err(rpc("DownloadModel"))? {
-        model.add(&chunk).map_err(download_refused)?;
+        download.add(&chunk)?;
     }
-    model.finish().map_err(download_refused)
+    download.finish()
+}
+
+/// A model download being assembled: its layout is the expected one, or
+/// the one its first chunk carries when [`OtherLayouts`] allows it.
+struct Download {
+    expected: Layout,
+    others: OtherLayouts,
+    /// Made at the first chunk, in the layout chosen then.
+    model: Option<(Layout, ModelAssembler)>,
+}
+
+impl Download {
+    fn new(expected: Layout, others: OtherLayouts) -> Self {
+        Self {
+            expected,
+            others,
+            model: None,
+        }
+    }
+
+    /// Decodes the next chunk; the first one chooses the layout.
+    fn add(&mut self, chunk: &pb::ModelChunk) -> Result<(), ClientError> {
+        let (_, model) = match &mut self.model {
+            Some(model) => model,
+            None => {
+                let layout = self.layout_for(chunk)?;
+                self.model
+                    .insert((layout.clone(), ModelAssembler::new(layout)))
+            }
+        };
+        model.add(chunk).map_err(download_refused)
+    }
+
+    /// The layout to assemble a download starting with `first` in: the one
+    /// it carries if it is another the device may take, else the expected
+    /// one (which the assembler then holds it to).
+    fn layout_for(&self, first: &pb::ModelChunk) -> Result<Layout, ClientError> {
+        if first.offset != 0 || first.layout.is_empty() {
+            return Ok(self.expected.clone());
+        }
+        let got = Layout::from_pb(&first.layout);
+        if got == self.expected || self.others == OtherLayouts::Refused {
+            return Ok(self.expected.clone());
+        }
+        model::for_layout(&got).map_err(|e| match e {
+            ClientError::ModelMismatch(_) => e,
+            e => ClientError::ModelMismatch(format!(
+                "the coordinator's model ({got}) cannot be built on this device: {e}"
+            )),
+        })?;
+        Ok(got)
+    }
+
+    /// The layout and the values, once every value has arrived.
+    fn finish(self) -> Result<(Layout, Vec<f32>), ClientError> {
+        let (layout, model) = self
+            .model
+            .unwrap_or_else(|| (self.expected.clone(), ModelAssembler::new(self.expected)));
+        let values = model.finish().map_err(download_refused)?;
+        Ok((layout, values))
+    }
+}
+
+/// Makes `device` take a model downloaded in `layout`, if it is not its
+/// own: its model replaced by one built for `layout`, its private
+/// embedding started afresh at the new size, its catalogue kept
+/// ([`Device::adopt_shape`]). A layout the SDK cannot build, or whose items
+/// do not fit the catalogue or the stored purchases, is a
+/// [`ClientError::ModelMismatch`] and changes nothing.
+pub(crate) fn adopt_layout(device: &mut Device, layout: &Layout) -> Result<(), ClientError> {
+    if device.model().layout() == *layout {
+        return Ok(());
+    }
+    let catalogue = device.catalogue().cloned();
+    device.adopt_shape(layout, catalogue)?;
+    tracing::info!(%layout, "model shape changed by the coordinator; adopted");
+    Ok(())
 }
 
 /// The device's error for a download it cannot use.
@@ -572,5 +682,129 @@ mod tests {
         };
         let err = download_refused(ModelAssembler::new(layout).add(&other).unwrap_err());
         assert!(matches!(err, ClientError::ModelMismatch(_)), "{err}");
+    }
+
+    /// The chunks a coordinator sends for `values` laid out as `layout`:
+    /// the first carries the layout.
+    fn download_chunks(layout: &Layout, values: &[f32]) -> Vec<pb::ModelChunk> {
+        let mut chunks: Vec<pb::ModelChunk> = EncodedModel::new(values, Encoding::F32)
+            .chunks(256)
+            .collect();
+        assert!(chunks.len() > 1);
+        chunks[0].layout = layout.to_pb();
+        chunks
+    }
+
+    fn assemble(
+        expected: Layout,
+        others: OtherLayouts,
+        chunks: &[pb::ModelChunk],
+    ) -> Result<(Layout, Vec<f32>), ClientError> {
+        let mut download = Download::new(expected, others);
+        for chunk in chunks {
+            download.add(chunk)?;
+        }
+        download.finish()
+    }
+
+    fn federated_device(model: Arc<dyn crate::model::Model>) -> Device {
+        let mut device = Device::new(model, 3);
+        device
+            .set_consent(crate::consent::Consent::Federated)
+            .unwrap();
+        for (item, time) in [(1, 0), (4, 1), (7, 2)] {
+            device
+                .record(crate::store::Purchase::new(item, time, 1.0))
+                .unwrap();
+        }
+        device
+    }
+
+    #[test]
+    fn a_download_of_another_buildable_layout_is_adopted() {
+        use crate::model::{MatrixFactorization, Model};
+        use rand::SeedableRng;
+        let narrow = MatrixFactorization::new(20, 4, 0.1).unwrap();
+        let mut device = federated_device(Arc::new(narrow.clone()));
+        let before = device.private_embedding().to_vec();
+        assert_eq!(before.len(), 4);
+
+        // A trial of 16 factors, then one of federated EASE.
+        let wide = MatrixFactorization::new(20, 16, 0.1).unwrap();
+        let ease = crate::ease::Ease::new(20).unwrap();
+        for (model, private) in [
+            (&wide as &dyn Model, 16),
+            (
+                &ease as &dyn Model,
+                ease.init_private(&mut rand_chacha::ChaCha8Rng::seed_from_u64(1))
+                    .len(),
+            ),
+        ] {
+            let layout = model.layout();
+            let values = model.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(2));
+            let chunks = download_chunks(&layout, &values);
+            // The device's own layout is expected; the download's is taken.
+            let (got, global) =
+                assemble(device.model().layout(), OtherLayouts::IfBuildable, &chunks).unwrap();
+            assert_eq!((&got, &global), (&layout, &values));
+            // Where it is not allowed (the app's refresh), it is refused.
+            let err =
+                assemble(device.model().layout(), OtherLayouts::Refused, &chunks).unwrap_err();
+            assert!(matches!(err, ClientError::ModelMismatch(_)), "{err}");
+
+            adopt_layout(&mut device, &got).unwrap();
+            assert_eq!(device.model().layout(), layout);
+            assert_eq!(device.private_embedding().len(), private);
+            assert_eq!(device.store().items(), [1, 4, 7], "purchases kept");
+            let task = Task::for_tests(TaskKind::Train, 1);
+            let TaskOutput::Update(update) = device.run_task(&task, &global).unwrap() else {
+                panic!("a training task gives an update");
+            };
+            assert_eq!(update.delta.len(), values.len());
+        }
+
+        // The same layout again changes nothing.
+        let private = device.private_embedding().to_vec();
+        adopt_layout(&mut device, &ease.layout()).unwrap();
+        assert_eq!(device.private_embedding(), private.as_slice());
+    }
+
+    #[test]
+    fn a_download_of_a_layout_the_sdk_cannot_build_is_refused() {
+        use crate::model::{MatrixFactorization, Model};
+        let model = MatrixFactorization::new(20, 4, 0.1).unwrap();
+        let device = federated_device(Arc::new(model.clone()));
+        for (layout, says) in [
+            (
+                Layout::new(vec![("user_tower".into(), vec![20, 4])]),
+                "user_tower",
+            ),
+            (
+                Layout::new(vec![
+                    ("item_factors".into(), vec![20, 2000]),
+                    ("item_bias".into(), vec![20]),
+                ]),
+                "factors must be in 1..=1024",
+            ),
+        ] {
+            let values = vec![0.5; 600];
+            let err = assemble(
+                device.model().layout(),
+                OtherLayouts::IfBuildable,
+                &download_chunks(&layout, &values),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&err, ClientError::ModelMismatch(m) if m.contains(says)),
+                "{err}"
+            );
+        }
+        // And a buildable model whose items do not fit the stored purchases
+        // is refused when adopted, changing nothing.
+        let mut device = device;
+        let small = MatrixFactorization::new(5, 4, 0.1).unwrap().layout();
+        let err = adopt_layout(&mut device, &small).unwrap_err();
+        assert!(matches!(err, ClientError::ModelMismatch(_)), "{err}");
+        assert_eq!(device.model().layout(), model.layout());
     }
 }

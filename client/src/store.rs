@@ -286,6 +286,36 @@ impl PurchaseStore {
         items
     }
 
+    /// The device's own validation purchase, for the coordinator's settings
+    /// search ([`Task::validation`](crate::task::Task::validation)): among
+    /// the stored purchases that `exclusions` do not leave out, the most
+    /// recent purchase of an item not bought before it (the "discover"
+    /// question: which new item comes next). That is the item whose first
+    /// purchase in use is the latest, named by that first purchase; equal
+    /// times are broken by the smaller item index (whatever the recording
+    /// order). An excluded purchase is never chosen, and does not count as
+    /// an earlier purchase either: excluded purchases are as if never made.
+    ///
+    /// `None` with fewer than two distinct items in use: training without
+    /// the item would leave nothing to train on.
+    pub fn validation_purchase(&self, exclusions: &Exclusions) -> Option<PurchaseKey> {
+        let mut first: std::collections::BTreeMap<u32, i64> = std::collections::BTreeMap::new();
+        for p in self.purchases.iter().filter(|p| !exclusions.excludes(p)) {
+            first
+                .entry(p.item)
+                .and_modify(|t| *t = (*t).min(p.time))
+                .or_insert(p.time);
+        }
+        if first.len() < 2 {
+            return None;
+        }
+        // The latest first purchase; on equal times, the smaller item.
+        first
+            .into_iter()
+            .max_by_key(|&(item, time)| (time, std::cmp::Reverse(item)))
+            .map(|(item, time)| PurchaseKey { item, time })
+    }
+
     /// Whether a purchase named `key` is stored.
     pub fn contains(&self, key: PurchaseKey) -> bool {
         self.purchases.iter().any(|p| p.key() == key)
@@ -299,5 +329,48 @@ impl PurchaseStore {
     /// Whether nothing is stored.
     pub fn is_empty(&self) -> bool {
         self.purchases.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(purchases: &[(u32, i64)]) -> PurchaseStore {
+        let purchases = purchases
+            .iter()
+            .map(|&(item, time)| Purchase::new(item, time, 1.0))
+            .collect();
+        PurchaseStore::from_purchases(10, purchases).unwrap()
+    }
+
+    fn chosen(purchases: &[(u32, i64)]) -> Option<PurchaseKey> {
+        store(purchases).validation_purchase(&Exclusions::default())
+    }
+
+    #[test]
+    fn the_validation_purchase_is_the_latest_first_time_purchase() {
+        // The latest purchase is a repeat of item 1: not a new item. Item 2's
+        // first purchase (at 10) is the latest first purchase, whatever the
+        // recording order.
+        let key = PurchaseKey { item: 2, time: 10 };
+        assert_eq!(chosen(&[(1, 0), (3, 5), (2, 10), (1, 20)]), Some(key));
+        assert_eq!(chosen(&[(1, 20), (2, 10), (1, 0), (3, 5)]), Some(key));
+        // A second purchase of item 2 later does not make its first later.
+        assert_eq!(chosen(&[(1, 0), (3, 5), (2, 10), (2, 30)]), Some(key));
+        // Equal times: the smaller item, whatever the recording order.
+        let tie = Some(PurchaseKey { item: 4, time: 7 });
+        assert_eq!(chosen(&[(1, 0), (6, 7), (4, 7)]), tie);
+        assert_eq!(chosen(&[(4, 7), (1, 0), (6, 7)]), tie);
+    }
+
+    #[test]
+    fn a_history_of_fewer_than_two_items_has_no_validation_purchase() {
+        assert_eq!(chosen(&[]), None);
+        assert_eq!(chosen(&[(3, 0), (3, 5), (3, 9)]), None);
+        assert_eq!(
+            chosen(&[(3, 0), (8, 9)]),
+            Some(PurchaseKey { item: 8, time: 9 })
+        );
     }
 }

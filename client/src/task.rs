@@ -103,6 +103,7 @@ pub struct Task {
     secure: Option<SecureTask>,
     upload_encoding: Encoding,
     privacy: Option<PrivacyBudget>,
+    validation: bool,
 }
 
 impl Task {
@@ -161,6 +162,30 @@ impl Task {
     pub fn privacy(&self) -> Option<PrivacyBudget> {
         self.privacy
     }
+
+    /// Whether the task belongs to a trial run of the coordinator's
+    /// settings search (`[model] preset = "auto"`). The device then keeps
+    /// its own validation purchase out of the task: the latest purchase of
+    /// an item it had not bought before (see
+    /// [`PurchaseStore::validation_purchase`](crate::store::PurchaseStore::validation_purchase)).
+    /// Training (personalization and the update) runs on the history
+    /// without that item, and the evaluation (an evaluation task, or a
+    /// training task that also evaluates) ranks that item, with the items
+    /// trained on left out of the ranking; only the counts leave the
+    /// device. The held-out purchase an app or simulation set
+    /// ([`Device::hold_out`](crate::device::Device::hold_out)) is not used
+    /// and not changed.
+    ///
+    /// A device without such a purchase, or with fewer than two distinct
+    /// items in use, trains on its whole history as usual and reports no
+    /// evaluation counts.
+    ///
+    /// The model's shape may change from one trial to the next: the
+    /// participant adopts the layout the download carries (see
+    /// [`Device::adopt_shape`](crate::device::Device::adopt_shape)).
+    pub fn validation(&self) -> bool {
+        self.validation
+    }
 }
 
 /// A refused field of the wire task.
@@ -218,6 +243,7 @@ impl TryFrom<&pb::Task> for Task {
                 epsilon: p.epsilon,
                 delta: p.delta,
             }),
+            validation: task.validation,
         })
     }
 }
@@ -357,6 +383,7 @@ impl Task {
             secure: None,
             upload_encoding: Encoding::F32,
             privacy: None,
+            validation: false,
         }
     }
 
@@ -515,6 +542,16 @@ mod tests {
         // Read for training tasks only.
         w.kind = pb::TaskKind::Evaluate.into();
         assert!(Task::try_from(&w).unwrap().secure().is_none());
+    }
+
+    #[test]
+    fn the_validation_flag_is_read_for_every_kind() {
+        for kind in [pb::TaskKind::Train, pb::TaskKind::Evaluate] {
+            let mut w = wire(kind, pb::Loss::Bpr);
+            assert!(!Task::try_from(&w).unwrap().validation());
+            w.validation = true;
+            assert!(Task::try_from(&w).unwrap().validation());
+        }
     }
 
     fn device(model: &Arc<MatrixFactorization>) -> Device {

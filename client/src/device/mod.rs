@@ -38,7 +38,7 @@ use crate::exclusion::{Exclusion, ExclusionCell, Exclusions};
 use crate::model::{self, LocalTraining, Loss, MatrixFactorization, Model};
 use crate::ranking::{self, EvalCounts, HeldOut};
 use crate::retention::RetentionPolicy;
-use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseStore};
+use crate::store::{MAX_FUTURE_SECS, Purchase, PurchaseKey, PurchaseStore};
 use crate::transparency::{Ledger, TrainingReport};
 use crate::vault::Vault;
 
@@ -81,9 +81,12 @@ pub struct Device {
     pub(crate) ledger: Ledger,
     /// Where the device keeps its state; `None`: in memory only.
     pub(crate) vault: Option<Vault>,
-    /// Incremented whenever the private embedding must not be taken back
+    /// Replaced by a fresh value ([`fresh_generation`], unique in the
+    /// process) whenever the private embedding must not be taken back
     /// from a copy made before (`forget_me`, an exclusion, a new model
-    /// shape), so results computed on such a copy are not merged back.
+    /// shape), so results computed on such a copy are not merged back. A
+    /// copy that adopts another shape gets a fresh one too, so it never
+    /// matches its original's again.
     pub(crate) generation: u64,
     /// Whether `model` is the coordinator's (given by the app, or learned
     /// from the coordinator and stored); `false`: a placeholder until the
@@ -219,6 +222,19 @@ impl DeviceBuilder {
             catalogue,
         })
     }
+}
+
+/// Seed of the sampled competitors of a validation purchase, combined with
+/// its item (see [`Device::examples`]).
+const VALIDATION_SEED: u64 = 0x7a11_da7e_5eed_0001;
+
+/// A generation no device has had yet (see [`Device::generation`]): unique
+/// in the process, so that a copy that moved on (adopting another model
+/// shape) can never come back with the generation its original reached by
+/// other changes.
+fn fresh_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The model of a device that has not learned the coordinator's yet: one
@@ -379,7 +395,7 @@ impl Device {
         }
         if self.history() != before {
             // Copies made before must not hand back what they fitted.
-            self.generation += 1;
+            self.generation = fresh_generation();
             if self.fitted {
                 self.private = self.model.init_private(&mut self.rng);
                 self.fitted = false;
@@ -441,11 +457,23 @@ impl Device {
     /// the private embedding and the randomness and runs it again on the new
     /// history: the result is exactly what that history gives.
     fn on_history<T>(&mut self, mut f: impl FnMut(&mut Self, &[u32]) -> T) -> T {
+        self.on_examples(false, |device, history, _| f(device, history))
+    }
+
+    /// [`on_history`](Self::on_history) for a task: runs `f` on the history
+    /// it trains on and the purchase it evaluates on (see
+    /// [`examples`](Self::examples)), both read under the same exclusions.
+    fn on_examples<T>(
+        &mut self,
+        validation: bool,
+        mut f: impl FnMut(&mut Self, &[u32], Option<&HeldOut>) -> T,
+    ) -> T {
         let private = self.private.clone();
         let rng = self.rng.clone();
         loop {
-            let (history, version) = self.exclusions.with(|x| self.store.history(x));
-            let out = f(self, &history);
+            let ((history, held_out), version) =
+                self.exclusions.with(|x| self.examples(x, validation));
+            let out = f(self, &history, held_out.as_ref());
             if self.exclusions.version() == version {
                 self.fitted |= !history.is_empty();
                 return out;
@@ -454,6 +482,44 @@ impl Device {
             self.private.clone_from(&private);
             self.rng = rng.clone();
         }
+    }
+
+    /// What a task works on under `exclusions`: the history it trains on,
+    /// and the purchase it evaluates on. Without `validation`, the history
+    /// ([`PurchaseStore::history`]) and the held-out purchase set with
+    /// [`hold_out`](Self::hold_out). With it (a trial of the coordinator's
+    /// settings search, [`Task::validation`](crate::task::Task::validation)),
+    /// the device's own validation purchase
+    /// ([`PurchaseStore::validation_purchase`]) is taken out of the history,
+    /// every purchase of its item, and is what the task evaluates on, ranked
+    /// against the items not trained on; without one, the whole history and
+    /// nothing to evaluate on.
+    fn examples(&self, exclusions: &Exclusions, validation: bool) -> (Vec<u32>, Option<HeldOut>) {
+        let mut history = self.store.history(exclusions);
+        if !validation {
+            return (history, self.held_out);
+        }
+        let Some(key) = self.store.validation_purchase(exclusions) else {
+            return (history, None);
+        };
+        history.retain(|&item| item != key.item);
+        let held_out = HeldOut {
+            item: key.item,
+            exclude_history: true,
+            // The same competitors in every trial, so that trials compare.
+            candidate_seed: Some(VALIDATION_SEED ^ u64::from(key.item)),
+        };
+        (history, Some(held_out))
+    }
+
+    /// The device's own validation purchase under the exclusions in force
+    /// (see [`PurchaseStore::validation_purchase`]): what a task of the
+    /// coordinator's settings search holds out and evaluates on. `None`
+    /// with fewer than two distinct items in use.
+    pub fn validation_purchase(&self) -> Option<PurchaseKey> {
+        self.exclusions
+            .with(|x| self.store.validation_purchase(x))
+            .0
     }
 
     /// Drops the exclusions of single purchases no longer stored.
@@ -479,7 +545,7 @@ impl Device {
             erased_at: Some(self.clock.unix_now()),
             ..Ledger::default()
         };
-        self.generation += 1;
+        self.generation = fresh_generation();
         tracing::info!("stored data erased");
         self.persist()
     }
@@ -568,7 +634,7 @@ impl Device {
             self.store = store;
             self.fitted = false;
             self.shaped = true;
-            self.generation += 1;
+            self.generation = fresh_generation();
         } else if self.catalogue == catalogue {
             return Ok(false);
         }
@@ -625,7 +691,7 @@ impl Device {
     ) -> Result<LocalUpdate, ClientError> {
         self.ready_for_task(global)?;
         cfg.validate()?;
-        Ok(self.train_ready(global, cfg, evaluate))
+        Ok(self.train_ready(global, cfg, evaluate, false))
     }
 
     /// Whether the device may work for a coordinator now (federated
@@ -637,22 +703,30 @@ impl Device {
 
     /// [`train`](Self::train) once the device is
     /// [ready](Self::ready_for_task) and `cfg` is valid.
+    ///
+    /// With `validation`, on the history without the device's validation
+    /// purchase, which is what it evaluates (see [`examples`](Self::examples)).
     pub(crate) fn train_ready(
         &mut self,
         global: &[f32],
         cfg: &LocalTraining,
         evaluate: bool,
+        validation: bool,
     ) -> LocalUpdate {
         let start = self.clock.monotonic();
-        self.on_history(|device, history| device.train_on(global, cfg, evaluate, history, start))
+        self.on_examples(validation, |device, history, held_out| {
+            let held_out = if evaluate { held_out } else { None };
+            device.train_on(global, cfg, held_out, history, start)
+        })
     }
 
-    /// [`train`](Self::train) on `history`, checked, started at `start`.
+    /// [`train`](Self::train) on `history`, checked, started at `start`,
+    /// evaluating on `held_out` first if given.
     fn train_on(
         &mut self,
         global: &[f32],
         cfg: &LocalTraining,
-        evaluate: bool,
+        held_out: Option<&HeldOut>,
         history: &[u32],
         start: std::time::Duration,
     ) -> LocalUpdate {
@@ -683,11 +757,7 @@ impl Device {
                 1
             };
         }
-        let evaluation = if evaluate {
-            self.score_held_out(global, history)
-        } else {
-            None
-        };
+        let evaluation = self.score_held_out(global, history, held_out);
         let mut delta = if by_epoch {
             let mut local = global.to_vec();
             while report.train_epochs < cfg.local_epochs
@@ -758,19 +828,23 @@ impl Device {
     ) -> Result<Option<EvalCounts>, ClientError> {
         self.ready_for_task(global)?;
         cfg.validate()?;
-        Ok(self.evaluate_ready(global, cfg))
+        Ok(self.evaluate_ready(global, cfg, false))
     }
 
     /// [`evaluate`](Self::evaluate) once the device is
     /// [ready](Self::ready_for_task) and `cfg` is valid.
+    ///
+    /// With `validation`, on the device's validation purchase, fitted
+    /// without it (see [`examples`](Self::examples)).
     pub(crate) fn evaluate_ready(
         &mut self,
         global: &[f32],
         cfg: &LocalTraining,
+        validation: bool,
     ) -> Option<EvalCounts> {
-        self.on_history(|device, history| {
+        self.on_examples(validation, |device, history, held_out| {
             device.personalize_with(global, cfg, history);
-            device.score_held_out(global, history)
+            device.score_held_out(global, history, held_out)
         })
     }
 
@@ -794,16 +868,29 @@ impl Device {
 
     /// Scores of every item. Not kept: an idle device holds no per-item buffer.
     pub(crate) fn scores(&self, global: &[f32]) -> Vec<f32> {
+        self.scores_on(global, &self.history())
+    }
+
+    /// Scores of every item for a shopper with `history`.
+    fn scores_on(&self, global: &[f32], history: &[u32]) -> Vec<f32> {
         let mut scores = Vec::with_capacity(self.model.items());
         self.model
-            .score_all(global, &self.private, &self.history(), &mut scores);
+            .score_all(global, &self.private, history, &mut scores);
         scores
     }
 
-    fn score_held_out(&self, global: &[f32], history: &[u32]) -> Option<EvalCounts> {
+    /// The counts of `held_out` ranked by a shopper with `history` (the
+    /// items trained on); `None` without a held-out purchase.
+    fn score_held_out(
+        &self,
+        global: &[f32],
+        history: &[u32],
+        held_out: Option<&HeldOut>,
+    ) -> Option<EvalCounts> {
+        let held_out = held_out?;
         Some(rank_held_out(
-            &self.scores(global),
-            &self.held_out?,
+            &self.scores_on(global, history),
+            held_out,
             history,
         ))
     }
@@ -952,8 +1039,13 @@ impl Device {
     /// private embedding and its round records, unless the shopper erased
     /// their data or excluded purchases meanwhile (then only the round
     /// records, which say what left the device). Saves.
+    ///
+    /// A copy that adopted another model shape (a task's download of
+    /// another layout) hands back only its round records: its generation is
+    /// fresh, and its model is not the device's, which keeps its own until
+    /// it adopts another itself (the next join, [`adopt_shape`](Self::adopt_shape)).
     pub(crate) fn absorb(&mut self, copy: Device) -> Result<(), ClientError> {
-        if copy.generation == self.generation {
+        if copy.generation == self.generation && copy.model.layout() == self.model.layout() {
             self.private = copy.private;
             self.fitted |= copy.fitted;
         }
@@ -1718,5 +1810,267 @@ mod tests {
         }
         let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["exclusions"]["list"][2]["tag"], "medical");
+    }
+
+    /// A task of `kind` from the wire, evaluating first if `evaluate`, in
+    /// a trial of the settings search if `validation`.
+    fn wire_task(
+        kind: fedrec_proto::pb::TaskKind,
+        evaluate: bool,
+        validation: bool,
+    ) -> crate::task::Task {
+        use fedrec_proto::pb;
+        crate::task::Task::try_from(&pb::Task {
+            kind: kind.into(),
+            round: 1,
+            training: Some(pb::TrainingConfig {
+                local_epochs: 2,
+                learning_rate: 0.05,
+                negatives: 1,
+                confidence: 1.0,
+                evaluate,
+                ..Default::default()
+            }),
+            validation,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn update_of(out: crate::task::TaskOutput) -> LocalUpdate {
+        match out {
+            crate::task::TaskOutput::Update(update) => update,
+            other => panic!("a training task gives an update, got {other:?}"),
+        }
+    }
+
+    fn counts_of(out: crate::task::TaskOutput) -> Option<EvalCounts> {
+        match out {
+            crate::task::TaskOutput::Evaluation(counts) => counts,
+            other => panic!("an evaluation task gives counts, got {other:?}"),
+        }
+    }
+
+    /// A shopper whose latest purchase repeats item 1, and whose latest
+    /// first-time purchase is item 6 (bought again after).
+    fn trial_purchases() -> Vec<Purchase> {
+        vec![
+            at(1, T0),
+            at(2, T0 + 1),
+            at(3, T0 + 2),
+            at(6, T0 + 5),
+            at(6, T0 + 6),
+            at(1, T0 + 9),
+        ]
+    }
+
+    /// `global` with item `item`'s bias set to `bias`.
+    fn with_bias(global: &[f32], items: usize, item: u32, bias: f32) -> Vec<f32> {
+        let mut g = global.to_vec();
+        let at = g.len() - items + item as usize;
+        g[at] = bias;
+        g
+    }
+
+    #[test]
+    fn a_validation_task_trains_without_its_purchase_and_evaluates_it() {
+        use fedrec_proto::pb::TaskKind::{Evaluate, Train};
+        let model = mf(30);
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        let app_held = HeldOut {
+            item: 20,
+            exclude_history: true,
+            candidate_seed: Some(1),
+        };
+        let mut a = device_with(&model, &trial_purchases());
+        a.hold_out(app_held).unwrap();
+        assert_eq!(
+            a.validation_purchase(),
+            Some(PurchaseKey {
+                item: 6,
+                time: T0 + 5
+            })
+        );
+        // The same shopper had it never bought item 6, evaluated on item 6
+        // with the validation purchase's competitors.
+        let never: Vec<Purchase> = trial_purchases()
+            .into_iter()
+            .filter(|p| p.item != 6)
+            .collect();
+        let mut b = device_with(&model, &never);
+        b.hold_out(HeldOut {
+            item: 6,
+            exclude_history: true,
+            candidate_seed: Some(VALIDATION_SEED ^ 6),
+        })
+        .unwrap();
+
+        let ua = update_of(a.run_task(&wire_task(Train, true, true), &global).unwrap());
+        let ub = update_of(b.run_task(&wire_task(Train, true, false), &global).unwrap());
+        // Item 6's row (and every other value) is what it is for a shopper
+        // who never bought it; nothing else was trained on.
+        assert_eq!(ua.delta, ub.delta);
+        assert_eq!((ua.num_examples, ub.num_examples), (3, 3));
+        assert_eq!(a.private_embedding(), b.private_embedding());
+        assert!(ua.evaluation.is_some());
+        assert_eq!(ua.evaluation, ub.evaluation);
+        // Without validation, item 6 is trained on: another update.
+        let plain = update_of(
+            device_with(&model, &trial_purchases())
+                .run_task(&wire_task(Train, false, false), &global)
+                .unwrap(),
+        );
+        assert_eq!(plain.num_examples, 4);
+        assert_ne!(plain.delta, ub.delta);
+
+        // The counts are item 6's: first when its bias is high, out of the
+        // top 10 when it is low (whatever item 20 does).
+        let high = with_bias(&global, 30, 6, 50.0);
+        let counts = counts_of(
+            a.run_task(&wire_task(Evaluate, false, true), &high)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (counts.users, counts.hits_full, counts.ndcg_full),
+            (1, 1.0, 1.0)
+        );
+        assert_eq!((counts.hits_sampled, counts.ndcg_sampled), (1.0, 1.0));
+        let low = with_bias(&global, 30, 6, -50.0);
+        let counts =
+            counts_of(a.run_task(&wire_task(Evaluate, false, true), &low).unwrap()).unwrap();
+        assert_eq!((counts.hits_full, counts.ndcg_full), (0.0, 0.0));
+        // An evaluation task gives what evaluating item 6 gives.
+        assert_eq!(
+            Some(counts),
+            counts_of(
+                b.run_task(&wire_task(Evaluate, false, false), &low)
+                    .unwrap()
+            )
+        );
+
+        // The app's held-out purchase (item 20) is untouched, and used
+        // without validation: with item 20 first and item 6 last, a trial
+        // misses, a plain evaluation hits at rank 0.
+        assert_eq!(a.held_out, Some(app_held));
+        let twenty_first = with_bias(&low, 30, 20, 50.0);
+        let trial = counts_of(
+            a.run_task(&wire_task(Evaluate, false, true), &twenty_first)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((trial.hits_full, trial.ndcg_full), (0.0, 0.0));
+        let plain = counts_of(
+            a.run_task(&wire_task(Evaluate, false, false), &twenty_first)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!((plain.hits_full, plain.ndcg_full), (1.0, 1.0));
+    }
+
+    #[test]
+    fn excluded_purchases_are_never_the_validation_purchase() {
+        use fedrec_proto::pb::TaskKind::Train;
+        let model = mf(30);
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        let key = |item, time| Some(PurchaseKey { item, time });
+        let mut d = device_with(&model, &trial_purchases());
+        d.record(tagged(9, T0 + 8, "gift")).unwrap();
+        assert_eq!(d.validation_purchase(), key(9, T0 + 8));
+        d.exclude(Exclusion::tag("gift").unwrap()).unwrap();
+        assert_eq!(d.validation_purchase(), key(6, T0 + 5));
+        // An excluded purchase is as if never made: the next purchase of
+        // its item is then the first.
+        let first = Exclusion::Purchase(PurchaseKey {
+            item: 6,
+            time: T0 + 5,
+        });
+        d.exclude(first.clone()).unwrap();
+        assert_eq!(d.validation_purchase(), key(6, T0 + 6));
+        d.include(first).unwrap();
+        d.exclude(Exclusion::Item(6)).unwrap();
+        assert_eq!(d.validation_purchase(), key(3, T0 + 2));
+
+        // A trial then trains on items 1 and 2 only (6 excluded, 3 held out).
+        let update = update_of(d.run_task(&wire_task(Train, false, true), &global).unwrap());
+        let mut r = device_with(&model, &[at(1, T0), at(2, T0 + 1), at(1, T0 + 9)]);
+        let reference = update_of(
+            r.run_task(&wire_task(Train, false, false), &global)
+                .unwrap(),
+        );
+        assert_eq!(update.num_examples, 2);
+        assert_eq!(update.delta, reference.delta);
+
+        // One item left in use: no validation purchase.
+        d.exclude(Exclusion::Item(1)).unwrap();
+        d.exclude(Exclusion::Item(2)).unwrap();
+        assert_eq!(d.history(), [3]);
+        assert_eq!(d.validation_purchase(), None);
+    }
+
+    #[test]
+    fn without_a_validation_purchase_a_trial_trains_as_usual_and_reports_no_counts() {
+        use fedrec_proto::pb::TaskKind::{Evaluate, Train};
+        let model = mf(30);
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        let one_item = [at(3, T0), at(3, T0 + 4)];
+        let held = HeldOut {
+            item: 20,
+            exclude_history: true,
+            candidate_seed: Some(1),
+        };
+        let mut a = device_with(&model, &one_item);
+        a.hold_out(held).unwrap();
+        assert_eq!(a.validation_purchase(), None);
+        let trial = update_of(a.run_task(&wire_task(Train, true, true), &global).unwrap());
+        let mut b = device_with(&model, &one_item);
+        b.hold_out(held).unwrap();
+        let usual = update_of(b.run_task(&wire_task(Train, true, false), &global).unwrap());
+        assert_eq!(trial.delta, usual.delta);
+        assert_eq!(trial.num_examples, 1);
+        // Not the app's held-out purchase either: no counts at all.
+        assert!(usual.evaluation.is_some());
+        assert_eq!(trial.evaluation, None);
+        assert_eq!(
+            counts_of(
+                a.run_task(&wire_task(Evaluate, false, true), &global)
+                    .unwrap()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn a_copy_of_another_shape_hands_back_no_private_embedding() {
+        let model = mf(30);
+        let mut app = device_with(&model, &trial_purchases());
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(4));
+        app.train(&global, &LocalTraining::default(), false)
+            .unwrap();
+
+        // The copy adopts a model of 8 factors (a trial) and trains on it;
+        // meanwhile the app's device changes once (an exclusion of an item
+        // bought), as the copy's did (the new shape).
+        let mut copy = app.working_copy();
+        let wide = MatrixFactorization::new(30, 8, 0.1).unwrap();
+        assert!(copy.adopt_shape(&wide.layout(), None).unwrap());
+        let wide_global = wide.init_global(&mut ChaCha8Rng::seed_from_u64(5));
+        copy.train(&wide_global, &LocalTraining::default(), false)
+            .unwrap();
+        assert_eq!(copy.private_embedding().len(), 8);
+        app.exclude(Exclusion::Item(2)).unwrap();
+        let before = app.private_embedding().to_vec();
+        app.absorb(copy).unwrap();
+        assert_eq!(app.private_embedding(), before.as_slice());
+        assert_eq!(app.model().layout(), model.layout());
+
+        // Unchanged on both sides, a copy's embedding is taken back.
+        let mut copy = app.working_copy();
+        copy.train(&global, &LocalTraining::default(), false)
+            .unwrap();
+        let trained = copy.private_embedding().to_vec();
+        assert_ne!(trained, before);
+        app.absorb(copy).unwrap();
+        assert_eq!(app.private_embedding(), trained.as_slice());
     }
 }

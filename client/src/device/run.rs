@@ -11,7 +11,10 @@ impl Device {
     /// device's whole part of a round, without I/O. A training task fits the
     /// private embedding, evaluates if asked, trains, and applies the task's
     /// differential privacy to the update; an evaluation task fits the
-    /// private embedding and ranks the held-out purchase.
+    /// private embedding and ranks the held-out purchase. A task of the
+    /// coordinator's settings search ([`Task::validation`]) holds out the
+    /// device's own validation purchase instead (see
+    /// [`Device::validation_purchase`]).
     ///
     /// Needs [`Consent::Federated`](crate::consent::Consent::Federated);
     /// refuses parameters that do not fit the device's model. Honours the
@@ -21,11 +24,14 @@ impl Device {
     pub fn run_task(&mut self, task: &Task, global: &[f32]) -> Result<TaskOutput, ClientError> {
         self.ready_for_task(global)?;
         Ok(match task.kind() {
-            TaskKind::Evaluate => {
-                TaskOutput::Evaluation(self.evaluate_ready(global, task.training()))
-            }
+            TaskKind::Evaluate => TaskOutput::Evaluation(self.evaluate_ready(
+                global,
+                task.training(),
+                task.validation(),
+            )),
             TaskKind::Train => {
-                let mut update = self.train_ready(global, task.training(), task.evaluate());
+                let mut update =
+                    self.train_ready(global, task.training(), task.evaluate(), task.validation());
                 if let Some(spec) = task.dp() {
                     update.within_clip = privacy::privatize(&mut update.delta, spec, &mut self.rng);
                 }

@@ -88,7 +88,8 @@ impl Participant {
         if let Err(e) = self.client.sec_agg_advertise(request).await {
             return self.give_up(device, round, rpc("SecAggAdvertise")(e).into());
         }
-        let global = match self.download(&device, task).await {
+        let mut device = device;
+        let global = match self.download(&mut device, task).await {
             Ok(global) => global,
             Err(e) => return self.give_up(device, round, e.into()),
         };
