@@ -479,7 +479,12 @@ impl Client {
         let mut local = self.local();
         local.device.note_sent(&sent)?;
         let (version, params) = match result? {
-            (version, Some(params)) => (version, params),
+            (version, Some((layout, params))) => {
+                // The coordinator's settings search may have changed the
+                // model's shape since the device joined.
+                crate::participant::adopt_layout(&mut local.device, &layout)?;
+                (version, params)
+            }
             (version, None) => return Ok(version),
         };
         tracing::debug!(model_version = version, "global model downloaded");
@@ -535,7 +540,8 @@ impl Local {
 }
 
 /// Downloads the current model: a status request for its version, then the
-/// chunked download, unless that version is `held` already (`None` then).
+/// chunked download (in its layout: another buildable one than `layout` is
+/// taken), unless that version is `held` already (`None` then).
 /// Logs every request it sends in `sent`.
 async fn fetch_model(
     raw: &mut CoordinatorClient<Channel>,
@@ -543,7 +549,7 @@ async fn fetch_model(
     layout: &Layout,
     held: Option<u64>,
     sent: &mut Vec<SentMessage>,
-) -> Result<(u64, Option<Vec<f32>>), ClientError> {
+) -> Result<(u64, Option<(Layout, Vec<f32>)>), ClientError> {
     let rpc = |request: &'static str| move |status| ClientError::Rpc { request, status };
     let req = pb::StatusRequest {};
     sent.push(SentMessage {
@@ -575,11 +581,11 @@ async fn fetch_model(
         .await
         .map_err(rpc("DownloadModel"))?
         .into_inner();
-    let (_, values) = crate::participant::receive_model(
+    let model = crate::participant::receive_model(
         &mut stream,
         layout.clone(),
-        crate::participant::OtherLayouts::Refused,
+        crate::participant::OtherLayouts::IfBuildable,
     )
     .await?;
-    Ok((version, Some(values)))
+    Ok((version, Some(model)))
 }

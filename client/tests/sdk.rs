@@ -693,3 +693,62 @@ async fn the_device_joins_again_after_every_refused_session() {
     assert_eq!(running.received("Join").0, 4);
     running.stop().await;
 }
+
+/// After the coordinator's settings search changed the model's shape (a
+/// trial of 4 factors, then a final run of 8), an app's model refresh takes
+/// the new shape: the device's model and private embedding follow, and
+/// recommendations work on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_refresh_follows_a_new_shape() {
+    use fedrec_coordinator::round::RoundCore;
+    let small = common::model(40, 4);
+    let mut cfg = common::config(1, 1);
+    cfg.rounds.final_evaluation = false;
+    let running = common::start(cfg.clone(), &small, 1).await;
+    running
+        .handle
+        .with_core(|core| {
+            let placeholder = RoundCore::new(
+                Default::default(),
+                Layout::new(vec![("b".into(), vec![1])]),
+                vec![0.0],
+            )
+            .unwrap();
+            *core = std::mem::replace(core, placeholder).into_trial();
+        })
+        .unwrap();
+    let client = Client::builder(Arc::clone(&small)).seed(5).open().unwrap();
+    client.set_consent(Consent::Federated).unwrap();
+    for item in 0..6 {
+        client.record(purchase(item)).unwrap();
+    }
+    common::within("connect", client.connect(&running.endpoint))
+        .await
+        .unwrap();
+    common::within("trial", client.participate()).await.unwrap();
+    let mut rx = running.handle.subscribe();
+    common::within("trial end", rx.wait_for(|p| p.status.between_runs))
+        .await
+        .unwrap();
+    let large = common::model(40, 8);
+    let params = {
+        use rand::SeedableRng;
+        large.init_global(&mut rand_chacha::ChaCha8Rng::seed_from_u64(2))
+    };
+    let valid = cfg.validated().unwrap();
+    running
+        .handle
+        .with_core(|core| {
+            core.start_run(std::time::Instant::now(), valid, large.layout(), params, false)
+        })
+        .unwrap()
+        .unwrap();
+    let version = common::within("model", client.refresh_model())
+        .await
+        .unwrap();
+    assert_eq!(version, 3, "the final run's first version");
+    assert_eq!(client.with_device(|d| d.model().layout()), large.layout());
+    assert_eq!(client.with_device(|d| d.private_embedding().len()), 8);
+    assert_eq!(client.recommend(5).unwrap().items.len(), 5);
+    running.stop().await;
+}
