@@ -739,7 +739,13 @@ async fn a_model_refresh_follows_a_new_shape() {
     running
         .handle
         .with_core(|core| {
-            core.start_run(std::time::Instant::now(), valid, large.layout(), params, false)
+            core.start_run(
+                std::time::Instant::now(),
+                valid,
+                large.layout(),
+                params,
+                false,
+            )
         })
         .unwrap()
         .unwrap();
