@@ -31,6 +31,8 @@
 //!         previous: current,
 //!         version: current.map_or(1, |v| v + 1),
 //!         params: &params,
+//!         m: &[],
+//!         v: &[],
 //!         summary: None,
 //!         privacy: None,
 //!     })

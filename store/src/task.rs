@@ -31,6 +31,11 @@ pub struct NewVersion<'a> {
     pub version: u64,
     /// The new parameters.
     pub params: &'a [f32],
+    /// The server optimizer's first moments after the round (empty without
+    /// a server optimizer).
+    pub m: &'a [f32],
+    /// The server optimizer's second moments (empty without one).
+    pub v: &'a [f32],
     /// The ended round, appended to the history.
     pub summary: Option<&'a RoundSummary>,
     /// The privacy accountant's state after the round.
@@ -244,6 +249,11 @@ impl Store {
             .during("starting the import")?;
         let (num_values, current) = lock_task(&tx, task).await?;
         check_len(task, num_values, &checkpoint.params)?;
+        for moments in [&checkpoint.m, &checkpoint.v] {
+            if !moments.is_empty() {
+                check_len(task, num_values, moments)?;
+            }
+        }
         if let Some(stored) = current.filter(|v| *v > checkpoint.model_version) {
             return Err(StoreError::NewerInStore {
                 task: task.to_owned(),
@@ -407,7 +417,12 @@ impl Store {
             });
         }
         check_len(task, num_values, new.params)?;
-        write_version(&tx, task, version, new.params, &[], &[]).await?;
+        for moments in [new.m, new.v] {
+            if !moments.is_empty() {
+                check_len(task, num_values, moments)?;
+            }
+        }
+        write_version(&tx, task, version, new.params, new.m, new.v).await?;
         if let Some(summary) = new.summary {
             let row = tx
                 .query_one(

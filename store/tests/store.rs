@@ -239,6 +239,8 @@ async fn a_stale_commit_is_refused_and_changes_nothing() {
                 previous: None,
                 version: 1,
                 params: &first,
+                m: &[],
+                v: &[],
                 summary: Some(&summary(1, 1)),
                 privacy: Some(&privacy(1)),
             },
@@ -249,10 +251,13 @@ async fn a_stale_commit_is_refused_and_changes_nothing() {
     let second = vec![2.0; 9];
     let stale = vec![3.0; 9];
     let (summary2, privacy2) = (summary(2, 2), privacy(2));
+    let moments = vec![0.5; 9];
     let commit = |previous, version, params| NewVersion {
         previous,
         version,
         params,
+        m: &moments,
+        v: &moments,
         summary: Some(&summary2),
         privacy: Some(&privacy2),
     };
@@ -288,6 +293,10 @@ async fn a_stale_commit_is_refused_and_changes_nothing() {
     let model = store.latest("shop").await.unwrap().unwrap();
     assert_eq!(model.version, 2);
     assert_eq!(bits(&model.params), bits(winner));
+    assert_eq!(
+        (model.m.clone(), model.v.clone()),
+        (moments.clone(), moments.clone())
+    );
     assert_eq!(
         store.history("shop").await.unwrap(),
         vec![summary(1, 1), summary(2, 2)]
