@@ -65,12 +65,16 @@ CREATE TABLE run_state (
 
 -- Joined devices: a pseudonym (hex) is the device's session credential, so
 -- any replica can serve it. `expires` NULL: no expiry recorded (imported from
--- a checkpoint, which keeps none); the serving replica sets it.
+-- a checkpoint, which keeps none); the serving replica sets it. `token` is
+-- the SHA-256 digest (hex) of the enrollment token the device joined with
+-- (NULL without [auth] or when imported), to count a token's live sessions.
 CREATE TABLE session (
     task      text NOT NULL REFERENCES task (name) ON DELETE CASCADE,
     pseudonym text NOT NULL,
+    token     text,
     expires   timestamptz,
     created   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (task, pseudonym)
 );
 CREATE INDEX session_expires ON session (expires);
+CREATE INDEX session_token ON session (task, token);

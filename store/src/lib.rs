@@ -50,7 +50,10 @@
 //! | `round_summary` | (task, seq) | round number, model version, the [`RoundSummary`] as JSON |
 //! | `privacy_state` | task | the [`PrivacyState`] (ledger, clip) as JSON, as of a model version |
 //! | `run_state` | task | a checkpoint's round counters as JSON |
-//! | `session` | (task, pseudonym) | a joined device's session, its expiry |
+//! | `session` | (task, pseudonym) | a joined device's session: its enrollment token's digest, its expiry |
+//!
+//! A model version is one `bytea` value, so at most 1 GiB: 256 M parameters,
+//! far beyond today's models; a chunked table would lift that in a migration.
 //!
 //! `task.current_version` moves only through `UPDATE … WHERE current_version
 //! IS NOT DISTINCT FROM <expected>`: PostgreSQL locks the row, so of two
