@@ -10,7 +10,10 @@
 #   bindings load the library with; a Java runtime (`java`, 11 or newer);
 # - clang, the C cross compiler ring's build script uses for the Android and
 #   iOS targets (see docs/mobile.md);
-# - the rustup targets of the mobile checks.
+# - the rustup targets of the mobile checks;
+# - PostgreSQL (Debian's `postgresql`: initdb, pg_ctl, createdb), which the
+#   store's tests (store/tests) start on a temporary directory; found through
+#   `pg_config --bindir` (the tests never use a cluster the package may set up).
 #
 #   scripts/setup.sh            # everything
 #   scripts/setup.sh --no-apt   # skip apt-get (not root, or already there)
@@ -34,6 +37,9 @@ if (( apt )); then
     [[ -f /usr/share/java/jna.jar ]] || missing+=(libjna-java)
     command -v clang >/dev/null || missing+=(clang)
     command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+    if ! command -v pg_config >/dev/null || [[ ! -x "$(pg_config --bindir)/initdb" ]]; then
+        missing+=(postgresql)
+    fi
     if (( ${#missing[@]} )); then
         echo "setup: apt-get install ${missing[*]}"
         apt-get update -qq

@@ -1,0 +1,207 @@
+//! The coordinator's shared state on PostgreSQL: the foundation of the
+//! replicated coordinator (`fedrec serve --store postgres://…`).
+//!
+//! A single coordinator keeps its state in a checkpoint file
+//! ([`fedrec_coordinator::checkpoint`]). Replicas instead share one
+//! PostgreSQL, which gives them consensus and durability: this crate holds
+//! the schema, its migrations, and the few transactions the replicas build on.
+//!
+//! # How the pieces fit
+//!
+//! - [`Store::connect`] opens a connection and brings the schema up to date
+//!   ([`migrate`]: versioned migrations embedded in the build, applied under
+//!   an advisory lock, refused when the store is newer than the build).
+//! - [`Store::open_task`] creates a task with its model layout, or checks
+//!   that the stored one has the same shape.
+//! - [`Store::import_checkpoint`] moves a single coordinator's checkpoint
+//!   into the store; [`Store::latest`] reads the current model back.
+//! - [`Store::commit_version`] is the "applied exactly once" primitive: a new
+//!   model version, its round summary and the accountant's state, written in
+//!   one transaction that checks the version it replaces.
+//!
+//! ```no_run
+//! # async fn demo(layout: fedrec_proto::Layout, params: Vec<f32>) -> Result<(), fedrec_store::StoreError> {
+//! use fedrec_store::{NewVersion, Store};
+//!
+//! let mut store = Store::connect("postgres://fedrec@db.internal/fedrec").await?;
+//! store.open_task("shop", &layout).await?;
+//! let current = store.latest("shop").await?.map(|m| m.version);
+//! store
+//!     .commit_version("shop", &NewVersion {
+//!         previous: current,
+//!         version: current.map_or(1, |v| v + 1),
+//!         params: &params,
+//!         m: &[],
+//!         v: &[],
+//!         summary: None,
+//!         privacy: None,
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # The schema (version 1, `migrations/0001_init.sql`)
+//!
+//! | table | one row per | holds |
+//! |---|---|---|
+//! | `schema_version` | applied migration | version, name, when |
+//! | `task` | task | name, layout (JSON), number of values (the shape check), `current_version` (the head), created |
+//! | `model_version` | (task, version) | params (little-endian `f32`, bytea), the server optimizer's moments, created |
+//! | `round_summary` | (task, seq) | round number, model version, the [`RoundSummary`] as JSON |
+//! | `privacy_state` | task | the [`PrivacyState`] (ledger, clip) as JSON, as of a model version |
+//! | `run_state` | task | a checkpoint's round counters as JSON |
+//! | `session` | (task, pseudonym) | a joined device's session: its enrollment token's digest, its expiry |
+//!
+//! A model version is one `bytea` value, so at most 1 GiB: 256 M parameters,
+//! far beyond today's models; a chunked table would lift that in a migration.
+//!
+//! `task.current_version` moves only through `UPDATE … WHERE current_version
+//! IS NOT DISTINCT FROM <expected>`: PostgreSQL locks the row, so of two
+//! commits naming the same previous version exactly one succeeds; the other
+//! gets [`StoreError::StaleVersion`] and writes nothing.
+//!
+//! # What later slices add
+//!
+//! - a leader lease per task (a session advisory lock held by the leading
+//!   replica, so exactly one replica closes rounds; followers serve devices);
+//! - partial sums: each replica folds its own devices' updates and writes
+//!   the sum for the round, the leader combines them before committing;
+//! - sessions in the store, so any replica serves any device;
+//! - a connection pool (methods here take `&mut self` on one connection).
+//!
+//! Tests run against a real PostgreSQL started by `fedrec_store::testing`
+//! (feature `testing`: `initdb` on a temporary directory, a free port).
+
+mod error;
+pub mod migrate;
+mod task;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::time::Duration;
+
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+pub use error::StoreError;
+pub use fedrec_coordinator::checkpoint::{Checkpoint, PrivacyState};
+pub use fedrec_coordinator::history::RoundSummary;
+pub use migrate::SCHEMA_VERSION;
+pub use task::{Model, NewVersion};
+
+/// How long [`Store::connect`] waits for the server when the URL sets no
+/// `connect_timeout`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to the store, its schema current.
+pub struct Store {
+    client: Client,
+    target: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Connects to the PostgreSQL at `url` (`postgres://user:password@host:port/database`,
+    /// or libpq's `key=value` form; no TLS) and migrates its schema to
+    /// [`SCHEMA_VERSION`]. Errors say what failed (unreachable, login,
+    /// database, schema too new) and name the server without the password.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::InvalidUrl(e.to_string()))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let target = describe(&config);
+        let (mut client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| connect_error(&target, e))?;
+        let log_target = target.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(store = %log_target, error = %e, "store connection lost");
+            }
+        });
+        migrate::migrate(&mut client).await?;
+        Ok(Self { client, target })
+    }
+
+    /// The server, as `user@host:port/database`.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The schema version recorded in the store.
+    pub async fn schema_version(&self) -> Result<i32, StoreError> {
+        migrate::schema_version(&self.client).await
+    }
+}
+
+/// `user@host:port/database`, from the parsed configuration (never the
+/// password).
+fn describe(config: &Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let host = match h {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => format!("{host}:5432"),
+            }
+        })
+        .collect();
+    format!(
+        "{}@{}/{}",
+        config.get_user().unwrap_or("?"),
+        hosts.join(","),
+        config.get_dbname().or(config.get_user()).unwrap_or("?")
+    )
+}
+
+/// Sorts a connection failure into what the operator has to fix.
+fn connect_error(target: &str, e: tokio_postgres::Error) -> StoreError {
+    let target = target.to_owned();
+    if let Some(db) = e.as_db_error() {
+        let message = db.message().to_owned();
+        let code = db.code();
+        return if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            StoreError::Auth { target, message }
+        } else {
+            StoreError::Connect { target, message }
+        };
+    }
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return StoreError::Unreachable {
+                target,
+                message: io.to_string(),
+            };
+        }
+        source = s.source();
+    }
+    let message = e.to_string();
+    if message.contains("timeout") || message.contains("timed out") {
+        StoreError::Unreachable { target, message }
+    } else if message.contains("password") {
+        StoreError::Auth { target, message }
+    } else {
+        StoreError::Connect { target, message }
+    }
+}
