@@ -34,6 +34,10 @@ enum Command {
     /// Write the global model of a `serve --checkpoint` file for serving
     /// (safetensors: item ids, embeddings, biases).
     Export(ExportArgs),
+    /// Import a `serve --checkpoint` file into a PostgreSQL store (the
+    /// replicated coordinator's shared state; its schema is created or
+    /// upgraded).
+    StoreImport(StoreImportArgs),
     /// Write the leave-one-out split (training pairs, held-out items and the
     /// sampled candidates) for comparing external baselines on it.
     Split(SplitArgs),
@@ -106,6 +110,7 @@ fn run() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Client(args) => client(args),
         Command::Export(args) => export(args),
+        Command::StoreImport(args) => store_import(args),
         Command::Split(args) => split(args),
         Command::FitRepeat(args) => fit_repeat(args),
         Command::GenData(args) => gen_data(args),

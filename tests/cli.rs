@@ -733,3 +733,64 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
     );
     drop(again);
 }
+
+/// `fedrec store-import`: a `serve --checkpoint` file goes into a real
+/// PostgreSQL (started for the test) bit for bit; importing it again is
+/// harmless; flags that describe another model are refused before the
+/// store is touched.
+#[test]
+fn a_checkpoint_is_imported_into_a_postgres_store() {
+    use fedrec_client::model::{MatrixFactorization, Model};
+    let pg = fedrec_store::testing::TestPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("coordinator.ckpt");
+    let layout = MatrixFactorization::new(10, 4, 0.1).unwrap().layout();
+    let params: Vec<f32> = (0..layout.num_values())
+        .map(|i| i as f32 * 0.25 - 3.0)
+        .collect();
+    fedrec_coordinator::checkpoint::Checkpoint {
+        model_version: 3,
+        last_round: 2,
+        run_start: 0,
+        training_rounds: 2,
+        final_evaluation_done: false,
+        training_stopped: None,
+        history: Vec::new(),
+        joined: vec!["00112233445566778899aabbccddeeff".to_owned()],
+        privacy: None,
+        params: params.clone(),
+        m: Vec::new(),
+        v: Vec::new(),
+    }
+    .write(&path)
+    .unwrap();
+    let import = |factors: &str| {
+        Command::new(BIN)
+            .args(["store-import", "--checkpoint"])
+            .arg(&path)
+            .args(["--items", "10", "--factors", factors, "--task", "shop"])
+            .args(["--store", &pg.url()])
+            .output()
+            .unwrap()
+    };
+    let wrong = import("8");
+    assert!(!wrong.status.success());
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(said.contains("holds a model of"), "{said}");
+    for _ in 0..2 {
+        let out = import("4");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("model version 3"), "{said}");
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let model = runtime.block_on(async {
+        let store = fedrec_store::Store::connect(&pg.url()).await.unwrap();
+        store.latest("shop").await.unwrap().expect("imported")
+    });
+    assert_eq!(model.version, 3);
+    assert_eq!(
+        model.params.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
+        params.iter().map(|p| p.to_bits()).collect::<Vec<_>>()
+    );
+}
