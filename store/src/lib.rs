@@ -15,6 +15,9 @@
 //!   that the stored one has the same shape.
 //! - [`Store::import_checkpoint`] moves a single coordinator's checkpoint
 //!   into the store; [`Store::latest`] reads the current model back.
+//! - [`Store::try_lead`] takes a task's leadership: a session advisory lock
+//!   that PostgreSQL releases when the leader's connection ends (see
+//!   [`lead`](crate::Store::try_lead)).
 //! - [`Store::commit_version`] is the "applied exactly once" primitive: a new
 //!   model version, its round summary and the accountant's state, written in
 //!   one transaction that checks the version it replaces.
@@ -62,8 +65,8 @@
 //!
 //! # What later slices add
 //!
-//! - a leader lease per task (a session advisory lock held by the leading
-//!   replica, so exactly one replica closes rounds; followers serve devices);
+//! - the leader's loop: opening and closing rounds only while
+//!   [`Store::try_lead`] holds, followers serving devices;
 //! - partial sums: each replica folds its own devices' updates and writes
 //!   the sum for the round, the leader combines them before committing;
 //! - sessions in the store, so any replica serves any device;
@@ -73,6 +76,7 @@
 //! (feature `testing`: `initdb` on a temporary directory, a free port).
 
 mod error;
+mod lead;
 pub mod migrate;
 mod task;
 #[cfg(feature = "testing")]
@@ -87,6 +91,7 @@ use tokio_postgres::{Client, Config, NoTls};
 pub use error::StoreError;
 pub use fedrec_coordinator::checkpoint::{Checkpoint, PrivacyState};
 pub use fedrec_coordinator::history::RoundSummary;
+pub use lead::LEADER_LOCK_CLASS;
 pub use migrate::SCHEMA_VERSION;
 pub use task::{Model, NewVersion};
 
@@ -98,6 +103,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Store {
     client: Client,
     target: String,
+    /// Tasks this connection leads ([`Store::try_lead`]).
+    leading: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Store {
@@ -132,7 +139,11 @@ impl Store {
             }
         });
         migrate::migrate(&mut client).await?;
-        Ok(Self { client, target })
+        Ok(Self {
+            client,
+            target,
+            leading: Default::default(),
+        })
     }
 
     /// The server, as `user@host:port/database`.

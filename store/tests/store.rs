@@ -396,3 +396,39 @@ async fn connection_errors_say_what_failed_without_the_password() {
         .unwrap_err();
     assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
 }
+
+/// One connection leads a task at a time; tasks lead apart; a resignation
+/// or the end of the leader's connection (a replica killed) hands the
+/// lease to a waiting follower, with no expiry to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_a_task_until_it_resigns_or_its_connection_ends() {
+    let pg = TestPostgres::start();
+    let url = pg.url();
+    let mut a = Store::connect(&url).await.unwrap();
+    let mut b = Store::connect(&url).await.unwrap();
+    assert!(a.try_lead("shop").await.unwrap());
+    assert!(a.try_lead("shop").await.unwrap(), "a leader leads again");
+    assert!(!b.try_lead("shop").await.unwrap(), "one leader per task");
+    assert!(b.try_lead("other").await.unwrap(), "tasks lead apart");
+    assert!(a.leads("shop") && !b.leads("shop"));
+    a.resign("shop").await.unwrap();
+    assert!(!a.leads("shop"));
+    assert!(
+        b.try_lead("shop").await.unwrap(),
+        "taken after a resignation"
+    );
+    assert!(!a.try_lead("shop").await.unwrap());
+    // A follower waits; the leader's connection ends without resigning.
+    let follower = tokio::spawn(async move {
+        a.lead("shop").await.unwrap();
+        a
+    });
+    drop(b);
+    let a = tokio::time::timeout(std::time::Duration::from_secs(60), follower)
+        .await
+        .expect("the follower leads once the leader's connection is gone")
+        .unwrap();
+    assert!(a.leads("shop"));
+    let mut c = Store::connect(&url).await.unwrap();
+    assert!(!c.try_lead("shop").await.unwrap());
+}
