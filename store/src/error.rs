@@ -59,6 +59,9 @@ pub enum StoreError {
     /// The task is not in the store (see [`Store::open_task`](crate::Store::open_task)).
     #[error("task {0:?} is not in the store")]
     UnknownTask(String),
+    /// A replica's partial sum that cannot be combined.
+    #[error("invalid partial sum: {0}")]
+    InvalidPartial(String),
     /// The task has no model version yet.
     #[error("task {0:?} has no model version in the store")]
     NoModel(String),

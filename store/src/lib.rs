@@ -18,6 +18,9 @@
 //! - [`Store::try_lead`] takes a task's leadership: a session advisory lock
 //!   that PostgreSQL releases when the leader's connection ends (see
 //!   [`lead`](crate::Store::try_lead)).
+//! - [`Store::put_partial`] commits one replica's share of a round (its
+//!   devices' weighted sum) once; [`Store::partials`] gives the leader
+//!   every share of the round.
 //! - [`Store::commit_version`] is the "applied exactly once" primitive: a new
 //!   model version, its round summary and the accountant's state, written in
 //!   one transaction that checks the version it replaces.
@@ -43,7 +46,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # The schema (version 1, `migrations/0001_init.sql`)
+//! # The schema (version 2, `migrations/`)
 //!
 //! | table | one row per | holds |
 //! |---|---|---|
@@ -54,6 +57,7 @@
 //! | `privacy_state` | task | the [`PrivacyState`] (ledger, clip) as JSON, as of a model version |
 //! | `run_state` | task | a checkpoint's round counters as JSON |
 //! | `session` | (task, pseudonym) | a joined device's session: its enrollment token's digest, its expiry |
+//! | `partial_sum` (version 2) | (task, round, model version, replica) | a replica's share of a round: weighted sum, weight, updates, evaluation counts |
 //!
 //! A model version is one `bytea` value, so at most 1 GiB: 256 M parameters,
 //! far beyond today's models; a chunked table would lift that in a migration.
@@ -67,8 +71,6 @@
 //!
 //! - the leader's loop: opening and closing rounds only while
 //!   [`Store::try_lead`] holds, followers serving devices;
-//! - partial sums: each replica folds its own devices' updates and writes
-//!   the sum for the round, the leader combines them before committing;
 //! - sessions in the store, so any replica serves any device;
 //! - a connection pool (methods here take `&mut self` on one connection).
 //!
@@ -78,6 +80,7 @@
 mod error;
 mod lead;
 pub mod migrate;
+mod partial;
 mod task;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -93,6 +96,7 @@ pub use fedrec_coordinator::checkpoint::{Checkpoint, PrivacyState};
 pub use fedrec_coordinator::history::RoundSummary;
 pub use lead::LEADER_LOCK_CLASS;
 pub use migrate::SCHEMA_VERSION;
+pub use partial::Partial;
 pub use task::{Model, NewVersion};
 
 /// How long [`Store::connect`] waits for the server when the URL sets no

@@ -79,21 +79,21 @@ fn layout_from_json(value: Value) -> Result<Layout, StoreError> {
     ))
 }
 
-fn to_db(version: u64) -> Result<i64, StoreError> {
+pub(crate) fn to_db(version: u64) -> Result<i64, StoreError> {
     i64::try_from(version)
         .map_err(|_| StoreError::InvalidVersion(format!("{version} exceeds 2^63 - 1")))
 }
 
-fn from_db(version: i64) -> Result<u64, StoreError> {
+pub(crate) fn from_db(version: i64) -> Result<u64, StoreError> {
     u64::try_from(version)
         .map_err(|_| StoreError::Corrupt(format!("negative model version {version}")))
 }
 
-fn json<T: Serialize>(value: &T, what: &str) -> Result<Value, StoreError> {
+pub(crate) fn json<T: Serialize>(value: &T, what: &str) -> Result<Value, StoreError> {
     serde_json::to_value(value).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-fn decode(bytes: &[u8], what: &str) -> Result<Vec<f32>, StoreError> {
+pub(crate) fn decode(bytes: &[u8], what: &str) -> Result<Vec<f32>, StoreError> {
     tensor::decode(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 

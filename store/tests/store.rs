@@ -432,3 +432,62 @@ async fn one_replica_leads_a_task_until_it_resigns_or_its_connection_ends() {
     let mut c = Store::connect(&url).await.unwrap();
     assert!(!c.try_lead("shop").await.unwrap());
 }
+
+/// Each replica commits its share of a round once (a retry changes
+/// nothing); the leader reads every share of the round on its model
+/// version, and none of another version's; a share that cannot be
+/// combined is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_commit_their_share_of_a_round_once() {
+    use fedrec_store::Partial;
+    let pg = TestPostgres::start();
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("shop", &layout()).await.unwrap();
+    let share = |replica: &str, scale: f32| Partial {
+        replica: replica.to_owned(),
+        weighted_sum: odd_params()
+            .iter()
+            .map(|_| scale)
+            .chain([scale * 2.0])
+            .collect(),
+        weight: f64::from(scale) * 3.0,
+        accepted: 3,
+        evaluation: EvalCounts {
+            users: 2,
+            hits_full: 1.0,
+            ndcg_full: 0.5,
+            ..EvalCounts::default()
+        },
+    };
+    let (b, a) = (share("replica-b", 2.0), share("replica-a", 1.0));
+    assert!(store.put_partial("shop", 4, 7, &b).await.unwrap());
+    assert!(store.put_partial("shop", 4, 7, &a).await.unwrap());
+    let retry = Partial {
+        weight: 99.0,
+        ..a.clone()
+    };
+    assert!(
+        !store.put_partial("shop", 4, 7, &retry).await.unwrap(),
+        "a replica's share counts once"
+    );
+    // Another version's round 4 is another round.
+    assert!(store.put_partial("shop", 4, 8, &a).await.unwrap());
+    let shares = store.partials("shop", 4, 7).await.unwrap();
+    assert_eq!(shares, vec![a.clone(), b], "by replica, as committed");
+    assert!(store.partials("shop", 5, 7).await.unwrap().is_empty());
+    let short = Partial {
+        weighted_sum: vec![1.0],
+        ..a.clone()
+    };
+    let err = store.put_partial("shop", 5, 7, &short).await.unwrap_err();
+    assert!(
+        err.to_string().contains("1 values for a model of 9"),
+        "{err}"
+    );
+    let nan = Partial {
+        weighted_sum: vec![f32::NAN; 9],
+        ..a
+    };
+    assert!(store.put_partial("shop", 5, 7, &nan).await.is_err());
+    assert!(store.partials("shop", 5, 7).await.unwrap().is_empty());
+}
