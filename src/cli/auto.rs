@@ -27,7 +27,7 @@ use anyhow::{Context, bail};
 use fedrec::eval::{Metrics, Ranking};
 use fedrec::sim::{
     self,
-    search::{Halving, SearchModel, SearchReport, TrialSettings},
+    search::{Halving, SearchReport, TrialSettings},
 };
 use fedrec_client::model::Model;
 use fedrec_coordinator::config::{CoordinatorConfig, ModelPreset, ValidConfig};
@@ -80,7 +80,7 @@ pub(crate) fn plan(
         eprintln!(
             "settings chosen by the search saved in {}: {}",
             path.display(),
-            describe(&chosen)
+            chosen
         );
         let model = sim::model_for(&cfg, items)?;
         return Ok((cfg, model, None));
@@ -93,7 +93,8 @@ pub(crate) fn plan(
             saved.as_deref().unwrap_or(c).display()
         );
     }
-    let halving = Halving::new(&base.search, sim::search::ease_lambdas(&base.search, items));
+    let ease = sim::search::ease_lambdas(&base.search, items);
+    let halving = Halving::new(&base.search, ease);
     // Every setting of the first stage and every EASE trial must make a
     // valid configuration: found now, not hours into the search.
     for t in halving.candidates() {
@@ -112,7 +113,7 @@ pub(crate) fn plan(
         "model.preset = \"auto\": choosing the settings first, {planned} trials (ALS stages of \
          {} rounds{}), each ending with an evaluation on the devices' validation purchases",
         stages.join(", "),
-        if sim::search::ease_lambdas(&base.search, items).is_empty() {
+        if ease.is_empty() {
             String::new()
         } else {
             ", then federated EASE".to_owned()
@@ -146,17 +147,7 @@ fn configure(
         cfg.rounds.final_evaluation = true;
     }
     cfg.validated_from(config_file)
-        .with_context(|| format!("the search's trial {}", describe(t)))
-}
-
-fn describe(t: &TrialSettings) -> String {
-    match t.model {
-        SearchModel::Ease => format!("federated EASE, lambda {}", t.regularization),
-        SearchModel::Als => format!(
-            "ALS, {} factors, confidence {}, regularization {}, {} rounds",
-            t.factors, t.confidence, t.regularization, t.rounds
-        ),
-    }
+        .with_context(|| format!("the search's trial {}", t))
 }
 
 fn read_chosen(path: &Path) -> anyhow::Result<TrialSettings> {
@@ -223,7 +214,7 @@ impl Search {
                 "settings search: trial {done} of {}, {}: validation HR@10 {:.4}, NDCG@10 {:.4} \
                  ({} devices with a validation purchase)",
                 self.planned,
-                describe(&ran),
+                ran,
                 validation.full.hr_at_10,
                 validation.full.ndcg_at_10,
                 counts.users
@@ -244,10 +235,7 @@ impl Search {
                 eprintln!(
                     "settings search done in {:.0} s ({} device tasks): training {} (validation \
                      NDCG@10 {:.4})",
-                    report.seconds,
-                    report.device_rounds,
-                    describe(&c.settings),
-                    c.validation.full.ndcg_at_10
+                    report.seconds, report.device_rounds, c.settings, c.validation.full.ndcg_at_10
                 );
                 if let Some(path) = &self.saved {
                     fedrec::export::write_atomically(path, &serde_json::to_vec_pretty(report)?)

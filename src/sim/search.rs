@@ -102,6 +102,20 @@ impl TrialSettings {
     }
 }
 
+/// In words, as the progress lines and `fedrec serve` print it.
+impl std::fmt::Display for TrialSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.model {
+            SearchModel::Ease => write!(f, "federated EASE, lambda {}", self.regularization),
+            SearchModel::Als => write!(
+                f,
+                "ALS, {} factors, confidence {}, regularization {}, {} rounds",
+                self.factors, self.confidence, self.regularization, self.rounds
+            ),
+        }
+    }
+}
+
 /// One trial of the search.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Trial {
@@ -203,14 +217,8 @@ impl Halving {
     /// The trials known before any has run: every setting of the first
     /// stage, and the EASE trials.
     pub fn candidates(&self) -> Vec<TrialSettings> {
-        let mut all: Vec<TrialSettings> = self.pending.iter().copied().collect();
-        let mut ease = self.clone();
-        ease.pending.clear();
-        while let Some(t) = ease.next() {
-            all.push(t);
-            ease.ease.pop_front();
-        }
-        all
+        let ease = self.ease.iter().map(|&lambda| self.ease_trial(lambda));
+        self.pending.iter().copied().chain(ease).collect()
     }
 
     /// The next trial to run, or `None` when the search is done.
@@ -218,14 +226,19 @@ impl Halving {
         if let Some(settings) = self.pending.front() {
             return Some(*settings);
         }
-        self.ease.front().map(|&lambda| TrialSettings {
+        self.ease.front().map(|&lambda| self.ease_trial(lambda))
+    }
+
+    /// Federated EASE at `lambda`, after the ALS stages.
+    fn ease_trial(&self, lambda: f32) -> TrialSettings {
+        TrialSettings {
             stage: self.stage_rounds.len(),
             model: SearchModel::Ease,
             factors: 0,
             confidence: 0.0,
             regularization: lambda,
             rounds: 1,
-        })
+        }
     }
 
     /// Records the result of the trial [`next`](Self::next) gave; a stage's
@@ -334,25 +347,13 @@ pub fn search(
         .ok_or_else(|| anyhow::anyhow!("no validation event to choose settings on"))?;
     let space = &cfg.coordinator.search;
     let mut halving = Halving::new(space, ease_lambdas(space, protocol.n_items()));
-    let stages = halving.stage_rounds().len();
+    let planned = halving.planned_trials();
+    let mut done = 0;
     while let Some(t) = halving.next() {
         let mut trial_cfg = cfg.clone();
         t.apply(&mut trial_cfg.coordinator);
-        if t.model == SearchModel::Ease {
-            observer.phase(&format!(
-                "auto: federated EASE, lambda {}",
-                t.regularization
-            ));
-        } else {
-            observer.phase(&format!(
-                "auto: stage {} of {stages}, {} factors, confidence {}, regularization {}, {} rounds",
-                t.stage + 1,
-                t.factors,
-                t.confidence,
-                t.regularization,
-                t.rounds
-            ));
-        }
+        done += 1;
+        observer.phase(&format!("auto: trial {done} of {planned}: {t}"));
         let run = run_cut(protocol, ev, &[], &trial_cfg, observer, RunKind::Trial)?;
         halving.record(
             run.federated.first().map(|(_, m)| *m).unwrap_or_default(),
