@@ -630,7 +630,7 @@ fn the_readme_async_rounds_block_is_valid() {
     );
 }
 
-/// `[model] preset = "auto"` in `fedrec serve`: the coordinator runs its
+/// `fedrec serve --preset auto`: the coordinator runs its
 /// settings search against real device processes, which evaluate every
 /// trial on their own validation purchase (counts only), then trains the
 /// chosen settings; the devices follow the model's shape from trial to
@@ -645,7 +645,7 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
         &config,
         format!(
             "[rounds]\nrounds = 3\nclients_per_round = 6\nmin_updates = 4\nseed = 1\n\n\
-             [model]\nitems = {}\npreset = \"auto\"\n\n\
+             [model]\nitems = {}\n\n\
              [search]\nrounds = 4\nfactors = [4, 8]\nconfidence = [2.0]\n\
              regularization = [0.1]\nease = false\n",
             ds.n_items()
@@ -653,7 +653,11 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
     )
     .unwrap();
     let checkpoint = dir.path().join("coordinator.ckpt");
+    // As the README writes it: `fedrec serve --preset auto` (the same as
+    // `[model] preset = "auto"` in the file).
     let args = [
+        "--preset",
+        "auto",
         "--config",
         config.to_str().unwrap(),
         "--checkpoint",
