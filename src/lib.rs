@@ -10,6 +10,7 @@
 pub mod baselines;
 pub mod bench;
 pub mod certs;
+pub mod cluster;
 pub mod data;
 pub mod diversity;
 pub mod eval;

@@ -8,6 +8,7 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+use common::process::{Killed, expect_line, gen_data, start_serve};
 use common::stderr_lines as lines;
 
 /// Waits for a child process with the bounded timeout.
@@ -16,24 +17,6 @@ fn wait(child: Child) -> std::process::Output {
 }
 
 mod common;
-
-/// Generates 6 users × 40 items into `dir` with `fedrec gen-data`; returns
-/// the file and the data set as the devices will load it.
-fn gen_data(dir: &std::path::Path) -> (std::path::PathBuf, fedrec::data::Dataset) {
-    let data = dir.join("purchases.tsv");
-    let out = Command::new(BIN)
-        .args(["gen-data", "--users", "6", "--items", "40", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ds = fedrec::data::load(&data, &Default::default()).unwrap();
-    (data, ds)
-}
 
 #[test]
 fn serve_and_three_client_processes_then_ctrl_c() {
@@ -264,68 +247,6 @@ fn simulate_with_distributed_dp_stops_at_the_budget() {
         "{eps} vs {want}"
     );
     assert_eq!(json["secure_aggregation"]["enabled"], true);
-}
-
-/// Waits (bounded) for a line containing `needle`; returns it.
-fn expect_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no line with {needle:?} in time"));
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
-
-/// A child process that is killed if the test ends early.
-struct Killed(Option<Child>);
-
-impl Killed {
-    fn take(&mut self) -> Child {
-        self.0.take().expect("the child is still there")
-    }
-}
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Starts `fedrec serve` on 127.0.0.1:0 with `args`; returns it, its
-/// stderr lines, its address and the lines it printed before listening.
-fn start_serve(args: &[&str]) -> (Killed, mpsc::Receiver<String>, String, Vec<String>) {
-    let mut serve = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines(&mut serve);
-    let serve = Killed(Some(serve));
-    let mut before = Vec::new();
-    let listening = loop {
-        let line = rx.recv_timeout(TIMEOUT).expect("coordinator starts");
-        if line.contains("coordinator listening on ") {
-            break line;
-        }
-        before.push(line);
-    };
-    let addr = listening
-        .split("coordinator listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    (serve, rx, addr, before)
 }
 
 fn start_clients(addr: &str, data: &std::path::Path, users: &[String]) -> Vec<Child> {

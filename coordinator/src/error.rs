@@ -264,6 +264,10 @@ pub enum CoordinatorError {
     /// The coordinator's shared state was poisoned by a panic.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A replica cannot reach its store just now; the device tries again
+    /// (here or at another replica).
+    #[error("the coordinator's store is unavailable ({0}); try again")]
+    StoreUnavailable(String),
     /// A TLS certificate, key or CA file is missing or unusable.
     #[error("TLS file {}: {message}", path.display())]
     Tls {
@@ -326,6 +330,7 @@ impl CoordinatorError {
             Self::SecureRound { .. } => "secure_round",
             Self::NotSecureRound { .. } => "not_secure_round",
             Self::Internal(_) => "internal",
+            Self::StoreUnavailable(_) => "store_unavailable",
             Self::Transport(_) => "transport",
             Self::Checkpoint(_) => "checkpoint",
         }
@@ -366,6 +371,7 @@ impl From<CoordinatorError> for tonic::Status {
                 Code::DeadlineExceeded
             }
             CoordinatorError::UploadInProgress => Code::AlreadyExists,
+            CoordinatorError::StoreUnavailable(_) => Code::Unavailable,
             CoordinatorError::SecAgg(e) => secagg_code(e),
             CoordinatorError::WrongParty { .. } => Code::PermissionDenied,
             CoordinatorError::SecureRound { .. } | CoordinatorError::NotSecureRound { .. } => {

@@ -47,6 +47,7 @@ use crate::strategy::Strategy;
 
 pub mod buffered;
 mod close;
+pub mod cluster;
 pub mod secagg;
 mod selection;
 mod sessions;
@@ -331,6 +332,8 @@ pub struct RoundCore {
     run_start: u32,
     /// A trial's rounds are done and the next run has not started.
     between_runs: bool,
+    /// A replica of a replicated coordinator (see [`cluster`]).
+    replica: Option<cluster::Replica>,
 }
 
 impl RoundCore {
@@ -411,6 +414,7 @@ impl RoundCore {
             trial: false,
             run_start: 0,
             between_runs: false,
+            replica: None,
         })
     }
 
@@ -576,16 +580,12 @@ impl RoundCore {
     /// (every round's end sweeps the ended sessions out).
     pub fn checkpoint(&self) -> Checkpoint {
         let (m, v) = self.strategy.moments();
-        let open = self.open.as_ref();
-        // An async step being filled is left out like an open round.
-        let filling = u32::from(self.buffer.is_some());
+        let (last_round, training_rounds) = self.checkpoint_counters();
         Checkpoint {
             model_version: self.model.version,
-            last_round: self.last_round - u32::from(open.is_some()) - filling,
+            last_round,
             run_start: self.run_start,
-            training_rounds: self.training_rounds
-                - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train))
-                - filling,
+            training_rounds,
             final_evaluation_done: self.final_evaluation_done,
             training_stopped: self.training_stopped.clone(),
             history: self.history.clone(),
@@ -598,6 +598,21 @@ impl RoundCore {
             m: m.to_vec(),
             v: v.to_vec(),
         }
+    }
+
+    /// The last round and the training rounds ended: an open round (or an
+    /// async step being filled) is left out. A replica counts only what
+    /// the leader ended.
+    fn checkpoint_counters(&self) -> (u32, u32) {
+        if self.replica.is_some() {
+            return (self.last_round, self.training_rounds);
+        }
+        let open = self.open.as_ref();
+        let filling = u32::from(self.buffer.is_some());
+        (
+            self.last_round - u32::from(open.is_some()) - filling,
+            self.training_rounds - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train)) - filling,
+        )
     }
 
     /// A device asks for work: its task if it is in the open round's cohort

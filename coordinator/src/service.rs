@@ -85,6 +85,24 @@ pub struct ServeOptions {
     /// its purchases' item ids into the model's rows. Default: none
     /// announced (devices must know the catalogue already).
     pub catalogue: Option<pb::Catalogue>,
+    /// Where sessions live beyond this process (a replica's store), so
+    /// that a device that joined at another replica is served here.
+    /// Default: none (this process's sessions only).
+    pub sessions: Option<Arc<dyn SessionStore>>,
+}
+
+/// A future a [`SessionStore`] returns.
+pub type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, CoordinatorError>> + Send + 'a>>;
+
+/// Sessions shared by the replicas of a replicated coordinator.
+pub trait SessionStore: Send + Sync + std::fmt::Debug {
+    /// Records a session that joined here, lasting `ttl`; the device learns
+    /// its pseudonym only once it is recorded.
+    fn record(&self, pseudonym: Pseudonym, ttl: Duration) -> StoreFuture<'_, ()>;
+    /// The time left of a session this process does not know, if any
+    /// replica admitted it and it has not expired.
+    fn find(&self, pseudonym: Pseudonym) -> StoreFuture<'_, Option<Duration>>;
 }
 
 impl Default for ServeOptions {
@@ -95,6 +113,7 @@ impl Default for ServeOptions {
             tls: None,
             tokens: None,
             catalogue: None,
+            sessions: None,
         }
     }
 }
@@ -122,6 +141,12 @@ impl ServeOptions {
     /// Serves over TLS with `tls` (from [`crate::tls::server_tls_config`]).
     pub fn with_tls(mut self, tls: tonic::transport::ServerTlsConfig) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Keeps sessions in `sessions` too (a replica's store).
+    pub fn with_sessions(mut self, sessions: Arc<dyn SessionStore>) -> Self {
+        self.sessions = Some(sessions);
         self
     }
 
@@ -203,6 +228,8 @@ struct Shared {
     tokens: Option<TokenSet>,
     /// The catalogue announced at join, if any.
     catalogue: Option<pb::Catalogue>,
+    /// Sessions beyond this process, if any.
+    sessions: Option<Arc<dyn SessionStore>>,
     /// Bounds the downloads streaming out at once.
     downloads: Arc<Semaphore>,
     /// Upload slots reserved by devices that have not started uploading.
@@ -437,6 +464,7 @@ impl CoordinatorService {
                 tls: opts.tls,
                 tokens: opts.tokens,
                 catalogue: opts.catalogue,
+                sessions: opts.sessions,
                 reservations: Mutex::new(HashMap::new()),
                 busy: Mutex::new(HashSet::new()),
                 pace: Pace {
@@ -700,6 +728,12 @@ impl Coordinator for CoordinatorService {
                 core.layout().to_pb(),
             )
         })?;
+        if let Some(sessions) = &self.shared.sessions {
+            sessions
+                .record(pseudonym, ttl)
+                .await
+                .map_err(|e| self.shared.reject_at_edge(e))?;
+        }
         tracing::debug!(%pseudonym, "device joined");
         Ok(Response::new(pb::JoinResponse {
             pseudonym: pseudonym.to_string(),
@@ -718,12 +752,30 @@ impl Coordinator for CoordinatorService {
         let pseudonym = parse_pseudonym(shared, &request.into_inner().pseudonym)?;
         let until = tokio::time::Instant::now() + shared.long_poll;
         let mut changes = shared.progress.subscribe();
+        let mut looked_up = false;
         loop {
             changes.borrow_and_update();
             let now = now();
-            let outcome = shared
-                .with_core(|core| core.check_in(now, &pseudonym))?
-                .map_err(rejected)?;
+            let outcome = match shared.with_core(|core| core.check_in(now, &pseudonym))? {
+                // A device that joined at another replica: its session is
+                // in the store.
+                Err(CoordinatorError::UnknownPseudonym) if !looked_up => {
+                    looked_up = true;
+                    match &shared.sessions {
+                        Some(sessions) => match sessions.find(pseudonym).await {
+                            Ok(Some(left)) => {
+                                shared.with_core(|core| core.admit(now, pseudonym, left))?;
+                                continue;
+                            }
+                            Ok(None) => Err(CoordinatorError::UnknownPseudonym),
+                            Err(e) => Err(e),
+                        },
+                        None => Err(CoordinatorError::UnknownPseudonym),
+                    }
+                }
+                outcome => outcome,
+            }
+            .map_err(rejected)?;
             if let CheckIn::Wait { .. } = outcome {
                 tokio::select! {
                     changed = changes.changed() => {

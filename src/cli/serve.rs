@@ -65,6 +65,19 @@ pub(crate) struct ServeArgs {
     /// embeddings, biases) when training finishes and when stopped.
     #[arg(long, value_name = "FILE")]
     pub(crate) model_out: Option<PathBuf>,
+    /// Run as one replica of a replicated coordinator whose state is in
+    /// this PostgreSQL store (postgres://user:password@host:port/db;
+    /// overrides cluster.store). Replicas of one task form one coordinator.
+    #[arg(long, value_name = "URL", conflicts_with = "checkpoint")]
+    pub(crate) store: Option<String>,
+    /// With --store: this replica's name, unique among the task's replicas
+    /// (overrides cluster.replica; default: the listen address).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) replica: Option<String>,
+    /// With --store: the URL devices use to reach this replica (overrides
+    /// cluster.url).
+    #[arg(long, value_name = "URL")]
+    pub(crate) replica_url: Option<String>,
     #[command(flatten)]
     pub(crate) overrides: ConfigOverrides,
 }
@@ -96,6 +109,42 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(ttl) = args.session_ttl {
         cfg.auth.session_ttl_secs = ttl;
     }
+    if let Some(store) = &args.store {
+        cfg.cluster.store = Some(store.clone());
+    }
+    if let Some(name) = &args.replica {
+        cfg.cluster.replica = Some(name.clone());
+    }
+    if let Some(url) = &args.replica_url {
+        cfg.cluster.url = Some(url.clone());
+    }
+    let replica = cfg.cluster.store.clone().map(|store| {
+        let name = cfg
+            .cluster
+            .replica
+            .clone()
+            .unwrap_or_else(|| cfg.server.listen.clone());
+        let scheme = if cfg.tls.cert.is_some() { "https" } else { "http" };
+        let url = cfg
+            .cluster
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{}", cfg.server.listen));
+        // Replicas of one seed draw different pseudonyms and cohorts.
+        cfg.rounds.seed = cfg.rounds.seed.map(|s| fedrec::cluster::replica_seed(s, &name));
+        fedrec::cluster::Replica {
+            store,
+            task: cfg.cluster.task.clone(),
+            name,
+            url,
+        }
+    });
+    if replica.is_some() && args.checkpoint.is_some() {
+        bail!(
+            "--checkpoint and a store: a replica's state is in the store (import a \
+             checkpoint first with `fedrec store-import`)"
+        );
+    }
     let addr: std::net::SocketAddr = cfg
         .server
         .listen
@@ -116,13 +165,37 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let params = super::auto::initial_params(&cfg, model.as_ref());
     let listen = cfg.server.listen.clone();
     let session_ttl = cfg.auth.session_ttl_secs;
-    let start = fedrec_coordinator::bootstrap::prepare(
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut options =
+        fedrec_coordinator::service::ServeOptions::default().with_catalogue(&catalogue);
+    let followed = match &replica {
+        Some(replica) => {
+            options = options.with_sessions(fedrec::cluster::StoreSessions::new(replica.clone()));
+            let layout = model.layout();
+            Some(
+                runtime
+                    .block_on(fedrec::cluster::open(replica, &layout, &params))
+                    .context("cannot start this replica")?,
+            )
+        }
+        None => None,
+    };
+    let mut start = fedrec_coordinator::bootstrap::prepare(
         cfg,
         model.layout(),
         params,
         args.checkpoint.as_deref(),
-        fedrec_coordinator::service::ServeOptions::default().with_catalogue(&catalogue),
+        options,
     )?;
+    if let (Some(state), Some(replica)) = (followed, &replica) {
+        let (version, rounds) = (state.version, state.counters.last_round);
+        start.core = start.core.into_replica();
+        start.core.follow(std::time::Instant::now(), state)?;
+        eprintln!(
+            "replica {} of task {:?}: model version {version}, {rounds} rounds ended in the store",
+            replica.name, replica.task
+        );
+    }
     if fedrec_coordinator::bootstrap::check_transport(
         addr,
         start.options.tls.is_some(),
@@ -153,7 +226,6 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None => core,
     };
     let encoding = core.config().download.encoding;
-    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
@@ -164,6 +236,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         let service = fedrec_coordinator::service::CoordinatorService::new(core, options);
         let handle = service.handle();
+        let cluster = replica.map(|r| tokio::spawn(fedrec::cluster::run(r, handle.clone())));
         let saver = ModelSaver {
             path: args.model_out.clone(),
             catalogue: catalogue.clone(),
@@ -218,6 +291,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             metrics.abort();
         }
         reporter.abort();
+        if let Some(cluster) = cluster {
+            cluster.abort();
+        }
         let p = handle.progress();
         let training = p
             .history

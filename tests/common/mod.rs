@@ -15,6 +15,8 @@ use fedrec_proto::pb::coordinator_client::CoordinatorClient;
 use rand::SeedableRng;
 use tonic::transport::Channel;
 
+pub mod process;
+
 /// Upper bound for anything a test awaits.
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 

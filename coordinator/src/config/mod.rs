@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::CoordinatorError;
 
 mod auth;
+mod cluster;
 mod model;
 mod privacy;
 mod rounds;
@@ -46,6 +47,7 @@ mod training;
 mod transport;
 
 pub use auth::*;
+pub use cluster::*;
 pub use model::*;
 pub use privacy::*;
 pub use rounds::*;
@@ -89,6 +91,9 @@ pub struct CoordinatorConfig {
     /// `[search]`: what `[model] preset = "auto"` tries, and its budget
     /// (read by the CLI, not the core).
     pub search: SearchConfig,
+    /// `[cluster]`: a replica of a replicated coordinator sharing a
+    /// PostgreSQL store (read by the CLI). Default: off.
+    pub cluster: ClusterConfig,
 }
 
 fn secs(s: f64) -> Duration {
@@ -242,6 +247,7 @@ impl CoordinatorConfig {
         self.validate_secure_aggregation()?;
         self.validate_privacy()?;
         self.validate_async()?;
+        self.validate_cluster()?;
         self.validate_search()
     }
 

@@ -18,6 +18,10 @@ impl RoundCore {
         let Some(mut open) = self.open.take() else {
             return;
         };
+        if self.replica.is_some() {
+            self.close_share(now, open, abandon);
+            return;
+        }
         if abandon.is_none() && open.kind == TaskKind::Train {
             // The round completed, so at least min_updates >= 1 updates were
             // added (or, under secure aggregation, the sum was unmasked).

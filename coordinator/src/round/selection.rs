@@ -18,7 +18,9 @@ impl RoundCore {
                 Some(open) if open.accepted >= open.needed => self.close(now, None),
                 Some(open) if now >= open.deadline => {
                     let min = self.config.rounds.min_updates;
-                    if open.accepted >= min {
+                    // A replica's share closes as it is: the leader counts
+                    // min_updates over every share.
+                    if open.accepted >= min || self.replica.is_some() {
                         self.close(now, None);
                     } else {
                         let reason = format!(
@@ -61,6 +63,9 @@ impl RoundCore {
     /// Opens the next round if its start condition holds.
     pub(super) fn try_start(&mut self, now: Instant) -> bool {
         self.sweep_sessions(now);
+        if self.replica.is_some() {
+            return self.start_share(now);
+        }
         if self.finished.is_some() || self.pool.is_empty() {
             return false;
         }
@@ -137,24 +142,9 @@ impl RoundCore {
                 .filter(|_| mechanism.sample(rng))
                 .map(|p| (*p, false))
                 .collect()
-        } else if selected == waiting {
-            std::mem::take(&mut self.pool)
-                .into_iter()
-                .map(|p| (p, false))
-                .collect()
         } else {
-            let candidates: Vec<Pseudonym> = self.pool.iter().copied().collect();
-            rand::seq::index::sample(&mut self.rng, waiting, selected)
-                .into_iter()
-                .map(|i| (candidates[i], false))
-                .collect()
+            self.sample_pool(selected)
         };
-        for p in cohort.keys() {
-            self.pool.remove(p);
-            if let Some(session) = self.sessions.get_mut(p) {
-                session.downloads = (0, 0);
-            }
-        }
         let (selected, needed) = if dp {
             (cohort.len(), cohort.len())
         } else {
@@ -164,32 +154,15 @@ impl RoundCore {
         if kind == TaskKind::Train {
             self.training_rounds += 1;
         }
-        self.window_start = None;
-        self.aggregator.reset();
-        let number = self.last_round;
-        let r_min = self.config.rounds.min_updates;
-        let secure = secagg::is_secure(kind, self.config.secure_aggregation.enabled)
-            .then(|| secagg::SecureRound::new(self, number, cohort.keys().copied(), now));
-        self.open = Some(OpenRound {
+        let deadline = now + self.config.rounds.deadline();
+        let opened = Opening {
             number: self.last_round,
             kind,
-            model_version: self.model.version,
-            started: now,
-            deadline: now + self.config.rounds.deadline(),
-            cohort,
             needed,
-            accepted: 0,
-            evaluation: EvalCounts::default(),
-            secure,
-            privacy,
-        });
-        self.generation += 1;
-        self.events.push_back(Event::RoundStarted {
-            round: self.last_round,
-            kind,
-            model_version: self.model.version,
-            selected,
-        });
+            deadline,
+        };
+        self.open_round(opened, cohort, privacy, now);
+        let r_min = self.config.rounds.min_updates;
         if dp && selected < r_min {
             let reason = format!(
                 "Poisson sampling drew {selected} devices, fewer than rounds.min_updates = {r_min}; \
@@ -199,4 +172,79 @@ impl RoundCore {
         }
         true
     }
+
+    /// Samples `selected` of the waiting devices (all of them when
+    /// `selected` covers the pool), taking them out of the pool.
+    pub(super) fn sample_pool(&mut self, selected: usize) -> BTreeMap<Pseudonym, bool> {
+        let waiting = self.pool.len();
+        if selected >= waiting {
+            return std::mem::take(&mut self.pool)
+                .into_iter()
+                .map(|p| (p, false))
+                .collect();
+        }
+        let candidates: Vec<Pseudonym> = self.pool.iter().copied().collect();
+        rand::seq::index::sample(&mut self.rng, waiting, selected)
+            .into_iter()
+            .map(|i| (candidates[i], false))
+            .collect()
+    }
+
+    /// Opens round `opening.number` for `cohort` (already chosen): the
+    /// devices leave the pool, the aggregator starts afresh, and secure
+    /// aggregation starts for a secure training round.
+    pub(super) fn open_round(
+        &mut self,
+        opening: Opening,
+        cohort: BTreeMap<Pseudonym, bool>,
+        privacy: Option<RoundPrivacy>,
+        now: Instant,
+    ) {
+        let Opening {
+            number,
+            kind,
+            needed,
+            deadline,
+        } = opening;
+        for p in cohort.keys() {
+            self.pool.remove(p);
+            if let Some(session) = self.sessions.get_mut(p) {
+                session.downloads = (0, 0);
+            }
+        }
+        self.window_start = None;
+        self.aggregator.reset();
+        let selected = cohort.len();
+        let secure = secagg::is_secure(kind, self.config.secure_aggregation.enabled)
+            .then(|| secagg::SecureRound::new(self, number, cohort.keys().copied(), now));
+        self.open = Some(OpenRound {
+            number,
+            kind,
+            model_version: self.model.version,
+            started: now,
+            deadline,
+            cohort,
+            needed,
+            accepted: 0,
+            evaluation: EvalCounts::default(),
+            secure,
+            privacy,
+        });
+        self.generation += 1;
+        self.events.push_back(Event::RoundStarted {
+            round: number,
+            kind,
+            model_version: self.model.version,
+            selected,
+        });
+    }
+}
+
+/// What a round opens with, beside its cohort.
+pub(super) struct Opening {
+    pub(super) number: u32,
+    pub(super) kind: TaskKind,
+    /// Accepted submissions that complete it before its deadline.
+    pub(super) needed: usize,
+    pub(super) deadline: Instant,
 }

@@ -1,0 +1,220 @@
+//! A replicated coordinator as operators run it: `fedrec serve --store`
+//! replicas on one PostgreSQL (started by the test on a free port), device
+//! processes given every replica's URL, and failures: a replica killed, the
+//! leader killed, the store restarted, a replica of another model refused.
+//!
+//! On a machine without PostgreSQL these tests say so and skip; under
+//! `CI=true` they fail instead (see `fedrec_store::testing`).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::process::{Killed, gen_data_sized, start_serve};
+use fedrec_store::testing::TestPostgres;
+
+mod common;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
+const TIMEOUT: Duration = common::TIMEOUT;
+
+/// One replica: its process, and its name.
+struct Replica {
+    process: Killed,
+    url: String,
+}
+
+/// Starts `n` replicas `r1`… of the task in `store` with `config`; their
+/// stderr lines arrive tagged with the replica's index on one channel.
+fn start_replicas(
+    n: usize,
+    store: &str,
+    config: &std::path::Path,
+) -> (Vec<Replica>, mpsc::Receiver<(usize, String)>) {
+    let (tx, rx) = mpsc::channel();
+    let replicas = (0..n)
+        .map(|i| {
+            let name = format!("r{}", i + 1);
+            let args = [
+                "--store",
+                store,
+                "--replica",
+                &name,
+                "--config",
+                config.to_str().unwrap(),
+            ];
+            let (process, lines, addr, _) = start_serve(&args);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in lines {
+                    if tx.send((i, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+            Replica {
+                process,
+                url: format!("http://{addr}"),
+            }
+        })
+        .collect();
+    (replicas, rx)
+}
+
+/// Waits (bounded) for a line containing `needle` from a replica in
+/// `from`; returns that replica's index. Notes the leader on the way.
+fn expect_from(
+    rx: &mpsc::Receiver<(usize, String)>,
+    from: &[usize],
+    needle: &str,
+    leader: &mut Option<usize>,
+) -> usize {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (i, line) = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no line with {needle:?} in time"));
+        if line.contains("leading the task") {
+            *leader = Some(i);
+        }
+        if from.contains(&i) && line.contains(needle) {
+            return i;
+        }
+    }
+}
+
+/// Device processes for `users`, each given every replica's URL (in a
+/// different order, so that they spread over the replicas).
+fn start_devices(replicas: &[Replica], data: &std::path::Path, users: &[String]) -> Vec<Child> {
+    users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let mut urls: Vec<&str> = replicas.iter().map(|r| r.url.as_str()).collect();
+            urls.rotate_left(i % urls.len());
+            Command::new(BIN)
+                .args(["client", "--coordinator", &urls.join(",")])
+                .args(["--user", user, "--data"])
+                .arg(data)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn config(dir: &std::path::Path, rounds: u32, devices: usize, items: usize) -> std::path::PathBuf {
+    let path = dir.join("coordinator.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[rounds]\nrounds = {rounds}\nclients_per_round = {devices}\nmin_updates = 2\n\
+             deadline_secs = 6\nseed = 5\n\n[model]\nitems = {items}\nfactors = 8\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The store's account of the run: every round ended once, in order, and
+/// the model version is the completed training rounds + 1.
+fn check_store(store: &str, rounds: u32) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (history, model) = runtime.block_on(async {
+        let store = fedrec_store::Store::connect(store).await.unwrap();
+        let history = store.history("fedrec").await.unwrap();
+        let model = store.latest("fedrec").await.unwrap().expect("a model");
+        (history, model)
+    });
+    let numbers: Vec<u32> = history.iter().map(|r| r.round).collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] + 1 == w[1]),
+        "each round ended once, in order: {numbers:?}"
+    );
+    let completed = history
+        .iter()
+        .filter(|r| r.completed && r.kind == fedrec_coordinator::round::TaskKind::Train)
+        .count() as u64;
+    assert!(completed >= 1, "{history:?}");
+    assert_eq!(model.version, completed + 1, "{history:?}");
+    let trained = history
+        .iter()
+        .filter(|r| r.kind == fedrec_coordinator::round::TaskKind::Train)
+        .count() as u32;
+    assert_eq!(trained, rounds, "{history:?}");
+    assert!(model.params.iter().all(|v| v.is_finite()));
+}
+
+fn wait_devices(devices: Vec<Child>) {
+    for device in devices {
+        let out = common::wait_output(device, TIMEOUT);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "a device failed: {said}");
+    }
+}
+
+/// Three replicas train nine devices; a replica that is not the leader is
+/// killed (SIGKILL) mid-run, then the leader: the devices move to the
+/// remaining replica keeping their sessions, another replica takes the
+/// lead, training finishes, and no round is applied twice.
+#[test]
+fn replicas_survive_the_loss_of_a_replica_and_of_the_leader() {
+    let pg = TestPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ds) = gen_data_sized(dir.path(), 9, 40);
+    let rounds = 12;
+    let config = config(dir.path(), rounds, 9, ds.n_items());
+    let (mut replicas, rx) = start_replicas(3, &pg.url(), &config);
+    let devices = start_devices(&replicas, &data, &ds.user_ids);
+    let mut leader = None;
+    let all = [0, 1, 2];
+    expect_from(&rx, &all, "round 2:", &mut leader);
+    let first = leader.expect("a replica leads by the second round");
+    let lost = (first + 1) % 3;
+    let _ = replicas[lost].process.take().kill();
+    let alive: Vec<usize> = all.iter().copied().filter(|i| *i != lost).collect();
+    expect_from(&rx, &alive, "round 5:", &mut leader);
+    let _ = replicas[first].process.take().kill();
+    let last = (first + 2) % 3;
+    leader = None;
+    expect_from(&rx, &[last], "leading the task", &mut leader);
+    expect_from(&rx, &[last], "training finished", &mut leader);
+    wait_devices(devices);
+    check_store(&pg.url(), rounds);
+}
+
+/// Two replicas ride out a restart of PostgreSQL mid-run (they retry with
+/// back-off, and rounds go on after it), and a replica started for a model
+/// of another shape is refused with a message saying so.
+#[test]
+fn replicas_ride_out_a_store_restart_and_refuse_another_model() {
+    let mut pg = TestPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ds) = gen_data_sized(dir.path(), 6, 40);
+    let rounds = 8;
+    let config = config(dir.path(), rounds, 6, ds.n_items());
+    let (replicas, rx) = start_replicas(2, &pg.url(), &config);
+    let devices = start_devices(&replicas, &data, &ds.user_ids);
+    let mut leader = None;
+    expect_from(&rx, &[0, 1], "round 2:", &mut leader);
+    pg.restart();
+    expect_from(&rx, &[0, 1], "training finished", &mut leader);
+    wait_devices(devices);
+    check_store(&pg.url(), rounds);
+
+    let other = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--factors", "16"])
+        .args(["--store", &pg.url(), "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    let said = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        said.contains("in the store has the model shape"),
+        "{said}"
+    );
+    drop(replicas);
+}
