@@ -103,6 +103,21 @@ pub enum StoreError {
         /// The store's current version.
         found: Option<u64>,
     },
+    /// A round's end named a round that is not past the store's last one:
+    /// it has already ended (a retry after a lost answer, or a deposed
+    /// leader). Nothing was written.
+    #[error(
+        "task {task:?}: round {round} cannot end, the store's last ended round is {last}; \
+         nothing was written"
+    )]
+    StaleRound {
+        /// The task.
+        task: String,
+        /// The round that was to end.
+        round: u32,
+        /// The store's last ended round.
+        last: u32,
+    },
     /// A version number that cannot be stored or does not move forward.
     #[error("invalid model version: {0}")]
     InvalidVersion(String),

@@ -8,9 +8,10 @@
 //! wait for and no clock of ours involved. Another replica then takes it on
 //! its next [`Store::try_lead`]. A replica that is cut off from the store
 //! but still running must stop stepping the model as soon as a store call
-//! fails: its lease may be gone; [`Store::commit_version`]'s check of the
-//! previous version keeps a stale leader from applying a round twice even
-//! so.
+//! fails: its lease may be gone; [`Store::end_round`]'s checks of the round
+//! and of the previous version (and [`Store::commit_version`]'s of the
+//! version) keep a stale leader from applying a round twice even so, and
+//! [`Store::open_round`]'s keep it from opening one twice.
 
 use crate::error::Context;
 use crate::{Store, StoreError};

@@ -25,6 +25,22 @@
 //!   model version, its round summary and the accountant's state, written in
 //!   one transaction that checks the version it replaces.
 //!
+//! The replicated coordinator builds on these:
+//!
+//! - [`Store::open_round`]: the leader opens round `last_round + 1` on the
+//!   current model by writing its [`RoundOrder`] (each replica's [`Share`]),
+//!   once; replicas read it with [`Store::open_order`].
+//! - [`Store::end_round`]: the leader ends the round in one transaction
+//!   ([`EndRound`]): new model version if any, summary, [`RunState`],
+//!   privacy state; it checks both the round number
+//!   ([`StoreError::StaleRound`]) and the version it replaces, so a round
+//!   ends exactly once. [`Store::run_state`] reads the counters back.
+//! - [`Store::heartbeat`] and [`Store::replicas`]: each replica's
+//!   [`ReplicaBeat`] (waiting and joined devices), stamped by the database's
+//!   clock; the leader shares rounds among the recently seen.
+//! - [`Store::put_session`], [`Store::session`], [`Store::end_session`]:
+//!   device sessions with an expiry, so any replica can serve any device.
+//!
 //! ```no_run
 //! # async fn demo(layout: fedrec_proto::Layout, params: Vec<f32>) -> Result<(), fedrec_store::StoreError> {
 //! use fedrec_store::{NewVersion, Store};
@@ -46,7 +62,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # The schema (version 2, `migrations/`)
+//! # The schema (version 3, `migrations/`)
 //!
 //! | table | one row per | holds |
 //! |---|---|---|
@@ -58,6 +74,8 @@
 //! | `run_state` | task | a checkpoint's round counters as JSON |
 //! | `session` | (task, pseudonym) | a joined device's session: its enrollment token's digest, its expiry |
 //! | `partial_sum` (version 2) | (task, round, model version, replica) | a replica's share of a round: weighted sum, weight, updates, evaluation counts |
+//! | `round_order` (version 3) | (task, round) | the leader's order opening a round: model version, kind (`train`/`evaluate`), deadline, each replica's share (JSON) |
+//! | `replica` (version 3) | (task, replica name) | a replica's heartbeat: url, waiting and joined devices, when last seen (the database's clock) |
 //!
 //! A model version is one `bytea` value, so at most 1 GiB: 256 M parameters,
 //! far beyond today's models; a chunked table would lift that in a migration.
@@ -71,12 +89,15 @@
 //!
 //! - the leader's loop: opening and closing rounds only while
 //!   [`Store::try_lead`] holds, followers serving devices;
-//! - sessions in the store, so any replica serves any device;
-//! - a connection pool (methods here take `&mut self` on one connection).
+//! - a connection pool (methods with a transaction take `&mut self` on one
+//!   connection; reads and single statements take `&self`, which
+//!   tokio-postgres allows to run concurrently on one connection);
+//! - removing expired sessions and long-silent replicas' rows.
 //!
 //! Tests run against a real PostgreSQL started by `fedrec_store::testing`
 //! (feature `testing`: `initdb` on a temporary directory, a free port).
 
+mod cluster;
 mod error;
 mod lead;
 pub mod migrate;
@@ -91,13 +112,14 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
+pub use cluster::{ReplicaBeat, RoundOrder, Share};
 pub use error::StoreError;
 pub use fedrec_coordinator::checkpoint::{Checkpoint, PrivacyState};
 pub use fedrec_coordinator::history::RoundSummary;
 pub use lead::LEADER_LOCK_CLASS;
 pub use migrate::SCHEMA_VERSION;
 pub use partial::Partial;
-pub use task::{Model, NewVersion};
+pub use task::{EndRound, Model, NewModel, NewVersion, RunState};
 
 /// How long [`Store::connect`] waits for the server when the URL sets no
 /// `connect_timeout`.

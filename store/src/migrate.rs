@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "partial_sum",
         sql: include_str!("../migrations/0002_partial_sum.sql"),
     },
+    Migration {
+        version: 3,
+        name: "cluster",
+        sql: include_str!("../migrations/0003_cluster.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.

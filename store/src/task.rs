@@ -3,7 +3,7 @@
 use fedrec_proto::{Layout, tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio_postgres::Transaction;
+use tokio_postgres::{GenericClient, Transaction};
 
 use crate::error::Context;
 use crate::{Checkpoint, PrivacyState, RoundSummary, Store, StoreError};
@@ -49,15 +49,60 @@ struct TensorJson {
     shape: Vec<u64>,
 }
 
-/// A checkpoint's round counters, as the `run_state.state` JSON holds them.
-#[derive(Serialize)]
-struct RunStateJson<'a> {
-    last_round: u32,
-    run_start: u32,
-    training_rounds: u32,
-    final_evaluation_done: bool,
-    training_stopped: Option<&'a str>,
+/// A task's round counters: a checkpoint's, and what [`Store::end_round`]
+/// moves on. Stored as the `run_state.state` JSON, under these field names.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RunState {
+    /// The last round that ended (0 before the first).
+    pub last_round: u32,
+    /// The round this run started after (rounds before it belong to an
+    /// earlier run of the same task).
+    pub run_start: u32,
+    /// Training rounds ended in this run.
+    pub training_rounds: u32,
+    /// Whether the run's final evaluation has ended.
+    pub final_evaluation_done: bool,
+    /// Why training stopped, once it has (None while it goes on).
+    pub training_stopped: Option<String>,
 }
+
+/// A new model version, as [`EndRound`] carries it.
+#[derive(Clone, Copy, Debug)]
+pub struct NewModel<'a> {
+    /// The new version, greater than the one it replaces.
+    pub version: u64,
+    /// The new parameters.
+    pub params: &'a [f32],
+    /// The server optimizer's first moments after the round (empty without
+    /// a server optimizer).
+    pub m: &'a [f32],
+    /// The server optimizer's second moments (empty without one).
+    pub v: &'a [f32],
+}
+
+/// What [`Store::end_round`] writes: everything a round's end changes.
+#[derive(Clone, Copy, Debug)]
+pub struct EndRound<'a> {
+    /// The round that ends: greater than the stored `last_round`.
+    pub round: u32,
+    /// The store's current version, which the transaction checks (None:
+    /// the task has no model yet).
+    pub previous: Option<u64>,
+    /// The round's new model (None: the round made none, say it was
+    /// abandoned or evaluated).
+    pub model: Option<NewModel<'a>>,
+    /// The ended round, appended to the history.
+    pub summary: &'a RoundSummary,
+    /// The round counters after the round (`run.last_round` is normally
+    /// `round`).
+    pub run: &'a RunState,
+    /// The privacy accountant's state after the round (None: unchanged).
+    pub privacy: Option<&'a PrivacyState>,
+}
+
+/// Rounds [`Store::end_round`] keeps of partial sums and round orders
+/// behind the ended one, for debugging: older ones are deleted.
+const KEEP_ROUNDS: i64 = 5;
 
 fn layout_json(layout: &Layout) -> Value {
     let tensors: Vec<TensorJson> = layout
@@ -99,7 +144,10 @@ pub(crate) fn decode(bytes: &[u8], what: &str) -> Result<Vec<f32>, StoreError> {
 
 /// Locks the task's row for the transaction; returns its number of values
 /// and current version.
-async fn lock_task(tx: &Transaction<'_>, task: &str) -> Result<(usize, Option<u64>), StoreError> {
+pub(crate) async fn lock_task(
+    tx: &Transaction<'_>,
+    task: &str,
+) -> Result<(usize, Option<u64>), StoreError> {
     let row = tx
         .query_opt(
             "SELECT num_values, current_version FROM task WHERE name = $1 FOR UPDATE",
@@ -198,6 +246,105 @@ async fn append_summary(
     Ok(())
 }
 
+/// Checks, before any transaction, that a new model follows `previous`.
+fn check_follows(previous: Option<u64>, model: Option<&NewModel<'_>>) -> Result<(), StoreError> {
+    if let Some(model) = model {
+        if previous.is_some_and(|p| model.version <= p) {
+            return Err(StoreError::InvalidVersion(format!(
+                "{} does not follow {}",
+                model.version,
+                previous.unwrap_or_default()
+            )));
+        }
+        to_db(model.version)?;
+    }
+    Ok(())
+}
+
+/// The shared core of [`Store::commit_version`] and [`Store::end_round`],
+/// inside their transaction, the task's row locked (`locked`: what
+/// [`lock_task`] returned): checks that the current version is `previous`
+/// and the model's shape, writes the model (moving the head), appends the
+/// summary (numbered after the history's last), replaces the privacy state
+/// as of the new head. Returns the head afterwards.
+async fn apply_step(
+    tx: &Transaction<'_>,
+    task: &str,
+    (num_values, current): (usize, Option<u64>),
+    previous: Option<u64>,
+    model: Option<&NewModel<'_>>,
+    summary: Option<&RoundSummary>,
+    privacy: Option<&PrivacyState>,
+) -> Result<Option<u64>, StoreError> {
+    if current != previous {
+        return Err(StoreError::StaleVersion {
+            task: task.to_owned(),
+            expected: previous,
+            found: current,
+        });
+    }
+    let mut head = current;
+    if let Some(model) = model {
+        check_len(task, num_values, model.params)?;
+        for moments in [model.m, model.v] {
+            if !moments.is_empty() {
+                check_len(task, num_values, moments)?;
+            }
+        }
+        let version = to_db(model.version)?;
+        write_version(tx, task, version, model.params, model.m, model.v).await?;
+        head = Some(model.version);
+    }
+    if let Some(summary) = summary {
+        let row = tx
+            .query_one(
+                "SELECT coalesce(max(seq), 0) + 1 FROM round_summary WHERE task = $1",
+                &[&task],
+            )
+            .await
+            .during("numbering the round summary")?;
+        append_summary(tx, task, row.get(0), summary).await?;
+    }
+    if let Some(privacy) = privacy {
+        let version = head.ok_or_else(|| StoreError::NoModel(task.to_owned()))?;
+        write_privacy(tx, task, to_db(version)?, privacy).await?;
+    }
+    Ok(head)
+}
+
+async fn write_run_state(
+    tx: &Transaction<'_>,
+    task: &str,
+    version: i64,
+    run: &RunState,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO run_state (task, model_version, state) VALUES ($1, $2, $3)
+         ON CONFLICT (task) DO UPDATE
+         SET model_version = EXCLUDED.model_version, state = EXCLUDED.state, updated = now()",
+        &[&task, &version, &json(run, "run state")?],
+    )
+    .await
+    .during("writing the run state")?;
+    Ok(())
+}
+
+fn run_state_from_json(value: Value) -> Result<RunState, StoreError> {
+    serde_json::from_value(value).map_err(|e| StoreError::Corrupt(format!("run state: {e}")))
+}
+
+/// The task's last ended round (0 without round counters).
+pub(crate) async fn last_round(client: &impl GenericClient, task: &str) -> Result<u32, StoreError> {
+    let row = client
+        .query_opt("SELECT state FROM run_state WHERE task = $1", &[&task])
+        .await
+        .during("reading the last round")?;
+    Ok(match row {
+        Some(row) => run_state_from_json(row.get(0))?.last_round,
+        None => 0,
+    })
+}
+
 impl Store {
     /// Creates the task with its model layout, or checks that the stored
     /// task has the same one; refuses another shape with
@@ -284,21 +431,14 @@ impl Store {
                     .during("clearing the privacy state")?;
             }
         }
-        let run = RunStateJson {
+        let run = RunState {
             last_round: checkpoint.last_round,
             run_start: checkpoint.run_start,
             training_rounds: checkpoint.training_rounds,
             final_evaluation_done: checkpoint.final_evaluation_done,
-            training_stopped: checkpoint.training_stopped.as_deref(),
+            training_stopped: checkpoint.training_stopped.clone(),
         };
-        tx.execute(
-            "INSERT INTO run_state (task, model_version, state) VALUES ($1, $2, $3)
-             ON CONFLICT (task) DO UPDATE
-             SET model_version = EXCLUDED.model_version, state = EXCLUDED.state, updated = now()",
-            &[&task, &version, &json(&run, "run state")?],
-        )
-        .await
-        .during("writing the run state")?;
+        write_run_state(&tx, task, version, &run).await?;
         for pseudonym in &checkpoint.joined {
             tx.execute(
                 "INSERT INTO session (task, pseudonym) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -390,53 +530,116 @@ impl Store {
     /// version is `new.previous`; if not, it fails with
     /// [`StoreError::StaleVersion`] and writes nothing, so a round is
     /// applied exactly once however many leaders or retries try it.
+    ///
+    /// The replicated coordinator's leader uses [`Store::end_round`], which
+    /// checks the round number too and moves the round counters with it;
+    /// both share the same checks and writes.
     pub async fn commit_version(
         &mut self,
         task: &str,
         new: &NewVersion<'_>,
     ) -> Result<(), StoreError> {
-        if new.previous.is_some_and(|p| new.version <= p) {
-            return Err(StoreError::InvalidVersion(format!(
-                "{} does not follow {}",
-                new.version,
-                new.previous.unwrap_or_default()
-            )));
-        }
-        let version = to_db(new.version)?;
+        let model = NewModel {
+            version: new.version,
+            params: new.params,
+            m: new.m,
+            v: new.v,
+        };
+        check_follows(new.previous, Some(&model))?;
         let tx = self
             .client
             .transaction()
             .await
             .during("starting the commit")?;
-        let (num_values, current) = lock_task(&tx, task).await?;
-        if current != new.previous {
-            return Err(StoreError::StaleVersion {
-                task: task.to_owned(),
-                expected: new.previous,
-                found: current,
-            });
-        }
-        check_len(task, num_values, new.params)?;
-        for moments in [new.m, new.v] {
-            if !moments.is_empty() {
-                check_len(task, num_values, moments)?;
-            }
-        }
-        write_version(&tx, task, version, new.params, new.m, new.v).await?;
-        if let Some(summary) = new.summary {
-            let row = tx
-                .query_one(
-                    "SELECT coalesce(max(seq), 0) + 1 FROM round_summary WHERE task = $1",
-                    &[&task],
-                )
-                .await
-                .during("numbering the round summary")?;
-            append_summary(&tx, task, row.get(0), summary).await?;
-        }
-        if let Some(privacy) = new.privacy {
-            write_privacy(&tx, task, version, privacy).await?;
-        }
+        let locked = lock_task(&tx, task).await?;
+        apply_step(
+            &tx,
+            task,
+            locked,
+            new.previous,
+            Some(&model),
+            new.summary,
+            new.privacy,
+        )
+        .await?;
         tx.commit().await.during("committing the model version")?;
         Ok(())
+    }
+
+    /// Ends round `end.round` in one transaction, the replicated leader's
+    /// "applied exactly once": the new model version (if any) becomes
+    /// current, the summary joins the history, the round counters and the
+    /// privacy state are replaced, and the round's order is thereby closed
+    /// ([`Store::open_order`] looks past `last_round`).
+    ///
+    /// The transaction locks the task's row and refuses, writing nothing,
+    /// a round that is not past the stored `last_round` (0 without round
+    /// counters) with [`StoreError::StaleRound`] (a leader's retry after a
+    /// lost answer, or a deposed leader ending a round its successor
+    /// already ended), and a `previous` that is not the current version
+    /// with [`StoreError::StaleVersion`]. A new model must follow
+    /// `previous` ([`StoreError::InvalidVersion`]) and have the task's
+    /// shape ([`StoreError::ParamsLength`]); a round that ends with no
+    /// model in the store at all is refused with [`StoreError::NoModel`]
+    /// (the counters are stored as of a model version).
+    ///
+    /// Housekeeping in the same transaction: partial sums and round orders
+    /// of rounds up to `end.round - 5` are deleted; the last few stay for
+    /// debugging.
+    pub async fn end_round(&mut self, task: &str, end: &EndRound<'_>) -> Result<(), StoreError> {
+        check_follows(end.previous, end.model.as_ref())?;
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .during("starting the round's end")?;
+        let locked = lock_task(&tx, task).await?;
+        let last = last_round(&tx, task).await?;
+        if last >= end.round {
+            return Err(StoreError::StaleRound {
+                task: task.to_owned(),
+                round: end.round,
+                last,
+            });
+        }
+        let current = apply_step(
+            &tx,
+            task,
+            locked,
+            end.previous,
+            end.model.as_ref(),
+            Some(end.summary),
+            end.privacy,
+        )
+        .await?
+        .ok_or_else(|| StoreError::NoModel(task.to_owned()))?;
+        write_run_state(&tx, task, to_db(current)?, end.run).await?;
+        let horizon = i64::from(end.round) - KEEP_ROUNDS;
+        for (sql, what) in [
+            (
+                "DELETE FROM partial_sum WHERE task = $1 AND round <= $2",
+                "deleting old partial sums",
+            ),
+            (
+                "DELETE FROM round_order WHERE task = $1 AND round <= $2",
+                "deleting old round orders",
+            ),
+        ] {
+            tx.execute(sql, &[&task, &horizon]).await.during(what)?;
+        }
+        tx.commit().await.during("committing the round's end")?;
+        Ok(())
+    }
+
+    /// The task's round counters (None before any: a task neither imported
+    /// nor past its first round, or an unknown task). A replica reads them
+    /// to know which round is open and where the run stands.
+    pub async fn run_state(&self, task: &str) -> Result<Option<RunState>, StoreError> {
+        let row = self
+            .client
+            .query_opt("SELECT state FROM run_state WHERE task = $1", &[&task])
+            .await
+            .during("reading the run state")?;
+        row.map(|row| run_state_from_json(row.get(0))).transpose()
     }
 }

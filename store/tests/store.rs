@@ -6,7 +6,10 @@ use fedrec_coordinator::privacy::accountant::MechanismLog;
 use fedrec_proto::{EvalCounts, Layout};
 use fedrec_store::migrate::{MIGRATIONS, SCHEMA_VERSION};
 use fedrec_store::testing::{PASSWORD_ROLE, TestPostgres};
-use fedrec_store::{Checkpoint, NewVersion, PrivacyState, RoundSummary, Store, StoreError};
+use fedrec_store::{
+    Checkpoint, EndRound, NewModel, NewVersion, PrivacyState, ReplicaBeat, RoundOrder,
+    RoundSummary, RunState, Share, Store, StoreError,
+};
 
 fn layout() -> Layout {
     Layout::new(vec![
@@ -493,8 +496,8 @@ async fn replicas_commit_their_share_of_a_round_once() {
 }
 
 /// A store of an older schema is upgraded on connect, its data kept: here
-/// a version-1 store (version 2's table and row taken away again) with a
-/// task in it.
+/// a version-1 store (versions 2 and 3's tables and rows taken away again)
+/// with a task in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_upgraded_and_keeps_its_data() {
     let pg = TestPostgres::start();
@@ -506,7 +509,10 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
         .unwrap();
     tokio::spawn(connection);
     client
-        .batch_execute("DROP TABLE partial_sum; DELETE FROM schema_version WHERE version = 2")
+        .batch_execute(
+            "DROP TABLE partial_sum, round_order, replica; \
+             DELETE FROM schema_version WHERE version IN (2, 3)",
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -517,7 +523,7 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
     );
     let mut store = Store::connect(&pg.url()).await.unwrap();
     assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
     store.open_task("shop", &layout()).await.unwrap();
     let share = fedrec_store::Partial {
         replica: "a".to_owned(),
@@ -527,4 +533,580 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
         evaluation: EvalCounts::default(),
     };
     assert!(store.put_partial("shop", 1, 1, &share).await.unwrap());
+    store.heartbeat("shop", &beat("a", 1)).await.unwrap();
+}
+
+/// A version-2 store (version 3's tables and row taken away) is upgraded
+/// to 3 on connect, its partial sums kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_store_is_upgraded_to_3() {
+    let pg = TestPostgres::start();
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("shop", &layout()).await.unwrap();
+    let share = fedrec_store::Partial {
+        replica: "a".to_owned(),
+        weighted_sum: vec![0.0; 9],
+        weight: 1.0,
+        accepted: 1,
+        evaluation: EvalCounts::default(),
+    };
+    assert!(store.put_partial("shop", 1, 1, &share).await.unwrap());
+    drop(store);
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "DROP TABLE round_order, replica; DELETE FROM schema_version WHERE version = 3",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fedrec_store::migrate::schema_version(&client)
+            .await
+            .unwrap(),
+        2
+    );
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    assert_eq!(store.schema_version().await.unwrap(), 3);
+    let names: Vec<String> = client
+        .query("SELECT name FROM schema_version ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["init", "partial_sum", "cluster"]);
+    assert_eq!(store.partials("shop", 1, 1).await.unwrap(), vec![share]);
+    store.open_task("shop", &layout()).await.unwrap();
+    store
+        .commit_version(
+            "shop",
+            &NewVersion {
+                previous: None,
+                version: 1,
+                params: &[0.0; 9],
+                m: &[],
+                v: &[],
+                summary: None,
+                privacy: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(store.open_round("shop", &order(1, 1)).await.unwrap());
+}
+
+fn beat(name: &str, waiting: u64) -> ReplicaBeat {
+    ReplicaBeat {
+        name: name.to_owned(),
+        url: format!("http://{name}.internal:7070"),
+        waiting,
+        joined: waiting * 2,
+    }
+}
+
+/// A deadline the store keeps exactly (it keeps microseconds).
+fn deadline() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_900_000_000_123_456)
+}
+
+fn order(round: u32, model_version: u64) -> RoundOrder {
+    RoundOrder {
+        round,
+        model_version,
+        kind: TaskKind::Train,
+        deadline: deadline(),
+        shares: [
+            ("replica-a".to_owned(), Share { take: 5, needed: 4 }),
+            ("replica-b".to_owned(), Share { take: 3, needed: 2 }),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
+fn run(last_round: u32) -> RunState {
+    RunState {
+        last_round,
+        run_start: 0,
+        training_rounds: last_round,
+        final_evaluation_done: false,
+        training_stopped: None,
+    }
+}
+
+/// A task at model version 1, no round ended yet.
+async fn task_at_version_1(pg: &TestPostgres) -> Store {
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("shop", &layout()).await.unwrap();
+    store
+        .commit_version(
+            "shop",
+            &NewVersion {
+                previous: None,
+                version: 1,
+                params: &odd_params(),
+                m: &[],
+                v: &[],
+                summary: None,
+                privacy: None,
+            },
+        )
+        .await
+        .unwrap();
+    store
+}
+
+/// A round ends once: its end writes the model, the summary, the counters
+/// and the privacy state together; the same end again (a retry, a deposed
+/// leader) fails with StaleRound and writes nothing; a stale previous
+/// version is refused too. Old partial sums and orders are cleared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_ends_exactly_once() {
+    let pg = TestPostgres::start();
+    let mut store = task_at_version_1(&pg).await;
+    assert_eq!(store.run_state("shop").await.unwrap(), None);
+    // Leftovers of old rounds, to be cleared by round 6's end; round 1's
+    // partial sums stay until then.
+    let share = fedrec_store::Partial {
+        replica: "a".to_owned(),
+        weighted_sum: vec![0.0; 9],
+        weight: 1.0,
+        accepted: 1,
+        evaluation: EvalCounts::default(),
+    };
+    assert!(store.put_partial("shop", 1, 1, &share).await.unwrap());
+    assert!(store.open_round("shop", &order(1, 1)).await.unwrap());
+
+    let params = vec![2.0; 9];
+    let moments = vec![0.5; 9];
+    let (summary1, privacy1, run1) = (summary(1, 2), privacy(1), run(1));
+    let end1 = EndRound {
+        round: 1,
+        previous: Some(1),
+        model: Some(NewModel {
+            version: 2,
+            params: &params,
+            m: &moments,
+            v: &moments,
+        }),
+        summary: &summary1,
+        run: &run1,
+        privacy: Some(&privacy1),
+    };
+    store.end_round("shop", &end1).await.unwrap();
+    let model = store.latest("shop").await.unwrap().unwrap();
+    assert_eq!((model.version, model.params), (2, params.clone()));
+    assert_eq!(store.history("shop").await.unwrap(), vec![summary(1, 2)]);
+    assert_eq!(store.run_state("shop").await.unwrap(), Some(run(1)));
+    assert_eq!(store.privacy("shop").await.unwrap(), Some(privacy(1)));
+    assert_eq!(
+        count(&pg, "SELECT model_version FROM run_state").await,
+        2,
+        "the counters are as of the new version"
+    );
+
+    // The same end again: refused, nothing written.
+    let err = store.end_round("shop", &end1).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::StaleRound {
+                round: 1,
+                last: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Even with the right previous version and a new model.
+    let again = EndRound {
+        previous: Some(2),
+        model: Some(NewModel {
+            version: 3,
+            params: &[9.0; 9],
+            m: &[],
+            v: &[],
+        }),
+        ..end1
+    };
+    let err = store.end_round("shop", &again).await.unwrap_err();
+    assert!(matches!(err, StoreError::StaleRound { .. }), "{err:?}");
+    // Round 2 on a stale previous version.
+    let (summary2, run2) = (summary(2, 3), run(2));
+    let stale = EndRound {
+        round: 2,
+        previous: Some(1),
+        summary: &summary2,
+        run: &run2,
+        ..again
+    };
+    let err = store.end_round("shop", &stale).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::StaleVersion {
+                expected: Some(1),
+                found: Some(2),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A new model that does not follow the previous version.
+    let backwards = EndRound {
+        round: 2,
+        previous: Some(2),
+        model: Some(NewModel {
+            version: 2,
+            params: &[9.0; 9],
+            m: &[],
+            v: &[],
+        }),
+        ..stale
+    };
+    let err = store.end_round("shop", &backwards).await.unwrap_err();
+    assert!(matches!(err, StoreError::InvalidVersion(_)), "{err:?}");
+    let model = store.latest("shop").await.unwrap().unwrap();
+    assert_eq!((model.version, model.params), (2, params.clone()));
+    assert_eq!(store.history("shop").await.unwrap(), vec![summary(1, 2)]);
+    assert_eq!(store.run_state("shop").await.unwrap(), Some(run(1)));
+    assert_eq!(count(&pg, "SELECT count(*) FROM model_version").await, 2);
+
+    // Rounds 2..=6 end without models; round 6's end clears round 1's
+    // partial sums and order (kept while within 5 rounds).
+    for round in 2..=6 {
+        assert_eq!(count(&pg, "SELECT count(*) FROM partial_sum").await, 1);
+        assert_eq!(count(&pg, "SELECT count(*) FROM round_order").await, 1);
+        let (summary, run) = (summary(round, 2), run(round));
+        store
+            .end_round(
+                "shop",
+                &EndRound {
+                    round,
+                    previous: Some(2),
+                    model: None,
+                    summary: &summary,
+                    run: &run,
+                    privacy: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(count(&pg, "SELECT count(*) FROM partial_sum").await, 0);
+    assert_eq!(count(&pg, "SELECT count(*) FROM round_order").await, 0);
+    assert_eq!(store.run_state("shop").await.unwrap(), Some(run(6)));
+}
+
+/// An abandoned round (no model) moves the counters on and joins the
+/// history, without a new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_round_ends_without_a_new_version() {
+    let pg = TestPostgres::start();
+    let mut store = task_at_version_1(&pg).await;
+    let mut abandoned = summary(1, 1);
+    abandoned.completed = false;
+    abandoned.abandon_reason = Some("too few updates".to_owned());
+    let state = RunState {
+        training_stopped: Some("budget spent".to_owned()),
+        ..run(1)
+    };
+    store
+        .end_round(
+            "shop",
+            &EndRound {
+                round: 1,
+                previous: Some(1),
+                model: None,
+                summary: &abandoned,
+                run: &state,
+                privacy: Some(&privacy(1)),
+            },
+        )
+        .await
+        .unwrap();
+    let model = store.latest("shop").await.unwrap().unwrap();
+    assert_eq!(model.version, 1);
+    assert_eq!(bits(&model.params), bits(&odd_params()));
+    assert_eq!(store.history("shop").await.unwrap(), vec![abandoned]);
+    assert_eq!(store.run_state("shop").await.unwrap(), Some(state));
+    assert_eq!(store.privacy("shop").await.unwrap(), Some(privacy(1)));
+    assert_eq!(count(&pg, "SELECT count(*) FROM model_version").await, 1);
+    assert_eq!(count(&pg, "SELECT model_version FROM run_state").await, 1);
+
+    // A task with no model at all cannot end a round.
+    store.open_task("empty", &layout()).await.unwrap();
+    let (summary1, run1) = (summary(1, 0), run(1));
+    let err = store
+        .end_round(
+            "empty",
+            &EndRound {
+                round: 1,
+                previous: None,
+                model: None,
+                summary: &summary1,
+                run: &run1,
+                privacy: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoModel(_)), "{err:?}");
+    assert!(store.history("empty").await.unwrap().is_empty());
+}
+
+/// The run state a checkpoint import writes reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_checkpoint_has_its_run_state() {
+    let pg = TestPostgres::start();
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("shop", &layout()).await.unwrap();
+    let mut ck = checkpoint(2);
+    ck.training_stopped = Some("converged".to_owned());
+    store.import_checkpoint("shop", &ck).await.unwrap();
+    assert_eq!(
+        store.run_state("shop").await.unwrap(),
+        Some(RunState {
+            last_round: 2,
+            run_start: 0,
+            training_rounds: 2,
+            final_evaluation_done: false,
+            training_stopped: Some("converged".to_owned()),
+        })
+    );
+    // Round 3 follows the imported round 2.
+    assert!(!store.open_round("shop", &order(2, 2)).await.unwrap());
+    assert!(store.open_round("shop", &order(3, 2)).await.unwrap());
+}
+
+/// A round opens once, on the current model, right after the last ended
+/// round; it stays open until its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_opens_once_on_the_current_model() {
+    let pg = TestPostgres::start();
+    let mut store = task_at_version_1(&pg).await;
+    assert_eq!(store.open_order("shop").await.unwrap(), None);
+    assert!(
+        !store.open_round("shop", &order(2, 1)).await.unwrap(),
+        "round 1 first"
+    );
+    assert!(!store.open_round("shop", &order(0, 1)).await.unwrap());
+    assert!(
+        !store.open_round("shop", &order(1, 0)).await.unwrap(),
+        "a stale model"
+    );
+    assert!(
+        !store.open_round("shop", &order(1, 2)).await.unwrap(),
+        "a future model"
+    );
+    assert_eq!(store.open_order("shop").await.unwrap(), None);
+
+    let mut first = order(1, 1);
+    first.kind = TaskKind::Evaluate;
+    assert!(store.open_round("shop", &first).await.unwrap());
+    let other = order(1, 1);
+    assert!(
+        !store.open_round("shop", &other).await.unwrap(),
+        "one order per round"
+    );
+    assert_eq!(store.open_order("shop").await.unwrap(), Some(first.clone()));
+    assert_eq!(count(&pg, "SELECT count(*) FROM round_order").await, 1);
+
+    // Two leaders race to open round 1 of another task: one wins.
+    let mut other_store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("books", &layout()).await.unwrap();
+    store
+        .commit_version(
+            "books",
+            &NewVersion {
+                previous: None,
+                version: 1,
+                params: &[0.0; 9],
+                m: &[],
+                v: &[],
+                summary: None,
+                privacy: None,
+            },
+        )
+        .await
+        .unwrap();
+    let books = order(1, 1);
+    let (a, b) = tokio::join!(
+        store.open_round("books", &books),
+        other_store.open_round("books", &books),
+    );
+    assert!(a.unwrap() != b.unwrap(), "exactly one opens it");
+
+    // The round's end closes the order; round 2 opens on the new model.
+    let (summary1, run1) = (summary(1, 2), run(1));
+    let params = vec![1.0; 9];
+    store
+        .end_round(
+            "shop",
+            &EndRound {
+                round: 1,
+                previous: Some(1),
+                model: Some(NewModel {
+                    version: 2,
+                    params: &params,
+                    m: &[],
+                    v: &[],
+                }),
+                summary: &summary1,
+                run: &run1,
+                privacy: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.open_order("shop").await.unwrap(), None);
+    assert!(
+        !store.open_round("shop", &order(1, 2)).await.unwrap(),
+        "ended"
+    );
+    assert!(
+        !store.open_round("shop", &order(2, 1)).await.unwrap(),
+        "stale model"
+    );
+    assert!(store.open_round("shop", &order(2, 2)).await.unwrap());
+    assert_eq!(store.open_order("shop").await.unwrap(), Some(order(2, 2)));
+
+    let err = store.open_round("nowhere", &order(1, 1)).await.unwrap_err();
+    assert!(matches!(err, StoreError::UnknownTask(_)), "{err:?}");
+}
+
+/// Heartbeats replace each other; the replicas seen within the window
+/// come back by name, the silent ones do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_heartbeat_and_the_silent_drop_out() {
+    use std::time::Duration;
+    let pg = TestPostgres::start();
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("shop", &layout()).await.unwrap();
+    store.open_task("books", &layout()).await.unwrap();
+    let minute = Duration::from_secs(60);
+    assert!(store.replicas("shop", minute).await.unwrap().is_empty());
+    store
+        .heartbeat("shop", &beat("replica-b", 3))
+        .await
+        .unwrap();
+    store
+        .heartbeat("shop", &beat("replica-a", 1))
+        .await
+        .unwrap();
+    store
+        .heartbeat("shop", &beat("replica-a", 7))
+        .await
+        .unwrap();
+    store
+        .heartbeat("books", &beat("replica-c", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.replicas("shop", minute).await.unwrap(),
+        vec![beat("replica-a", 7), beat("replica-b", 3)]
+    );
+
+    // replica-b last beat two minutes ago.
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "UPDATE replica SET seen = now() - interval '2 minutes' WHERE name = 'replica-b'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.replicas("shop", minute).await.unwrap(),
+        vec![beat("replica-a", 7)]
+    );
+    assert_eq!(
+        store
+            .replicas("shop", Duration::from_secs(180))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    // It beats again: back.
+    store
+        .heartbeat("shop", &beat("replica-b", 0))
+        .await
+        .unwrap();
+    assert_eq!(store.replicas("shop", minute).await.unwrap().len(), 2);
+
+    let err = store
+        .heartbeat("nowhere", &beat("replica-a", 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::UnknownTask(_)), "{err:?}");
+}
+
+/// Sessions: found while they last, with their remaining time; renewed in
+/// place; gone once expired or ended; imported ones have no expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_last_their_ttl() {
+    use std::time::Duration;
+    let pg = TestPostgres::start();
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("shop", &layout()).await.unwrap();
+    let hour = Duration::from_secs(3600);
+    assert_eq!(store.session("shop", "d1").await.unwrap(), None);
+    store
+        .put_session("shop", "d1", Some("digest"), hour)
+        .await
+        .unwrap();
+    let remaining = store.session("shop", "d1").await.unwrap().unwrap().unwrap();
+    assert!(
+        remaining <= hour && remaining > hour - Duration::from_secs(60),
+        "{remaining:?}"
+    );
+    assert_eq!(store.session("books", "d1").await.unwrap(), None);
+
+    // Renewed without the token: shorter, the token kept.
+    store
+        .put_session("shop", "d1", None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let remaining = store.session("shop", "d1").await.unwrap().unwrap().unwrap();
+    assert!(remaining <= Duration::from_secs(60), "{remaining:?}");
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(*) FROM session WHERE token = 'digest' AND pseudonym = 'd1'"
+        )
+        .await,
+        1
+    );
+
+    // A ttl of zero has expired at once.
+    store
+        .put_session("shop", "d2", None, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(store.session("shop", "d2").await.unwrap(), None);
+
+    store.end_session("shop", "d1").await.unwrap();
+    assert_eq!(store.session("shop", "d1").await.unwrap(), None);
+    store.end_session("shop", "d1").await.unwrap();
+
+    // An imported session has no expiry.
+    let ck = checkpoint(1);
+    store.import_checkpoint("shop", &ck).await.unwrap();
+    assert_eq!(
+        store.session("shop", &ck.joined[0]).await.unwrap(),
+        Some(None)
+    );
+
+    let err = store
+        .put_session("nowhere", "d1", None, hour)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::UnknownTask(_)), "{err:?}");
 }
