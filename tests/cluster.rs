@@ -212,9 +212,6 @@ fn replicas_ride_out_a_store_restart_and_refuse_another_model() {
         .unwrap();
     assert!(!other.status.success());
     let said = String::from_utf8_lossy(&other.stderr);
-    assert!(
-        said.contains("in the store has the model shape"),
-        "{said}"
-    );
+    assert!(said.contains("in the store has the model shape"), "{said}");
     drop(replicas);
 }

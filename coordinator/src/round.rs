@@ -611,7 +611,9 @@ impl RoundCore {
         let filling = u32::from(self.buffer.is_some());
         (
             self.last_round - u32::from(open.is_some()) - filling,
-            self.training_rounds - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train)) - filling,
+            self.training_rounds
+                - u32::from(open.is_some_and(|o| o.kind == TaskKind::Train))
+                - filling,
         )
     }
 
@@ -814,6 +816,10 @@ impl RoundCore {
                 Some(secure) => secure.poll_timeout(),
                 None => Some(open.deadline),
             };
+        }
+        // A replica opens rounds on the leader's orders, not on a window.
+        if self.replica.is_some() {
+            return None;
         }
         let start = self.window_start?;
         let window_end = start + self.config.rounds.checkin_window();

@@ -124,14 +124,21 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .replica
             .clone()
             .unwrap_or_else(|| cfg.server.listen.clone());
-        let scheme = if cfg.tls.cert.is_some() { "https" } else { "http" };
+        let scheme = if cfg.tls.cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let url = cfg
             .cluster
             .url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{}", cfg.server.listen));
         // Replicas of one seed draw different pseudonyms and cohorts.
-        cfg.rounds.seed = cfg.rounds.seed.map(|s| fedrec::cluster::replica_seed(s, &name));
+        cfg.rounds.seed = cfg
+            .rounds
+            .seed
+            .map(|s| fedrec::cluster::replica_seed(s, &name));
         fedrec::cluster::Replica {
             store,
             task: cfg.cluster.task.clone(),
@@ -190,7 +197,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let (Some(state), Some(replica)) = (followed, &replica) {
         let (version, rounds) = (state.version, state.counters.last_round);
         start.core = start.core.into_replica();
-        start.core.follow(std::time::Instant::now(), state)?;
+        start.core.follow(state)?;
         eprintln!(
             "replica {} of task {:?}: model version {version}, {rounds} rounds ended in the store",
             replica.name, replica.task

@@ -113,6 +113,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
 pub use cluster::{ReplicaBeat, RoundOrder, Share};
+use error::Context;
 pub use error::StoreError;
 pub use fedrec_coordinator::checkpoint::{Checkpoint, PrivacyState};
 pub use fedrec_coordinator::history::RoundSummary;
@@ -170,6 +171,19 @@ impl Store {
             target,
             leading: Default::default(),
         })
+    }
+
+    /// Lets this connection's commits return before they reach the disk
+    /// (`synchronous_commit = off`): a PostgreSQL crash may lose its last
+    /// few commits, never corrupt anything. For writes that are cheap to
+    /// lose and frequent: device sessions (a device whose session is lost
+    /// joins again), so that a join does not wait for a disk flush.
+    pub async fn relax_commits(&self) -> Result<(), StoreError> {
+        self.client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .during("relaxing the connection's commits")?;
+        Ok(())
     }
 
     /// The server, as `user@host:port/database`.

@@ -23,7 +23,14 @@ pub fn gen_data_sized(
 ) -> (std::path::PathBuf, fedrec::data::Dataset) {
     let data = dir.join("purchases.tsv");
     let out = Command::new(BIN)
-        .args(["gen-data", "--users", &users.to_string(), "--items", &items.to_string(), "--out"])
+        .args([
+            "gen-data",
+            "--users",
+            &users.to_string(),
+            "--items",
+            &items.to_string(),
+            "--out",
+        ])
         .arg(&data)
         .output()
         .unwrap();
@@ -35,7 +42,6 @@ pub fn gen_data_sized(
     let ds = fedrec::data::load(&data, &Default::default()).unwrap();
     (data, ds)
 }
-
 
 /// Waits (bounded) for a line containing `needle`; returns it.
 pub fn expect_line(rx: &mpsc::Receiver<String>, needle: &str) -> String {
@@ -98,4 +104,3 @@ pub fn start_serve(args: &[&str]) -> (Killed, mpsc::Receiver<String>, String, Ve
         .to_string();
     (serve, rx, addr, before)
 }
-

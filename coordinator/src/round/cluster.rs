@@ -131,7 +131,11 @@ pub(super) struct Replica {
 /// Splits `selected` devices over the replicas in proportion to the
 /// devices waiting at each (largest remainders), never more than wait
 /// there; `needed` is split the same way, at least one per non-empty share.
-fn split(loads: &[ReplicaLoad], selected: usize, needed: usize) -> BTreeMap<String, (usize, usize)> {
+fn split(
+    loads: &[ReplicaLoad],
+    selected: usize,
+    needed: usize,
+) -> BTreeMap<String, (usize, usize)> {
     let waiting: usize = loads.iter().map(|l| l.waiting).sum();
     let mut shares: Vec<(usize, f64)> = loads
         .iter()
@@ -316,7 +320,12 @@ impl RoundCore {
     /// Closes this replica's share of a round: its sum is kept for the
     /// driver, never applied here. A share `abandon`ed (a secure sub-cohort
     /// with too few survivors) is dropped as a whole: it counts no update.
-    pub(super) fn close_share(&mut self, now: Instant, mut open: OpenRound, abandon: Option<String>) {
+    pub(super) fn close_share(
+        &mut self,
+        now: Instant,
+        mut open: OpenRound,
+        abandon: Option<String>,
+    ) {
         let totals = match (&abandon, open.secure.as_mut()) {
             (Some(_), _) => None,
             (None, Some(secure)) => secure.totals.take(),
@@ -325,7 +334,13 @@ impl RoundCore {
         if let Some(reason) = &abandon {
             tracing::warn!(round = open.number, %reason, "this replica's share dropped");
         }
-        let accepted = if totals.is_some() { open.accepted } else { 0 };
+        // Evaluation shares sum counts only; a dropped training share
+        // counts nothing.
+        let accepted = if totals.is_some() || open.kind == TaskKind::Evaluate {
+            open.accepted
+        } else {
+            0
+        };
         let (weighted_sum, weight) = totals
             .map(|t| (t.weighted_sum, t.weight))
             .unwrap_or_else(|| (vec![0.0; self.update_len()], 0.0));
@@ -343,7 +358,6 @@ impl RoundCore {
         }
         self.aggregator.reset();
         self.sweep(now);
-        self.window_start = (!self.pool.is_empty()).then_some(now);
         self.generation += 1;
     }
 
@@ -383,8 +397,8 @@ impl RoundCore {
                         .for_each(|(t, v)| *t += f64::from(*v));
                     weight += s.weight;
                 }
-                let mean = (weight > 0.0)
-                    .then(|| total.iter().map(|t| (t / weight) as f32).collect());
+                let mean =
+                    (weight > 0.0).then(|| total.iter().map(|t| (t / weight) as f32).collect());
                 self.apply_mean(mean, round, accepted)
             }
             _ => {
@@ -421,7 +435,7 @@ impl RoundCore {
     /// share still open here for a round that has ended is dropped (its
     /// devices' late submissions are refused); an order for it too.
     /// Refuses a model of another size.
-    pub fn follow(&mut self, now: Instant, state: Followed) -> Result<(), CoordinatorError> {
+    pub fn follow(&mut self, state: Followed) -> Result<(), CoordinatorError> {
         let Followed {
             version,
             params,
@@ -462,10 +476,13 @@ impl RoundCore {
         if self.open.as_ref().is_some_and(|o| o.number <= last_round) {
             self.open = None;
             self.aggregator.reset();
-            self.window_start = (!self.pool.is_empty()).then_some(now);
         }
         if let Some(replica) = self.replica.as_mut() {
-            if replica.order.as_ref().is_some_and(|o| o.round <= last_round) {
+            if replica
+                .order
+                .as_ref()
+                .is_some_and(|o| o.round <= last_round)
+            {
                 replica.order = None;
             }
             replica.shared = replica.shared.max(last_round);
