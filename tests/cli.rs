@@ -2,14 +2,12 @@
 //! processes, Ctrl-C; and data errors that name the file and line.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-use common::process::{Killed, expect_line, gen_data, start_serve};
-use common::stderr_lines as lines;
+use common::process::{expect_line, gen_data, start_serve};
 
 /// Waits for a child process with the bounded timeout.
 fn wait(child: Child) -> std::process::Output {

@@ -87,12 +87,19 @@ fn expect_from(
 /// Device processes for `users`, each given every replica's URL (in a
 /// different order, so that they spread over the replicas).
 fn start_devices(replicas: &[Replica], data: &std::path::Path, users: &[String]) -> Vec<Child> {
+    let urls: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    start_devices_at(&urls, data, users)
+}
+
+/// Device processes for `users`, the i-th given `urls` rotated by i.
+fn start_devices_at(urls: &[String], data: &std::path::Path, users: &[String]) -> Vec<Child> {
     users
         .iter()
         .enumerate()
         .map(|(i, user)| {
-            let mut urls: Vec<&str> = replicas.iter().map(|r| r.url.as_str()).collect();
-            urls.rotate_left(i % urls.len());
+            let mut urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            let n = urls.len();
+            urls.rotate_left(i % n);
             Command::new(BIN)
                 .args(["client", "--coordinator", &urls.join(",")])
                 .args(["--user", user, "--data"])
@@ -106,12 +113,24 @@ fn start_devices(replicas: &[Replica], data: &std::path::Path, users: &[String])
 }
 
 fn config(dir: &std::path::Path, rounds: u32, devices: usize, items: usize) -> std::path::PathBuf {
+    config_with(dir, rounds, devices, items, "")
+}
+
+/// A coordinator.toml in `dir` for `rounds` rounds of `devices` devices on
+/// `items` items, with `extra` appended.
+fn config_with(
+    dir: &std::path::Path,
+    rounds: u32,
+    devices: usize,
+    items: usize,
+    extra: &str,
+) -> std::path::PathBuf {
     let path = dir.join("coordinator.toml");
     std::fs::write(
         &path,
         format!(
             "[rounds]\nrounds = {rounds}\nclients_per_round = {devices}\nmin_updates = 2\n\
-             deadline_secs = 6\nseed = 5\n\n[model]\nitems = {items}\nfactors = 8\n"
+             deadline_secs = 6\nseed = 5\n\n[model]\nitems = {items}\nfactors = 8\n{extra}"
         ),
     )
     .unwrap();
@@ -214,4 +233,58 @@ fn replicas_ride_out_a_store_restart_and_refuse_another_model() {
     let said = String::from_utf8_lossy(&other.stderr);
     assert!(said.contains("in the store has the model shape"), "{said}");
     drop(replicas);
+}
+
+/// The HR@10 of the final evaluation round, from its line ("... cohort
+/// HR@10 0.556").
+fn final_hit_rate(line: &str) -> f64 {
+    line.rsplit("HR@10 ")
+        .next()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no HR@10 in {line:?}"))
+}
+
+/// With the same seed and devices, three replicas train to the quality of
+/// one process, in plain and in secure mode (secure aggregation over each
+/// replica's sub-cohort).
+#[test]
+fn three_replicas_reach_the_quality_of_one_process() {
+    let pg = TestPostgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ds) = gen_data_sized(dir.path(), 12, 40);
+    let rounds = 4;
+    let evaluation = format!("round {} (evaluation)", rounds + 1);
+    for (task, secure) in [
+        ("plain", ""),
+        ("secure", "\n[secure_aggregation]\nenabled = true\n"),
+    ] {
+        let extra = format!("{secure}\n[cluster]\ntask = \"{task}\"\n");
+        let config = config_with(dir.path(), rounds, 12, ds.n_items(), &extra);
+
+        let (single, rx, addr, _) = start_serve(&["--config", config.to_str().unwrap()]);
+        let devices = start_devices_at(&[format!("http://{addr}")], &data, &ds.user_ids);
+        let alone = final_hit_rate(&common::process::expect_line(&rx, &evaluation));
+        wait_devices(devices);
+        drop(single);
+
+        let (replicas, rx) = start_replicas(3, &pg.url(), &config);
+        let devices = start_devices(&replicas, &data, &ds.user_ids);
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let line = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let (_, line) = rx
+                .recv_timeout(left)
+                .expect("the evaluation round ends in time");
+            if line.contains(&evaluation) {
+                break line;
+            }
+        };
+        let together = final_hit_rate(&line);
+        wait_devices(devices);
+        drop(replicas);
+        assert!(
+            (together - alone).abs() <= 0.05 * alone,
+            "{task}: three replicas HR@10 {together}, one process {alone}"
+        );
+    }
 }
