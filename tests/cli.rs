@@ -41,6 +41,12 @@ fn serve_and_three_client_processes_then_ctrl_c() {
         config,
     ]);
 
+    // A list of coordinator URLs whose first is down (a port bound and
+    // released): each device joins the second.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let clients: Vec<Child> = ds.user_ids[..3]
         .iter()
         .map(|user| {
@@ -50,7 +56,7 @@ fn serve_and_three_client_processes_then_ctrl_c() {
                     "--factors",
                     "8",
                     "--coordinator",
-                    &format!("http://{addr}"),
+                    &format!("http://{dead},http://{addr}"),
                     "--user",
                     user,
                     "--data",
@@ -65,6 +71,7 @@ fn serve_and_three_client_processes_then_ctrl_c() {
         let out = wait(client);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "client failed: {err}");
+        assert!(err.contains(&format!("joined http://{addr} as")), "{err}");
         assert!(
             err.contains("done: 2 training rounds, 1 evaluations"),
             "{err}"

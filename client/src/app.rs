@@ -220,7 +220,7 @@ struct GlobalModel {
 
 #[derive(Debug)]
 struct Link {
-    channel: Channel,
+    /// The session, the coordinator's endpoints and the one in use.
     participant: Participant,
     /// Messages of `participant.sent()` already added to the device's ledger.
     absorbed: usize,
@@ -391,26 +391,46 @@ impl Client {
         f(&mut local.device)
     }
 
-    /// Connects to the coordinator at `endpoint` (e.g.
-    /// `http://127.0.0.1:50051`) and joins, receiving a pseudonym. Joining
-    /// sends nothing about the shopper.
-    pub async fn connect(&self, endpoint: &str) -> Result<(), ClientError> {
-        self.connect_with(endpoint, &ConnectOptions::default())
+    /// Connects to the coordinator at `endpoints` (e.g.
+    /// `http://127.0.0.1:50051`, or a comma-separated list of its replicas)
+    /// and joins, receiving a pseudonym. Joining sends nothing about the
+    /// shopper.
+    pub async fn connect(&self, endpoints: &str) -> Result<(), ClientError> {
+        self.connect_with(endpoints, &ConnectOptions::default())
             .await
     }
 
-    /// Connects as [`connect`](Self::connect) does, with transport security:
-    /// `https://` with the coordinator's CA, and a device certificate for
-    /// mutual TLS (see [`ConnectOptions`]).
+    /// Connects as [`connect`](Self::connect) does, with transport security
+    /// (`https://` with the coordinator's CA, and a device certificate for
+    /// mutual TLS) and an enrollment token, if given (see
+    /// [`ConnectOptions`]).
     pub async fn connect_with(
         &self,
-        endpoint: &str,
+        endpoints: &str,
         options: &ConnectOptions,
     ) -> Result<(), ClientError> {
-        let channel = options.channel(endpoint).await?;
-        let participant = Participant::join(channel.clone(), None)
+        self.adopt(Participant::connect_with(endpoints, options).await?)
             .await
-            .map_err(|e| options.explain_refusal(endpoint, e))?;
+    }
+
+    /// Connects to one of the coordinator's `endpoints`, its replicas (which
+    /// share the device's session), tried in order, and joins; later
+    /// network calls move to the next endpoint whenever the one in use
+    /// cannot be reached, keeping the pseudonym. See
+    /// [`Participant::connect_any`].
+    pub async fn connect_any(
+        &self,
+        endpoints: &[impl AsRef<str>],
+        options: &ConnectOptions,
+    ) -> Result<(), ClientError> {
+        self.adopt(Participant::connect_any(endpoints, options).await?)
+            .await
+    }
+
+    /// Takes `participant`, just joined, as the client's connection: notes
+    /// what it sent and, for a client of the coordinator's model, adopts
+    /// the model's shape and the catalogue it announced.
+    async fn adopt(&self, participant: Participant) -> Result<(), ClientError> {
         let sent = participant.sent().messages().to_vec();
         {
             let mut local = self.local();
@@ -418,8 +438,9 @@ impl Client {
             if self.inner.from_coordinator {
                 if participant.layout().tensors().is_empty() {
                     return Err(ClientError::ModelMismatch(format!(
-                        "the coordinator at {endpoint} announces no model layout \
-                         (an older coordinator): build the client with its model"
+                        "the coordinator at {} announces no model layout \
+                         (an older coordinator): build the client with its model",
+                        participant.endpoint().unwrap_or_default()
                     )));
                 }
                 let catalogue = participant.catalogue().cloned();
@@ -434,7 +455,6 @@ impl Client {
             }
         }
         *self.inner.link.lock().await = Some(Link {
-            channel,
             participant,
             absorbed: sent.len(),
         });
@@ -445,22 +465,31 @@ impl Client {
     /// recommendations (any consent level: the requests carry only the
     /// pseudonym and the model version), unless the device holds that
     /// version already (the coordinator limits downloads of one version,
-    /// `server.max_downloads_per_version`). Returns its version.
+    /// `server.max_downloads_per_version`). Returns its version. With
+    /// several endpoints, one that cannot be reached is left for the next.
     pub async fn refresh_model(&self) -> Result<u64, ClientError> {
         let layout = self.local().device.model().layout();
         let held = self.model_version();
         let mut guard = self.inner.link.lock().await;
         let link = guard.as_mut().ok_or(ClientError::NotConnected)?;
-        let mut raw = CoordinatorClient::new(link.channel.clone());
         let mut sent = Vec::new();
         let mut result = Err(ClientError::Protocol("no download attempted".into()));
         let mut joined_again = false;
-        for _ in 0..FETCH_ATTEMPTS {
+        // One more attempt for each other endpoint it may move to.
+        let attempts = FETCH_ATTEMPTS + link.participant.endpoint_count() - 1;
+        for _ in 0..attempts {
             let pseudonym = link.participant.pseudonym().to_owned();
+            let mut raw = link.participant.client();
             result = fetch_model(&mut raw, &pseudonym, &layout, held, &mut sent).await;
             match &result {
                 Err(ClientError::Rpc { status, .. })
                     if status.code() == tonic::Code::FailedPrecondition => {}
+                // The endpoint in use cannot be reached: the next one, if any.
+                Err(ClientError::Rpc { status, .. }) if crate::participant::unreachable(status) => {
+                    if !link.participant.fail_over() {
+                        break;
+                    }
+                }
                 // The session expired (or was replaced): join again once,
                 // as a participating device does, and retry.
                 Err(ClientError::Rpc { status, .. })

@@ -101,18 +101,28 @@ impl BlockingClient {
     }
 
     /// See [`Client::connect`]; blocks until joined.
-    pub fn connect(&self, endpoint: &str) -> Result<(), ClientError> {
-        self.runtime.block_on(self.inner.connect(endpoint))
+    pub fn connect(&self, endpoints: &str) -> Result<(), ClientError> {
+        self.runtime.block_on(self.inner.connect(endpoints))
     }
 
     /// See [`Client::connect_with`]; blocks until joined.
     pub fn connect_with(
         &self,
-        endpoint: &str,
+        endpoints: &str,
         options: &crate::connect::ConnectOptions,
     ) -> Result<(), ClientError> {
         self.runtime
-            .block_on(self.inner.connect_with(endpoint, options))
+            .block_on(self.inner.connect_with(endpoints, options))
+    }
+
+    /// See [`Client::connect_any`]; blocks until joined.
+    pub fn connect_any(
+        &self,
+        endpoints: &[impl AsRef<str>],
+        options: &crate::connect::ConnectOptions,
+    ) -> Result<(), ClientError> {
+        self.runtime
+            .block_on(self.inner.connect_any(endpoints, options))
     }
 
     /// See [`Client::refresh_model`]; blocks until downloaded.

@@ -2,6 +2,13 @@
 //! `https://` with the CA that signed the coordinator's certificate, and
 //! mutual TLS with the device's own certificate and key.
 //!
+//! A device may be given several coordinator endpoints (the replicas of a
+//! replicated coordinator, which share the device's session): it joins the
+//! first that answers and moves to the next, round robin, whenever the one
+//! it uses cannot be reached, keeping its pseudonym (see
+//! [`Participant::connect_any`](crate::participant::Participant::connect_any)).
+//! The same options (TLS, token) apply to each.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), fedrec_client::ClientError> {
 //! use std::path::Path;
@@ -13,12 +20,18 @@
 //!     Some(Path::new("certs/device-1.key")),
 //! )?;
 //! let participant = Participant::connect_with("https://localhost:50051", &tls).await?;
+//! // Or the replicas of one coordinator, tried in turn:
+//! let replicated = Participant::connect_with(
+//!     "https://replica-1.example:50051,https://replica-2.example:50051",
+//!     &tls,
+//! )
+//! .await?;
 //! # Ok(()) }
 //! ```
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::ClientError;
 
@@ -169,7 +182,19 @@ impl ConnectOptions {
     /// CA ([`ca_pem`](Self::ca_pem)); TLS options with an `http://` endpoint
     /// are refused rather than silently ignored.
     pub async fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
-        let mut ep = fedrec_proto::endpoint(endpoint.to_string())
+        self.endpoint(endpoint)?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: endpoint.to_string(),
+                source,
+            })
+    }
+
+    /// `endpoint` configured with these options, not connected yet (the
+    /// checks of [`channel`](Self::channel), without I/O).
+    fn endpoint(&self, endpoint: &str) -> Result<Endpoint, ClientError> {
+        let ep = fedrec_proto::endpoint(endpoint.to_string())
             .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?;
         let https = endpoint.starts_with("https://");
         if https {
@@ -186,20 +211,100 @@ impl ConnectOptions {
             if let Some(name) = &self.domain_name {
                 tls = tls.domain_name(name.clone());
             }
-            ep = ep.tls_config(tls).map_err(|source| ClientError::Connect {
+            ep.tls_config(tls).map_err(|source| ClientError::Connect {
                 endpoint: endpoint.to_string(),
                 source,
-            })?;
+            })
         } else if self.is_tls() {
-            return Err(ClientError::InvalidConfig(format!(
+            Err(ClientError::InvalidConfig(format!(
                 "TLS options were given but {endpoint} is not https://: use https:// to connect \
                  over TLS"
-            )));
+            )))
+        } else {
+            Ok(ep)
         }
-        ep.connect().await.map_err(|source| ClientError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })
+    }
+}
+
+/// The coordinator endpoints a device may use: the replicas of one
+/// coordinator (a session is valid at each), or one load-balanced address.
+/// It uses one at a time and moves to the next, round robin, when that one
+/// cannot be reached ([`advance`](Self::advance), the one place that picks).
+#[derive(Debug)]
+pub(crate) struct Endpoints {
+    /// Each URL with its endpoint, configured (TLS) and checked once.
+    list: Vec<(String, Endpoint)>,
+    /// The index of the one in use.
+    current: usize,
+}
+
+impl Endpoints {
+    /// The endpoints of `urls`, in order, with `options`; the first is in
+    /// use. Every URL is checked here (a bad one, or `https://` without a
+    /// CA, is a [`ClientError::InvalidConfig`] naming it), before any
+    /// connection.
+    pub(crate) fn new(
+        urls: &[impl AsRef<str>],
+        options: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        if urls.is_empty() {
+            return Err(ClientError::InvalidConfig(
+                "no coordinator endpoint given".to_owned(),
+            ));
+        }
+        let list = urls
+            .iter()
+            .map(|url| {
+                let url = url.as_ref().trim();
+                if url.is_empty() {
+                    return Err(ClientError::InvalidConfig(
+                        "an empty coordinator endpoint in the list (two commas in a row, or one \
+                         at an end?)"
+                            .to_owned(),
+                    ));
+                }
+                Ok((url.to_owned(), options.endpoint(url)?))
+            })
+            .collect::<Result<_, ClientError>>()?;
+        Ok(Self { list, current: 0 })
+    }
+
+    /// The endpoints of a comma-separated list of URLs (see [`new`](Self::new)).
+    pub(crate) fn parse(urls: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
+        Self::new(&urls.split(',').collect::<Vec<_>>(), options)
+    }
+
+    /// How many there are.
+    pub(crate) fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// The URL of the one in use.
+    pub(crate) fn url(&self) -> &str {
+        &self.list[self.current].0
+    }
+
+    /// Moves to the next one, round robin.
+    pub(crate) fn advance(&mut self) {
+        self.current = (self.current + 1) % self.list.len();
+    }
+
+    /// Connects to the one in use now; the error names it.
+    pub(crate) async fn connect(&self) -> Result<Channel, ClientError> {
+        let (url, endpoint) = &self.list[self.current];
+        endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: url.clone(),
+                source,
+            })
+    }
+
+    /// A channel to the one in use that connects at its first request: a
+    /// replica that is down as well shows there, as an unreachable status.
+    pub(crate) fn connect_lazy(&self) -> Channel {
+        self.list[self.current].1.connect_lazy()
     }
 }
 

@@ -7,6 +7,10 @@
 //! Every message it sends is logged in a [`SentLog`] (kind, round, bytes),
 //! so an app can show what left the device.
 //!
+//! Given several coordinator endpoints (the replicas of one coordinator),
+//! it uses one at a time and moves to the next whenever the one in use
+//! cannot be reached, keeping its pseudonym ([`Participant::connect_any`]).
+//!
 //! A training task with secure aggregation takes the four SecAgg+ steps
 //! instead of the plain upload (see the `secure` submodule): the
 //! coordinator then learns only the cohort's sum.
@@ -23,7 +27,7 @@ use fedrec_proto::{Layout, PROTOCOL_VERSION, pb};
 use prost::Message;
 use tonic::transport::Channel;
 
-use crate::connect::ConnectOptions;
+use crate::connect::{ConnectOptions, Endpoints};
 use crate::device::{Device, LocalUpdate};
 use crate::eligibility::{self, Gate};
 use crate::error::ClientError;
@@ -87,6 +91,10 @@ pub struct ParticipationSummary {
     pub interrupted: u32,
     /// Times the device reached the coordinator again after losing it.
     pub reconnects: u32,
+    /// Times the device moved to another of its coordinator endpoints
+    /// because the one in use could not be reached (see
+    /// [`Participant::connect_any`]); always 0 with a single endpoint.
+    pub failovers: u32,
     /// Times the device joined again because the coordinator no longer
     /// knew its session (it expired, or the coordinator lost it).
     pub rejoins: u32,
@@ -123,16 +131,33 @@ impl TaskEnd {
 /// status made from a transport error (which carries that error as its
 /// source; a connection cut in the middle of a stream can surface as
 /// `INTERNAL`).
-fn unreachable(status: &tonic::Status) -> bool {
+pub(crate) fn unreachable(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) || std::error::Error::source(status).is_some()
 }
 
+/// Whether `err`, met connecting and joining, means that the endpoint
+/// could not be reached or talked to (so that another may be tried),
+/// rather than that the coordinator refused the device.
+fn not_reached(err: &ClientError) -> bool {
+    match err {
+        ClientError::Rpc { status, .. } => unreachable(status),
+        ClientError::Connect { .. }
+        | ClientError::TlsRefused { .. }
+        | ClientError::PlainTextToTls { .. } => true,
+        _ => false,
+    }
+}
+
 /// A device's connection to a coordinator.
 pub struct Participant {
+    /// Over a channel to the endpoint in use.
     client: CoordinatorClient<Channel>,
+    /// The endpoints it may use, and the one in use; `None` when it was
+    /// made from a channel ([`join`](Self::join)): it cannot move then.
+    endpoints: Option<Endpoints>,
     pseudonym: String,
     /// The enrollment token, for joining again when the session ends.
     token: Option<String>,
@@ -151,6 +176,7 @@ impl std::fmt::Debug for Participant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Participant")
             .field("pseudonym", &self.pseudonym)
+            .field("endpoint", &self.endpoint())
             .finish()
     }
 }
@@ -160,24 +186,75 @@ fn rpc(request: &'static str) -> impl FnOnce(tonic::Status) -> ClientError {
 }
 
 impl Participant {
-    /// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`) in plain
-    /// text and joins.
-    pub async fn connect(endpoint: &str) -> Result<Self, ClientError> {
-        Self::connect_with(endpoint, &ConnectOptions::default()).await
+    /// Connects to `endpoints` (e.g. `http://127.0.0.1:50051`, or a
+    /// comma-separated list of replicas) in plain text and joins; see
+    /// [`connect_any`](Self::connect_any).
+    pub async fn connect(endpoints: &str) -> Result<Self, ClientError> {
+        Self::connect_with(endpoints, &ConnectOptions::default()).await
     }
 
-    /// Connects to `endpoint` with `options` (TLS for `https://`, a device
-    /// certificate for mutual TLS) and joins. Under mutual TLS a coordinator
-    /// that refuses the device's certificate (or its absence) is noticed
-    /// here, on the Join request.
+    /// Connects to `endpoints`, one URL or a comma-separated list of them
+    /// (`http://a:50051,http://b:50051`), with `options` and joins: the
+    /// same as [`connect_any`](Self::connect_any) with the list split.
     pub async fn connect_with(
-        endpoint: &str,
+        endpoints: &str,
         options: &ConnectOptions,
     ) -> Result<Self, ClientError> {
-        let channel = options.channel(endpoint).await?;
-        Self::join_with_token(channel, None, options.token().map(str::to_owned))
-            .await
-            .map_err(|e| options.explain_refusal(endpoint, e))
+        Self::connect_to(Endpoints::parse(endpoints, options)?, options).await
+    }
+
+    /// Connects to one of `endpoints` with `options` (TLS for `https://`, a
+    /// device certificate for mutual TLS, an enrollment token; the same for
+    /// each) and joins. Under mutual TLS a coordinator that refuses the
+    /// device's certificate (or its absence) is noticed here, on the Join
+    /// request.
+    ///
+    /// Several endpoints are the replicas of one coordinator, which share
+    /// the device's session (or the addresses of one behind a load
+    /// balancer). They are tried in order until one answers Join (a
+    /// refusal, e.g. of the enrollment token, ends the attempt at once;
+    /// when none can be reached, the last one's error is returned). Later,
+    /// whenever a request fails because the endpoint in use cannot be
+    /// reached, the participant moves to the next one, round robin, before
+    /// it tries again, keeping its pseudonym; it joins again only if that
+    /// replica does not know its session (`UNAUTHENTICATED`). In
+    /// [`run`](Self::run) the back-off applies once a whole pass over the
+    /// list failed, so a live replica is reached at once. Moves are logged
+    /// and counted ([`ParticipationSummary::failovers`]).
+    pub async fn connect_any(
+        endpoints: &[impl AsRef<str>],
+        options: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        Self::connect_to(Endpoints::new(endpoints, options)?, options).await
+    }
+
+    async fn connect_to(
+        mut endpoints: Endpoints,
+        options: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        let token = options.token().map(str::to_owned);
+        let mut tried = 0;
+        loop {
+            let url = endpoints.url().to_owned();
+            let joined = match endpoints.connect().await {
+                Ok(channel) => Self::join_with_token(channel, None, token.clone())
+                    .await
+                    .map_err(|e| options.explain_refusal(&url, e)),
+                Err(e) => Err(e),
+            };
+            tried += 1;
+            match joined {
+                Ok(mut participant) => {
+                    participant.endpoints = Some(endpoints);
+                    return Ok(participant);
+                }
+                Err(e) if not_reached(&e) && tried < endpoints.len() => {
+                    tracing::warn!(endpoint = %url, error = %e, "coordinator unreachable; trying the next endpoint");
+                    endpoints.advance();
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Joins over an existing channel. `recorder`, if given, sees the encoded
@@ -195,6 +272,7 @@ impl Participant {
     ) -> Result<Self, ClientError> {
         let mut participant = Self {
             client: CoordinatorClient::new(channel),
+            endpoints: None,
             pseudonym: String::new(),
             token,
             chunk_bytes: fedrec_proto::DEFAULT_CHUNK_BYTES,
@@ -253,6 +331,36 @@ impl Participant {
         &self.pseudonym
     }
 
+    /// The coordinator endpoint in use; `None` for a participant made from
+    /// a channel ([`join`](Self::join)).
+    pub fn endpoint(&self) -> Option<&str> {
+        self.endpoints.as_ref().map(Endpoints::url)
+    }
+
+    /// The client of the endpoint in use (a cheap clone).
+    pub(crate) fn client(&self) -> CoordinatorClient<Channel> {
+        self.client.clone()
+    }
+
+    /// How many endpoints the participant may use (1 when made from a channel).
+    pub(crate) fn endpoint_count(&self) -> usize {
+        self.endpoints.as_ref().map_or(1, Endpoints::len)
+    }
+
+    /// Moves to the next endpoint, round robin, after the one in use could
+    /// not be reached; keeps the pseudonym. Returns whether it moved (not
+    /// with a single endpoint, whose channel reconnects by itself).
+    pub(crate) fn fail_over(&mut self) -> bool {
+        let Some(endpoints) = self.endpoints.as_mut().filter(|e| e.len() > 1) else {
+            return false;
+        };
+        let from = endpoints.url().to_owned();
+        endpoints.advance();
+        self.client = CoordinatorClient::new(endpoints.connect_lazy());
+        tracing::info!(pseudonym = %self.pseudonym, from = %from, to = %endpoints.url(), "coordinator unreachable; moved to the next endpoint");
+        true
+    }
+
     /// What left the device so far.
     pub fn sent(&self) -> &SentLog {
         &self.sent
@@ -265,7 +373,10 @@ impl Participant {
     /// Survives the coordinator: while it cannot be reached (a restart, a
     /// network failure), the device waits with the policy's `reconnect`
     /// back-off and tries again, for up to `reconnect_for`; a task cut
-    /// short is counted as interrupted. When the coordinator no longer knows
+    /// short is counted as interrupted. With several endpoints
+    /// ([`connect_any`](Self::connect_any)) it moves to the next one after
+    /// each such failure, and backs off only once a whole pass over them
+    /// failed. When the coordinator no longer knows
     /// the device's session (`UNAUTHENTICATED`: expired, or lost), the
     /// device joins again, with its enrollment token if it has one.
     ///
@@ -281,8 +392,9 @@ impl Participant {
         mut device: Device,
     ) -> Result<(Device, ParticipationSummary), ClientError> {
         let mut summary = ParticipationSummary::default();
-        // While the coordinator is unreachable: since when, and the next wait.
-        let mut outage: Option<(tokio::time::Instant, Duration)> = None;
+        // While the coordinator is unreachable: since when, the next wait,
+        // and the check-ins that failed (one per endpoint makes a pass).
+        let mut outage: Option<(tokio::time::Instant, Duration, usize)> = None;
         // The wait before the next re-join, once a re-join did not lead to
         // an accepted check-in (a back-off, so that a coordinator that keeps
         // refusing fresh sessions is not flooded with joins).
@@ -310,17 +422,27 @@ impl Participant {
                 }
                 Err(status) if unreachable(&status) => {
                     let policy = &device.participation;
-                    let (since, wait) = outage
-                        .get_or_insert((tokio::time::Instant::now(), policy.reconnect.initial));
+                    let (since, wait, failed) = outage.get_or_insert((
+                        tokio::time::Instant::now(),
+                        policy.reconnect.initial,
+                        0,
+                    ));
                     if policy
                         .reconnect_for
                         .is_some_and(|limit| since.elapsed() >= limit)
                     {
                         return Err(rpc("CheckIn")(status));
                     }
-                    tracing::debug!(code = ?status.code(), wait_ms = wait.as_millis(), "coordinator unreachable; trying again");
-                    tokio::time::sleep(*wait).await;
-                    *wait = (*wait * 2).min(policy.reconnect.max.max(policy.reconnect.initial));
+                    // The next endpoint at once; the back-off after a pass.
+                    *failed += 1;
+                    if self.fail_over() {
+                        summary.failovers += 1;
+                    }
+                    if *failed % self.endpoint_count() == 0 {
+                        tracing::debug!(code = ?status.code(), wait_ms = wait.as_millis(), "coordinator unreachable; trying again");
+                        tokio::time::sleep(*wait).await;
+                        *wait = (*wait * 2).min(policy.reconnect.max.max(policy.reconnect.initial));
+                    }
                     continue;
                 }
                 // A session the coordinator no longer knows (expired, or
@@ -370,7 +492,12 @@ impl Participant {
             device = back;
             match (ended, task.kind()) {
                 (TaskEnd::Refused, _) => summary.refused += 1,
-                (TaskEnd::Interrupted, _) => summary.interrupted += 1,
+                (TaskEnd::Interrupted, _) => {
+                    summary.interrupted += 1;
+                    if self.fail_over() {
+                        summary.failovers += 1;
+                    }
+                }
                 (TaskEnd::Accepted, TaskKind::Evaluate) => summary.evaluated += 1,
                 (TaskEnd::Accepted, _) => summary.trained += 1,
             }

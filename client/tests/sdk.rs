@@ -758,3 +758,133 @@ async fn a_model_refresh_follows_a_new_shape() {
     assert_eq!(client.recommend(5).unwrap().items.len(), 5);
     running.stop().await;
 }
+
+/// An address where nothing listens (a port bound and released at once):
+/// connections to it are refused.
+async fn dead_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    format!("http://{}", listener.local_addr().unwrap())
+}
+
+/// A device given several coordinator endpoints joins the first that
+/// answers (issue 23, item 6), through the participant and the app API
+/// (a comma-separated list); when none answers, the last one's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_joins_the_first_endpoint_that_answers() {
+    use fedrec_client::connect::ConnectOptions;
+    let model = common::model(30, 4);
+    let running = common::start(common::config(1, 1), &model, 1).await;
+    let (dead, also_dead) = (dead_endpoint().await, dead_endpoint().await);
+    let p = common::within(
+        "connect",
+        Participant::connect_any(&[&dead, &running.endpoint], &ConnectOptions::new()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.endpoint(), Some(running.endpoint.as_str()));
+
+    let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
+    let list = format!("{dead}, {}", running.endpoint);
+    common::within("connect", client.connect(&list))
+        .await
+        .unwrap();
+    let version = common::within("model", client.refresh_model())
+        .await
+        .unwrap();
+    assert_eq!(version, 1);
+    assert_eq!(running.received("Join").0, 2);
+
+    let err = common::within(
+        "connect",
+        Participant::connect_with(&format!("{dead},{also_dead}"), &ConnectOptions::new()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Connect { endpoint, .. } if *endpoint == also_dead),
+        "{err}"
+    );
+    let err = Participant::connect_with(&format!("{dead},"), &ConnectOptions::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::InvalidConfig(_)), "{err}");
+    running.stop().await;
+}
+
+/// A device taking part at coordinator A, given [A, B], moves to B when A
+/// stops in the middle of its rounds and finishes there. Two coordinators
+/// in one process share no sessions, so B refuses the device's pseudonym
+/// and it joins again (replicas sharing a store would take it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moves_to_the_next_endpoint_when_its_coordinator_stops() {
+    use fedrec_client::connect::ConnectOptions;
+    let model = common::model(30, 4);
+    let mut cfg = common::config(1000, 1);
+    // Check-ins in flight end soon, so that A stops soon.
+    cfg.server.long_poll_secs = 0.5;
+    let a = common::start(cfg, &model, 1).await;
+    let b = common::start(common::config(2, 1), &model, 1).await;
+    let mut device = Device::new(Arc::clone(&model), 3);
+    device.set_consent(Consent::Federated).unwrap();
+    for i in [1, 2, 3] {
+        device.record(purchase(i)).unwrap();
+    }
+    let endpoints = [a.endpoint.clone(), b.endpoint.clone()];
+    let mut p = common::within(
+        "connect",
+        Participant::connect_any(&endpoints, &ConnectOptions::new()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.endpoint(), Some(a.endpoint.as_str()));
+    let run = tokio::spawn(async move {
+        let result = p.run(device).await;
+        (p, result)
+    });
+    let mut progress = a.handle.subscribe();
+    common::within(
+        "a round at A",
+        progress.wait_for(|p| p.history.iter().any(|s| s.completed)),
+    )
+    .await
+    .unwrap();
+    a.stop().await;
+    let (p, result) = common::within("the device finishes at B", run)
+        .await
+        .unwrap();
+    let (_, summary) = result.unwrap();
+    assert!(summary.failovers >= 1, "{summary:?}");
+    assert!(summary.rejoins >= 1, "B joins it again: {summary:?}");
+    assert!(summary.trained >= 3, "{summary:?}");
+    assert!(!summary.finished_reason.is_empty(), "{summary:?}");
+    assert_eq!(p.endpoint(), Some(b.endpoint.as_str()));
+    assert!(b.handle.progress().finished.is_some());
+    b.stop().await;
+}
+
+/// An app's model refresh moves to the next endpoint when the coordinator
+/// it joined has stopped, and joins again there if it must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_refresh_moves_to_the_next_endpoint() {
+    use fedrec_client::connect::ConnectOptions;
+    let model = common::model(40, 4);
+    let a = common::start(common::config(1, 1), &model, 1).await;
+    let b = common::start(common::config(1, 1), &model, 2).await;
+    let client = Client::builder(Arc::clone(&model)).seed(5).open().unwrap();
+    common::within(
+        "connect",
+        client.connect_any(&[&a.endpoint, &b.endpoint], &ConnectOptions::new()),
+    )
+    .await
+    .unwrap();
+    a.stop().await;
+    let version = common::within("model", client.refresh_model())
+        .await
+        .unwrap();
+    assert_eq!(version, 1);
+    // B did not know the session: its first download was refused, the
+    // second came after the device joined there.
+    assert_eq!(b.received("Join").0, 1);
+    assert_eq!(b.received("DownloadModel").0, 2);
+    b.stop().await;
+}

@@ -143,7 +143,10 @@ impl FedrecClient {
 
     /// Connects to the coordinator at `url` (e.g. `https://shop.example:443`)
     /// and joins, learning the model's shape and the catalogue (stored);
-    /// joining sends nothing about the shopper.
+    /// joining sends nothing about the shopper. `url` may be a
+    /// comma-separated list of the coordinator's replicas: they are tried
+    /// in order, and later calls move to the next whenever the one in use
+    /// cannot be reached, keeping the device's session.
     pub fn connect(&self, url: String, config: Option<ConnectConfig>) -> Result<(), FedrecError> {
         guard(|| {
             let options = ConnectOptions::try_from(config.unwrap_or_default())?;

@@ -305,6 +305,9 @@ pub struct ParticipationSummary {
     pub reconnects: u32,
     /// Times the device joined again after its session expired.
     pub rejoins: u32,
+    /// Times the device moved to another of its coordinator URLs because
+    /// the one in use could not be reached.
+    pub failovers: u32,
     /// Why it stopped (the task limit, "not eligible: …", the coordinator
     /// finishing).
     pub finished_reason: String,
@@ -319,6 +322,7 @@ impl From<participant::ParticipationSummary> for ParticipationSummary {
             interrupted: s.interrupted,
             reconnects: s.reconnects,
             rejoins: s.rejoins,
+            failovers: s.failovers,
             finished_reason: s.finished_reason,
         }
     }

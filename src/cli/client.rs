@@ -14,8 +14,16 @@ pub(crate) struct ClientArgs {
     #[command(flatten)]
     pub(crate) data: DataArgs,
     /// The coordinator's address: http://HOST:PORT, or https://HOST:PORT
-    /// with --ca (HOST must be one of the names in its certificate).
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// with --ca (HOST must be one of the names in its certificate). A
+    /// comma-separated list (URL,URL,…) names the replicas of one
+    /// coordinator: the device joins the first that answers and moves to
+    /// the next whenever the one in use cannot be reached, keeping its
+    /// session.
+    #[arg(
+        long,
+        value_name = "URL[,URL…]",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub(crate) coordinator: String,
     /// TLS: the CA certificate (PEM) that signed the coordinator's certificate.
     #[arg(long, value_name = "FILE")]
@@ -77,7 +85,7 @@ pub(crate) fn client(args: ClientArgs) -> anyhow::Result<()> {
             bail!(
                 "the coordinator at {} did not announce its catalogue (it is an older \
                  version of fedrec): run the same version of fedrec on both sides",
-                args.coordinator
+                participant.endpoint().unwrap_or(&args.coordinator)
             );
         };
         let model = fedrec_client::model::for_layout(participant.layout())?;
@@ -111,7 +119,7 @@ pub(crate) fn client(args: ClientArgs) -> anyhow::Result<()> {
         }
         eprintln!(
             "joined {} as {}: {} purchases of user {} in the coordinator's catalogue ({})",
-            args.coordinator,
+            participant.endpoint().unwrap_or(&args.coordinator),
             participant.pseudonym(),
             mapped,
             args.user,
@@ -133,12 +141,13 @@ pub(crate) fn client(args: ClientArgs) -> anyhow::Result<()> {
         let (_device, summary) = participant.run(device).await?;
         eprintln!(
             "done: {} training rounds, {} evaluations, {} refused, {} interrupted; {} reconnects, \
-             {} joins again; {} bytes sent; coordinator: {}",
+             {} failovers, {} joins again; {} bytes sent; coordinator: {}",
             summary.trained,
             summary.evaluated,
             summary.refused,
             summary.interrupted,
             summary.reconnects,
+            summary.failovers,
             summary.rejoins,
             participant.sent().total_bytes(),
             summary.finished_reason
