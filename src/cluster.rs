@@ -121,11 +121,12 @@ async fn committed(store: &Store, task: &str) -> Result<Followed, StoreError> {
 }
 
 /// Sessions in the store, on a connection of their own (device requests
-/// wait on it, never on the round loop's).
+/// wait on it, never on the round loop's). Requests share it at once:
+/// tokio-postgres pipelines them on the one connection.
 #[derive(Debug)]
 pub struct StoreSessions {
     replica: Replica,
-    store: tokio::sync::Mutex<Option<Store>>,
+    store: tokio::sync::Mutex<Option<Arc<Store>>>,
 }
 
 impl StoreSessions {
@@ -144,18 +145,25 @@ impl StoreSessions {
         f: impl AsyncFnOnce(&Store, &str) -> Result<T, StoreError>,
     ) -> Result<T, CoordinatorError> {
         let unavailable = |e: StoreError| CoordinatorError::StoreUnavailable(e.to_string());
-        let mut slot = self.store.lock().await;
-        if slot.is_none() {
-            let store = Store::connect(&self.replica.store)
-                .await
-                .map_err(unavailable)?;
-            store.relax_commits().await.map_err(unavailable)?;
-            *slot = Some(store);
-        }
-        let store = slot.as_ref().expect("connected above");
-        let result = f(store, &self.replica.task).await;
+        let store = {
+            let mut slot = self.store.lock().await;
+            match slot.as_ref() {
+                Some(store) => Arc::clone(store),
+                None => {
+                    let store = Store::connect(&self.replica.store)
+                        .await
+                        .map_err(unavailable)?;
+                    store.relax_commits().await.map_err(unavailable)?;
+                    Arc::clone(slot.insert(Arc::new(store)))
+                }
+            }
+        };
+        let result = f(&store, &self.replica.task).await;
         if result.is_err() {
-            *slot = None;
+            let mut slot = self.store.lock().await;
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &store)) {
+                *slot = None;
+            }
         }
         result.map_err(unavailable)
     }

@@ -671,7 +671,9 @@ fn serve_chooses_its_settings_on_the_devices_validation_purchases() {
 #[test]
 fn a_checkpoint_is_imported_into_a_postgres_store() {
     use fedrec_client::model::{MatrixFactorization, Model};
-    let pg = fedrec_store::testing::TestPostgres::start();
+    let Some(pg) = fedrec_store::testing::TestPostgres::start_or_skip() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("coordinator.ckpt");
     let layout = MatrixFactorization::new(10, 4, 0.1).unwrap().layout();

@@ -70,7 +70,7 @@ pub fn idle(
         .max(cfg.server.long_poll_secs + 60.0);
     cfg.server.max_connections = cfg.server.max_connections.max(connections + 16);
     // A round never starts: it would need every device and one more.
-    let server = ServeProcess::start(cfg, joined + connections + 1, 1024, 1, Wire::default())?;
+    let server = ServeProcess::start(cfg, joined + connections + 1, 1024, 1, Wire::default(), &[])?;
     let runtime = tokio::runtime::Runtime::new()?;
     let base_rss_mb = server.rss_mb()?;
     let addr = server.addr.clone();

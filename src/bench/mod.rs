@@ -181,6 +181,7 @@ impl ServeProcess {
         dim: usize,
         rounds: u32,
         wire: Wire,
+        args: &[String],
     ) -> anyhow::Result<Self> {
         let (items, factors) = shape(dim)?;
         let mut cfg = base;
@@ -204,6 +205,7 @@ impl ServeProcess {
             .arg("serve")
             .arg("--config")
             .arg(&path)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -388,10 +390,55 @@ async fn zero_training_device(
     })
 }
 
+/// How the benchmarked coordinator keeps its state.
+#[derive(Clone, Debug, Default)]
+pub struct Deployment {
+    /// One process writing its checkpoint file after every round.
+    pub checkpoint: bool,
+    /// Replicas on this PostgreSQL store (a fresh task for each run)
+    /// instead of one process.
+    pub store: Option<String>,
+    /// Replicas to start with `store` (at least 1).
+    pub replicas: usize,
+}
+
+impl Deployment {
+    /// The `fedrec serve` arguments of each process: one list per process.
+    fn processes(&self, dir: &std::path::Path) -> Vec<Vec<String>> {
+        match &self.store {
+            Some(store) => {
+                let task = format!(
+                    "bench-{}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_micros())
+                );
+                (1..=self.replicas.max(1))
+                    .map(|i| {
+                        let args = ["--store", store, "--replica", &format!("r{i}")];
+                        let mut args: Vec<String> = args.map(str::to_owned).to_vec();
+                        args.extend(["--task".to_owned(), task.clone()]);
+                        args
+                    })
+                    .collect()
+            }
+            None if self.checkpoint => vec![vec![
+                "--checkpoint".to_owned(),
+                dir.join("bench.ckpt").display().to_string(),
+            ]],
+            None => vec![Vec::new()],
+        }
+    }
+}
+
 /// Runs `rounds` rounds of FedAvg with `clients` zero-training devices and a
-/// model of `dim` values against a coordinator in its own process, configured
-/// as `base` (its `[server]` limits, say) apart from what the benchmark sets:
-/// the listener, rounds, cohort, model size and wire formats.
+/// model of `dim` values against a coordinator in its own process (or
+/// replicas on a store, each serving an equal share of the devices, as
+/// `deployment` says), configured as `base` (its `[server]` limits, say)
+/// apart from what the benchmark sets: the listener, rounds, cohort, model
+/// size and wire formats. The peak memory reported is the largest
+/// process's.
 pub fn round(
     base: CoordinatorConfig,
     clients: usize,
@@ -399,18 +446,29 @@ pub fn round(
     rounds: u32,
     with_loopback: bool,
     wire: Wire,
+    deployment: &Deployment,
 ) -> anyhow::Result<RoundRow> {
     if clients == 0 || rounds == 0 {
         bail!("--clients and --rounds must be >= 1");
     }
-    let server = ServeProcess::start(base, clients, dim, rounds, wire)?;
+    let dir = tempfile::tempdir()?;
+    let servers = deployment
+        .processes(dir.path())
+        .iter()
+        .map(|args| ServeProcess::start(base.clone(), clients, dim, rounds, wire, args))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let update = Arc::new(bench_update(dim, wire.upload));
     let times = runtime.block_on(async {
-        let channels = crate::sim::connect(&server.addr, crate::sim::SIM_CONNECTIONS).await?;
+        let mut channels = Vec::new();
+        for server in &servers {
+            channels.push(crate::sim::connect(&server.addr, crate::sim::SIM_CONNECTIONS).await?);
+        }
         let tasks: Vec<_> = (0..clients)
             .map(|i| {
-                let client = CoordinatorClient::new(channels[i % channels.len()].clone());
+                let mine = &channels[i % channels.len()];
+                let channel = mine[(i / channels.len()) % mine.len()].clone();
+                let client = CoordinatorClient::new(channel);
                 tokio::spawn(zero_training_device(client, Arc::clone(&update)))
             })
             .collect();
@@ -448,8 +506,13 @@ pub fn round(
         .collect();
     let steady = &sec_per_round_each[usize::from(sec_per_round_each.len() > 1)..];
     let sec_per_round_after_first = steady.iter().sum::<f64>() / steady.len() as f64;
-    let coordinator_peak_rss_mb = server.peak_rss_mb()?;
-    drop(server);
+    let coordinator_peak_rss_mb = servers
+        .iter()
+        .map(ServeProcess::peak_rss_mb)
+        .collect::<anyhow::Result<Vec<f64>>>()?
+        .into_iter()
+        .fold(0.0, f64::max);
+    drop(servers);
     let download_bytes_per_device = wire.download.wire_bytes(dim);
     let bytes_per_round =
         clients * (download_bytes_per_device + wire.upload.upload_wire_bytes(dim));

@@ -72,6 +72,16 @@ pub(crate) struct BenchRoundArgs {
     /// formats). Default: the built-in defaults.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// The single coordinator writes its checkpoint file after every round.
+    #[arg(long, conflicts_with = "store")]
+    pub(crate) checkpoint: bool,
+    /// Run replicas on this PostgreSQL store instead (a fresh task each run;
+    /// devices spread evenly over the replicas).
+    #[arg(long, value_name = "URL")]
+    pub(crate) store: Option<String>,
+    /// Replicas to start with --store.
+    #[arg(long, default_value_t = 1, requires = "store")]
+    pub(crate) replicas: usize,
 }
 
 #[derive(Args, Debug)]
@@ -163,6 +173,11 @@ pub(crate) fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 fedrec::bench::Wire {
                     download: a.download_encoding,
                     upload: a.upload_encoding,
+                },
+                &fedrec::bench::Deployment {
+                    checkpoint: a.checkpoint,
+                    store: a.store.clone(),
+                    replicas: a.replicas,
                 },
             )?;
             eprintln!(

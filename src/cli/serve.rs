@@ -78,6 +78,10 @@ pub(crate) struct ServeArgs {
     /// cluster.url).
     #[arg(long, value_name = "URL")]
     pub(crate) replica_url: Option<String>,
+    /// With --store: the task, which the replicas of one coordinator share
+    /// (overrides cluster.task).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) task: Option<String>,
     #[command(flatten)]
     pub(crate) overrides: ConfigOverrides,
 }
@@ -117,6 +121,9 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(url) = &args.replica_url {
         cfg.cluster.url = Some(url.clone());
+    }
+    if let Some(task) = &args.task {
+        cfg.cluster.task = task.clone();
     }
     let replica = cfg.cluster.store.clone().map(|store| {
         let name = cfg

@@ -96,7 +96,9 @@ async fn count(pg: &TestPostgres, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn migrations_apply_from_empty_and_are_idempotent() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let store = Store::connect(&pg.url()).await.unwrap();
     assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
     let tables = count(
@@ -115,7 +117,9 @@ async fn migrations_apply_from_empty_and_are_idempotent() {
 
 #[tokio::test]
 async fn concurrent_replicas_migrate_once() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let url = pg.url();
     let (a, b, c) = tokio::join!(
         Store::connect(&url),
@@ -134,7 +138,9 @@ async fn concurrent_replicas_migrate_once() {
 
 #[tokio::test]
 async fn a_newer_schema_is_refused() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     drop(Store::connect(&pg.url()).await.unwrap());
     let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
         .await
@@ -161,7 +167,9 @@ async fn a_newer_schema_is_refused() {
 
 #[tokio::test]
 async fn a_task_of_another_shape_is_refused() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
@@ -179,7 +187,9 @@ async fn a_task_of_another_shape_is_refused() {
 
 #[tokio::test]
 async fn a_checkpoint_import_round_trips_bit_for_bit() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     let ck = checkpoint(2);
     let err = store.import_checkpoint("shop", &ck).await.unwrap_err();
@@ -231,7 +241,9 @@ async fn a_checkpoint_import_round_trips_bit_for_bit() {
 
 #[tokio::test]
 async fn a_stale_commit_is_refused_and_changes_nothing() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     let first = odd_params();
@@ -316,7 +328,9 @@ async fn a_stale_commit_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn data_survives_a_server_restart() {
-    let mut pg = TestPostgres::start();
+    let Some(mut pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     let ck = checkpoint(5);
@@ -338,7 +352,9 @@ async fn data_survives_a_server_restart() {
 
 #[tokio::test]
 async fn connection_errors_say_what_failed_without_the_password() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let port = pg.port();
 
     let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
@@ -405,7 +421,9 @@ async fn connection_errors_say_what_failed_without_the_password() {
 /// lease to a waiting follower, with no expiry to wait for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_leads_a_task_until_it_resigns_or_its_connection_ends() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let url = pg.url();
     let mut a = Store::connect(&url).await.unwrap();
     let mut b = Store::connect(&url).await.unwrap();
@@ -443,7 +461,9 @@ async fn one_replica_leads_a_task_until_it_resigns_or_its_connection_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_commit_their_share_of_a_round_once() {
     use fedrec_store::Partial;
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     let share = |replica: &str, scale: f32| Partial {
@@ -500,7 +520,9 @@ async fn replicas_commit_their_share_of_a_round_once() {
 /// with a task in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_upgraded_and_keeps_its_data() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     drop(store);
@@ -540,7 +562,9 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
 /// to 3 on connect, its partial sums kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_store_is_upgraded_to_3() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     let share = fedrec_store::Partial {
@@ -665,7 +689,9 @@ async fn task_at_version_1(pg: &TestPostgres) -> Store {
 /// version is refused too. Old partial sums and orders are cleared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_ends_exactly_once() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = task_at_version_1(&pg).await;
     assert_eq!(store.run_state("shop").await.unwrap(), None);
     // Leftovers of old rounds, to be cleared by round 6's end; round 1's
@@ -805,7 +831,9 @@ async fn a_round_ends_exactly_once() {
 /// history, without a new version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_round_ends_without_a_new_version() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = task_at_version_1(&pg).await;
     let mut abandoned = summary(1, 1);
     abandoned.completed = false;
@@ -861,7 +889,9 @@ async fn an_abandoned_round_ends_without_a_new_version() {
 /// The run state a checkpoint import writes reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_imported_checkpoint_has_its_run_state() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     let mut ck = checkpoint(2);
@@ -886,7 +916,9 @@ async fn an_imported_checkpoint_has_its_run_state() {
 /// round; it stays open until its end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_opens_once_on_the_current_model() {
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = task_at_version_1(&pg).await;
     assert_eq!(store.open_order("shop").await.unwrap(), None);
     assert!(
@@ -983,7 +1015,9 @@ async fn a_round_opens_once_on_the_current_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_heartbeat_and_the_silent_drop_out() {
     use std::time::Duration;
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     store.open_task("books", &layout()).await.unwrap();
@@ -1053,7 +1087,9 @@ async fn replicas_heartbeat_and_the_silent_drop_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_last_their_ttl() {
     use std::time::Duration;
-    let pg = TestPostgres::start();
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
     let mut store = Store::connect(&pg.url()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     let hour = Duration::from_secs(3600);
