@@ -340,7 +340,7 @@ impl Driver {
                 weighted_sum: sum.weighted_sum.clone(),
                 weight: sum.weight,
                 accepted: sum.accepted as u64,
-                evaluation: sum.evaluation.clone(),
+                evaluation: sum.evaluation,
             };
             store
                 .put_partial(&self.replica.task, sum.round, sum.model_version, &partial)
