@@ -18,6 +18,15 @@ fn layout() -> Layout {
     ])
 }
 
+/// A fresh server and a connection to it with the task "shop" of
+/// [`layout`]; `None` when the test skips (no PostgreSQL here).
+async fn shop() -> Option<(TestPostgres, Store)> {
+    let pg = TestPostgres::start_or_skip()?;
+    let mut store = Store::connect(&pg.url()).await.unwrap();
+    store.open_task("shop", &layout()).await.unwrap();
+    Some((pg, store))
+}
+
 /// Nine values whose bits a lossy path would change: -0, NaN with a
 /// payload, a subnormal, the extremes.
 fn odd_params() -> Vec<f32> {
@@ -167,11 +176,9 @@ async fn a_newer_schema_is_refused() {
 
 #[tokio::test]
 async fn a_task_of_another_shape_is_refused() {
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((_pg, mut store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     store.open_task("shop", &layout()).await.unwrap();
     assert_eq!(store.latest("shop").await.unwrap(), None);
 
@@ -241,11 +248,9 @@ async fn a_checkpoint_import_round_trips_bit_for_bit() {
 
 #[tokio::test]
 async fn a_stale_commit_is_refused_and_changes_nothing() {
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((pg, mut store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     let first = odd_params();
     store
         .commit_version(
@@ -461,11 +466,9 @@ async fn one_replica_leads_a_task_until_it_resigns_or_its_connection_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_commit_their_share_of_a_round_once() {
     use fedrec_store::Partial;
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((_pg, mut store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     let share = |replica: &str, scale: f32| Partial {
         replica: replica.to_owned(),
         weighted_sum: odd_params()
@@ -520,11 +523,9 @@ async fn replicas_commit_their_share_of_a_round_once() {
 /// with a task in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_upgraded_and_keeps_its_data() {
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((pg, store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     drop(store);
     let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
         .await
@@ -562,11 +563,9 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
 /// to 3 on connect, its partial sums kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_2_store_is_upgraded_to_3() {
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((pg, mut store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     let share = fedrec_store::Partial {
         replica: "a".to_owned(),
         weighted_sum: vec![0.0; 9],
@@ -889,11 +888,9 @@ async fn an_abandoned_round_ends_without_a_new_version() {
 /// The run state a checkpoint import writes reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_imported_checkpoint_has_its_run_state() {
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((_pg, mut store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     let mut ck = checkpoint(2);
     ck.training_stopped = Some("converged".to_owned());
     store.import_checkpoint("shop", &ck).await.unwrap();
@@ -1015,11 +1012,9 @@ async fn a_round_opens_once_on_the_current_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_heartbeat_and_the_silent_drop_out() {
     use std::time::Duration;
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((pg, mut store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     store.open_task("books", &layout()).await.unwrap();
     let minute = Duration::from_secs(60);
     assert!(store.replicas("shop", minute).await.unwrap().is_empty());
@@ -1087,11 +1082,9 @@ async fn replicas_heartbeat_and_the_silent_drop_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_last_their_ttl() {
     use std::time::Duration;
-    let Some(pg) = TestPostgres::start_or_skip() else {
+    let Some((pg, mut store)) = shop().await else {
         return;
     };
-    let mut store = Store::connect(&pg.url()).await.unwrap();
-    store.open_task("shop", &layout()).await.unwrap();
     let hour = Duration::from_secs(3600);
     assert_eq!(store.session("shop", "d1").await.unwrap(), None);
     store
