@@ -33,6 +33,7 @@ use fedrec_coordinator::round::cluster::{
 use fedrec_coordinator::round::{Pseudonym, RoundCore, TaskKind};
 use fedrec_coordinator::service::{ServiceHandle, SessionStore, StoreFuture};
 use fedrec_proto::Layout;
+use fedrec_proto::catalogue::Catalogue;
 use fedrec_store::{
     EndRound, NewModel, NewVersion, Partial, ReplicaBeat, RoundOrder, RunState, Share, Store,
     StoreError,
@@ -69,15 +70,25 @@ pub struct Replica {
     pub url: String,
 }
 
-/// Connects to the store, checks the task's shape (creating the task, and
-/// its first model version from `params`, if it is new) and reads the
-/// committed state this replica starts from.
-pub async fn open(replica: &Replica, layout: &Layout, params: &[f32]) -> anyhow::Result<Followed> {
+/// Connects to the store, checks the task's shape and catalogue (creating
+/// the task, and its first model version from `params`, if it is new) and
+/// reads the committed state this replica starts from.
+pub async fn open(
+    replica: &Replica,
+    layout: &Layout,
+    catalogue: &Catalogue,
+    params: &[f32],
+) -> anyhow::Result<Followed> {
     let mut store = Store::connect(&replica.store).await?;
+    let place = format!("task {:?} in the store {}", replica.task, store.target());
     store
         .open_task(&replica.task, layout)
         .await
-        .with_context(|| format!("task {:?} in the store {}", replica.task, store.target()))?;
+        .context(place.clone())?;
+    store
+        .check_catalogue(&replica.task, &catalogue.ids())
+        .await
+        .context(place)?;
     if store.latest(&replica.task).await?.is_none() {
         let first = NewVersion {
             previous: None,

@@ -228,7 +228,8 @@ fn replicas_survive_the_loss_of_a_replica_and_of_the_leader() {
 
 /// Two replicas ride out a restart of PostgreSQL mid-run (they retry with
 /// back-off, and rounds go on after it), and a replica started for a model
-/// of another shape is refused with a message saying so.
+/// of another shape, or over another catalogue, is refused with a message
+/// saying so.
 #[test]
 fn replicas_ride_out_a_store_restart_and_refuse_another_model() {
     let Some(mut pg) = TestPostgres::start_or_skip() else {
@@ -258,6 +259,21 @@ fn replicas_ride_out_a_store_restart_and_refuse_another_model() {
     assert!(!other.status.success());
     let said = String::from_utf8_lossy(&other.stderr);
     assert!(said.contains("in the store has the model shape"), "{said}");
+
+    // The same shape over other item ids.
+    let catalogue = dir.path().join("catalogue.txt");
+    let ids: Vec<String> = (101..101 + ds.n_items()).map(|i| i.to_string()).collect();
+    std::fs::write(&catalogue, ids.join("\n")).unwrap();
+    let other = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--catalogue"])
+        .arg(&catalogue)
+        .args(["--store", &pg.url(), "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    let said = String::from_utf8_lossy(&other.stderr);
+    assert!(said.contains("has another catalogue"), "{said}");
     drop(replicas);
 }
 

@@ -188,7 +188,7 @@ pub(crate) fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let layout = model.layout();
             Some(
                 runtime
-                    .block_on(fedrec::cluster::open(replica, &layout, &params))
+                    .block_on(fedrec::cluster::open(replica, &layout, &catalogue, &params))
                     .context("cannot start this replica")?,
             )
         }

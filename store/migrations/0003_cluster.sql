@@ -36,3 +36,8 @@ CREATE TABLE replica (
     seen    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (task, name)
 );
+
+-- The task's catalogue: SHA-256 of its item ids in model order, one a line,
+-- recorded by the first replica; a replica with another is refused (the
+-- same shape over other items would mix two models' rows).
+ALTER TABLE task ADD COLUMN catalogue bytea;

@@ -170,6 +170,36 @@ impl Store {
         }))
     }
 
+    /// Records the task's catalogue (its item ids in model order, as a
+    /// SHA-256 digest) the first time, and refuses another one afterwards
+    /// with [`StoreError::TaskCatalogue`]: replicas whose model rows mean
+    /// different items must not train one model.
+    pub async fn check_catalogue(&self, task: &str, ids: &[String]) -> Result<(), StoreError> {
+        let text = ids.join("\n");
+        self.client
+            .execute(
+                "UPDATE task SET catalogue = sha256(convert_to($2, 'UTF8'))
+                 WHERE name = $1 AND catalogue IS NULL",
+                &[&task, &text],
+            )
+            .await
+            .during("recording the task's catalogue")?;
+        let same: Option<bool> = self
+            .client
+            .query_opt(
+                "SELECT catalogue = sha256(convert_to($2, 'UTF8')) FROM task WHERE name = $1",
+                &[&task, &text],
+            )
+            .await
+            .during("checking the task's catalogue")?
+            .ok_or_else(|| StoreError::UnknownTask(task.to_owned()))?
+            .get(0);
+        match same {
+            Some(true) => Ok(()),
+            _ => Err(StoreError::TaskCatalogue(task.to_owned())),
+        }
+    }
+
     /// Records a replica's heartbeat (replacing its previous one), stamped
     /// with the database's clock so that replicas' clocks need not agree.
     /// The leader sizes its round orders from the recent ones

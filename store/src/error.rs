@@ -43,6 +43,12 @@ pub enum StoreError {
         /// The newest version this build knows.
         known: i32,
     },
+    /// The store's task was trained over another catalogue.
+    #[error(
+        "task {0:?} in the store has another catalogue (other item ids, or another order) than \
+         this coordinator's: give every replica the same --items or --catalogue"
+    )]
+    TaskCatalogue(String),
     /// The store's task has a model of another shape.
     #[error(
         "task {task:?} in the store has the model shape {stored}, this coordinator's is {wanted}: \

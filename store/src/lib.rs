@@ -67,7 +67,7 @@
 //! | table | one row per | holds |
 //! |---|---|---|
 //! | `schema_version` | applied migration | version, name, when |
-//! | `task` | task | name, layout (JSON), number of values (the shape check), `current_version` (the head), created |
+//! | `task` | task | name, layout (JSON), number of values (the shape check), `current_version` (the head), the catalogue's SHA-256 (version 3), created |
 //! | `model_version` | (task, version) | params (little-endian `f32`, bytea), the server optimizer's moments, created |
 //! | `round_summary` | (task, seq) | round number, model version, the [`RoundSummary`] as JSON |
 //! | `privacy_state` | task | the [`PrivacyState`] (ledger, clip) as JSON, as of a model version |

@@ -534,6 +534,7 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
     client
         .batch_execute(
             "DROP TABLE partial_sum, round_order, replica; \
+             ALTER TABLE task DROP COLUMN catalogue; \
              DELETE FROM schema_version WHERE version IN (2, 3)",
         )
         .await
@@ -581,7 +582,8 @@ async fn a_version_2_store_is_upgraded_to_3() {
     tokio::spawn(connection);
     client
         .batch_execute(
-            "DROP TABLE round_order, replica; DELETE FROM schema_version WHERE version = 3",
+            "DROP TABLE round_order, replica; ALTER TABLE task DROP COLUMN catalogue; \
+             DELETE FROM schema_version WHERE version = 3",
         )
         .await
         .unwrap();
@@ -1135,6 +1137,33 @@ async fn sessions_last_their_ttl() {
 
     let err = store
         .put_session("nowhere", "d1", None, hour)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::UnknownTask(_)), "{err:?}");
+}
+
+/// The first catalogue recorded for a task stays: the same ids pass, other
+/// ids (or another order) are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_keeps_its_catalogue() {
+    let Some((_pg, store)) = shop().await else {
+        return;
+    };
+    let ids = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    store
+        .check_catalogue("shop", &ids(&["a", "b", "c"]))
+        .await
+        .unwrap();
+    store
+        .check_catalogue("shop", &ids(&["a", "b", "c"]))
+        .await
+        .unwrap();
+    for other in [ids(&["a", "c", "b"]), ids(&["a", "b", "d"])] {
+        let err = store.check_catalogue("shop", &other).await.unwrap_err();
+        assert!(matches!(err, StoreError::TaskCatalogue(_)), "{err:?}");
+    }
+    let err = store
+        .check_catalogue("nowhere", &ids(&["a"]))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::UnknownTask(_)), "{err:?}");
