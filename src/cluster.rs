@@ -27,16 +27,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use fedrec_coordinator::CoordinatorError;
-use fedrec_coordinator::round::cluster::{
-    Followed, ReplicaLoad, RunCounters, ShareOrder, ShareSum,
-};
+use fedrec_coordinator::round::cluster::{Followed, ReplicaLoad, ShareOrder, ShareSum};
 use fedrec_coordinator::round::{Pseudonym, RoundCore, TaskKind};
 use fedrec_coordinator::service::{ServiceHandle, SessionStore, StoreFuture};
 use fedrec_proto::Layout;
 use fedrec_proto::catalogue::Catalogue;
 use fedrec_store::{
-    EndRound, NewModel, NewVersion, Partial, ReplicaBeat, RoundOrder, RunState, Share, Store,
-    StoreError,
+    EndRound, NewModel, NewVersion, Partial, ReplicaBeat, RoundOrder, Share, Store, StoreError,
 };
 
 /// How often the loop looks at the store.
@@ -114,19 +111,12 @@ async fn committed(store: &Store, task: &str) -> Result<Followed, StoreError> {
         .latest(task)
         .await?
         .ok_or_else(|| StoreError::Corrupt(format!("task {task:?} has no model version")))?;
-    let run = store.run_state(task).await?.unwrap_or_default();
     Ok(Followed {
         version: model.version,
         params: model.params,
         m: model.m,
         v: model.v,
-        counters: RunCounters {
-            last_round: run.last_round,
-            run_start: run.run_start,
-            training_rounds: run.training_rounds,
-            final_evaluation_done: run.final_evaluation_done,
-            training_stopped: run.training_stopped,
-        },
+        counters: store.run_state(task).await?.unwrap_or_default(),
         history: store.history(task).await?,
     })
 }
@@ -419,13 +409,6 @@ impl Driver {
             (summary, core.counters(), core.checkpoint())
         })?;
         let changed = checkpoint.model_version != order.model_version;
-        let run = RunState {
-            last_round: counters.last_round,
-            run_start: counters.run_start,
-            training_rounds: counters.training_rounds,
-            final_evaluation_done: counters.final_evaluation_done,
-            training_stopped: counters.training_stopped,
-        };
         let end = EndRound {
             round: order.round,
             previous: Some(order.model_version),
@@ -436,7 +419,7 @@ impl Driver {
                 v: &checkpoint.v,
             }),
             summary: &summary,
-            run: &run,
+            run: &counters,
             privacy: None,
         };
         // Whatever happens, follow what the store holds next.

@@ -62,13 +62,14 @@ fn start_replicas(
 }
 
 /// Waits (bounded) for a line containing `needle` from a replica in
-/// `from`; returns that replica's index. Notes the leader on the way.
+/// `from`; returns that replica's index and the line. Notes the leader on
+/// the way.
 fn expect_from(
     rx: &mpsc::Receiver<(usize, String)>,
     from: &[usize],
     needle: &str,
     leader: &mut Option<usize>,
-) -> usize {
+) -> (usize, String) {
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -79,7 +80,7 @@ fn expect_from(
             *leader = Some(i);
         }
         if from.contains(&i) && line.contains(needle) {
-            return i;
+            return (i, line);
         }
     }
 }
@@ -135,6 +136,18 @@ fn config_with(
     )
     .unwrap();
     path
+}
+
+/// Runs `fedrec serve` on a free port with `args`, which must refuse to
+/// start; returns what it said.
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The store's account of the run: every round ended once, in order, and
@@ -250,29 +263,30 @@ fn replicas_ride_out_a_store_restart_and_refuse_another_model() {
     wait_devices(devices);
     check_store(&pg.url(), rounds);
 
-    let other = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--factors", "16"])
-        .args(["--store", &pg.url(), "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!other.status.success());
-    let said = String::from_utf8_lossy(&other.stderr);
+    let config_arg = config.to_str().unwrap();
+    let said = refused(&[
+        "--factors",
+        "16",
+        "--store",
+        &pg.url(),
+        "--config",
+        config_arg,
+    ]);
     assert!(said.contains("in the store has the model shape"), "{said}");
 
     // The same shape over other item ids.
     let catalogue = dir.path().join("catalogue.txt");
     let ids: Vec<String> = (101..101 + ds.n_items()).map(|i| i.to_string()).collect();
     std::fs::write(&catalogue, ids.join("\n")).unwrap();
-    let other = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--catalogue"])
-        .arg(&catalogue)
-        .args(["--store", &pg.url(), "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!other.status.success());
-    let said = String::from_utf8_lossy(&other.stderr);
+    let catalogue = catalogue.to_str().unwrap();
+    let said = refused(&[
+        "--catalogue",
+        catalogue,
+        "--store",
+        &pg.url(),
+        "--config",
+        config_arg,
+    ]);
     assert!(said.contains("has another catalogue"), "{said}");
     drop(replicas);
 }
@@ -313,16 +327,7 @@ fn three_replicas_reach_the_quality_of_one_process() {
 
         let (replicas, rx) = start_replicas(3, &pg.url(), &config);
         let devices = start_devices(&replicas, &data, &ds.user_ids);
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        let line = loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let (_, line) = rx
-                .recv_timeout(left)
-                .expect("the evaluation round ends in time");
-            if line.contains(&evaluation) {
-                break line;
-            }
-        };
+        let (_, line) = expect_from(&rx, &[0, 1, 2], &evaluation, &mut None);
         let together = final_hit_rate(&line);
         wait_devices(devices);
         drop(replicas);

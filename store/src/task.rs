@@ -50,21 +50,9 @@ struct TensorJson {
 }
 
 /// A task's round counters: a checkpoint's, and what [`Store::end_round`]
-/// moves on. Stored as the `run_state.state` JSON, under these field names.
-#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct RunState {
-    /// The last round that ended (0 before the first).
-    pub last_round: u32,
-    /// The round this run started after (rounds before it belong to an
-    /// earlier run of the same task).
-    pub run_start: u32,
-    /// Training rounds ended in this run.
-    pub training_rounds: u32,
-    /// Whether the run's final evaluation has ended.
-    pub final_evaluation_done: bool,
-    /// Why training stopped, once it has (None while it goes on).
-    pub training_stopped: Option<String>,
-}
+/// moves on, as the coordinator's core counts them. Stored as the
+/// `run_state.state` JSON, under their field names.
+pub use fedrec_coordinator::round::cluster::RunCounters as RunState;
 
 /// A new model version, as [`EndRound`] carries it.
 #[derive(Clone, Copy, Debug)]

@@ -64,8 +64,9 @@ pub struct ShareSum {
     pub evaluation: EvalCounts,
 }
 
-/// A run's round counters, as a checkpoint and the store hold them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A run's round counters, as a checkpoint and the store hold them (the
+/// store's JSON uses these field names).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunCounters {
     /// The last round ended.
     pub last_round: u32,
