@@ -27,7 +27,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use fedrec_coordinator::CoordinatorError;
-use fedrec_coordinator::round::cluster::{Followed, ReplicaLoad, ShareOrder, ShareSum};
+use fedrec_coordinator::round::cluster::{
+    Followed, Plan, ReplicaLoad, RunCounters, ShareOrder, ShareSum,
+};
 use fedrec_coordinator::round::{Pseudonym, RoundCore, TaskKind};
 use fedrec_coordinator::service::{ServiceHandle, SessionStore, StoreFuture};
 use fedrec_proto::Layout;
@@ -118,6 +120,7 @@ async fn committed(store: &Store, task: &str) -> Result<Followed, StoreError> {
         v: model.v,
         counters: store.run_state(task).await?.unwrap_or_default(),
         history: store.history(task).await?,
+        privacy: store.privacy(task).await?,
     })
 }
 
@@ -193,8 +196,8 @@ struct Driver {
     replica: Replica,
     handle: ServiceHandle,
     store: Option<Store>,
-    /// The store's last ended round as this core last followed it.
-    followed: Option<u32>,
+    /// The store's round counters as this core last followed them.
+    followed: Option<RunCounters>,
     /// Closed shares not yet in the store.
     unsent: Vec<ShareSum>,
     /// As leader: when devices were first seen waiting with no round open.
@@ -274,6 +277,7 @@ impl Driver {
                 take: share.take,
                 needed: share.needed,
                 deadline: instant_of(order.deadline),
+                privacy: order.privacy.clone(),
             };
             self.with_core(|core| core.order_share(Instant::now(), share))?;
         }
@@ -282,6 +286,10 @@ impl Driver {
             if !self.leading {
                 tracing::info!(replica = %self.replica.name, "leading the task");
                 self.leading = true;
+                // The accountant counted rounds ordered since this
+                // replica last followed: lead from the store's state.
+                self.followed = None;
+                self.follow().await?;
             }
             self.lead(order).await?;
         }
@@ -311,21 +319,22 @@ impl Driver {
         Ok(())
     }
 
-    /// Follows the store's committed state when a round ended there.
+    /// Follows the store's committed state when its round counters moved
+    /// (a round ended there, or training stopped).
     async fn follow(&mut self) -> anyhow::Result<()> {
         let store = self.store.as_ref().expect("connected");
-        let last = store
+        let counters = store
             .run_state(&self.replica.task)
             .await?
-            .unwrap_or_default()
-            .last_round;
-        if self.followed == Some(last) {
+            .unwrap_or_default();
+        if self.followed.as_ref() == Some(&counters) {
             return Ok(());
         }
         let state = committed(store, &self.replica.task).await?;
+        let counters = state.counters.clone();
         self.with_core(|core| core.follow(state))?
             .map_err(core_error)?;
-        self.followed = Some(last);
+        self.followed = Some(counters);
         Ok(())
     }
 
@@ -340,6 +349,7 @@ impl Driver {
                 replica: self.replica.name.clone(),
                 weighted_sum: sum.weighted_sum.clone(),
                 weight: sum.weight,
+                within_clip: sum.within_clip,
                 accepted: sum.accepted as u64,
                 evaluation: sum.evaluation,
             };
@@ -391,6 +401,7 @@ impl Driver {
                 selected: taken.get(p.replica.as_str()).copied().unwrap_or(0),
                 weighted_sum: p.weighted_sum,
                 weight: p.weight,
+                within_clip: p.within_clip,
                 accepted: p.accepted as usize,
                 evaluation: p.evaluation,
             })
@@ -404,9 +415,15 @@ impl Driver {
             .duration_since(started)
             .unwrap_or_default()
             .as_secs_f64();
-        let (summary, counters, checkpoint) = self.with_core(|core| {
-            let summary = core.conclude(order.round, order.kind, &sums, seconds);
-            (summary, core.counters(), core.checkpoint())
+        let privacy = order.privacy.clone();
+        let (summary, counters, checkpoint, accountant) = self.with_core(|core| {
+            let summary = core.conclude(order.round, order.kind, &sums, seconds, privacy);
+            (
+                summary,
+                core.counters(),
+                core.checkpoint(),
+                core.privacy_state(),
+            )
         })?;
         let changed = checkpoint.model_version != order.model_version;
         let end = EndRound {
@@ -420,7 +437,7 @@ impl Driver {
             }),
             summary: &summary,
             run: &counters,
-            privacy: None,
+            privacy: accountant.as_ref(),
         };
         // Whatever happens, follow what the store holds next.
         self.followed = None;
@@ -462,19 +479,28 @@ impl Driver {
             return Ok(());
         }
         let window_start = *self.window_start.get_or_insert(now);
-        let planned = self.with_core(|core| {
-            core.plan_round(&loads, window_start, now).map(|plan| {
-                let counters = core.counters();
-                (
-                    plan,
-                    counters.last_round + 1,
-                    core.model().version,
-                    core.config().rounds.deadline(),
-                )
-            })
+        let (planned, round, version, deadline, accountant) = self.with_core(|core| {
+            let planned = core.plan_round(&loads, window_start, now);
+            (
+                planned,
+                core.counters().last_round + 1,
+                core.model().version,
+                core.config().rounds.deadline(),
+                core.privacy_state(),
+            )
         })?;
-        let Some((plan, round, version, deadline)) = planned else {
-            return Ok(());
+        let plan = match planned {
+            Plan::Wait => return Ok(()),
+            Plan::Round(plan) => plan,
+            Plan::Stop(counters) => {
+                // Follow the store next, whether or not this lands.
+                self.followed = None;
+                let store = self.store.as_mut().expect("connected");
+                return match store.put_run_state(&task, &counters).await {
+                    Ok(()) | Err(StoreError::StaleRound { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+            }
         };
         let order = RoundOrder {
             round,
@@ -486,12 +512,29 @@ impl Driver {
                 .into_iter()
                 .map(|(name, (take, needed))| (name, Share { take, needed }))
                 .collect(),
+            privacy: plan.privacy,
         };
         let store = self.store.as_mut().expect("connected");
-        if store.open_round(&task, &order).await? {
+        let accountant = accountant.filter(|_| order.privacy.is_some());
+        if store.open_round(&task, &order, accountant.as_ref()).await? {
             let kind: TaskKind = order.kind;
-            tracing::info!(round, %kind, replicas = order.shares.len(), "round ordered");
+            match &order.privacy {
+                Some(p) => tracing::info!(
+                    round,
+                    %kind,
+                    replicas = order.shares.len(),
+                    epsilon = p.summary.epsilon,
+                    "round ordered"
+                ),
+                None => {
+                    tracing::info!(round, %kind, replicas = order.shares.len(), "round ordered")
+                }
+            }
             self.window_start = None;
+        } else {
+            // Not ordered (another leader was first): the accountant here
+            // may have counted it; take the store's back.
+            self.followed = None;
         }
         Ok(())
     }

@@ -337,3 +337,91 @@ fn three_replicas_reach_the_quality_of_one_process() {
         );
     }
 }
+
+/// Three replicas train under differential privacy, central (with
+/// adaptive clipping) and distributed (over secure sub-cohorts): every
+/// waiting device is sampled with q wherever it waits, every training
+/// round is counted once, and the ε the store states is the accountant's
+/// for the rounds run, as one coordinator would state it.
+#[test]
+fn replicas_train_under_differential_privacy() {
+    use fedrec_coordinator::privacy::RdpAccountant;
+
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ds) = gen_data_sized(dir.path(), 12, 40);
+    let (rounds, z, delta) = (3, 0.5, 1e-3);
+    let evaluation = format!("round {} (evaluation)", rounds + 1);
+    for (task, q, extra) in [
+        ("central", 0.9, "mode = \"central\"\nadaptive_clip = true\n"),
+        (
+            "distributed",
+            1.0,
+            "mode = \"distributed\"\n\n[secure_aggregation]\nenabled = true\n",
+        ),
+    ] {
+        let extra = format!(
+            "\n[strategy]\nweighting = \"uniform\"\n\n[cluster]\ntask = \"{task}\"\n\n\
+             [privacy]\nnoise_multiplier = {z}\nclip = 1.0\nsampling_rate = {q}\n\
+             delta = {delta}\n{extra}"
+        );
+        let config = config_with(dir.path(), rounds, 12, ds.n_items(), &extra);
+        let (replicas, rx) = start_replicas(3, &pg.url(), &config);
+        let devices = start_devices(&replicas, &data, &ds.user_ids);
+        expect_from(&rx, &[0, 1, 2], &evaluation, &mut None);
+        wait_devices(devices);
+        drop(replicas);
+
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let (history, state) = runtime.block_on(async {
+            let store = fedrec_store::Store::connect(&pg.url()).await.unwrap();
+            let history = store.history(task).await.unwrap();
+            (history, store.privacy(task).await.unwrap())
+        });
+        let state = state.expect("the accountant's state is in the store");
+        let stated = RdpAccountant::from(state.ledger).epsilon(delta);
+        let want = RdpAccountant::epsilon_for(q, z, u64::from(rounds), delta);
+        assert!(
+            (stated - want).abs() < 1e-9,
+            "{task}: ε {stated}, want {want}"
+        );
+        let trained: Vec<_> = history
+            .iter()
+            .filter(|r| r.kind == fedrec_coordinator::round::TaskKind::Train)
+            .collect();
+        assert_eq!(trained.len(), rounds as usize, "{task}: {history:?}");
+        assert!(trained.iter().any(|r| r.completed), "{task}: {history:?}");
+        for (i, round) in trained.iter().enumerate() {
+            let p = round.privacy.as_ref().expect("a DP round's summary");
+            let after = RdpAccountant::epsilon_for(q, z, i as u64 + 1, delta);
+            assert!((p.epsilon - after).abs() < 1e-9, "{task}: {p:?}");
+            assert_eq!(p.sampling_rate, q);
+            // q × the devices waiting anywhere when the round was planned.
+            assert!(
+                p.expected_cohort > 0.0 && p.expected_cohort <= q * 12.0,
+                "{task}: {p:?}"
+            );
+        }
+        if task == "central" {
+            assert!(
+                trained
+                    .iter()
+                    .all(|r| r.privacy.as_ref().is_some_and(|p| p.within_clip.is_some())),
+                "adaptive clipping counted the shares: {history:?}"
+            );
+        }
+    }
+    // A replica without differential privacy cannot join a task trained
+    // under it: the stated ε would no longer hold.
+    let plain = config_with(
+        dir.path(),
+        rounds,
+        12,
+        ds.n_items(),
+        "\n[cluster]\ntask = \"central\"\n",
+    );
+    let said = refused(&["--store", &pg.url(), "--config", plain.to_str().unwrap()]);
+    assert!(said.contains("under differential privacy"), "{said}");
+}

@@ -459,24 +459,7 @@ impl RoundCore {
             params,
             core.config.download.encoding,
         ));
-        match (core.privacy.as_mut(), privacy) {
-            (Some(mechanism), Some(state)) => mechanism.restore(state.ledger, state.clip),
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(invalid(
-                    "the checkpoint was made without differential privacy; a privacy \
-                     guarantee cannot start in the middle of training"
-                        .to_owned(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "the checkpoint was made under differential privacy; resuming without \
-                     it would void the stated guarantee (set privacy.mode as before)"
-                        .to_owned(),
-                ));
-            }
-        }
+        core.restore_privacy(privacy, "the checkpoint was", true)?;
         core.joined = joined
             .iter()
             .map(|p| p.parse())
@@ -590,14 +573,50 @@ impl RoundCore {
             training_stopped: self.training_stopped.clone(),
             history: self.history.clone(),
             joined: self.joined.iter().map(ToString::to_string).collect(),
-            privacy: self.privacy.as_ref().map(|mechanism| PrivacyState {
-                ledger: mechanism.accountant().ledger().clone(),
-                clip: mechanism.clip(),
-            }),
+            privacy: self.privacy_state(),
             params: self.model.params.clone(),
             m: m.to_vec(),
             v: v.to_vec(),
         }
+    }
+
+    /// Differential privacy's durable state: the accountant's ledger and
+    /// the clipping bound (None without differential privacy).
+    pub fn privacy_state(&self) -> Option<PrivacyState> {
+        self.privacy.as_ref().map(|mechanism| PrivacyState {
+            ledger: mechanism.accountant().ledger().clone(),
+            clip: mechanism.clip(),
+        })
+    }
+
+    /// Restores differential privacy's state saved by `source` ("the
+    /// checkpoint was"); refuses a state saved without differential privacy
+    /// when this core runs with it and training has `started` (a guarantee
+    /// cannot start in the middle of training), and one saved with it when
+    /// this core runs without (that would void the stated guarantee).
+    fn restore_privacy(
+        &mut self,
+        state: Option<PrivacyState>,
+        source: &str,
+        started: bool,
+    ) -> Result<(), CoordinatorError> {
+        let refused = match (self.privacy.as_mut(), state) {
+            (Some(mechanism), Some(state)) => {
+                mechanism.restore(state.ledger, state.clip);
+                return Ok(());
+            }
+            (None, None) => return Ok(()),
+            (Some(_), None) if !started => return Ok(()),
+            (Some(_), None) => format!(
+                "{source} made without differential privacy; a privacy guarantee cannot \
+                 start in the middle of training"
+            ),
+            (None, Some(_)) => format!(
+                "{source} made under differential privacy; going on without it would void \
+                 the stated guarantee (set privacy.mode as before)"
+            ),
+        };
+        Err(CoordinatorError::InvalidModel(refused))
     }
 
     /// The last round and the training rounds ended: an open round (or an

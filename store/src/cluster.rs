@@ -5,17 +5,18 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use fedrec_coordinator::history::TaskKind;
+use fedrec_coordinator::privacy::RoundPrivacy;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
 
 use crate::error::Context;
-use crate::task::{from_db, json, last_round, lock_task, to_db};
-use crate::{Store, StoreError};
+use crate::task::{from_db, json, last_round, lock_task, to_db, write_privacy};
+use crate::{PrivacyState, Store, StoreError};
 
 /// A round as the leader opens it: what every replica's share of the round
 /// is to be. Stored in `round_order`; open while its round is past the
 /// task's `last_round` ([`Store::open_order`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RoundOrder {
     /// The round: the task's `last_round + 1`.
     pub round: u32,
@@ -29,6 +30,9 @@ pub struct RoundOrder {
     pub deadline: SystemTime,
     /// Per replica name, its share.
     pub shares: BTreeMap<String, Share>,
+    /// Under differential privacy (training rounds): the round's privacy,
+    /// which every replica and whichever leader ends the round apply.
+    pub privacy: Option<RoundPrivacy>,
 }
 
 /// One replica's share of a round.
@@ -104,8 +108,22 @@ impl Store {
     /// changes nothing. So a leader that lost its lease, or retries after a
     /// lost answer, cannot open a round twice or open one on a stale model:
     /// it reads [`Store::open_order`] to see what is open instead.
-    pub async fn open_round(&mut self, task: &str, order: &RoundOrder) -> Result<bool, StoreError> {
+    ///
+    /// `accountant`, under differential privacy, is the privacy state with
+    /// this round counted: it replaces the task's in the same transaction,
+    /// so a round is counted exactly when its order exists.
+    pub async fn open_round(
+        &mut self,
+        task: &str,
+        order: &RoundOrder,
+        accountant: Option<&PrivacyState>,
+    ) -> Result<bool, StoreError> {
         let shares = json(&order.shares, "round shares")?;
+        let privacy = order
+            .privacy
+            .as_ref()
+            .map(|p| json(p, "round privacy"))
+            .transpose()?;
         let version = to_db(order.model_version)?;
         let tx = self
             .client
@@ -122,8 +140,9 @@ impl Store {
         }
         let inserted = tx
             .execute(
-                "INSERT INTO round_order (task, round, model_version, kind, deadline, shares)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (task, round) DO NOTHING",
+                "INSERT INTO round_order
+                 (task, round, model_version, kind, deadline, shares, privacy)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (task, round) DO NOTHING",
                 &[
                     &task,
                     &i64::from(order.round),
@@ -131,10 +150,16 @@ impl Store {
                     &kind_to_db(order.kind),
                     &order.deadline,
                     &shares,
+                    &privacy,
                 ],
             )
             .await
             .during("writing the round order")?;
+        if inserted == 1
+            && let Some(accountant) = accountant
+        {
+            write_privacy(&tx, task, version, accountant).await?;
+        }
         tx.commit().await.during("committing the round order")?;
         Ok(inserted == 1)
     }
@@ -147,7 +172,7 @@ impl Store {
         let row = self
             .client
             .query_opt(
-                "SELECT round, model_version, kind, deadline, shares FROM round_order
+                "SELECT round, model_version, kind, deadline, shares, privacy FROM round_order
                  WHERE task = $1 AND round > coalesce(
                      (SELECT (state->>'last_round')::bigint FROM run_state WHERE task = $1), 0)
                  ORDER BY round DESC LIMIT 1",
@@ -167,6 +192,11 @@ impl Store {
             deadline: row.get(3),
             shares: serde_json::from_value(row.get(4))
                 .map_err(|e| StoreError::Corrupt(format!("round {round}'s shares: {e}")))?,
+            privacy: row
+                .get::<_, Option<serde_json::Value>>(5)
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("round {round}'s privacy: {e}")))?,
         }))
     }
 

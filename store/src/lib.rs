@@ -28,13 +28,17 @@
 //! The replicated coordinator builds on these:
 //!
 //! - [`Store::open_round`]: the leader opens round `last_round + 1` on the
-//!   current model by writing its [`RoundOrder`] (each replica's [`Share`]),
-//!   once; replicas read it with [`Store::open_order`].
+//!   current model by writing its [`RoundOrder`] (each replica's [`Share`],
+//!   and under differential privacy the round's privacy), once, together
+//!   with the accountant's state that counts it; replicas read it with
+//!   [`Store::open_order`].
 //! - [`Store::end_round`]: the leader ends the round in one transaction
 //!   ([`EndRound`]): new model version if any, summary, [`RunState`],
 //!   privacy state; it checks both the round number
 //!   ([`StoreError::StaleRound`]) and the version it replaces, so a round
-//!   ends exactly once. [`Store::run_state`] reads the counters back.
+//!   ends exactly once. [`Store::run_state`] reads the counters back;
+//!   [`Store::put_run_state`] records training stopped between rounds (the
+//!   privacy budget spent).
 //! - [`Store::heartbeat`] and [`Store::replicas`]: each replica's
 //!   [`ReplicaBeat`] (waiting and joined devices), stamped by the database's
 //!   clock; the leader shares rounds among the recently seen.
@@ -62,7 +66,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # The schema (version 3, `migrations/`)
+//! # The schema (version 4, `migrations/`)
 //!
 //! | table | one row per | holds |
 //! |---|---|---|
@@ -73,8 +77,8 @@
 //! | `privacy_state` | task | the [`PrivacyState`] (ledger, clip) as JSON, as of a model version |
 //! | `run_state` | task | a checkpoint's round counters as JSON |
 //! | `session` | (task, pseudonym) | a joined device's session: its enrollment token's digest, its expiry |
-//! | `partial_sum` (version 2) | (task, round, model version, replica) | a replica's share of a round: weighted sum, weight, updates, evaluation counts |
-//! | `round_order` (version 3) | (task, round) | the leader's order opening a round: model version, kind (`train`/`evaluate`), deadline, each replica's share (JSON) |
+//! | `partial_sum` (version 2) | (task, round, model version, replica) | a replica's share of a round: weighted sum, weight, updates, evaluation counts; updates within the clipping bound (version 4) |
+//! | `round_order` (version 3) | (task, round) | the leader's order opening a round: model version, kind (`train`/`evaluate`), deadline, each replica's share (JSON); the round's privacy (JSON, version 4) |
 //! | `replica` (version 3) | (task, replica name) | a replica's heartbeat: url, waiting and joined devices, when last seen (the database's clock) |
 //!
 //! A model version is one `bytea` value, so at most 1 GiB: 256 M parameters,
@@ -87,8 +91,6 @@
 //!
 //! # What later slices add
 //!
-//! - the leader's loop: opening and closing rounds only while
-//!   [`Store::try_lead`] holds, followers serving devices;
 //! - a connection pool (methods with a transaction take `&mut self` on one
 //!   connection; reads and single statements take `&self`, which
 //!   tokio-postgres allows to run concurrently on one connection);

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cluster",
         sql: include_str!("../migrations/0003_cluster.sql"),
     },
+    Migration {
+        version: 4,
+        name: "cluster_privacy",
+        sql: include_str!("../migrations/0004_cluster_privacy.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.

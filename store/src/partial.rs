@@ -16,6 +16,9 @@ pub struct Partial {
     pub weighted_sum: Vec<f32>,
     /// Sum of the weights.
     pub weight: f64,
+    /// Updates within the clipping bound, under adaptive clipping (0
+    /// otherwise).
+    pub within_clip: f64,
     /// Updates folded in.
     pub accepted: u64,
     /// The devices' summed evaluation counts.
@@ -46,6 +49,7 @@ impl Store {
         if (sum.len() as i64) < num_values
             || !sum.iter().all(|v| v.is_finite())
             || !partial.weight.is_finite()
+            || !partial.within_clip.is_finite()
         {
             return Err(StoreError::InvalidPartial(format!(
                 "replica {:?}'s share of round {round}: {} values for a model of {num_values}, \
@@ -58,8 +62,8 @@ impl Store {
             .client
             .execute(
                 "INSERT INTO partial_sum \
-                 (task, round, model_version, replica, weighted_sum, weight, accepted, evaluation) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                 (task, round, model_version, replica, weighted_sum, weight, accepted, evaluation, \
+                 within_clip) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
                 &[
                     &task,
                     &i64::from(round),
@@ -69,6 +73,7 @@ impl Store {
                     &partial.weight,
                     &to_db(partial.accepted)?,
                     &json(&partial.evaluation, "evaluation counts")?,
+                    &partial.within_clip,
                 ],
             )
             .await
@@ -87,7 +92,8 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT replica, weighted_sum, weight, accepted, evaluation FROM partial_sum \
+                "SELECT replica, weighted_sum, weight, accepted, evaluation, within_clip \
+                 FROM partial_sum \
                  WHERE task = $1 AND round = $2 AND model_version = $3 ORDER BY replica",
                 &[&task, &i64::from(round), &to_db(model_version)?],
             )
@@ -100,6 +106,7 @@ impl Store {
                 Ok(Partial {
                     weighted_sum: decode(row.get(1), "a partial sum")?,
                     weight: row.get(2),
+                    within_clip: row.get(5),
                     accepted: u64::try_from(accepted).map_err(|_| {
                         StoreError::Corrupt(format!("negative update count {accepted}"))
                     })?,

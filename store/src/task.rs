@@ -195,7 +195,7 @@ async fn write_version(
     Ok(())
 }
 
-async fn write_privacy(
+pub(crate) async fn write_privacy(
     tx: &Transaction<'_>,
     task: &str,
     version: i64,
@@ -616,6 +616,32 @@ impl Store {
             tx.execute(sql, &[&task, &horizon]).await.during(what)?;
         }
         tx.commit().await.during("committing the round's end")?;
+        Ok(())
+    }
+
+    /// Replaces the task's round counters without ending a round (training
+    /// stopped by the privacy budget, which every replica then follows).
+    /// Refuses, writing nothing, counters whose `last_round` is not the
+    /// stored one with [`StoreError::StaleRound`] (a deposed leader's view),
+    /// and a task with no model with [`StoreError::NoModel`].
+    pub async fn put_run_state(&mut self, task: &str, run: &RunState) -> Result<(), StoreError> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .during("starting to update the run state")?;
+        let (_, current) = lock_task(&tx, task).await?;
+        let last = last_round(&tx, task).await?;
+        if last != run.last_round {
+            return Err(StoreError::StaleRound {
+                task: task.to_owned(),
+                round: run.last_round,
+                last,
+            });
+        }
+        let current = current.ok_or_else(|| StoreError::NoModel(task.to_owned()))?;
+        write_run_state(&tx, task, to_db(current)?, run).await?;
+        tx.commit().await.during("committing the run state")?;
         Ok(())
     }
 

@@ -477,6 +477,7 @@ async fn replicas_commit_their_share_of_a_round_once() {
             .chain([scale * 2.0])
             .collect(),
         weight: f64::from(scale) * 3.0,
+        within_clip: 0.0,
         accepted: 3,
         evaluation: EvalCounts {
             users: 2,
@@ -519,7 +520,7 @@ async fn replicas_commit_their_share_of_a_round_once() {
 }
 
 /// A store of an older schema is upgraded on connect, its data kept: here
-/// a version-1 store (versions 2 and 3's tables and rows taken away again)
+/// a version-1 store (the tables and rows of versions 2 to 4 taken away)
 /// with a task in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_schema_is_upgraded_and_keeps_its_data() {
@@ -535,7 +536,7 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
         .batch_execute(
             "DROP TABLE partial_sum, round_order, replica; \
              ALTER TABLE task DROP COLUMN catalogue; \
-             DELETE FROM schema_version WHERE version IN (2, 3)",
+             DELETE FROM schema_version WHERE version >= 2",
         )
         .await
         .unwrap();
@@ -547,12 +548,13 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
     );
     let mut store = Store::connect(&pg.url()).await.unwrap();
     assert_eq!(store.schema_version().await.unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
     store.open_task("shop", &layout()).await.unwrap();
     let share = fedrec_store::Partial {
         replica: "a".to_owned(),
         weighted_sum: vec![0.0; 9],
         weight: 1.0,
+        within_clip: 0.0,
         accepted: 1,
         evaluation: EvalCounts::default(),
     };
@@ -560,10 +562,10 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
     store.heartbeat("shop", &beat("a", 1)).await.unwrap();
 }
 
-/// A version-2 store (version 3's tables and row taken away) is upgraded
-/// to 3 on connect, its partial sums kept.
+/// A version-2 store (the tables, columns and rows of versions 3 and 4
+/// taken away) is upgraded to the newest on connect, its partial sums kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_version_2_store_is_upgraded_to_3() {
+async fn a_version_2_store_is_upgraded_to_the_newest() {
     let Some((pg, mut store)) = shop().await else {
         return;
     };
@@ -571,6 +573,7 @@ async fn a_version_2_store_is_upgraded_to_3() {
         replica: "a".to_owned(),
         weighted_sum: vec![0.0; 9],
         weight: 1.0,
+        within_clip: 0.0,
         accepted: 1,
         evaluation: EvalCounts::default(),
     };
@@ -583,7 +586,8 @@ async fn a_version_2_store_is_upgraded_to_3() {
     client
         .batch_execute(
             "DROP TABLE round_order, replica; ALTER TABLE task DROP COLUMN catalogue; \
-             DELETE FROM schema_version WHERE version = 3",
+             ALTER TABLE partial_sum DROP COLUMN within_clip; \
+             DELETE FROM schema_version WHERE version >= 3",
         )
         .await
         .unwrap();
@@ -594,7 +598,7 @@ async fn a_version_2_store_is_upgraded_to_3() {
         2
     );
     let mut store = Store::connect(&pg.url()).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 3);
+    assert_eq!(store.schema_version().await.unwrap(), 4);
     let names: Vec<String> = client
         .query("SELECT name FROM schema_version ORDER BY version", &[])
         .await
@@ -602,7 +606,7 @@ async fn a_version_2_store_is_upgraded_to_3() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(names, ["init", "partial_sum", "cluster"]);
+    assert_eq!(names, ["init", "partial_sum", "cluster", "cluster_privacy"]);
     assert_eq!(store.partials("shop", 1, 1).await.unwrap(), vec![share]);
     store.open_task("shop", &layout()).await.unwrap();
     store
@@ -620,7 +624,7 @@ async fn a_version_2_store_is_upgraded_to_3() {
         )
         .await
         .unwrap();
-    assert!(store.open_round("shop", &order(1, 1)).await.unwrap());
+    assert!(store.open_round("shop", &order(1, 1), None).await.unwrap());
 }
 
 fn beat(name: &str, waiting: u64) -> ReplicaBeat {
@@ -649,6 +653,7 @@ fn order(round: u32, model_version: u64) -> RoundOrder {
         ]
         .into_iter()
         .collect(),
+        privacy: None,
     }
 }
 
@@ -701,11 +706,12 @@ async fn a_round_ends_exactly_once() {
         replica: "a".to_owned(),
         weighted_sum: vec![0.0; 9],
         weight: 1.0,
+        within_clip: 0.0,
         accepted: 1,
         evaluation: EvalCounts::default(),
     };
     assert!(store.put_partial("shop", 1, 1, &share).await.unwrap());
-    assert!(store.open_round("shop", &order(1, 1)).await.unwrap());
+    assert!(store.open_round("shop", &order(1, 1), None).await.unwrap());
 
     let params = vec![2.0; 9];
     let moments = vec![0.5; 9];
@@ -907,8 +913,8 @@ async fn an_imported_checkpoint_has_its_run_state() {
         })
     );
     // Round 3 follows the imported round 2.
-    assert!(!store.open_round("shop", &order(2, 2)).await.unwrap());
-    assert!(store.open_round("shop", &order(3, 2)).await.unwrap());
+    assert!(!store.open_round("shop", &order(2, 2), None).await.unwrap());
+    assert!(store.open_round("shop", &order(3, 2), None).await.unwrap());
 }
 
 /// A round opens once, on the current model, right after the last ended
@@ -921,26 +927,26 @@ async fn a_round_opens_once_on_the_current_model() {
     let mut store = task_at_version_1(&pg).await;
     assert_eq!(store.open_order("shop").await.unwrap(), None);
     assert!(
-        !store.open_round("shop", &order(2, 1)).await.unwrap(),
+        !store.open_round("shop", &order(2, 1), None).await.unwrap(),
         "round 1 first"
     );
-    assert!(!store.open_round("shop", &order(0, 1)).await.unwrap());
+    assert!(!store.open_round("shop", &order(0, 1), None).await.unwrap());
     assert!(
-        !store.open_round("shop", &order(1, 0)).await.unwrap(),
+        !store.open_round("shop", &order(1, 0), None).await.unwrap(),
         "a stale model"
     );
     assert!(
-        !store.open_round("shop", &order(1, 2)).await.unwrap(),
+        !store.open_round("shop", &order(1, 2), None).await.unwrap(),
         "a future model"
     );
     assert_eq!(store.open_order("shop").await.unwrap(), None);
 
     let mut first = order(1, 1);
     first.kind = TaskKind::Evaluate;
-    assert!(store.open_round("shop", &first).await.unwrap());
+    assert!(store.open_round("shop", &first, None).await.unwrap());
     let other = order(1, 1);
     assert!(
-        !store.open_round("shop", &other).await.unwrap(),
+        !store.open_round("shop", &other, None).await.unwrap(),
         "one order per round"
     );
     assert_eq!(store.open_order("shop").await.unwrap(), Some(first.clone()));
@@ -966,8 +972,8 @@ async fn a_round_opens_once_on_the_current_model() {
         .unwrap();
     let books = order(1, 1);
     let (a, b) = tokio::join!(
-        store.open_round("books", &books),
-        other_store.open_round("books", &books),
+        store.open_round("books", &books, None),
+        other_store.open_round("books", &books, None),
     );
     assert!(a.unwrap() != b.unwrap(), "exactly one opens it");
 
@@ -995,17 +1001,20 @@ async fn a_round_opens_once_on_the_current_model() {
         .unwrap();
     assert_eq!(store.open_order("shop").await.unwrap(), None);
     assert!(
-        !store.open_round("shop", &order(1, 2)).await.unwrap(),
+        !store.open_round("shop", &order(1, 2), None).await.unwrap(),
         "ended"
     );
     assert!(
-        !store.open_round("shop", &order(2, 1)).await.unwrap(),
+        !store.open_round("shop", &order(2, 1), None).await.unwrap(),
         "stale model"
     );
-    assert!(store.open_round("shop", &order(2, 2)).await.unwrap());
+    assert!(store.open_round("shop", &order(2, 2), None).await.unwrap());
     assert_eq!(store.open_order("shop").await.unwrap(), Some(order(2, 2)));
 
-    let err = store.open_round("nowhere", &order(1, 1)).await.unwrap_err();
+    let err = store
+        .open_round("nowhere", &order(1, 1), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::UnknownTask(_)), "{err:?}");
 }
 
@@ -1167,4 +1176,73 @@ async fn a_task_keeps_its_catalogue() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::UnknownTask(_)), "{err:?}");
+}
+
+/// Under differential privacy a round's order carries the round's privacy
+/// and counts it: the accountant's state is written with the order, in one
+/// transaction, and not when the order is refused. Shares carry their
+/// count within the clipping bound. Training stopped without a round (the
+/// budget) is recorded on the current counters only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_round_is_counted_with_its_order() {
+    use fedrec_coordinator::config::{DpMode, PrivacyConfig};
+    use fedrec_coordinator::privacy::Mechanism;
+
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
+    let mut store = task_at_version_1(&pg).await;
+    let config = PrivacyConfig {
+        mode: DpMode::Central,
+        noise_multiplier: 1.0,
+        clip: 0.5,
+        sampling_rate: Some(0.5),
+        adaptive_clip: true,
+        ..PrivacyConfig::default()
+    };
+    let mut mechanism = Mechanism::new(config, 2, Some(1));
+    let mut ordered = order(1, 1);
+    ordered.privacy = Some(mechanism.start_round(10).unwrap());
+    let counted = PrivacyState {
+        ledger: mechanism.accountant().ledger().clone(),
+        clip: mechanism.clip(),
+    };
+    assert!(
+        store
+            .open_round("shop", &ordered, Some(&counted))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.open_order("shop").await.unwrap(),
+        Some(ordered.clone())
+    );
+    assert_eq!(store.privacy("shop").await.unwrap(), Some(counted.clone()));
+    assert!(
+        !store
+            .open_round("shop", &ordered, Some(&privacy(9)))
+            .await
+            .unwrap(),
+        "one order per round"
+    );
+    assert_eq!(store.privacy("shop").await.unwrap(), Some(counted));
+
+    let share = fedrec_store::Partial {
+        replica: "replica-a".to_owned(),
+        weighted_sum: vec![0.5; 9],
+        weight: 3.0,
+        within_clip: 2.5,
+        accepted: 3,
+        evaluation: EvalCounts::default(),
+    };
+    assert!(store.put_partial("shop", 1, 1, &share).await.unwrap());
+    assert_eq!(store.partials("shop", 1, 1).await.unwrap(), vec![share]);
+
+    let mut stopped = run(0);
+    stopped.training_stopped = Some("privacy budget".to_owned());
+    let err = store.put_run_state("shop", &run(3)).await.unwrap_err();
+    assert!(matches!(err, StoreError::StaleRound { .. }), "{err:?}");
+    assert_eq!(store.run_state("shop").await.unwrap(), None);
+    store.put_run_state("shop", &stopped).await.unwrap();
+    assert_eq!(store.run_state("shop").await.unwrap(), Some(stopped));
 }

@@ -56,13 +56,7 @@ impl CoordinatorConfig {
         if self.cluster.task.trim().is_empty() {
             return Err(invalid("cluster.task must not be empty".to_owned()));
         }
-        let refused = if self.privacy.enabled() {
-            Some(
-                "differential privacy: the leader does not yet sample the replicas' devices \
-                 for the accountant (Poisson sampling across replicas) nor add the noise to \
-                 the combined sum; run one coordinator for a DP guarantee",
-            )
-        } else if self.rounds.mode == RoundsMode::Async {
+        let refused = if self.rounds.mode == RoundsMode::Async {
             Some("rounds.mode = \"async\": replicas combine rounds; use mode = \"sync\"")
         } else if self.model.preset == Some(ModelPreset::Auto) {
             Some(

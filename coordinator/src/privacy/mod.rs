@@ -3,7 +3,7 @@
 
 pub mod accountant;
 
-use rand::{Rng, RngExt, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use crate::config::{DpMode, PrivacyConfig};
 
 /// What a device of a DP round must do to its update, and the guarantee
 /// the round keeps.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskPrivacy {
     /// Central or distributed.
     pub mode: DpMode,
@@ -56,8 +56,10 @@ pub struct PrivacySummary {
     pub within_clip: Option<f64>,
 }
 
-/// The privacy of one open round, fixed when it starts.
-#[derive(Clone, Debug)]
+/// The privacy of one open round, fixed when it starts (a replicated
+/// coordinator's round order carries it, as JSON, to the replicas and to
+/// whichever leader ends the round).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundPrivacy {
     /// What the devices are told.
     pub task: TaskPrivacy,
@@ -69,6 +71,14 @@ pub struct RoundPrivacy {
     count_std: Option<f64>,
     /// The report's entry, completed when the round ends.
     pub summary: PrivacySummary,
+}
+
+impl RoundPrivacy {
+    /// The sampling rate q: each waiting device is in the round with this
+    /// probability, independently.
+    pub fn sampling_rate(&self) -> f64 {
+        self.summary.sampling_rate
+    }
 }
 
 /// The round's sum, before DP's noise and division.
@@ -125,11 +135,6 @@ impl Mechanism {
     /// The sampling rate q.
     pub fn sampling_rate(&self) -> f64 {
         self.config.sampling_rate.unwrap_or(1.0)
-    }
-
-    /// Whether a device of the pool is sampled into the next round.
-    pub fn sample(&self, rng: &mut impl Rng) -> bool {
-        rng.random_bool(self.sampling_rate())
     }
 
     /// ε spent so far, at the configured δ.

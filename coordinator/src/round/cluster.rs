@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use super::selection::Opening;
 use super::*;
+use crate::privacy::BudgetExhausted;
 
 /// The leader's order for one replica's share of a round.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,6 +43,10 @@ pub struct ShareOrder {
     pub needed: usize,
     /// When the share closes at the latest.
     pub deadline: Instant,
+    /// Under differential privacy (training rounds): the round's privacy,
+    /// fixed by the leader. The replica then samples each of its waiting
+    /// devices with the round's q instead of taking `take` of them.
+    pub privacy: Option<RoundPrivacy>,
 }
 
 /// What one replica's devices gave to a round: its partial sum.
@@ -56,6 +61,9 @@ pub struct ShareSum {
     pub weighted_sum: Vec<f32>,
     /// Σ weight.
     pub weight: f64,
+    /// Updates within the clipping bound, under adaptive clipping (noisy
+    /// in distributed mode).
+    pub within_clip: f64,
     /// Submissions accepted (0 for a share dropped as a whole).
     pub accepted: usize,
     /// Devices selected here.
@@ -95,6 +103,9 @@ pub struct Followed {
     pub counters: RunCounters,
     /// Every ended round, oldest first.
     pub history: Vec<RoundSummary>,
+    /// Differential privacy's state: the accountant's ledger (every round
+    /// ordered so far) and the clipping bound.
+    pub privacy: Option<PrivacyState>,
 }
 
 /// One replica's devices, as its heartbeat reports them.
@@ -116,6 +127,21 @@ pub struct RoundPlan {
     /// By replica: devices to select there, and the submissions that
     /// close its share early.
     pub shares: BTreeMap<String, (usize, usize)>,
+    /// Under differential privacy (training rounds): the round's privacy,
+    /// already counted by the accountant.
+    pub privacy: Option<RoundPrivacy>,
+}
+
+/// What the leader does next ([`RoundCore::plan_round`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// Nothing yet: the next round's start condition does not hold.
+    Wait,
+    /// Order this round.
+    Round(RoundPlan),
+    /// Training stopped without a round (the privacy budget is spent):
+    /// commit these counters, which every replica then follows.
+    Stop(RunCounters),
 }
 
 /// A replica's part of the core's state.
@@ -181,26 +207,33 @@ impl RoundCore {
     }
 
     /// The leader's plan for the next round given every live replica's
-    /// devices, or `None` while the round's start condition does not hold
-    /// (the same rules as a single coordinator's, over the sum of the
-    /// replicas' waiting devices; `window_start` is when the leader first
-    /// saw devices waiting with no round open).
+    /// devices: the same start rules as a single coordinator's, over the
+    /// sum of the replicas' waiting devices (`window_start` is when the
+    /// leader first saw devices waiting with no round open).
+    ///
+    /// Under differential privacy a training round is counted by the
+    /// accountant here, when it is planned (the driver commits the ledger
+    /// with the order, so a round is counted even if its leader dies):
+    /// every replica's share is all its waiting devices, each of which the
+    /// replica samples with probability q, so every device waiting anywhere
+    /// is in the round independently with probability q, as the accountant
+    /// assumes. A round the budget refuses stops training instead.
     pub fn plan_round(
-        &self,
+        &mut self,
         loads: &[ReplicaLoad],
         window_start: Instant,
         now: Instant,
-    ) -> Option<RoundPlan> {
-        if self.finished.is_some() {
-            return None;
-        }
-        let kind = self.next_kind()?;
+    ) -> Plan {
+        let Some(kind) = self.next_kind().filter(|_| self.finished.is_none()) else {
+            return Plan::Wait;
+        };
         let r = &self.config.rounds;
         let waiting: usize = loads.iter().map(|l| l.waiting).sum();
         let joined: usize = loads.iter().map(|l| l.joined).sum();
         if waiting == 0 {
-            return None;
+            return Plan::Wait;
         }
+        let dp = kind == TaskKind::Train && self.privacy.is_some();
         let window_passed = now >= window_start + r.checkin_window();
         let enough_after_window = window_passed && waiting >= r.min_updates;
         // Joins reach the leader only through heartbeats: every device
@@ -210,13 +243,19 @@ impl RoundCore {
         let (selected, needed) = match (kind, r.fraction) {
             (TaskKind::Evaluate, _) => {
                 if !(everyone_waits || enough_after_window) {
-                    return None;
+                    return Plan::Wait;
+                }
+                (waiting, waiting)
+            }
+            (_, _) if dp => {
+                if !((everyone_waits && waiting >= r.min_updates) || enough_after_window) {
+                    return Plan::Wait;
                 }
                 (waiting, waiting)
             }
             (_, Some(fraction)) => {
                 if !((everyone_waits && waiting >= r.min_updates) || enough_after_window) {
-                    return None;
+                    return Plan::Wait;
                 }
                 let wanted = ((waiting as f64 * fraction).ceil() as usize)
                     .max(r.min_updates)
@@ -230,15 +269,29 @@ impl RoundCore {
                     || enough_after_window
                     || (everyone_waits && waiting >= r.min_updates))
                 {
-                    return None;
+                    return Plan::Wait;
                 }
                 let selected = target.min(waiting);
                 (selected, r.clients_per_round.min(selected))
             }
         };
-        Some(RoundPlan {
+        let privacy = match self.privacy.as_mut().filter(|_| dp) {
+            Some(mechanism) => match mechanism.start_round(waiting) {
+                Ok(round) => Some(round),
+                Err(BudgetExhausted(reason)) => {
+                    tracing::warn!(%reason, "training stopped");
+                    self.training_stopped = Some(reason);
+                    self.generation += 1;
+                    self.finish_if_done();
+                    return Plan::Stop(self.counters());
+                }
+            },
+            None => None,
+        };
+        Plan::Round(RoundPlan {
             kind,
             shares: split(loads, selected, needed),
+            privacy,
         })
     }
 
@@ -290,13 +343,17 @@ impl RoundCore {
         if self.finished.is_some() {
             return false;
         }
-        let cohort = self.sample_pool(order.take.min(self.pool.len()));
+        let cohort = match &order.privacy {
+            Some(privacy) => self.sample_each(privacy.sampling_rate()),
+            None => self.sample_pool(order.take.min(self.pool.len())),
+        };
         if cohort.is_empty() {
             let sum = ShareSum {
                 round: order.round,
                 model_version: order.model_version,
                 weighted_sum: vec![0.0; self.update_len()],
                 weight: 0.0,
+                within_clip: 0.0,
                 accepted: 0,
                 selected: 0,
                 evaluation: EvalCounts::default(),
@@ -307,14 +364,29 @@ impl RoundCore {
             self.generation += 1;
             return true;
         }
-        let needed = order.needed.clamp(1, cohort.len());
+        let selected = cohort.len();
+        let needed = match order.privacy {
+            Some(_) => selected,
+            None => order.needed.clamp(1, selected),
+        };
         let opening = Opening {
             number: order.round,
             kind: order.kind,
             needed,
             deadline: order.deadline,
         };
-        self.open_round(opening, cohort, None, now);
+        self.open_round(opening, cohort, order.privacy, now);
+        // A secure sub-cohort of fewer than min_updates devices could never
+        // be unmasked (and would hold too little distributed noise): it is
+        // dropped at once rather than after its devices trained.
+        let min = self.config.rounds.min_updates;
+        if secagg::is_secure(order.kind, self.config.secure_aggregation.enabled) && selected < min {
+            let reason = format!(
+                "this replica's secure sub-cohort has {selected} devices, fewer than \
+                 rounds.min_updates = {min}"
+            );
+            self.close(now, Some(reason));
+        }
         true
     }
 
@@ -342,14 +414,15 @@ impl RoundCore {
         } else {
             0
         };
-        let (weighted_sum, weight) = totals
-            .map(|t| (t.weighted_sum, t.weight))
-            .unwrap_or_else(|| (vec![0.0; self.update_len()], 0.0));
+        let (weighted_sum, weight, within_clip) = totals
+            .map(|t| (t.weighted_sum, t.weight, t.within_clip))
+            .unwrap_or_else(|| (vec![0.0; self.update_len()], 0.0, 0.0));
         let sum = ShareSum {
             round: open.number,
             model_version: open.model_version,
             weighted_sum,
             weight,
+            within_clip,
             accepted,
             selected: open.cohort.len(),
             evaluation: open.evaluation,
@@ -366,15 +439,20 @@ impl RoundCore {
     /// shares' sums make the round's mean, which the strategy turns into
     /// the next model version (a training round with at least
     /// `rounds.min_updates` updates in all); the round is recorded and the
-    /// counters move on, as a single coordinator's `close` does. The driver
-    /// then commits [`checkpoint`](Self::checkpoint)'s model and the
-    /// summary returned.
+    /// counters move on, as a single coordinator's `close` does. Under
+    /// differential privacy (`privacy`, from the round's order) the
+    /// combined sum gets the central noise and is divided by the expected
+    /// cohort, and adaptive clipping moves the bound, as in one
+    /// coordinator. The driver then commits [`checkpoint`](Self::checkpoint)'s
+    /// model, [`privacy_state`](Self::privacy_state) and the summary
+    /// returned.
     pub fn conclude(
         &mut self,
         round: u32,
         kind: TaskKind,
         sums: &[ShareSum],
         seconds: f64,
+        mut privacy: Option<RoundPrivacy>,
     ) -> RoundSummary {
         let accepted: usize = sums.iter().map(|s| s.accepted).sum();
         let selected: usize = sums.iter().map(|s| s.selected).sum();
@@ -387,19 +465,38 @@ impl RoundCore {
                  across {} replicas' shares; {min} required (rounds.min_updates)",
                 sums.len()
             )),
+            TaskKind::Train if self.privacy.is_some() != privacy.is_some() => Some(
+                "the round's order and this leader disagree on differential privacy (replicas \
+                 with different [privacy] settings); the model was not changed"
+                    .to_owned(),
+            ),
             TaskKind::Train => {
                 let n = self.update_len();
                 let mut total = vec![0.0f64; n];
-                let mut weight = 0.0;
+                let (mut weight, mut within_clip) = (0.0, 0.0);
                 for s in sums.iter().filter(|s| s.weighted_sum.len() == n) {
                     total
                         .iter_mut()
                         .zip(&s.weighted_sum)
                         .for_each(|(t, v)| *t += f64::from(*v));
                     weight += s.weight;
+                    within_clip += s.within_clip;
                 }
-                let mean =
-                    (weight > 0.0).then(|| total.iter().map(|t| (t / weight) as f32).collect());
+                let mean = match (self.privacy.as_mut(), privacy.as_mut()) {
+                    (Some(mechanism), Some(round)) => {
+                        let sum: Vec<f32> = total.iter().map(|t| *t as f32).collect();
+                        Some(mechanism.finish_round(
+                            round,
+                            NoisySum {
+                                sum: &sum,
+                                within_clip,
+                            },
+                        ))
+                    }
+                    _ => {
+                        (weight > 0.0).then(|| total.iter().map(|t| (t / weight) as f32).collect())
+                    }
+                };
                 self.apply_mean(mean, round, accepted)
             }
             _ => {
@@ -422,7 +519,7 @@ impl RoundCore {
             seconds,
             evaluation,
             secure_aggregation: None,
-            privacy: None,
+            privacy: privacy.map(|p| Box::new(p.summary)),
         };
         self.history.push(summary.clone());
         self.events.push_back(Event::RoundEnded(summary.clone()));
@@ -432,10 +529,12 @@ impl RoundCore {
     }
 
     /// Follows the store's committed state: its model version (replacing
-    /// this core's model and optimizer moments), counters and history. A
-    /// share still open here for a round that has ended is dropped (its
-    /// devices' late submissions are refused); an order for it too.
-    /// Refuses a model of another size.
+    /// this core's model and optimizer moments), counters, history and
+    /// differential privacy's state. A share still open here for a round
+    /// that has ended is dropped (its devices' late submissions are
+    /// refused); an order for it too. Refuses a model of another size, and
+    /// a task trained under differential privacy when this replica runs
+    /// without it (or the other way round), changing nothing.
     pub fn follow(&mut self, state: Followed) -> Result<(), CoordinatorError> {
         let Followed {
             version,
@@ -444,6 +543,7 @@ impl RoundCore {
             v,
             counters,
             history,
+            privacy,
         } = state;
         if params.len() != self.model.params.len() {
             return Err(CoordinatorError::InvalidModel(format!(
@@ -454,6 +554,11 @@ impl RoundCore {
         }
         tensor::check_finite(&params)
             .map_err(|e| CoordinatorError::InvalidModel(format!("store version {version}: {e}")))?;
+        self.restore_privacy(
+            privacy,
+            "the store's task was",
+            counters.training_rounds > 0,
+        )?;
         self.strategy
             .restore_moments(m, v)
             .map_err(CoordinatorError::InvalidModel)?;

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use rand::RngExt;
+
 use super::*;
 
 impl RoundCore {
@@ -134,14 +136,8 @@ impl RoundCore {
                 }
             }
         }
-        let cohort: BTreeMap<Pseudonym, bool> = if dp {
-            let mechanism = self.privacy.as_ref().expect("dp implies a mechanism");
-            let rng = &mut self.rng;
-            self.pool
-                .iter()
-                .filter(|_| mechanism.sample(rng))
-                .map(|p| (*p, false))
-                .collect()
+        let cohort = if let Some(round) = &privacy {
+            self.sample_each(round.sampling_rate())
         } else {
             self.sample_pool(selected)
         };
@@ -187,6 +183,17 @@ impl RoundCore {
         rand::seq::index::sample(&mut self.rng, waiting, selected)
             .into_iter()
             .map(|i| (candidates[i], false))
+            .collect()
+    }
+
+    /// Poisson sampling, as the privacy accountant assumes: each waiting
+    /// device is in the cohort with probability `q`, independently.
+    pub(super) fn sample_each(&mut self, q: f64) -> BTreeMap<Pseudonym, bool> {
+        let rng = &mut self.rng;
+        self.pool
+            .iter()
+            .filter(|_| rng.random_bool(q))
+            .map(|p| (*p, false))
             .collect()
     }
 

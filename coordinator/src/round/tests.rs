@@ -1079,6 +1079,173 @@ mod dp {
                 .any(|s| s.selected != summaries[0].selected)
         );
     }
+
+    /// Replicas' loads as the leader reads them from their heartbeats.
+    fn loads(replicas: &[RoundCore]) -> Vec<cluster::ReplicaLoad> {
+        replicas
+            .iter()
+            .enumerate()
+            .map(|(i, core)| cluster::ReplicaLoad {
+                name: format!("r{i}"),
+                waiting: core.status().waiting,
+                joined: core.status().joined,
+            })
+            .collect()
+    }
+
+    fn share_order(round: u32, take: usize, privacy: &RoundPrivacy) -> cluster::ShareOrder {
+        cluster::ShareOrder {
+            round,
+            kind: TaskKind::Train,
+            model_version: 1,
+            take,
+            needed: take,
+            deadline: Instant::now() + 60 * SECOND,
+            privacy: Some(privacy.clone()),
+        }
+    }
+
+    /// Two replicas' shares of a DP round, combined by the leader, make the
+    /// model one coordinator makes from the same updates: the same clipping,
+    /// the same noise (the same seed), the same division by the expected
+    /// cohort, the same ε, counted once, when the leader planned the round.
+    #[test]
+    fn replicas_clip_and_noise_a_round_as_one_coordinator_does() {
+        let (z, clip) = (1.0, 0.5);
+        let update = |i: usize| vec![(i as f32 + 1.0) * 3.0, -(i as f32), 0.25];
+        let mut single = core_with(dp_config(5, z, clip, 1.0), vec![0.0; 3]);
+        let devices = join(&mut single, Instant::now(), 5);
+        let (alone, _) = run(&mut single, &devices, 1, update);
+
+        let now = Instant::now();
+        let mut replicas: Vec<RoundCore> = (0..2)
+            .map(|_| core_with(dp_config(5, z, clip, 1.0), vec![0.0; 3]).into_replica())
+            .collect();
+        let at = [
+            join(&mut replicas[0], now, 3),
+            join(&mut replicas[1], now, 2),
+        ];
+        for (core, devices) in replicas.iter_mut().zip(&at) {
+            for d in devices {
+                assert!(matches!(
+                    core.check_in(now, d).unwrap(),
+                    CheckIn::Wait { .. }
+                ));
+            }
+        }
+        let loads = loads(&replicas);
+        let cluster::Plan::Round(plan) = replicas[0].plan_round(&loads, now, now + SECOND) else {
+            panic!("every device waits: a round");
+        };
+        let privacy = plan.privacy.clone().expect("a DP round");
+        assert_eq!(plan.shares["r0"], (3, 3));
+        assert_eq!(plan.shares["r1"], (2, 2));
+        assert_eq!(
+            replicas[0].privacy().unwrap().epsilon(),
+            privacy.summary.epsilon
+        );
+        let mut sums = Vec::new();
+        let mut index = 0;
+        for (i, (core, devices)) in replicas.iter_mut().zip(&at).enumerate() {
+            let take = plan.shares[&format!("r{i}")].0;
+            core.order_share(now, share_order(1, take, &privacy));
+            for d in devices {
+                let CheckIn::Task(task) = core.check_in(now, d).unwrap() else {
+                    panic!("q = 1 samples every device");
+                };
+                assert_eq!(task.privacy, Some(privacy.task));
+                let values = update(index);
+                index += 1;
+                let h = header(*d, &task, 1, values.len() as u64);
+                core.submit_update(now, h, &encode(&values)).unwrap();
+            }
+            sums.extend(core.take_share_sums());
+        }
+        assert_eq!(sums.len(), 2);
+        let together = replicas[0].conclude(1, TaskKind::Train, &sums, 1.0, Some(privacy));
+        assert!(together.completed, "{together:?}");
+        assert_eq!(together.privacy, alone[0].privacy);
+        assert_eq!(together.participants, 5);
+        let (a, b) = (&replicas[0].model().params, &single.model().params);
+        assert!(a.iter().any(|v| *v != 0.0));
+        for (x, y) in a.iter().zip(b.iter()) {
+            assert!((x - y).abs() < 1e-5, "{a:?} against {b:?}");
+        }
+    }
+
+    /// A replica samples each of its waiting devices with the round's q,
+    /// whatever the order's `take`; the leader counts each planned round,
+    /// and a plan over the budget stops training with the reason.
+    #[test]
+    fn replicas_sample_with_q_and_the_budget_stops_the_leader() {
+        let q = 0.5;
+        let mut c = dp_config(1, 1.0, 1.0, q);
+        c.privacy.epsilon_budget =
+            Some(RdpAccountant::epsilon_for(q, 1.0, 2, c.privacy.delta) * 1.0001);
+        let now = Instant::now();
+        let mut replica = core_with(c, vec![0.0; 2]).into_replica();
+        let devices = join(&mut replica, now, 400);
+        for d in &devices {
+            replica.check_in(now, d).unwrap();
+        }
+        let loads = loads(std::slice::from_ref(&replica));
+        let cluster::Plan::Round(first) = replica.plan_round(&loads, now, now + SECOND) else {
+            panic!("a round");
+        };
+        let privacy = first.privacy.expect("a DP round");
+        replica.order_share(now, share_order(1, 3, &privacy));
+        let selected = replica
+            .poll(now)
+            .iter()
+            .find_map(|e| match e {
+                Event::RoundStarted { selected, .. } => Some(*selected),
+                _ => None,
+            })
+            .expect("the share opened");
+        // Binomial(400, 0.5): mean 200, std 10.
+        assert!((150..=250).contains(&selected), "{selected}");
+        assert!(matches!(
+            replica.plan_round(&loads, now, now + SECOND),
+            cluster::Plan::Round(_)
+        ));
+        let cluster::Plan::Stop(counters) = replica.plan_round(&loads, now, now + SECOND) else {
+            panic!("the third round is over the budget");
+        };
+        let reason = counters.training_stopped.expect("a reason");
+        assert!(reason.contains("privacy.epsilon_budget"), "{reason}");
+    }
+
+    /// A replica refuses to follow a task trained under differential
+    /// privacy when it runs without, and the other way round.
+    #[test]
+    fn a_replica_refuses_a_task_of_other_privacy() {
+        let followed = |privacy: Option<crate::checkpoint::PrivacyState>| cluster::Followed {
+            version: 2,
+            params: vec![0.0; 2],
+            m: Vec::new(),
+            v: Vec::new(),
+            counters: cluster::RunCounters {
+                last_round: 1,
+                training_rounds: 1,
+                ..Default::default()
+            },
+            history: Vec::new(),
+            privacy,
+        };
+        let mut dp = core_with(dp_config(1, 1.0, 1.0, 0.5), vec![0.0; 2]).into_replica();
+        let err = dp.follow(followed(None)).unwrap_err().to_string();
+        assert!(err.contains("without differential privacy"), "{err}");
+        assert_eq!(dp.model().version, 1, "nothing followed");
+        let state = dp.privacy_state();
+        let mut plain = core_with(config(1, 0), vec![0.0; 2]).into_replica();
+        let err = plain
+            .follow(followed(state.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("under differential privacy"), "{err}");
+        dp.follow(followed(state)).unwrap();
+        assert_eq!(dp.model().version, 2);
+    }
 }
 
 /// A core resumed from its checkpoint carries on where the first stopped:
