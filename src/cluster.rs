@@ -3,19 +3,25 @@
 //!
 //! Every replica, leader or not, every [`TICK`]:
 //! 1. reports its waiting and joined devices (a heartbeat);
-//! 2. follows the store's committed state when a round has ended there
-//!    (model version, counters, history: [`RoundCore::follow`]);
-//! 3. commits the partial sums of its closed shares (once each);
-//! 4. opens its share of the open round, when the leader ordered one.
+//! 2. under enrollment tokens, ends the sessions it holds that a newer join
+//!    of their token replaced at another replica;
+//! 3. follows the store's committed state when a round has ended there
+//!    (model version, counters, history, the privacy accountant:
+//!    [`RoundCore::follow`]);
+//! 4. commits the partial sums of its closed shares (once each);
+//! 5. opens its share of the open round, when the leader ordered one.
 //!
 //! The replica holding the task's leadership (a PostgreSQL advisory lock on
 //! its connection, released when the connection ends) also:
-//! 5. ends the open round once every share is in, or [`GRACE`] after its
+//! 6. deletes ended sessions and silent replicas' rows, every
+//!    [`SWEEP_EVERY`];
+//! 7. ends the open round once every share is in, or [`GRACE`] after its
 //!    deadline with the shares that are: the combined mean through the
 //!    strategy, committed with [`Store::end_round`], which checks the round
 //!    and the version it replaces, so a round is applied exactly once
 //!    whichever leader ends it;
-//! 6. plans and orders the next round from the replicas' heartbeats.
+//! 8. plans and orders the next round from the replicas' heartbeats (under
+//!    differential privacy counting it, with the order, in the store).
 //!
 //! A store error drops the connection (and with it any leadership) and the
 //! loop tries again with back-off; devices keep being served meanwhile, and
@@ -31,7 +37,7 @@ use fedrec_coordinator::round::cluster::{
     Followed, Plan, ReplicaLoad, RunCounters, ShareOrder, ShareSum,
 };
 use fedrec_coordinator::round::{Pseudonym, RoundCore, TaskKind};
-use fedrec_coordinator::service::{ServiceHandle, SessionStore, StoreFuture};
+use fedrec_coordinator::service::{NewSession, ServiceHandle, SessionStore, StoreFuture};
 use fedrec_proto::Layout;
 use fedrec_proto::catalogue::Catalogue;
 use fedrec_store::{
@@ -49,6 +55,9 @@ pub const GRACE: Duration = Duration::from_secs(2);
 /// How often a replica reports its devices when their numbers do not
 /// change (a change is reported at the next [`TICK`]).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the leader deletes ended sessions and silent replicas' rows.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A replica not heard from for this long has no share in the next round.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -174,11 +183,23 @@ impl StoreSessions {
 }
 
 impl SessionStore for StoreSessions {
-    fn record(&self, pseudonym: Pseudonym, ttl: Duration) -> StoreFuture<'_, ()> {
+    fn record(&self, session: NewSession) -> StoreFuture<'_, Vec<Pseudonym>> {
         Box::pin(self.with_store(async move |store, task| {
-            store
-                .put_session(task, &pseudonym.to_string(), None, ttl)
-                .await
+            let pseudonym = session.pseudonym.to_string();
+            let ended = match &session.token {
+                Some((token, max)) => {
+                    store
+                        .put_token_session(task, &pseudonym, token, *max, session.ttl)
+                        .await?
+                }
+                None => {
+                    store
+                        .put_session(task, &pseudonym, None, session.ttl)
+                        .await?;
+                    Vec::new()
+                }
+            };
+            Ok(ended.iter().filter_map(|p| p.parse().ok()).collect())
         }))
     }
 
@@ -205,6 +226,11 @@ struct Driver {
     leading: bool,
     /// The last heartbeat: when, and the (waiting, joined) it reported.
     beat: Option<(Instant, (usize, usize))>,
+    /// When sessions replaced elsewhere were last looked up (under
+    /// enrollment tokens).
+    replaced_seen: Option<Instant>,
+    /// As leader: when the store was last swept.
+    swept: Option<Instant>,
 }
 
 /// Runs the replica's loop until the process stops.
@@ -218,6 +244,8 @@ pub async fn run(replica: Replica, handle: ServiceHandle) {
         window_start: None,
         leading: false,
         beat: None,
+        replaced_seen: None,
+        swept: None,
     };
     let mut backoff = TICK;
     loop {
@@ -240,6 +268,7 @@ pub async fn run(replica: Replica, handle: ServiceHandle) {
                 }
                 driver.followed = None;
                 driver.beat = None;
+                driver.replaced_seen = None;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
@@ -263,6 +292,7 @@ impl Driver {
         }
         let task = self.replica.task.clone();
         self.heartbeat().await?;
+        self.end_replaced().await?;
         self.follow().await?;
         self.send_sums().await?;
         let store = self.store.as_mut().expect("connected above");
@@ -291,8 +321,60 @@ impl Driver {
                 self.followed = None;
                 self.follow().await?;
             }
+            self.sweep().await?;
             self.lead(order).await?;
         }
+        Ok(())
+    }
+
+    /// Under enrollment tokens: ends the sessions held here that a newer
+    /// join of their token replaced at another replica (the token's limit
+    /// counts sessions at every replica).
+    async fn end_replaced(&mut self) -> anyhow::Result<()> {
+        let (tokens, ttl) = self.with_core(|core| {
+            let auth = &core.config().auth;
+            (auth.enrollment_tokens.is_some(), auth.session_ttl())
+        })?;
+        if !tokens {
+            return Ok(());
+        }
+        // Look back past the last look (by a margin for commits that were
+        // in flight), or over a whole session's life the first time.
+        let within = self
+            .replaced_seen
+            .map_or(ttl, |at| at.elapsed() + Duration::from_secs(2));
+        let looked = Instant::now();
+        let store = self.store.as_ref().expect("connected");
+        let ended: Vec<Pseudonym> = store
+            .replaced_sessions(&self.replica.task, within)
+            .await?
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        self.with_core(|core| core.end_replaced(&ended))?;
+        self.replaced_seen = Some(looked);
+        Ok(())
+    }
+
+    /// As leader, every [`SWEEP_EVERY`]: deletes sessions ended a session's
+    /// lifetime ago and the rows of replicas silent as long.
+    async fn sweep(&mut self) -> anyhow::Result<()> {
+        if self.swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+            return Ok(());
+        }
+        let keep = self
+            .with_core(|core| core.config().auth.session_ttl())?
+            .max(SWEEP_EVERY);
+        let store = self.store.as_ref().expect("connected");
+        let (sessions, replicas) = store.sweep(&self.replica.task, keep).await?;
+        if sessions + replicas > 0 {
+            tracing::info!(
+                sessions,
+                replicas,
+                "swept ended sessions and silent replicas"
+            );
+        }
+        self.swept = Some(Instant::now());
         Ok(())
     }
 

@@ -425,3 +425,64 @@ fn replicas_train_under_differential_privacy() {
     let said = refused(&["--store", &pg.url(), "--config", plain.to_str().unwrap()]);
     assert!(said.contains("under differential privacy"), "{said}");
 }
+
+/// Under enrollment tokens, `auth.max_sessions_per_token` holds across
+/// replicas: a join with a token at one replica ends the token's older
+/// session held at another, which is told `session_replaced` there; the
+/// newer session is served at either replica.
+#[test]
+fn a_token_session_limit_holds_across_replicas() {
+    use fedrec_proto::pb::{self, coordinator_client::CoordinatorClient};
+
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.sha256");
+    let digest = fedrec_coordinator::auth::digest("device-secret");
+    std::fs::write(&tokens, format!("{digest}\n")).unwrap();
+    let extra = format!(
+        "\n[auth]\nenrollment_tokens = {:?}\nmax_sessions_per_token = 1\n\
+         session_ttl_secs = 600\n\n[server]\nlong_poll_secs = 1\n\n\
+         [cluster]\ntask = \"tokens\"\n",
+        tokens.to_str().unwrap()
+    );
+    let config = config_with(dir.path(), 1, 4, 20, &extra);
+    let (replicas, _lines) = start_replicas(2, &pg.url(), &config);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refused = runtime.block_on(async {
+        let mut r1 = CoordinatorClient::connect(replicas[0].url.clone())
+            .await
+            .unwrap();
+        let mut r2 = CoordinatorClient::connect(replicas[1].url.clone())
+            .await
+            .unwrap();
+        let join = pb::JoinRequest {
+            protocol_version: fedrec_proto::PROTOCOL_VERSION,
+            enrollment_token: "device-secret".to_owned(),
+        };
+        let first = r1.join(join.clone()).await.unwrap().into_inner().pseudonym;
+        let second = r2.join(join).await.unwrap().into_inner().pseudonym;
+        let check_in = |pseudonym: &str| pb::CheckInRequest {
+            pseudonym: pseudonym.to_owned(),
+        };
+        r1.check_in(check_in(&second))
+            .await
+            .expect("the newer session is served at the other replica");
+        tokio::time::timeout(TIMEOUT, async {
+            loop {
+                if let Err(status) = r1.check_in(check_in(&first)).await {
+                    break status;
+                }
+            }
+        })
+        .await
+        .expect("the older session is ended at its replica in time")
+    });
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("replaced by a newer join"),
+        "{refused:?}"
+    );
+    drop(replicas);
+}

@@ -40,7 +40,7 @@ use driver::drive;
 
 use crate::CoordinatorError;
 use crate::aggregate::EvalCounts;
-use crate::auth::TokenSet;
+use crate::auth::{self, TokenSet};
 use crate::listener::{self, ConnectionInfo, ConnectionLimits, TrackRequestsLayer};
 use crate::round::{
     CheckIn, CoordinatorStatus, ModelSnapshot, Pseudonym, RoundCore, RoundSummary, UpdateAccepted,
@@ -95,11 +95,24 @@ pub struct ServeOptions {
 pub type StoreFuture<'a, T> =
     std::pin::Pin<Box<dyn Future<Output = Result<T, CoordinatorError>> + Send + 'a>>;
 
+/// A session that joined here, for a [`SessionStore`].
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    /// The device's pseudonym.
+    pub pseudonym: Pseudonym,
+    /// How long the session lasts.
+    pub ttl: Duration,
+    /// The digest of the enrollment token the device joined with, and the
+    /// token's limit of live sessions (`auth.max_sessions_per_token`).
+    pub token: Option<(String, u32)>,
+}
+
 /// Sessions shared by the replicas of a replicated coordinator.
 pub trait SessionStore: Send + Sync + std::fmt::Debug {
-    /// Records a session that joined here, lasting `ttl`; the device learns
-    /// its pseudonym only once it is recorded.
-    fn record(&self, pseudonym: Pseudonym, ttl: Duration) -> StoreFuture<'_, ()>;
+    /// Records a session that joined here; the device learns its pseudonym
+    /// only once it is recorded. Returns the sessions the join ended: its
+    /// token's oldest beyond the token's limit, at whichever replica.
+    fn record(&self, session: NewSession) -> StoreFuture<'_, Vec<Pseudonym>>;
     /// The time left of a session this process does not know, if any
     /// replica admitted it and it has not expired.
     fn find(&self, pseudonym: Pseudonym) -> StoreFuture<'_, Option<Duration>>;
@@ -721,18 +734,25 @@ impl Coordinator for CoordinatorService {
                     expected: PROTOCOL_VERSION,
                 }));
         }
-        let (pseudonym, ttl, layout) = self.shared.with_core(|core| {
+        let (pseudonym, ttl, max, layout) = self.shared.with_core(|core| {
             (
                 core.join(now(), token),
                 core.config().auth.session_ttl(),
+                core.config().auth.max_sessions_per_token,
                 core.layout().to_pb(),
             )
         })?;
         if let Some(sessions) = &self.shared.sessions {
-            sessions
-                .record(pseudonym, ttl)
+            let session = NewSession {
+                pseudonym,
+                ttl,
+                token: token.map(|_| (auth::digest(&request.enrollment_token), max)),
+            };
+            let replaced = sessions
+                .record(session)
                 .await
                 .map_err(|e| self.shared.reject_at_edge(e))?;
+            self.shared.with_core(|core| core.end_replaced(&replaced))?;
         }
         tracing::debug!(%pseudonym, "device joined");
         Ok(Response::new(pb::JoinResponse {

@@ -323,7 +323,8 @@ impl Store {
             .client
             .query_opt(
                 "SELECT extract(epoch FROM (expires - now()))::float8 FROM session
-                 WHERE task = $1 AND pseudonym = $2 AND (expires IS NULL OR expires > now())",
+                 WHERE task = $1 AND pseudonym = $2 AND replaced IS NULL
+                   AND (expires IS NULL OR expires > now())",
                 &[&task, &pseudonym],
             )
             .await
@@ -332,6 +333,83 @@ impl Store {
             row.get::<_, Option<f64>>(0)
                 .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
         }))
+    }
+
+    /// Records the session of a device that joined with an enrollment
+    /// token (`token`: its digest), and ends that token's oldest live
+    /// sessions beyond `max`, wherever they joined: the token's limit
+    /// (`auth.max_sessions_per_token`) holds across replicas. Returns the
+    /// pseudonyms ended. Two joins of one token at once both keep the
+    /// token's newest `max` sessions, so they agree.
+    pub async fn put_token_session(
+        &self,
+        task: &str,
+        pseudonym: &str,
+        token: &str,
+        max: u32,
+        ttl: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        self.put_session(task, pseudonym, Some(token), ttl).await?;
+        let rows = self
+            .client
+            .query(
+                "UPDATE session SET expires = least(expires, now()), replaced = now()
+                 WHERE task = $1 AND pseudonym IN (
+                     SELECT pseudonym FROM session
+                     WHERE task = $1 AND token = $2 AND replaced IS NULL
+                       AND (expires IS NULL OR expires > now())
+                     ORDER BY created DESC, pseudonym DESC OFFSET $3)
+                 RETURNING pseudonym",
+                &[&task, &token, &i64::from(max)],
+            )
+            .await
+            .during("ending a token's oldest sessions")?;
+        Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    }
+
+    /// The sessions a newer join of their token ended within the last
+    /// `within` (the database's clock): a replica ends those it holds.
+    pub async fn replaced_sessions(
+        &self,
+        task: &str,
+        within: Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT pseudonym FROM session
+                 WHERE task = $1 AND replaced >= now() - $2::float8 * interval '1 second'",
+                &[&task, &within.as_secs_f64()],
+            )
+            .await
+            .during("reading the replaced sessions")?;
+        Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    }
+
+    /// Housekeeping: deletes the sessions that ended more than `keep` ago
+    /// and the heartbeats of replicas silent for longer than `keep`.
+    /// Returns how many rows of each went.
+    pub async fn sweep(&self, task: &str, keep: Duration) -> Result<(u64, u64), StoreError> {
+        let keep = keep.as_secs_f64();
+        let sessions = self
+            .client
+            .execute(
+                "DELETE FROM session
+                 WHERE task = $1 AND expires < now() - $2::float8 * interval '1 second'",
+                &[&task, &keep],
+            )
+            .await
+            .during("deleting ended sessions")?;
+        let replicas = self
+            .client
+            .execute(
+                "DELETE FROM replica
+                 WHERE task = $1 AND seen < now() - $2::float8 * interval '1 second'",
+                &[&task, &keep],
+            )
+            .await
+            .during("deleting silent replicas")?;
+        Ok((sessions, replicas))
     }
 
     /// Ends a device's session (nothing if it has none): it left, or was

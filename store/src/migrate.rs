@@ -43,8 +43,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 4,
-        name: "cluster_privacy",
-        sql: include_str!("../migrations/0004_cluster_privacy.sql"),
+        name: "cluster_privacy_tokens",
+        sql: include_str!("../migrations/0004_cluster_privacy_tokens.sql"),
     },
 ];
 

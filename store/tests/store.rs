@@ -606,7 +606,10 @@ async fn a_version_2_store_is_upgraded_to_the_newest() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(names, ["init", "partial_sum", "cluster", "cluster_privacy"]);
+    assert_eq!(
+        names,
+        ["init", "partial_sum", "cluster", "cluster_privacy_tokens"]
+    );
     assert_eq!(store.partials("shop", 1, 1).await.unwrap(), vec![share]);
     store.open_task("shop", &layout()).await.unwrap();
     store
@@ -1245,4 +1248,55 @@ async fn a_private_round_is_counted_with_its_order() {
     assert_eq!(store.run_state("shop").await.unwrap(), None);
     store.put_run_state("shop", &stopped).await.unwrap();
     assert_eq!(store.run_state("shop").await.unwrap(), Some(stopped));
+}
+
+/// A token's session limit counts its sessions wherever they joined: a
+/// join beyond it ends the token's oldest live sessions, which the
+/// replicas can look up; other tokens' and token-less sessions are
+/// untouched. The sweep deletes ended sessions and silent replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_keeps_its_session_limit_and_the_sweep_clears_the_ended() {
+    use std::time::Duration;
+
+    let Some((_pg, store)) = shop().await else {
+        return;
+    };
+    let hour = Duration::from_secs(3600);
+    let join = |pseudonym: &'static str, token: &'static str, max: u32| {
+        let store = &store;
+        async move {
+            store
+                .put_token_session("shop", pseudonym, token, max, hour)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(join("a1", "token-a", 2).await.is_empty());
+    assert!(join("b1", "token-b", 2).await.is_empty());
+    store
+        .put_session("shop", "plain", None, hour)
+        .await
+        .unwrap();
+    assert!(join("a2", "token-a", 2).await.is_empty());
+    assert_eq!(join("a3", "token-a", 2).await, ["a1"]);
+    assert_eq!(store.session("shop", "a1").await.unwrap(), None);
+    assert!(store.session("shop", "a2").await.unwrap().is_some());
+    assert!(store.session("shop", "b1").await.unwrap().is_some());
+    assert_eq!(join("a4", "token-a", 1).await.len(), 2, "a2 and a3 go");
+    let mut replaced = store.replaced_sessions("shop", hour).await.unwrap();
+    replaced.sort();
+    assert_eq!(replaced, ["a1", "a2", "a3"]);
+    assert!(store.session("shop", "plain").await.unwrap().is_some());
+
+    store.heartbeat("shop", &beat("gone", 0)).await.unwrap();
+    let (sessions, replicas) = store.sweep("shop", Duration::ZERO).await.unwrap();
+    assert_eq!((sessions, replicas), (3, 1));
+    assert!(
+        store
+            .replaced_sessions("shop", hour)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.session("shop", "a4").await.unwrap().is_some());
 }

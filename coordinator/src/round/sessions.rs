@@ -57,16 +57,28 @@ impl RoundCore {
             });
             while held.len() >= max {
                 if let Some(oldest) = held.pop_front() {
-                    self.end_session(&oldest);
-                    if let Some(session) = self.sessions.get_mut(&oldest) {
-                        session.replaced = true;
-                    }
+                    self.end_replaced(&[oldest]);
                 }
             }
             held.push_back(pseudonym);
             self.token_sessions.insert(token, held);
         }
         pseudonym
+    }
+
+    /// Ends the sessions a newer join of their enrollment token replaced
+    /// (here, or at another replica): each is told `session_replaced` at
+    /// its next check-in. Sessions unknown here are ignored.
+    pub fn end_replaced(&mut self, pseudonyms: &[Pseudonym]) {
+        for pseudonym in pseudonyms {
+            if let Some(session) = self.sessions.get_mut(pseudonym)
+                && !session.replaced
+            {
+                session.replaced = true;
+                self.end_session(pseudonym);
+                self.generation += 1;
+            }
+        }
     }
 
     /// Takes a device out of the joined devices and the pool; its session

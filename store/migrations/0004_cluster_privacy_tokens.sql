@@ -1,4 +1,5 @@
--- fedrec store, schema version 4: differential privacy across replicas.
+-- fedrec store, schema version 4: differential privacy across replicas, and
+-- enrollment tokens' session limits across replicas.
 --
 -- Applied in one transaction by fedrec_store::migrate, which records it in
 -- schema_version. Never edit a migration once released: add the next one.
@@ -16,3 +17,9 @@ ALTER TABLE round_order ADD COLUMN privacy jsonb;
 -- clipping bound (noisy in distributed mode), which the leader sums to move
 -- the bound.
 ALTER TABLE partial_sum ADD COLUMN within_clip double precision NOT NULL DEFAULT 0;
+
+-- A session ended by a newer join with the same enrollment token
+-- (auth.max_sessions_per_token, counted across every replica): when.
+-- Replicas poll the recent ones to end those they hold.
+ALTER TABLE session ADD COLUMN replaced timestamptz;
+CREATE INDEX session_replaced ON session (task, replaced) WHERE replaced IS NOT NULL;
