@@ -30,6 +30,7 @@
 //! ```
 
 use std::path::Path;
+use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -43,7 +44,12 @@ pub struct ConnectOptions {
     identity: Option<(Vec<u8>, Vec<u8>)>,
     domain_name: Option<String>,
     enrollment_token: Option<String>,
+    keepalive: Option<Duration>,
 }
+
+/// How long a coordinator may stay silent before a device gives up on the
+/// connection, by default ([`ConnectOptions::keepalive`]).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(20);
 
 impl std::fmt::Debug for ConnectOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,6 +59,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("identity", &self.identity.is_some())
             .field("domain_name", &self.domain_name)
             .field("enrollment_token", &self.enrollment_token.is_some())
+            .field("keepalive", &self.keepalive)
             .finish()
     }
 }
@@ -89,6 +96,18 @@ impl ConnectOptions {
     /// with it again whenever its session expires. Default: none.
     pub fn enrollment_token(mut self, token: impl Into<String>) -> Self {
         self.enrollment_token = Some(token.into().trim().to_owned());
+        self
+    }
+
+    /// How quickly a coordinator that went silent without closing its
+    /// connections (a machine gone, a network partition) is noticed: the
+    /// TCP connect times out after `after`, and while connected the device
+    /// pings the coordinator (HTTP/2 PING) every `after` and drops the
+    /// connection when a ping is not answered within `after`, failing the
+    /// request in flight so that the device moves to its next endpoint.
+    /// Default: [`DEFAULT_KEEPALIVE`].
+    pub fn keepalive(mut self, after: Duration) -> Self {
+        self.keepalive = Some(after);
         self
     }
 
@@ -194,8 +213,13 @@ impl ConnectOptions {
     /// `endpoint` configured with these options, not connected yet (the
     /// checks of [`channel`](Self::channel), without I/O).
     fn endpoint(&self, endpoint: &str) -> Result<Endpoint, ClientError> {
+        let after = self.keepalive.unwrap_or(DEFAULT_KEEPALIVE);
         let ep = fedrec_proto::endpoint(endpoint.to_string())
-            .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?;
+            .map_err(|e| ClientError::InvalidConfig(format!("bad endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(after)
+            .http2_keep_alive_interval(after)
+            .keep_alive_timeout(after)
+            .keep_alive_while_idle(true);
         let https = endpoint.starts_with("https://");
         if https {
             let Some(ca) = &self.ca_pem else {

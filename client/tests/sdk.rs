@@ -862,6 +862,45 @@ async fn a_device_moves_to_the_next_endpoint_when_its_coordinator_stops() {
     b.stop().await;
 }
 
+/// A coordinator that stops answering without closing its connections (a
+/// machine gone silent, a network partition) is noticed by the keepalive:
+/// the device leaves it for the next endpoint instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_coordinator_is_left_for_the_next_endpoint() {
+    use fedrec_client::connect::ConnectOptions;
+    let model = common::model(30, 4);
+    let b = common::start(common::config(1, 1), &model, 1).await;
+    // Accepts connections, never reads or answers, never closes.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let mut device = Device::new(Arc::clone(&model), 3);
+    device.set_consent(Consent::Federated).unwrap();
+    for i in [1, 2, 3] {
+        device.record(purchase(i)).unwrap();
+    }
+    let options = ConnectOptions::new().keepalive(Duration::from_millis(300));
+    let endpoints = [silent_url, b.endpoint.clone()];
+    let mut p = common::within(
+        "leaving the silent coordinator",
+        Participant::connect_any(&endpoints, &options),
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.endpoint(), Some(b.endpoint.as_str()));
+    let (_, summary) = common::within("the device finishes at B", p.run(device))
+        .await
+        .unwrap();
+    assert!(summary.trained >= 1, "{summary:?}");
+    held.abort();
+    b.stop().await;
+}
+
 /// An app's model refresh moves to the next endpoint when the coordinator
 /// it joined has stopped, and joins again there if it must.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
