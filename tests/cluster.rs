@@ -486,3 +486,32 @@ fn a_token_session_limit_holds_across_replicas() {
     );
     drop(replicas);
 }
+
+/// `fedrec bench round --store URL --replicas 2`: replicas on the test's
+/// PostgreSQL, devices spread over them, the same JSON as one process's.
+#[test]
+fn bench_round_runs_on_replicas() {
+    let Some(pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
+    let child = Command::new(BIN)
+        .args(["bench", "round", "--clients", "4", "--dim", "640"])
+        .args(["--rounds", "2", "--store", &pg.url(), "--replicas", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = common::wait_output(child, TIMEOUT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    assert_eq!(v["clients"], 4, "{v}");
+    let each = v["sec_per_round_each"].as_array().expect("per-round times");
+    assert_eq!(each.len(), 2, "{v}");
+    assert!(each.iter().all(|s| s.as_f64().unwrap() > 0.0), "{v}");
+}
