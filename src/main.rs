@@ -31,6 +31,10 @@ enum Command {
     /// Run one device: take part in rounds with a coordinator using one
     /// user's history from a data file.
     Client(ClientArgs),
+    /// Run many devices in one process, one per user of a data file (all,
+    /// a range, or a share of them), against a coordinator or its replicas:
+    /// to spread a simulation or a load test over processes and machines.
+    Devices(DevicesArgs),
     /// Write the global model of a `serve --checkpoint` file for serving
     /// (safetensors: item ids, embeddings, biases).
     Export(ExportArgs),
@@ -109,6 +113,7 @@ fn run() -> anyhow::Result<()> {
         Command::Simulate(args) => simulate(args),
         Command::Serve(args) => serve(args),
         Command::Client(args) => client(args),
+        Command::Devices(args) => devices(args),
         Command::Export(args) => export(args),
         Command::StoreImport(args) => store_import(args),
         Command::Split(args) => split(args),

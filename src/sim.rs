@@ -30,7 +30,7 @@ pub mod secagg;
 pub mod tracks;
 
 use grpc::run_grpc;
-pub use grpc::{SIM_CONNECTIONS, connect};
+pub use grpc::{SIM_ACTIVE, SIM_CONNECTIONS, connect};
 use inproc::{Outcome, record_summary, run_inproc};
 pub use presets::*;
 pub use report::*;

@@ -1,18 +1,25 @@
-//! `fedrec client`: one device with one user's history.
+//! `fedrec client`: one device with one user's history; and what it shares
+//! with `fedrec devices` (many such devices in one process): how a device
+//! reaches the coordinator, and how it is made from the data and joined.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
-use fedrec::data::{self, Dataset};
-use fedrec::sim::{self};
+use fedrec::data::{self, Dataset, Protocol};
+use fedrec::sim::{self, Unmapped};
+use fedrec_client::connect::ConnectOptions;
+use fedrec_client::device::Device;
+use fedrec_client::model::Model;
+use fedrec_client::participant::Participant;
+use fedrec_proto::Layout;
 
 use super::*;
 
+/// How a device reaches the coordinator.
 #[derive(Args, Debug)]
-pub(crate) struct ClientArgs {
-    #[command(flatten)]
-    pub(crate) data: DataArgs,
+pub(crate) struct ConnectArgs {
     /// The coordinator's address: http://HOST:PORT, or https://HOST:PORT
     /// with --ca (HOST must be one of the names in its certificate). A
     /// comma-separated list (URL,URL,…) names the replicas of one
@@ -28,16 +35,39 @@ pub(crate) struct ClientArgs {
     /// TLS: the CA certificate (PEM) that signed the coordinator's certificate.
     #[arg(long, value_name = "FILE")]
     pub(crate) ca: Option<PathBuf>,
-    /// Mutual TLS: this device's certificate (PEM).
+    /// Mutual TLS: the device's certificate (PEM).
     #[arg(long, value_name = "FILE", requires = "key")]
     pub(crate) cert: Option<PathBuf>,
-    /// Mutual TLS: this device's private key (PEM).
+    /// Mutual TLS: the device's private key (PEM).
     #[arg(long, value_name = "FILE", requires = "cert")]
     pub(crate) key: Option<PathBuf>,
-    /// A file holding this device's enrollment token (for a coordinator
+    /// A file holding the device's enrollment token (for a coordinator
     /// started with --enrollment-tokens).
     #[arg(long, value_name = "FILE")]
     pub(crate) token_file: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    /// The connection options these flags give (errors name the file).
+    pub(crate) fn options(&self) -> anyhow::Result<ConnectOptions> {
+        let mut options = ConnectOptions::from_files(
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+        )?;
+        if let Some(file) = &self.token_file {
+            options = options.enrollment_token_file(file)?;
+        }
+        Ok(options)
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ClientArgs {
+    #[command(flatten)]
+    pub(crate) data: DataArgs,
+    #[command(flatten)]
+    pub(crate) connect: ConnectArgs,
     /// The user (external id in the data) whose history this device holds.
     #[arg(long)]
     pub(crate) user: String,
@@ -57,73 +87,29 @@ pub(crate) fn client(args: ClientArgs) -> anyhow::Result<()> {
         .iter()
         .position(|u| *u == args.user)
         .ok_or_else(|| unknown_user(&args.user, &ds))?;
-    // The device holds its first track's (discover's) held-out event, and
-    // the purchases before it.
-    let protocol = data::Protocol::new(&ds);
-    let ev = protocol.evaluations.first().with_context(|| {
-        format!(
-            "no user of {} has purchases at two different times",
-            ds.name
-        )
-    })?;
-    let mut options = fedrec_client::connect::ConnectOptions::from_files(
-        args.ca.as_deref(),
-        args.cert.as_deref(),
-        args.key.as_deref(),
-    )?;
-    if let Some(file) = &args.token_file {
-        options = options.enrollment_token_file(file)?;
-    }
+    let fleet = Fleet::new(ds, args.seed, args.factors)?;
+    let options = args.connect.options()?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let mut participant =
-            fedrec_client::participant::Participant::connect_with(&args.coordinator, &options)
-                .await?;
-        // The coordinator says which model it trains and over which items:
-        // the device maps its purchases into that catalogue.
-        let Some(catalogue) = participant.catalogue().cloned() else {
-            bail!(
-                "the coordinator at {} did not announce its catalogue (it is an older \
-                 version of fedrec): run the same version of fedrec on both sides",
-                participant.endpoint().unwrap_or(&args.coordinator)
-            );
-        };
-        let model = fedrec_client::model::for_layout(participant.layout())?;
-        if let Some(factors) = args.factors {
-            let theirs = participant
-                .layout()
-                .tensors()
-                .first()
-                .and_then(|(_, s)| s.get(1));
-            if theirs.is_some_and(|&k| k != factors as u64) {
-                bail!(
-                    "--factors {factors} differs from the coordinator's model ({}): leave \
-                     out --factors, the device takes the coordinator's",
-                    participant.layout()
-                );
-            }
-        }
-        let (device, unmapped) =
-            sim::make_catalogue_device(&model, &protocol, ev, user, args.seed, |item| {
-                catalogue.index(&ds.item_ids[item as usize])
-            })?;
-        let mapped = device.store().len();
-        if mapped == 0 {
-            bail!(
-                "none of user {}'s purchases is in the coordinator's catalogue ({}): give the \
-                 coordinator the catalogue of these data (serve --items N for ids 1 to N, or \
-                 --catalogue FILE)",
-                args.user,
-                describe_catalogue(&catalogue)
-            );
-        }
+        let joined = fleet
+            .join(user, &args.connect.coordinator, &options)
+            .await?;
+        let Joined {
+            mut participant,
+            device,
+            mapped,
+            unmapped,
+        } = joined;
         eprintln!(
             "joined {} as {}: {} purchases of user {} in the coordinator's catalogue ({})",
-            participant.endpoint().unwrap_or(&args.coordinator),
+            participant.endpoint().unwrap_or(&args.connect.coordinator),
             participant.pseudonym(),
             mapped,
             args.user,
-            describe_catalogue(&catalogue),
+            participant
+                .catalogue()
+                .map(describe_catalogue)
+                .unwrap_or_default(),
         );
         if unmapped.purchases > 0 {
             eprintln!(
@@ -154,6 +140,122 @@ pub(crate) fn client(args: ClientArgs) -> anyhow::Result<()> {
         );
         anyhow::Ok(())
     })
+}
+
+/// Simulated devices of one data set: each holds one user's purchases up
+/// to the first track's (discover's) held-out event, and that event.
+pub(crate) struct Fleet {
+    ds: Dataset,
+    /// The tracks; devices hold out the first's (discover's) event.
+    protocol: Protocol,
+    seed: u64,
+    factors: Option<usize>,
+    /// The model of the coordinator's layout, made once and shared by the
+    /// devices (it holds no per-device state).
+    model: Mutex<Option<(Layout, Arc<dyn Model>)>>,
+}
+
+/// A device joined to the coordinator, ready to take part.
+pub(crate) struct Joined {
+    pub(crate) participant: Participant,
+    pub(crate) device: Device,
+    /// The user's purchases in the coordinator's catalogue.
+    pub(crate) mapped: usize,
+    /// Those it does not list, left unused.
+    pub(crate) unmapped: Unmapped,
+}
+
+impl Fleet {
+    /// The devices of `ds`; `factors`, if given, is checked against the
+    /// coordinator's model.
+    pub(crate) fn new(ds: Dataset, seed: u64, factors: Option<usize>) -> anyhow::Result<Self> {
+        let protocol = data::Protocol::new(&ds);
+        if protocol.evaluations.is_empty() {
+            bail!(
+                "no user of {} has purchases at two different times",
+                ds.name
+            );
+        }
+        Ok(Self {
+            ds,
+            protocol,
+            seed,
+            factors,
+            model: Mutex::new(None),
+        })
+    }
+
+    /// The data's users.
+    pub(crate) fn users(&self) -> &[String] {
+        &self.ds.user_ids
+    }
+
+    /// The device of user `user` (an index into the data's users), joined
+    /// to the coordinator at `urls` (a comma-separated list of replicas).
+    pub(crate) async fn join(
+        &self,
+        user: usize,
+        urls: &str,
+        options: &ConnectOptions,
+    ) -> anyhow::Result<Joined> {
+        let participant = Participant::connect_with(urls, options).await?;
+        // The coordinator says which model it trains and over which items:
+        // the device maps its purchases into that catalogue.
+        let Some(catalogue) = participant.catalogue().cloned() else {
+            bail!(
+                "the coordinator at {} did not announce its catalogue (it is an older \
+                 version of fedrec): run the same version of fedrec on both sides",
+                participant.endpoint().unwrap_or(urls)
+            );
+        };
+        let model = self.model_for(participant.layout())?;
+        let (device, unmapped) = sim::make_catalogue_device(
+            &model,
+            &self.protocol,
+            &self.protocol.evaluations[0],
+            user,
+            self.seed,
+            |item| catalogue.index(&self.ds.item_ids[item as usize]),
+        )?;
+        let mapped = device.store().len();
+        if mapped == 0 {
+            bail!(
+                "none of user {}'s purchases is in the coordinator's catalogue ({}): give the \
+                 coordinator the catalogue of these data (serve --items N for ids 1 to N, or \
+                 --catalogue FILE)",
+                self.ds.user_ids[user],
+                describe_catalogue(&catalogue)
+            );
+        }
+        Ok(Joined {
+            participant,
+            device,
+            mapped,
+            unmapped,
+        })
+    }
+
+    /// The model of `layout`, made on first use; checks --factors.
+    fn model_for(&self, layout: &Layout) -> anyhow::Result<Arc<dyn Model>> {
+        let mut cached = self.model.lock().expect("not poisoned");
+        if let Some((known, model)) = cached.as_ref()
+            && known == layout
+        {
+            return Ok(Arc::clone(model));
+        }
+        if let Some(factors) = self.factors {
+            let theirs = layout.tensors().first().and_then(|(_, s)| s.get(1));
+            if theirs.is_some_and(|&k| k != factors as u64) {
+                bail!(
+                    "--factors {factors} differs from the coordinator's model ({layout}): leave \
+                     out --factors, the device takes the coordinator's"
+                );
+            }
+        }
+        let model = fedrec_client::model::for_layout(layout)?;
+        *cached = Some((layout.clone(), Arc::clone(&model)));
+        Ok(model)
+    }
 }
 
 /// The error for a user id the data do not hold, showing what its ids look like.
