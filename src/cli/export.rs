@@ -101,11 +101,12 @@ pub(crate) struct StoreImportArgs {
     #[command(flatten)]
     pub(crate) saved: SavedModelArgs,
     /// The PostgreSQL store, e.g. postgres://fedrec@db.internal/fedrec
-    /// (its schema is created or upgraded).
-    #[arg(long, value_name = "URL")]
+    /// (its schema is created or upgraded); or the environment variable
+    /// FEDREC_STORE, which keeps a password out of the process list.
+    #[arg(long, value_name = "URL", env = "FEDREC_STORE", hide_env_values = true)]
     pub(crate) store: String,
-    /// The task's name in the store.
-    #[arg(long, default_value = "default")]
+    /// The task's name in the store (the replicas' cluster.task).
+    #[arg(long, default_value = fedrec_coordinator::config::DEFAULT_TASK)]
     pub(crate) task: String,
 }
 

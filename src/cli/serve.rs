@@ -68,7 +68,15 @@ pub(crate) struct ServeArgs {
     /// Run as one replica of a replicated coordinator whose state is in
     /// this PostgreSQL store (postgres://user:password@host:port/db;
     /// overrides cluster.store). Replicas of one task form one coordinator.
-    #[arg(long, value_name = "URL", conflicts_with = "checkpoint")]
+    /// Also read from the environment variable FEDREC_STORE, which keeps
+    /// the password out of the process list (a Kubernetes Secret).
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with = "checkpoint",
+        env = "FEDREC_STORE",
+        hide_env_values = true
+    )]
     pub(crate) store: Option<String>,
     /// With --store: this replica's name, unique among the task's replicas
     /// (overrides cluster.replica; default: the listen address).
