@@ -15,6 +15,7 @@
 //!   connection holding a check-in, and its CPU while they wait.
 
 pub mod idle;
+pub mod rates;
 pub mod secagg;
 
 use std::io::{BufRead, BufReader};

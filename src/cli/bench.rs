@@ -29,6 +29,28 @@ pub(crate) enum BenchCommand {
     /// process; this process is the devices). Needs `ulimit -n` above
     /// --connections in both.
     Idle(BenchIdleArgs),
+    /// Joins and check-ins one coordinator answers per second, and with
+    /// --store the load they put on PostgreSQL (a `fedrec serve` process,
+    /// or replicas on the store; this process is the devices).
+    Rates(BenchRatesArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct BenchRatesArgs {
+    /// Devices that join, then check in over and over.
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) devices: usize,
+    /// Seconds of check-ins.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) secs: f64,
+    /// Run the coordinator as replicas on this PostgreSQL store (a fresh
+    /// task): the first for the joins and check-ins, a second for the
+    /// devices' first check-ins elsewhere.
+    #[arg(long, value_name = "URL")]
+    pub(crate) store: Option<String>,
+    /// Coordinator configuration to start from (its [server] limits).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -160,6 +182,45 @@ pub(crate) fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
                 row.bytes_per_connection,
                 row.idle_cpu_cores,
             );
+            println!("{}", serde_json::to_string(&row)?);
+        }
+        BenchCommand::Rates(a) => {
+            let base = coordinator_config(a.config.as_deref())?;
+            let deployment = fedrec::bench::Deployment {
+                store: a.store.clone(),
+                replicas: 1,
+                ..Default::default()
+            };
+            let row = fedrec::bench::rates::rates(base, a.devices, a.secs, &deployment)?;
+            let load = |s: &fedrec::bench::rates::Step| match s.store_transactions_per_sec {
+                Some(t) => format!(
+                    " (store: {t:.0} transactions/s, {:.0} rows read/s, {:.0} rows written/s)",
+                    s.store_rows_read_per_sec.unwrap_or_default(),
+                    s.store_rows_written_per_sec.unwrap_or_default()
+                ),
+                None => String::new(),
+            };
+            eprintln!(
+                "{} devices: {:.0} joins/s{}; {:.0} check-ins/s{} at {:.2} cores",
+                row.devices,
+                row.join.per_sec,
+                load(&row.join),
+                row.check_in.per_sec,
+                load(&row.check_in),
+                row.check_in_cpu_cores
+            );
+            if let Some(first) = &row.first_check_in_elsewhere {
+                eprintln!(
+                    "first check-ins at a second replica: {:.0}/s{}",
+                    first.per_sec,
+                    load(first)
+                );
+            }
+            if let Some([one, two]) = row.store_idle_transactions_per_sec {
+                eprintln!(
+                    "the replicas' own loop: {one:.1} transactions/s (the leader), {two:.1} (a second replica)"
+                );
+            }
             println!("{}", serde_json::to_string(&row)?);
         }
         BenchCommand::Round(a) => {

@@ -99,7 +99,53 @@ fn unknown_task(
     }
 }
 
+/// The database's cumulative activity counters (PostgreSQL's
+/// `pg_stat_database` for the store's database), for measuring the load a
+/// coordinator puts on it. PostgreSQL updates them when a session's
+/// transaction ends, at most once a second, and an idle session's only
+/// after about ten seconds: compare readings taken that far apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct DbActivity {
+    /// Transactions committed and rolled back (each statement outside an
+    /// explicit transaction is one).
+    pub transactions: i64,
+    /// Rows read by scans (`tup_returned`).
+    pub rows_read: i64,
+    /// Rows inserted, updated and deleted.
+    pub rows_written: i64,
+}
+
+impl std::ops::Sub for DbActivity {
+    type Output = Self;
+    fn sub(self, rhs: Self) -> Self {
+        Self {
+            transactions: self.transactions - rhs.transactions,
+            rows_read: self.rows_read - rhs.rows_read,
+            rows_written: self.rows_written - rhs.rows_written,
+        }
+    }
+}
+
 impl Store {
+    /// The database's activity counters now (see [`DbActivity`]).
+    pub async fn activity(&self) -> Result<DbActivity, StoreError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT xact_commit + xact_rollback, tup_returned,
+                        tup_inserted + tup_updated + tup_deleted
+                 FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .during("reading the database's activity")?;
+        Ok(DbActivity {
+            transactions: row.get(0),
+            rows_read: row.get(1),
+            rows_written: row.get(2),
+        })
+    }
+
     /// Opens a round by writing its order, once: in one transaction with
     /// the task's row locked, the order is inserted only if the round has
     /// no order yet, `order.model_version` is the task's current version
@@ -172,10 +218,10 @@ impl Store {
         let row = self
             .client
             .query_opt(
-                "SELECT round, model_version, kind, deadline, shares, privacy FROM round_order
+                &self.prepared("SELECT round, model_version, kind, deadline, shares, privacy FROM round_order
                  WHERE task = $1 AND round > coalesce(
                      (SELECT (state->>'last_round')::bigint FROM run_state WHERE task = $1), 0)
-                 ORDER BY round DESC LIMIT 1",
+                 ORDER BY round DESC LIMIT 1").await?,
                 &[&task],
             )
             .await
@@ -237,11 +283,15 @@ impl Store {
     pub async fn heartbeat(&self, task: &str, beat: &ReplicaBeat) -> Result<(), StoreError> {
         self.client
             .execute(
-                "INSERT INTO replica (task, name, url, waiting, joined, seen)
+                &self
+                    .prepared(
+                        "INSERT INTO replica (task, name, url, waiting, joined, seen)
                  VALUES ($1, $2, $3, $4, $5, now())
                  ON CONFLICT (task, name) DO UPDATE
                  SET url = EXCLUDED.url, waiting = EXCLUDED.waiting,
                      joined = EXCLUDED.joined, seen = EXCLUDED.seen",
+                    )
+                    .await?,
                 &[
                     &task,
                     &beat.name,
@@ -267,9 +317,13 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT name, url, waiting, joined FROM replica
+                &self
+                    .prepared(
+                        "SELECT name, url, waiting, joined FROM replica
                  WHERE task = $1 AND seen >= now() - $2::float8 * interval '1 second'
                  ORDER BY name",
+                    )
+                    .await?,
                 &[&task, &within.as_secs_f64()],
             )
             .await
@@ -299,11 +353,15 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.client
             .execute(
-                "INSERT INTO session (task, pseudonym, token, expires)
+                &self
+                    .prepared(
+                        "INSERT INTO session (task, pseudonym, token, expires)
                  VALUES ($1, $2, $3, now() + $4::float8 * interval '1 second')
                  ON CONFLICT (task, pseudonym) DO UPDATE
                  SET token = coalesce(EXCLUDED.token, session.token),
                      expires = EXCLUDED.expires",
+                    )
+                    .await?,
                 &[&task, &pseudonym, &token, &ttl.as_secs_f64()],
             )
             .await
@@ -322,9 +380,13 @@ impl Store {
         let row = self
             .client
             .query_opt(
-                "SELECT extract(epoch FROM (expires - now()))::float8 FROM session
+                &self
+                    .prepared(
+                        "SELECT extract(epoch FROM (expires - now()))::float8 FROM session
                  WHERE task = $1 AND pseudonym = $2 AND replaced IS NULL
                    AND (expires IS NULL OR expires > now())",
+                    )
+                    .await?,
                 &[&task, &pseudonym],
             )
             .await
@@ -353,13 +415,17 @@ impl Store {
         let rows = self
             .client
             .query(
-                "UPDATE session SET expires = least(expires, now()), replaced = now()
+                &self
+                    .prepared(
+                        "UPDATE session SET expires = least(expires, now()), replaced = now()
                  WHERE task = $1 AND pseudonym IN (
                      SELECT pseudonym FROM session
                      WHERE task = $1 AND token = $2 AND replaced IS NULL
                        AND (expires IS NULL OR expires > now())
                      ORDER BY created DESC, pseudonym DESC OFFSET $3)
                  RETURNING pseudonym",
+                    )
+                    .await?,
                 &[&task, &token, &i64::from(max)],
             )
             .await
@@ -377,8 +443,12 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT pseudonym FROM session
+                &self
+                    .prepared(
+                        "SELECT pseudonym FROM session
                  WHERE task = $1 AND replaced >= now() - $2::float8 * interval '1 second'",
+                    )
+                    .await?,
                 &[&task, &within.as_secs_f64()],
             )
             .await

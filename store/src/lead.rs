@@ -31,7 +31,9 @@ impl Store {
         let row = self
             .client
             .query_one(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &self
+                    .prepared("SELECT pg_try_advisory_lock($1, hashtext($2))")
+                    .await?,
                 &[&LEADER_LOCK_CLASS, &task],
             )
             .await

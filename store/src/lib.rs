@@ -114,7 +114,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls};
 
-pub use cluster::{ReplicaBeat, RoundOrder, Share};
+pub use cluster::{DbActivity, ReplicaBeat, RoundOrder, Share};
 use error::Context;
 pub use error::StoreError;
 pub use fedrec_coordinator::checkpoint::{Checkpoint, PrivacyState};
@@ -134,6 +134,9 @@ pub struct Store {
     target: String,
     /// Tasks this connection leads ([`Store::try_lead`]).
     leading: std::collections::BTreeSet<String>,
+    /// The frequent statements, prepared once on this connection
+    /// ([`Store::prepared`]).
+    prepared: std::sync::Mutex<std::collections::HashMap<&'static str, tokio_postgres::Statement>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -172,7 +175,37 @@ impl Store {
             client,
             target,
             leading: Default::default(),
+            prepared: Default::default(),
         })
+    }
+
+    /// `sql` prepared on this connection, once. A statement given as text
+    /// is prepared again at every call, which costs PostgreSQL a second
+    /// round trip (and a transaction of its own): the statements of every
+    /// join, session lookup and tick of a replica's loop go through here.
+    pub(crate) async fn prepared(
+        &self,
+        sql: &'static str,
+    ) -> Result<tokio_postgres::Statement, StoreError> {
+        let cached = self
+            .prepared
+            .lock()
+            .expect("not poisoned")
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self
+            .client
+            .prepare(sql)
+            .await
+            .during("preparing a statement")?;
+        self.prepared
+            .lock()
+            .expect("not poisoned")
+            .insert(sql, statement.clone());
+        Ok(statement)
     }
 
     /// Lets this connection's commits return before they reach the disk

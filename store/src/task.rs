@@ -651,7 +651,12 @@ impl Store {
     pub async fn run_state(&self, task: &str) -> Result<Option<RunState>, StoreError> {
         let row = self
             .client
-            .query_opt("SELECT state FROM run_state WHERE task = $1", &[&task])
+            .query_opt(
+                &self
+                    .prepared("SELECT state FROM run_state WHERE task = $1")
+                    .await?,
+                &[&task],
+            )
             .await
             .during("reading the run state")?;
         row.map(|row| run_state_from_json(row.get(0))).transpose()

@@ -535,7 +535,7 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
     client
         .batch_execute(
             "DROP TABLE partial_sum, round_order, replica; \
-             ALTER TABLE task DROP COLUMN catalogue; \
+             ALTER TABLE task DROP COLUMN catalogue; ALTER TABLE session DROP COLUMN replaced; \
              DELETE FROM schema_version WHERE version >= 2",
         )
         .await
@@ -587,6 +587,7 @@ async fn a_version_2_store_is_upgraded_to_the_newest() {
         .batch_execute(
             "DROP TABLE round_order, replica; ALTER TABLE task DROP COLUMN catalogue; \
              ALTER TABLE partial_sum DROP COLUMN within_clip; \
+             ALTER TABLE session DROP COLUMN replaced; \
              DELETE FROM schema_version WHERE version >= 3",
         )
         .await
