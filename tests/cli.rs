@@ -471,30 +471,7 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint() {
 /// last line of JSON whose per-round times add up to the whole.
 #[test]
 fn bench_round_prints_consistent_json_last() {
-    let child = Command::new(BIN)
-        .args([
-            "bench",
-            "round",
-            "--clients",
-            "3",
-            "--dim",
-            "640",
-            "--rounds",
-            "3",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait(child);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    let v = common::process::bench_round(&["--clients", "3", "--dim", "640", "--rounds", "3"]);
     assert_eq!(v["clients"], 3);
     assert_eq!(v["dim"], 640);
     assert_eq!(v["rounds"], 3);

@@ -494,22 +494,19 @@ fn bench_round_runs_on_replicas() {
     let Some(pg) = TestPostgres::start_or_skip() else {
         return;
     };
-    let child = Command::new(BIN)
-        .args(["bench", "round", "--clients", "4", "--dim", "640"])
-        .args(["--rounds", "2", "--store", &pg.url(), "--replicas", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = common::wait_output(child, TIMEOUT);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let v: serde_json::Value =
-        serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    let url = pg.url();
+    let v = common::process::bench_round(&[
+        "--clients",
+        "4",
+        "--dim",
+        "640",
+        "--rounds",
+        "2",
+        "--store",
+        &url,
+        "--replicas",
+        "2",
+    ]);
     assert_eq!(v["clients"], 4, "{v}");
     let each = v["sec_per_round_each"].as_array().expect("per-round times");
     assert_eq!(each.len(), 2, "{v}");

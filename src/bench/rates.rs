@@ -132,7 +132,11 @@ pub fn rates(
                 let started = Instant::now();
                 check_in_once(&channels, &pseudonyms).await?;
                 let step = meter.step(devices, started, before, idle_two).await?;
-                (Some(step), Some([idle_one, idle_two - idle_one]))
+                let loops = [
+                    idle_one.transactions,
+                    idle_two.transactions - idle_one.transactions,
+                ];
+                (Some(step), Some(loops))
             }
             None => (None, None),
         };
@@ -142,7 +146,7 @@ pub fn rates(
             join,
             check_in,
             first_check_in_elsewhere,
-            store_idle_transactions_per_sec: idle.map(|[a, b]| [a.transactions, b.transactions]),
+            store_idle_transactions_per_sec: idle,
             check_in_cpu_cores,
         })
     })
@@ -154,17 +158,6 @@ struct PerSec {
     transactions: f64,
     rows_read: f64,
     rows_written: f64,
-}
-
-impl std::ops::Sub for PerSec {
-    type Output = Self;
-    fn sub(self, rhs: Self) -> Self {
-        Self {
-            transactions: self.transactions - rhs.transactions,
-            rows_read: self.rows_read - rhs.rows_read,
-            rows_written: self.rows_written - rhs.rows_written,
-        }
-    }
 }
 
 fn per_sec(a: DbActivity, secs: f64) -> PerSec {

@@ -104,3 +104,23 @@ pub fn start_serve(args: &[&str]) -> (Killed, mpsc::Receiver<String>, String, Ve
         .to_string();
     (serve, rx, addr, before)
 }
+
+/// Runs `fedrec bench round` with `args`, which must succeed; returns the
+/// JSON of its last line.
+pub fn bench_round(args: &[&str]) -> serde_json::Value {
+    let child = Command::new(BIN)
+        .args(["bench", "round"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = super::wait_output(child, TIMEOUT);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
+}
