@@ -512,3 +512,52 @@ fn bench_round_runs_on_replicas() {
     assert_eq!(each.len(), 2, "{v}");
     assert!(each.iter().all(|s| s.as_f64().unwrap() > 0.0), "{v}");
 }
+
+/// A store URL with `sslmode=require` reaches PostgreSQL over TLS, the
+/// server's certificate verified against `sslrootcert`, and replicas train
+/// on it; a certificate another CA signed is refused with a message.
+#[test]
+fn replicas_reach_their_store_over_tls() {
+    use fedrec::certs::{DevCa, Validity};
+    use fedrec_store::Store;
+
+    let Some(mut pg) = TestPostgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::new("fedrec test store CA", Validity::days(1)).unwrap();
+    let names = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let server = ca.server(&names, Validity::days(1)).unwrap();
+    pg.enable_tls(&server.cert_pem, &server.key_pem);
+    let with_root = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        format!(
+            "{}?sslmode=require&sslrootcert={}",
+            pg.url(),
+            path.display()
+        )
+    };
+    let url = with_root("store-ca.pem", ca.cert_pem());
+    let other = DevCa::new("another CA", Validity::days(1)).unwrap();
+    let untrusted = with_root("other-ca.pem", other.cert_pem());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::connect(&url).await.unwrap();
+        assert!(store.encrypted().await.unwrap());
+        assert!(store.target().ends_with("over TLS"), "{}", store.target());
+        let plain = Store::connect(&pg.url()).await.unwrap();
+        assert!(!plain.encrypted().await.unwrap());
+        let err = Store::connect(&untrusted).await.unwrap_err().to_string();
+        assert!(err.contains("certificate"), "{err}");
+    });
+
+    let (data, ds) = gen_data_sized(dir.path(), 4, 40);
+    let config = config(dir.path(), 1, 4, ds.n_items());
+    let (replicas, rx) = start_replicas(2, &url, &config);
+    let devices = start_devices(&replicas, &data, &ds.user_ids);
+    expect_from(&rx, &[0, 1], "training finished", &mut None);
+    wait_devices(devices);
+    drop(replicas);
+    check_store(&url, 1);
+}

@@ -107,12 +107,15 @@ mod partial;
 mod task;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod tls;
 
 use std::time::Duration;
 
 use tokio_postgres::config::Host;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, Config, NoTls, Socket};
 
 pub use cluster::{DbActivity, ReplicaBeat, RoundOrder, Share};
 use error::Context;
@@ -149,27 +152,35 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Connects to the PostgreSQL at `url` (`postgres://user:password@host:port/database`,
-    /// or libpq's `key=value` form; no TLS) and migrates its schema to
-    /// [`SCHEMA_VERSION`]. Errors say what failed (unreachable, login,
-    /// database, schema too new) and name the server without the password.
+    /// or libpq's `key=value` form) and migrates its schema to
+    /// [`SCHEMA_VERSION`]. With `sslmode=require` (or `sslrootcert=FILE`)
+    /// the connection is TLS, the server's certificate verified against
+    /// `sslrootcert`'s CA certificates or the public web roots; otherwise it
+    /// is plain TCP. Errors say what failed (unreachable, login, database,
+    /// certificate, schema too new) and name the server without the
+    /// password.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (url, root_cert) = tls::take_root_cert(url);
         let mut config: Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::InvalidUrl(e.to_string()))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let target = describe(&config);
-        let (mut client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| connect_error(&target, e))?;
-        let log_target = target.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(store = %log_target, error = %e, "store connection lost");
-            }
-        });
+        let encrypted = match config.get_ssl_mode() {
+            SslMode::Require => true,
+            SslMode::Disable => false,
+            _ => root_cert.is_some(),
+        };
+        let (mut client, target) = if encrypted {
+            config.ssl_mode(SslMode::Require);
+            let target = format!("{} over TLS", describe(&config));
+            let connector = tls::connector(root_cert.as_deref())?;
+            (open(&config, connector, &target).await?, target)
+        } else {
+            let target = describe(&config);
+            (open(&config, NoTls, &target).await?, target)
+        };
         migrate::migrate(&mut client).await?;
         Ok(Self {
             client,
@@ -226,6 +237,20 @@ impl Store {
         &self.target
     }
 
+    /// Whether this connection is encrypted, as the server sees it
+    /// (`pg_stat_ssl`).
+    pub async fn encrypted(&self) -> Result<bool, StoreError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                &[],
+            )
+            .await
+            .during("reading the connection's encryption")?;
+        Ok(row.get(0))
+    }
+
     /// The schema version recorded in the store.
     pub async fn schema_version(&self) -> Result<i32, StoreError> {
         migrate::schema_version(&self.client).await
@@ -234,6 +259,28 @@ impl Store {
 
 /// `user@host:port/database`, from the parsed configuration (never the
 /// password).
+/// Connects with `tls` and runs the connection on its own task (which logs
+/// its end); errors name `target`.
+async fn open<T>(config: &Config, tls: T, target: &str) -> Result<Client, StoreError>
+where
+    T: MakeTlsConnect<Socket> + Send,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let (client, connection) = config
+        .connect(tls)
+        .await
+        .map_err(|e| connect_error(target, e))?;
+    let log_target = target.to_owned();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(store = %log_target, error = %e, "store connection lost");
+        }
+    });
+    Ok(client)
+}
+
 fn describe(config: &Config) -> String {
     let hosts: Vec<String> = config
         .get_hosts()

@@ -157,6 +157,38 @@ impl TestPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", self.port)
     }
 
+    /// Serves TLS too, with this certificate chain and key (PEM), and
+    /// restarts; plain connections stay allowed.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) {
+        let data = self.data();
+        for (file, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(file);
+            fs::write(&path, pem).expect("cannot write the server's TLS files");
+            // PostgreSQL refuses a key others can read.
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("cannot restrict the key's permissions");
+            if self.as_postgres {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&path)
+                    .status()
+                    .expect("cannot run chown");
+                assert!(status.success(), "cannot give {path:?} to postgres");
+            }
+        }
+        let mut conf = OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("postgresql.conf");
+        writeln!(
+            conf,
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+        )
+        .expect("cannot write postgresql.conf");
+        self.stop();
+        self.restart();
+    }
+
     /// Stops the server cleanly (`pg_ctl stop -m fast`); the data stays.
     pub fn stop(&mut self) {
         self.pg_ctl(&["-m", "fast", "stop"])
