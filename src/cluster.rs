@@ -27,7 +27,6 @@
 //! loop tries again with back-off; devices keep being served meanwhile, and
 //! rounds wait.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -433,6 +432,7 @@ impl Driver {
                 weight: sum.weight,
                 within_clip: sum.within_clip,
                 accepted: sum.accepted as u64,
+                selected: sum.selected as u64,
                 evaluation: sum.evaluation,
             };
             store
@@ -470,17 +470,12 @@ impl Driver {
         if !all_in && SystemTime::now() < order.deadline + GRACE {
             return Ok(());
         }
-        let taken: BTreeMap<&str, usize> = order
-            .shares
-            .iter()
-            .map(|(name, share)| (name.as_str(), share.take))
-            .collect();
         let sums: Vec<ShareSum> = partials
             .into_iter()
             .map(|p| ShareSum {
                 round: order.round,
                 model_version: order.model_version,
-                selected: taken.get(p.replica.as_str()).copied().unwrap_or(0),
+                selected: p.selected as usize,
                 weighted_sum: p.weighted_sum,
                 weight: p.weight,
                 within_clip: p.within_clip,

@@ -92,3 +92,35 @@ fn devices_that_cannot_reach_the_coordinator_fail_the_run() {
     assert!(said.contains("2 of 2 devices failed"), "{said}");
     assert!(said.contains("cannot connect"), "{said}");
 }
+
+/// One enrollment token for a whole fleet is refused (the devices would
+/// end each other's sessions); a per-device token that is missing is named
+/// before any device starts.
+#[test]
+fn devices_need_a_token_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = gen_data_sized(dir.path(), 4, 40);
+    let token = dir.path().join("one.token");
+    std::fs::write(&token, "secret\n").unwrap();
+    let url = "http://127.0.0.1:9";
+    let out = devices(url, &data, "0..2")
+        .arg("--token-file")
+        .arg(&token)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("--token-dir"), "{said}");
+
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::write(tokens.join("device-1.token"), "secret-1\n").unwrap();
+    let out = devices(url, &data, "0..2")
+        .arg("--token-dir")
+        .arg(&tokens)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("device-2.token"), "{said}");
+}

@@ -98,6 +98,10 @@ pub struct ParticipationSummary {
     /// Times the device joined again because the coordinator no longer
     /// knew its session (it expired, or the coordinator lost it).
     pub rejoins: u32,
+    /// Training tasks declined because the device had already trained in
+    /// that round (at another replica it moved from): a round counts each
+    /// device once, which differential privacy's accounting relies on.
+    pub declined: u32,
     /// Why the coordinator finished.
     pub finished_reason: String,
 }
@@ -170,6 +174,9 @@ pub struct Participant {
     /// Permits shared by the participants of one process: a task holds one
     /// from its download to its upload's end (see [`Participant::with_work_limit`]).
     work_limit: Option<Arc<tokio::sync::Semaphore>>,
+    /// The last training round this device took part in (round, model
+    /// version): a second task of the same round is declined.
+    trained_in: Option<(u32, u64)>,
 }
 
 impl std::fmt::Debug for Participant {
@@ -283,6 +290,7 @@ impl Participant {
             catalogue: None,
             layout: Layout::new(Vec::new()),
             work_limit: None,
+            trained_in: None,
         };
         participant.join_again().await?;
         Ok(participant)
@@ -302,6 +310,8 @@ impl Participant {
             .map_err(rpc("Join"))?
             .into_inner();
         self.pseudonym = resp.pseudonym;
+        // A new session: its rounds are new to the device.
+        self.trained_in = None;
         self.catalogue = resp
             .catalogue
             .as_ref()
@@ -487,9 +497,23 @@ impl Participant {
             };
             // The one conversion of the wire task: checked here, trusted after.
             let task = Task::try_from(&task)?;
+            let this = (task.round(), task.model_version());
+            if task.kind() == TaskKind::Train && self.trained_in == Some(this) {
+                tracing::info!(
+                    round = task.round(),
+                    "declined a second training task of one round"
+                );
+                summary.declined += 1;
+                // The replica offers it until the round's deadline.
+                tokio::time::sleep(task.deadline()).await;
+                continue;
+            }
             device.note_task(&task);
             let (back, ended) = self.do_task(device, &task).await?;
             device = back;
+            if task.kind() == TaskKind::Train && ended == TaskEnd::Accepted {
+                self.trained_in = Some(this);
+            }
             match (ended, task.kind()) {
                 (TaskEnd::Refused, _) => summary.refused += 1,
                 (TaskEnd::Interrupted, _) => {

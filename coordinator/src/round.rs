@@ -589,25 +589,19 @@ impl RoundCore {
         })
     }
 
-    /// Restores differential privacy's state saved by `source` ("the
-    /// checkpoint was"); refuses a state saved without differential privacy
-    /// when this core runs with it and training has `started` (a guarantee
-    /// cannot start in the middle of training), and one saved with it when
+    /// Why differential privacy's state saved by `source` ("the checkpoint
+    /// was") cannot be restored here: it was saved without differential
+    /// privacy while this core runs with it and training has `started` (a
+    /// guarantee cannot start in the middle of training), or with it while
     /// this core runs without (that would void the stated guarantee).
-    fn restore_privacy(
-        &mut self,
-        state: Option<PrivacyState>,
+    fn privacy_refusal(
+        &self,
+        state: Option<&PrivacyState>,
         source: &str,
         started: bool,
-    ) -> Result<(), CoordinatorError> {
-        let refused = match (self.privacy.as_mut(), state) {
-            (Some(mechanism), Some(state)) => {
-                mechanism.restore(state.ledger, state.clip);
-                return Ok(());
-            }
-            (None, None) => return Ok(()),
-            (Some(_), None) if !started => return Ok(()),
-            (Some(_), None) => format!(
+    ) -> Option<CoordinatorError> {
+        let refused = match (&self.privacy, state) {
+            (Some(_), None) if started => format!(
                 "{source} made without differential privacy; a privacy guarantee cannot \
                  start in the middle of training"
             ),
@@ -615,8 +609,30 @@ impl RoundCore {
                 "{source} made under differential privacy; going on without it would void \
                  the stated guarantee (set privacy.mode as before)"
             ),
+            _ => return None,
         };
-        Err(CoordinatorError::InvalidModel(refused))
+        Some(CoordinatorError::InvalidModel(refused))
+    }
+
+    /// Restores differential privacy's state saved by `source`, unless
+    /// [`privacy_refusal`](Self::privacy_refusal) refuses it. No state
+    /// before training started means a fresh accountant.
+    fn restore_privacy(
+        &mut self,
+        state: Option<PrivacyState>,
+        source: &str,
+        started: bool,
+    ) -> Result<(), CoordinatorError> {
+        if let Some(refused) = self.privacy_refusal(state.as_ref(), source, started) {
+            return Err(refused);
+        }
+        if let Some(mechanism) = self.privacy.as_mut() {
+            match state {
+                Some(state) => mechanism.restore(state.ledger, state.clip),
+                None => mechanism.reset(),
+            }
+        }
+        Ok(())
     }
 
     /// The last round and the training rounds ended: an open round (or an

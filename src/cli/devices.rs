@@ -41,6 +41,12 @@ pub(crate) struct DevicesArgs {
     /// Seconds between progress lines.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) progress_secs: f64,
+    /// Enrollment tokens, one per device: the device of the user at
+    /// position P (from 0) joins with DIR/device-{P+1}.token, as `fedrec
+    /// tokens --out DIR --devices N` writes them. (--token-file would give
+    /// every device one token, whose sessions are limited.)
+    #[arg(long, value_name = "DIR", conflicts_with = "token_file")]
+    pub(crate) token_dir: Option<PathBuf>,
     /// Write every device's outcome and the totals to this file, as JSON.
     #[arg(long, value_name = "FILE")]
     pub(crate) report: Option<PathBuf>,
@@ -189,6 +195,26 @@ pub(crate) fn devices(args: DevicesArgs) -> anyhow::Result<()> {
         bail!("--progress-secs must be positive and --ramp-secs at least 0");
     }
     let n = range.len();
+    if args.connect.token_file.is_some() && n > 1 {
+        bail!(
+            "--token-file gives all {n} devices one enrollment token, and a token holds at most \
+             auth.max_sessions_per_token sessions (1 by default): the devices would end each \
+             other's sessions. Give each its own with --token-dir DIR (`fedrec tokens --out DIR \
+             --devices N` writes device-1.token …)"
+        );
+    }
+    // Each device's options, its token read now: a missing one is an error
+    // before any device starts.
+    let per_device: Vec<ConnectOptions> = match &args.token_dir {
+        Some(dir) => range
+            .clone()
+            .map(|user| {
+                let file = dir.join(format!("device-{}.token", user + 1));
+                options.clone().enrollment_token_file(&file)
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![options; n],
+    };
     eprintln!(
         "{n} devices (users {}..{} of {}) against {}",
         range.start,
@@ -206,14 +232,14 @@ pub(crate) fn devices(args: DevicesArgs) -> anyhow::Result<()> {
         let live = Arc::new(Live::default());
         let step = Duration::from_secs_f64(args.ramp_secs / n.max(1) as f64);
         let mut running = tokio::task::JoinSet::new();
-        for (i, user) in range.clone().enumerate() {
+        for ((i, user), options) in range.clone().enumerate().zip(per_device) {
             let mut mine = urls.clone();
             mine.rotate_left(i % urls.len());
             let device = Device {
                 fleet: Arc::clone(&fleet),
                 user,
                 urls: mine.join(","),
-                options: options.clone(),
+                options,
                 permits: Arc::clone(&permits),
                 live: Arc::clone(&live),
             };

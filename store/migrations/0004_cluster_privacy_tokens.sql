@@ -18,6 +18,10 @@ ALTER TABLE round_order ADD COLUMN privacy jsonb;
 -- the bound.
 ALTER TABLE partial_sum ADD COLUMN within_clip double precision NOT NULL DEFAULT 0;
 
+-- The devices each share selected: under differential privacy the replica
+-- draws them itself (Poisson sampling), so the order cannot say.
+ALTER TABLE partial_sum ADD COLUMN selected bigint NOT NULL DEFAULT 0 CHECK (selected >= 0);
+
 -- A session ended by a newer join with the same enrollment token
 -- (auth.max_sessions_per_token, counted across every replica): when.
 -- Replicas poll the recent ones to end those they hold.

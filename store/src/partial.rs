@@ -21,6 +21,8 @@ pub struct Partial {
     pub within_clip: f64,
     /// Updates folded in.
     pub accepted: u64,
+    /// Devices the replica selected for its share.
+    pub selected: u64,
     /// The devices' summed evaluation counts.
     pub evaluation: EvalCounts,
 }
@@ -63,7 +65,8 @@ impl Store {
             .execute(
                 "INSERT INTO partial_sum \
                  (task, round, model_version, replica, weighted_sum, weight, accepted, evaluation, \
-                 within_clip) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                 within_clip, selected) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT DO NOTHING",
                 &[
                     &task,
                     &i64::from(round),
@@ -74,6 +77,7 @@ impl Store {
                     &to_db(partial.accepted)?,
                     &json(&partial.evaluation, "evaluation counts")?,
                     &partial.within_clip,
+                    &to_db(partial.selected)?,
                 ],
             )
             .await
@@ -92,7 +96,7 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT replica, weighted_sum, weight, accepted, evaluation, within_clip \
+                "SELECT replica, weighted_sum, weight, accepted, evaluation, within_clip, selected \
                  FROM partial_sum \
                  WHERE task = $1 AND round = $2 AND model_version = $3 ORDER BY replica",
                 &[&task, &i64::from(round), &to_db(model_version)?],
@@ -103,12 +107,16 @@ impl Store {
             .map(|row| {
                 let replica: String = row.get(0);
                 let accepted: i64 = row.get(3);
+                let selected: i64 = row.get(6);
                 Ok(Partial {
                     weighted_sum: decode(row.get(1), "a partial sum")?,
                     weight: row.get(2),
                     within_clip: row.get(5),
                     accepted: u64::try_from(accepted).map_err(|_| {
                         StoreError::Corrupt(format!("negative update count {accepted}"))
+                    })?,
+                    selected: u64::try_from(selected).map_err(|_| {
+                        StoreError::Corrupt(format!("negative selected count {selected}"))
                     })?,
                     evaluation: serde_json::from_value(row.get(4)).map_err(|e| {
                         StoreError::Corrupt(format!("{replica}'s evaluation counts: {e}"))

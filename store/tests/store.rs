@@ -478,6 +478,7 @@ async fn replicas_commit_their_share_of_a_round_once() {
             .collect(),
         weight: f64::from(scale) * 3.0,
         within_clip: 0.0,
+        selected: 3,
         accepted: 3,
         evaluation: EvalCounts {
             users: 2,
@@ -555,6 +556,7 @@ async fn an_older_schema_is_upgraded_and_keeps_its_data() {
         weighted_sum: vec![0.0; 9],
         weight: 1.0,
         within_clip: 0.0,
+        selected: 3,
         accepted: 1,
         evaluation: EvalCounts::default(),
     };
@@ -574,6 +576,7 @@ async fn a_version_2_store_is_upgraded_to_the_newest() {
         weighted_sum: vec![0.0; 9],
         weight: 1.0,
         within_clip: 0.0,
+        selected: 0, // the column's default: version 2 kept no count
         accepted: 1,
         evaluation: EvalCounts::default(),
     };
@@ -586,7 +589,7 @@ async fn a_version_2_store_is_upgraded_to_the_newest() {
     client
         .batch_execute(
             "DROP TABLE round_order, replica; ALTER TABLE task DROP COLUMN catalogue; \
-             ALTER TABLE partial_sum DROP COLUMN within_clip; \
+             ALTER TABLE partial_sum DROP COLUMN within_clip, DROP COLUMN selected; \
              ALTER TABLE session DROP COLUMN replaced; \
              DELETE FROM schema_version WHERE version >= 3",
         )
@@ -711,6 +714,7 @@ async fn a_round_ends_exactly_once() {
         weighted_sum: vec![0.0; 9],
         weight: 1.0,
         within_clip: 0.0,
+        selected: 3,
         accepted: 1,
         evaluation: EvalCounts::default(),
     };
@@ -1236,6 +1240,7 @@ async fn a_private_round_is_counted_with_its_order() {
         weighted_sum: vec![0.5; 9],
         weight: 3.0,
         within_clip: 2.5,
+        selected: 3,
         accepted: 3,
         evaluation: EvalCounts::default(),
     };

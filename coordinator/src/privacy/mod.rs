@@ -71,6 +71,13 @@ pub struct RoundPrivacy {
     count_std: Option<f64>,
     /// The report's entry, completed when the round ends.
     pub summary: PrivacySummary,
+    /// A replicated coordinator's key for this round's sampling, drawn
+    /// fresh by the leader: every replica samples a device alike
+    /// (`RoundCore::sample_keyed`), so a device waiting at two replicas is
+    /// in the round at both or at neither, with probability q. Unused by a
+    /// single coordinator.
+    #[serde(default)]
+    pub sampling_key: u64,
 }
 
 impl RoundPrivacy {
@@ -147,6 +154,16 @@ impl Mechanism {
         self.config.delta
     }
 
+    /// Central or distributed.
+    pub fn mode(&self) -> DpMode {
+        self.config.mode
+    }
+
+    /// The noise multiplier z.
+    pub fn noise_multiplier(&self) -> f64 {
+        self.config.noise_multiplier
+    }
+
     /// The accountant (its ledger goes into checkpoints).
     pub fn accountant(&self) -> &RdpAccountant {
         &self.accountant
@@ -162,6 +179,13 @@ impl Mechanism {
     pub fn restore(&mut self, ledger: accountant::MechanismLog, clip: f32) {
         self.accountant = RdpAccountant::from(ledger);
         self.clip = clip;
+    }
+
+    /// Forgets every round counted and the clipping bound's moves: the
+    /// state before any round.
+    pub fn reset(&mut self) {
+        self.accountant = RdpAccountant::new();
+        self.clip = self.config.clip;
     }
 
     /// Counts a new training round over `waiting` devices against the
@@ -223,6 +247,7 @@ impl Mechanism {
                 expected_cohort: expected,
                 within_clip: None,
             },
+            sampling_key: 0,
         })
     }
 

@@ -24,6 +24,8 @@
 
 use std::time::Instant;
 
+use rand::RngExt;
+
 use super::selection::Opening;
 use super::*;
 use crate::privacy::BudgetExhausted;
@@ -277,7 +279,10 @@ impl RoundCore {
         };
         let privacy = match self.privacy.as_mut().filter(|_| dp) {
             Some(mechanism) => match mechanism.start_round(waiting) {
-                Ok(round) => Some(round),
+                Ok(mut round) => {
+                    round.sampling_key = self.rng.random();
+                    Some(round)
+                }
                 Err(BudgetExhausted(reason)) => {
                     tracing::warn!(%reason, "training stopped");
                     self.training_stopped = Some(reason);
@@ -336,15 +341,28 @@ impl RoundCore {
         let Some(replica) = self.replica.as_mut() else {
             return false;
         };
-        let Some(order) = replica.order.take() else {
+        let Some(mut order) = replica.order.take() else {
             return false;
         };
         replica.shared = order.round;
         if self.finished.is_some() {
             return false;
         }
+        // Under differential privacy a replica takes part only with the
+        // privacy it is configured for (its devices' clipping and weights,
+        // its sub-cohort minimum), and only when the leader counted its
+        // waiting devices (`take`): otherwise its share is empty.
+        if order.kind == TaskKind::Train
+            && let Some(refused) = self.refuses_privacy(&order)
+        {
+            tracing::warn!(round = order.round, %refused, "this replica's share left empty");
+            order.take = 0;
+        }
         let cohort = match &order.privacy {
-            Some(privacy) => self.sample_each(privacy.sampling_rate()),
+            Some(_) if order.take == 0 => BTreeMap::new(),
+            Some(privacy) => {
+                self.sample_keyed(privacy.sampling_rate(), privacy.sampling_key, order.round)
+            }
             None => self.sample_pool(order.take.min(self.pool.len())),
         };
         if cohort.is_empty() {
@@ -388,6 +406,46 @@ impl RoundCore {
             self.close(now, Some(reason));
         }
         true
+    }
+
+    /// Why this replica cannot take part in a training round of `order`'s
+    /// privacy: it runs without differential privacy and the order has it,
+    /// or the other way round, or with other settings (mode, q, noise
+    /// multiplier, δ). Replicas of a task must share their `[privacy]`.
+    fn refuses_privacy(&self, order: &ShareOrder) -> Option<String> {
+        match (&self.privacy, &order.privacy) {
+            (None, None) => None,
+            (Some(_), None) => Some(
+                "the round was ordered without differential privacy, which this replica runs"
+                    .to_owned(),
+            ),
+            (None, Some(_)) => Some(
+                "the round was ordered under differential privacy, which this replica does not \
+                 run"
+                .to_owned(),
+            ),
+            (Some(mine), Some(theirs)) => {
+                let s = &theirs.summary;
+                let same = s.mode == mine.mode()
+                    && s.sampling_rate == mine.sampling_rate()
+                    && s.noise_multiplier == mine.noise_multiplier()
+                    && s.delta == mine.delta();
+                (!same).then(|| {
+                    format!(
+                        "the round's privacy ({} mode, q {}, z {}, delta {}) is not this \
+                         replica's ({} mode, q {}, z {}, delta {})",
+                        s.mode,
+                        s.sampling_rate,
+                        s.noise_multiplier,
+                        s.delta,
+                        mine.mode(),
+                        mine.sampling_rate(),
+                        mine.noise_multiplier(),
+                        mine.delta()
+                    )
+                })
+            }
+        }
     }
 
     /// Closes this replica's share of a round: its sum is kept for the
@@ -554,14 +612,14 @@ impl RoundCore {
         }
         tensor::check_finite(&params)
             .map_err(|e| CoordinatorError::InvalidModel(format!("store version {version}: {e}")))?;
-        self.restore_privacy(
-            privacy,
-            "the store's task was",
-            counters.training_rounds > 0,
-        )?;
+        let (source, started) = ("the store's task was", counters.training_rounds > 0);
+        if let Some(refused) = self.privacy_refusal(privacy.as_ref(), source, started) {
+            return Err(refused);
+        }
         self.strategy
             .restore_moments(m, v)
             .map_err(CoordinatorError::InvalidModel)?;
+        self.restore_privacy(privacy, source, started)?;
         self.model = Arc::new(ModelSnapshot::new(
             version,
             self.model.layout.clone(),

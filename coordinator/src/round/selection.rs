@@ -197,6 +197,30 @@ impl RoundCore {
             .collect()
     }
 
+    /// Poisson sampling that every replica of a replicated coordinator
+    /// draws alike: a waiting device is in round `round` when a hash of
+    /// (`key`, `round`, its pseudonym) falls below `q`. With a fresh random
+    /// key for each round, each device is in with probability `q`,
+    /// independently of the others, as the accountant assumes, and a
+    /// device waiting at two replicas (it moved) is drawn at both or at
+    /// neither, never with probability 2q.
+    pub(super) fn sample_keyed(&self, q: f64, key: u64, round: u32) -> BTreeMap<Pseudonym, bool> {
+        use sha2::{Digest, Sha256};
+        self.pool
+            .iter()
+            .filter(|p| {
+                let digest = Sha256::new()
+                    .chain_update(key.to_le_bytes())
+                    .chain_update(round.to_le_bytes())
+                    .chain_update(p.0)
+                    .finalize();
+                let draw = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+                (draw as f64) < q * 2f64.powi(64)
+            })
+            .map(|p| (*p, false))
+            .collect()
+    }
+
     /// Opens round `opening.number` for `cohort` (already chosen): the
     /// devices leave the pool, the aggregator starts afresh, and secure
     /// aggregation starts for a secure training round.

@@ -1215,6 +1215,57 @@ mod dp {
         assert!(reason.contains("privacy.epsilon_budget"), "{reason}");
     }
 
+    /// Replicas draw a device alike: one waiting at two replicas (it
+    /// moved) is in a round at both or at neither, so its chance stays q.
+    /// A replica whose privacy settings differ from the order's leaves its
+    /// share empty rather than run the round with other clipping or noise.
+    #[test]
+    fn replicas_draw_a_device_alike_and_refuse_other_privacy() {
+        let now = Instant::now();
+        let mut a = core_with(dp_config(1, 1.0, 1.0, 0.5), vec![0.0; 2]).into_replica();
+        let mut b = core_with(dp_config(1, 1.0, 1.0, 0.5), vec![0.0; 2]).into_replica();
+        let devices = join(&mut a, now, 200);
+        for d in &devices {
+            b.admit(now, *d, 600 * SECOND);
+            a.check_in(now, d).unwrap();
+            b.check_in(now, d).unwrap();
+        }
+        let loads = loads(std::slice::from_ref(&a));
+        let cluster::Plan::Round(plan) = a.plan_round(&loads, now, now + SECOND) else {
+            panic!("a round");
+        };
+        let privacy = plan.privacy.expect("a DP round");
+        let cohort = |core: &mut RoundCore| {
+            core.order_share(now, share_order(1, 200, &privacy));
+            let mut drawn: Vec<Pseudonym> = devices
+                .iter()
+                .filter(|d| matches!(core.check_in(now, d), Ok(CheckIn::Task(_))))
+                .copied()
+                .collect();
+            drawn.sort();
+            drawn
+        };
+        let (at_a, at_b) = (cohort(&mut a), cohort(&mut b));
+        assert_eq!(at_a, at_b, "the same devices at both replicas");
+        assert!((60..=140).contains(&at_a.len()), "{}", at_a.len());
+
+        // Other settings: an empty share, no device drawn.
+        let mut other = dp_config(1, 2.0, 1.0, 0.5);
+        other.rounds.seed = Some(2);
+        let mut c = core_with(other, vec![0.0; 2]).into_replica();
+        let mut plain = core_with(config(1, 0), vec![0.0; 2]).into_replica();
+        for core in [&mut c, &mut plain] {
+            for d in &devices {
+                core.admit(now, *d, 600 * SECOND);
+                core.check_in(now, d).unwrap();
+            }
+            core.order_share(now, share_order(1, 200, &privacy));
+            let sums = core.take_share_sums();
+            assert_eq!(sums.len(), 1);
+            assert_eq!((sums[0].selected, sums[0].accepted), (0, 0));
+        }
+    }
+
     /// A replica refuses to follow a task trained under differential
     /// privacy when it runs without, and the other way round.
     #[test]
