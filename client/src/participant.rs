@@ -98,9 +98,10 @@ pub struct ParticipationSummary {
     /// Times the device joined again because the coordinator no longer
     /// knew its session (it expired, or the coordinator lost it).
     pub rejoins: u32,
-    /// Training tasks declined because the device had already trained in
-    /// that round (at another replica it moved from): a round counts each
-    /// device once, which differential privacy's accounting relies on.
+    /// Training tasks under differential privacy declined because the
+    /// device had already trained in that round (at another replica it
+    /// moved from): a round counts each device once, which the privacy
+    /// accountant relies on.
     pub declined: u32,
     /// Why the coordinator finished.
     pub finished_reason: String,
@@ -497,8 +498,13 @@ impl Participant {
             };
             // The one conversion of the wire task: checked here, trusted after.
             let task = Task::try_from(&task)?;
+            // Under differential privacy a round counts each device once
+            // (the accountant's sampling); replicas of a coordinator could
+            // offer one round twice. Asynchronous tasks share a round
+            // number and are not concerned (they carry no DP).
             let this = (task.round(), task.model_version());
-            if task.kind() == TaskKind::Train && self.trained_in == Some(this) {
+            let once = task.kind() == TaskKind::Train && task.dp().is_some();
+            if once && self.trained_in == Some(this) {
                 tracing::info!(
                     round = task.round(),
                     "declined a second training task of one round"
@@ -511,7 +517,7 @@ impl Participant {
             device.note_task(&task);
             let (back, ended) = self.do_task(device, &task).await?;
             device = back;
-            if task.kind() == TaskKind::Train && ended == TaskEnd::Accepted {
+            if once && ended == TaskEnd::Accepted {
                 self.trained_in = Some(this);
             }
             match (ended, task.kind()) {
