@@ -411,25 +411,42 @@ impl Store {
         max: u32,
         ttl: Duration,
     ) -> Result<Vec<String>, StoreError> {
-        self.put_session(task, pseudonym, Some(token), ttl).await?;
+        // One statement, so one transaction: the session is recorded and
+        // the token's oldest ended together, or neither. The UPDATE does not
+        // see the row the INSERT adds (one snapshot): it keeps the newest
+        // max - 1 of the others.
         let rows = self
             .client
             .query(
                 &self
                     .prepared(
-                        "UPDATE session SET expires = least(expires, now()), replaced = now()
+                        "WITH joined AS (
+                     INSERT INTO session (task, pseudonym, token, expires)
+                     VALUES ($1, $2, $3, now() + $5::float8 * interval '1 second')
+                     ON CONFLICT (task, pseudonym) DO UPDATE
+                     SET token = EXCLUDED.token, expires = EXCLUDED.expires)
+                 UPDATE session SET expires = least(expires, now()), replaced = now()
                  WHERE task = $1 AND pseudonym IN (
                      SELECT pseudonym FROM session
-                     WHERE task = $1 AND token = $2 AND replaced IS NULL
+                     WHERE task = $1 AND token = $3 AND replaced IS NULL AND pseudonym <> $2
                        AND (expires IS NULL OR expires > now())
-                     ORDER BY created DESC, pseudonym DESC OFFSET $3)
+                     ORDER BY created DESC, pseudonym DESC OFFSET $4::bigint - 1)
                  RETURNING pseudonym",
                     )
                     .await?,
-                &[&task, &token, &i64::from(max)],
+                &[
+                    &task,
+                    &pseudonym,
+                    &token,
+                    &i64::from(max),
+                    &ttl.as_secs_f64(),
+                ],
             )
             .await
-            .during("ending a token's oldest sessions")?;
+            .map_err(unknown_task(
+                task,
+                "recording a session and ending its token's oldest",
+            ))?;
         Ok(rows.into_iter().map(|row| row.get(0)).collect())
     }
 
