@@ -185,19 +185,10 @@ impl SessionStore for StoreSessions {
     fn record(&self, session: NewSession) -> StoreFuture<'_, Vec<Pseudonym>> {
         Box::pin(self.with_store(async move |store, task| {
             let pseudonym = session.pseudonym.to_string();
-            let ended = match &session.token {
-                Some((token, max)) => {
-                    store
-                        .put_token_session(task, &pseudonym, token, *max, session.ttl)
-                        .await?
-                }
-                None => {
-                    store
-                        .put_session(task, &pseudonym, None, session.ttl)
-                        .await?;
-                    Vec::new()
-                }
-            };
+            let token = session.token.as_ref().map(|(t, max)| (t.as_str(), *max));
+            let ended = store
+                .put_session(task, &pseudonym, token, session.ttl)
+                .await?;
             Ok(ended.iter().filter_map(|p| p.parse().ok()).collect())
         }))
     }
@@ -350,7 +341,9 @@ impl Driver {
             .iter()
             .filter_map(|p| p.parse().ok())
             .collect();
-        self.with_core(|core| core.end_replaced(&ended))?;
+        if !ended.is_empty() {
+            self.with_core(|core| core.end_replaced(&ended))?;
+        }
         self.replaced_seen = Some(looked);
         Ok(())
     }

@@ -459,7 +459,10 @@ impl RoundCore {
             params,
             core.config.download.encoding,
         ));
-        core.restore_privacy(privacy, "the checkpoint was", true)?;
+        if let Some(refused) = core.privacy_refusal(privacy.as_ref(), "the checkpoint was", true) {
+            return Err(refused);
+        }
+        core.set_privacy(privacy);
         core.joined = joined
             .iter()
             .map(|p| p.parse())
@@ -614,25 +617,16 @@ impl RoundCore {
         Some(CoordinatorError::InvalidModel(refused))
     }
 
-    /// Restores differential privacy's state saved by `source`, unless
-    /// [`privacy_refusal`](Self::privacy_refusal) refuses it. No state
-    /// before training started means a fresh accountant.
-    fn restore_privacy(
-        &mut self,
-        state: Option<PrivacyState>,
-        source: &str,
-        started: bool,
-    ) -> Result<(), CoordinatorError> {
-        if let Some(refused) = self.privacy_refusal(state.as_ref(), source, started) {
-            return Err(refused);
-        }
+    /// Takes differential privacy's saved state (checked by
+    /// [`privacy_refusal`](Self::privacy_refusal) first). No state before
+    /// training started means a fresh accountant.
+    fn set_privacy(&mut self, state: Option<PrivacyState>) {
         if let Some(mechanism) = self.privacy.as_mut() {
             match state {
                 Some(state) => mechanism.restore(state.ledger, state.clip),
                 None => mechanism.reset(),
             }
         }
-        Ok(())
     }
 
     /// The last round and the training rounds ended: an open round (or an

@@ -752,7 +752,9 @@ impl Coordinator for CoordinatorService {
                 .record(session)
                 .await
                 .map_err(|e| self.shared.reject_at_edge(e))?;
-            self.shared.with_core(|core| core.end_replaced(&replaced))?;
+            if !replaced.is_empty() {
+                self.shared.with_core(|core| core.end_replaced(&replaced))?;
+            }
         }
         tracing::debug!(%pseudonym, "device joined");
         Ok(Response::new(pb::JoinResponse {

@@ -341,32 +341,59 @@ impl Store {
     }
 
     /// Records (or renews) a device's session, valid for `ttl` from the
-    /// database's now, so that any replica can serve the device. `token` is
-    /// the digest of the enrollment token it joined with; `None` keeps the
-    /// stored one (a renewal need not know it).
+    /// database's now, so that any replica can serve the device.
+    ///
+    /// `token` is the digest of the enrollment token it joined with and
+    /// that token's limit of live sessions (`auth.max_sessions_per_token`):
+    /// the token's oldest live sessions beyond the limit, wherever they
+    /// joined, are ended, so the limit holds across replicas. `None` keeps
+    /// the stored token and ends nothing (a renewal need not know it).
+    /// Returns the pseudonyms ended.
+    ///
+    /// One statement, so one transaction: the session is recorded and the
+    /// token's oldest ended together, or neither. Two joins of one token at
+    /// once both keep the token's newest sessions, so they agree.
     pub async fn put_session(
         &self,
         task: &str,
         pseudonym: &str,
-        token: Option<&str>,
+        token: Option<(&str, u32)>,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.client
-            .execute(
+    ) -> Result<Vec<String>, StoreError> {
+        let (digest, max) = token.unzip();
+        // The UPDATE does not see the row the INSERT adds (one snapshot):
+        // it keeps the newest max - 1 of the others.
+        let rows = self
+            .client
+            .query(
                 &self
                     .prepared(
-                        "INSERT INTO session (task, pseudonym, token, expires)
-                 VALUES ($1, $2, $3, now() + $4::float8 * interval '1 second')
-                 ON CONFLICT (task, pseudonym) DO UPDATE
-                 SET token = coalesce(EXCLUDED.token, session.token),
-                     expires = EXCLUDED.expires",
+                        "WITH joined AS (
+                     INSERT INTO session (task, pseudonym, token, expires)
+                     VALUES ($1, $2, $3, now() + $5::float8 * interval '1 second')
+                     ON CONFLICT (task, pseudonym) DO UPDATE
+                     SET token = coalesce(EXCLUDED.token, session.token),
+                         expires = EXCLUDED.expires)
+                 UPDATE session SET expires = least(expires, now()), replaced = now()
+                 WHERE task = $1 AND pseudonym IN (
+                     SELECT pseudonym FROM session
+                     WHERE task = $1 AND token = $3 AND replaced IS NULL AND pseudonym <> $2
+                       AND (expires IS NULL OR expires > now())
+                     ORDER BY created DESC, pseudonym DESC OFFSET $4::bigint - 1)
+                 RETURNING pseudonym",
                     )
                     .await?,
-                &[&task, &pseudonym, &token, &ttl.as_secs_f64()],
+                &[
+                    &task,
+                    &pseudonym,
+                    &digest,
+                    &i64::from(max.unwrap_or(1)),
+                    &ttl.as_secs_f64(),
+                ],
             )
             .await
             .map_err(unknown_task(task, "writing a session"))?;
-        Ok(())
+        Ok(rows.into_iter().map(|row| row.get(0)).collect())
     }
 
     /// A device's session: None when it is unknown or expired (the device
@@ -395,59 +422,6 @@ impl Store {
             row.get::<_, Option<f64>>(0)
                 .map(|secs| Duration::from_secs_f64(secs.max(0.0)))
         }))
-    }
-
-    /// Records the session of a device that joined with an enrollment
-    /// token (`token`: its digest), and ends that token's oldest live
-    /// sessions beyond `max`, wherever they joined: the token's limit
-    /// (`auth.max_sessions_per_token`) holds across replicas. Returns the
-    /// pseudonyms ended. Two joins of one token at once both keep the
-    /// token's newest `max` sessions, so they agree.
-    pub async fn put_token_session(
-        &self,
-        task: &str,
-        pseudonym: &str,
-        token: &str,
-        max: u32,
-        ttl: Duration,
-    ) -> Result<Vec<String>, StoreError> {
-        // One statement, so one transaction: the session is recorded and
-        // the token's oldest ended together, or neither. The UPDATE does not
-        // see the row the INSERT adds (one snapshot): it keeps the newest
-        // max - 1 of the others.
-        let rows = self
-            .client
-            .query(
-                &self
-                    .prepared(
-                        "WITH joined AS (
-                     INSERT INTO session (task, pseudonym, token, expires)
-                     VALUES ($1, $2, $3, now() + $5::float8 * interval '1 second')
-                     ON CONFLICT (task, pseudonym) DO UPDATE
-                     SET token = EXCLUDED.token, expires = EXCLUDED.expires)
-                 UPDATE session SET expires = least(expires, now()), replaced = now()
-                 WHERE task = $1 AND pseudonym IN (
-                     SELECT pseudonym FROM session
-                     WHERE task = $1 AND token = $3 AND replaced IS NULL AND pseudonym <> $2
-                       AND (expires IS NULL OR expires > now())
-                     ORDER BY created DESC, pseudonym DESC OFFSET $4::bigint - 1)
-                 RETURNING pseudonym",
-                    )
-                    .await?,
-                &[
-                    &task,
-                    &pseudonym,
-                    &token,
-                    &i64::from(max),
-                    &ttl.as_secs_f64(),
-                ],
-            )
-            .await
-            .map_err(unknown_task(
-                task,
-                "recording a session and ending its token's oldest",
-            ))?;
-        Ok(rows.into_iter().map(|row| row.get(0)).collect())
     }
 
     /// The sessions a newer join of their token ended within the last

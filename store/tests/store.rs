@@ -1107,7 +1107,7 @@ async fn sessions_last_their_ttl() {
     let hour = Duration::from_secs(3600);
     assert_eq!(store.session("shop", "d1").await.unwrap(), None);
     store
-        .put_session("shop", "d1", Some("digest"), hour)
+        .put_session("shop", "d1", Some(("digest", 1)), hour)
         .await
         .unwrap();
     let remaining = store.session("shop", "d1").await.unwrap().unwrap().unwrap();
@@ -1272,7 +1272,7 @@ async fn a_token_keeps_its_session_limit_and_the_sweep_clears_the_ended() {
         let store = &store;
         async move {
             store
-                .put_token_session("shop", pseudonym, token, max, hour)
+                .put_session("shop", pseudonym, Some((token, max)), hour)
                 .await
                 .unwrap()
         }

@@ -619,7 +619,7 @@ impl RoundCore {
         self.strategy
             .restore_moments(m, v)
             .map_err(CoordinatorError::InvalidModel)?;
-        self.restore_privacy(privacy, source, started)?;
+        self.set_privacy(privacy);
         self.model = Arc::new(ModelSnapshot::new(
             version,
             self.model.layout.clone(),
