@@ -95,7 +95,7 @@ impl Aggregator {
     /// fold. The bound makes the second pass safe without looking at the sum:
     /// `MAX_UPDATES` terms of at most `MAX_WEIGHTED_VALUE` cannot overflow `f32`.
     pub fn add(&mut self, bytes: &[u8], weight: u64) -> Result<(), CoordinatorError> {
-        self.add_discounted(bytes, None, weight, 1.0)
+        self.add_discounted(bytes, None, weight, 1.0, 0)
     }
 
     /// Like [`add`](Self::add), but first scales the update down to L2
@@ -107,20 +107,24 @@ impl Aggregator {
         clip: f32,
         weight: u64,
     ) -> Result<(), CoordinatorError> {
-        self.add_discounted(bytes, Some(clip), weight, 1.0)
+        self.add_discounted(bytes, Some(clip), weight, 1.0, 0)
     }
 
     /// The general form of [`add`](Self::add) and
     /// [`add_clipped`](Self::add_clipped): adds `discount × weight × update`
     /// (clipped first when `clip` is given) to the sum but the full `weight`
     /// to the total weight, so a discounted update pulls the mean less
-    /// (async mode's staleness weighting, FedBuff's `s(τ)`).
+    /// (async mode's staleness weighting, FedBuff's `s(τ)`). The discount
+    /// applies to the first `discounted` values (the model's); values after
+    /// them (a strategy's statistics, such as the `als` step's `x xᵀ`)
+    /// describe the devices rather than a step and count in full.
     pub fn add_discounted(
         &mut self,
         bytes: &[u8],
         clip: Option<f32>,
         weight: u64,
         discount: f32,
+        discounted: usize,
     ) -> Result<(), CoordinatorError> {
         if weight == 0 {
             return Err(CoordinatorError::ZeroExamples);
@@ -145,7 +149,9 @@ impl Aggregator {
             }
             None => (1.0, None),
         };
-        self.add_scaled(bytes, discount * scale * weight as f32, weight)?;
+        let w = scale * weight as f32;
+        let head = (4 * discounted).min(bytes.len());
+        self.add_scaled(bytes, (discount * w, head, w), weight)?;
         if let Some(within) = within {
             self.within_clip += u64::from(within);
         }
@@ -166,8 +172,14 @@ impl Aggregator {
         Ok(())
     }
 
-    /// Adds `w × update` (checked) and `weight` to the total weight.
-    fn add_scaled(&mut self, bytes: &[u8], w: f32, weight: u64) -> Result<(), CoordinatorError> {
+    /// Adds `w × update` (checked) and `weight` to the total weight, where
+    /// `w` is `w_head` for the first `head` bytes and `w_tail` after them.
+    fn add_scaled(
+        &mut self,
+        bytes: &[u8],
+        (w_head, head, w_tail): (f32, usize, f32),
+        weight: u64,
+    ) -> Result<(), CoordinatorError> {
         self.check_shape(bytes)?;
         if self.count >= MAX_UPDATES {
             return Err(CoordinatorError::Malformed(format!(
@@ -179,20 +191,27 @@ impl Aggregator {
                 "num_examples {weight} overflows the round's total weight"
             ))
         })?;
-        // `!(x <= bound)` also catches NaN, and ±inf exceeds any bound.
+        // Checked against the larger weight; `!(x <= bound)` also catches
+        // NaN, and ±inf exceeds any bound.
+        let w = w_head.abs().max(w_tail.abs());
         let in_range = bytes.chunks_exact(4).fold(true, |ok, b| {
             ok & ((w * decode(b)).abs() <= MAX_WEIGHTED_VALUE)
         });
         if !in_range {
             return Err(first_bad_value(bytes, w));
         }
+        let (head_bytes, tail_bytes) = bytes.split_at(head);
         if self.rule == Aggregation::Mean {
-            tensor::fold_into(&mut self.sum, bytes, w)?;
+            let (sum_head, sum_tail) = self.sum.split_at_mut(head / 4);
+            tensor::fold_into(sum_head, head_bytes, w_head)?;
+            tensor::fold_into(sum_tail, tail_bytes, w_tail)?;
         } else {
             // Robust rules weigh every update the same: undo the weight.
-            let scale = w / weight as f32;
+            let per = 1.0 / weight as f32;
             let mut update = tensor::decode(bytes)?;
-            update.iter_mut().for_each(|v| *v *= scale);
+            let (h, t) = update.split_at_mut(head / 4);
+            h.iter_mut().for_each(|v| *v *= w_head * per);
+            t.iter_mut().for_each(|v| *v *= w_tail * per);
             self.kept.push(update);
         }
         self.total_weight = total_weight;
@@ -332,6 +351,22 @@ mod tests {
         assert_eq!(agg.mean().unwrap(), vec![-0.5, 0.875]);
         agg.reset();
         assert_eq!(agg.mean(), None);
+    }
+
+    #[test]
+    fn a_discount_scales_the_model_values_only() {
+        // Two model values, then one statistic (the als step's x xᵀ).
+        let mut agg = Aggregator::new(3);
+        agg.add_discounted(&encode(&[2.0, 4.0, 8.0]), None, 1, 0.5, 2)
+            .unwrap();
+        agg.add(&encode(&[0.0, 0.0, 0.0]), 1).unwrap();
+        // ([1, 2, 8] + [0, 0, 0]) / 2: the weight counts in full.
+        assert_eq!(agg.mean().unwrap(), vec![0.5, 1.0, 4.0]);
+        let mut robust = Aggregator::with_rule(3, Aggregation::Median, 0.0);
+        robust
+            .add_discounted(&encode(&[2.0, 4.0, 8.0]), None, 3, 0.5, 2)
+            .unwrap();
+        assert_eq!(robust.kept, vec![vec![1.0, 2.0, 8.0]]);
     }
 
     #[test]

@@ -748,8 +748,9 @@ impl RoundCore {
             // Central DP bounds every update (weight 1: validated uniform);
             // otherwise the optional norm bound does.
             let bound = clip.or(self.config.strategy.norm_bound);
+            let model_values = self.model.params.len();
             self.aggregator
-                .add_discounted(values, bound, weight, discount)?;
+                .add_discounted(values, bound, weight, discount, model_values)?;
             Ok(self.record_submission(&header.pseudonym, header.evaluation.as_ref()))
         });
         let result = result.map_err(|e| self.refuse_update(&header.pseudonym, e));

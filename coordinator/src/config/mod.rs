@@ -293,11 +293,11 @@ impl CoordinatorConfig {
                  independently for each round (Poisson sampling), which async check-ins are \
                  not; rather than print a wrong ε, use mode = \"sync\" with [privacy]",
             )
-        } else if matches!(self.strategy.name, StrategyName::Als | StrategyName::Ease) {
+        } else if self.strategy.name == StrategyName::Ease {
             Some(
-                "strategy.name = \"als\" or \"ease\": the als step's curvature and ease's \
-                 co-purchase sum are over one cohort on one model version; use \"fedavg\" \
-                 (FedBuff's server step, with strategy.server_lr) or an adaptive step",
+                "strategy.name = \"ease\": its step solves the sum of every device's \
+                 co-purchases at once; use \"als\", \"fedavg\" (FedBuff's server step) or an \
+                 adaptive step",
             )
         } else if self.strategy.aggregation != Aggregation::Mean {
             Some(

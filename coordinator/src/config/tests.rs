@@ -280,3 +280,17 @@ fn the_settings_search_is_refused_where_it_cannot_run_and_checked() {
     let e = err("[model]\npreset = \"movielens\"\n");
     assert!(e.contains("auto"), "{e}");
 }
+
+#[test]
+fn replicas_refuse_async_mode_with_a_message() {
+    let text =
+        "[rounds]\nmode = \"async\"\n[cluster]\nstore = \"postgres://fedrec@127.0.0.1/fedrec\"\n";
+    let e = CoordinatorConfig::from_toml_str(text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("replicated coordinator") && e.contains("mode = \"sync\""),
+        "{e}"
+    );
+    assert!(CoordinatorConfig::from_toml_str("[rounds]\nmode = \"async\"\n").is_ok());
+}

@@ -46,8 +46,10 @@ pub(super) struct Buffer {
     started: Instant,
     /// Tasks out, by device.
     active: BTreeMap<Pseudonym, Issued>,
-    /// Tasks that passed their deadline since the last step, and the step
-    /// each was issued in (to say so when their update comes).
+    /// Devices whose last task passed its deadline, and the step it was
+    /// issued in (to say so when its update comes, however many steps
+    /// later). Kept until the device gets a new task or leaves: at most
+    /// one entry per joined device.
     expired: BTreeMap<Pseudonym, u32>,
     /// Tasks issued during this step.
     issued: usize,
@@ -96,12 +98,17 @@ impl RoundCore {
         self.last_round += 1;
         self.training_rounds += 1;
         self.aggregator.reset();
-        let active = self.buffer.take().map(|b| b.active).unwrap_or_default();
+        let (active, mut expired) = self
+            .buffer
+            .take()
+            .map(|b| (b.active, b.expired))
+            .unwrap_or_default();
+        expired.retain(|p, _| self.joined.contains(p));
         self.buffer = Some(Buffer {
             number: self.last_round,
             started: now,
             active,
-            expired: BTreeMap::new(),
+            expired,
             issued: 0,
             accepted: 0,
             evaluation: EvalCounts::default(),
@@ -198,7 +205,7 @@ impl RoundCore {
             secure_aggregation: None,
             privacy: None,
             upload_encoding: self.config.upload.encoding,
-            user_moment: false,
+            user_moment: self.strategy.extra_values() > 0,
             validation: self.trial,
         })
     }

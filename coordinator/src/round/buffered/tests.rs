@@ -126,13 +126,21 @@ fn concurrency_is_capped_and_expired_tasks_free_their_slot() {
     assert!(retry_after <= Duration::from_secs(60));
     assert_eq!(core.poll_timeout(), Some(ta.deadline));
     let late = ta.deadline + Duration::from_secs(1);
-    assert!(task(&mut core, late, &b).is_some(), "a's task expired");
+    let tb = task(&mut core, late, &b).expect("a's task expired");
     let err = submit(&mut core, late, a, &ta, 1.0).unwrap_err();
     assert!(
         matches!(err, CoordinatorError::TaskExpired { round: 1 }),
         "{err}"
     );
     assert_eq!(core.model().version, 1);
+    // Steps later, a's update is still told that its task expired.
+    submit(&mut core, late, b, &tb, 1.0).unwrap();
+    assert_eq!(core.model().version, 2);
+    let err = submit(&mut core, late, a, &ta, 1.0).unwrap_err();
+    assert!(
+        matches!(err, CoordinatorError::TaskExpired { round: 1 }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -170,10 +178,14 @@ fn async_mode_refuses_what_needs_a_synchronized_cohort() {
         "{e}"
     );
     let e = refused(|c| {
-        c.strategy.name = StrategyName::Als;
-        c.training.loss = crate::config::Loss::Als;
+        c.strategy.name = StrategyName::Ease;
+        c.strategy.weighting = crate::config::Weighting::Uniform;
     });
-    assert!(e.contains("\"als\""), "{e}");
+    assert!(e.contains("\"ease\""), "{e}");
+    let mut als = config(2, 4, 10);
+    als.strategy.name = StrategyName::Als;
+    als.training.loss = crate::config::Loss::Als;
+    assert!(als.validated().is_ok(), "the als step steps a buffer");
     let e = refused(|c| c.rounds.async_buffer = 5);
     assert!(e.contains("rounds.async_buffer"), "{e}");
     assert!(config(2, 4, 10).validated().is_ok());
