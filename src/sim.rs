@@ -775,4 +775,39 @@ mod tests {
             );
         }
     }
+
+    /// Over-selection in process: the devices beyond a round's target
+    /// finish after it closed; their updates are refused as late and the
+    /// run goes on (it used to fail on the first of them).
+    #[test]
+    fn over_selected_devices_late_for_their_round_do_not_fail_the_run() {
+        let ds = crate::data::synthetic(&crate::data::SyntheticConfig {
+            users: 60,
+            items: 30,
+            ..crate::data::SyntheticConfig::default()
+        })
+        .unwrap();
+        let mut coordinator = default_coordinator_config();
+        coordinator.rounds.rounds = 3;
+        coordinator.rounds.clients_per_round = 10;
+        coordinator.rounds.over_selection = 1.5;
+        let cfg = SimConfig {
+            coordinator,
+            transport: Transport::Inproc,
+            seed: 3,
+            centralized_epochs: 1,
+            baselines: Baselines::Quick,
+            auto: false,
+            attack: None,
+            population: None,
+        };
+        let report = run(&ds, &cfg, &mut ()).unwrap();
+        let training: Vec<_> = report.rounds.iter().filter(|r| r.completed).collect();
+        assert!(training.len() >= 3, "{:?}", report.rounds);
+        assert!(
+            training.iter().any(|r| r.participants == 10),
+            "rounds close at their target: {:?}",
+            report.rounds
+        );
+    }
 }

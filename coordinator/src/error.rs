@@ -287,6 +287,24 @@ pub enum CoordinatorError {
 }
 
 impl CoordinatorError {
+    /// Whether an update was refused only for coming too late: its round
+    /// closed or moved on (over-selection closes a round at its target),
+    /// its task expired, async mode moved too many versions on, or the
+    /// device's session ended while it trained (it joins again). The
+    /// device's work is lost, but nothing is wrong with it.
+    pub fn came_too_late(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownPseudonym
+                | Self::SessionExpired
+                | Self::NoRoundOpen { .. }
+                | Self::RoundClosed { .. }
+                | Self::TooStale { .. }
+                | Self::TaskExpired { .. }
+                | Self::WrongRound { .. }
+        )
+    }
+
     /// A short, stable label for this error, used to count rejections.
     pub fn reason(&self) -> &'static str {
         match self {

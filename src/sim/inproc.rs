@@ -178,17 +178,22 @@ pub(super) fn run_cohort(
                 attack.corrupt(&mut update.delta, seed ^ *i as u64, task.round);
             }
             match submit(core, clock, pseudonyms[*i], task, result) {
-                // Async mode: an update that waited behind too many steps.
-                Err(e)
-                    if matches!(
-                        e.downcast_ref::<CoordinatorError>(),
-                        Some(CoordinatorError::TooStale { .. })
-                    ) => {}
+                // An over-selected device after its round reached its
+                // target, or an async update that waited behind too many
+                // steps.
+                Err(e) if came_too_late(&e) => {}
                 other => other?,
             }
         }
     }
     Ok(())
+}
+
+/// Whether `e` is the coordinator refusing a late update
+/// ([`CoordinatorError::came_too_late`]).
+pub(super) fn came_too_late(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<CoordinatorError>()
+        .is_some_and(CoordinatorError::came_too_late)
 }
 
 /// Hands one device's result to the coordinator core.

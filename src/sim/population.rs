@@ -47,8 +47,7 @@ use anyhow::Context;
 use fedrec_client::device::Device;
 use fedrec_client::ranking::EvalCounts;
 use fedrec_client::recommend::Row;
-use fedrec_client::task::Task as DeviceTask;
-use fedrec_coordinator::CoordinatorError;
+use fedrec_client::task::{Task as DeviceTask, TaskOutput};
 use fedrec_coordinator::round::{CheckIn, Pseudonym, RoundCore, Task};
 use fedrec_coordinator::service::task_to_pb;
 use rand::SeedableRng;
@@ -56,7 +55,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal, Poisson};
 use serde::{Deserialize, Serialize};
 
-use super::inproc::{record_event, run_task, submit};
+use super::inproc::{came_too_late, record_event, run_task, submit};
 use super::{Observer, RoundRow};
 use crate::data::Evaluation;
 use crate::eval;
@@ -379,13 +378,98 @@ enum Due {
     Drop(usize),
 }
 
-/// A task on a device: what it trains on and when it started computing.
+/// A task on a device: what it trains on and how long it computes.
 struct Busy {
     task: Task,
-    /// The model as the device decoded its download (shared by every task
-    /// on the same version).
-    global: Arc<Vec<f32>>,
     compute_secs: f64,
+}
+
+/// What a worker returns: the device, and its task's output.
+type Trained = (usize, Device, anyhow::Result<TaskOutput>);
+
+/// The devices, trained off the event loop. A device's update depends only
+/// on its own state, its task and the model version it downloaded, so it is
+/// trained on rayon's pool as soon as its task starts (when the task will
+/// not be dropped) and collected when the task ends in simulated time. A
+/// device is away while it trains; whatever next uses it (its update's
+/// submission, a quality measurement) waits for it first. Each device's
+/// operations therefore happen in the same order on every run, whatever the
+/// threads' timing: runs stay deterministic per seed.
+struct Fleet {
+    /// Each device's user, and the device when it is not training.
+    home: Vec<(usize, Option<Device>)>,
+    /// Outputs that came back before they were needed.
+    back: Vec<Option<anyhow::Result<TaskOutput>>>,
+    away: usize,
+    tx: std::sync::mpsc::Sender<Trained>,
+    rx: std::sync::mpsc::Receiver<Trained>,
+}
+
+impl Fleet {
+    fn new(devices: Vec<(usize, Device)>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let back = devices.iter().map(|_| None).collect();
+        Self {
+            home: devices.into_iter().map(|(u, d)| (u, Some(d))).collect(),
+            back,
+            away: 0,
+            tx,
+            rx,
+        }
+    }
+
+    /// Trains device `i` on `task` and `global` on the pool.
+    fn train(&mut self, i: usize, task: DeviceTask, global: Arc<Vec<f32>>) {
+        let mut device = self.home[i]
+            .1
+            .take()
+            .expect("a device trains one task at a time");
+        self.away += 1;
+        let tx = self.tx.clone();
+        rayon::spawn(move || {
+            let output = run_task(&mut device, &task, &global);
+            // The loop holds the receiver until every device is back.
+            let _ = tx.send((i, device, output));
+        });
+    }
+
+    /// Waits for one device to come back.
+    fn receive(&mut self) -> anyhow::Result<()> {
+        let (j, device, output) = self
+            .rx
+            .recv()
+            .context("a device's training thread ended without its device")?;
+        self.home[j].1 = Some(device);
+        self.back[j] = Some(output);
+        self.away -= 1;
+        Ok(())
+    }
+
+    /// The output of device `i`'s task, once it is back.
+    fn output(&mut self, i: usize) -> anyhow::Result<TaskOutput> {
+        while self.back[i].is_none() {
+            self.receive()?;
+        }
+        self.back[i].take().expect("just received")
+    }
+
+    /// Every device, back home; outputs not yet collected are discarded
+    /// (tasks that end after the horizon).
+    fn all_home(&mut self) -> anyhow::Result<&mut [(usize, Option<Device>)]> {
+        while self.away > 0 {
+            self.receive()?;
+        }
+        Ok(&mut self.home)
+    }
+
+    fn into_devices(mut self) -> anyhow::Result<Vec<(usize, Device)>> {
+        self.all_home()?;
+        Ok(self
+            .home
+            .into_iter()
+            .map(|(u, d)| (u, d.expect("every device is home")))
+            .collect())
+    }
 }
 
 /// Runs `devices` against `core` on the population's virtual clock.
@@ -393,7 +477,7 @@ struct Busy {
 /// model, the devices, and the population report.
 pub(super) fn run_population(
     mut core: RoundCore,
-    mut devices: Vec<(usize, Device)>,
+    devices: Vec<(usize, Device)>,
     population: &Population,
     ev: &Evaluation,
     training: &fedrec_client::model::LocalTraining,
@@ -424,6 +508,7 @@ pub(super) fn run_population(
     }
     queue.push(Reverse((0, Due::Evaluate)));
     let mut busy: Vec<Option<Busy>> = devices.iter().map(|_| None).collect();
+    let mut fleet = Fleet::new(devices);
     // The current version as devices decode it, decoded once per version.
     let mut decoded: Option<(u64, Arc<Vec<f32>>)> = None;
     let mut report = PopulationReport {
@@ -450,7 +535,7 @@ pub(super) fn run_population(
         match due {
             Due::Poll => next_poll = None,
             Due::Evaluate => {
-                let point = evaluate(&core, &mut devices, ev, training, seed, t)?;
+                let point = evaluate(&core, fleet.all_home()?, ev, training, seed, t)?;
                 last_counts = point.1;
                 report.curve.push(point.0);
                 let next = t + population.evaluate_every_minutes * 60.0;
@@ -485,15 +570,21 @@ pub(super) fn run_population(
                                     } else {
                                         (end > window_end).then_some(window_end)
                                     };
-                                    busy[i] = Some(Busy {
-                                        task,
-                                        global: received(&core, &mut decoded),
-                                        compute_secs: tr.compute_secs,
-                                    });
                                     match drop_at {
                                         Some(d) => queue.push(Reverse((micros(d), Due::Drop(i)))),
-                                        None => queue.push(Reverse((micros(end), Due::Finish(i)))),
+                                        None => {
+                                            let device_task =
+                                                DeviceTask::try_from(&task_to_pb(&task, now))
+                                                    .context("the device refused its task")?;
+                                            let global = received(&core, &mut decoded);
+                                            fleet.train(i, device_task, global);
+                                            queue.push(Reverse((micros(end), Due::Finish(i))));
+                                        }
                                     }
+                                    busy[i] = Some(Busy {
+                                        task,
+                                        compute_secs: tr.compute_secs,
+                                    });
                                 }
                                 CheckIn::Wait { retry_after } => {
                                     let wait = retry_after.as_secs_f64().clamp(1.0, check_in_max);
@@ -516,12 +607,10 @@ pub(super) fn run_population(
             Due::Finish(i) => {
                 if let Some(b) = busy[i].take() {
                     spent += b.compute_secs;
-                    let task = DeviceTask::try_from(&task_to_pb(&b.task, now))
-                        .context("the device refused its task")?;
-                    let output = run_task(&mut devices[i].1, &task, &b.global)?;
+                    let output = fleet.output(i)?;
                     match submit(&mut core, now, pseudonyms[i], &b.task, output) {
                         Ok(()) => report.accepted += 1,
-                        Err(e) if e.downcast_ref::<CoordinatorError>().is_some() => {
+                        Err(e) if came_too_late(&e) => {
                             report.refused += 1;
                             wasted += b.compute_secs;
                         }
@@ -557,7 +646,7 @@ pub(super) fn run_population(
         spent += b.compute_secs;
         wasted += b.compute_secs;
     }
-    let final_point = evaluate(&core, &mut devices, ev, training, seed, t_end)?;
+    let final_point = evaluate(&core, fleet.all_home()?, ev, training, seed, t_end)?;
     last_counts = final_point.1;
     if report.curve.last().map(|p| p.hours) != Some(final_point.0.hours) {
         report.curve.push(final_point.0);
@@ -567,7 +656,7 @@ pub(super) fn run_population(
     report.tasks_per_second =
         (report.accepted + report.refused) as f64 / wall.elapsed().as_secs_f64();
     let global = core.model().download.decode();
-    Ok(((rows, last_counts, global, devices), report))
+    Ok(((rows, last_counts, global, fleet.into_devices()?), report))
 }
 
 /// The current model as a device decodes its download, from `cache` when
@@ -585,21 +674,35 @@ fn received(core: &RoundCore, cache: &mut Option<(u64, Arc<Vec<f32>>)>) -> Arc<V
 }
 
 /// Every device fits its private vector to the current model and ranks its
-/// held-out purchase; the summed counts as a point of the curve.
+/// held-out purchase (in parallel); the counts, summed in device order, as
+/// a point of the curve.
 fn evaluate(
     core: &RoundCore,
-    devices: &mut [(usize, Device)],
+    devices: &mut [(usize, Option<Device>)],
     ev: &Evaluation,
     training: &fedrec_client::model::LocalTraining,
     seed: u64,
     t: f64,
 ) -> anyhow::Result<(QualityPoint, EvalCounts)> {
+    use rayon::prelude::*;
     let global = core.model().download.decode();
-    let mut counts = EvalCounts::default();
-    for (user, device) in devices.iter_mut() {
-        if let Some(held) = eval::held_out(ev, seed, *user) {
+    let each: Vec<anyhow::Result<Option<EvalCounts>>> = devices
+        .par_iter_mut()
+        .map(|(user, device)| {
+            let device = device.as_mut().expect("every device is home");
+            let Some(held) = eval::held_out(ev, seed, *user) else {
+                return Ok(None);
+            };
             device.personalize(&global, training)?;
-            counts.add(&device.evaluate_held_out(&global, &held, Row::Discover)?.0);
+            Ok(Some(
+                device.evaluate_held_out(&global, &held, Row::Discover)?.0,
+            ))
+        })
+        .collect();
+    let mut counts = EvalCounts::default();
+    for c in each {
+        if let Some(c) = c? {
+            counts.add(&c);
         }
     }
     Ok((

@@ -16,6 +16,14 @@ fn population(hours: f64) -> Population {
 }
 
 fn run(mode: RoundsMode, p: Population) -> PopulationReport {
+    run_with(mode, p, |_| {})
+}
+
+fn run_with(
+    mode: RoundsMode,
+    p: Population,
+    edit: impl FnOnce(&mut fedrec_coordinator::config::CoordinatorConfig),
+) -> PopulationReport {
     let ds = synthetic(&SyntheticConfig {
         users: 150,
         items: 40,
@@ -31,6 +39,7 @@ fn run(mode: RoundsMode, p: Population) -> PopulationReport {
     coordinator.rounds.mode = mode;
     coordinator.rounds.async_buffer = 10;
     coordinator.rounds.async_concurrency = 15;
+    edit(&mut coordinator);
     let cfg = SimConfig {
         coordinator,
         transport: Transport::Inproc,
@@ -93,6 +102,25 @@ fn both_modes_train_and_the_run_is_deterministic() {
             (b.accepted, b.refused, b.dropped)
         );
     }
+}
+
+/// The `als` step in async mode: each buffer of updates, trained on
+/// versions up to `async_max_staleness` apart, steps the items by its
+/// curvature, and the model improves on the devices' held-out purchases.
+#[test]
+fn async_mode_steps_the_als_strategy() {
+    use fedrec_coordinator::config::{Loss, StrategyName, Weighting};
+    let r = run_with(RoundsMode::Async, population(24.0), |c| {
+        c.training.loss = Loss::Als;
+        c.training.learning_rate = 1.0;
+        c.strategy.name = StrategyName::Als;
+        c.strategy.weighting = Weighting::Uniform;
+        c.model.init_std = 0.01;
+    });
+    assert!(r.accepted >= 60, "6 steps of 10: {r:?}");
+    let (first, last) = (&r.curve[0], r.curve.last().unwrap());
+    assert_eq!(last.model_version, 7, "{:?}", r.curve);
+    assert!(last.hr_at_10 > first.hr_at_10, "{:?}", r.curve);
 }
 
 #[test]
