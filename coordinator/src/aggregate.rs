@@ -117,7 +117,8 @@ impl Aggregator {
     /// (async mode's staleness weighting, FedBuff's `s(τ)`). The discount
     /// applies to the first `discounted` values (the model's); values after
     /// them (a strategy's statistics, such as the `als` step's `x xᵀ`)
-    /// describe the devices rather than a step and count in full.
+    /// describe the devices rather than a step and are not discounted
+    /// (clipping, when asked, scales the whole update).
     pub fn add_discounted(
         &mut self,
         bytes: &[u8],
@@ -207,11 +208,11 @@ impl Aggregator {
             tensor::fold_into(sum_tail, tail_bytes, w_tail)?;
         } else {
             // Robust rules weigh every update the same: undo the weight.
-            let per = 1.0 / weight as f32;
+            let (scale_head, scale_tail) = (w_head / weight as f32, w_tail / weight as f32);
             let mut update = tensor::decode(bytes)?;
             let (h, t) = update.split_at_mut(head / 4);
-            h.iter_mut().for_each(|v| *v *= w_head * per);
-            t.iter_mut().for_each(|v| *v *= w_tail * per);
+            h.iter_mut().for_each(|v| *v *= scale_head);
+            t.iter_mut().for_each(|v| *v *= scale_tail);
             self.kept.push(update);
         }
         self.total_weight = total_weight;

@@ -297,7 +297,6 @@ impl CoordinatorError {
             self,
             Self::UnknownPseudonym
                 | Self::SessionExpired
-                | Self::NoRoundOpen { .. }
                 | Self::RoundClosed { .. }
                 | Self::TooStale { .. }
                 | Self::TaskExpired { .. }

@@ -427,7 +427,12 @@ impl Fleet {
         self.away += 1;
         let tx = self.tx.clone();
         rayon::spawn(move || {
-            let output = run_task(&mut device, &task, &global);
+            // A panic becomes the task's error, so that the loop hears of it
+            // (rayon would abort the process).
+            let output = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_task(&mut device, &task, &global)
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("device {i}'s training panicked")));
             // The loop holds the receiver until every device is back.
             let _ = tx.send((i, device, output));
         });
@@ -435,10 +440,9 @@ impl Fleet {
 
     /// Waits for one device to come back.
     fn receive(&mut self) -> anyhow::Result<()> {
-        let (j, device, output) = self
-            .rx
-            .recv()
-            .context("a device's training thread ended without its device")?;
+        // The fleet holds a sender itself: `recv` returns once a device is
+        // back (each spawned task sends exactly once).
+        let (j, device, output) = self.rx.recv().expect("the fleet holds a sender");
         self.home[j].1 = Some(device);
         self.back[j] = Some(output);
         self.away -= 1;
@@ -573,11 +577,15 @@ pub(super) fn run_population(
                                     match drop_at {
                                         Some(d) => queue.push(Reverse((micros(d), Due::Drop(i)))),
                                         None => {
-                                            let device_task =
-                                                DeviceTask::try_from(&task_to_pb(&task, now))
-                                                    .context("the device refused its task")?;
-                                            let global = received(&core, &mut decoded);
-                                            fleet.train(i, device_task, global);
+                                            // A task ending after the horizon is
+                                            // never handed in: not trained.
+                                            if end <= horizon {
+                                                let device_task =
+                                                    DeviceTask::try_from(&task_to_pb(&task, now))
+                                                        .context("the device refused its task")?;
+                                                let global = received(&core, &mut decoded);
+                                                fleet.train(i, device_task, global);
+                                            }
                                             queue.push(Reverse((micros(end), Due::Finish(i))));
                                         }
                                     }
