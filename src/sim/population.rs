@@ -439,40 +439,38 @@ impl Fleet {
     }
 
     /// Waits for one device to come back.
-    fn receive(&mut self) -> anyhow::Result<()> {
+    fn receive(&mut self) {
         // The fleet holds a sender itself: `recv` returns once a device is
         // back (each spawned task sends exactly once).
         let (j, device, output) = self.rx.recv().expect("the fleet holds a sender");
         self.home[j].1 = Some(device);
         self.back[j] = Some(output);
         self.away -= 1;
-        Ok(())
     }
 
     /// The output of device `i`'s task, once it is back.
     fn output(&mut self, i: usize) -> anyhow::Result<TaskOutput> {
         while self.back[i].is_none() {
-            self.receive()?;
+            self.receive();
         }
         self.back[i].take().expect("just received")
     }
 
     /// Every device, back home; outputs not yet collected are discarded
     /// (tasks that end after the horizon).
-    fn all_home(&mut self) -> anyhow::Result<&mut [(usize, Option<Device>)]> {
+    fn all_home(&mut self) -> &mut [(usize, Option<Device>)] {
         while self.away > 0 {
-            self.receive()?;
+            self.receive();
         }
-        Ok(&mut self.home)
+        &mut self.home
     }
 
-    fn into_devices(mut self) -> anyhow::Result<Vec<(usize, Device)>> {
-        self.all_home()?;
-        Ok(self
-            .home
+    fn into_devices(mut self) -> Vec<(usize, Device)> {
+        self.all_home();
+        self.home
             .into_iter()
             .map(|(u, d)| (u, d.expect("every device is home")))
-            .collect())
+            .collect()
     }
 }
 
@@ -539,7 +537,7 @@ pub(super) fn run_population(
         match due {
             Due::Poll => next_poll = None,
             Due::Evaluate => {
-                let point = evaluate(&core, fleet.all_home()?, ev, training, seed, t)?;
+                let point = evaluate(&core, fleet.all_home(), ev, training, seed, t)?;
                 last_counts = point.1;
                 report.curve.push(point.0);
                 let next = t + population.evaluate_every_minutes * 60.0;
@@ -654,7 +652,7 @@ pub(super) fn run_population(
         spent += b.compute_secs;
         wasted += b.compute_secs;
     }
-    let final_point = evaluate(&core, fleet.all_home()?, ev, training, seed, t_end)?;
+    let final_point = evaluate(&core, fleet.all_home(), ev, training, seed, t_end)?;
     last_counts = final_point.1;
     if report.curve.last().map(|p| p.hours) != Some(final_point.0.hours) {
         report.curve.push(final_point.0);
@@ -664,7 +662,7 @@ pub(super) fn run_population(
     report.tasks_per_second =
         (report.accepted + report.refused) as f64 / wall.elapsed().as_secs_f64();
     let global = core.model().download.decode();
-    Ok(((rows, last_counts, global, fleet.into_devices()?), report))
+    Ok(((rows, last_counts, global, fleet.into_devices()), report))
 }
 
 /// The current model as a device decodes its download, from `cache` when
