@@ -297,11 +297,15 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     };
     let cfg = &cfg;
     // One federated run per test cut, each evaluated on the tracks of its
-    // cut; devices hold the cut's first track's event (discover, or next
-    // purchase on the latest-time cut).
+    // cut. Devices hold the event of the cut's first track in training
+    // order: discover, or next purchase on the latest-time cut (every user
+    // has a next purchase; only re-buyers have a buy-again event), so a
+    // population run follows that track's quality.
     let mut runs: Vec<CutRun> = Vec::new();
     let mut run_cuts: Vec<usize> = Vec::new();
-    for &track in &tracks {
+    let mut training_order = tracks.clone();
+    training_order.sort_by_key(|t| Track::TRAINING_ORDER.iter().position(|o| o == t));
+    for &track in &training_order {
         let Some(ev) = protocol.evaluation(track, Stage::Test) else {
             continue;
         };

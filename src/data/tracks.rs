@@ -69,6 +69,11 @@ impl Track {
     /// Every track, in report order.
     pub const ALL: [Track; 3] = [Track::Discover, Track::BuyAgain, Track::NextPurchase];
 
+    /// Which track a cut's federated run holds out when the cut serves
+    /// several: the latest-time cut trains for next purchase, the track
+    /// every user has an event on.
+    pub const TRAINING_ORDER: [Track; 3] = [Track::Discover, Track::NextPurchase, Track::BuyAgain];
+
     /// The track's name in reports and file names.
     pub fn name(self) -> &'static str {
         match self {

@@ -179,8 +179,9 @@ pub struct Report {
     pub population: Vec<super::population::PopulationReport>,
     /// Every round of the federated run on the first track's cut.
     pub rounds: Vec<RoundRow>,
-    /// Every round of the federated run on the latest-time cut (buy-again
-    /// and next purchase), when it differs from the first track's.
+    /// Every round of the federated run on the latest-time cut (trained for
+    /// next purchase, evaluated on buy-again too), when it differs from the
+    /// first track's.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rounds_latest_cut: Vec<RoundRow>,
     /// Final metrics per track.
