@@ -40,10 +40,16 @@ fn ahead(scores: &[f32], j: usize, target: usize) -> bool {
 /// (a repeat purchase).
 pub fn full_rank(scores: &[f32], train: &[u32], target: u32) -> usize {
     let t = target as usize;
-    (0..scores.len())
-        .filter(|&j| j != t && train.binary_search(&(j as u32)).is_err())
-        .filter(|&j| ahead(scores, j, t))
-        .count()
+    // Every item ahead of the target (a pass that vectorizes), less the
+    // distinct training items among them.
+    let ahead_all = (0..scores.len()).filter(|&j| ahead(scores, j, t)).count();
+    let ahead_train = train
+        .iter()
+        .enumerate()
+        .filter(|&(k, &j)| k == 0 || train[k - 1] != j)
+        .filter(|&(_, &j)| (j as usize) < scores.len() && ahead(scores, j as usize, t))
+        .count();
+    ahead_all - ahead_train
 }
 
 /// Up to 99 distinct items sampled uniformly from those the user never
@@ -175,6 +181,8 @@ mod tests {
         assert_eq!(full_rank(&scores, &[0, 1], 3), 1);
         // repeat purchase: target 1 is also in train and still ranked
         assert_eq!(full_rank(&scores, &[0, 1], 1), 0);
+        // a repeated or unknown training item is excluded once, or ignored
+        assert_eq!(full_rank(&scores, &[0, 0, 1, 9], 3), 1);
         // ties broken by index
         assert_eq!(full_rank(&[1.0, 1.0, 1.0], &[], 1), 1);
     }

@@ -195,10 +195,7 @@ impl Aggregator {
         // Checked against the larger weight; `!(x <= bound)` also catches
         // NaN, and ±inf exceeds any bound.
         let w = w_head.abs().max(w_tail.abs());
-        let in_range = bytes.chunks_exact(4).fold(true, |ok, b| {
-            ok & ((w * decode(b)).abs() <= MAX_WEIGHTED_VALUE)
-        });
-        if !in_range {
+        if !tensor::all_values(bytes, |v| (w * v).abs() <= MAX_WEIGHTED_VALUE) {
             return Err(first_bad_value(bytes, w));
         }
         let (head_bytes, tail_bytes) = bytes.split_at(head);

@@ -5,6 +5,8 @@
 //! intermediate vector: [`fold_into`] adds encoded values straight into a
 //! running sum, and [`decode_into`] writes them into a caller's buffer.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 /// Why encoded values could not be used.
@@ -33,13 +35,20 @@ pub enum TensorError {
 
 /// Encodes values as little-endian `f32` bytes.
 pub fn encode(values: &[f32]) -> Bytes {
-    // Into a zeroed buffer, four bytes at a time: no capacity check per
-    // value, so the loop vectorizes.
-    let mut out = vec![0u8; values.len() * 4];
-    for (b, v) in out.chunks_exact_mut(4).zip(values) {
-        b.copy_from_slice(&v.to_le_bytes());
+    match le_bytes(values) {
+        Cow::Borrowed(bytes) => Bytes::copy_from_slice(bytes),
+        Cow::Owned(bytes) => Bytes::from(bytes),
     }
-    Bytes::from(out)
+}
+
+/// The values' little-endian `f32` bytes: the values' own memory on a
+/// little-endian machine (no copy), an encoded copy elsewhere.
+pub fn le_bytes(values: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(values))
+    } else {
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
 }
 
 /// Splits encoded values into chunks of at most `chunk_bytes` bytes (rounded
@@ -71,6 +80,28 @@ fn values(
     Ok(bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+}
+
+/// The values of `bytes` in place, without a copy, when the machine is
+/// little-endian and the bytes are aligned for `f32` (an in-process update
+/// always is); `None` otherwise, and the caller decodes value by value.
+fn in_place(bytes: &[u8]) -> Option<&[f32]> {
+    if cfg!(target_endian = "little") {
+        bytemuck::try_cast_slice(bytes).ok()
+    } else {
+        None
+    }
+}
+
+/// Whether `keep` holds for every whole value encoded in `bytes`, in one
+/// branch-free pass (it vectorizes).
+pub fn all_values(bytes: &[u8], keep: impl Fn(f32) -> bool) -> bool {
+    match in_place(bytes) {
+        Some(values) => values.iter().fold(true, |ok, &v| ok & keep(v)),
+        None => bytes.chunks_exact(4).fold(true, |ok, b| {
+            ok & keep(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }),
+    }
 }
 
 /// Decodes `bytes` into `out`, which must have exactly the right length.
@@ -106,8 +137,17 @@ pub fn check_finite(values: &[f32]) -> Result<(), TensorError> {
 /// the same length as the encoded values.
 pub fn fold_into(sum: &mut [f32], bytes: &[u8], weight: f32) -> Result<(), TensorError> {
     let decoded = values(bytes, Some(sum.len()))?;
-    for (s, v) in sum.iter_mut().zip(decoded) {
-        *s += weight * v;
+    match in_place(bytes) {
+        Some(values) => {
+            for (s, v) in sum.iter_mut().zip(values) {
+                *s += weight * v;
+            }
+        }
+        None => {
+            for (s, v) in sum.iter_mut().zip(decoded) {
+                *s += weight * v;
+            }
+        }
     }
     Ok(())
 }
@@ -122,6 +162,9 @@ mod tests {
         let enc = encode(&v);
         assert_eq!(enc.len(), 4004);
         assert_eq!(decode(&enc).unwrap(), v);
+        // The wire's byte order, whatever the machine's.
+        assert_eq!(&enc[4..8], &(-2.75f32).to_le_bytes());
+        assert_eq!(&*le_bytes(&v), &enc[..]);
         let mut joined = Vec::new();
         let mut next = 0;
         for (offset, chunk) in chunks(&enc, 1000) {
@@ -146,6 +189,21 @@ mod tests {
         );
         let err = check_finite(&[1.0, f32::NAN]).unwrap_err();
         assert!(err.to_string().contains("index 1"), "{err}");
+    }
+
+    #[test]
+    fn unaligned_bytes_read_the_same_values() {
+        let v = [1.5f32, -2.0, 3.25, 0.0];
+        let mut buffer = vec![0u8];
+        buffer.extend_from_slice(&encode(&v));
+        let (aligned, unaligned) = (encode(&v), &buffer[1..]);
+        for bytes in [&aligned[..], unaligned] {
+            let mut sum = [1.0f32; 4];
+            fold_into(&mut sum, bytes, 2.0).unwrap();
+            assert_eq!(sum, [4.0, -3.0, 7.5, 1.0]);
+            assert!(all_values(bytes, |x| x.abs() <= 3.25));
+            assert!(!all_values(bytes, |x| x.abs() < 3.25));
+        }
     }
 
     #[test]

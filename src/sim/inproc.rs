@@ -214,7 +214,7 @@ pub(super) fn submit(
                 num_values: update.delta.len() as u64,
                 evaluation: update.evaluation,
             };
-            let bytes = fedrec_proto::tensor::encode(&update.delta);
+            let bytes = fedrec_proto::tensor::le_bytes(&update.delta);
             core.submit_update(clock, header, &bytes)?;
         }
         TaskOutput::Evaluation(counts) => {
