@@ -711,6 +711,14 @@ pub struct DeviceRow {
     pub p50_ms: f64,
     /// 99th-percentile milliseconds.
     pub p99_ms: f64,
+    /// Threads of the parallel pass (rayon's pool: one per core unless
+    /// `RAYON_NUM_THREADS` says otherwise).
+    pub threads: usize,
+    /// Trainings per second with every thread busy: the same devices
+    /// trained again, in parallel, several times over. The device-compute
+    /// bound of a simulation on this machine (cores share caches, memory
+    /// bandwidth and clock, so it is below `threads × 1000 / mean_ms`).
+    pub parallel_per_second: f64,
     /// Peak memory of this whole process (generated data set, every timed
     /// device and the model): an upper bound for one device's.
     pub process_peak_rss_mb: f64,
@@ -754,6 +762,7 @@ pub fn device(
     };
     let step = (cut.n_users() / devices.max(1)).max(1);
     let mut ms = Vec::with_capacity(devices);
+    let mut timed = Vec::with_capacity(devices);
     for user in (0..cut.n_users()).step_by(step).take(devices) {
         let mut device = crate::sim::make_device(&model, &protocol, ev, user, 7)?;
         let start = Instant::now();
@@ -763,7 +772,21 @@ pub fn device(
             update.delta.len() == global.len() + moment,
             "update of the wrong size"
         );
+        timed.push(device);
     }
+    // The same trainings on every thread at once, enough passes for about
+    // a second of work on one core.
+    let passes = (1000.0 / ms.iter().sum::<f64>().max(1e-3))
+        .ceil()
+        .clamp(1.0, 100.0) as usize;
+    let start = Instant::now();
+    for _ in 0..passes {
+        use rayon::prelude::*;
+        timed
+            .par_iter_mut()
+            .try_for_each(|d| d.train(&global, &training, false).map(drop))?;
+    }
+    let parallel_per_second = (passes * timed.len()) as f64 / start.elapsed().as_secs_f64();
     ms.sort_by(f64::total_cmp);
     let pick = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
     Ok(DeviceRow {
@@ -774,6 +797,22 @@ pub fn device(
         mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
+        threads: rayon::current_num_threads(),
+        parallel_per_second,
         process_peak_rss_mb: peak_rss_mb("/proc/self/status")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// `fedrec bench device` times every device it asks for, one at a time
+    /// and then all at once.
+    #[test]
+    fn device_bench_times_each_device_and_the_parallel_pass() {
+        let row = super::device(300, 200, 20.0, 12).unwrap();
+        assert_eq!((row.users, row.items, row.devices), (300, 200, 12));
+        assert!(row.p50_ms > 0.0 && row.p50_ms <= row.p99_ms, "{row:?}");
+        assert_eq!(row.threads, rayon::current_num_threads());
+        assert!(row.parallel_per_second.is_finite() && row.parallel_per_second > 0.0);
+    }
 }

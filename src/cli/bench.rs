@@ -266,12 +266,14 @@ pub(crate) fn bench(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Device(a) => {
             let row = fedrec::bench::device(a.users, a.items, a.history, a.devices)?;
             eprintln!(
-                "{} devices of {} timed: mean {:.1} ms, p50 {:.1} ms, p99 {:.1} ms per local training; model {} values; process peak {:.0} MB",
+                "{} devices of {} timed: mean {:.2} ms, p50 {:.2} ms, p99 {:.2} ms per local training; {:.0} trainings a second on {} threads at once; model {} values; process peak {:.0} MB",
                 row.devices,
                 row.users,
                 row.mean_ms,
                 row.p50_ms,
                 row.p99_ms,
+                row.parallel_per_second,
+                row.threads,
                 row.model_values,
                 row.process_peak_rss_mb
             );
