@@ -19,6 +19,7 @@
 //! when the buffer is empty; updates accepted since the last step are lost
 //! with the process, as an open round's are.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use super::*;
@@ -38,6 +39,56 @@ pub(super) struct Issued {
     deadline: Instant,
 }
 
+/// The tasks out, by device and by deadline: finding the expired ones and
+/// the next deadline costs a lookup, not a pass over every task (both are
+/// asked on every event).
+#[derive(Debug, Default)]
+struct Active {
+    by_device: BTreeMap<Pseudonym, Issued>,
+    by_deadline: BTreeSet<(Instant, Pseudonym)>,
+}
+
+impl Active {
+    fn insert(&mut self, pseudonym: Pseudonym, issued: Issued) {
+        if let Some(old) = self.by_device.insert(pseudonym, issued) {
+            self.by_deadline.remove(&(old.deadline, pseudonym));
+        }
+        self.by_deadline.insert((issued.deadline, pseudonym));
+    }
+
+    fn remove(&mut self, pseudonym: &Pseudonym) -> Option<Issued> {
+        let issued = self.by_device.remove(pseudonym)?;
+        self.by_deadline.remove(&(issued.deadline, *pseudonym));
+        Some(issued)
+    }
+
+    fn get(&self, pseudonym: &Pseudonym) -> Option<&Issued> {
+        self.by_device.get(pseudonym)
+    }
+
+    fn len(&self) -> usize {
+        self.by_device.len()
+    }
+
+    /// The earliest deadline.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.by_deadline.first().map(|&(deadline, _)| deadline)
+    }
+
+    /// Removes and returns the tasks whose deadline is `now` or earlier.
+    fn take_expired(&mut self, now: Instant) -> Vec<(Pseudonym, Issued)> {
+        let mut expired = Vec::new();
+        while let Some(&(deadline, pseudonym)) = self.by_deadline.first()
+            && deadline <= now
+        {
+            if let Some(issued) = self.remove(&pseudonym) {
+                expired.push((pseudonym, issued));
+            }
+        }
+        expired
+    }
+}
+
 /// Async mode's state while training: the step being filled.
 #[derive(Debug)]
 pub(super) struct Buffer {
@@ -45,7 +96,7 @@ pub(super) struct Buffer {
     number: u32,
     started: Instant,
     /// Tasks out, by device.
-    active: BTreeMap<Pseudonym, Issued>,
+    active: Active,
     /// Devices whose last task passed its deadline, and the step it was
     /// issued in (to say so when its update comes, however many steps
     /// later). Kept until the device gets a new task or leaves: at most
@@ -78,16 +129,8 @@ impl RoundCore {
         let Some(buffer) = self.buffer.as_mut() else {
             return;
         };
-        let late: Vec<Pseudonym> = buffer
-            .active
-            .iter()
-            .filter(|(_, t)| now >= t.deadline)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in late {
-            if let Some(task) = buffer.active.remove(&p) {
-                buffer.expired.insert(p, task.round);
-            }
+        for (p, task) in buffer.active.take_expired(now) {
+            buffer.expired.insert(p, task.round);
         }
         if buffer.accepted >= self.config.rounds.async_buffer {
             self.step_buffer(now);
@@ -213,7 +256,7 @@ impl RoundCore {
     /// The earliest deadline of a task out, when async training runs.
     pub(super) fn buffer_timeout(&self) -> Option<Option<Instant>> {
         let buffer = self.buffer.as_ref()?;
-        Some(buffer.active.values().map(|t| t.deadline).min())
+        Some(buffer.active.next_deadline())
     }
 
     /// Checks an async update's device, step and version; returns its

@@ -211,3 +211,34 @@ fn a_checkpoint_after_a_step_resumes_async_training() {
     assert_eq!(resumed.model().params, vec![3.0]);
     assert_eq!(resumed.finished(), Some("completed 3 training rounds"));
 }
+
+/// The deadline index agrees with the tasks: a reissued task keeps one
+/// deadline, expired tasks come out in deadline order, and the next deadline
+/// is the earliest left.
+#[test]
+fn tasks_out_are_indexed_by_deadline() {
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let issued = |s: u64| Issued {
+        round: 1,
+        model_version: 0,
+        deadline: at(s),
+    };
+    let (a, b, c) = (Pseudonym([1; 16]), Pseudonym([2; 16]), Pseudonym([3; 16]));
+    let mut active = Active::default();
+    active.insert(a, issued(30));
+    active.insert(b, issued(10));
+    active.insert(c, issued(20));
+    active.insert(b, issued(40)); // b's task replaced
+    assert_eq!(active.len(), 3);
+    assert_eq!(active.next_deadline(), Some(at(20)));
+    let expired: Vec<Pseudonym> = active
+        .take_expired(at(30))
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(expired, vec![c, a]);
+    assert_eq!(active.remove(&b).map(|t| t.deadline), Some(at(40)));
+    assert_eq!((active.len(), active.next_deadline()), (0, None));
+    assert!(active.take_expired(at(100)).is_empty());
+}
