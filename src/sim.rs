@@ -281,7 +281,8 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let start = Instant::now();
     let protocol = Protocol::new(ds);
     let tracks = protocol.tracks();
-    let Some(&first) = tracks.first() else {
+    let training_order = protocol.training_tracks();
+    let Some(&first) = training_order.first() else {
         bail!(
             "no user of {} has a purchase at two different times: nothing to hold out",
             ds.name
@@ -303,8 +304,6 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     // population run follows that track's quality.
     let mut runs: Vec<CutRun> = Vec::new();
     let mut run_cuts: Vec<usize> = Vec::new();
-    let mut training_order = tracks.clone();
-    training_order.sort_by_key(|t| Track::TRAINING_ORDER.iter().position(|o| o == t));
     for &track in &training_order {
         let Some(ev) = protocol.evaluation(track, Stage::Test) else {
             continue;

@@ -39,6 +39,7 @@ fn ahead(scores: &[f32], j: usize, target: usize) -> bool {
 /// the target itself always competes, even when it is also in `train`
 /// (a repeat purchase).
 pub fn full_rank(scores: &[f32], train: &[u32], target: u32) -> usize {
+    debug_assert!(train.is_sorted(), "training items must be sorted");
     let t = target as usize;
     // Every item ahead of the target (a pass that vectorizes), less the
     // distinct training items among them.
@@ -49,7 +50,8 @@ pub fn full_rank(scores: &[f32], train: &[u32], target: u32) -> usize {
         .filter(|&(k, &j)| k == 0 || train[k - 1] != j)
         .filter(|&(_, &j)| (j as usize) < scores.len() && ahead(scores, j as usize, t))
         .count();
-    ahead_all - ahead_train
+    // Saturating: unsorted `train` with repeats could count one twice.
+    ahead_all.saturating_sub(ahead_train)
 }
 
 /// Up to 99 distinct items sampled uniformly from those the user never

@@ -196,7 +196,9 @@ mod tests {
         let v = [1.5f32, -2.0, 3.25, 0.0];
         let mut buffer = vec![0u8];
         buffer.extend_from_slice(&encode(&v));
-        let (aligned, unaligned) = (encode(&v), &buffer[1..]);
+        let (aligned, unaligned) = (le_bytes(&v), &buffer[1..]);
+        assert_eq!(in_place(&aligned).is_some(), cfg!(target_endian = "little"));
+        assert!(in_place(unaligned).is_none());
         for bytes in [&aligned[..], unaligned] {
             let mut sum = [1.0f32; 4];
             fold_into(&mut sum, bytes, 2.0).unwrap();

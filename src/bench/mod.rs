@@ -714,10 +714,13 @@ pub struct DeviceRow {
     /// Threads of the parallel pass (rayon's pool: one per core unless
     /// `RAYON_NUM_THREADS` says otherwise).
     pub threads: usize,
-    /// Trainings per second with every thread busy: the same devices
-    /// trained again, in parallel, several times over. The device-compute
-    /// bound of a simulation on this machine (cores share caches, memory
-    /// bandwidth and clock, so it is below `threads × 1000 / mean_ms`).
+    /// Trainings of the parallel pass: the timed devices trained again,
+    /// on every thread at once, several times over.
+    pub parallel_trainings: usize,
+    /// Trainings per second of the parallel pass: the device-compute bound
+    /// of a simulation on this machine. Cores share caches, memory
+    /// bandwidth and clock, so it is usually below `threads × 1000 /
+    /// mean_ms`; each pass also waits for its slowest device.
     pub parallel_per_second: f64,
     /// Peak memory of this whole process (generated data set, every timed
     /// device and the model): an upper bound for one device's.
@@ -780,13 +783,15 @@ pub fn device(
         .ceil()
         .clamp(1.0, 100.0) as usize;
     let start = Instant::now();
+    let mut parallel_trainings = 0;
     for _ in 0..passes {
         use rayon::prelude::*;
-        timed
+        parallel_trainings += timed
             .par_iter_mut()
-            .try_for_each(|d| d.train(&global, &training, false).map(drop))?;
+            .map(|d| d.train(&global, &training, false).map(|_| 1))
+            .sum::<Result<usize, _>>()?;
     }
-    let parallel_per_second = (passes * timed.len()) as f64 / start.elapsed().as_secs_f64();
+    let parallel_per_second = parallel_trainings as f64 / start.elapsed().as_secs_f64();
     ms.sort_by(f64::total_cmp);
     let pick = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
     Ok(DeviceRow {
@@ -798,6 +803,7 @@ pub fn device(
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         threads: rayon::current_num_threads(),
+        parallel_trainings,
         parallel_per_second,
         process_peak_rss_mb: peak_rss_mb("/proc/self/status")?,
     })
@@ -812,7 +818,10 @@ mod tests {
         let row = super::device(300, 200, 20.0, 12).unwrap();
         assert_eq!((row.users, row.items, row.devices), (300, 200, 12));
         assert!(row.p50_ms > 0.0 && row.p50_ms <= row.p99_ms, "{row:?}");
-        assert_eq!(row.threads, rayon::current_num_threads());
+        assert!(
+            row.parallel_trainings >= 12 && row.parallel_trainings % 12 == 0,
+            "whole passes over the timed devices: {row:?}"
+        );
         assert!(row.parallel_per_second.is_finite() && row.parallel_per_second > 0.0);
     }
 }

@@ -480,6 +480,15 @@ impl Protocol {
         tracks
     }
 
+    /// The reported tracks in [`Track::TRAINING_ORDER`]: the first of each
+    /// cut is the one its federated run holds out, and the very first is the
+    /// main run's (and the settings search's).
+    pub fn training_tracks(&self) -> Vec<Track> {
+        let mut tracks = self.tracks();
+        tracks.sort_by_key(|t| Track::TRAINING_ORDER.iter().position(|o| o == t));
+        tracks
+    }
+
     /// The evaluations that use cut `cut`.
     pub fn evaluations_of(&self, cut: usize) -> impl Iterator<Item = &Evaluation> {
         self.evaluations.iter().filter(move |e| e.cut == cut)

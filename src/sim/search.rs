@@ -337,7 +337,7 @@ pub fn search(
     );
     let start = std::time::Instant::now();
     let first = protocol
-        .tracks()
+        .training_tracks()
         .first()
         .copied()
         .ok_or_else(|| anyhow::anyhow!("no track to search on"))?;

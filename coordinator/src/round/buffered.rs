@@ -78,10 +78,11 @@ impl Active {
     /// Removes and returns the tasks whose deadline is `now` or earlier.
     fn take_expired(&mut self, now: Instant) -> Vec<(Pseudonym, Issued)> {
         let mut expired = Vec::new();
-        while let Some(&(deadline, pseudonym)) = self.by_deadline.first()
-            && deadline <= now
-        {
-            if let Some(issued) = self.remove(&pseudonym) {
+        while self.by_deadline.first().is_some_and(|&(d, _)| d <= now) {
+            let Some((_, pseudonym)) = self.by_deadline.pop_first() else {
+                break;
+            };
+            if let Some(issued) = self.by_device.remove(&pseudonym) {
                 expired.push((pseudonym, issued));
             }
         }
