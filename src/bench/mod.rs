@@ -819,7 +819,7 @@ mod tests {
         assert_eq!((row.users, row.items, row.devices), (300, 200, 12));
         assert!(row.p50_ms > 0.0 && row.p50_ms <= row.p99_ms, "{row:?}");
         assert!(
-            row.parallel_trainings >= 12 && row.parallel_trainings % 12 == 0,
+            row.parallel_trainings >= 12 && row.parallel_trainings.is_multiple_of(12),
             "whole passes over the timed devices: {row:?}"
         );
         assert!(row.parallel_per_second.is_finite() && row.parallel_per_second > 0.0);
