@@ -136,18 +136,15 @@ pub fn check_finite(values: &[f32]) -> Result<(), TensorError> {
 /// Adds `weight * value` for every encoded value into `sum`, which must have
 /// the same length as the encoded values.
 pub fn fold_into(sum: &mut [f32], bytes: &[u8], weight: f32) -> Result<(), TensorError> {
+    fn fold(sum: &mut [f32], values: impl Iterator<Item = f32>, weight: f32) {
+        for (s, v) in sum.iter_mut().zip(values) {
+            *s += weight * v;
+        }
+    }
     let decoded = values(bytes, Some(sum.len()))?;
     match in_place(bytes) {
-        Some(values) => {
-            for (s, v) in sum.iter_mut().zip(values) {
-                *s += weight * v;
-            }
-        }
-        None => {
-            for (s, v) in sum.iter_mut().zip(decoded) {
-                *s += weight * v;
-            }
-        }
+        Some(values) => fold(sum, values.iter().copied(), weight),
+        None => fold(sum, decoded, weight),
     }
     Ok(())
 }

@@ -537,7 +537,8 @@ pub(super) fn run_population(
         match due {
             Due::Poll => next_poll = None,
             Due::Evaluate => {
-                let point = evaluate(&core, fleet.all_home(), ev, training, seed, t)?;
+                let global = received(&core, &mut decoded);
+                let point = evaluate(&core, &global, fleet.all_home(), ev, training, seed, t)?;
                 last_counts = point.1;
                 report.curve.push(point.0);
                 let next = t + population.evaluate_every_minutes * 60.0;
@@ -652,7 +653,8 @@ pub(super) fn run_population(
         spent += b.compute_secs;
         wasted += b.compute_secs;
     }
-    let final_point = evaluate(&core, fleet.all_home(), ev, training, seed, t_end)?;
+    let global = received(&core, &mut decoded);
+    let final_point = evaluate(&core, &global, fleet.all_home(), ev, training, seed, t_end)?;
     last_counts = final_point.1;
     if report.curve.last().map(|p| p.hours) != Some(final_point.0.hours) {
         report.curve.push(final_point.0);
@@ -661,7 +663,7 @@ pub(super) fn run_population(
     report.thrown_away = if spent > 0.0 { wasted / spent } else { 0.0 };
     report.tasks_per_second =
         (report.accepted + report.refused) as f64 / wall.elapsed().as_secs_f64();
-    let global = core.model().download.decode();
+    let global = Arc::unwrap_or_clone(global);
     Ok(((rows, last_counts, global, fleet.into_devices()), report))
 }
 
@@ -684,6 +686,7 @@ fn received(core: &RoundCore, cache: &mut Option<(u64, Arc<Vec<f32>>)>) -> Arc<V
 /// a point of the curve.
 fn evaluate(
     core: &RoundCore,
+    global: &[f32],
     devices: &mut [(usize, Option<Device>)],
     ev: &Evaluation,
     training: &fedrec_client::model::LocalTraining,
@@ -691,7 +694,6 @@ fn evaluate(
     t: f64,
 ) -> anyhow::Result<(QualityPoint, EvalCounts)> {
     use rayon::prelude::*;
-    let global = core.model().download.decode();
     let each: Vec<anyhow::Result<Option<EvalCounts>>> = devices
         .par_iter_mut()
         .map(|(user, device)| {
@@ -699,9 +701,9 @@ fn evaluate(
             let Some(held) = eval::held_out(ev, seed, *user) else {
                 return Ok(None);
             };
-            device.personalize(&global, training)?;
+            device.personalize(global, training)?;
             Ok(Some(
-                device.evaluate_held_out(&global, &held, Row::Discover)?.0,
+                device.evaluate_held_out(global, &held, Row::Discover)?.0,
             ))
         })
         .collect();
