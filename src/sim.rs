@@ -92,6 +92,10 @@ pub struct SimConfig {
     /// always-available devices ([`population`]; in process).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub population: Option<population::Population>,
+    /// The events the devices hold out and every figure is measured on:
+    /// the test events, or the validation events (one earlier, on data
+    /// without the test events) to choose settings without looking at test.
+    pub held_out: Stage,
 }
 
 /// Some devices send bad updates.
@@ -305,7 +309,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     let mut runs: Vec<CutRun> = Vec::new();
     let mut run_cuts: Vec<usize> = Vec::new();
     for &track in &training_order {
-        let Some(ev) = protocol.evaluation(track, Stage::Test) else {
+        let Some(ev) = protocol.evaluation(track, cfg.held_out) else {
             continue;
         };
         if run_cuts.contains(&ev.cut) {
@@ -314,7 +318,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         run_cuts.push(ev.cut);
         let others: Vec<&Evaluation> = protocol
             .evaluations_of(ev.cut)
-            .filter(|e| e.stage == Stage::Test && e.track != track)
+            .filter(|e| e.stage == cfg.held_out && e.track != track)
             .collect();
         let kind = if runs.is_empty() {
             RunKind::Main
@@ -325,12 +329,13 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
     }
 
     observer.phase("baselines");
-    let mut baselines = tracks::baselines(&protocol, cfg.baselines, cfg.seed, &mut |p| {
-        observer.phase(p)
-    });
+    let mut baselines =
+        tracks::baselines(&protocol, cfg.baselines, cfg.held_out, cfg.seed, &mut |p| {
+            observer.phase(p)
+        });
     let mut final_tracks = Vec::new();
     for &track in &tracks {
-        let Some(ev) = protocol.evaluation(track, Stage::Test) else {
+        let Some(ev) = protocol.evaluation(track, cfg.held_out) else {
             continue;
         };
         let valid = protocol.evaluation(track, Stage::Validation);
@@ -383,7 +388,7 @@ pub fn run(ds: &Dataset, cfg: &SimConfig, observer: &mut dyn Observer) -> anyhow
         bytes_per_device: encoding.wire_bytes(values),
     };
     let first_ev = protocol
-        .evaluation(first, Stage::Test)
+        .evaluation(first, cfg.held_out)
         .context("first track")?;
     Ok(Report {
         population,
@@ -803,6 +808,7 @@ mod tests {
             auto: false,
             attack: None,
             population: None,
+            held_out: Default::default(),
         };
         let report = run(&ds, &cfg, &mut ()).unwrap();
         let training: Vec<_> = report.rounds.iter().filter(|r| r.completed).collect();

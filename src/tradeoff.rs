@@ -314,6 +314,7 @@ mod tests {
             auto: false,
             attack: None,
             population: None,
+            held_out: Default::default(),
         };
         let t = sweep(&ds, &cfg, &[0.5, 4.0], &mut ()).unwrap();
         assert_eq!(t.rows.len(), 3);

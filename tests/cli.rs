@@ -7,7 +7,7 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-use common::process::{expect_line, gen_data, start_serve};
+use common::process::{expect_line, gen_data, start_serve, with_report};
 
 /// Waits for a child process with the bounded timeout.
 fn wait(child: Child) -> std::process::Output {
@@ -181,11 +181,10 @@ fn privacy_plans_a_budget_both_ways() {
 fn simulate_with_distributed_dp_stops_at_the_budget() {
     use fedrec_coordinator::privacy::RdpAccountant;
     let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
     let (q, z, delta) = (0.25, 1.0, 1e-3);
     let budget = RdpAccountant::epsilon_for(q, z, 4, delta) * 1.0001;
-    let out = Command::new(BIN)
-        .args([
+    let json = with_report(
+        &[
             "simulate",
             "--transport",
             "grpc",
@@ -215,18 +214,9 @@ fn simulate_with_distributed_dp_stops_at_the_budget() {
             "--epsilon-budget",
             &budget.to_string(),
             "--adaptive-clip",
-            "--report",
-        ])
-        .arg(&report)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        dir.path(),
     );
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let p = &json["privacy"];
     assert_eq!(p["mode"], "distributed", "{p}");
     assert_eq!(p["training_rounds"], 4, "{p}");
@@ -702,4 +692,42 @@ fn a_checkpoint_is_imported_into_a_postgres_store() {
         model.params.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
         params.iter().map(|p| p.to_bits()).collect::<Vec<_>>()
     );
+}
+
+/// `--held-out validation` trains without the test events and scores the
+/// validation events (to choose settings); the tuned baselines, which
+/// choose on validation, are refused with it.
+#[test]
+fn simulate_can_score_the_validation_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "simulate",
+        "--transport",
+        "inproc",
+        "--synthetic-users",
+        "60",
+        "--synthetic-items",
+        "30",
+        "--rounds",
+        "2",
+        "--clients-per-round",
+        "10",
+        "--centralized-epochs",
+        "1",
+        "--held-out",
+        "validation",
+    ];
+    let json = with_report(&args, dir.path());
+    assert_eq!(json["config"]["held_out"], "validation");
+    let track = &json["final"]["discover"];
+    assert!(track["users"].as_u64().unwrap() > 0, "{track}");
+    assert_eq!(track["users"], track["validation_users"], "{track}");
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--baselines", "full"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--held-out validation"), "{err}");
 }

@@ -979,6 +979,7 @@ fn quality_config(secure: bool) -> SimConfig {
         auto: false,
         attack: None,
         population: None,
+        held_out: Default::default(),
     }
 }
 

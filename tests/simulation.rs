@@ -19,6 +19,7 @@ fn config(transport: Transport, rounds: u32, clients: usize, seed: u64) -> SimCo
         auto: false,
         attack: None,
         population: None,
+        held_out: Default::default(),
     }
 }
 

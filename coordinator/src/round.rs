@@ -684,8 +684,12 @@ impl RoundCore {
         if let Some(task) = self.pending_task(pseudonym) {
             return Ok(CheckIn::Task(task));
         }
+        if let Some(rest) = self.resting(pseudonym, now) {
+            // Neither a task nor the pool while it rests.
+            return Ok(CheckIn::Wait { retry_after: rest });
+        }
         if self.buffered_training()
-            && let Some(task) = self.issue_buffered(now, pseudonym)
+            && let Some(task) = self.admit_buffered(now, pseudonym)
         {
             return Ok(CheckIn::Task(task));
         }

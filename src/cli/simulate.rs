@@ -64,6 +64,11 @@ pub(crate) struct SimulateArgs {
     /// simulated hours (see populations/phones.toml).
     #[arg(long, value_name = "FILE.toml")]
     pub(crate) population: Option<PathBuf>,
+    /// The events the devices hold out and the report scores: test, or
+    /// validation (the event before it, trained without the test events) to
+    /// choose settings without looking at the test events.
+    #[arg(long, value_enum, default_value_t = fedrec::data::Stage::Test)]
+    pub(crate) held_out: fedrec::data::Stage,
 }
 
 pub(crate) fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
@@ -118,9 +123,13 @@ pub(crate) fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         transport: args.transport,
         seed: args.seed,
         centralized_epochs: args.centralized_epochs.unwrap_or(centralized_epochs),
-        baselines: args
-            .baselines
-            .unwrap_or_else(|| sim::Baselines::default_for(preset.is_some(), ds.n_items())),
+        baselines: args.baselines.unwrap_or_else(|| {
+            if args.held_out == fedrec::data::Stage::Validation {
+                sim::Baselines::Quick
+            } else {
+                sim::Baselines::default_for(preset.is_some(), ds.n_items())
+            }
+        }),
         auto,
         attack: args.attack.map(|kind| sim::Attack {
             kind,
@@ -131,7 +140,14 @@ pub(crate) fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             .as_deref()
             .map(sim::population::Population::from_file)
             .transpose()?,
+        held_out: args.held_out,
     };
+    if cfg.held_out == fedrec::data::Stage::Validation && cfg.baselines == sim::Baselines::Full {
+        bail!(
+            "--held-out validation scores the quick baselines only (the full ones are tuned on \
+             the validation events): leave out --baselines full"
+        );
+    }
     if cfg.attack.is_some() && cfg.transport != Transport::Inproc {
         bail!("--attack is simulated in process only: add --transport inproc");
     }
@@ -254,7 +270,7 @@ pub(crate) fn print_table(report: &Report) {
         let _ = writeln!(
             out,
             "population ({} track, {} mode): {:.1} simulated hours; {} tasks, {} updates applied, \
-             {} dropped, {} refused; {:.1} device-hours, {:.0}% thrown away; HR@10 {:.4}, NDCG@10 \
+             {} dropped, {} refused; {} devices contributed; {:.1} device-hours, {:.0}% thrown away; HR@10 {:.4}, NDCG@10 \
              {:.4} at the end; {} ({:.0} device tasks per second)",
             p.track,
             p.mode,
@@ -263,6 +279,7 @@ pub(crate) fn print_table(report: &Report) {
             p.accepted,
             p.dropped,
             p.refused,
+            last.map_or(0, |q| q.contributors),
             p.device_hours,
             100.0 * p.thrown_away,
             last.map_or(0.0, |q| q.hr_at_10),

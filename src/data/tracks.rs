@@ -111,10 +111,11 @@ impl fmt::Display for Track {
 }
 
 /// Test or validation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     /// The held-out event every figure is reported on.
+    #[default]
     Test,
     /// The event before it, on which settings are chosen.
     Validation,

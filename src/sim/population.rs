@@ -293,6 +293,8 @@ pub struct QualityPoint {
     pub hr_at_10: f64,
     /// NDCG@10 likewise.
     pub ndcg_at_10: f64,
+    /// Distinct devices with an accepted update so far.
+    pub contributors: u64,
 }
 
 /// One device's fixed traits.
@@ -524,6 +526,8 @@ pub(super) fn run_population(
     let mut last_counts = EvalCounts::default();
     let mut round_start = Instant::now();
     let mut next_poll: Option<u64> = None;
+    // Whether each device has had an update accepted, and how many have.
+    let (mut contributed, mut contributors) = (vec![false; traits.len()], 0u64);
     let check_in_max = population.check_in_minutes * 60.0;
     let download_encoding = core.config().download.encoding;
     let mut t_end = horizon;
@@ -540,7 +544,10 @@ pub(super) fn run_population(
                 let global = received(&core, &mut decoded);
                 let point = evaluate(&core, &global, fleet.all_home(), ev, training, seed, t)?;
                 last_counts = point.1;
-                report.curve.push(point.0);
+                report.curve.push(QualityPoint {
+                    contributors,
+                    ..point.0
+                });
                 let next = t + population.evaluate_every_minutes * 60.0;
                 queue.push(Reverse((micros(next), Due::Evaluate)));
             }
@@ -616,7 +623,11 @@ pub(super) fn run_population(
                     spent += b.compute_secs;
                     let output = fleet.output(i)?;
                     match submit(&mut core, now, pseudonyms[i], &b.task, output) {
-                        Ok(()) => report.accepted += 1,
+                        Ok(()) => {
+                            report.accepted += 1;
+                            contributors +=
+                                u64::from(!std::mem::replace(&mut contributed[i], true));
+                        }
                         Err(e) if came_too_late(&e) => {
                             report.refused += 1;
                             wasted += b.compute_secs;
@@ -657,7 +668,10 @@ pub(super) fn run_population(
     let final_point = evaluate(&core, &global, fleet.all_home(), ev, training, seed, t_end)?;
     last_counts = final_point.1;
     if report.curve.last().map(|p| p.hours) != Some(final_point.0.hours) {
-        report.curve.push(final_point.0);
+        report.curve.push(QualityPoint {
+            contributors,
+            ..final_point.0
+        });
     }
     report.device_hours = spent / 3600.0;
     report.thrown_away = if spent > 0.0 { wasted / spent } else { 0.0 };
@@ -719,6 +733,7 @@ fn evaluate(
             model_version: core.model().version,
             hr_at_10: counts.hit_rate_full().unwrap_or(0.0),
             ndcg_at_10: counts.ndcg_full_mean().unwrap_or(0.0),
+            contributors: 0,
         },
         counts,
     ))

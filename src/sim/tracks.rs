@@ -199,6 +199,7 @@ pub const RULES: [Baseline; 3] = [
 pub fn baselines(
     protocol: &Protocol,
     which: Baselines,
+    held_out: Stage,
     seed: u64,
     phase: &mut dyn FnMut(&str),
 ) -> BTreeMap<Track, Vec<MethodResult>> {
@@ -208,7 +209,7 @@ pub fn baselines(
             let tests: Vec<_> = protocol
                 .evaluations_of(cut)
                 .filter(|e| {
-                    e.stage == Stage::Test && !(b.personal_only() && e.track == Track::Discover)
+                    e.stage == held_out && !(b.personal_only() && e.track == Track::Discover)
                 })
                 .collect();
             if tests.is_empty() {
@@ -225,7 +226,9 @@ pub fn baselines(
             }
         }
     }
-    if which == Baselines::Full {
+    // The tuned baselines choose their setting on the validation events:
+    // they have a figure on the test events only.
+    if which == Baselines::Full && held_out == Stage::Test {
         let knn: Vec<Baseline> = ITEM_KNN_GRID
             .iter()
             .filter(|&&k| k < protocol.n_items())

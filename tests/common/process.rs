@@ -105,6 +105,24 @@ pub fn start_serve(args: &[&str]) -> (Killed, mpsc::Receiver<String>, String, Ve
     (serve, rx, addr, before)
 }
 
+/// Runs `fedrec` with `args` and `--report` into `dir`, which must
+/// succeed; returns the report's JSON.
+pub fn with_report(args: &[&str], dir: &std::path::Path) -> serde_json::Value {
+    let report = dir.join("report.json");
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+}
+
 /// Runs `fedrec bench round` with `args`, which must succeed; returns the
 /// JSON of its last line.
 pub fn bench_round(args: &[&str]) -> serde_json::Value {

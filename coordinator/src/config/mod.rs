@@ -248,6 +248,15 @@ impl CoordinatorConfig {
         self.validate_privacy()?;
         self.validate_async()?;
         self.validate_cluster()?;
+        if self.privacy.enabled() && self.rounds.rest_secs > 0.0 {
+            return Err(invalid(
+                "rounds.rest_secs > 0 cannot be used with differential privacy: the accountant's \
+                 ε assumes every device is sampled independently for each round (Poisson \
+                 sampling), and a resting device is left out because it took part before; set \
+                 rounds.rest_secs = 0"
+                    .to_owned(),
+            ));
+        }
         self.validate_search()
     }
 

@@ -29,6 +29,8 @@ pub const DEFAULT_ASYNC_CONCURRENCY: usize = 100;
 pub const DEFAULT_ASYNC_BUFFER: usize = 10;
 /// Default `rounds.async_max_staleness`.
 pub const DEFAULT_ASYNC_MAX_STALENESS: u64 = 10;
+/// Default `rounds.rest_secs`.
+pub const DEFAULT_REST_SECS: f64 = 0.0;
 
 /// How training is paced.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,9 +40,10 @@ pub enum RoundsMode {
     /// and the round closes at its target count or deadline.
     #[default]
     Sync,
-    /// Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022): an
-    /// eligible device gets a task whenever it checks in (up to
-    /// `async_concurrency` training at once); each accepted update is
+    /// Asynchronous buffered aggregation (FedBuff, Nguyen et al. 2022):
+    /// eligible devices that check in wait for a slot, and each free slot
+    /// (up to `async_concurrency` training at once) goes to a device drawn
+    /// at random from those waiting; each accepted update is
     /// weighted by its staleness τ (versions since the one it started from)
     /// as `1/√(1+τ)` and folded into a buffer; every `async_buffer`
     /// accepted updates the server step runs and the model version
@@ -101,6 +104,12 @@ pub struct RoundsConfig {
     /// Async mode: most model versions an update may lag behind the current
     /// one. Default [`DEFAULT_ASYNC_MAX_STALENESS`].
     pub async_max_staleness: u64,
+    /// Seconds a device rests after it gets a training task before it may
+    /// get another (either mode): its check-ins meanwhile are answered with
+    /// a wait until then: a cap on how often one device trains (its
+    /// battery, its data's weight in the model). 0 = no rest. Not with
+    /// differential privacy. Default [`DEFAULT_REST_SECS`].
+    pub rest_secs: f64,
     /// Seed of the pseudonym and cohort-sampling RNG; unset = OS entropy.
     /// Set it for reproducible simulations only: with a known seed, pseudonyms
     /// (which act as the devices' credentials) are predictable. Default: unset.
@@ -124,6 +133,7 @@ impl Default for RoundsConfig {
             async_concurrency: DEFAULT_ASYNC_CONCURRENCY,
             async_buffer: DEFAULT_ASYNC_BUFFER,
             async_max_staleness: DEFAULT_ASYNC_MAX_STALENESS,
+            rest_secs: DEFAULT_REST_SECS,
             seed: None,
         }
     }
@@ -138,6 +148,11 @@ impl RoundsConfig {
     /// `checkin_window_secs` as a duration (valid after [`CoordinatorConfig::validate`]).
     pub fn checkin_window(&self) -> Duration {
         secs(self.checkin_window_secs)
+    }
+
+    /// `rest_secs` as a duration (valid after [`CoordinatorConfig::validate`]).
+    pub fn rest(&self) -> Duration {
+        secs(self.rest_secs)
     }
 }
 
@@ -181,6 +196,7 @@ impl RoundsConfig {
             false,
             MAX_SECS,
         )?;
+        check_range("rounds.rest_secs", r.rest_secs, 0.0, false, MAX_SECS)?;
         if r.async_buffer < 1 || r.async_buffer > r.async_concurrency {
             return Err(invalid(format!(
                 "rounds.async_buffer must be >= 1 and <= rounds.async_concurrency ({}), got {}: \

@@ -294,3 +294,17 @@ fn replicas_refuse_async_mode_with_a_message() {
     );
     assert!(CoordinatorConfig::from_toml_str("[rounds]\nmode = \"async\"\n").is_ok());
 }
+
+#[test]
+fn rest_is_refused_with_differential_privacy() {
+    let e = CoordinatorConfig::from_toml_str(
+        "[rounds]\nrest_secs = 60.0\n[strategy]\nweighting = \"uniform\"\n\
+         [privacy]\nmode = \"central\"\nsampling_rate = 0.1\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("rounds.rest_secs") && e.contains("Poisson"),
+        "{e}"
+    );
+}

@@ -1,9 +1,13 @@
 //! Asynchronous buffered aggregation (`rounds.mode = "async"`; FedBuff,
 //! Nguyen et al. 2022).
 //!
-//! While training, no round is open: an eligible device gets a task
-//! whenever it checks in, up to `rounds.async_concurrency` at once, on the
-//! current model version. Each accepted update is weighted by its
+//! While training, no round is open: devices that check in wait for a
+//! slot, up to `rounds.async_concurrency` tasks are out at once, and a
+//! free slot goes to a device drawn at random from those waiting (FedBuff
+//! samples devices uniformly): not to whichever checks in first, which
+//! would be the device that just handed in its update and freed the slot.
+//! A device waits while it checks in at least every
+//! [`WAITING_FRESH_POLLS`] long polls. Each accepted update is weighted by its
 //! staleness τ (versions published since the one it started from) as
 //! `1/√(1+τ)` ([`staleness_discount`]) and folded into the aggregator; every
 //! `rounds.async_buffer` accepted updates the strategy steps, the model
@@ -20,9 +24,15 @@
 //! with the process, as an open round's are.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use rand::RngExt;
 
 use super::*;
+
+/// A waiting device that has not checked in for this many long polls
+/// (`server.long_poll_secs`) is taken to have left.
+pub const WAITING_FRESH_POLLS: u32 = 2;
 
 /// FedBuff's staleness weight `s(τ) = 1/√(1+τ)`.
 pub fn staleness_discount(staleness: u64) -> f32 {
@@ -90,6 +100,60 @@ impl Active {
     }
 }
 
+/// The devices waiting for a slot, each with its last check-in: drawn from
+/// uniformly, in O(1) (a vector, and each device's place in it).
+#[derive(Debug, Default)]
+struct Waiting {
+    devices: Vec<(Pseudonym, Instant)>,
+    place: BTreeMap<Pseudonym, usize>,
+}
+
+impl Waiting {
+    /// `pseudonym` checked in at `now` and waits.
+    fn seen(&mut self, pseudonym: Pseudonym, now: Instant) {
+        match self.place.get(&pseudonym) {
+            Some(&i) => self.devices[i].1 = now,
+            None => {
+                self.place.insert(pseudonym, self.devices.len());
+                self.devices.push((pseudonym, now));
+            }
+        }
+    }
+
+    fn remove_at(&mut self, i: usize) -> (Pseudonym, Instant) {
+        let removed = self.devices.swap_remove(i);
+        self.place.remove(&removed.0);
+        if let Some(moved) = self.devices.get(i) {
+            self.place.insert(moved.0, i);
+        }
+        removed
+    }
+
+    fn remove(&mut self, pseudonym: &Pseudonym) {
+        if let Some(&i) = self.place.get(pseudonym) {
+            self.remove_at(i);
+        }
+    }
+
+    /// A device drawn uniformly from those seen at `fresh` or later and
+    /// still `joined` (the others, met on the way, have left and are
+    /// dropped).
+    fn draw(
+        &mut self,
+        rng: &mut impl RngExt,
+        fresh: Option<Instant>,
+        joined: &BTreeSet<Pseudonym>,
+    ) -> Option<Pseudonym> {
+        while !self.devices.is_empty() {
+            let (pseudonym, seen) = self.remove_at(rng.random_range(0..self.devices.len()));
+            if fresh.is_none_or(|f| seen >= f) && joined.contains(&pseudonym) {
+                return Some(pseudonym);
+            }
+        }
+        None
+    }
+}
+
 /// Async mode's state while training: the step being filled.
 #[derive(Debug)]
 pub(super) struct Buffer {
@@ -98,6 +162,8 @@ pub(super) struct Buffer {
     started: Instant,
     /// Tasks out, by device.
     active: Active,
+    /// Devices waiting for a slot.
+    waiting: Waiting,
     /// Devices whose last task passed its deadline, and the step it was
     /// issued in (to say so when its update comes, however many steps
     /// later). Kept until the device gets a new task or leaves: at most
@@ -142,16 +208,17 @@ impl RoundCore {
         self.last_round += 1;
         self.training_rounds += 1;
         self.aggregator.reset();
-        let (active, mut expired) = self
+        let (active, waiting, mut expired) = self
             .buffer
             .take()
-            .map(|b| (b.active, b.expired))
+            .map(|b| (b.active, b.waiting, b.expired))
             .unwrap_or_default();
         expired.retain(|p, _| self.joined.contains(p));
         self.buffer = Some(Buffer {
             number: self.last_round,
             started: now,
             active,
+            waiting,
             expired,
             issued: 0,
             accepted: 0,
@@ -209,15 +276,37 @@ impl RoundCore {
         }
     }
 
-    /// A task for `pseudonym` if a slot is free.
-    pub(super) fn issue_buffered(&mut self, now: Instant, pseudonym: &Pseudonym) -> Option<Task> {
+    /// `pseudonym` checks in for a task: it waits for a slot, the free
+    /// slots go to devices drawn from those waiting, and its task if it was
+    /// drawn (now or before).
+    pub(super) fn admit_buffered(&mut self, now: Instant, pseudonym: &Pseudonym) -> Option<Task> {
         let limit = self.config.rounds.async_concurrency;
+        // `None`: a window too long to count back from, so every device
+        // still waits.
+        let fresh = Duration::try_from_secs_f64(self.config.server.long_poll_secs)
+            .ok()
+            .and_then(|poll| poll.checked_mul(WAITING_FRESH_POLLS))
+            .and_then(|window| now.checked_sub(window));
+        let buffer = self.buffer.as_mut()?;
+        buffer.waiting.seen(*pseudonym, now);
+        while self.buffer.as_ref()?.active.len() < limit {
+            let buffer = self.buffer.as_mut()?;
+            let Some(drawn) = buffer.waiting.draw(&mut self.rng, fresh, &self.joined) else {
+                break;
+            };
+            self.issue_buffered(now, &drawn);
+        }
+        self.buffered_task(pseudonym)
+    }
+
+    /// Hands `pseudonym` a task on the current version.
+    fn issue_buffered(&mut self, now: Instant, pseudonym: &Pseudonym) {
         let deadline = now + self.config.rounds.deadline();
         let version = self.model.version;
-        let buffer = self.buffer.as_mut()?;
-        if buffer.active.len() >= limit {
-            return None;
-        }
+        let Some(buffer) = self.buffer.as_mut() else {
+            return;
+        };
+        buffer.waiting.remove(pseudonym);
         buffer.active.insert(
             *pseudonym,
             Issued {
@@ -229,11 +318,8 @@ impl RoundCore {
         buffer.expired.remove(pseudonym);
         buffer.issued += 1;
         self.pool.remove(pseudonym);
-        if let Some(session) = self.sessions.get_mut(pseudonym) {
-            session.downloads = (0, 0);
-        }
+        self.hand_task(pseudonym, TaskKind::Train, now);
         self.generation += 1;
-        self.buffered_task(pseudonym)
     }
 
     /// The task out for `pseudonym`, if any.

@@ -239,9 +239,7 @@ impl RoundCore {
         } = opening;
         for p in cohort.keys() {
             self.pool.remove(p);
-            if let Some(session) = self.sessions.get_mut(p) {
-                session.downloads = (0, 0);
-            }
+            self.hand_task(p, kind, now);
         }
         self.window_start = None;
         self.aggregator.reset();

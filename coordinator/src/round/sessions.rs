@@ -15,6 +15,9 @@ pub(super) struct Session {
     pub(super) replaced: bool,
     /// The model version last downloaded, and how many times.
     pub(super) downloads: (u64, u32),
+    /// Until when it gets no new training task (`rounds.rest_secs` after
+    /// its last one).
+    pub(super) rests_until: Option<Instant>,
 }
 
 impl Session {
@@ -23,11 +26,30 @@ impl Session {
             expires,
             replaced: false,
             downloads: (0, 0),
+            rests_until: None,
         }
     }
 }
 
 impl RoundCore {
+    /// `pseudonym` gets a task of `kind` at `now`: its download count
+    /// starts afresh, and after a training task it rests `rounds.rest_secs`.
+    pub(super) fn hand_task(&mut self, pseudonym: &Pseudonym, kind: TaskKind, now: Instant) {
+        let rest = self.config.rounds.rest();
+        if let Some(session) = self.sessions.get_mut(pseudonym) {
+            session.downloads = (0, 0);
+            if kind == TaskKind::Train && !rest.is_zero() {
+                session.rests_until = Some(now + rest);
+            }
+        }
+    }
+
+    /// How long `pseudonym` still rests at `now`, if it does.
+    pub(super) fn resting(&self, pseudonym: &Pseudonym, now: Instant) -> Option<Duration> {
+        let until = self.sessions.get(pseudonym)?.rests_until?;
+        (until > now).then(|| until - now)
+    }
+
     /// Admits a new device and returns its fresh random pseudonym, whose
     /// session lasts `auth.session_ttl_secs`. A device that joined with an
     /// enrollment token (`token`, from [`crate::auth::TokenSet::check`])

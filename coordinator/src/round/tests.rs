@@ -1768,3 +1768,35 @@ fn a_trial_waits_for_the_next_run_and_a_new_shape_follows() {
         "a final run is not interrupted"
     );
 }
+
+/// `rounds.rest_secs` in sync rounds: a device of the last cohort is not
+/// selected again while it rests.
+#[test]
+fn a_device_of_the_last_cohort_rests_through_the_next_round() {
+    let mut cfg = config(1, 10);
+    cfg.rounds.min_updates = 1;
+    cfg.rounds.over_selection = 1.0;
+    cfg.rounds.rest_secs = 600.0;
+    cfg.rounds.deadline_secs = 600.0;
+    let mut core = core_with(cfg, vec![0.0]);
+    let t0 = Instant::now();
+    let devices = join(&mut core, t0, 2);
+    let mut chosen = Vec::new();
+    for round in 1..=2 {
+        let at = t0 + 100 * round * SECOND;
+        check_in_all(&mut core, at, &devices);
+        let started = at + 31 * SECOND;
+        core.poll(started);
+        let tasks = check_in_all(&mut core, started, &devices);
+        assert_eq!(tasks.len(), 1, "round {round} selects one device");
+        let (p, t) = &tasks[0];
+        core.submit_update(started, header(*p, t, 1, 1), &encode(&[1.0]))
+            .unwrap();
+        chosen.push(*p);
+    }
+    assert_eq!(core.history().len(), 2);
+    assert_ne!(
+        chosen[0], chosen[1],
+        "round 1's device rests through round 2"
+    );
+}

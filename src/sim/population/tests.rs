@@ -49,6 +49,7 @@ fn run_with(
         auto: false,
         attack: None,
         population: Some(p),
+        held_out: Default::default(),
     };
     let report = sim::run(&ds, &cfg, &mut ()).unwrap();
     report
@@ -152,4 +153,24 @@ fn a_bad_population_file_names_the_field() {
     std::fs::write(&path, "[compute]\nmedian = 3\n").unwrap();
     let err = format!("{:#}", Population::from_file(&path).unwrap_err());
     assert!(err.contains("unknown field"), "{err}");
+}
+
+/// Free async slots go to devices drawn from those waiting, so updates come
+/// from many devices; `rounds.rest_secs` spreads them over more still.
+#[test]
+fn a_rest_spreads_async_training_over_the_fleet() {
+    let contributors = |rest: f64| {
+        let r = run_with(RoundsMode::Async, population(6.0), |c| {
+            c.rounds.rest_secs = rest;
+        });
+        assert!(r.accepted >= 60, "6 steps of 10: {r:?}");
+        (r.curve.last().unwrap().contributors, r.accepted)
+    };
+    let (without, accepted) = contributors(0.0);
+    let (with, _) = contributors(1800.0);
+    assert!(without < accepted, "some devices trained more than once");
+    assert!(
+        with > without,
+        "{with} devices with a rest, {without} without"
+    );
 }

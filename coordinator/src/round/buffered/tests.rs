@@ -242,3 +242,67 @@ fn tasks_out_are_indexed_by_deadline() {
     assert_eq!((active.len(), active.next_deadline()), (0, None));
     assert!(active.take_expired(at(100)).is_empty());
 }
+
+/// `rounds.rest_secs`: a device that got a training task is told to wait
+/// until its rest is over; the slot it freed goes to another device.
+#[test]
+fn a_device_rests_after_a_training_task() {
+    let mut cfg = config(1, 1, 10);
+    cfg.rounds.rest_secs = 60.0;
+    let mut core = core(cfg);
+    let now = Instant::now();
+    let [a, b] = [0; 2].map(|_| core.join(now, None));
+    let t = task(&mut core, now, &a).expect("a slot");
+    submit(&mut core, now, a, &t, 1.0).unwrap();
+    let later = now + Duration::from_secs(1);
+    match core.check_in(later, &a).unwrap() {
+        // Told to come back when its rest is over.
+        CheckIn::Wait { retry_after } => assert_eq!(retry_after, Duration::from_secs(59)),
+        other => panic!("a rests: {other:?}"),
+    }
+    assert!(task(&mut core, later, &b).is_some(), "b takes the slot");
+    let rested = now + Duration::from_secs(60);
+    let tb = task(&mut core, rested, &b).unwrap();
+    submit(&mut core, rested, b, &tb, 1.0).unwrap();
+    assert!(task(&mut core, rested, &a).is_some(), "a's rest is over");
+}
+
+/// A freed slot goes to a device drawn from those waiting, not to the one
+/// that freed it (which checks in first); a device that stopped checking
+/// in is not drawn.
+#[test]
+fn a_free_slot_goes_to_a_device_drawn_from_those_waiting() {
+    let mut core = core(config(1, 1, 100));
+    let t0 = Instant::now();
+    let devices: Vec<Pseudonym> = (0..5).map(|_| core.join(t0, None)).collect();
+    let gone = core.join(t0, None);
+    let mut holder = devices[0];
+    let mut t = task(&mut core, t0, &holder).expect("a free slot at once");
+    for d in devices.iter().chain([&gone]) {
+        assert!(
+            task(&mut core, t0, d).is_none() || *d == holder,
+            "the slot is taken"
+        );
+    }
+    let (mut trained, mut kept) = (BTreeSet::new(), 0);
+    // From 2 long polls on, `gone` (last seen at t0) has left.
+    for step in 21..=60u64 {
+        let now = t0 + Duration::from_secs(step);
+        submit(&mut core, now, holder, &t, 1.0).unwrap();
+        // The device that freed the slot checks in first, then the others.
+        let order = std::iter::once(holder).chain(devices.iter().copied().filter(|d| *d != holder));
+        let drawn: Vec<(Pseudonym, Task)> = order
+            .filter_map(|d| task(&mut core, now, &d).map(|t| (d, t)))
+            .collect();
+        assert_eq!(drawn.len(), 1, "one slot, filled at once");
+        kept += usize::from(drawn[0].0 == holder);
+        (holder, t) = drawn[0].clone();
+        trained.insert(holder);
+    }
+    assert!(!trained.contains(&gone));
+    assert_eq!(trained.len(), devices.len(), "every waiting device trains");
+    assert!(
+        kept < 20,
+        "the freeing device kept its slot {kept} times of 40"
+    );
+}
