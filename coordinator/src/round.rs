@@ -684,7 +684,10 @@ impl RoundCore {
         if let Some(task) = self.pending_task(pseudonym) {
             return Ok(CheckIn::Task(task));
         }
-        if let Some(rest) = self.resting(pseudonym, now) {
+        // A resting device is kept out of training, not out of the final
+        // evaluation.
+        let training = self.buffered_training() || self.next_kind() == Some(TaskKind::Train);
+        if training && let Some(rest) = self.resting(pseudonym, now) {
             // Neither a task nor the pool while it rests.
             return Ok(CheckIn::Wait { retry_after: rest });
         }

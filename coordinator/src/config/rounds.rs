@@ -105,10 +105,11 @@ pub struct RoundsConfig {
     /// one. Default [`DEFAULT_ASYNC_MAX_STALENESS`].
     pub async_max_staleness: u64,
     /// Seconds a device rests after it gets a training task before it may
-    /// get another (either mode): its check-ins meanwhile are answered with
-    /// a wait until then: a cap on how often one device trains (its
-    /// battery, its data's weight in the model). 0 = no rest. Not with
-    /// differential privacy. Default [`DEFAULT_REST_SECS`].
+    /// get another (either mode): while training runs, its check-ins are
+    /// answered with a wait until then (the final evaluation still takes
+    /// it). A cap on how often one device trains (its battery, its data's
+    /// weight in the model). 0 = no rest. Not with differential privacy.
+    /// Default [`DEFAULT_REST_SECS`].
     pub rest_secs: f64,
     /// Seed of the pseudonym and cohort-sampling RNG; unset = OS entropy.
     /// Set it for reproducible simulations only: with a known seed, pseudonyms

@@ -101,7 +101,8 @@ impl Active {
 }
 
 /// The devices waiting for a slot, each with its last check-in: drawn from
-/// uniformly, in O(1) (a vector, and each device's place in it).
+/// uniformly (a vector, and each device's place in it). Devices that left
+/// are dropped when drawn.
 #[derive(Debug, Default)]
 struct Waiting {
     devices: Vec<(Pseudonym, Instant)>,
@@ -135,18 +136,18 @@ impl Waiting {
         }
     }
 
-    /// A device drawn uniformly from those seen at `fresh` or later and
-    /// still `joined` (the others, met on the way, have left and are
+    /// A device drawn uniformly from those seen at `fresh` or later whose
+    /// session is `live` (the others, met on the way, have left and are
     /// dropped).
     fn draw(
         &mut self,
         rng: &mut impl RngExt,
         fresh: Option<Instant>,
-        joined: &BTreeSet<Pseudonym>,
+        live: impl Fn(&Pseudonym) -> bool,
     ) -> Option<Pseudonym> {
         while !self.devices.is_empty() {
             let (pseudonym, seen) = self.remove_at(rng.random_range(0..self.devices.len()));
-            if fresh.is_none_or(|f| seen >= f) && joined.contains(&pseudonym) {
+            if fresh.is_none_or(|f| seen >= f) && live(&pseudonym) {
                 return Some(pseudonym);
             }
         }
@@ -291,7 +292,11 @@ impl RoundCore {
         buffer.waiting.seen(*pseudonym, now);
         while self.buffer.as_ref()?.active.len() < limit {
             let buffer = self.buffer.as_mut()?;
-            let Some(drawn) = buffer.waiting.draw(&mut self.rng, fresh, &self.joined) else {
+            let (joined, sessions) = (&self.joined, &self.sessions);
+            let live = |p: &Pseudonym| {
+                joined.contains(p) && sessions.get(p).is_some_and(|s| now < s.expires)
+            };
+            let Some(drawn) = buffer.waiting.draw(&mut self.rng, fresh, live) else {
                 break;
             };
             self.issue_buffered(now, &drawn);

@@ -1769,34 +1769,60 @@ fn a_trial_waits_for_the_next_run_and_a_new_shape_follows() {
     );
 }
 
-/// `rounds.rest_secs` in sync rounds: a device of the last cohort is not
-/// selected again while it rests.
+/// `rounds.rest_secs` in sync rounds: a device of the last cohort is told
+/// to wait out its rest before it may be selected again, but it still
+/// takes part in the final evaluation.
 #[test]
-fn a_device_of_the_last_cohort_rests_through_the_next_round() {
-    let mut cfg = config(1, 10);
+fn a_device_of_the_last_cohort_rests_until_the_final_evaluation() {
+    let mut cfg = config(1, 3);
     cfg.rounds.min_updates = 1;
     cfg.rounds.over_selection = 1.0;
     cfg.rounds.rest_secs = 600.0;
-    cfg.rounds.deadline_secs = 600.0;
+    cfg.rounds.final_evaluation = true;
     let mut core = core_with(cfg, vec![0.0]);
     let t0 = Instant::now();
     let devices = join(&mut core, t0, 2);
-    let mut chosen = Vec::new();
-    for round in 1..=2 {
-        let at = t0 + 100 * round * SECOND;
-        check_in_all(&mut core, at, &devices);
-        let started = at + 31 * SECOND;
-        core.poll(started);
-        let tasks = check_in_all(&mut core, started, &devices);
-        assert_eq!(tasks.len(), 1, "round {round} selects one device");
-        let (p, t) = &tasks[0];
-        core.submit_update(started, header(*p, t, 1, 1), &encode(&[1.0]))
-            .unwrap();
-        chosen.push(*p);
+    let started = t0 + 31 * SECOND;
+    check_in_all(&mut core, t0, &devices);
+    core.poll(started);
+    let tasks = check_in_all(&mut core, started, &devices);
+    assert_eq!(tasks.len(), 1, "one device selected");
+    let (chosen, t) = &tasks[0];
+    core.submit_update(started, header(*chosen, t, 1, 1), &encode(&[1.0]))
+        .unwrap();
+    // Round 2 trains: the chosen device is told to wait out its rest.
+    let later = started + 9 * SECOND;
+    match core.check_in(later, chosen).unwrap() {
+        // 600 s from its task, handed out when it checked in at t0.
+        CheckIn::Wait { retry_after } => assert_eq!(retry_after, 560 * SECOND),
+        other => panic!("it rests: {other:?}"),
     }
-    assert_eq!(core.history().len(), 2);
-    assert_ne!(
-        chosen[0], chosen[1],
-        "round 1's device rests through round 2"
-    );
+    // It trains in no round while it rests (both devices rest after their
+    // round, so round 3 waits for a rest to end); the final evaluation
+    // takes it.
+    let mut evaluated = false;
+    for k in 1..=60u32 {
+        let at = later + 20 * k * SECOND;
+        check_in_all(&mut core, at, &devices);
+        core.poll(at);
+        for (p, t) in check_in_all(&mut core, at, &devices) {
+            if t.kind == TaskKind::Evaluate {
+                evaluated |= p == *chosen;
+                continue;
+            }
+            assert!(
+                p != *chosen || at >= t0 + 600 * SECOND,
+                "it rests through round {}",
+                t.round
+            );
+            core.submit_update(at, header(p, &t, 1, 1), &encode(&[1.0]))
+                .unwrap();
+        }
+    }
+    let trained = core.history().iter().filter(|r| r.kind == TaskKind::Train);
+    assert_eq!(trained.count(), 3, "{:?}", core.history());
+    assert!(evaluated, "round 1's device evaluates the final model");
+    // Round 3's device still rests, and evaluates all the same.
+    let last = core.history().last().unwrap();
+    assert_eq!((last.kind, last.selected), (TaskKind::Evaluate, 2));
 }
