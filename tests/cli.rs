@@ -7,7 +7,7 @@ use std::time::Duration;
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-use common::process::{expect_line, gen_data, start_serve, with_report};
+use common::process::{assert_success, expect_line, gen_data, start_serve, with_report};
 
 /// Waits for a child process with the bounded timeout.
 fn wait(child: Child) -> std::process::Output {
@@ -130,11 +130,7 @@ fn privacy_plans_a_budget_both_ways() {
             .args(args)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
         String::from_utf8(out.stdout).unwrap()
     };
     let number = |text: &str, after: &str| -> f64 {

@@ -440,11 +440,7 @@ fn python_snippet(model: &Path) {
         .args(["-c", &snippet])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::process::assert_success(&out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
 

@@ -666,11 +666,7 @@ impl RoundCore {
             };
             return Err(self.reject(err));
         }
-        if self
-            .sessions
-            .get(pseudonym)
-            .is_none_or(|s| now >= s.expires)
-        {
+        if self.sessions.get(pseudonym).is_none_or(|s| !s.live(now)) {
             // Told once: the device's next check-in is `unknown_pseudonym`.
             self.end_session(pseudonym);
             self.sessions.remove(pseudonym);

@@ -402,6 +402,8 @@ struct Fleet {
     home: Vec<(usize, Option<Device>)>,
     /// Outputs that came back before they were needed.
     back: Vec<Option<anyhow::Result<TaskOutput>>>,
+    /// Whether each device has had an update applied.
+    contributed: Vec<bool>,
     away: usize,
     tx: std::sync::mpsc::Sender<Trained>,
     rx: std::sync::mpsc::Receiver<Trained>,
@@ -412,6 +414,7 @@ impl Fleet {
         let (tx, rx) = std::sync::mpsc::channel();
         let back = devices.iter().map(|_| None).collect();
         Self {
+            contributed: vec![false; devices.len()],
             home: devices.into_iter().map(|(u, d)| (u, Some(d))).collect(),
             back,
             away: 0,
@@ -456,6 +459,11 @@ impl Fleet {
             self.receive();
         }
         self.back[i].take().expect("just received")
+    }
+
+    /// Distinct devices with an update applied so far.
+    fn contributors(&self) -> u64 {
+        self.contributed.iter().filter(|&&c| c).count() as u64
     }
 
     /// Every device, back home; outputs not yet collected are discarded
@@ -526,8 +534,6 @@ pub(super) fn run_population(
     let mut last_counts = EvalCounts::default();
     let mut round_start = Instant::now();
     let mut next_poll: Option<u64> = None;
-    // Whether each device has had an update accepted, and how many have.
-    let (mut contributed, mut contributors) = (vec![false; traits.len()], 0u64);
     let check_in_max = population.check_in_minutes * 60.0;
     let download_encoding = core.config().download.encoding;
     let mut t_end = horizon;
@@ -542,12 +548,9 @@ pub(super) fn run_population(
             Due::Poll => next_poll = None,
             Due::Evaluate => {
                 let global = received(&core, &mut decoded);
-                let point = evaluate(&core, &global, fleet.all_home(), ev, training, seed, t)?;
+                let point = evaluate(&core, &global, &mut fleet, ev, training, seed, t)?;
                 last_counts = point.1;
-                report.curve.push(QualityPoint {
-                    contributors,
-                    ..point.0
-                });
+                report.curve.push(point.0);
                 let next = t + population.evaluate_every_minutes * 60.0;
                 queue.push(Reverse((micros(next), Due::Evaluate)));
             }
@@ -625,8 +628,7 @@ pub(super) fn run_population(
                     match submit(&mut core, now, pseudonyms[i], &b.task, output) {
                         Ok(()) => {
                             report.accepted += 1;
-                            contributors +=
-                                u64::from(!std::mem::replace(&mut contributed[i], true));
+                            fleet.contributed[i] = true;
                         }
                         Err(e) if came_too_late(&e) => {
                             report.refused += 1;
@@ -665,13 +667,10 @@ pub(super) fn run_population(
         wasted += b.compute_secs;
     }
     let global = received(&core, &mut decoded);
-    let final_point = evaluate(&core, &global, fleet.all_home(), ev, training, seed, t_end)?;
+    let final_point = evaluate(&core, &global, &mut fleet, ev, training, seed, t_end)?;
     last_counts = final_point.1;
     if report.curve.last().map(|p| p.hours) != Some(final_point.0.hours) {
-        report.curve.push(QualityPoint {
-            contributors,
-            ..final_point.0
-        });
+        report.curve.push(final_point.0);
     }
     report.device_hours = spent / 3600.0;
     report.thrown_away = if spent > 0.0 { wasted / spent } else { 0.0 };
@@ -695,20 +694,21 @@ fn received(core: &RoundCore, cache: &mut Option<(u64, Arc<Vec<f32>>)>) -> Arc<V
     }
 }
 
-/// Every device fits its private vector to the current model and ranks its
-/// held-out purchase (in parallel); the counts, summed in device order, as
-/// a point of the curve.
+/// Every device of `fleet`, once home, fits its private vector to the
+/// current model and ranks its held-out purchase (in parallel); the counts,
+/// summed in device order, as a point of the curve.
 fn evaluate(
     core: &RoundCore,
     global: &[f32],
-    devices: &mut [(usize, Option<Device>)],
+    fleet: &mut Fleet,
     ev: &Evaluation,
     training: &fedrec_client::model::LocalTraining,
     seed: u64,
     t: f64,
 ) -> anyhow::Result<(QualityPoint, EvalCounts)> {
     use rayon::prelude::*;
-    let each: Vec<anyhow::Result<Option<EvalCounts>>> = devices
+    let each: Vec<anyhow::Result<Option<EvalCounts>>> = fleet
+        .all_home()
         .par_iter_mut()
         .map(|(user, device)| {
             let device = device.as_mut().expect("every device is home");
@@ -733,7 +733,7 @@ fn evaluate(
             model_version: core.model().version,
             hr_at_10: counts.hit_rate_full().unwrap_or(0.0),
             ndcg_at_10: counts.ndcg_full_mean().unwrap_or(0.0),
-            contributors: 0,
+            contributors: fleet.contributors(),
         },
         counts,
     ))

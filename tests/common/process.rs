@@ -9,6 +9,15 @@ use super::{TIMEOUT, stderr_lines as lines};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedrec");
 
+/// Asserts that a finished process succeeded, showing its stderr if not.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Generates 6 users × 40 items into `dir` with `fedrec gen-data`; returns
 /// the file and the data set as the devices will load it.
 pub fn gen_data(dir: &std::path::Path) -> (std::path::PathBuf, fedrec::data::Dataset) {
@@ -34,11 +43,7 @@ pub fn gen_data_sized(
         .arg(&data)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let ds = fedrec::data::load(&data, &Default::default()).unwrap();
     (data, ds)
 }
@@ -115,11 +120,7 @@ pub fn with_report(args: &[&str], dir: &std::path::Path) -> serde_json::Value {
         .arg(&report)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
 }
 
@@ -134,11 +135,7 @@ pub fn bench_round(args: &[&str]) -> serde_json::Value {
         .spawn()
         .unwrap();
     let out = super::wait_output(child, TIMEOUT);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
     serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
 }

@@ -293,9 +293,8 @@ impl RoundCore {
         while self.buffer.as_ref()?.active.len() < limit {
             let buffer = self.buffer.as_mut()?;
             let (joined, sessions) = (&self.joined, &self.sessions);
-            let live = |p: &Pseudonym| {
-                joined.contains(p) && sessions.get(p).is_some_and(|s| now < s.expires)
-            };
+            let live =
+                |p: &Pseudonym| joined.contains(p) && sessions.get(p).is_some_and(|s| s.live(now));
             let Some(drawn) = buffer.waiting.draw(&mut self.rng, fresh, live) else {
                 break;
             };

@@ -21,6 +21,11 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// Whether it still lets the device start new work at `now`.
+    pub(super) fn live(&self, now: Instant) -> bool {
+        now < self.expires
+    }
+
     pub(super) fn new(expires: Instant) -> Self {
         Self {
             expires,
@@ -75,7 +80,7 @@ impl RoundCore {
             let mut held = self.token_sessions.remove(&token).unwrap_or_default();
             // Live: joined, and not expired (those are swept soon).
             held.retain(|p| {
-                self.joined.contains(p) && self.sessions.get(p).is_some_and(|s| now < s.expires)
+                self.joined.contains(p) && self.sessions.get(p).is_some_and(|s| s.live(now))
             });
             while held.len() >= max {
                 if let Some(oldest) = held.pop_front() {
@@ -132,7 +137,7 @@ impl RoundCore {
         let ended: Vec<Pseudonym> = self
             .sessions
             .iter()
-            .filter(|&(p, s)| now >= s.expires && !open.is_some_and(|o| o.cohort.contains_key(p)))
+            .filter(|&(p, s)| !s.live(now) && !open.is_some_and(|o| o.cohort.contains_key(p)))
             .map(|(p, _)| *p)
             .collect();
         for pseudonym in &ended {
