@@ -315,6 +315,9 @@ pub struct RoundCore {
     rejections: BTreeMap<&'static str, u64>,
     events: VecDeque<Event>,
     generation: u64,
+    /// The devices handed a task since the last [`take_handed`](Self::take_handed),
+    /// once a transport asked for them with [`watch_handed`](Self::watch_handed).
+    handed: Option<Vec<Pseudonym>>,
     last_secure_sum: Option<SecureSum>,
     /// DP-FedAvg's accountant, clipping bound and noise, when enabled.
     privacy: Option<Mechanism>,
@@ -407,6 +410,7 @@ impl RoundCore {
             rejections: BTreeMap::new(),
             events: VecDeque::new(),
             generation: 0,
+            handed: None,
             last_secure_sum: None,
             privacy,
             training_stopped: None,
@@ -957,6 +961,21 @@ impl RoundCore {
     /// Transports compare it to know when to wake waiting check-ins.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// From now on, the core notes each device it hands a task, for
+    /// [`take_handed`](Self::take_handed): a transport that holds each
+    /// waiting device's check-in open wakes just those devices (the
+    /// population simulator does; the gRPC service wakes every held
+    /// check-in on a [`generation`](Self::generation) change instead).
+    pub fn watch_handed(&mut self) {
+        self.handed.get_or_insert_with(Vec::new);
+    }
+
+    /// The devices handed a task since the last call, in the order they got
+    /// it (empty unless [`watch_handed`](Self::watch_handed) was called).
+    pub fn take_handed(&mut self) -> Vec<Pseudonym> {
+        self.handed.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     fn reject(&mut self, err: CoordinatorError) -> CoordinatorError {

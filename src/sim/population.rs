@@ -32,13 +32,16 @@
 //! version it downloaded and submits when done (its update may then be
 //! refused: round closed, too stale, task expired); without one it checks
 //! in again after the coordinator's `retry_after` (at most
-//! `check_in_minutes`). Quality is the devices' own evaluation (each fits
+//! `check_in_minutes`), and meanwhile holds its check-in open as over gRPC
+//! (a long poll): a task the coordinator hands it in that time (a free
+//! async slot drawn for it, a round that selects it) starts at once.
+//! Quality is the devices' own evaluation (each fits
 //! its private vector to the current global model and ranks its held-out
 //! purchase, as it does to show recommendations) every
 //! `evaluate_every_minutes`.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -509,6 +512,17 @@ pub(super) fn run_population(
     let micros = |t: f64| (t.max(0.0) * 1e6).ceil() as u64;
     let mut queue: BinaryHeap<Reverse<(u64, Due)>> = BinaryHeap::new();
     let mut pseudonyms: Vec<Pseudonym> = devices.iter().map(|_| core.join(at(0.0), None)).collect();
+    // A device told to wait holds its check-in open until its next one, as
+    // over gRPC (`server.long_poll_secs`): a task handed to it meanwhile
+    // (a free async slot drawn for it, a round that selects it) reaches it
+    // at once.
+    core.watch_handed();
+    let mut device_of: HashMap<Pseudonym, usize> = pseudonyms
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (*p, i))
+        .collect();
+    let mut holding = vec![false; devices.len()];
     for (i, t) in traits.iter().enumerate() {
         let first = match t.window_at(0.0) {
             Ok(_) => Some(0.0),
@@ -555,6 +569,7 @@ pub(super) fn run_population(
                 queue.push(Reverse((micros(next), Due::Evaluate)));
             }
             Due::CheckIn(i) => {
+                holding[i] = false;
                 if core.finished().is_some() || busy[i].is_some() {
                     // Done, or a stale wake-up while training.
                 } else {
@@ -565,7 +580,14 @@ pub(super) fn run_population(
                             }
                         }
                         Ok(window_end) => {
-                            match super::inproc::check_in(&mut core, now, &mut pseudonyms[i])? {
+                            let before = pseudonyms[i];
+                            let outcome =
+                                super::inproc::check_in(&mut core, now, &mut pseudonyms[i])?;
+                            if pseudonyms[i] != before {
+                                device_of.remove(&before);
+                                device_of.insert(pseudonyms[i], i);
+                            }
+                            match outcome {
                                 CheckIn::Task(task) => {
                                     report.tasks += 1;
                                     let tr = &traits[i];
@@ -604,6 +626,7 @@ pub(super) fn run_population(
                                     });
                                 }
                                 CheckIn::Wait { retry_after } => {
+                                    holding[i] = true;
                                     let wait = retry_after.as_secs_f64().clamp(1.0, check_in_max);
                                     queue.push(Reverse((micros(t + wait), Due::CheckIn(i))));
                                 }
@@ -648,6 +671,13 @@ pub(super) fn run_population(
                 &mut round_start,
                 observer,
             );
+        }
+        for p in core.take_handed() {
+            if let Some(&j) = device_of.get(&p)
+                && std::mem::take(&mut holding[j])
+            {
+                queue.push(Reverse((when, Due::CheckIn(j))));
+            }
         }
         if core.finished().is_some() {
             break;

@@ -203,6 +203,7 @@ impl RoundCore {
         if buffer.accepted >= self.config.rounds.async_buffer {
             self.step_buffer(now);
         }
+        self.fill_slots(now);
     }
 
     fn start_step(&mut self, now: Instant) {
@@ -281,6 +282,15 @@ impl RoundCore {
     /// slots go to devices drawn from those waiting, and its task if it was
     /// drawn (now or before).
     pub(super) fn admit_buffered(&mut self, now: Instant, pseudonym: &Pseudonym) -> Option<Task> {
+        self.buffer.as_mut()?.waiting.seen(*pseudonym, now);
+        self.fill_slots(now);
+        self.buffered_task(pseudonym)
+    }
+
+    /// Hands each free slot to a device drawn from those waiting, as soon
+    /// as it frees (an update accepted or refused, a task expired, a step
+    /// taken): a device whose check-in is held learns of it at once.
+    fn fill_slots(&mut self, now: Instant) {
         let limit = self.config.rounds.async_concurrency;
         // `None`: a window too long to count back from, so every device
         // still waits.
@@ -288,10 +298,9 @@ impl RoundCore {
             .ok()
             .and_then(|poll| poll.checked_mul(WAITING_FRESH_POLLS))
             .and_then(|window| now.checked_sub(window));
-        let buffer = self.buffer.as_mut()?;
-        buffer.waiting.seen(*pseudonym, now);
-        while self.buffer.as_ref()?.active.len() < limit {
-            let buffer = self.buffer.as_mut()?;
+        while let Some(buffer) = self.buffer.as_mut()
+            && buffer.active.len() < limit
+        {
             let (joined, sessions) = (&self.joined, &self.sessions);
             let live =
                 |p: &Pseudonym| joined.contains(p) && sessions.get(p).is_some_and(|s| s.live(now));
@@ -300,7 +309,6 @@ impl RoundCore {
             };
             self.issue_buffered(now, &drawn);
         }
-        self.buffered_task(pseudonym)
     }
 
     /// Hands `pseudonym` a task on the current version.

@@ -41,6 +41,9 @@ impl RoundCore {
     /// starts afresh, and after a training task it rests `rounds.rest_secs`.
     pub(super) fn hand_task(&mut self, pseudonym: &Pseudonym, kind: TaskKind, now: Instant) {
         let rest = self.config.rounds.rest();
+        if let Some(handed) = self.handed.as_mut() {
+            handed.push(*pseudonym);
+        }
         if let Some(session) = self.sessions.get_mut(pseudonym) {
             session.downloads = (0, 0);
             if kind == TaskKind::Train && !rest.is_zero() {

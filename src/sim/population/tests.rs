@@ -174,3 +174,34 @@ fn a_rest_spreads_async_training_over_the_fleet() {
         "{with} devices with a rest, {without} without"
     );
 }
+
+#[test]
+fn a_free_slot_is_taken_as_soon_as_it_frees() {
+    // Always available, never dropping out, 30 s a task on a fast network:
+    // 2 slots over an hour hold 2 × 120 tasks when a waiting device (its
+    // check-in held, as over gRPC) starts the moment a slot frees. Waiting
+    // for its next check-in instead (up to `server.long_poll_secs`, 10 s)
+    // would fit about 2 × 3600 / 35 ≈ 206.
+    let mut p = population(1.0);
+    p.dropout = 0.0;
+    p.compute.sigma = 0.0;
+    p.compute.median_secs = 30.0;
+    p.network = Network {
+        download_mbps: 1e4,
+        upload_mbps: 1e4,
+        sigma: 0.0,
+    };
+    p.availability.night_hours = 24.0;
+    p.availability.night_probability = 1.0;
+    p.availability.windows_per_day = 0.0;
+    let r = run_with(RoundsMode::Async, p, |c| {
+        c.rounds.rounds = 1000;
+        c.rounds.async_buffer = 2;
+        c.rounds.async_concurrency = 2;
+    });
+    assert!(
+        (228..=240).contains(&r.tasks),
+        "{} tasks in 2 slots of 120 each",
+        r.tasks
+    );
+}

@@ -306,3 +306,23 @@ fn a_free_slot_goes_to_a_device_drawn_from_those_waiting() {
         "the freeing device kept its slot {kept} times of 40"
     );
 }
+
+#[test]
+fn a_slot_freed_by_an_update_goes_at_once_to_a_waiting_device() {
+    let mut core = core(config(2, 2, 100));
+    core.watch_handed();
+    let t0 = Instant::now();
+    let [a, b, c] = [(); 3].map(|()| core.join(t0, None));
+    let t = task(&mut core, t0, &a).expect("a free slot at once");
+    assert!(task(&mut core, t0, &c).is_some(), "the second slot");
+    assert!(task(&mut core, t0, &b).is_none(), "both slots are taken");
+    assert_eq!(core.take_handed(), vec![a, c]);
+    let generation = core.generation();
+    submit(&mut core, t0 + Duration::from_secs(1), a, &t, 1.0).unwrap();
+    // No step yet (2 updates make one): the slot itself went to `b`, and a
+    // held check-in is woken for it.
+    assert_eq!(core.take_handed(), vec![b], "b drawn when a's update came");
+    assert!(core.generation() > generation);
+    assert!(task(&mut core, t0 + Duration::from_secs(2), &b).is_some());
+    assert!(core.take_handed().is_empty(), "handed once");
+}
