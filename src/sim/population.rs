@@ -550,6 +550,7 @@ pub(super) fn run_population(
     let mut next_poll: Option<u64> = None;
     let check_in_max = population.check_in_minutes * 60.0;
     let download_encoding = core.config().download.encoding;
+    let long_poll = core.config().server.long_poll();
     let mut t_end = horizon;
     while let Some(Reverse((when, due))) = queue.pop() {
         let t = when as f64 / 1e6;
@@ -626,7 +627,9 @@ pub(super) fn run_population(
                                     });
                                 }
                                 CheckIn::Wait { retry_after } => {
-                                    holding[i] = true;
+                                    // Over gRPC a longer wait (a rest) is
+                                    // answered at once, not held.
+                                    holding[i] = retry_after <= long_poll;
                                     let wait = retry_after.as_secs_f64().clamp(1.0, check_in_max);
                                     queue.push(Reverse((micros(t + wait), Due::CheckIn(i))));
                                 }
