@@ -487,42 +487,6 @@ async fn check_in_long_poll_times_out_with_wait() {
     server.stop().await;
 }
 
-/// A device resting after its task (`rounds.rest_secs`) is told at once
-/// when to come back, not held for a long poll and told to retry.
-#[tokio::test]
-async fn a_resting_device_is_told_when_to_come_back() {
-    let mut config = config(1, 0);
-    config.rounds.rest_secs = 600.0;
-    // Longer than the test's bound on any wait (a held check-in fails
-    // it), shorter than the rest.
-    config.server.long_poll_secs = 300.0;
-    let server = common::serve(config, Layout::new(vec![("b".into(), vec![1])]), vec![0.0]).await;
-    let mut client = server.client().await;
-    let device = join(&mut client).await;
-    let task = tasks(&client, std::slice::from_ref(&device))
-        .await
-        .remove(0);
-    upload(
-        &mut client,
-        Some(header(&device, &task, 1, 1)),
-        tensor::encode(&[0.5]),
-    )
-    .await
-    .unwrap();
-    match common::within("a resting check-in", check_in(client.clone(), device))
-        .await
-        .unwrap()
-    {
-        Outcome::Wait(wait) => assert!(
-            (590_000..=600_000).contains(&wait.retry_after_ms),
-            "{wait:?}"
-        ),
-        other => panic!("expected Wait, got {other:?}"),
-    }
-    drop(client);
-    server.stop().await;
-}
-
 #[tokio::test]
 async fn the_driver_ends_a_round_at_its_deadline_without_any_request() {
     let mut config = config(2, 0);

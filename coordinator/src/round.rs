@@ -725,7 +725,12 @@ impl RoundCore {
                 Some(task) => task.deadline,
                 None => self.open.as_ref().map_or(now, |o| o.deadline),
             }),
-            Err(e) => Err(self.refuse_update(&header.pseudonym, e)),
+            Err(e) => {
+                let e = self.refuse_update(&header.pseudonym, e);
+                // A slot freed by the refusal is drawn for at once.
+                self.advance(now);
+                Err(e)
+            }
         }
     }
 

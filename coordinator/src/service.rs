@@ -798,12 +798,7 @@ impl Coordinator for CoordinatorService {
                 outcome => outcome,
             }
             .map_err(rejected)?;
-            // A wait no longer than a long poll is held until something
-            // changes; a longer one (a device resting after its task,
-            // `rounds.rest_secs`) is answered at once with when to come back.
-            if let CheckIn::Wait { retry_after } = outcome
-                && retry_after <= shared.long_poll
-            {
+            if let CheckIn::Wait { .. } = outcome {
                 tokio::select! {
                     changed = changes.changed() => {
                         if changed.is_ok() {

@@ -523,13 +523,15 @@ pub(super) fn run_population(
         .map(|(i, p)| (*p, i))
         .collect();
     let mut holding = vec![false; devices.len()];
+    // Each device's one pending check-in: a wake replaces the one it held.
+    let mut pending: Vec<Option<u64>> = vec![None; devices.len()];
     for (i, t) in traits.iter().enumerate() {
         let first = match t.window_at(0.0) {
             Ok(_) => Some(0.0),
             Err(next) => next,
         };
         if let Some(start) = first {
-            queue.push(Reverse((micros(start), Due::CheckIn(i))));
+            check_in_at(&mut queue, &mut pending, i, micros(start));
         }
     }
     queue.push(Reverse((0, Due::Evaluate)));
@@ -550,7 +552,6 @@ pub(super) fn run_population(
     let mut next_poll: Option<u64> = None;
     let check_in_max = population.check_in_minutes * 60.0;
     let download_encoding = core.config().download.encoding;
-    let long_poll = core.config().server.long_poll();
     let mut t_end = horizon;
     while let Some(Reverse((when, due))) = queue.pop() {
         let t = when as f64 / 1e6;
@@ -570,14 +571,17 @@ pub(super) fn run_population(
                 queue.push(Reverse((micros(next), Due::Evaluate)));
             }
             Due::CheckIn(i) => {
-                holding[i] = false;
-                if core.finished().is_some() || busy[i].is_some() {
-                    // Done, or a stale wake-up while training.
+                if pending[i] != Some(when) {
+                    // Replaced by a later or an earlier check-in.
+                } else if core.finished().is_some() || busy[i].is_some() {
+                    pending[i] = None;
                 } else {
+                    pending[i] = None;
+                    holding[i] = false;
                     match traits[i].window_at(t) {
                         Err(next) => {
                             if let Some(s) = next {
-                                queue.push(Reverse((micros(s), Due::CheckIn(i))));
+                                check_in_at(&mut queue, &mut pending, i, micros(s));
                             }
                         }
                         Ok(window_end) => {
@@ -627,11 +631,9 @@ pub(super) fn run_population(
                                     });
                                 }
                                 CheckIn::Wait { retry_after } => {
-                                    // Over gRPC a longer wait (a rest) is
-                                    // answered at once, not held.
-                                    holding[i] = retry_after <= long_poll;
+                                    holding[i] = true;
                                     let wait = retry_after.as_secs_f64().clamp(1.0, check_in_max);
-                                    queue.push(Reverse((micros(t + wait), Due::CheckIn(i))));
+                                    check_in_at(&mut queue, &mut pending, i, micros(t + wait));
                                 }
                                 _ => {}
                             }
@@ -644,7 +646,7 @@ pub(super) fn run_population(
                     report.dropped += 1;
                     spent += b.compute_secs;
                     wasted += b.compute_secs;
-                    queue.push(Reverse((micros(t + 1.0), Due::CheckIn(i))));
+                    check_in_at(&mut queue, &mut pending, i, micros(t + 1.0));
                 }
             }
             Due::Finish(i) => {
@@ -662,7 +664,7 @@ pub(super) fn run_population(
                         }
                         Err(e) => return Err(e),
                     }
-                    queue.push(Reverse((micros(t + 1.0), Due::CheckIn(i))));
+                    check_in_at(&mut queue, &mut pending, i, micros(t + 1.0));
                 }
             }
         }
@@ -679,7 +681,7 @@ pub(super) fn run_population(
             if let Some(&j) = device_of.get(&p)
                 && std::mem::take(&mut holding[j])
             {
-                queue.push(Reverse((when, Due::CheckIn(j))));
+                check_in_at(&mut queue, &mut pending, j, when);
             }
         }
         if core.finished().is_some() {
@@ -711,6 +713,18 @@ pub(super) fn run_population(
         (report.accepted + report.refused) as f64 / wall.elapsed().as_secs_f64();
     let global = Arc::unwrap_or_clone(global);
     Ok(((rows, last_counts, global, fleet.into_devices()), report))
+}
+
+/// Schedules device `i`'s check-in at `at` (microseconds), replacing the
+/// one pending: a device has at most one check-in on its way.
+fn check_in_at(
+    queue: &mut BinaryHeap<Reverse<(u64, Due)>>,
+    pending: &mut [Option<u64>],
+    i: usize,
+    at: u64,
+) {
+    pending[i] = Some(at);
+    queue.push(Reverse((at, Due::CheckIn(i))));
 }
 
 /// The current model as a device decodes its download, from `cache` when

@@ -326,3 +326,37 @@ fn a_slot_freed_by_an_update_goes_at_once_to_a_waiting_device() {
     assert!(task(&mut core, t0 + Duration::from_secs(2), &b).is_some());
     assert!(core.take_handed().is_empty(), "handed once");
 }
+
+#[test]
+fn a_slot_freed_by_a_header_refused_as_too_stale_goes_at_once_to_a_waiting_device() {
+    let mut c = config(1, 2, 100);
+    c.rounds.async_max_staleness = 0;
+    let mut core = core(c);
+    core.watch_handed();
+    let t0 = Instant::now();
+    let [a, b, c, d] = [(); 4].map(|()| core.join(t0, None));
+    let ta = task(&mut core, t0, &a).expect("a slot");
+    let tc = task(&mut core, t0, &c).expect("a slot");
+    assert!(task(&mut core, t0, &b).is_none() && task(&mut core, t0, &d).is_none());
+    // c's update steps the model (K = 1); its slot goes to b or d.
+    submit(&mut core, t0 + Duration::from_secs(1), c, &tc, 1.0).unwrap();
+    let first = core.take_handed();
+    assert_eq!(first.len(), 3, "a, c, then one of b and d: {first:?}");
+    // a's update is now one version stale: refused at its header, before
+    // any value is sent; its slot goes to the other waiting device at once.
+    let header = UpdateHeader {
+        pseudonym: a,
+        round: ta.round,
+        model_version: ta.model_version,
+        num_examples: 1,
+        num_values: 1,
+        evaluation: None,
+    };
+    let refused = core.check_update_header(t0 + Duration::from_secs(2), &header);
+    assert!(
+        matches!(refused, Err(CoordinatorError::TooStale { .. })),
+        "{refused:?}"
+    );
+    let other = if first[2] == b { d } else { b };
+    assert_eq!(core.take_handed(), vec![other]);
+}
