@@ -181,7 +181,7 @@ fn a_free_slot_is_taken_as_soon_as_it_frees() {
     // 2 slots over an hour hold 2 × 120 tasks when a waiting device (its
     // check-in held, as over gRPC) starts the moment a slot frees. Waiting
     // for its next check-in instead (up to `server.long_poll_secs`, 10 s)
-    // would fit about 2 × 3600 / 35 ≈ 206.
+    // fitted 192.
     let mut p = population(1.0);
     p.dropout = 0.0;
     p.compute.sigma = 0.0;
