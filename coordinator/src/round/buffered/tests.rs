@@ -34,6 +34,18 @@ fn task(core: &mut RoundCore, now: Instant, p: &Pseudonym) -> Option<Task> {
     }
 }
 
+/// `p`'s header for its one-value update to task `t`.
+fn header(p: Pseudonym, t: &Task) -> UpdateHeader {
+    UpdateHeader {
+        pseudonym: p,
+        round: t.round,
+        model_version: t.model_version,
+        num_examples: 1,
+        num_values: 1,
+        evaluation: None,
+    }
+}
+
 fn submit(
     core: &mut RoundCore,
     now: Instant,
@@ -41,15 +53,7 @@ fn submit(
     t: &Task,
     value: f32,
 ) -> Result<UpdateAccepted, CoordinatorError> {
-    let header = UpdateHeader {
-        pseudonym: p,
-        round: t.round,
-        model_version: t.model_version,
-        num_examples: 1,
-        num_values: 1,
-        evaluation: None,
-    };
-    core.submit_update(now, header, &encode(&[value]))
+    core.submit_update(now, header(p, t), &encode(&[value]))
 }
 
 #[test]
@@ -344,15 +348,7 @@ fn a_slot_freed_by_a_header_refused_as_too_stale_goes_at_once_to_a_waiting_devic
     assert_eq!(first.len(), 3, "a, c, then one of b and d: {first:?}");
     // a's update is now one version stale: refused at its header, before
     // any value is sent; its slot goes to the other waiting device at once.
-    let header = UpdateHeader {
-        pseudonym: a,
-        round: ta.round,
-        model_version: ta.model_version,
-        num_examples: 1,
-        num_values: 1,
-        evaluation: None,
-    };
-    let refused = core.check_update_header(t0 + Duration::from_secs(2), &header);
+    let refused = core.check_update_header(t0 + Duration::from_secs(2), &header(a, &ta));
     assert!(
         matches!(refused, Err(CoordinatorError::TooStale { .. })),
         "{refused:?}"
