@@ -159,12 +159,23 @@ pub trait Model: Send + Sync + std::fmt::Debug {
         cfg: &LocalTraining,
         rng: &mut dyn Rng,
     ) -> Vec<f32> {
-        let mut local = global.to_vec();
-        self.train_in_place(&mut local, Some(global), private, history, cfg, rng);
-        for (l, g) in local.iter_mut().zip(global) {
-            *l -= g;
-        }
-        local
+        change(global, |local| {
+            self.train_in_place(local, Some(global), private, history, cfg, rng)
+        })
+    }
+    /// [`train`](Self::train) for a `private` that [`personalize`]
+    /// (Self::personalize) has just fitted to `global` and `history` under
+    /// `cfg`: a model whose training starts with that same fit skips it.
+    /// The result is the same as `train`'s. Default: `train`.
+    fn train_fitted(
+        &self,
+        global: &[f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &LocalTraining,
+        rng: &mut dyn Rng,
+    ) -> Vec<f32> {
+        self.train(global, private, history, cfg, rng)
     }
     /// Scores every item for the user with private state `private` and
     /// purchase history `history` (sorted distinct items) into `out`
@@ -238,6 +249,16 @@ pub struct MatrixFactorization {
     /// object (a simulation) compute it once per model version. Exact: a hit
     /// needs the very same parameters.
     gram_cache: Arc<GramCache>,
+}
+
+/// The change that `train` makes to a copy of `global`.
+pub(crate) fn change(global: &[f32], train: impl FnOnce(&mut [f32])) -> Vec<f32> {
+    let mut local = global.to_vec();
+    train(&mut local);
+    for (l, g) in local.iter_mut().zip(global) {
+        *l -= g;
+    }
+    local
 }
 
 /// Whether `a` and `b` hold the same values bit for bit (compared in
@@ -372,6 +393,15 @@ impl MatrixFactorization {
 
     fn bias_offset(&self) -> usize {
         self.items * self.factors
+    }
+
+    /// The ALS loss's training step: one exact gradient step on `params`
+    /// at `private`.
+    fn als_step(&self, params: &mut [f32], private: &[f32], history: &[u32], cfg: &LocalTraining) {
+        let grad = als::gradient(self.view(params), private, history, cfg.confidence);
+        for (w, g) in params.iter_mut().zip(grad) {
+            *w -= cfg.learning_rate * g;
+        }
     }
 
     fn normal(&self, rng: &mut dyn Rng, n: usize) -> Vec<f32> {
@@ -524,6 +554,21 @@ impl Model for MatrixFactorization {
         }
     }
 
+    fn train_fitted(
+        &self,
+        global: &[f32],
+        private: &mut [f32],
+        history: &[u32],
+        cfg: &LocalTraining,
+        rng: &mut dyn Rng,
+    ) -> Vec<f32> {
+        if cfg.loss != Loss::Als {
+            return self.train(global, private, history, cfg, rng);
+        }
+        // `train_in_place` would solve `private` again, to the same value.
+        change(global, |local| self.als_step(local, private, history, cfg))
+    }
+
     fn train_in_place(
         &self,
         params: &mut [f32],
@@ -536,10 +581,7 @@ impl Model for MatrixFactorization {
         if cfg.loss == Loss::Als {
             // One exact gradient step at the exactly solved private vector.
             self.personalize(params, private, history, cfg, rng);
-            let grad = als::gradient(self.view(params), private, history, cfg.confidence);
-            for (w, g) in params.iter_mut().zip(grad) {
-                *w -= cfg.learning_rate * g;
-            }
+            self.als_step(params, private, history, cfg);
             return;
         }
         for _ in 0..cfg.local_epochs {
@@ -685,6 +727,37 @@ mod tests {
         };
         let delta = model.train(&global, &mut p, &[1, 2, 3, 4, 5], &cfg, &mut rng);
         delta.iter().map(|d| d * d).sum::<f32>().sqrt()
+    }
+
+    /// `train_fitted` after `personalize` is `train`, bit for bit, under
+    /// either loss (under ALS it skips the second, identical solve).
+    #[test]
+    fn training_a_fitted_private_vector_is_training() {
+        let model = MatrixFactorization::new(40, 8, 0.1).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let global = model.init_global(&mut rng);
+        let history = [1, 4, 9, 16, 25];
+        for loss in [Loss::Als, Loss::Bpr] {
+            let cfg = LocalTraining {
+                loss,
+                ..LocalTraining::default()
+            };
+            let start = model.init_private(&mut rng);
+            let (mut a, mut b) = (start.clone(), start);
+            let (mut rng_a, mut rng_b) =
+                (ChaCha8Rng::seed_from_u64(5), ChaCha8Rng::seed_from_u64(5));
+            model.personalize(&global, &mut a, &history, &cfg, &mut rng_a);
+            let plain = model.train(&global, &mut a, &history, &cfg, &mut rng_a);
+            model.personalize(&global, &mut b, &history, &cfg, &mut rng_b);
+            let fitted = model.train_fitted(&global, &mut b, &history, &cfg, &mut rng_b);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plain), bits(&fitted), "{loss:?}: the update");
+            assert_eq!(bits(&a), bits(&b), "{loss:?}: the private vector");
+            assert!(
+                plain.iter().any(|d| *d != 0.0),
+                "{loss:?}: training moved nothing"
+            );
+        }
     }
 
     #[test]

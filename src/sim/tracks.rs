@@ -21,8 +21,9 @@ pub struct MethodResult {
     /// The setting used (`k=50`), empty for methods without one.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub setting: String,
-    /// On the test event; `None` when the method could not run (see
-    /// `note`).
+    /// On the held-out event: the test event, or the validation event
+    /// under `--held-out validation` (the report's `config.held_out` says
+    /// which); `None` when the method could not run (see `note`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test: Option<Metrics>,
     /// The chosen setting's figures on the validation event, for methods

@@ -759,28 +759,26 @@ impl Device {
         }
         let evaluation = self.score_held_out(global, history, held_out);
         let mut delta = if by_epoch {
-            let mut local = global.to_vec();
-            while report.train_epochs < cfg.local_epochs
-                && (report.train_epochs == 0 || !over(&self.clock))
-            {
-                self.model.train_in_place(
-                    &mut local,
-                    Some(global),
-                    &mut self.private,
-                    history,
-                    &one_epoch,
-                    &mut self.rng,
-                );
-                report.train_epochs += 1;
-            }
-            for (l, g) in local.iter_mut().zip(global) {
-                *l -= g;
-            }
-            local
+            crate::model::change(global, |local| {
+                while report.train_epochs < cfg.local_epochs
+                    && (report.train_epochs == 0 || !over(&self.clock))
+                {
+                    self.model.train_in_place(
+                        local,
+                        Some(global),
+                        &mut self.private,
+                        history,
+                        &one_epoch,
+                        &mut self.rng,
+                    );
+                    report.train_epochs += 1;
+                }
+            })
         } else {
-            let delta = self
-                .model
-                .train(global, &mut self.private, history, cfg, &mut self.rng);
+            // `private` was just fitted to `global` above.
+            let delta =
+                self.model
+                    .train_fitted(global, &mut self.private, history, cfg, &mut self.rng);
             report.train_epochs = report.personalize_epochs;
             delta
         };
