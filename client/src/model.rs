@@ -163,10 +163,10 @@ pub trait Model: Send + Sync + std::fmt::Debug {
             self.train_in_place(local, Some(global), private, history, cfg, rng)
         })
     }
-    /// [`train`](Self::train) for a `private` that [`personalize`]
-    /// (Self::personalize) has just fitted to `global` and `history` under
-    /// `cfg`: a model whose training starts with that same fit skips it.
-    /// The result is the same as `train`'s. Default: `train`.
+    /// [`train`](Self::train) for a `private` that
+    /// [`personalize`](Self::personalize) has just fitted to `global` and
+    /// `history` under `cfg`: a model whose training starts with that same
+    /// fit skips it. The result is the same as `train`'s. Default: `train`.
     fn train_fitted(
         &self,
         global: &[f32],
@@ -753,6 +753,7 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&fitted), "{loss:?}: the update");
             assert_eq!(bits(&a), bits(&b), "{loss:?}: the private vector");
+            assert_eq!(rng_a, rng_b, "{loss:?}: the random numbers drawn");
             assert!(
                 plain.iter().any(|d| *d != 0.0),
                 "{loss:?}: training moved nothing"

@@ -1420,6 +1420,36 @@ mod tests {
         assert_eq!(ua.training.train_epochs, 10);
     }
 
+    /// A device's ALS update is the model's `train` on its history, bit
+    /// for bit: the device fits its private vector before it trains (and
+    /// trains without fitting it again).
+    #[test]
+    fn a_devices_als_update_is_the_models_training_on_its_history() {
+        let model = Arc::new(MatrixFactorization::new(12, 4, 0.1).unwrap());
+        let global = model.init_global(&mut ChaCha8Rng::seed_from_u64(3));
+        let mut d = Device::builder(Arc::clone(&model) as Arc<dyn Model>)
+            .seed(5)
+            .clock(Arc::new(ManualClock::new(T0)))
+            .in_memory()
+            .unwrap();
+        d.set_consent(Consent::Federated).unwrap();
+        for i in [1, 2, 3, 4] {
+            d.record(at(i, T0)).unwrap();
+        }
+        let als = LocalTraining {
+            loss: Loss::Als,
+            ..LocalTraining::default()
+        };
+        assert_eq!(d.history(), vec![1, 2, 3, 4]);
+        let update = d.train(&global, &als, false).unwrap();
+        let mut private = vec![0.0; 4];
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let expected = model.train(&global, &mut private, &d.history(), &als, &mut rng);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&update.delta), bits(&expected));
+        assert_eq!(bits(d.private_embedding()), bits(&private));
+    }
+
     #[test]
     fn asked_for_it_an_als_update_ends_with_the_private_vectors_outer_product() {
         let als = LocalTraining {
