@@ -1087,7 +1087,7 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::eligibility::ParticipationPolicy;
     use crate::exclusion::Exclusion;
-    use crate::model::MatrixFactorization;
+    use crate::model::{MatrixFactorization, same_bits};
     use crate::store::{PurchaseKey, Tag};
     use crate::vault::StoreKey;
 
@@ -1445,9 +1445,11 @@ mod tests {
         let mut private = vec![0.0; 4];
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let expected = model.train(&global, &mut private, &d.history(), &als, &mut rng);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&update.delta), bits(&expected));
-        assert_eq!(bits(d.private_embedding()), bits(&private));
+        assert!(same_bits(&update.delta, &expected), "the update");
+        assert!(
+            same_bits(d.private_embedding(), &private),
+            "the private vector"
+        );
     }
 
     #[test]
